@@ -1,0 +1,144 @@
+#!/usr/bin/env python3
+"""Scheduler benchmark: server overhead, batching gain, and /health latency under load.
+
+Prints, from one run on this machine (any model: QWEN_IMAGE_MODEL etc. as for the server):
+  (a) server end-to-end time / raw pipeline time for one s1:1 request      (goal <= 1.03)
+  (b) 8 concurrent same-shape requests vs 8 sequential raw pipeline calls (throughput ratio)
+  (c) /health p50 / p99 latency while the engine is busy                    (goal p99 <= 20 ms)
+
+    .venv/bin/python bench/scheduler_bench.py [--steps 20] [--requests 8] [--json out.json]
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import statistics
+import sys
+import threading
+import time
+from concurrent.futures import ThreadPoolExecutor
+from pathlib import Path
+
+import httpx
+import uvicorn
+
+sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
+
+from qwen_image_server.api.app import create_app  # noqa: E402
+from qwen_image_server.engine.runner import PipelineEngine  # noqa: E402
+from qwen_image_server.schemas import GenerateRequest  # noqa: E402
+from qwen_image_server.serving import GracefulServer, find_fastapi  # noqa: E402
+from qwen_image_server.settings import Settings  # noqa: E402
+
+
+def serve(settings: Settings) -> tuple[GracefulServer, threading.Thread, str]:
+    app = create_app(settings)
+    server = GracefulServer(uvicorn.Config(app, host="127.0.0.1", port=0, log_level="warning"))
+    thread = threading.Thread(target=server.run, daemon=True)
+    thread.start()
+    while not server.started:
+        time.sleep(0.05)
+    url = f"http://127.0.0.1:{server.servers[0].sockets[0].getsockname()[1]}"
+    while httpx.get(f"{url}/ready").status_code != 200:
+        time.sleep(0.2)
+    return server, thread, url
+
+
+def percentile(values: list[float], q: float) -> float:
+    ordered = sorted(values)
+    return ordered[min(len(ordered) - 1, int(round(q * (len(ordered) - 1))))]
+
+
+def main() -> int:
+    parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
+    parser.add_argument("--steps", type=int, default=20)
+    parser.add_argument("--requests", type=int, default=8)
+    parser.add_argument("--repeats", type=int, default=5)
+    parser.add_argument("--json", type=Path, default=None)
+    args = parser.parse_args()
+
+    settings = Settings(log_level="warning", output_dir=Path("bench/results/tmp"))
+    server, thread, url = serve(settings)
+    ctx = find_fastapi(server.config.loaded_app).state.ctx
+    engine: PipelineEngine = ctx.scheduler.engine
+    body = {"prompt": "A cute cat sitting on a windowsill", "aspect_ratio": "s1:1",
+            "num_inference_steps": args.steps}
+    spec = GenerateRequest(**body).to_spec()
+    client = httpx.Client(base_url=url, timeout=3600)
+
+    def raw_once() -> float:
+        start = time.perf_counter()
+        engine.run_batch([spec], lambda step, total: None)
+        return time.perf_counter() - start
+
+    def http_once(b: dict) -> float:
+        start = time.perf_counter()
+        r = client.post("/generate", json=b)
+        r.raise_for_status()
+        return time.perf_counter() - start
+
+    # Warm-up (first calls allocate, compile kernels, fill caches). The raw calls below run on
+    # this thread while the server is idle: the engine thread is parked waiting for work.
+    http_once(body)
+    raw_once()
+    raw, e2e = [], []
+    for _ in range(args.repeats):  # interleaved so drift affects both alike
+        raw.append(raw_once())
+        e2e.append(http_once(body))
+    raw_med, e2e_med = statistics.median(raw), statistics.median(e2e)
+
+    n = args.requests
+    seq_raw = sum(raw_once() for _ in range(n))
+    bodies = [{**body, "seed": 100 + i, "prompt": f"{body['prompt']} #{i}"} for i in range(n)]
+    start = time.perf_counter()
+    with ThreadPoolExecutor(n) as pool:
+        list(pool.map(lambda b: httpx.post(f"{url}/generate", json=b, timeout=3600).raise_for_status(), bodies))
+    concurrent = time.perf_counter() - start
+
+    latencies: list[float] = []
+    busy = threading.Thread(target=lambda: httpx.post(
+        f"{url}/generate", json={**body, "num_inference_steps": args.steps * 3}, timeout=3600))
+    busy.start()
+    while ctx.scheduler.stats().running_batch_size == 0:
+        time.sleep(0.005)
+    with httpx.Client(base_url=url) as probe:
+        while busy.is_alive() and ctx.scheduler.stats().running_batch_size:
+            start = time.perf_counter()
+            probe.get("/health").raise_for_status()
+            latencies.append((time.perf_counter() - start) * 1000)
+    busy.join()
+
+    device = ctx.device.label
+    result = {
+        "device": device,
+        "model": settings.model,
+        "steps": args.steps,
+        "a_raw_s": round(raw_med, 4),
+        "a_e2e_s": round(e2e_med, 4),
+        "a_ratio": round(e2e_med / raw_med, 4),
+        "b_requests": n,
+        "b_sequential_raw_s": round(seq_raw, 3),
+        "b_concurrent_server_s": round(concurrent, 3),
+        "b_speedup": round(seq_raw / concurrent, 3),
+        "c_health_samples": len(latencies),
+        "c_health_p50_ms": round(percentile(latencies, 0.5), 2) if latencies else None,
+        "c_health_p99_ms": round(percentile(latencies, 0.99), 2) if latencies else None,
+    }
+    print(f"device: {device}, model: {settings.model}, s1:1, {args.steps} steps")
+    print(f"(a) one request: raw pipeline {raw_med:.3f}s, server e2e {e2e_med:.3f}s, "
+          f"ratio {result['a_ratio']:.3f} (goal <= 1.03)")
+    print(f"(b) {n} requests: sequential raw {seq_raw:.2f}s, concurrent via server {concurrent:.2f}s, "
+          f"speedup {result['b_speedup']:.2f}x")
+    print(f"(c) /health while busy: p50 {result['c_health_p50_ms']} ms, p99 {result['c_health_p99_ms']} ms "
+          f"over {len(latencies)} requests (goal p99 <= 20 ms)")
+    if args.json:
+        args.json.parent.mkdir(parents=True, exist_ok=True)
+        args.json.write_text(json.dumps(result, indent=2))
+    server.should_exit = True
+    thread.join(60)
+    return 0
+
+
+if __name__ == "__main__":
+    sys.exit(main())

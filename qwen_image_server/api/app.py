@@ -1,0 +1,98 @@
+"""The app factory: settings -> scheduler (which loads the model) -> routers."""
+
+from __future__ import annotations
+
+import logging
+from collections.abc import AsyncIterator, Callable
+from concurrent.futures import ThreadPoolExecutor
+from contextlib import asynccontextmanager
+
+import anyio
+from fastapi import FastAPI
+
+from qwen_image_server import __version__
+from qwen_image_server.api import native
+from qwen_image_server.api.context import (
+    EXIT_ENGINE_DEAD,
+    EXIT_LOAD_FAILED,
+    Lifecycle,
+    ServerContext,
+)
+from qwen_image_server.api.errors import install_error_handlers
+from qwen_image_server.engine.device import resolve_device
+from qwen_image_server.engine.types import DeviceFailure
+from qwen_image_server.logs import configure_logging
+from qwen_image_server.scheduler import Engine, Scheduler, SchedulerConfig
+from qwen_image_server.settings import Settings
+
+log = logging.getLogger(__name__)
+
+
+def real_engine_factory(settings: Settings) -> Callable[[], Engine]:
+    """Load the configured pipeline (called on the engine thread, which then owns it)."""
+
+    def load() -> Engine:
+        from qwen_image_server.engine.loader import load_model
+        from qwen_image_server.engine.runner import PipelineEngine
+
+        return PipelineEngine(load_model(settings))
+
+    return load
+
+
+def create_app(
+    settings: Settings | None = None,
+    *,
+    engine_factory: Callable[[], Engine] | None = None,
+) -> FastAPI:
+    """Build the ASGI app. The model loads in the background once the server starts."""
+    settings = settings or Settings()
+    configure_logging(settings.log_level)
+    try:
+        device = resolve_device(settings.device)
+    except RuntimeError:
+        device = resolve_device("cpu")  # the loader explains the problem, then the worker exits
+    lifecycle = Lifecycle()
+
+    def on_fatal(exc: BaseException) -> None:
+        # A dead device needs a fresh process; a model that cannot load needs a person.
+        lifecycle.fail(EXIT_ENGINE_DEAD if isinstance(exc, DeviceFailure) else EXIT_LOAD_FAILED)
+
+    scheduler = Scheduler(
+        engine_factory or real_engine_factory(settings),
+        SchedulerConfig.for_device(
+            device.type,
+            max_queue=settings.max_queue,
+            queue_timeout_s=settings.queue_timeout_s,
+            max_batch_size=settings.max_batch_size,
+            max_batch_pixels=settings.max_batch_pixels,
+            batch_wait_ms=settings.batch_wait_ms,
+        ),
+        on_fatal=on_fatal,
+    )
+
+    @asynccontextmanager
+    async def lifespan(app: FastAPI) -> AsyncIterator[None]:
+        executor = ThreadPoolExecutor(settings.threads, thread_name_prefix="qwen-image-cpu")
+        app.state.ctx = ServerContext(settings, device, scheduler, executor, lifecycle)
+        scheduler.start()
+        log.info("serving on %s (model %s loading in the background); batching: %s",
+                 device.label, settings.model, scheduler.config)
+        try:
+            yield
+        finally:
+            # By now the server has answered every in-flight request (or the drain timed out).
+            await anyio.to_thread.run_sync(scheduler.shutdown, settings.drain_timeout_s)
+            executor.shutdown(wait=True)
+            log.info("stopped")
+
+    app = FastAPI(
+        title="qwen-image-server",
+        version=__version__,
+        description="Qwen-Image text-to-image server: the seed API, batching scheduler, and more.",
+        lifespan=lifespan,
+    )
+    app.state.lifecycle = lifecycle
+    install_error_handlers(app)
+    app.include_router(native.router)
+    return app

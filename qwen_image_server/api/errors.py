@@ -1,0 +1,88 @@
+"""The one place where errors become HTTP responses: `{"error": {message, type, param, code}}`."""
+
+from __future__ import annotations
+
+import logging
+import math
+
+from fastapi import FastAPI, Request
+from fastapi.exceptions import RequestValidationError
+from fastapi.responses import JSONResponse
+from starlette.exceptions import HTTPException as StarletteHTTPException
+
+from qwen_image_server.errors import ServerError
+from qwen_image_server.schemas import ErrorDetail, ErrorResponse
+
+log = logging.getLogger(__name__)
+
+_HTTP_TYPES = {
+    401: "authentication_error",
+    403: "permission_error",
+    404: "not_found",
+    405: "method_not_allowed",
+    413: "request_too_large",
+    415: "unsupported_media_type",
+}
+
+
+def error_response(
+    status: int,
+    message: str,
+    type_: str,
+    *,
+    param: str | None = None,
+    code: str | None = None,
+    retry_after: float | None = None,
+) -> JSONResponse:
+    body = ErrorResponse(error=ErrorDetail(message=message, type=type_, param=param, code=code))
+    headers = {"Retry-After": str(max(1, math.ceil(retry_after)))} if retry_after is not None else None
+    return JSONResponse(body.model_dump(), status_code=status, headers=headers)
+
+
+def _param_of(loc: tuple[int | str, ...]) -> str:
+    """('body', 'seed') -> 'seed'; ('body',) or a JSON position -> 'body'."""
+    parts = [str(p) for p in loc if p not in ("body", "query", "path", "header")]
+    if not parts or (len(loc) == 2 and isinstance(loc[1], int)):
+        return "body"
+    return ".".join(parts)
+
+
+def validation_error_response(exc: RequestValidationError) -> JSONResponse:
+    first = exc.errors()[0]
+    kind = first.get("type", "invalid")
+    if kind == "json_invalid":
+        return error_response(400, f"The request body is not valid JSON: {first.get('msg')}.",
+                              "invalid_request_error", param="body", code="json_invalid")
+    param = _param_of(tuple(first.get("loc", ())))
+    message = str(first.get("msg", "invalid value"))
+    if param == "body" and kind in ("model_attributes_type", "dict_type", "missing"):
+        message = "The request body must be a JSON object."
+    else:
+        message = f"Invalid value for '{param}': {message}."
+    return error_response(400, message, "invalid_request_error", param=param, code=kind)
+
+
+def install_error_handlers(app: FastAPI) -> None:
+    """Map every error the app can raise to the common JSON shape."""
+
+    @app.exception_handler(ServerError)
+    async def _server_error(request: Request, exc: ServerError) -> JSONResponse:
+        return error_response(exc.status_code, exc.message, exc.type, param=exc.param,
+                              code=exc.code, retry_after=exc.retry_after)
+
+    @app.exception_handler(RequestValidationError)
+    async def _invalid(request: Request, exc: RequestValidationError) -> JSONResponse:
+        return validation_error_response(exc)
+
+    @app.exception_handler(StarletteHTTPException)
+    async def _http(request: Request, exc: StarletteHTTPException) -> JSONResponse:
+        type_ = _HTTP_TYPES.get(exc.status_code, "invalid_request_error")
+        response = error_response(exc.status_code, str(exc.detail), type_)
+        if exc.headers:
+            response.headers.update(exc.headers)
+        return response
+
+    @app.exception_handler(Exception)
+    async def _unexpected(request: Request, exc: Exception) -> JSONResponse:
+        log.exception("unhandled error on %s %s", request.method, request.url.path)
+        return error_response(500, "Internal server error; the server logged the details.", "server_error")

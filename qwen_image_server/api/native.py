@@ -1,0 +1,172 @@
+"""The seed's API, unchanged for its users: /health, /info, /generate; plus /ready."""
+
+from __future__ import annotations
+
+import logging
+from datetime import datetime
+from pathlib import Path
+from typing import Annotated
+
+from fastapi import APIRouter, Depends, Request, Response
+from fastapi.responses import JSONResponse
+
+from qwen_image_server import __version__
+from qwen_image_server.api.context import ServerContext, get_context
+from qwen_image_server.engine.device import gpu_memory_mb
+from qwen_image_server.postprocess import (
+    OverlayInfo,
+    add_overlay,
+    encode_png,
+    output_filename,
+    save_atomically,
+)
+from qwen_image_server.presets import ASPECT_RATIOS
+from qwen_image_server.scheduler import JobResult
+from qwen_image_server.schemas import (
+    ErrorResponse,
+    GenerateFileResponse,
+    GenerateRequest,
+    GpuMemory,
+    HealthResponse,
+    InfoResponse,
+    ReadyResponse,
+    SchedulerInfo,
+)
+
+log = logging.getLogger(__name__)
+router = APIRouter()
+Ctx = Annotated[ServerContext, Depends(get_context)]
+
+_ERRORS = {status: {"model": ErrorResponse} for status in (400, 429, 500, 503, 504)}
+
+
+@router.get("/health", response_model=HealthResponse, tags=["server"])
+async def health(ctx: Ctx, response: Response) -> HealthResponse:
+    """Liveness: healthy unless the engine died (then 503 while the worker restarts)."""
+    dead = ctx.scheduler.dead
+    if dead:
+        response.status_code = 503
+    return HealthResponse(
+        status="unhealthy" if dead else "healthy",
+        model_loaded=ctx.scheduler.loaded and not dead,
+        device=ctx.device.type,
+        gpu=ctx.device.gpu,
+        cuda_version=ctx.device.cuda_version,
+    )
+
+
+@router.get("/ready", response_model=ReadyResponse, responses={503: {"model": ReadyResponse}},
+            tags=["server"])
+async def ready(ctx: Ctx) -> JSONResponse:
+    """Readiness: 200 only when the model is loaded and the server takes new work."""
+    s = ctx.scheduler
+    reason = ("engine failed" if s.dead else "shutting down" if s.draining
+              else "model loading" if not s.loaded else None)
+    body = ReadyResponse(ready=reason is None, reason=reason)
+    return JSONResponse(body.model_dump(), status_code=200 if reason is None else 503)
+
+
+@router.get("/info", response_model=InfoResponse, tags=["server"])
+async def info(ctx: Ctx) -> InfoResponse:
+    """Model, device and live scheduler facts."""
+    model = ctx.model
+    stats = ctx.scheduler.stats()
+    cfg = ctx.scheduler.config
+    memory = gpu_memory_mb(ctx.device) if model is not None else None
+    return InfoResponse(
+        model_name=ctx.settings.model,
+        model_source=model.source if model else "loading",
+        model_loaded=model is not None,
+        device=ctx.device.type,
+        gpu=ctx.device.gpu,
+        cuda_version=ctx.device.cuda_version,
+        dtype=str(model.dtype).removeprefix("torch.") if model else None,
+        model_load_time=round(model.load_time, 2) if model else None,
+        total_parameters=model.total_parameters if model else None,
+        model_size_mb=model.size_mb if model else None,
+        gpu_memory_mb=memory["allocated"] if memory else None,
+        gpu_memory=GpuMemory(**memory) if memory else None,
+        supported_aspect_ratios=list(ASPECT_RATIOS),
+        aspect_ratios=ASPECT_RATIOS,
+        total_requests_processed=stats.processed,
+        workers=ctx.settings.workers,
+        threads=ctx.settings.threads,
+        scheduler=SchedulerInfo(
+            queue_length=stats.queue_length,
+            running_batch_size=stats.running_batch_size,
+            processed=stats.processed,
+            failed=stats.failed,
+            cancelled=stats.cancelled,
+            rejected=stats.rejected,
+            timed_out=stats.timed_out,
+            batches=stats.batches,
+            mean_inference_time=(round(stats.mean_inference_time, 3)
+                                 if stats.mean_inference_time is not None else None),
+            max_queue=cfg.max_queue,
+            max_batch_size=cfg.max_batch_size,
+            max_batch_pixels=cfg.max_batch_pixels,
+            batch_wait_ms=cfg.batch_wait_s * 1000.0,
+            queue_timeout_s=cfg.queue_timeout_s,
+        ),
+        version=__version__,
+    )
+
+
+def render_png(ctx: ServerContext, body: GenerateRequest, result: JobResult, request_id: int) -> bytes:
+    """Overlay (if asked) and PNG-encode one result; runs on the THREADS pool."""
+    image = result.image
+    if body.add_overlay:
+        image = add_overlay(image, OverlayInfo(
+            device=ctx.device.label,
+            inference_time=result.inference_time,
+            steps=body.num_inference_steps,
+            seed=body.seed,
+            width=image.width,
+            height=image.height,
+            request_id=request_id,
+        ))
+    return encode_png(image)
+
+
+@router.post(
+    "/generate",
+    tags=["generate"],
+    responses={200: {"content": {"image/png": {}, "application/json": {"schema": GenerateFileResponse.model_json_schema()}},
+                     "description": "PNG bytes, or JSON when save_to_file is true."}, **_ERRORS},
+)
+async def generate(body: GenerateRequest, request: Request, ctx: Ctx) -> Response:
+    """Generate one image: PNG bytes, or (save_to_file) JSON naming the saved file."""
+    request_id = ctx.next_request_id()
+    spec = body.to_spec()
+    log.info("request %d received: %dx%d, %d steps, cfg %g, seed %d, save_to_file=%s",
+             request_id, spec.width, spec.height, spec.num_inference_steps,
+             spec.true_cfg_scale, spec.seed, body.save_to_file)
+    job = ctx.submit(spec, request_id)
+    result = await ctx.wait(job, request)
+    png = await ctx.in_pool(render_png, ctx, body, result, request_id)
+    inference_time = round(result.inference_time, 3)
+    headers = {
+        "X-Request-ID": str(request_id),
+        "X-Inference-Time": f"{inference_time}",
+        "X-Queue-Time": f"{result.queue_wait:.3f}",
+        "X-Batch-Size": str(result.batch_size),
+    }
+    if not body.save_to_file:
+        return Response(png, media_type="image/png", headers=headers)
+    name = output_filename(request_id, datetime.now())
+    path = await ctx.in_pool(save_atomically, png, ctx.settings.output_dir, name)
+    return JSONResponse(GenerateFileResponse(
+        request_id=request_id,
+        inference_time=inference_time,
+        file_path=_display_path(path),
+        width=result.image.width,
+        height=result.image.height,
+    ).model_dump(), headers=headers)
+
+
+def _display_path(path: Path) -> str:
+    """The path as the seed shows it: relative to the server's cwd when under it, with '/'."""
+    try:
+        return path.resolve().relative_to(Path.cwd().resolve()).as_posix()
+    except ValueError:
+        return path.as_posix()

@@ -1,0 +1,128 @@
+"""`qwen-image serve` and `qwen-image generate`: every setting is also a flag (--max-queue ...)."""
+
+from __future__ import annotations
+
+import errno
+import logging
+import os
+import socket
+import sys
+import time
+from pathlib import Path
+
+from pydantic import Field
+from pydantic_settings import BaseSettings, CliApp, CliPositionalArg, CliSubCommand
+
+from qwen_image_server.errors import ModelLoadError
+from qwen_image_server.logs import configure_logging
+from qwen_image_server.presets import DEFAULT_ASPECT_RATIO, AspectRatio, Language
+from qwen_image_server.schemas import GenerateRequest
+from qwen_image_server.settings import Settings
+
+log = logging.getLogger("qwen_image_server.cli")
+
+
+def port_problem(host: str, port: int) -> str | None:
+    """A one-line explanation if host:port cannot be bound, else None."""
+    family = socket.AF_INET6 if ":" in host else socket.AF_INET
+    with socket.socket(family, socket.SOCK_STREAM) as sock:
+        if os.name != "nt":  # as the server will: TIME_WAIT leftovers must not count as "in use"
+            sock.setsockopt(socket.SOL_SOCKET, socket.SO_REUSEADDR, 1)
+        try:
+            sock.bind((host, port))
+        except OSError as exc:
+            if exc.errno in (errno.EADDRINUSE, getattr(errno, "WSAEADDRINUSE", -1)):
+                return f"error: port {port} is already in use on {host}; choose another with PORT=... (e.g. PORT={port + 1})"
+            return f"error: cannot listen on {host}:{port}: {exc.strerror or exc}"
+    return None
+
+
+class ServeCommand(Settings):
+    """Start the HTTP server (Gunicorn with uvicorn workers; plain uvicorn on Windows)."""
+
+    def cli_cmd(self) -> None:
+        problem = port_problem(self.host, self.port)
+        if problem:
+            print(problem, file=sys.stderr)
+            raise SystemExit(1)
+        settings = Settings.model_validate(self.model_dump())
+        if os.name == "nt":
+            from qwen_image_server.serving import run_uvicorn
+
+            raise SystemExit(run_uvicorn(settings))
+        from qwen_image_server.serving import run_gunicorn
+
+        raise SystemExit(run_gunicorn(settings))
+
+
+_defaults = GenerateRequest.model_fields
+
+
+class GenerateCommand(Settings):
+    """Generate one image without a server and write it to --out."""
+
+    prompt: CliPositionalArg[str]
+    out: Path = Field(Path("qwen-image.png"), description="Where to write the PNG.")
+    aspect_ratio: AspectRatio = DEFAULT_ASPECT_RATIO
+    negative_prompt: str = _defaults["negative_prompt"].default
+    num_inference_steps: int = _defaults["num_inference_steps"].default
+    true_cfg_scale: float = _defaults["true_cfg_scale"].default
+    seed: int = _defaults["seed"].default
+    language: Language = _defaults["language"].default
+    add_overlay: bool = Field(False, description="Draw the info strip (off by default here).")
+
+    def cli_cmd(self) -> None:
+        raise SystemExit(generate_one(self))
+
+
+def generate_one(cmd: GenerateCommand) -> int:
+    """Load the model, make one image, save it atomically; return the exit code."""
+    from tqdm import tqdm
+
+    from qwen_image_server.engine.loader import load_model
+    from qwen_image_server.engine.runner import PipelineEngine
+    from qwen_image_server.postprocess import OverlayInfo, add_overlay, encode_png, save_atomically
+
+    configure_logging(cmd.log_level)
+    body = GenerateRequest.model_validate(
+        {name: getattr(cmd, name) for name in GenerateRequest.model_fields if hasattr(cmd, name)},
+        strict=False,
+    )
+    spec = body.to_spec()
+    try:
+        model = load_model(cmd)
+    except ModelLoadError as exc:
+        print(f"error: {exc}", file=sys.stderr)
+        return 1
+    engine = PipelineEngine(model)
+    with tqdm(total=spec.num_inference_steps, unit="step", desc="generating") as bar:
+
+        def on_step(step: int, total: int) -> None:
+            bar.update(step - bar.n)
+
+        start = time.perf_counter()
+        image = engine.run_batch([spec], on_step)[0]
+        elapsed = time.perf_counter() - start
+    if cmd.add_overlay:
+        image = add_overlay(image, OverlayInfo(model.device.label, elapsed, spec.num_inference_steps,
+                                               spec.seed, image.width, image.height, 1))
+    out = cmd.out.expanduser()
+    save_atomically(encode_png(image), out.parent, out.name, overwrite=True)
+    print(f"saved {out} ({image.width}x{image.height}, {elapsed:.2f}s on {model.device.label})")
+    return 0
+
+
+class QwenImageCli(BaseSettings, cli_prog_name="qwen-image", cli_kebab_case=True):
+    """Qwen-Image server and command-line generator."""
+
+    serve: CliSubCommand[ServeCommand]
+    generate: CliSubCommand[GenerateCommand]
+
+    def cli_cmd(self) -> None:
+        CliApp.run_subcommand(self)
+
+
+def main(argv: list[str] | None = None) -> int:
+    """Entry point of the `qwen-image` console script (commands exit via SystemExit)."""
+    CliApp.run(QwenImageCli, cli_args=sys.argv[1:] if argv is None else argv)
+    return 0

@@ -1,0 +1,1 @@
+"""The model side: loading the pipeline, running batches through it, device facts."""

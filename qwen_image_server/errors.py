@@ -1,0 +1,92 @@
+"""Errors the server answers with, as values. `api/errors.py` maps them to HTTP in one place.
+
+Each carries its HTTP status, an OpenAI-style `type`, and optionally the `param` it concerns,
+so the wire shape `{"error": {"message", "type", "param", "code"}}` is the same everywhere.
+"""
+
+from __future__ import annotations
+
+
+class ServerError(Exception):
+    """Base of every error a client may see."""
+
+    status_code: int = 500
+    type: str = "server_error"
+
+    def __init__(
+        self,
+        message: str,
+        *,
+        param: str | None = None,
+        code: str | None = None,
+        retry_after: float | None = None,
+    ) -> None:
+        super().__init__(message)
+        self.message = message
+        self.param = param
+        self.code = code
+        self.retry_after = retry_after
+
+
+class InvalidRequest(ServerError):
+    status_code = 400
+    type = "invalid_request_error"
+
+
+class NotFound(ServerError):
+    status_code = 404
+    type = "not_found"
+
+
+class QueueFull(ServerError):
+    status_code = 429
+    type = "queue_full"
+
+
+class InferenceFailed(ServerError):
+    """The pipeline raised for this batch; the server itself is fine."""
+
+    status_code = 500
+    type = "inference_error"
+
+
+class ShuttingDown(ServerError):
+    status_code = 503
+    type = "shutting_down"
+
+
+class ModelNotReady(ServerError):
+    """The model is still loading."""
+
+    status_code = 503
+    type = "model_loading"
+
+
+class OutOfMemory(ServerError):
+    """The device ran out of memory even for this job alone."""
+
+    status_code = 503
+    type = "out_of_memory"
+
+
+class EngineDead(ServerError):
+    """A device error left the accelerator unusable; the worker is restarting."""
+
+    status_code = 503
+    type = "engine_unavailable"
+
+
+class QueueTimeout(ServerError):
+    status_code = 504
+    type = "queue_timeout"
+
+
+class JobCancelled(ServerError):
+    """The job was cancelled (by its client, or because the client went away)."""
+
+    status_code = 499
+    type = "cancelled"
+
+
+class ModelLoadError(Exception):
+    """Loading the model failed; the message is the one paragraph printed before exiting."""

@@ -1,0 +1,90 @@
+"""After the pipeline: the info overlay, PNG encoding and atomic file saves (off the engine thread)."""
+
+from __future__ import annotations
+
+import io
+import os
+import secrets
+import textwrap
+from dataclasses import dataclass
+from datetime import datetime
+from pathlib import Path
+
+from PIL import Image, ImageDraw, ImageFont
+
+
+@dataclass(frozen=True, slots=True)
+class OverlayInfo:
+    device: str  # GPU name with CUDA version, or "CPU"
+    inference_time: float
+    steps: int
+    seed: int
+    width: int
+    height: int
+    request_id: int
+
+    def lines(self) -> str:
+        return (
+            f"Qwen-Image | {self.device} | {self.inference_time:.2f}s | {self.steps} steps | "
+            f"seed {self.seed} | {self.width}x{self.height} | req {self.request_id}"
+        )
+
+
+def add_overlay(image: Image.Image, info: OverlayInfo) -> Image.Image:
+    """A copy of `image` with a legible info strip along the bottom edge."""
+    out = image.convert("RGB")
+    size = max(12, out.width // 48)
+    # Pillow's bundled FreeType font (Aileron): present wherever Pillow is, unlike OS fonts.
+    font = ImageFont.load_default(size=size)
+    chars_per_line = max(20, int(out.width / (size * 0.55)))
+    text = "\n".join(textwrap.wrap(info.lines(), width=chars_per_line))
+    draw = ImageDraw.Draw(out, "RGBA")
+    left, top, right, bottom = draw.multiline_textbbox((0, 0), text, font=font, spacing=size // 4)
+    pad = size // 2
+    strip_top = out.height - (bottom - top) - 2 * pad
+    draw.rectangle((0, strip_top, out.width, out.height), fill=(0, 0, 0, 170))
+    draw.multiline_text((pad, strip_top + pad - top), text, font=font, fill=(255, 255, 255, 255),
+                        spacing=size // 4)
+    return out
+
+
+def encode_png(image: Image.Image) -> bytes:
+    """PNG bytes; the same pixels always give the same bytes (no timestamps or metadata)."""
+    buf = io.BytesIO()
+    image.save(buf, format="PNG")
+    return buf.getvalue()
+
+
+def output_filename(request_id: int, when: datetime) -> str:
+    """The seed's name: Qwen-Image-YYYYmmdd_HHMMSS-reqN.png."""
+    return f"Qwen-Image-{when:%Y%m%d_%H%M%S}-req{request_id}.png"
+
+
+def save_atomically(data: bytes, folder: Path, name: str, *, overwrite: bool = False) -> Path:
+    """Write `data` as folder/name without ever exposing a partial file.
+
+    Unless `overwrite`, never replace another file: several worker processes count requests
+    independently, so two may pick the same name in the same second; the hard link fails
+    instead of overwriting, and the later one gets a suffix.
+    """
+    folder.mkdir(parents=True, exist_ok=True)
+    tmp = folder / f".{name}.{secrets.token_hex(4)}.tmp"
+    with open(tmp, "wb") as fh:
+        fh.write(data)
+        fh.flush()
+        os.fsync(fh.fileno())
+    target = folder / name
+    if overwrite:
+        os.replace(tmp, target)
+        return target
+    try:
+        try:
+            os.link(tmp, target)
+        except FileExistsError:
+            target = folder / f"{Path(name).stem}-{os.getpid()}-{secrets.token_hex(2)}.png"
+            os.link(tmp, target)
+        except OSError:  # a filesystem without hard links: rename is still atomic
+            os.replace(tmp, target)
+    finally:
+        tmp.unlink(missing_ok=True)
+    return target

@@ -1,0 +1,133 @@
+"""Wire models: what clients send and get back. Validation lives here, nowhere else."""
+
+from __future__ import annotations
+
+from typing import Literal
+
+from pydantic import BaseModel, ConfigDict, Field, field_validator
+
+from qwen_image_server.engine.types import GenerationSpec
+from qwen_image_server.presets import (
+    ASPECT_RATIOS,
+    DEFAULT_ASPECT_RATIO,
+    AspectRatio,
+    Language,
+    with_suffix,
+)
+
+MAX_SEED = 2**32 - 1
+
+
+class GenerateRequest(BaseModel):
+    """Body of POST /generate: the seed's parameters and defaults, exactly."""
+
+    # strict: "20" is not a number of steps and 1 is not a boolean; ints are still fine as floats.
+    model_config = ConfigDict(strict=True, extra="ignore")
+
+    prompt: str = Field(min_length=1, description="Image description.")
+    negative_prompt: str = Field(" ", description="Concepts to avoid.")
+    aspect_ratio: AspectRatio = Field(DEFAULT_ASPECT_RATIO, description="Size preset, see /info.")
+    num_inference_steps: int = Field(20, ge=1, le=100, description="Denoising steps.")
+    true_cfg_scale: float = Field(4.0, ge=0.0, le=50.0, description="Classifier-free guidance scale.")
+    seed: int = Field(42, ge=0, le=MAX_SEED, description="Random seed for reproducibility.")
+    language: Language = Field("en", description="Adds the model card's quality suffix for en or zh.")
+    save_to_file: bool = Field(False, description="Save under the output folder and answer JSON.")
+    add_overlay: bool = Field(True, description="Draw the info strip onto the image.")
+
+    @field_validator("prompt")
+    @classmethod
+    def _not_blank(cls, value: str) -> str:
+        if not value.strip():
+            raise ValueError("prompt must contain some text")
+        return value
+
+    def to_spec(self) -> GenerationSpec:
+        width, height = ASPECT_RATIOS[self.aspect_ratio]
+        return GenerationSpec(
+            prompt=with_suffix(self.prompt, self.language),
+            negative_prompt=self.negative_prompt,
+            width=width,
+            height=height,
+            num_inference_steps=self.num_inference_steps,
+            true_cfg_scale=self.true_cfg_scale,
+            seed=self.seed,
+        )
+
+
+class GenerateFileResponse(BaseModel):
+    status: Literal["success"] = "success"
+    request_id: int
+    inference_time: float = Field(description="Seconds the pipeline call took.")
+    file_path: str = Field(description="Where the PNG was saved, relative to the server's cwd.")
+    width: int
+    height: int
+
+
+class HealthResponse(BaseModel):
+    status: Literal["healthy", "unhealthy"]
+    model_loaded: bool
+    device: str
+    gpu: str | None = Field(description="GPU name; null on CPU.")
+    cuda_version: str | None = Field(description="CUDA runtime version; null without CUDA.")
+
+
+class ReadyResponse(BaseModel):
+    ready: bool
+    reason: str | None = None
+
+
+class GpuMemory(BaseModel):
+    allocated: float
+    reserved: float
+    total: float
+
+
+class SchedulerInfo(BaseModel):
+    queue_length: int
+    running_batch_size: int
+    processed: int
+    failed: int
+    cancelled: int
+    rejected: int
+    timed_out: int
+    batches: int
+    mean_inference_time: float | None = Field(description="Mean seconds per pipeline call.")
+    max_queue: int
+    max_batch_size: int
+    max_batch_pixels: int
+    batch_wait_ms: float
+    queue_timeout_s: float
+
+
+class InfoResponse(BaseModel):
+    model_name: str
+    model_source: str
+    model_loaded: bool
+    device: str
+    gpu: str | None
+    cuda_version: str | None
+    dtype: str | None
+    model_load_time: float | None = Field(description="Seconds it took to load the model.")
+    total_parameters: int | None
+    model_size_mb: float | None
+    gpu_memory_mb: float | None = Field(description="Device memory allocated by this process, MiB.")
+    gpu_memory: GpuMemory | None
+    supported_aspect_ratios: list[str]
+    aspect_ratios: dict[str, tuple[int, int]] = Field(description="Preset name -> (width, height).")
+    total_requests_processed: int
+    concurrent_support: Literal["enabled"] = "enabled"
+    workers: int
+    threads: int
+    scheduler: SchedulerInfo
+    version: str
+
+
+class ErrorDetail(BaseModel):
+    message: str
+    type: str
+    param: str | None = None
+    code: str | None = None
+
+
+class ErrorResponse(BaseModel):
+    error: ErrorDetail

@@ -1,0 +1,107 @@
+"""Every knob of the server in one pydantic-settings object: env vars, .env and CLI flags.
+
+The seed's `WORKERS`, `THREADS`, `PORT` and `HOST` keep their bare names; everything else is
+`QWEN_IMAGE_<NAME>` in the environment and `--<name>` on the command line.
+"""
+
+from __future__ import annotations
+
+import os
+from pathlib import Path
+from typing import Literal
+
+from pydantic import AliasChoices, Field, model_validator
+from pydantic_settings import BaseSettings, SettingsConfigDict
+
+DeviceName = Literal["auto", "cuda", "cpu", "mps"]
+DtypeName = Literal["auto", "bfloat16", "float16", "float32"]
+ModelSource = Literal["huggingface", "modelscope"]
+
+
+def _bare(name: str) -> AliasChoices:
+    """Accept the seed's bare env var name (PORT) besides the field name (port)."""
+    return AliasChoices(name.lower(), name)
+
+
+def _default_cache_dir() -> Path:
+    base = os.environ.get("XDG_CACHE_HOME") or Path.home() / ".cache"
+    return Path(base) / "qwen-image-server"
+
+
+class Settings(BaseSettings):
+    """Server, model and scheduler settings; built once per process and passed down."""
+
+    model_config = SettingsConfigDict(
+        env_prefix="QWEN_IMAGE_",
+        env_file=".env",
+        extra="ignore",
+        cli_kebab_case=True,
+        cli_implicit_flags=True,
+        populate_by_name=True,
+    )
+
+    # -- serving (the seed's names) ---------------------------------------------------------
+    host: str = Field("0.0.0.0", validation_alias=_bare("HOST"), description="Address to bind.")
+    port: int = Field(5000, ge=1, le=65535, validation_alias=_bare("PORT"), description="Port to bind.")
+    workers: int = Field(
+        1, ge=1, validation_alias=_bare("WORKERS"),
+        description="Worker processes; each loads its own copy of the model.",
+    )
+    threads: int = Field(
+        4, ge=1, validation_alias=_bare("THREADS"),
+        description="Threads per worker for CPU work: overlay, PNG encoding, file writes.",
+    )
+    log_level: Literal["debug", "info", "warning", "error"] = "info"
+
+    # -- model ------------------------------------------------------------------------------
+    model: str = Field(
+        "tiny",
+        description="'tiny' (embedded test model), a hub id such as Qwen/Qwen-Image, or a local folder.",
+    )
+    model_source: ModelSource = Field(
+        "huggingface", description="Where a hub id is fetched from: huggingface or modelscope."
+    )
+    revision: str | None = Field(None, description="Hub revision (branch, tag or commit) of the model.")
+    device: DeviceName = Field("auto", description="auto picks CUDA when present, else CPU.")
+    dtype: DtypeName = Field("auto", description="auto is bfloat16 on CUDA and float32 on CPU.")
+    cache_dir: Path = Field(
+        default_factory=_default_cache_dir, description="Where the embedded tiny model is built and cached."
+    )
+
+    # -- output -----------------------------------------------------------------------------
+    output_dir: Path = Field(Path("tmp"), description="Folder for save_to_file images, relative to the cwd.")
+
+    # -- scheduler --------------------------------------------------------------------------
+    max_queue: int = Field(32, ge=1, description="Jobs allowed to wait; beyond it requests get 429.")
+    max_batch_size: int | None = Field(
+        None, ge=1, description="Most jobs run in one pipeline call (default per device: see README)."
+    )
+    max_batch_pixels: int | None = Field(
+        None, ge=1, description="Pixel budget of one batch, width*height summed (default per device)."
+    )
+    batch_wait_ms: float | None = Field(
+        None, ge=0, description="How long a batch may wait for compatible jobs (default per device)."
+    )
+    queue_timeout_s: float = Field(
+        600.0, gt=0, description="A job that waited longer than this gets 504 instead of a late image."
+    )
+    drain_timeout_s: float = Field(
+        120.0, ge=0, description="On SIGTERM, how long queued and running jobs get to finish."
+    )
+
+    @model_validator(mode="after")
+    def _normalise_paths(self) -> Settings:
+        self.cache_dir = self.cache_dir.expanduser()
+        self.output_dir = self.output_dir.expanduser()
+        return self
+
+    def env(self) -> dict[str, str]:
+        """These settings as environment variables, to hand to worker processes."""
+        bare = {"host", "port", "workers", "threads"}
+        out: dict[str, str] = {}
+        for name, value in self.model_dump().items():
+            if value is None:
+                continue
+            key = name.upper() if name in bare else f"QWEN_IMAGE_{name.upper()}"
+            out[key] = str(value)
+        return out

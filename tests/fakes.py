@@ -1,0 +1,65 @@
+"""A fake engine for fast, deterministic scheduler tests (no model, no torch).
+
+Each step of a batch waits for a permit from the test, so a test decides exactly when a batch
+is "running" and when it moves on; the images are solid colours derived from the seed.
+"""
+
+from __future__ import annotations
+
+import threading
+from collections import deque
+from collections.abc import Callable, Sequence
+
+from PIL import Image
+
+from qwen_image_server.engine.types import GenerationSpec
+
+
+class FakeEngine:
+    def __init__(self, *, held: bool = False) -> None:
+        self.batches: list[list[int]] = []  # seeds of every batch the engine was asked to run
+        self.finished: list[list[int]] = []  # seeds of the batches that ran to the end
+        self.faults: deque[BaseException] = deque()  # raised by the next batches, in order
+        self.oom_above: int | None = None  # batches larger than this raise out-of-memory
+        self.freed = 0
+        self._started = threading.Semaphore(0)
+        self._permits = threading.Semaphore(0)
+        self._free_running = threading.Event()
+        if not held:
+            self._free_running.set()
+
+    # -- test controls ----------------------------------------------------------------------
+
+    def wait_started(self, timeout: float = 5.0) -> None:
+        """Block until the engine has begun one more batch."""
+        assert self._started.acquire(timeout=timeout), "no batch started"
+
+    def allow_steps(self, n: int) -> None:
+        for _ in range(n):
+            self._permits.release()
+
+    def run_freely(self) -> None:
+        self._free_running.set()
+        self.allow_steps(1000)
+
+    # -- Engine protocol --------------------------------------------------------------------
+
+    def run_batch(self, specs: Sequence[GenerationSpec], on_step: Callable[[int, int], None]) -> list[Image.Image]:
+        from qwen_image_server.engine.types import DeviceOutOfMemory
+
+        self.batches.append([s.seed for s in specs])
+        self._started.release()
+        if self.oom_above is not None and len(specs) > self.oom_above:
+            raise DeviceOutOfMemory("fake: out of memory")
+        total = specs[0].num_inference_steps
+        for step in range(1, total + 1):
+            if not self._free_running.is_set():
+                assert self._permits.acquire(timeout=10), "test never allowed the step"
+            on_step(step, total)
+        if self.faults:
+            raise self.faults.popleft()
+        self.finished.append([s.seed for s in specs])
+        return [Image.new("RGB", (s.width, s.height), (s.seed % 256, 0, 0)) for s in specs]
+
+    def free_memory(self) -> None:
+        self.freed += 1
