@@ -8,10 +8,10 @@ from __future__ import annotations
 
 import os
 from pathlib import Path
-from typing import Literal
+from typing import Annotated, Literal
 
-from pydantic import AliasChoices, Field, model_validator
-from pydantic_settings import BaseSettings, SettingsConfigDict
+from pydantic import AliasChoices, Field, field_validator, model_validator
+from pydantic_settings import BaseSettings, NoDecode, SettingsConfigDict
 
 DeviceName = Literal["auto", "cuda", "cpu", "mps"]
 DtypeName = Literal["auto", "bfloat16", "float16", "float32"]
@@ -89,19 +89,31 @@ class Settings(BaseSettings):
         120.0, ge=0, description="On SIGTERM, how long queued and running jobs get to finish."
     )
 
+    # -- results, limits and access ---------------------------------------------------------
+    result_ttl_s: float = Field(
+        3600.0, gt=0, description="How long finished jobs and url-served images are kept."
+    )
+    max_stored_results: int = Field(
+        256, ge=1, description="Most finished images kept in memory (oldest dropped first)."
+    )
+    api_keys: Annotated[list[str], NoDecode] = Field(
+        default_factory=list,
+        validation_alias=AliasChoices("api_keys", "api_key"),
+        description="Comma-separated keys; when set, every route but /health, /ready, /metrics needs one.",
+    )
+    max_body_bytes: int = Field(1024 * 1024, ge=1024, description="Largest request body accepted (413 beyond).")
+
+    @field_validator("api_keys", mode="before")
+    @classmethod
+    def _split_keys(cls, value: object) -> object:
+        if isinstance(value, str):
+            return [key.strip() for key in value.split(",") if key.strip()]
+        if isinstance(value, list):  # repeated --api-key flags, each possibly comma-separated
+            return [k.strip() for item in value for k in str(item).split(",") if k.strip()]
+        return value
+
     @model_validator(mode="after")
     def _normalise_paths(self) -> Settings:
         self.cache_dir = self.cache_dir.expanduser()
         self.output_dir = self.output_dir.expanduser()
         return self
-
-    def env(self) -> dict[str, str]:
-        """These settings as environment variables, to hand to worker processes."""
-        bare = {"host", "port", "workers", "threads"}
-        out: dict[str, str] = {}
-        for name, value in self.model_dump().items():
-            if value is None:
-                continue
-            key = name.upper() if name in bare else f"QWEN_IMAGE_{name.upper()}"
-            out[key] = str(value)
-        return out

@@ -22,6 +22,7 @@ from qwen_image_server.api.errors import install_error_handlers
 from qwen_image_server.engine.device import resolve_device
 from qwen_image_server.engine.types import DeviceFailure
 from qwen_image_server.logs import configure_logging
+from qwen_image_server.results import ResultStore
 from qwen_image_server.scheduler import Engine, Scheduler, SchedulerConfig
 from qwen_image_server.settings import Settings
 
@@ -74,7 +75,8 @@ def create_app(
     @asynccontextmanager
     async def lifespan(app: FastAPI) -> AsyncIterator[None]:
         executor = ThreadPoolExecutor(settings.threads, thread_name_prefix="qwen-image-cpu")
-        app.state.ctx = ServerContext(settings, device, scheduler, executor, lifecycle)
+        results = ResultStore(settings.result_ttl_s, settings.max_stored_results)
+        app.state.ctx = ServerContext(settings, device, scheduler, executor, lifecycle, results)
         scheduler.start()
         log.info("serving on %s (model %s loading in the background); batching: %s",
                  device.label, settings.model, scheduler.config)

@@ -17,6 +17,7 @@ from qwen_image_server import errors
 from qwen_image_server.engine.device import DeviceInfo
 from qwen_image_server.engine.loader import LoadedModel
 from qwen_image_server.engine.types import GenerationSpec
+from qwen_image_server.results import ResultStore
 from qwen_image_server.scheduler import Job, JobResult, Scheduler
 from qwen_image_server.settings import Settings
 
@@ -49,6 +50,7 @@ class ServerContext:
     scheduler: Scheduler
     executor: ThreadPoolExecutor
     lifecycle: Lifecycle
+    results: ResultStore
     _request_ids: itertools.count = field(default_factory=lambda: itertools.count(1))
 
     def next_request_id(self) -> int:
