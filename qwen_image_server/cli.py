@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import errno
+import json
 import logging
 import os
 import socket
@@ -70,9 +71,58 @@ class GenerateCommand(Settings):
     seed: int = _defaults["seed"].default
     language: Language = _defaults["language"].default
     add_overlay: bool = Field(False, description="Draw the info strip (off by default here).")
+    url: str | None = Field(
+        None, description="A running server (http://host:port) to generate on instead of loading the model here.")
 
     def cli_cmd(self) -> None:
-        raise SystemExit(generate_one(self))
+        raise SystemExit(generate_remote(self) if self.url else generate_one(self))
+
+    def request(self) -> GenerateRequest:
+        """This command's generation parameters, validated like a request body."""
+        return GenerateRequest.model_validate(
+            {name: getattr(self, name) for name in GenerateRequest.model_fields if hasattr(self, name)},
+            strict=False,
+        )
+
+
+def generate_remote(cmd: GenerateCommand) -> int:
+    """Generate on a running server through the jobs API, with a progress bar from its events."""
+    import httpx
+    from httpx_sse import connect_sse
+    from tqdm import tqdm
+
+    body = cmd.request().model_dump()
+    headers = {"Authorization": f"Bearer {cmd.api_keys[0]}"} if cmd.api_keys else {}
+    with httpx.Client(base_url=cmd.url.rstrip("/"), headers=headers, timeout=None) as client:
+        try:
+            created = client.post("/v1/jobs", json=body)
+        except httpx.HTTPError as exc:
+            print(f"error: cannot reach {cmd.url}: {exc}", file=sys.stderr)
+            return 1
+        if created.status_code != 202:
+            print(f"error: {created.status_code}: {created.json()['error']['message']}", file=sys.stderr)
+            return 1
+        job = created.json()
+        final = job
+        with tqdm(total=body["num_inference_steps"], unit="step", desc="queued") as bar, \
+                connect_sse(client, "GET", f"/v1/jobs/{job['id']}/events") as events:
+            for event in events.iter_sse():
+                final = json.loads(event.data)
+                if event.event == "queued":
+                    bar.set_description(f"queued (position {final['queue_position']})")
+                else:
+                    bar.set_description("generating")
+                    bar.update(final["progress"]["step"] - bar.n)
+        if final["status"] != "succeeded":
+            print(f"error: job {final['status']}: {final['error']['message']}", file=sys.stderr)
+            return 1
+        image = client.get(f"/v1/jobs/{job['id']}/image")
+    from qwen_image_server.postprocess import save_atomically
+
+    out = cmd.out.expanduser()
+    save_atomically(image.content, out.parent, out.name, overwrite=True)
+    print(f"saved {out} ({final['width']}x{final['height']}, {final['inference_time']:.2f}s on {cmd.url})")
+    return 0
 
 
 def generate_one(cmd: GenerateCommand) -> int:
@@ -84,11 +134,7 @@ def generate_one(cmd: GenerateCommand) -> int:
     from qwen_image_server.postprocess import OverlayInfo, add_overlay, encode_png, save_atomically
 
     configure_logging(cmd.log_level)
-    body = GenerateRequest.model_validate(
-        {name: getattr(cmd, name) for name in GenerateRequest.model_fields if hasattr(cmd, name)},
-        strict=False,
-    )
-    spec = body.to_spec()
+    spec = cmd.request().to_spec()
     try:
         model = load_model(cmd)
     except ModelLoadError as exc:

@@ -38,6 +38,13 @@ class NotFound(ServerError):
     type = "not_found"
 
 
+class JobNotReady(ServerError):
+    """The job has no image (yet, or ever)."""
+
+    status_code = 409
+    type = "job_not_ready"
+
+
 class QueueFull(ServerError):
     status_code = 429
     type = "queue_full"

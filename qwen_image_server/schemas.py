@@ -131,3 +131,32 @@ class ErrorDetail(BaseModel):
 
 class ErrorResponse(BaseModel):
     error: ErrorDetail
+
+
+JobStatusName = Literal["queued", "running", "succeeded", "failed", "cancelled"]
+
+
+class JobProgress(BaseModel):
+    step: int
+    total: int
+
+
+class JobStatus(BaseModel):
+    """State of an async job (POST /v1/jobs, GET /v1/jobs/{id}, and every SSE event)."""
+
+    id: str
+    status: JobStatusName
+    queue_position: int | None = Field(description="0 = next to start; null once started.")
+    progress: JobProgress
+    request_id: int
+    created_at: float = Field(description="Unix time the job was accepted.")
+    started_at: float | None = None
+    finished_at: float | None = None
+    queue_time: float | None = Field(None, description="Seconds between acceptance and start.")
+    inference_time: float | None = Field(None, description="Seconds of the pipeline call.")
+    width: int
+    height: int
+    seed: int
+    image_url: str | None = Field(None, description="Where the PNG is, once succeeded.")
+    file_path: str | None = Field(None, description="Where it was saved, for save_to_file jobs.")
+    error: ErrorDetail | None = None

@@ -99,3 +99,15 @@ def test_example_clients_run_against_a_server(spawn, tmp_path):
         assert done.returncode == 0, done.stdout + done.stderr
     assert "Speedup from concurrency" in done.stdout
     assert Image.open(io.BytesIO((tmp_path / "t.png").read_bytes())).size == (512, 512)
+
+
+def test_generate_cli_talks_to_a_running_server_with_a_progress_bar(tiny_server, tmp_path):
+    done = subprocess.run(
+        [sys.executable, "-m", "qwen_image_server", "generate", "a cat", "--url", tiny_server.url,
+         "--out", "remote.png", "--num-inference-steps", "3", "--seed", "5"],
+        cwd=tmp_path, env=server_env(free_port()), capture_output=True, text=True, timeout=300)
+    assert done.returncode == 0, done.stderr
+    assert "3/3" in done.stderr  # the progress bar reached the last step
+    local = httpx.post(f"{tiny_server.url}/generate", timeout=120, json={
+        "prompt": "a cat", "num_inference_steps": 3, "seed": 5, "add_overlay": False})
+    assert (tmp_path / "remote.png").read_bytes() == local.content

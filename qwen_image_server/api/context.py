@@ -9,15 +9,26 @@ import logging
 from collections.abc import Callable
 from concurrent.futures import ThreadPoolExecutor
 from dataclasses import dataclass, field
+from datetime import datetime
+from pathlib import Path
 from typing import Any, TypeVar
 
 from fastapi import Request
 
 from qwen_image_server import errors
+from qwen_image_server.api.job_registry import JobRegistry
 from qwen_image_server.engine.device import DeviceInfo
 from qwen_image_server.engine.loader import LoadedModel
 from qwen_image_server.engine.types import GenerationSpec
+from qwen_image_server.postprocess import (
+    OverlayInfo,
+    add_overlay,
+    encode_png,
+    output_filename,
+    save_atomically,
+)
 from qwen_image_server.results import ResultStore
+from qwen_image_server.schemas import GenerateRequest
 from qwen_image_server.scheduler import Job, JobResult, Scheduler
 from qwen_image_server.settings import Settings
 
@@ -51,6 +62,7 @@ class ServerContext:
     executor: ThreadPoolExecutor
     lifecycle: Lifecycle
     results: ResultStore
+    jobs: JobRegistry
     _request_ids: itertools.count = field(default_factory=lambda: itertools.count(1))
 
     def next_request_id(self) -> int:
@@ -71,6 +83,17 @@ class ServerContext:
         loop = asyncio.get_running_loop()
         return await loop.run_in_executor(self.executor, functools.partial(fn, *args, **kwargs))
 
+    async def render(self, body: GenerateRequest, result: JobResult, request_id: int) -> Rendered:
+        """Overlay, PNG-encode and (for save_to_file) save atomically, on the THREADS pool."""
+        png = await self.in_pool(render, self.device, body, result, request_id)
+        file_path = None
+        if body.save_to_file:
+            name = output_filename(request_id, datetime.now())
+            path = await self.in_pool(save_atomically, png, self.settings.output_dir, name)
+            file_path = display_path(path)
+        return Rendered(png, result.image.width, result.image.height,
+                        round(result.inference_time, 3), file_path)
+
     async def wait(self, job: Job, request: Request | None = None) -> JobResult:
         """Await the job's result; if the client disconnects first, cancel the job."""
         result = asyncio.wrap_future(job.future)
@@ -88,6 +111,41 @@ class ServerContext:
             log.info("request %s: client disconnected; job cancelled", job.request_id)
             raise errors.JobCancelled("The client disconnected.")
         return result.result()
+
+
+@dataclass(frozen=True, slots=True)
+class Rendered:
+    """A finished image as the client gets it."""
+
+    png: bytes
+    width: int
+    height: int
+    inference_time: float  # seconds, rounded for the wire
+    file_path: str | None  # set when the request asked for save_to_file
+
+
+def render(device: DeviceInfo, body: GenerateRequest, result: JobResult, request_id: int) -> bytes:
+    """Overlay (if asked) and PNG-encode one result."""
+    image = result.image
+    if body.add_overlay:
+        image = add_overlay(image, OverlayInfo(
+            device=device.label,
+            inference_time=result.inference_time,
+            steps=body.num_inference_steps,
+            seed=body.seed,
+            width=image.width,
+            height=image.height,
+            request_id=request_id,
+        ))
+    return encode_png(image)
+
+
+def display_path(path: Path) -> str:
+    """The path as the seed shows it: relative to the server's cwd when under it, with '/'."""
+    try:
+        return path.resolve().relative_to(Path.cwd().resolve()).as_posix()
+    except ValueError:
+        return path.as_posix()
 
 
 async def _disconnected(request: Request) -> None:

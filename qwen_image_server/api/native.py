@@ -3,8 +3,6 @@
 from __future__ import annotations
 
 import logging
-from datetime import datetime
-from pathlib import Path
 from typing import Annotated
 
 from fastapi import APIRouter, Depends, Request, Response
@@ -13,15 +11,7 @@ from fastapi.responses import JSONResponse
 from qwen_image_server import __version__
 from qwen_image_server.api.context import ServerContext, get_context
 from qwen_image_server.engine.device import gpu_memory_mb
-from qwen_image_server.postprocess import (
-    OverlayInfo,
-    add_overlay,
-    encode_png,
-    output_filename,
-    save_atomically,
-)
 from qwen_image_server.presets import ASPECT_RATIOS
-from qwen_image_server.scheduler import JobResult
 from qwen_image_server.schemas import (
     ErrorResponse,
     GenerateFileResponse,
@@ -112,22 +102,6 @@ async def info(ctx: Ctx) -> InfoResponse:
     )
 
 
-def render_png(ctx: ServerContext, body: GenerateRequest, result: JobResult, request_id: int) -> bytes:
-    """Overlay (if asked) and PNG-encode one result; runs on the THREADS pool."""
-    image = result.image
-    if body.add_overlay:
-        image = add_overlay(image, OverlayInfo(
-            device=ctx.device.label,
-            inference_time=result.inference_time,
-            steps=body.num_inference_steps,
-            seed=body.seed,
-            width=image.width,
-            height=image.height,
-            request_id=request_id,
-        ))
-    return encode_png(image)
-
-
 @router.post(
     "/generate",
     tags=["generate"],
@@ -143,30 +117,19 @@ async def generate(body: GenerateRequest, request: Request, ctx: Ctx) -> Respons
              spec.true_cfg_scale, spec.seed, body.save_to_file)
     job = ctx.submit(spec, request_id)
     result = await ctx.wait(job, request)
-    png = await ctx.in_pool(render_png, ctx, body, result, request_id)
-    inference_time = round(result.inference_time, 3)
+    rendered = await ctx.render(body, result, request_id)
     headers = {
         "X-Request-ID": str(request_id),
-        "X-Inference-Time": f"{inference_time}",
+        "X-Inference-Time": f"{rendered.inference_time}",
         "X-Queue-Time": f"{result.queue_wait:.3f}",
         "X-Batch-Size": str(result.batch_size),
     }
-    if not body.save_to_file:
-        return Response(png, media_type="image/png", headers=headers)
-    name = output_filename(request_id, datetime.now())
-    path = await ctx.in_pool(save_atomically, png, ctx.settings.output_dir, name)
+    if rendered.file_path is None:
+        return Response(rendered.png, media_type="image/png", headers=headers)
     return JSONResponse(GenerateFileResponse(
         request_id=request_id,
-        inference_time=inference_time,
-        file_path=_display_path(path),
-        width=result.image.width,
-        height=result.image.height,
+        inference_time=rendered.inference_time,
+        file_path=rendered.file_path,
+        width=rendered.width,
+        height=rendered.height,
     ).model_dump(), headers=headers)
-
-
-def _display_path(path: Path) -> str:
-    """The path as the seed shows it: relative to the server's cwd when under it, with '/'."""
-    try:
-        return path.resolve().relative_to(Path.cwd().resolve()).as_posix()
-    except ValueError:
-        return path.as_posix()

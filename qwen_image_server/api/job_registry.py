@@ -1,0 +1,81 @@
+"""The jobs API's records: each accepted async job, its result id or error, its SSE subscribers.
+
+Lives on the event loop (only `publish` is reached from other threads, via call_soon_threadsafe).
+"""
+
+from __future__ import annotations
+
+import asyncio
+import time
+from collections import OrderedDict
+from dataclasses import dataclass, field
+
+from qwen_image_server import errors
+from qwen_image_server.scheduler import Job, JobState
+from qwen_image_server.schemas import ErrorDetail, GenerateRequest, JobStatusName
+
+TERMINAL = ("succeeded", "failed", "cancelled")
+
+
+@dataclass(eq=False)
+class JobRecord:
+    """The API's view of one job: the scheduler job plus what the client will fetch."""
+
+    job: Job
+    body: GenerateRequest
+    created_at: float  # unix time
+    image_id: str | None = None
+    file_path: str | None = None
+    inference_time: float | None = None
+    error: ErrorDetail | None = None
+    finished_monotonic: float | None = None
+    subscribers: set[asyncio.Queue[tuple[str, int]]] = field(default_factory=set)
+
+    @property
+    def status(self) -> JobStatusName:
+        # "succeeded" only once the PNG is stored, so GET .../image never races the event.
+        if self.image_id is not None:
+            return "succeeded"
+        if self.error is not None:
+            return "cancelled" if self.error.type == errors.JobCancelled.type else "failed"
+        return "queued" if self.job.state is JobState.QUEUED else "running"
+
+    def publish(self, event: str, step: int) -> None:
+        """Wake every SSE subscriber (called on the event loop)."""
+        for queue in self.subscribers:
+            queue.put_nowait((event, step))
+
+
+class JobRegistry:
+    """Jobs by id, with TTL and a bound on finished ones (unfinished ones are bounded by the queue)."""
+
+    def __init__(self, ttl_s: float, max_finished: int) -> None:
+        self.ttl_s = ttl_s
+        self.max_finished = max_finished
+        self._records: OrderedDict[str, JobRecord] = OrderedDict()
+        self._tasks: set[asyncio.Task[None]] = set()
+
+    def add(self, record: JobRecord) -> None:
+        self._prune()
+        self._records[record.job.id] = record
+
+    def get(self, job_id: str) -> JobRecord:
+        self._prune()
+        record = self._records.get(job_id)
+        if record is None:
+            raise errors.NotFound(f"No job {job_id!r} (unknown, or finished more than "
+                                  f"{self.ttl_s:g} s ago).", param="id")
+        return record
+
+    def track(self, task: asyncio.Task[None]) -> None:
+        self._tasks.add(task)
+        task.add_done_callback(self._tasks.discard)
+
+    def _prune(self) -> None:
+        now = time.monotonic()
+        finished = [r for r in self._records.values() if r.finished_monotonic is not None]
+        excess = len(finished) - self.max_finished
+        for record in finished:
+            if excess > 0 or now - record.finished_monotonic >= self.ttl_s:
+                del self._records[record.job.id]
+                excess -= 1

@@ -1,0 +1,169 @@
+"""Async jobs with live progress: POST /v1/jobs, GET status / image / SSE events, DELETE.
+
+A job outlives the request that created it: a background task awaits the scheduler's result,
+renders the PNG and keeps it in the result store. Every change (queue position, start, each
+denoising step, the end) is pushed to the job's SSE subscribers; a late subscriber gets the
+current state first. Finished jobs are forgotten after QWEN_IMAGE_RESULT_TTL_S, and at most
+QWEN_IMAGE_MAX_STORED_RESULTS of them are kept, so memory stays bounded under load.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import logging
+import time
+from collections.abc import AsyncIterator
+from typing import Annotated
+
+from fastapi import APIRouter, Depends, Request, Response
+from fastapi.responses import JSONResponse
+from fastapi.sse import EventSourceResponse, ServerSentEvent
+
+from qwen_image_server import errors
+from qwen_image_server.api.context import ServerContext, get_context
+from qwen_image_server.api.job_registry import TERMINAL, JobRecord
+from qwen_image_server.scheduler import Job, JobState
+from qwen_image_server.schemas import (
+    ErrorDetail,
+    ErrorResponse,
+    GenerateRequest,
+    JobProgress,
+    JobStatus,
+)
+
+log = logging.getLogger(__name__)
+router = APIRouter(prefix="/v1/jobs", tags=["jobs"])
+Ctx = Annotated[ServerContext, Depends(get_context)]
+
+
+def job_record(job_id: str, ctx: Ctx) -> JobRecord:
+    """Dependency: the job named in the path (404 before any response starts, SSE included)."""
+    return ctx.jobs.get(job_id)
+
+
+Record = Annotated[JobRecord, Depends(job_record)]
+
+
+def status_of(ctx: ServerContext, record: JobRecord, request: Request) -> JobStatus:
+    job = record.job
+    started = job.started_at
+    return JobStatus(
+        id=job.id,
+        status=record.status,
+        queue_position=ctx.scheduler.queue_position(job),
+        progress=JobProgress(step=job.step, total=job.total_steps),
+        request_id=job.request_id,
+        created_at=record.created_at,
+        started_at=record.created_at + (started - job.submitted_at) if started else None,
+        finished_at=(record.created_at + (job.finished_at - job.submitted_at)
+                     if job.finished_at and record.status in TERMINAL else None),
+        queue_time=round(started - job.submitted_at, 3) if started else None,
+        inference_time=record.inference_time,
+        width=job.spec.width,
+        height=job.spec.height,
+        seed=job.spec.seed,
+        image_url=str(request.url_for("job_image", job_id=job.id)) if record.image_id else None,
+        file_path=record.file_path,
+        error=record.error,
+    )
+
+
+async def _complete(ctx: ServerContext, record: JobRecord) -> None:
+    """Await the scheduler's result, render and store it, then announce the end."""
+    job = record.job
+    try:
+        result = await asyncio.wrap_future(job.future)
+        rendered = await ctx.render(record.body, result, job.request_id)
+        record.file_path = rendered.file_path
+        record.inference_time = rendered.inference_time
+        record.image_id = ctx.results.put(rendered.png, "image/png", id=f"job-{job.id}").id
+    except errors.ServerError as exc:
+        record.error = ErrorDetail(message=exc.message, type=exc.type, param=exc.param, code=exc.code)
+    except Exception:  # noqa: BLE001 - rendering failed; the job must still end
+        log.exception("job %s: rendering failed", job.id)
+        record.error = ErrorDetail(message="Rendering the image failed; the server logged the details.",
+                                   type=errors.InferenceFailed.type)
+    record.finished_monotonic = time.monotonic()
+    record.publish(record.status, job.step)
+
+
+@router.post("", status_code=202, response_model=JobStatus,
+             responses={s: {"model": ErrorResponse} for s in (400, 429, 503)})
+async def create_job(body: GenerateRequest, request: Request, ctx: Ctx) -> JSONResponse:
+    """Queue a generation (same body as /generate) and return at once with its id."""
+    request_id = ctx.next_request_id()
+    job = ctx.submit(body.to_spec(), request_id)
+    loop = asyncio.get_running_loop()
+    record = JobRecord(job=job, body=body, created_at=time.time())
+    ctx.jobs.add(record)
+
+    def on_event(job: Job, event: str) -> None:  # engine / reaper thread
+        if event not in TERMINAL:  # the end is announced by _complete, once the PNG exists
+            loop.call_soon_threadsafe(record.publish, event, job.step)
+
+    ctx.scheduler.add_listener(job, on_event)
+    ctx.jobs.track(asyncio.create_task(_complete(ctx, record)))
+    log.info("request %d: job %s queued", request_id, job.id)
+    status = status_of(ctx, record, request)
+    return JSONResponse(status.model_dump(), status_code=202,
+                        headers={"Location": str(request.url_for("get_job", job_id=job.id))})
+
+
+@router.get("/{job_id}", response_model=JobStatus, name="get_job",
+            responses={404: {"model": ErrorResponse}})
+async def get_job(record: Record, request: Request, ctx: Ctx) -> JobStatus:
+    """Status, queue position, progress, timings and error of a job."""
+    return status_of(ctx, record, request)
+
+
+@router.get("/{job_id}/image", name="job_image",
+            responses={200: {"content": {"image/png": {}}}, 404: {"model": ErrorResponse},
+                       409: {"model": ErrorResponse}})
+async def job_image(record: Record, ctx: Ctx) -> Response:
+    """The PNG of a succeeded job (409 while it is not done, or if it failed)."""
+    job_id = record.job.id
+    if record.image_id is None:
+        raise errors.JobNotReady(f"Job {job_id} is {record.status}; it has no image.", param="id")
+    stored = ctx.results.get(record.image_id)
+    if stored is None:
+        raise errors.NotFound(f"The image of job {job_id} is no longer kept.", param="id")
+    return Response(stored.data, media_type=stored.media_type,
+                    headers={"X-Request-ID": str(record.job.request_id)})
+
+
+@router.delete("/{job_id}", response_model=JobStatus, responses={404: {"model": ErrorResponse}})
+async def cancel_job(record: Record, request: Request, ctx: Ctx) -> JobStatus:
+    """Cancel: a queued job never runs; a running one stops at its next denoising step."""
+    if ctx.scheduler.cancel(record.job):
+        log.info("request %d: job %s cancelled by the client", record.job.request_id, record.job.id)
+    return status_of(ctx, record, request)
+
+
+@router.get("/{job_id}/events", response_class=EventSourceResponse,
+            responses={404: {"model": ErrorResponse}})
+async def job_events(record: Record, request: Request, ctx: Ctx) -> AsyncIterator[ServerSentEvent]:
+    """Server-Sent Events: queued (position), started, step (each denoising step), then
+    succeeded / failed / cancelled. The first event is the current state."""
+    queue: asyncio.Queue[tuple[str, int]] = asyncio.Queue()
+    record.subscribers.add(queue)
+    try:
+        current = record.status
+        first = {"running": "started"}.get(current, current)
+        yield ServerSentEvent(event=first, data=status_of(ctx, record, request).model_dump())
+        if current in TERMINAL:
+            return
+        position = record.job.step if current == "running" else ctx.scheduler.queue_position(record.job)
+        while True:
+            event, step = await queue.get()
+            status = status_of(ctx, record, request)
+            if event == "step":
+                status.progress.step = step  # the step this notice was for, not the latest
+            elif event == "queued":
+                if status.queue_position is None or status.queue_position == position:
+                    continue  # the queue moved but this job's place did not
+                position = status.queue_position
+            yield ServerSentEvent(event=event, data=status.model_dump())
+            if event in TERMINAL:
+                return
+    finally:
+        record.subscribers.discard(queue)
