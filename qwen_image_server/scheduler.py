@@ -294,6 +294,7 @@ class Scheduler:
             else:
                 return False
         self._finish_error(job, errors.JobCancelled("The job was cancelled."))
+        self._announce_positions()
         return True
 
     def queue_position(self, job: Job) -> int | None:
@@ -364,6 +365,7 @@ class Scheduler:
             batch = self._take_batch()
             if batch is None:
                 return
+            self._announce_positions()
             self._execute(engine, batch)
             if self._dead is not None:
                 return
@@ -541,6 +543,7 @@ class Scheduler:
                         for job in expired:
                             self._finish_error(job, errors.QueueTimeout(
                                 f"The job waited more than {self.config.queue_timeout_s:g} s in the queue."))
+                        self._announce_positions()
                     finally:
                         self._cond.acquire()
                     continue
@@ -570,6 +573,13 @@ class Scheduler:
         log.info("request %s %s: %s", job.request_id, job.state.value, error.message)
         job.future.set_exception(error)
         self._emit(job, job.state.value)
+
+    def _announce_positions(self) -> None:
+        """Tell every waiting job's listeners that the queue moved ("queued" with a new position)."""
+        with self._cond:
+            waiting = [job for job in self._queue if job.listeners]
+        for job in waiting:
+            self._emit(job, "queued")
 
     def _emit(self, job: Job, event: str) -> None:
         for listener in list(job.listeners):

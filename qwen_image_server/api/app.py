@@ -11,7 +11,8 @@ import anyio
 from fastapi import FastAPI
 
 from qwen_image_server import __version__
-from qwen_image_server.api import native
+from qwen_image_server.api import jobs, native
+from qwen_image_server.api.job_registry import JobRegistry
 from qwen_image_server.api.context import (
     EXIT_ENGINE_DEAD,
     EXIT_LOAD_FAILED,
@@ -76,7 +77,8 @@ def create_app(
     async def lifespan(app: FastAPI) -> AsyncIterator[None]:
         executor = ThreadPoolExecutor(settings.threads, thread_name_prefix="qwen-image-cpu")
         results = ResultStore(settings.result_ttl_s, settings.max_stored_results)
-        app.state.ctx = ServerContext(settings, device, scheduler, executor, lifecycle, results)
+        jobs = JobRegistry(settings.result_ttl_s, settings.max_stored_results)
+        app.state.ctx = ServerContext(settings, device, scheduler, executor, lifecycle, results, jobs)
         scheduler.start()
         log.info("serving on %s (model %s loading in the background); batching: %s",
                  device.label, settings.model, scheduler.config)
@@ -97,4 +99,5 @@ def create_app(
     app.state.lifecycle = lifecycle
     install_error_handlers(app)
     app.include_router(native.router)
+    app.include_router(jobs.router)
     return app
