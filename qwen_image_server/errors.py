@@ -6,12 +6,16 @@ so the wire shape `{"error": {"message", "type", "param", "code"}}` is the same 
 
 from __future__ import annotations
 
+from collections.abc import Mapping
+from typing import ClassVar
+
 
 class ServerError(Exception):
     """Base of every error a client may see."""
 
     status_code: int = 500
     type: str = "server_error"
+    headers: ClassVar[Mapping[str, str]] = {}  # response headers every error of this kind carries
 
     def __init__(
         self,
@@ -33,9 +37,22 @@ class InvalidRequest(ServerError):
     type = "invalid_request_error"
 
 
+class AuthenticationError(ServerError):
+    """No API key, or not one of the server's keys."""
+
+    status_code = 401
+    type = "authentication_error"
+    headers = {"WWW-Authenticate": "Bearer"}
+
+
 class NotFound(ServerError):
     status_code = 404
     type = "not_found"
+
+
+class RequestTooLarge(ServerError):
+    status_code = 413
+    type = "request_too_large"
 
 
 class JobNotReady(ServerError):

@@ -79,6 +79,23 @@ class JobResult:
 JobListener = Callable[["Job", str], None]
 
 
+class SchedulerObserver(Protocol):
+    """Scheduler-wide hooks for numbers (metrics), besides the per-job listeners.
+
+    Called on the engine, reaper and request threads, never with the scheduler's lock held;
+    they must be quick. An exception is logged and otherwise ignored.
+    """
+
+    def job_event(self, job: Job, event: str) -> None:
+        """Every job's events, as `add_listener` listeners get them."""
+
+    def batch_finished(self, batch: Sequence[Job], seconds: float) -> None:
+        """A pipeline call produced the images of `batch` in `seconds` (before the jobs finish)."""
+
+    def rejected(self, error: errors.ServerError) -> None:
+        """`submit` refused a job: QueueFull or ShuttingDown."""
+
+
 @dataclass(eq=False)
 class Job:
     """One accepted request, from queue to result. Mutated only by the scheduler (under its lock)."""
@@ -165,10 +182,12 @@ class Scheduler:
         *,
         on_fatal: Callable[[BaseException], None] | None = None,
         clock: Callable[[], float] = time.monotonic,
+        observer: SchedulerObserver | None = None,
     ) -> None:
         self._engine_factory = engine_factory
         self.config = config
         self._on_fatal = on_fatal
+        self._observer = observer
         self._clock = clock
         self._cond = threading.Condition()
         self._queue: deque[Job] = deque()
@@ -253,6 +272,25 @@ class Scheduler:
 
     def submit(self, spec: GenerationSpec, request_id: int) -> Job:
         """Queue a job or raise QueueFull / ShuttingDown / EngineDead. Never blocks."""
+        return self.submit_many([spec], request_id)[0]
+
+    def submit_many(self, specs: Sequence[GenerationSpec], request_id: int) -> list[Job]:
+        """Queue all of `specs` at once, or none (QueueFull unless all fit). Never blocks.
+
+        Being queued in one step, jobs of one request that share a shape (OpenAI's n images)
+        always run as one batch, even when the engine was idle.
+        """
+        try:
+            jobs = self._enqueue(specs, request_id)
+        except (errors.QueueFull, errors.ShuttingDown) as exc:
+            refusal = exc  # `exc` itself is unbound when the except block ends
+            self._observe(lambda o: o.rejected(refusal))
+            raise
+        for job in jobs:
+            self._emit(job, "queued")
+        return jobs
+
+    def _enqueue(self, specs: Sequence[GenerationSpec], request_id: int) -> list[Job]:
         now = self._clock()
         with self._cond:
             if self._dead is not None:
@@ -260,27 +298,30 @@ class Scheduler:
             if self._draining or self._stopping:
                 self._counts["rejected"] += 1
                 raise errors.ShuttingDown("The server is shutting down and takes no new jobs.")
-            if len(self._queue) >= self.config.max_queue:
+            if len(self._queue) + len(specs) > self.config.max_queue:
                 self._counts["rejected"] += 1
                 retry = self._retry_after_locked()
                 raise errors.QueueFull(
                     f"The queue is full ({self.config.max_queue} jobs waiting); retry in {retry} s.",
                     retry_after=retry,
                 )
-            job = Job(
-                spec=spec,
-                request_id=request_id,
-                submitted_at=now,
-                deadline=now + self.config.queue_timeout_s,
-                total_steps=spec.num_inference_steps,
-            )
-            # A running future cannot be cancelled by whoever awaits it, so only the scheduler
-            # ever completes it.
-            job.future.set_running_or_notify_cancel()
-            self._queue.append(job)
+            jobs = [
+                Job(
+                    spec=spec,
+                    request_id=request_id,
+                    submitted_at=now,
+                    deadline=now + self.config.queue_timeout_s,
+                    total_steps=spec.num_inference_steps,
+                )
+                for spec in specs
+            ]
+            for job in jobs:
+                # A running future cannot be cancelled by whoever awaits it, so only the
+                # scheduler ever completes it.
+                job.future.set_running_or_notify_cancel()
+                self._queue.append(job)
             self._cond.notify_all()
-        self._emit(job, "queued")
-        return job
+        return jobs
 
     def cancel(self, job: Job) -> bool:
         """Cancel a job: a queued one never runs, a running one stops with its batch. True if it took."""
@@ -491,6 +532,7 @@ class Scheduler:
             self._counts["batches"] += 1
             self._inference_total += elapsed
             self._recent_job_times.append(elapsed / len(batch))
+        self._observe(lambda o: o.batch_finished(batch, elapsed))
         for job, image in zip(batch, images, strict=True):
             if job.cancel_requested:
                 self._finish_error(job, self._cancel_error())
@@ -587,3 +629,12 @@ class Scheduler:
                 listener(job, event)
             except Exception:  # noqa: BLE001 - a broken listener must not break the engine
                 log.exception("job listener failed on %s", event)
+        self._observe(lambda o: o.job_event(job, event))
+
+    def _observe(self, call: Callable[[SchedulerObserver], None]) -> None:
+        if self._observer is None:
+            return
+        try:
+            call(self._observer)
+        except Exception:  # noqa: BLE001 - numbers must never break the engine
+            log.exception("scheduler observer failed")

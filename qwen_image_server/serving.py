@@ -11,9 +11,13 @@ from __future__ import annotations
 
 import logging
 import math
+import os
 import signal
 import sys
+import tempfile
 import time
+from collections.abc import Iterator
+from contextlib import contextmanager
 from types import FrameType
 from typing import Any
 
@@ -119,11 +123,48 @@ def gunicorn_options(settings: Settings) -> dict[str, Any]:
         # Gunicorn >= 25 opens a control socket at one fixed path per user, which a second
         # server on the same machine would fight over; nothing here uses it.
         "control_socket_disable": True,
+        "child_exit": child_exit,
     }
+
+
+# Not imported from qwen_image_server.metrics: that imports prometheus_client, which picks its
+# multiprocess mode once, at import, from this variable; so it must be set before.
+MULTIPROC_ENV = "PROMETHEUS_MULTIPROC_DIR"
+
+
+def child_exit(server: Any, worker: Any) -> None:
+    """Gunicorn hook (in the arbiter): a dead worker's live gauges leave /metrics."""
+    if os.environ.get(MULTIPROC_ENV):
+        from prometheus_client import multiprocess
+
+        multiprocess.mark_process_dead(worker.pid)
+
+
+@contextmanager
+def metrics_multiprocess_dir(workers: int) -> Iterator[None]:
+    """With several workers, a fresh PROMETHEUS_MULTIPROC_DIR for the metrics of them all.
+
+    Set before Gunicorn forks (and before prometheus_client is imported), removed afterwards so
+    the next start begins from zero. A directory the operator set is used as it is.
+    """
+    if workers <= 1 or os.environ.get(MULTIPROC_ENV):
+        yield
+        return
+    with tempfile.TemporaryDirectory(prefix="qwen-image-metrics-") as folder:
+        os.environ[MULTIPROC_ENV] = folder
+        try:
+            yield
+        finally:
+            os.environ.pop(MULTIPROC_ENV, None)
 
 
 def run_gunicorn(settings: Settings) -> int:
     """Serve with Gunicorn (one process per WORKERS, each with its own model and scheduler)."""
+    with metrics_multiprocess_dir(settings.workers):
+        return _run_gunicorn(settings)
+
+
+def _run_gunicorn(settings: Settings) -> int:
     from gunicorn.app.base import BaseApplication
     from gunicorn.arbiter import Arbiter
 

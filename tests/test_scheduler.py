@@ -276,3 +276,21 @@ def test_progress_events_reach_listeners(make):
     steps = [step for event, step in events if event == "step"]
     assert steps == sorted(steps) and steps[-1] == 3
     assert events[-1][0] == "succeeded"
+
+
+def test_jobs_submitted_together_run_as_one_batch_even_on_an_idle_engine(make):
+    s, engine = make(engine=FakeEngine())
+    jobs = s.submit_many([spec(0), spec(1), spec(2)], request_id=1)
+    assert [result_of(job).batch_size for job in jobs] == [3, 3, 3]
+    assert engine.batches == [[0, 1, 2]]
+
+
+def test_submit_many_queues_all_or_nothing(make):
+    s, engine = make(max_queue=2)
+    running = s.submit(spec(0), 0)
+    engine.wait_started()
+    with pytest.raises(errors.QueueFull):
+        s.submit_many([spec(1), spec(2), spec(3)], request_id=1)
+    assert s.stats().queue_length == 0
+    engine.run_freely()
+    result_of(running)

@@ -12,6 +12,8 @@ from fastapi import FastAPI
 
 from qwen_image_server import __version__
 from qwen_image_server.api import jobs, native
+from qwen_image_server.api import openai as openai_api
+from qwen_image_server.api.web import install_web
 from qwen_image_server.api.job_registry import JobRegistry
 from qwen_image_server.api.context import (
     EXIT_ENGINE_DEAD,
@@ -19,10 +21,15 @@ from qwen_image_server.api.context import (
     Lifecycle,
     ServerContext,
 )
+from qwen_image_server.api import files
+from qwen_image_server.api import metrics as metrics_api
+from qwen_image_server.api.auth import ApiKeyMiddleware
+from qwen_image_server.api.body_limit import add_body_limit
 from qwen_image_server.api.errors import install_error_handlers
 from qwen_image_server.engine.device import resolve_device
 from qwen_image_server.engine.types import DeviceFailure
 from qwen_image_server.logs import configure_logging
+from qwen_image_server.metrics import SchedulerMetrics, ServerMetrics
 from qwen_image_server.results import ResultStore
 from qwen_image_server.scheduler import Engine, Scheduler, SchedulerConfig
 from qwen_image_server.settings import Settings
@@ -60,8 +67,13 @@ def create_app(
         # A dead device needs a fresh process; a model that cannot load needs a person.
         lifecycle.fail(EXIT_ENGINE_DEAD if isinstance(exc, DeviceFailure) else EXIT_LOAD_FAILED)
 
+    metrics = ServerMetrics(device)
+
+    def queue_length() -> int:
+        return scheduler.stats().queue_length  # bound just below, before any job can exist
+
     scheduler = Scheduler(
-        engine_factory or real_engine_factory(settings),
+        metrics.measure_load(engine_factory or real_engine_factory(settings)),
         SchedulerConfig.for_device(
             device.type,
             max_queue=settings.max_queue,
@@ -71,6 +83,7 @@ def create_app(
             batch_wait_ms=settings.batch_wait_ms,
         ),
         on_fatal=on_fatal,
+        observer=SchedulerMetrics(metrics, queue_length),
     )
 
     @asynccontextmanager
@@ -98,6 +111,17 @@ def create_app(
     )
     app.state.lifecycle = lifecycle
     install_error_handlers(app)
+    app.state.metrics = metrics
+    # The last middleware added runs first: metrics see every answer, keys are checked before
+    # any body is read.
+    add_body_limit(app, settings.max_body_bytes)
+    if settings.api_keys:
+        app.add_middleware(ApiKeyMiddleware, api_keys=settings.api_keys)
+    app.add_middleware(metrics_api.HttpMetricsMiddleware, metrics=metrics)
+    app.include_router(metrics_api.router)
+    app.include_router(files.router)
     app.include_router(native.router)
     app.include_router(jobs.router)
+    app.include_router(openai_api.router)
+    install_web(app)
     return app

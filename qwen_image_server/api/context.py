@@ -6,7 +6,7 @@ import asyncio
 import functools
 import itertools
 import logging
-from collections.abc import Callable
+from collections.abc import Callable, Sequence
 from concurrent.futures import ThreadPoolExecutor
 from dataclasses import dataclass, field
 from datetime import datetime
@@ -27,6 +27,7 @@ from qwen_image_server.postprocess import (
     output_filename,
     save_atomically,
 )
+from qwen_image_server.prompt_tokens import check_prompt_tokens, might_exceed, token_counter
 from qwen_image_server.results import ResultStore
 from qwen_image_server.schemas import GenerateRequest
 from qwen_image_server.scheduler import Job, JobResult, Scheduler
@@ -73,10 +74,28 @@ class ServerContext:
     def model(self) -> LoadedModel | None:
         return getattr(self.scheduler.engine, "model", None)
 
-    def submit(self, spec: GenerationSpec, request_id: int) -> Job:
-        if self.scheduler.dead:
-            raise errors.EngineDead("The model engine is unavailable; the worker is restarting.")
-        return self.scheduler.submit(spec, request_id)
+    async def submit(self, specs: Sequence[GenerationSpec], request_id: int) -> list[Job]:
+        """Check the prompts' length, then queue every spec of one request together (or none)."""
+        for spec in {(s.prompt, s.negative_prompt): s for s in specs}.values():
+            await self.check_prompt_length(spec)
+        return self.scheduler.submit_many(specs, request_id)
+
+    async def check_prompt_length(self, spec: GenerationSpec) -> None:
+        """400 `invalid_request_error` (param prompt / negative_prompt) when either is longer than
+        the model reads (`tokenizer_max_length` tokens). While the model loads there is no
+        tokenizer yet: nothing is checked."""
+        model = self.model
+        if model is None:
+            return
+        limit = model.max_prompt_tokens
+        if might_exceed(spec.prompt, limit) or might_exceed(spec.negative_prompt, limit):
+            counter = token_counter(model.pipeline.tokenizer)
+            await self.in_pool(check_prompt_tokens, counter, limit, spec)
+
+    def count_tokens(self, text: str) -> int | None:
+        """Tokens of `text` by the model's tokenizer (None while it loads). CPU work: use in_pool."""
+        model = self.model
+        return None if model is None else token_counter(model.pipeline.tokenizer).count(text)
 
     async def in_pool(self, fn: Callable[..., T], *args: Any, **kwargs: Any) -> T:
         """Run CPU work (overlay, PNG encoding, file writes) on the THREADS pool."""

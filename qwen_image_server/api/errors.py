@@ -39,6 +39,14 @@ def error_response(
     return JSONResponse(body.model_dump(), status_code=status, headers=headers)
 
 
+def server_error_response(exc: ServerError) -> JSONResponse:
+    """The response for one of our error values (also used by middleware, outside the handlers)."""
+    response = error_response(exc.status_code, exc.message, exc.type, param=exc.param,
+                              code=exc.code, retry_after=exc.retry_after)
+    response.headers.update(exc.headers)
+    return response
+
+
 def _param_of(loc: tuple[int | str, ...]) -> str:
     """('body', 'seed') -> 'seed'; ('body',) or a JSON position -> 'body'."""
     parts = [str(p) for p in loc if p not in ("body", "query", "path", "header")]
@@ -67,8 +75,7 @@ def install_error_handlers(app: FastAPI) -> None:
 
     @app.exception_handler(ServerError)
     async def _server_error(request: Request, exc: ServerError) -> JSONResponse:
-        return error_response(exc.status_code, exc.message, exc.type, param=exc.param,
-                              code=exc.code, retry_after=exc.retry_after)
+        return server_error_response(exc)
 
     @app.exception_handler(RequestValidationError)
     async def _invalid(request: Request, exc: RequestValidationError) -> JSONResponse:

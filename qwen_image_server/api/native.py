@@ -115,7 +115,7 @@ async def generate(body: GenerateRequest, request: Request, ctx: Ctx) -> Respons
     log.info("request %d received: %dx%d, %d steps, cfg %g, seed %d, save_to_file=%s",
              request_id, spec.width, spec.height, spec.num_inference_steps,
              spec.true_cfg_scale, spec.seed, body.save_to_file)
-    job = ctx.submit(spec, request_id)
+    [job] = await ctx.submit([spec], request_id)
     result = await ctx.wait(job, request)
     rendered = await ctx.render(body, result, request_id)
     headers = {

@@ -67,6 +67,8 @@ class PipelineEngine:
                     true_cfg_scale=first.true_cfg_scale,
                     generator=generators,
                     callback_on_step_end=step_end,
+                    # diffusers defaults to 512 tokens; the API admits (and checks) up to 1024.
+                    max_sequence_length=self.model.max_prompt_tokens,
                     output_type="pil",
                 )
         except BatchAborted:

@@ -1,0 +1,212 @@
+"""Prometheus metrics: HTTP traffic, the scheduler's queue and batches, job outcomes, the model.
+
+One `ServerMetrics` per app (so servers in one test process do not mix their numbers), fed by
+the HTTP middleware (`api/metrics.py`), the scheduler's observer hook (`SchedulerMetrics`) and
+the model loader. `GET /metrics` renders it.
+
+With several Gunicorn workers each process has its own numbers, and a scrape reaches only one
+of them. prometheus-client's multiprocess mode solves that: every process writes its values to
+files under `PROMETHEUS_MULTIPROC_DIR` and a scrape sums them all (`serving.run_gunicorn` makes
+a fresh folder when WORKERS > 1; its `child_exit` hook drops dead workers' gauges). The mode is
+chosen when prometheus_client is first imported, so the variable must be set before that.
+"""
+
+from __future__ import annotations
+
+import logging
+import os
+import time
+from collections.abc import Callable, Sequence
+
+from prometheus_client import (
+    CollectorRegistry,
+    Counter,
+    Gauge,
+    Histogram,
+    disable_created_metrics,
+    multiprocess,
+    values,
+)
+from prometheus_client.exposition import choose_encoder
+from prometheus_client.gc_collector import GCCollector
+from prometheus_client.platform_collector import PlatformCollector
+from prometheus_client.process_collector import ProcessCollector
+
+from qwen_image_server import errors
+from qwen_image_server.engine.device import DeviceInfo
+from qwen_image_server.scheduler import Engine, Job
+
+log = logging.getLogger(__name__)
+
+MULTIPROC_ENV = "PROMETHEUS_MULTIPROC_DIR"
+
+# From a 10 ms health check or denoising step to a 10-minute queue wait or big CPU batch.
+SECONDS_BUCKETS = (0.01, 0.025, 0.05, 0.1, 0.25, 0.5, 1.0, 2.5, 5.0, 10.0, 25.0, 60.0, 120.0,
+                   300.0, 600.0)
+BATCH_SIZE_BUCKETS = (1, 2, 3, 4, 6, 8, 12, 16, 24, 32)
+_METHODS = frozenset({"GET", "HEAD", "POST", "PUT", "PATCH", "DELETE", "OPTIONS"})
+# Label values created up front, so rate() and alerts see a 0 series rather than none.
+_REJECTION_REASONS = (errors.QueueFull.type, errors.ShuttingDown.type)
+_FAILURE_TYPES = (errors.InferenceFailed.type, errors.OutOfMemory.type, errors.EngineDead.type,
+                  errors.QueueTimeout.type, errors.ShuttingDown.type)
+
+
+# The `_created` timestamp series would double the exposition; Prometheus does not need them.
+disable_created_metrics()
+
+
+def multiprocess_dir() -> str | None:
+    return os.environ.get(MULTIPROC_ENV) or None
+
+
+class ServerMetrics:
+    """Every metric of one server process; `render` gives the exposition for a scrape."""
+
+    def __init__(self, device: DeviceInfo) -> None:
+        self.device = device
+        self.multiprocess = multiprocess_dir() is not None
+        self.registry = CollectorRegistry()
+        if self.multiprocess:
+            if values.ValueClass is values.MutexValue:
+                raise RuntimeError(f"prometheus_client was imported before {MULTIPROC_ENV} was set, "
+                                   "so its values would stay in this process; set it earlier")
+        else:  # per-process collectors cannot be summed across workers: single-process only
+            ProcessCollector(registry=self.registry)
+            PlatformCollector(registry=self.registry)
+            GCCollector(registry=self.registry)
+        r = self.registry
+        self.http_requests = Counter(
+            "qwen_image_http_requests", "HTTP requests answered, by route template and status.",
+            ["method", "route", "status"], registry=r)
+        self.http_latency = Histogram(
+            "qwen_image_http_request_duration_seconds",
+            "Seconds from request to response start (for streams: to the first byte).",
+            ["method", "route"], buckets=SECONDS_BUCKETS, registry=r)
+        self.queue_size = Gauge(
+            "qwen_image_queue_size", "Jobs waiting in the queue (summed over live workers).",
+            multiprocess_mode="livesum", registry=r)
+        self.queue_wait = Histogram(
+            "qwen_image_queue_wait_seconds", "Seconds a job waited in the queue before its batch started.",
+            buckets=SECONDS_BUCKETS, registry=r)
+        self.inference = Histogram(
+            "qwen_image_batch_inference_seconds", "Seconds of one pipeline call (one batch).",
+            buckets=SECONDS_BUCKETS, registry=r)
+        self.step = Histogram(
+            "qwen_image_denoising_step_seconds",
+            "Seconds of one denoising step of a batch (the first step, which also encodes the "
+            "prompts, is left out).", buckets=SECONDS_BUCKETS, registry=r)
+        self.batch_size = Histogram(
+            "qwen_image_batch_size", "Jobs per pipeline call.", buckets=BATCH_SIZE_BUCKETS, registry=r)
+        self.images = Counter("qwen_image_images_generated", "Images generated and delivered.", registry=r)
+        self.cancelled = Counter(
+            "qwen_image_jobs_cancelled", "Jobs cancelled by their client or a disconnect.", registry=r)
+        self.rejected = Counter(
+            "qwen_image_jobs_rejected", "Jobs refused at submission (429 queue_full, 503 shutting_down).",
+            ["reason"], registry=r)
+        self.failed = Counter(
+            "qwen_image_jobs_failed", "Jobs that failed, by error type.", ["type"], registry=r)
+        self.model_load = Gauge(
+            "qwen_image_model_load_seconds", "Seconds the model took to load (one series per live worker).",
+            multiprocess_mode="liveall", registry=r)
+        self.gpu_allocated = Gauge(
+            "qwen_image_gpu_memory_allocated_bytes", "GPU memory held by tensors (0 without CUDA).",
+            multiprocess_mode="livesum", registry=r)
+        self.gpu_reserved = Gauge(
+            "qwen_image_gpu_memory_reserved_bytes", "GPU memory reserved by the allocator (0 without CUDA).",
+            multiprocess_mode="livesum", registry=r)
+        for reason in _REJECTION_REASONS:
+            self.rejected.labels(reason)
+        for type_ in _FAILURE_TYPES:
+            self.failed.labels(type_)
+
+    # -- feeding ----------------------------------------------------------------------------
+
+    def observe_request(self, method: str, route: str, status: int, seconds: float) -> None:
+        method = method if method in _METHODS else "OTHER"  # free-form methods: bounded labels
+        self.http_requests.labels(method, route, str(status)).inc()
+        self.http_latency.labels(method, route).observe(seconds)
+
+    def measure_load(self, load: Callable[[], Engine]) -> Callable[[], Engine]:
+        """`load` (the scheduler's engine factory) recording the model's load time."""
+
+        def load_and_record() -> Engine:
+            engine = load()
+            model = getattr(engine, "model", None)  # test engines have none
+            if model is not None:
+                self.model_load.set(model.load_time)
+            self.update_gpu_memory()
+            return engine
+
+        return load_and_record
+
+    def update_gpu_memory(self) -> None:
+        if self.device.type != "cuda":
+            return
+        import torch
+
+        try:
+            self.gpu_allocated.set(torch.cuda.memory_allocated())
+            self.gpu_reserved.set(torch.cuda.memory_reserved())
+        except RuntimeError:  # a failed device: the engine reports it; keep the last values
+            log.debug("could not read GPU memory", exc_info=True)
+
+    # -- scraping ---------------------------------------------------------------------------
+
+    def render(self, accept: str | None) -> tuple[bytes, str]:
+        """The exposition (Prometheus text, or OpenMetrics if asked) and its content type."""
+        self.update_gpu_memory()
+        registry = self.registry
+        if self.multiprocess:
+            # Read afresh on every scrape: the files of every worker, live or gone.
+            registry = CollectorRegistry()
+            multiprocess.MultiProcessCollector(registry)
+        encoder, content_type = choose_encoder(accept or "")
+        return encoder(registry), content_type
+
+
+class SchedulerMetrics:
+    """The scheduler's observer (`scheduler.SchedulerObserver`): queue, batches, steps, outcomes."""
+
+    def __init__(self, metrics: ServerMetrics, queue_length: Callable[[], int]) -> None:
+        self.m = metrics
+        self._queue_length = queue_length
+        # (batch id, last step seen, when): steps run on the one engine thread, one batch at a time.
+        self._step_mark: tuple[int | None, int, float] = (None, 0, 0.0)
+
+    def job_event(self, job: Job, event: str) -> None:
+        if event in ("queued", "started", "cancelled", "failed"):
+            # Read the true length rather than counting moves: no event sequence can skew it.
+            self.m.queue_size.set(self._queue_length())
+        if event == "started":
+            if job.started_at is not None:
+                self.m.queue_wait.observe(job.started_at - job.submitted_at)
+            self._step_mark = (job.batch_id, 0, time.perf_counter())
+        elif event == "step":
+            self._step(job)
+        elif event == "succeeded":
+            self.m.images.inc()
+        elif event == "cancelled":
+            self.m.cancelled.inc()
+        elif event == "failed":
+            error = job.future.exception(timeout=0)
+            self.m.failed.labels(getattr(error, "type", errors.ServerError.type)).inc()
+
+    def _step(self, job: Job) -> None:
+        now = time.perf_counter()
+        batch_id, last_step, last_time = self._step_mark
+        if job.batch_id != batch_id or job.step < last_step:  # a new run (e.g. an OOM retry)
+            self._step_mark = (job.batch_id, job.step, now)
+            return
+        if job.step == last_step:  # the same step, reported for another job of the batch
+            return
+        if last_step >= 1:  # the first step's time also holds the prompt encoding
+            self.m.step.observe(now - last_time)
+        self._step_mark = (batch_id, job.step, now)
+
+    def batch_finished(self, batch: Sequence[Job], seconds: float) -> None:
+        self.m.inference.observe(seconds)
+        self.m.batch_size.observe(len(batch))
+        self.m.update_gpu_memory()
+
+    def rejected(self, error: errors.ServerError) -> None:
+        self.m.rejected.labels(error.type).inc()

@@ -1,0 +1,197 @@
+"""Wire models of the OpenAI-compatible API (/v1/images/generations, /v1/models).
+
+Field names and shapes follow OpenAI's Images API (and the `openai` package's types), so the
+official clients work unchanged. Qwen-Image's own knobs (steps, CFG, seed, ...) come in as extra
+body fields and reuse `GenerateRequest`'s definitions, so both APIs validate them the same way.
+"""
+
+from __future__ import annotations
+
+import re
+from typing import Any, Literal
+
+from pydantic import BaseModel, ConfigDict, Field, field_validator, model_validator
+from pydantic_core import PydanticCustomError
+
+from qwen_image_server.engine.types import GenerationSpec
+from qwen_image_server.presets import ASPECT_RATIOS, AspectRatio, Language, with_suffix
+from qwen_image_server.schemas import MAX_SEED, GenerateRequest
+
+OutputFormat = Literal["png", "jpeg", "webp"]
+MEDIA_TYPES: dict[str, str] = {"png": "image/png", "jpeg": "image/jpeg", "webp": "image/webp"}
+
+AUTO_SIZE = (1328, 1328)  # Qwen-Image's native square, the model card's 1:1
+MIN_SIDE, MAX_SIDE, SIDE_MULTIPLE = 256, 2048, 16  # 16: 8x VAE downsampling, 2x2 patches
+MAX_IMAGES = 10  # OpenAI's bound on n
+_SIZE = re.compile(r"(\d{1,5})x(\d{1,5})", re.ASCII)
+
+_NATIVE = GenerateRequest.model_fields
+
+
+def parse_size(value: str) -> tuple[int, int]:
+    """'auto' or 'WxH' -> (width, height); PydanticCustomError (-> 400, param 'size') otherwise."""
+    if value == "auto":
+        return AUTO_SIZE
+    match = _SIZE.fullmatch(value.lower())
+    if match is None:
+        raise PydanticCustomError("invalid_size", "size must be 'auto' or 'WIDTHxHEIGHT', like '1024x1024'")
+    w, h = int(match[1]), int(match[2])
+    if not all(MIN_SIDE <= side <= MAX_SIDE and side % SIDE_MULTIPLE == 0 for side in (w, h)):
+        raise PydanticCustomError(
+            "invalid_size",
+            "width and height must each be a multiple of {multiple} between {low} and {high}, got {size}",
+            {"multiple": SIDE_MULTIPLE, "low": MIN_SIDE, "high": MAX_SIDE, "size": value},
+        )
+    return w, h
+
+
+class ImageGenerationRequest(BaseModel):
+    """Body of POST /v1/images/generations: OpenAI's fields plus Qwen-Image's extras."""
+
+    # Strict like /generate ("2" is not a number); unknown fields are ignored, as OpenAI clients
+    # send parameters (svg, safety_identifier, ...) that mean nothing for this model.
+    model_config = ConfigDict(strict=True, extra="ignore")
+
+    # -- OpenAI's parameters ----------------------------------------------------------------
+    prompt: str = _NATIVE["prompt"]
+    model: str | None = Field(None, description="Accepted for compatibility; the served model answers.")
+    n: int = Field(1, ge=1, le=MAX_IMAGES, description="Images to generate, seeds seed, seed+1, ...")
+    size: str = Field("auto", description="'WxH' (multiples of 16, 256-2048 per side) or 'auto' (1328x1328).")
+    response_format: Literal["b64_json", "url"] = "b64_json"
+    output_format: OutputFormat = "png"
+    output_compression: int | None = Field(None, ge=0, le=100, description="jpeg/webp quality; default 100.")
+    stream: bool = Field(False, description="Answer with Server-Sent Events, one per finished image.")
+    partial_images: int | None = Field(None, ge=0, le=3, description="Accepted; no partial images are sent.")
+    # Accepted and ignored: they steer OpenAI's own models and have no Qwen-Image equivalent.
+    quality: str | None = None
+    style: str | None = None
+    user: str | None = None
+    background: str | None = None
+    moderation: str | None = None
+
+    # -- Qwen-Image's extras (extra_body), validated exactly as /generate does ---------------
+    negative_prompt: str = _NATIVE["negative_prompt"]
+    num_inference_steps: int = _NATIVE["num_inference_steps"]
+    true_cfg_scale: float = _NATIVE["true_cfg_scale"]
+    # Unlike /generate (seed 42), no seed means a random one: OpenAI clients expect new images.
+    seed: int | None = Field(None, ge=0, le=MAX_SEED, description=_NATIVE["seed"].description)
+    language: Language = _NATIVE["language"]
+    aspect_ratio: AspectRatio | None = Field(None, description="A size preset (see /info); overrides size.")
+
+    @model_validator(mode="before")
+    @classmethod
+    def _null_means_default(cls, data: Any) -> Any:
+        # OpenAI's API treats an explicit null like an omitted parameter; so do we.
+        if isinstance(data, dict):
+            return {key: value for key, value in data.items() if value is not None}
+        return data
+
+    @field_validator("prompt")
+    @classmethod
+    def _not_blank(cls, value: str) -> str:
+        if not value.strip():
+            raise ValueError("prompt must contain some text")
+        return value
+
+    @field_validator("size")
+    @classmethod
+    def _valid_size(cls, value: str) -> str:
+        parse_size(value)
+        return value
+
+    @property
+    def dimensions(self) -> tuple[int, int]:
+        """(width, height) to generate: the aspect_ratio preset if given, else size."""
+        if self.aspect_ratio is not None:
+            return ASPECT_RATIOS[self.aspect_ratio]
+        return parse_size(self.size)
+
+    @property
+    def model_prompt(self) -> str:
+        """The prompt as the model sees it (language suffix included): OpenAI's revised_prompt."""
+        return with_suffix(self.prompt, self.language)
+
+    def to_specs(self, base_seed: int) -> list[GenerationSpec]:
+        """One spec per image; image i gets seed base_seed + i (wrapping within the seed range).
+
+        The specs differ only in seed, so they share a batch key and the scheduler batches them.
+        """
+        width, height = self.dimensions
+        return [
+            GenerationSpec(
+                prompt=self.model_prompt,
+                negative_prompt=self.negative_prompt,
+                width=width,
+                height=height,
+                num_inference_steps=self.num_inference_steps,
+                true_cfg_scale=self.true_cfg_scale,
+                seed=(base_seed + i) % (MAX_SEED + 1),
+            )
+            for i in range(self.n)
+        ]
+
+
+class ImageData(BaseModel):
+    b64_json: str | None = None
+    url: str | None = None
+    revised_prompt: str | None = Field(None, description="The prompt as the model saw it.")
+
+
+class InputTokensDetails(BaseModel):
+    text_tokens: int
+    image_tokens: int = 0  # text-to-image: no input images
+
+
+class ImageUsage(BaseModel):
+    """OpenAI's usage block. Output tokens are the transformer's image tokens (16x16-pixel patches)."""
+
+    input_tokens: int
+    input_tokens_details: InputTokensDetails
+    output_tokens: int
+    total_tokens: int
+
+    @classmethod
+    def of(cls, text_tokens: int, width: int, height: int, images: int) -> ImageUsage:
+        output = images * (width // SIDE_MULTIPLE) * (height // SIDE_MULTIPLE)
+        return cls(
+            input_tokens=text_tokens,
+            input_tokens_details=InputTokensDetails(text_tokens=text_tokens),
+            output_tokens=output,
+            total_tokens=text_tokens + output,
+        )
+
+
+class ImagesResponse(BaseModel):
+    created: int = Field(description="Unix time the images were made.")
+    model: str = Field(description="The model that made them (whatever the request named).")
+    data: list[ImageData]
+    size: str = Field(description="'WxH' of every image.")
+    output_format: OutputFormat
+    background: Literal["opaque"] = "opaque"  # the model makes no transparency
+    quality: str | None = None
+    usage: ImageUsage | None = None
+
+
+class ImageGenCompletedEvent(BaseModel):
+    """One finished image in a stream (`openai.types.ImageGenCompletedEvent`)."""
+
+    type: Literal["image_generation.completed"] = "image_generation.completed"
+    b64_json: str
+    created_at: int
+    size: str
+    quality: str
+    background: Literal["opaque"] = "opaque"
+    output_format: OutputFormat
+    usage: ImageUsage
+
+
+class ModelCard(BaseModel):
+    id: str
+    object: Literal["model"] = "model"
+    created: int
+    owned_by: str = "qwen-image-server"
+
+
+class ModelList(BaseModel):
+    object: Literal["list"] = "list"
+    data: list[ModelCard]

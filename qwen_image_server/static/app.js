@@ -1,0 +1,712 @@
+/* Qwen-Image playground: plain JavaScript, no build step, no third-party code.
+ *
+ * Talks to the public API only: GET /info (aspect ratios, model), POST /v1/jobs, the job's SSE
+ * stream (read with fetch + a stream parser, so an Authorization header can be sent), its image,
+ * DELETE to cancel. Results are kept in this browser's IndexedDB (the server forgets job images
+ * after its result TTL). URLs are relative, so the page also works behind a path prefix.
+ */
+"use strict";
+
+(() => {
+  // The documented defaults of POST /generate (README / GenerateRequest).
+  const DEFAULTS = Object.freeze({
+    negative_prompt: " ",
+    aspect_ratio: "s1:1",
+    num_inference_steps: 20,
+    true_cfg_scale: 4.0,
+    seed: 42,
+    language: "en",
+    save_to_file: false,
+    add_overlay: true,
+  });
+  // Used until /info answers (and if it never does).
+  const FALLBACK_RATIOS = {
+    "s1:1": [512, 512], "m1:1": [512, 512], "1:1": [1328, 1328], "16:9": [1664, 928],
+    "9:16": [928, 1664], "4:3": [1472, 1104], "3:4": [1104, 1472], "3:2": [1584, 1056],
+    "2:3": [1056, 1584],
+  };
+  const LABELS = {
+    prompt: "Prompt", negative_prompt: "Negative prompt", aspect_ratio: "Aspect ratio",
+    num_inference_steps: "Steps", true_cfg_scale: "CFG scale", seed: "Seed",
+    language: "Language", add_overlay: "Info strip", save_to_file: "Save on the server",
+  };
+  const FIELDS = Object.keys(LABELS);
+  const TERMINAL = new Set(["succeeded", "failed", "cancelled"]);
+  const STORE = "qwen-image-playground";
+  const KEY_ITEM = `${STORE}.api-key`;
+  const SETTINGS_ITEM = `${STORE}.settings`;
+  const PENDING_ITEM = `${STORE}.pending-job`;
+  const MAX_GALLERY = 60;
+
+  const $ = (id) => document.getElementById(id);
+  const form = $("generate-form");
+  const sleep = (ms) => new Promise((resolve) => setTimeout(resolve, ms));
+
+  // -- small storage helpers (localStorage may be unavailable or full) ---------------------
+  const local = {
+    get(name) { try { return localStorage.getItem(name); } catch { return null; } },
+    set(name, value) { try { localStorage.setItem(name, value); } catch { /* private mode or full */ } },
+    remove(name) { try { localStorage.removeItem(name); } catch { /* ignore */ } },
+    json(name) { try { return JSON.parse(this.get(name) || "null"); } catch { return null; } },
+  };
+
+  // -- API access ------------------------------------------------------------------------
+  class ApiError extends Error {
+    constructor(status, detail, retryAfter = null) {
+      super(detail.message || `The server answered ${status}.`);
+      this.status = status; // 0: no answer at all (server down or network error)
+      this.type = detail.type || null;
+      this.param = detail.param || null;
+      this.code = detail.code || null;
+      this.retryAfter = retryAfter;
+    }
+  }
+
+  let apiKey = local.get(KEY_ITEM) || "";
+  let keyRequest = null; // {promise, resolve} while the key form is shown
+
+  async function rawFetch(path, options = {}) {
+    const headers = { ...(options.headers || {}) };
+    if (apiKey) headers.Authorization = `Bearer ${apiKey}`;
+    try {
+      return await fetch(path, { ...options, headers });
+    } catch (err) {
+      if (err.name === "AbortError") throw err;
+      throw new ApiError(0, {
+        type: "network_error",
+        message: "Cannot reach the server. Check that it is running and that this computer is online, then try again.",
+      });
+    }
+  }
+
+  async function errorOf(response) {
+    let detail = {};
+    try {
+      const body = await response.json();
+      if (body && typeof body.error === "object") detail = body.error;
+    } catch { /* not JSON: a proxy page or similar */ }
+    if (!detail.message) {
+      detail = { ...detail, message: `The server answered ${response.status} ${response.statusText}`.trim() + "." };
+    }
+    const retry = Number.parseInt(response.headers.get("Retry-After") || "", 10);
+    return new ApiError(response.status, detail, Number.isFinite(retry) ? retry : null);
+  }
+
+  /** fetch() that throws ApiError on any failure, and asks for the API key on 401, then retries. */
+  async function request(path, options = {}) {
+    for (;;) {
+      const response = await rawFetch(path, options);
+      if (response.ok) return response;
+      const error = await errorOf(response);
+      if (response.status !== 401) throw error;
+      await askForKey(apiKey ? "The saved API key was not accepted. Enter a valid key." : null);
+    }
+  }
+
+  // -- the API key form ----------------------------------------------------------------
+  function askForKey(problem) {
+    if (keyRequest) return keyRequest.promise;
+    let resolve;
+    const promise = new Promise((r) => { resolve = r; });
+    keyRequest = { promise, resolve };
+    const error = $("key-error");
+    error.hidden = !problem;
+    error.textContent = problem || "";
+    $("api-key").value = "";
+    $("key-form").hidden = false;
+    $("api-key").focus();
+    $("server-info").textContent = "Waiting for the API key…";
+    setStatus("This server needs an API key: enter it above.");
+    return promise;
+  }
+
+  $("key-form").addEventListener("submit", (event) => {
+    event.preventDefault();
+    const value = $("api-key").value.trim();
+    if (!value) {
+      $("key-error").textContent = "Enter the key first.";
+      $("key-error").hidden = false;
+      $("api-key").focus();
+      return;
+    }
+    apiKey = value;
+    local.set(KEY_ITEM, value);
+    $("key-form").hidden = true;
+    $("forget-key").hidden = false;
+    if (!current) setStatus("API key saved.");
+    const waiting = keyRequest;
+    keyRequest = null;
+    if (waiting) waiting.resolve();
+  });
+
+  $("forget-key").hidden = !apiKey;
+  $("forget-key").addEventListener("click", () => {
+    apiKey = "";
+    local.remove(KEY_ITEM);
+    $("forget-key").hidden = true;
+    loadInfo();
+  });
+
+  // -- Server-Sent Events over fetch (EventSource cannot send an Authorization header) ------
+  async function* events(path, signal) {
+    const response = await request(path, { headers: { Accept: "text/event-stream" }, cache: "no-store", signal });
+    const reader = response.body.pipeThrough(new TextDecoderStream()).getReader();
+    let buffer = "";
+    let name = "";
+    let data = [];
+    try {
+      for (;;) {
+        const { value, done } = await reader.read();
+        if (done) return;
+        buffer += value;
+        const lines = buffer.split("\n");
+        buffer = lines.pop();
+        for (const raw of lines) {
+          const line = raw.endsWith("\r") ? raw.slice(0, -1) : raw;
+          if (line === "") { // end of one event
+            if (data.length) yield { event: name || "message", data: JSON.parse(data.join("\n")) };
+            name = "";
+            data = [];
+            continue;
+          }
+          if (line.startsWith(":")) continue; // keep-alive comment
+          const colon = line.indexOf(":");
+          const field = colon < 0 ? line : line.slice(0, colon);
+          let text = colon < 0 ? "" : line.slice(colon + 1);
+          if (text.startsWith(" ")) text = text.slice(1);
+          if (field === "event") name = text;
+          else if (field === "data") data.push(text);
+        }
+      }
+    } finally {
+      reader.cancel().catch(() => {});
+    }
+  }
+
+  // -- server info and the aspect-ratio list -------------------------------------------------
+  let ratios = FALLBACK_RATIOS;
+  let infoTimer = null;
+
+  function fillRatios(map, names) {
+    const select = $("aspect_ratio");
+    const chosen = select.value || DEFAULTS.aspect_ratio;
+    select.replaceChildren();
+    for (const name of names) {
+      const size = map[name];
+      const option = document.createElement("option");
+      option.value = name;
+      option.textContent = size ? `${name} — ${size[0]} × ${size[1]}` : name;
+      select.append(option);
+    }
+    select.value = names.includes(chosen) ? chosen : names.includes(DEFAULTS.aspect_ratio) ? DEFAULTS.aspect_ratio : names[0];
+  }
+
+  async function loadInfo() {
+    clearTimeout(infoTimer);
+    try {
+      const info = await (await request("info")).json();
+      ratios = info.aspect_ratios || FALLBACK_RATIOS;
+      fillRatios(ratios, info.supported_aspect_ratios || Object.keys(ratios));
+      const where = info.gpu ? `${info.device} (${info.gpu})` : info.device;
+      const state = info.model_loaded ? "" : " · model loading, jobs wait until it is ready";
+      $("server-info").textContent = `${info.model_name} on ${where} · v${info.version}${state}`;
+      hideBanner();
+      if (!info.model_loaded) infoTimer = setTimeout(loadInfo, 3000);
+    } catch (err) {
+      $("server-info").textContent = "Server not reachable.";
+      showBanner(`${plainError(err)} (Retrying in a few seconds.)`);
+      infoTimer = setTimeout(loadInfo, 5000);
+    }
+  }
+
+  function showBanner(text) { $("banner").textContent = text; $("banner").hidden = false; }
+  function hideBanner() { $("banner").hidden = true; }
+
+  // -- the form -------------------------------------------------------------------------
+  function numberOf(id, whole) {
+    const input = $(id);
+    const text = input.value.trim();
+    if (text === "" || (input.validity && input.validity.badInput)) {
+      return { error: `${LABELS[id]} must be ${whole ? "a whole number" : "a number"}.` };
+    }
+    return { value: Number(text) };
+  }
+
+  function readForm() {
+    const errors = {};
+    const body = {};
+    body.prompt = $("prompt").value;
+    if (!body.prompt.trim()) errors.prompt = "Please write a prompt: describe the image you want.";
+    body.negative_prompt = $("negative_prompt").value.trim() ? $("negative_prompt").value : DEFAULTS.negative_prompt;
+    body.aspect_ratio = $("aspect_ratio").value;
+    for (const [id, whole] of [["num_inference_steps", true], ["true_cfg_scale", false], ["seed", true]]) {
+      const { value, error } = numberOf(id, whole);
+      if (error) errors[id] = error; else body[id] = value;
+    }
+    body.language = $("language").value;
+    body.add_overlay = $("add_overlay").checked;
+    body.save_to_file = $("save_to_file").checked;
+    return { body, errors };
+  }
+
+  function applySettings(settings) {
+    if (!settings) return;
+    if (typeof settings.prompt === "string") $("prompt").value = settings.prompt;
+    if (typeof settings.negative_prompt === "string") $("negative_prompt").value = settings.negative_prompt.trim() ? settings.negative_prompt : "";
+    if (settings.aspect_ratio && [...$("aspect_ratio").options].some((o) => o.value === settings.aspect_ratio)) {
+      $("aspect_ratio").value = settings.aspect_ratio;
+    }
+    for (const id of ["num_inference_steps", "true_cfg_scale", "seed"]) {
+      if (typeof settings[id] === "number") $(id).value = String(settings[id]);
+    }
+    if (settings.language) $("language").value = settings.language;
+    if (typeof settings.add_overlay === "boolean") $("add_overlay").checked = settings.add_overlay;
+    if (typeof settings.save_to_file === "boolean") $("save_to_file").checked = settings.save_to_file;
+    clearFieldErrors();
+  }
+
+  function fieldError(param, message) {
+    const id = FIELDS.includes(param) ? param : null;
+    if (!id) return false;
+    const note = $(`${id}-error`);
+    note.textContent = message;
+    note.hidden = false;
+    $(id).setAttribute("aria-invalid", "true");
+    return true;
+  }
+
+  function clearFieldErrors() {
+    for (const id of FIELDS) {
+      const note = $(`${id}-error`);
+      if (note) { note.hidden = true; note.textContent = ""; }
+      $(id)?.removeAttribute("aria-invalid");
+    }
+    $("form-error").hidden = true;
+  }
+
+  function formError(message) {
+    $("form-error").textContent = message;
+    $("form-error").hidden = false;
+  }
+
+  for (const id of FIELDS) {
+    $(id)?.addEventListener("input", () => {
+      $(id).removeAttribute("aria-invalid");
+      const note = $(`${id}-error`);
+      if (note) note.hidden = true;
+    });
+  }
+
+  // Enter generates; Shift+Enter is a new line; never while an IME is composing (Chinese input).
+  $("prompt").addEventListener("keydown", (event) => {
+    if (event.key === "Enter" && !event.shiftKey && !event.isComposing && event.keyCode !== 229) {
+      event.preventDefault();
+      form.requestSubmit();
+    }
+  });
+
+  $("random-seed").addEventListener("click", () => {
+    $("seed").value = String(crypto.getRandomValues(new Uint32Array(1))[0]);
+    $("seed").dispatchEvent(new Event("input"));
+  });
+
+  $("reset-defaults").addEventListener("click", () => {
+    applySettings({ ...DEFAULTS, prompt: $("prompt").value });
+    local.remove(SETTINGS_ITEM);
+  });
+
+  // -- plain-words errors --------------------------------------------------------------
+  function plainFieldMessage(err) {
+    const label = LABELS[err.param] || err.param;
+    let text = err.message.replace(/^Invalid value for '[^']*':\s*/, "").replace(/\.$/, "");
+    if (err.param === "prompt" && /prompt|short|least/i.test(text)) return "Please write a prompt: describe the image you want.";
+    text = text.replace(/^Value error,\s*/, "");
+    if (/^Input should be /.test(text)) return `${label} ${text.replace(/^Input should be /, "must be ")}.`;
+    return `${label}: ${text}.`;
+  }
+
+  function plainError(err) {
+    if (!(err instanceof ApiError)) return `Something went wrong in the page: ${err.message || err}.`;
+    switch (err.status) {
+      case 0: return err.message;
+      case 400: return err.param && err.param !== "body" ? plainFieldMessage(err) : `The server did not accept the request: ${err.message}`;
+      case 404: return "The server no longer knows this job (results are kept for a limited time).";
+      case 413: return "The request is too large for the server.";
+      case 429: return `The server is busy: its queue is full. Try again in ${err.retryAfter ?? "a few"} seconds.`;
+      default:
+        if (err.status >= 500) return `The server could not do it: ${err.message}`;
+        return err.message;
+    }
+  }
+
+  // -- status line and progress bar ---------------------------------------------------------
+  let countdown = null;
+
+  function setStatus(text, kind = "") {
+    clearInterval(countdown);
+    countdown = null;
+    $("status").textContent = text;
+    $("status").className = `status ${kind}`.trim();
+  }
+
+  function setProgress(percent, label = "", mode = "") {
+    const bar = $("progress");
+    const value = Math.max(0, Math.min(100, Math.round(percent)));
+    bar.className = `progress ${mode}`.trim();
+    bar.setAttribute("aria-valuenow", String(value));
+    bar.setAttribute("aria-valuetext", label || `${value}%`);
+    $("progress-fill").style.width = `${value}%`;
+    $("progress-label").textContent = label;
+  }
+
+  function showError(err) {
+    const text = plainError(err);
+    if (err instanceof ApiError && err.status === 400 && fieldError(err.param, text)) {
+      $(err.param).focus();
+    } else {
+      formError(text);
+    }
+    setProgress(0, "", "failed");
+    if (err instanceof ApiError && err.status === 429 && err.retryAfter) {
+      let left = err.retryAfter;
+      setStatus(text, "error");
+      countdown = setInterval(() => {
+        left -= 1;
+        const message = left > 0
+          ? `The server is busy: its queue is full. Try again in ${left} second${left === 1 ? "" : "s"}.`
+          : "The server may have room again: you can try now.";
+        $("status").textContent = message;
+        $("form-error").textContent = message;
+        if (left <= 0) { clearInterval(countdown); countdown = null; }
+      }, 1000);
+    } else {
+      setStatus(text, "error");
+    }
+  }
+
+  function showJob(status) {
+    const { step, total } = status.progress || { step: 0, total: 0 };
+    switch (status.status) {
+      case "queued": {
+        const ahead = status.queue_position;
+        setStatus(ahead === 0 || ahead == null
+          ? "Waiting in the queue: yours is next."
+          : `Waiting in the queue: ${ahead} job${ahead === 1 ? "" : "s"} ahead of yours (position ${ahead + 1}).`);
+        setProgress(0, "Queued", "indeterminate");
+        break;
+      }
+      case "running":
+        setStatus(step ? `Generating: step ${step} of ${total}.` : "Generating: preparing the prompt…");
+        setProgress(total ? (100 * step) / total : 0, total ? `Step ${step} / ${total} · ${Math.round((100 * step) / total)}%` : "");
+        break;
+      case "succeeded":
+        setProgress(100, `Step ${total} / ${total} · 100%`, "done");
+        setStatus("Done: fetching the image…", "ok");
+        break;
+      case "cancelled":
+        setProgress(0, "");
+        setStatus("Cancelled: the job was stopped and no image was made.");
+        break;
+      case "failed":
+        setProgress(total ? (100 * step) / total : 0, "", "failed");
+        setStatus(`The server could not make this image: ${status.error ? status.error.message : "unknown error"}`, "error");
+        break;
+      default:
+        break;
+    }
+  }
+
+  // -- jobs -----------------------------------------------------------------------------
+  let current = null; // {id, body, controller}
+
+  function setBusy(busy) {
+    $("generate").disabled = busy;
+    $("generate").textContent = busy ? "Generating…" : "Generate";
+    $("cancel").hidden = !busy;
+    $("cancel").disabled = false;
+    $("result-figure").classList.toggle("stale", busy); // the last image, dimmed while a new one is made
+  }
+
+  /** Follow the job's SSE stream to its end; reconnects (the first event is the current state). */
+  async function watch(id, signal, onStatus) {
+    let failures = 0;
+    for (;;) {
+      try {
+        for await (const { data } of events(`v1/jobs/${encodeURIComponent(id)}/events`, signal)) {
+          failures = 0;
+          onStatus(data);
+          if (TERMINAL.has(data.status)) return data;
+        }
+      } catch (err) {
+        if (signal.aborted || !(err instanceof ApiError) || err.status !== 0) throw err;
+        failures += 1;
+        if (failures > 5) throw err;
+        setStatus("Lost the connection to the server: reconnecting…", "error");
+      }
+      await sleep(Math.min(500 * 2 ** failures, 5000));
+    }
+  }
+
+  async function runJob(id, body) {
+    current = { id, body, controller: new AbortController() };
+    local.set(PENDING_ITEM, JSON.stringify({ id, body }));
+    setBusy(true);
+    try {
+      const final = await watch(id, current.controller.signal, showJob);
+      if (final.status === "succeeded") await showResult(final, body);
+      local.remove(PENDING_ITEM);
+    } catch (err) {
+      if (err.name !== "AbortError") showError(err);
+      if (err instanceof ApiError && err.status === 404) local.remove(PENDING_ITEM);
+    } finally {
+      current = null;
+      setBusy(false);
+    }
+  }
+
+  async function generate() {
+    if (current) return;
+    clearFieldErrors();
+    const { body, errors } = readForm();
+    const wrong = Object.keys(errors);
+    if (wrong.length) {
+      for (const id of wrong) fieldError(id, errors[id]);
+      setStatus(wrong.length === 1 ? errors[wrong[0]] : "Please fix the highlighted fields.", "error");
+      $(wrong[0]).focus();
+      return;
+    }
+    local.set(SETTINGS_ITEM, JSON.stringify(body));
+    setBusy(true);
+    setStatus("Sending the request…");
+    setProgress(0, "", "indeterminate");
+    let job;
+    try {
+      const response = await request("v1/jobs", {
+        method: "POST",
+        headers: { "Content-Type": "application/json" },
+        body: JSON.stringify(body),
+      });
+      job = await response.json();
+    } catch (err) {
+      setBusy(false);
+      showError(err);
+      return;
+    }
+    showJob(job);
+    await runJob(job.id, body);
+  }
+
+  form.addEventListener("submit", (event) => {
+    event.preventDefault();
+    generate();
+  });
+
+  $("cancel").addEventListener("click", async () => {
+    if (!current) return;
+    const { id } = current;
+    $("cancel").disabled = true;
+    setStatus("Cancelling…");
+    try {
+      const status = await (await request(`v1/jobs/${encodeURIComponent(id)}`, { method: "DELETE" })).json();
+      if (current && current.id === id && TERMINAL.has(status.status)) showJob(status);
+      // Otherwise the event stream reports "cancelled" as soon as the server has stopped the job.
+    } catch (err) {
+      showError(err);
+      if (current && current.id === id) $("cancel").disabled = false;
+    }
+  });
+
+  // -- results and the gallery (IndexedDB: blobs, so images outlive the server's TTL) --------
+  const urls = new Map(); // job id -> object URL
+  let memoryGallery = null; // fallback when IndexedDB is not available
+  let shown = null; // the item in the result panel
+  let viewing = null; // the item in the viewer
+
+  const dbPromise = new Promise((resolve) => {
+    try {
+      const open = indexedDB.open(STORE, 1);
+      open.onupgradeneeded = () => open.result.createObjectStore("results", { keyPath: "id" });
+      open.onsuccess = () => resolve(open.result);
+      open.onerror = () => resolve(null);
+      open.onblocked = () => resolve(null);
+    } catch {
+      resolve(null);
+    }
+  });
+
+  function idb(mode, work) {
+    return dbPromise.then((db) => new Promise((resolve, reject) => {
+      const tx = db.transaction("results", mode);
+      const result = work(tx.objectStore("results"));
+      tx.oncomplete = () => resolve(result && "result" in result ? result.result : undefined);
+      tx.onerror = () => reject(tx.error);
+      tx.onabort = () => reject(tx.error);
+    }));
+  }
+
+  async function galleryItems() {
+    const db = await dbPromise;
+    if (!db) return (memoryGallery ||= []).slice();
+    const items = await idb("readonly", (store) => store.getAll());
+    return items.sort((a, b) => b.created - a.created);
+  }
+
+  async function galleryPut(item) {
+    const db = await dbPromise;
+    if (!db) {
+      memoryGallery = [item, ...(memoryGallery || []).filter((i) => i.id !== item.id)].slice(0, MAX_GALLERY);
+      $("gallery-note").textContent = "This browser does not allow storage here: images are kept until you close the page.";
+      return;
+    }
+    for (let attempt = 0; attempt < 3; attempt++) {
+      try {
+        await idb("readwrite", (store) => store.put(item));
+        break;
+      } catch (err) {
+        const items = await galleryItems(); // storage full: drop the oldest few and retry
+        if (err?.name !== "QuotaExceededError" || items.length < 2) {
+          $("gallery-note").textContent = "Could not keep this image in the browser (storage is full or blocked).";
+          return;
+        }
+        for (const old of items.slice(-5)) await galleryDelete(old.id);
+      }
+    }
+    const items = await galleryItems();
+    for (const old of items.slice(MAX_GALLERY)) await galleryDelete(old.id);
+  }
+
+  async function galleryDelete(id) {
+    const db = await dbPromise;
+    if (!db) memoryGallery = (memoryGallery || []).filter((i) => i.id !== id);
+    else await idb("readwrite", (store) => store.delete(id));
+    if (urls.has(id) && shown?.id !== id) { URL.revokeObjectURL(urls.get(id)); urls.delete(id); }
+  }
+
+  function urlOf(item) {
+    if (!urls.has(item.id)) urls.set(item.id, URL.createObjectURL(item.blob));
+    return urls.get(item.id);
+  }
+
+  function describe(item) {
+    const parts = [`${item.width} × ${item.height}`, `seed ${item.seed}`];
+    if (item.body?.num_inference_steps) parts.push(`${item.body.num_inference_steps} steps`);
+    if (typeof item.inference_time === "number") parts.push(`${item.inference_time.toFixed(2)} s`);
+    if (typeof item.queue_time === "number" && item.queue_time >= 0.5) parts.push(`${item.queue_time.toFixed(1)} s in queue`);
+    return parts.join(" · ");
+  }
+
+  function fileName(item) {
+    return `qwen-image-${item.seed}-${item.id.slice(0, 8)}.png`;
+  }
+
+  async function showResult(status, body) {
+    const response = await request(`v1/jobs/${encodeURIComponent(status.id)}/image`);
+    const blob = await response.blob();
+    const item = {
+      id: status.id, created: Date.now(), body, blob,
+      width: status.width, height: status.height, seed: status.seed,
+      inference_time: status.inference_time, queue_time: status.queue_time, file_path: status.file_path,
+    };
+    shown = item;
+    const url = urlOf(item);
+    const image = $("result-image");
+    image.src = url;
+    image.alt = `Generated image for: ${body.prompt}`;
+    image.width = item.width;
+    image.height = item.height;
+    $("result-meta").textContent = describe(item);
+    $("result-prompt").textContent = body.prompt + (item.file_path ? ` (saved on the server as ${item.file_path})` : "");
+    $("result-download").href = url;
+    $("result-download").download = fileName(item);
+    $("result-figure").hidden = false;
+    $("result-empty").hidden = true;
+    setStatus(`Done in ${typeof item.inference_time === "number" ? item.inference_time.toFixed(2) + " s" : "a moment"}.`, "ok");
+    await galleryPut(item);
+    await renderGallery();
+  }
+
+  async function renderGallery() {
+    let items;
+    try {
+      items = await galleryItems();
+    } catch {
+      $("gallery-note").textContent = "Could not read the saved images from this browser's storage.";
+      return;
+    }
+    const list = $("gallery");
+    list.replaceChildren();
+    for (const item of items) {
+      const li = document.createElement("li");
+      const button = document.createElement("button");
+      button.type = "button";
+      button.className = "image-button";
+      button.setAttribute("aria-label", `Enlarge: ${item.body?.prompt || "image"}`);
+      const img = document.createElement("img");
+      img.src = urlOf(item);
+      img.alt = item.body?.prompt || "";
+      img.loading = "lazy";
+      button.append(img);
+      button.addEventListener("click", () => openViewer(item));
+      const caption = document.createElement("p");
+      caption.className = "caption";
+      caption.textContent = item.body?.prompt || "";
+      caption.title = `${item.body?.prompt || ""}\n${describe(item)}`;
+      li.append(button, caption);
+      list.append(li);
+    }
+    $("gallery-count").textContent = items.length ? `(${items.length})` : "";
+    $("gallery-clear").hidden = !items.length;
+    if (!items.length && !memoryGallery) $("gallery-note").textContent = "Nothing yet. Images you make here are kept in this browser only.";
+    else if (!memoryGallery) $("gallery-note").textContent = "Kept in this browser only. Click an image to enlarge it.";
+  }
+
+  function openViewer(item) {
+    viewing = item;
+    const url = urlOf(item);
+    $("viewer-image").src = url;
+    $("viewer-image").alt = item.body?.prompt || "";
+    $("viewer-meta").textContent = describe(item);
+    $("viewer-prompt").textContent = item.body?.prompt || "";
+    $("viewer-download").href = url;
+    $("viewer-download").download = fileName(item);
+    $("viewer").showModal();
+  }
+
+  function reuse(item) {
+    if (!item) return;
+    applySettings(item.body);
+    setStatus("Settings loaded from the image: change what you like and press Generate.");
+    $("prompt").focus();
+  }
+
+  $("result-open").addEventListener("click", () => shown && openViewer(shown));
+  $("result-reuse").addEventListener("click", () => reuse(shown));
+  $("viewer-reuse").addEventListener("click", () => { $("viewer").close(); reuse(viewing); });
+  $("viewer-delete").addEventListener("click", async () => {
+    if (!viewing) return;
+    $("viewer").close();
+    await galleryDelete(viewing.id);
+    viewing = null;
+    await renderGallery();
+  });
+  $("viewer").addEventListener("click", (event) => { // a click on the backdrop closes it
+    if (event.target === $("viewer")) $("viewer").close();
+  });
+  $("gallery-clear").addEventListener("click", async () => {
+    if (!window.confirm("Delete every image kept in this browser?")) return;
+    for (const item of await galleryItems()) await galleryDelete(item.id);
+    await renderGallery();
+  });
+
+  // -- start -----------------------------------------------------------------------------
+  fillRatios(FALLBACK_RATIOS, Object.keys(FALLBACK_RATIOS));
+  applySettings({ ...DEFAULTS, ...(local.json(SETTINGS_ITEM) || {}), prompt: "" });
+  loadInfo();
+  renderGallery();
+  const pending = local.json(PENDING_ITEM); // a job still running when the page was closed
+  if (pending && pending.id) {
+    applySettings(pending.body);
+    setStatus("Resuming the job started before the page was reloaded…");
+    runJob(pending.id, pending.body);
+  }
+})();

@@ -1,0 +1,152 @@
+"""GET /metrics as Prometheus scrapes it: HTTP traffic by route template, the scheduler's numbers,
+job outcomes, and one total across Gunicorn workers."""
+
+from __future__ import annotations
+
+import tempfile
+from concurrent.futures import ThreadPoolExecutor
+from pathlib import Path
+
+import httpx
+import pytest
+from prometheus_client.parser import text_string_to_metric_families
+
+from qwen_image_server.api.app import create_app
+from tests.conftest import LiveServer, tiny_settings, wait_until
+from tests.test_concurrency import hold_engine, post
+
+FAST = {"num_inference_steps": 2, "add_overlay": False, "aspect_ratio": "s1:1"}
+
+Samples = dict[tuple[str, frozenset], float]
+
+
+def scrape(client: httpx.Client) -> Samples:
+    r = client.get("/metrics")
+    assert r.status_code == 200, r.text
+    return {(s.name, frozenset(s.labels.items())): s.value
+            for family in text_string_to_metric_families(r.text) for s in family.samples}
+
+
+def value(samples: Samples, name: str, **labels: str) -> float:
+    """The sample with exactly these labels (0 when absent, as Prometheus treats a new series)."""
+    return samples.get((name, frozenset(labels.items())), 0.0)
+
+
+def total(samples: Samples, name: str, **labels: str) -> float:
+    """Sum of the samples of `name` whose labels include these (e.g. over worker pids)."""
+    wanted = set(labels.items())
+    return sum(v for (n, ls), v in samples.items() if n == name and wanted <= ls)
+
+
+@pytest.fixture
+def server(tmp_path):
+    """A private server per test, so its counters start at zero."""
+    made: list[LiveServer] = []
+
+    def start(**settings) -> LiveServer:
+        live = LiveServer(create_app(tiny_settings(tmp_path, **settings))).start()
+        made.append(live)
+        return live
+
+    yield start
+    for live in made:
+        live.stop()
+
+
+def test_requests_are_counted_by_route_template_and_status(server):
+    live = server()
+    with live.client() as c:
+        for _ in range(3):
+            assert c.get("/health").status_code == 200
+        assert c.get("/no/such/page").status_code == 404
+        assert c.get("/files/Qwen-Image-20240101_000000-req7.png").status_code == 404
+        assert c.post("/generate", json={"prompt": "a cat", **FAST}).status_code == 200
+        assert c.post("/generate", json={"prompt": ""}).status_code == 400
+        m = scrape(c)
+    requests = "qwen_image_http_requests_total"
+    assert value(m, requests, method="GET", route="/health", status="200") == 3
+    assert value(m, requests, method="GET", route="unmatched", status="404") == 1
+    assert value(m, requests, method="GET", route="/files/{name}", status="404") == 1
+    assert value(m, requests, method="POST", route="/generate", status="200") == 1
+    assert value(m, requests, method="POST", route="/generate", status="400") == 1
+    assert value(m, "qwen_image_http_request_duration_seconds_count", method="GET", route="/health") == 3
+    routes = {dict(labels).get("route") for (_, labels) in m}
+    assert not {"/no/such/page", "/files/Qwen-Image-20240101_000000-req7.png"} & routes  # never raw paths
+
+
+def test_generation_feeds_queue_batch_step_and_image_metrics(server):
+    live = server()
+    with live.client() as c:
+        assert c.post("/generate", json={"prompt": "a dog", **FAST, "num_inference_steps": 3}).status_code == 200
+        wait_until(lambda: value(scrape(c), "qwen_image_images_generated_total") == 1, 10, "the image to be counted")
+        m = scrape(c)
+        text = c.get("/metrics").text
+        openmetrics = c.get("/metrics", headers={"Accept": "application/openmetrics-text; version=1.0.0"})
+    assert value(m, "qwen_image_batch_size_count") == 1 and value(m, "qwen_image_batch_size_sum") == 1
+    assert value(m, "qwen_image_batch_inference_seconds_count") == 1
+    assert value(m, "qwen_image_batch_inference_seconds_sum") > 0
+    assert value(m, "qwen_image_queue_wait_seconds_count") == 1
+    assert value(m, "qwen_image_denoising_step_seconds_count") == 2  # steps 2 and 3: step 1 also encodes
+    assert value(m, "qwen_image_queue_size") == 0
+    assert value(m, "qwen_image_model_load_seconds") == pytest.approx(live.ctx.model.load_time)
+    assert value(m, "qwen_image_gpu_memory_allocated_bytes") == 0  # CPU
+    for name in ("qwen_image_queue_wait_seconds", "qwen_image_batch_inference_seconds",
+                 "qwen_image_denoising_step_seconds"):
+        assert f'{name}_bucket{{le="0.01"}}' in text and f'{name}_bucket{{le="600.0"}}' in text
+    assert openmetrics.headers["content-type"].startswith("application/openmetrics-text")
+    assert openmetrics.text.endswith("# EOF\n")
+
+
+def test_rejections_cancellations_and_failures_are_counted(server, monkeypatch):
+    live = server(max_queue=1)
+    c = live.client()
+    release, restore = hold_engine(live)
+    with ThreadPoolExecutor(2) as pool:
+        blocker = pool.submit(post, live.url, {"prompt": "blocker", **FAST})
+        wait_until(lambda: live.ctx.scheduler.stats().running_batch_size == 1, 30, "the blocker to run")
+        impatient = pool.submit(post, live.url, {"prompt": "impatient", **FAST}, timeout=2.0)
+        wait_until(lambda: value(scrape(c), "qwen_image_queue_size") == 1, 30, "a queued job")
+        assert post(live.url, {"prompt": "one too many", **FAST}).status_code == 429
+        with pytest.raises(httpx.ReadTimeout):  # the client gives up and disconnects
+            impatient.result()
+        wait_until(lambda: value(scrape(c), "qwen_image_jobs_cancelled_total") == 1, 30, "the cancellation")
+        assert value(scrape(c), "qwen_image_queue_size") == 0
+        release.set()
+        assert blocker.result().status_code == 200
+    restore()
+
+    def broken_forward(*args, **kwargs):
+        raise RuntimeError("injected fault")
+
+    monkeypatch.setattr(live.ctx.model.pipeline.transformer, "forward", broken_forward)
+    assert post(live.url, {"prompt": "doomed", **FAST}).status_code == 500
+    wait_until(lambda: value(scrape(c), "qwen_image_jobs_failed_total", type="inference_error") == 1,
+               10, "the failure to be counted")
+    m = scrape(c)
+    c.close()
+    assert value(m, "qwen_image_jobs_rejected_total", reason="queue_full") == 1
+    assert value(m, "qwen_image_jobs_rejected_total", reason="shutting_down") == 0
+    assert value(m, "qwen_image_images_generated_total") == 1
+    assert value(m, "qwen_image_http_requests_total", method="POST", route="/generate", status="429") == 1
+    assert value(m, "qwen_image_http_requests_total", method="POST", route="/generate", status="500") == 1
+
+
+def test_metrics_add_up_across_gunicorn_workers(spawn):
+    server = spawn(WORKERS="2").wait_ready()
+    with httpx.Client(base_url=server.url, timeout=30) as c:
+        def pids() -> set[str]:
+            return {dict(labels)["pid"] for (name, labels) in scrape(c)
+                    if name == "qwen_image_model_load_seconds"}
+
+        # One load-time series per live worker: both processes write to the shared folder.
+        wait_until(lambda: len(pids()) == 2, 180, "both workers to load the model", interval=0.5)
+        for _ in range(12):  # a new connection each time: either worker may take it
+            assert httpx.get(f"{server.url}/health").status_code == 200
+        m = scrape(c)
+        workers = pids()
+    assert total(m, "qwen_image_http_requests_total", route="/health", status="200") == 12
+    folders = {path.parent for pid in workers
+               for path in Path(tempfile.gettempdir()).glob(f"qwen-image-metrics-*/*_{pid}.db")}
+    assert len(folders) == 1  # the workers' files, in the folder `qwen-image serve` made
+    assert server.stop() == 0
+    assert not folders.pop().exists()  # removed when the server stopped
