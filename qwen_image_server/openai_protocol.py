@@ -15,7 +15,7 @@ from pydantic_core import PydanticCustomError
 
 from qwen_image_server.engine.types import GenerationSpec
 from qwen_image_server.presets import ASPECT_RATIOS, AspectRatio, Language, with_suffix
-from qwen_image_server.schemas import MAX_SEED, GenerateRequest
+from qwen_image_server.schemas import MAX_SEED, GenerateRequest, not_blank
 
 OutputFormat = Literal["png", "jpeg", "webp"]
 MEDIA_TYPES: dict[str, str] = {"png": "image/png", "jpeg": "image/jpeg", "webp": "image/webp"}
@@ -86,12 +86,7 @@ class ImageGenerationRequest(BaseModel):
             return {key: value for key, value in data.items() if value is not None}
         return data
 
-    @field_validator("prompt")
-    @classmethod
-    def _not_blank(cls, value: str) -> str:
-        if not value.strip():
-            raise ValueError("prompt must contain some text")
-        return value
+    _not_blank = field_validator("prompt")(not_blank)
 
     @field_validator("size")
     @classmethod

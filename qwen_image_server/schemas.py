@@ -18,6 +18,13 @@ from qwen_image_server.presets import (
 MAX_SEED = 2**32 - 1
 
 
+def not_blank(value: str) -> str:
+    """Validator: a prompt of only whitespace is as empty as no prompt."""
+    if not value.strip():
+        raise ValueError("prompt must contain some text")
+    return value
+
+
 class GenerateRequest(BaseModel):
     """Body of POST /generate: the seed's parameters and defaults, exactly."""
 
@@ -34,12 +41,7 @@ class GenerateRequest(BaseModel):
     save_to_file: bool = Field(False, description="Save under the output folder and answer JSON.")
     add_overlay: bool = Field(True, description="Draw the info strip onto the image.")
 
-    @field_validator("prompt")
-    @classmethod
-    def _not_blank(cls, value: str) -> str:
-        if not value.strip():
-            raise ValueError("prompt must contain some text")
-        return value
+    _not_blank = field_validator("prompt")(not_blank)
 
     def to_spec(self) -> GenerationSpec:
         width, height = ASPECT_RATIOS[self.aspect_ratio]

@@ -85,6 +85,22 @@ def tiny_server(tmp_path_factory) -> Iterator[LiveServer]:
 
 
 @pytest.fixture
+def server(tmp_path: Path) -> Iterator:
+    """Start private in-process servers on the tiny model with the settings a test chooses
+    (counters start at zero, faults stay private); all are stopped at the end."""
+    made: list[LiveServer] = []
+
+    def start(**settings) -> LiveServer:
+        live = LiveServer(create_app(tiny_settings(tmp_path, **settings))).start()
+        made.append(live)
+        return live
+
+    yield start
+    for live in made:
+        live.stop()
+
+
+@pytest.fixture
 def client(tiny_server: LiveServer) -> Iterator[httpx.Client]:
     with tiny_server.client() as c:
         yield c

@@ -12,8 +12,7 @@ import pytest
 import torch
 from PIL import Image
 
-from tests.conftest import LiveServer, tiny_settings, wait_until
-from qwen_image_server.api.app import create_app
+from tests.conftest import LiveServer, wait_until
 
 
 def post(url: str, body: dict, timeout: float = 300) -> httpx.Response:
@@ -28,21 +27,6 @@ def test_eight_concurrent_requests_all_succeed_with_unique_ids(tiny_server):
     ids = {r.headers["X-Request-ID"] for r in responses}
     assert len(ids) == 8
     assert max(int(r.headers["X-Batch-Size"]) for r in responses) > 1  # they were batched
-
-
-@pytest.fixture
-def server(tmp_path):
-    """A private in-process server per test, with settings the test chooses."""
-    made: list[LiveServer] = []
-
-    def start(**settings) -> LiveServer:
-        live = LiveServer(create_app(tiny_settings(tmp_path, **settings))).start()
-        made.append(live)
-        return live
-
-    yield start
-    for live in made:
-        live.stop()
 
 
 def hold_engine(live: LiveServer):

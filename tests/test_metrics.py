@@ -11,8 +11,7 @@ import httpx
 import pytest
 from prometheus_client.parser import text_string_to_metric_families
 
-from qwen_image_server.api.app import create_app
-from tests.conftest import LiveServer, tiny_settings, wait_until
+from tests.conftest import wait_until
 from tests.test_concurrency import hold_engine, post
 
 FAST = {"num_inference_steps": 2, "add_overlay": False, "aspect_ratio": "s1:1"}
@@ -36,21 +35,6 @@ def total(samples: Samples, name: str, **labels: str) -> float:
     """Sum of the samples of `name` whose labels include these (e.g. over worker pids)."""
     wanted = set(labels.items())
     return sum(v for (n, ls), v in samples.items() if n == name and wanted <= ls)
-
-
-@pytest.fixture
-def server(tmp_path):
-    """A private server per test, so its counters start at zero."""
-    made: list[LiveServer] = []
-
-    def start(**settings) -> LiveServer:
-        live = LiveServer(create_app(tiny_settings(tmp_path, **settings))).start()
-        made.append(live)
-        return live
-
-    yield start
-    for live in made:
-        live.stop()
 
 
 def test_requests_are_counted_by_route_template_and_status(server):

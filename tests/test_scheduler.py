@@ -10,7 +10,7 @@ from collections.abc import Callable, Iterator
 import pytest
 
 from qwen_image_server import errors
-from qwen_image_server.engine.types import DeviceFailure, DeviceOutOfMemory, GenerationSpec
+from qwen_image_server.engine.types import DeviceFailure, GenerationSpec
 from qwen_image_server.scheduler import Job, JobState, Scheduler, SchedulerConfig
 from tests.fakes import FakeEngine
 

@@ -22,7 +22,7 @@ from fastapi.sse import EventSourceResponse, ServerSentEvent
 from qwen_image_server import errors
 from qwen_image_server.api.context import ServerContext, get_context
 from qwen_image_server.api.job_registry import TERMINAL, JobRecord
-from qwen_image_server.scheduler import Job, JobState
+from qwen_image_server.scheduler import Job
 from qwen_image_server.schemas import (
     ErrorDetail,
     ErrorResponse,

@@ -22,7 +22,6 @@ from PIL import Image
 
 from qwen_image_server import errors
 from qwen_image_server.api.context import ServerContext, get_context
-from qwen_image_server.engine.types import GenerationSpec
 from qwen_image_server.openai_protocol import (
     MEDIA_TYPES,
     ImageData,
