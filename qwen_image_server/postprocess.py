@@ -48,10 +48,16 @@ def add_overlay(image: Image.Image, info: OverlayInfo) -> Image.Image:
     return out
 
 
+# zlib level 1, not Pillow's default 6: measured on this model's images, level 6 took 174 ms at
+# 512x512 and 1.0 s at 1328x1328 (a tenth of a CPU request's time), level 1 took 34 ms and
+# 0.24 s, for files about 17% larger.
+PNG_COMPRESS_LEVEL = 1
+
+
 def encode_png(image: Image.Image) -> bytes:
     """PNG bytes; the same pixels always give the same bytes (no timestamps or metadata)."""
     buf = io.BytesIO()
-    image.save(buf, format="PNG")
+    image.save(buf, format="PNG", compress_level=PNG_COMPRESS_LEVEL)
     return buf.getvalue()
 
 
