@@ -11,9 +11,9 @@ from concurrent.futures import ThreadPoolExecutor
 from dataclasses import dataclass, field
 from datetime import datetime
 from pathlib import Path
-from typing import Any, TypeVar
+from typing import Annotated, Any, TypeVar
 
-from fastapi import Request
+from fastapi import Depends, Request
 
 from qwen_image_server import errors
 from qwen_image_server.api.job_registry import JobRegistry
@@ -178,3 +178,7 @@ async def _disconnected(request: Request) -> None:
 def get_context(request: Request) -> ServerContext:
     """FastAPI dependency: the context of the app serving this request."""
     return request.app.state.ctx
+
+
+# The type routes declare to receive the context: `ctx: Ctx`.
+Ctx = Annotated[ServerContext, Depends(get_context)]

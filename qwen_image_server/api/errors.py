@@ -15,6 +15,11 @@ from qwen_image_server.schemas import ErrorDetail, ErrorResponse
 
 log = logging.getLogger(__name__)
 
+# OpenAPI `responses=` for routes that queue work: every error they can answer has one shape.
+ERROR_RESPONSES: dict[int | str, dict] = {
+    status: {"model": ErrorResponse} for status in (400, 429, 500, 503, 504)
+}
+
 _HTTP_TYPES = {
     401: "authentication_error",
     403: "permission_error",

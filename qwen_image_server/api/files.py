@@ -11,16 +11,14 @@ import os
 import re
 import stat
 from pathlib import Path
-from typing import Annotated
 
-from fastapi import APIRouter, Depends, Response
+from fastapi import APIRouter, Response
 
 from qwen_image_server import errors
-from qwen_image_server.api.context import ServerContext, get_context
+from qwen_image_server.api.context import Ctx
 from qwen_image_server.schemas import ErrorResponse
 
 router = APIRouter()
-Ctx = Annotated[ServerContext, Depends(get_context)]
 
 # postprocess.output_filename, plus the "-<pid>-<hex>" save_atomically adds on a name clash.
 SAVED_NAME = re.compile(r"Qwen-Image-\d{8}_\d{6}-req\d+(?:-[0-9A-Za-z]+)*\.png")

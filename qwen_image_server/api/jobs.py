@@ -20,7 +20,7 @@ from fastapi.responses import JSONResponse
 from fastapi.sse import EventSourceResponse, ServerSentEvent
 
 from qwen_image_server import errors
-from qwen_image_server.api.context import ServerContext, get_context
+from qwen_image_server.api.context import Ctx, ServerContext
 from qwen_image_server.api.job_registry import TERMINAL, JobRecord
 from qwen_image_server.scheduler import Job
 from qwen_image_server.schemas import (
@@ -33,7 +33,6 @@ from qwen_image_server.schemas import (
 
 log = logging.getLogger(__name__)
 router = APIRouter(prefix="/v1/jobs", tags=["jobs"])
-Ctx = Annotated[ServerContext, Depends(get_context)]
 
 
 def job_record(job_id: str, ctx: Ctx) -> JobRecord:

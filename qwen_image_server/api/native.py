@@ -3,17 +3,16 @@
 from __future__ import annotations
 
 import logging
-from typing import Annotated
 
-from fastapi import APIRouter, Depends, Request, Response
+from fastapi import APIRouter, Request, Response
 from fastapi.responses import JSONResponse
 
 from qwen_image_server import __version__
-from qwen_image_server.api.context import ServerContext, get_context
+from qwen_image_server.api.context import Ctx
+from qwen_image_server.api.errors import ERROR_RESPONSES
 from qwen_image_server.engine.device import gpu_memory_mb
 from qwen_image_server.presets import ASPECT_RATIOS
 from qwen_image_server.schemas import (
-    ErrorResponse,
     GenerateFileResponse,
     GenerateRequest,
     GpuMemory,
@@ -25,9 +24,6 @@ from qwen_image_server.schemas import (
 
 log = logging.getLogger(__name__)
 router = APIRouter()
-Ctx = Annotated[ServerContext, Depends(get_context)]
-
-_ERRORS = {status: {"model": ErrorResponse} for status in (400, 429, 500, 503, 504)}
 
 
 @router.get("/health", response_model=HealthResponse, tags=["server"])
@@ -106,7 +102,7 @@ async def info(ctx: Ctx) -> InfoResponse:
     "/generate",
     tags=["generate"],
     responses={200: {"content": {"image/png": {}, "application/json": {"schema": GenerateFileResponse.model_json_schema()}},
-                     "description": "PNG bytes, or JSON when save_to_file is true."}, **_ERRORS},
+                     "description": "PNG bytes, or JSON when save_to_file is true."}, **ERROR_RESPONSES},
 )
 async def generate(body: GenerateRequest, request: Request, ctx: Ctx) -> Response:
     """Generate one image: PNG bytes, or (save_to_file) JSON naming the saved file."""

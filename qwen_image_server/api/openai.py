@@ -14,14 +14,14 @@ import secrets
 import time
 from collections.abc import AsyncIterator, Sequence
 from contextlib import aclosing
-from typing import Annotated
 
-from fastapi import APIRouter, Depends, Request, Response
+from fastapi import APIRouter, Request, Response
 from fastapi.sse import KEEPALIVE_COMMENT, EventSourceResponse, format_sse_event
 from PIL import Image
 
 from qwen_image_server import errors
-from qwen_image_server.api.context import ServerContext, get_context
+from qwen_image_server.api.context import Ctx, ServerContext
+from qwen_image_server.api.errors import ERROR_RESPONSES
 from qwen_image_server.openai_protocol import (
     MEDIA_TYPES,
     ImageData,
@@ -39,9 +39,7 @@ from qwen_image_server.schemas import MAX_SEED, ErrorDetail, ErrorResponse
 
 log = logging.getLogger(__name__)
 router = APIRouter(prefix="/v1", tags=["openai"])
-Ctx = Annotated[ServerContext, Depends(get_context)]
 
-_ERRORS = {status: {"model": ErrorResponse} for status in (400, 429, 500, 503, 504)}
 # Idle streams get an SSE comment this often, so proxies do not close them during a long image.
 PING_INTERVAL_S = 15.0
 # /v1/models' "created": when this server process started serving the model.
@@ -121,7 +119,7 @@ async def wait_all(ctx: ServerContext, jobs: Sequence[Job], request: Request) ->
     response_model_exclude_none=True,
     responses={200: {"content": {"text/event-stream": {}},
                      "description": "JSON; with stream: true, an image_generation.completed event per image."},
-               **_ERRORS},
+               **ERROR_RESPONSES},
 )
 async def create_images(
     body: ImageGenerationRequest, request: Request, ctx: Ctx
