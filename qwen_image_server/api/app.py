@@ -11,21 +11,20 @@ import anyio
 from fastapi import FastAPI
 
 from qwen_image_server import __version__
-from qwen_image_server.api import jobs, native
+from qwen_image_server.api import files, jobs, native
+from qwen_image_server.api import metrics as metrics_api
 from qwen_image_server.api import openai as openai_api
-from qwen_image_server.api.web import install_web
-from qwen_image_server.api.job_registry import JobRegistry
+from qwen_image_server.api.auth import ApiKeyMiddleware
+from qwen_image_server.api.body_limit import add_body_limit
 from qwen_image_server.api.context import (
     EXIT_ENGINE_DEAD,
     EXIT_LOAD_FAILED,
     Lifecycle,
     ServerContext,
 )
-from qwen_image_server.api import files
-from qwen_image_server.api import metrics as metrics_api
-from qwen_image_server.api.auth import ApiKeyMiddleware
-from qwen_image_server.api.body_limit import add_body_limit
 from qwen_image_server.api.errors import install_error_handlers
+from qwen_image_server.api.job_registry import JobRegistry
+from qwen_image_server.api.web import install_web
 from qwen_image_server.engine.device import resolve_device
 from qwen_image_server.engine.types import DeviceFailure
 from qwen_image_server.logs import configure_logging
