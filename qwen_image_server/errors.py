@@ -79,13 +79,6 @@ class ShuttingDown(ServerError):
     type = "shutting_down"
 
 
-class ModelNotReady(ServerError):
-    """The model is still loading."""
-
-    status_code = 503
-    type = "model_loading"
-
-
 class OutOfMemory(ServerError):
     """The device ran out of memory even for this job alone."""
 
