@@ -4,6 +4,7 @@
 #   bash run_tests.sh -k batch   # any pytest arguments
 set -euo pipefail
 ROOT="$(cd "$(dirname "${BASH_SOURCE[0]}")" && pwd)"
-source "$ROOT/scripts/ensure_venv.sh" "$ROOT/requirements-test.txt"
+# requirements-test.txt includes requirements-ray.txt; naming it too reinstalls when only it changes.
+source "$ROOT/scripts/ensure_venv.sh" "$ROOT/requirements-test.txt" "$ROOT/requirements-ray.txt"
 cd "$ROOT"
 exec "$VENV_PY" -m pytest "$@"

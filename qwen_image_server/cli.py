@@ -12,8 +12,9 @@ import time
 from pathlib import Path
 
 from pydantic import Field
-from pydantic_settings import BaseSettings, CliApp, CliPositionalArg, CliSubCommand
+from pydantic_settings import BaseSettings, CliApp, CliImplicitFlag, CliPositionalArg, CliSubCommand
 
+from qwen_image_server.defaults import GenerationDefaults
 from qwen_image_server.errors import ModelLoadError
 from qwen_image_server.logs import configure_logging
 from qwen_image_server.presets import DEFAULT_ASPECT_RATIO, AspectRatio, Language
@@ -39,9 +40,15 @@ def port_problem(host: str, port: int) -> str | None:
 
 
 class ServeCommand(Settings):
-    """Start the HTTP server (Gunicorn with uvicorn workers; plain uvicorn on Windows)."""
+    """Start the HTTP server (Gunicorn with uvicorn workers; plain uvicorn on Windows; Ray Serve with --ray)."""
+
+    ray: CliImplicitFlag[bool] = Field(
+        False, description="Serve on Ray Serve instead: one replica per GPU, on this machine or a Ray "
+        "cluster (see the ray_* settings; needs pip install .[ray]).")
 
     def cli_cmd(self) -> None:
+        if self.ray:
+            raise SystemExit(serve_on_ray(Settings.model_validate(self.model_dump())))
         problem = port_problem(self.host, self.port)
         if problem:
             print(problem, file=sys.stderr)
@@ -56,6 +63,17 @@ class ServeCommand(Settings):
         raise SystemExit(run_gunicorn(settings))
 
 
+def serve_on_ray(settings: Settings) -> int:
+    """`serve --ray`: Ray's proxies bind host:port (on every node), so no local port check here."""
+    try:
+        from qwen_image_server.ray_serve import run_ray
+    except ImportError as exc:
+        print(f"error: --ray needs Ray Serve ({exc}); install it with: pip install 'qwen-image-server[ray]'",
+              file=sys.stderr)
+        return 1
+    return run_ray(settings)
+
+
 _defaults = GenerateRequest.model_fields
 
 
@@ -66,8 +84,10 @@ class GenerateCommand(Settings):
     out: Path = Field(Path("qwen-image.png"), description="Where to write the PNG.")
     aspect_ratio: AspectRatio = DEFAULT_ASPECT_RATIO
     negative_prompt: str = _defaults["negative_prompt"].default
-    num_inference_steps: int = _defaults["num_inference_steps"].default
-    true_cfg_scale: float = _defaults["true_cfg_scale"].default
+    num_inference_steps: int | None = Field(
+        None, description="Denoising steps (default: the server's, 20 unless a Lightning LoRA says otherwise).")
+    true_cfg_scale: float | None = Field(
+        None, description="CFG scale (default: the server's, 4.0 unless a Lightning LoRA says otherwise).")
     seed: int = _defaults["seed"].default
     language: Language = _defaults["language"].default
     add_overlay: bool = Field(False, description="Draw the info strip (off by default here).")
@@ -78,9 +98,11 @@ class GenerateCommand(Settings):
         raise SystemExit(generate_remote(self) if self.url else generate_one(self))
 
     def request(self) -> GenerateRequest:
-        """This command's generation parameters, validated like a request body."""
+        """This command's generation parameters, validated like a request body; steps and CFG
+        left out stay unset, so whoever runs the model fills in its defaults."""
         return GenerateRequest.model_validate(
-            {name: getattr(self, name) for name in GenerateRequest.model_fields if hasattr(self, name)},
+            {name: getattr(self, name) for name in GenerateRequest.model_fields
+             if getattr(self, name, None) is not None},
             strict=False,
         )
 
@@ -91,7 +113,7 @@ def generate_remote(cmd: GenerateCommand) -> int:
     from httpx_sse import connect_sse
     from tqdm import tqdm
 
-    body = cmd.request().model_dump()
+    body = cmd.request().model_dump(exclude_unset=True)
     headers = {"Authorization": f"Bearer {cmd.api_keys[0]}"} if cmd.api_keys else {}
     with httpx.Client(base_url=cmd.url.rstrip("/"), headers=headers, timeout=None) as client:
         try:
@@ -104,7 +126,7 @@ def generate_remote(cmd: GenerateCommand) -> int:
             return 1
         job = created.json()
         final = job
-        with tqdm(total=body["num_inference_steps"], unit="step", desc="queued") as bar, \
+        with tqdm(total=job["progress"]["total"], unit="step", desc="queued") as bar, \
                 connect_sse(client, "GET", f"/v1/jobs/{job['id']}/events") as events:
             for event in events.iter_sse():
                 final = json.loads(event.data)
@@ -134,7 +156,11 @@ def generate_one(cmd: GenerateCommand) -> int:
     from qwen_image_server.postprocess import OverlayInfo, add_overlay, encode_png, save_atomically
 
     configure_logging(cmd.log_level)
-    spec = cmd.request().to_spec()
+    defaults = GenerationDefaults.from_settings(cmd)
+    request = cmd.request()
+    spec = request.model_copy(update={
+        name: getattr(defaults, name) for name in ("num_inference_steps", "true_cfg_scale")
+        if name not in request.model_fields_set}).to_spec()
     try:
         model = load_model(cmd)
     except ModelLoadError as exc:

@@ -107,3 +107,7 @@ class JobCancelled(ServerError):
 
 class ModelLoadError(Exception):
     """Loading the model failed; the message is the one paragraph printed before exiting."""
+
+
+class OptionUnavailable(ModelLoadError):
+    """A memory or speed option cannot work here (package, hardware or value); found at startup."""

@@ -16,7 +16,7 @@ from __future__ import annotations
 import logging
 import os
 import time
-from collections.abc import Callable, Sequence
+from collections.abc import Callable, Iterator, Sequence
 
 from prometheus_client import (
     CollectorRegistry,
@@ -28,6 +28,8 @@ from prometheus_client import (
     values,
 )
 from prometheus_client.exposition import choose_encoder
+from prometheus_client.metrics_core import Metric
+from prometheus_client.registry import Collector
 from prometheus_client.gc_collector import GCCollector
 from prometheus_client.platform_collector import PlatformCollector
 from prometheus_client.process_collector import ProcessCollector
@@ -60,10 +62,15 @@ def multiprocess_dir() -> str | None:
 
 
 class ServerMetrics:
-    """Every metric of one server process; `render` gives the exposition for a scrape."""
+    """Every metric of one server process; `render` gives the exposition for a scrape.
 
-    def __init__(self, device: DeviceInfo) -> None:
+    A replica of a scaled-out deployment (`replica` set) puts `replica="<name>"` on every sample,
+    so numbers scraped from different replicas never merge into one series.
+    """
+
+    def __init__(self, device: DeviceInfo, replica: str | None = None) -> None:
         self.device = device
+        self.replica = replica
         self.multiprocess = multiprocess_dir() is not None
         self.registry = CollectorRegistry()
         if self.multiprocess:
@@ -160,8 +167,25 @@ class ServerMetrics:
             # Read afresh on every scrape: the files of every worker, live or gone.
             registry = CollectorRegistry()
             multiprocess.MultiProcessCollector(registry)
+        if self.replica is not None:
+            labelled = CollectorRegistry(auto_describe=False)
+            labelled.register(_Labelled(registry, {"replica": self.replica}))
+            registry = labelled
         encoder, content_type = choose_encoder(accept or "")
         return encoder(registry), content_type
+
+
+class _Labelled(Collector):
+    """Another registry's metrics, with `labels` added to every sample."""
+
+    def __init__(self, registry: CollectorRegistry, labels: dict[str, str]) -> None:
+        self._registry = registry
+        self._labels = labels
+
+    def collect(self) -> Iterator[Metric]:
+        for metric in self._registry.collect():
+            metric.samples = [s._replace(labels={**s.labels, **self._labels}) for s in metric.samples]
+            yield metric
 
 
 class SchedulerMetrics:

@@ -24,9 +24,11 @@ class StoredImage:
 
 
 class ResultStore:
-    def __init__(self, ttl_s: float, max_items: int, clock: Callable[[], float] = time.monotonic) -> None:
+    def __init__(self, ttl_s: float, max_items: int, clock: Callable[[], float] = time.monotonic,
+                 id_prefix: str = "") -> None:
         self.ttl_s = ttl_s
         self.max_items = max_items
+        self.id_prefix = id_prefix  # starts every random id: the replica's name when scaled out
         self._clock = clock
         self._items: OrderedDict[str, StoredImage] = OrderedDict()
         self._lock = threading.Lock()
@@ -34,7 +36,7 @@ class ResultStore:
     def put(self, data: bytes, media_type: str, *, id: str | None = None) -> StoredImage:
         """Store `data` and return its entry (with a fresh random id unless one is given)."""
         item = StoredImage(
-            id=id or secrets.token_urlsafe(24),
+            id=id or f"{self.id_prefix}{secrets.token_urlsafe(24)}",
             data=data,
             media_type=media_type,
             created=time.time(),

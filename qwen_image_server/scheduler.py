@@ -185,8 +185,10 @@ class Scheduler:
         on_fatal: Callable[[BaseException], None] | None = None,
         clock: Callable[[], float] = time.monotonic,
         observer: SchedulerObserver | None = None,
+        id_prefix: str = "",
     ) -> None:
         self._engine_factory = engine_factory
+        self._id_prefix = id_prefix  # starts every job id: the replica's name when scaled out
         self.config = config
         self._on_fatal = on_fatal
         self._observer = observer
@@ -314,6 +316,7 @@ class Scheduler:
                     submitted_at=now,
                     deadline=now + self.config.queue_timeout_s,
                     total_steps=spec.num_inference_steps,
+                    id=f"{self._id_prefix}{uuid.uuid4().hex}",
                 )
                 for spec in specs
             ]

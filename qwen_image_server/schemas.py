@@ -101,6 +101,30 @@ class SchedulerInfo(BaseModel):
     queue_timeout_s: float
 
 
+class EngineOptions(BaseModel):
+    """Memory plan and speed options in effect (see README, "Memory plans and speed options")."""
+
+    offload: str = Field(description="Plan in use: none, model or sequential.")
+    offload_reason: str = Field(description="Why: the setting, or what auto compared.")
+    quantize: str
+    quantize_text_encoder: bool
+    compile: bool
+    cache: str
+    cache_options: dict[str, float | int | bool | str]
+    lora: str | None
+    lora_scale: float | None
+    attention: str
+    warmup: bool
+
+
+class GenerationDefaultsInfo(BaseModel):
+    """What a request gets for the fields it leaves out."""
+
+    num_inference_steps: int
+    true_cfg_scale: float
+    reason: str
+
+
 class InfoResponse(BaseModel):
     model_name: str
     model_source: str
@@ -120,7 +144,11 @@ class InfoResponse(BaseModel):
     concurrent_support: Literal["enabled"] = "enabled"
     workers: int
     threads: int
+    replica: str | None = Field(
+        None, description="The replica that answered, when scaled out on Ray Serve; null otherwise.")
     scheduler: SchedulerInfo
+    options: EngineOptions | None = Field(None, description="Null while the model loads.")
+    defaults: GenerationDefaultsInfo
     version: str
 
 

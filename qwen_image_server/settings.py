@@ -8,14 +8,19 @@ from __future__ import annotations
 
 import os
 from pathlib import Path
-from typing import Annotated, Literal
+from typing import Annotated, Any, Literal
 
 from pydantic import AliasChoices, Field, field_validator, model_validator
-from pydantic_settings import BaseSettings, NoDecode, SettingsConfigDict
+from pydantic_settings import BaseSettings, CliImplicitFlag, NoDecode, SettingsConfigDict
+
+from qwen_image_server.presets import DEFAULT_ASPECT_RATIO, AspectRatio
 
 DeviceName = Literal["auto", "cuda", "cpu", "mps"]
 DtypeName = Literal["auto", "bfloat16", "float16", "float32"]
 ModelSource = Literal["huggingface", "modelscope"]
+OffloadName = Literal["auto", "none", "model", "sequential"]
+QuantizeName = Literal["none", "fp8", "int8"]
+CacheName = Literal["none", "cache-dit"]
 
 
 def _bare(name: str) -> AliasChoices:
@@ -68,6 +73,38 @@ class Settings(BaseSettings):
         default_factory=_default_cache_dir, description="Where the embedded tiny model is built and cached."
     )
 
+    # -- memory and speed (see README "Memory plans and speed options") --------------------
+    offload: OffloadName = Field(
+        "auto",
+        description="auto, none, model or sequential: how weights share GPU memory with the CPU.",
+    )
+    offload_headroom_gb: float = Field(
+        6.0, ge=0, description="GPU memory left free for activations and the VAE decode when auto plans.",
+    )
+    quantize: QuantizeName = Field("none", description="Weight quantization of the transformer: none, fp8 or int8.")
+    quantize_text_encoder: CliImplicitFlag[bool] = Field(False, description="Quantize the text encoder as well.")
+    compile: CliImplicitFlag[bool] = Field(False, description="torch.compile the transformer blocks (regional), warmed up at start.")
+    cache: CacheName = Field("none", description="Step caching: none or cache-dit (DBCache).")
+    cache_options: dict[str, float | int | bool | str] = Field(
+        default_factory=dict,
+        description='cache-dit DBCacheConfig knobs as JSON, e.g. {"Fn_compute_blocks": 8, "residual_diff_threshold": 0.12}.',
+    )
+    lora: str | None = Field(
+        None, description="A LoRA fused at startup: '<path or hub id>[,scale]' (hub files as 'repo/id:file.safetensors').",
+    )
+    attention: str = Field("native", description="diffusers attention backend: native (SDPA), flash, _flash_3, sage, ...")
+    warmup: CliImplicitFlag[bool] = Field(False, description="Run one small generation before /ready turns 200.")
+    warmup_aspect_ratios: Annotated[list[AspectRatio], NoDecode] = Field(
+        default_factory=lambda: [DEFAULT_ASPECT_RATIO],
+        description="Comma-separated presets warmed up (compile traces each shape once).",
+    )
+    default_steps: int | None = Field(
+        None, ge=1, le=100, description="num_inference_steps when a request leaves it out (default 20, or the LoRA's).",
+    )
+    default_cfg_scale: float | None = Field(
+        None, ge=0, le=50, description="true_cfg_scale when a request leaves it out (default 4.0, or the LoRA's).",
+    )
+
     # -- output -----------------------------------------------------------------------------
     output_dir: Path = Field(Path("tmp"), description="Folder for save_to_file images, relative to the cwd.")
 
@@ -103,6 +140,32 @@ class Settings(BaseSettings):
     )
     max_body_bytes: int = Field(1024 * 1024, ge=1024, description="Largest request body accepted (413 beyond).")
 
+    # -- Ray Serve: `serve --ray`, serve_config.yaml (pip install .[ray]; README "Scale-out") --
+    ray_address: str | None = Field(
+        None, description="Ray cluster to join ('auto', 'ray://head:10001'); unset: RAY_ADDRESS, a cluster "
+        "started on this machine, or a new local one.",
+    )
+    ray_replicas: int | None = Field(
+        None, ge=1, description="Replicas, each with its own model; default: one per GPU of the cluster (1 without).",
+    )
+    ray_autoscaling: dict[str, Any] | None = Field(
+        None, description='Ray Serve autoscaling_config as JSON instead of a fixed count, e.g. '
+        '{"min_replicas": 1, "max_replicas": 8}.',
+    )
+    ray_num_gpus: float | None = Field(
+        None, ge=0, description="GPUs per replica; default 1 when the cluster has GPUs (and device is not cpu), else 0.",
+    )
+    ray_max_ongoing_requests: int | None = Field(
+        None, ge=1, description="Requests one replica takes at once (default: max_queue plus one batch).",
+    )
+    ray_max_queued_requests: int | None = Field(
+        None, ge=-1, description="Requests each Ray proxy holds while every replica is full, then 429 "
+        "(default: max_queue; -1: no limit).",
+    )
+    ray_retry_after_s: float = Field(
+        5.0, ge=0, description="Retry-After of the Ray proxy's 429 when ray_max_queued_requests is reached.",
+    )
+
     @field_validator("api_keys", mode="before")
     @classmethod
     def _split_keys(cls, value: object) -> object:
@@ -111,6 +174,26 @@ class Settings(BaseSettings):
         if isinstance(value, list):  # repeated --api-key flags, each possibly comma-separated
             return [k.strip() for item in value for k in str(item).split(",") if k.strip()]
         return value
+
+    @field_validator("warmup_aspect_ratios", mode="before")
+    @classmethod
+    def _split_ratios(cls, value: object) -> object:
+        if isinstance(value, str):
+            return [part.strip() for part in value.split(",") if part.strip()]
+        return value
+
+    @field_validator("ray_max_queued_requests")
+    @classmethod
+    def _queue_limit(cls, value: int | None) -> int | None:
+        if value == 0:
+            raise ValueError("must be -1 (no limit) or at least 1")
+        return value
+
+    @model_validator(mode="after")
+    def _one_replica_count(self) -> Settings:
+        if self.ray_replicas is not None and self.ray_autoscaling is not None:
+            raise ValueError("set ray_replicas (a fixed count) or ray_autoscaling, not both")
+        return self
 
     @model_validator(mode="after")
     def _normalise_paths(self) -> Settings:

@@ -104,6 +104,13 @@ def test_every_parameter_changes_the_image(client):
         assert client.post("/generate", json={**base, **change}).content != reference, change
 
 
+def test_a_single_step_gives_a_real_image_not_black(client):
+    body = {"prompt": "a red bicycle", "num_inference_steps": 1, "add_overlay": False}
+    image = Image.open(io.BytesIO(client.post("/generate", json=body).content)).convert("L")
+    low, high = image.getextrema()
+    assert high - low > 5  # NaN latents decode to one flat colour (black)
+
+
 def test_language_appends_the_model_card_suffix():
     en = GenerateRequest(prompt="a cat").to_spec()
     zh = GenerateRequest(prompt="一只猫", language="zh").to_spec()

@@ -24,6 +24,7 @@ from qwen_image_server.api.context import (
 )
 from qwen_image_server.api.errors import install_error_handlers
 from qwen_image_server.api.job_registry import JobRegistry
+from qwen_image_server.api.replica import ReplicaHeaderMiddleware, id_prefix
 from qwen_image_server.api.web import install_web
 from qwen_image_server.engine.device import resolve_device
 from qwen_image_server.engine.types import DeviceFailure
@@ -43,7 +44,10 @@ def real_engine_factory(settings: Settings) -> Callable[[], Engine]:
         from qwen_image_server.engine.loader import load_model
         from qwen_image_server.engine.runner import PipelineEngine
 
-        return PipelineEngine(load_model(settings))
+        engine = PipelineEngine(load_model(settings))
+        if engine.model.options.warmup:  # /ready stays 503 until this is done
+            engine.warm_up(settings.warmup_aspect_ratios)
+        return engine
 
     return load
 
@@ -52,8 +56,14 @@ def create_app(
     settings: Settings | None = None,
     *,
     engine_factory: Callable[[], Engine] | None = None,
+    replica: str | None = None,
 ) -> FastAPI:
-    """Build the ASGI app. The model loads in the background once the server starts."""
+    """Build the ASGI app. The model loads in the background once the server starts.
+
+    `replica` names this app among the replicas of a scaled-out deployment (`ray_serve.py`): it
+    shows in /info, in an X-Replica header on every response and on every metric, and it starts
+    every job and image id, so that requests naming an id can be routed to the replica owning it.
+    """
     settings = settings or Settings()
     configure_logging(settings.log_level)
     try:
@@ -66,7 +76,7 @@ def create_app(
         # A dead device needs a fresh process; a model that cannot load needs a person.
         lifecycle.fail(EXIT_ENGINE_DEAD if isinstance(exc, DeviceFailure) else EXIT_LOAD_FAILED)
 
-    metrics = ServerMetrics(device)
+    metrics = ServerMetrics(device, replica)
 
     def queue_length() -> int:
         return scheduler.stats().queue_length  # bound just below, before any job can exist
@@ -83,14 +93,17 @@ def create_app(
         ),
         on_fatal=on_fatal,
         observer=SchedulerMetrics(metrics, queue_length),
+        id_prefix=id_prefix(replica),
     )
 
     @asynccontextmanager
     async def lifespan(app: FastAPI) -> AsyncIterator[None]:
         executor = ThreadPoolExecutor(settings.threads, thread_name_prefix="qwen-image-cpu")
-        results = ResultStore(settings.result_ttl_s, settings.max_stored_results)
+        results = ResultStore(settings.result_ttl_s, settings.max_stored_results,
+                              id_prefix=id_prefix(replica))
         jobs = JobRegistry(settings.result_ttl_s, settings.max_stored_results)
-        app.state.ctx = ServerContext(settings, device, scheduler, executor, lifecycle, results, jobs)
+        app.state.ctx = ServerContext(settings, device, scheduler, executor, lifecycle, results, jobs,
+                                      replica=replica)
         scheduler.start()
         log.info("serving on %s (model %s loading in the background); batching: %s",
                  device.label, settings.model, scheduler.config)
@@ -117,6 +130,8 @@ def create_app(
     if settings.api_keys:
         app.add_middleware(ApiKeyMiddleware, api_keys=settings.api_keys)
     app.add_middleware(metrics_api.HttpMetricsMiddleware, metrics=metrics)
+    if replica:
+        app.add_middleware(ReplicaHeaderMiddleware, replica=replica)
     app.include_router(metrics_api.router)
     app.include_router(files.router)
     app.include_router(native.router)

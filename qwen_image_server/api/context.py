@@ -14,8 +14,10 @@ from pathlib import Path
 from typing import Annotated, Any, TypeVar
 
 from fastapi import Depends, Request
+from pydantic import BaseModel
 
 from qwen_image_server import errors
+from qwen_image_server.defaults import GenerationDefaults
 from qwen_image_server.api.job_registry import JobRegistry
 from qwen_image_server.engine.device import DeviceInfo
 from qwen_image_server.engine.loader import LoadedModel
@@ -35,6 +37,7 @@ from qwen_image_server.settings import Settings
 
 log = logging.getLogger(__name__)
 T = TypeVar("T")
+B = TypeVar("B", bound=BaseModel)
 
 # Exit codes the serving layer hands to its process manager.
 EXIT_LOAD_FAILED = 3  # Gunicorn's "worker failed to boot": it stops instead of respawning forever
@@ -64,7 +67,21 @@ class ServerContext:
     lifecycle: Lifecycle
     results: ResultStore
     jobs: JobRegistry
+    replica: str | None = None  # this app's name among the replicas of a scaled-out deployment
     _request_ids: itertools.count = field(default_factory=lambda: itertools.count(1))
+    defaults: GenerationDefaults = field(init=False)
+
+    def __post_init__(self) -> None:
+        self.defaults = GenerationDefaults.from_settings(self.settings)
+
+    def with_defaults(self, body: B) -> B:
+        """The body with the server's defaults for steps and CFG where the client left them out
+        (they differ from the API's 20 / 4.0 only with a Lightning LoRA or explicit settings)."""
+        update = {name: value for name, value in (
+            ("num_inference_steps", self.defaults.num_inference_steps),
+            ("true_cfg_scale", self.defaults.true_cfg_scale),
+        ) if name not in body.model_fields_set}
+        return body.model_copy(update=update) if update else body
 
     def next_request_id(self) -> int:
         """The seed's per-process request counter (1, 2, 3, ...)."""
@@ -121,15 +138,23 @@ class ServerContext:
         gone = asyncio.ensure_future(_disconnected(request))
         try:
             await asyncio.wait({result, gone}, return_when=asyncio.FIRST_COMPLETED)
+        except asyncio.CancelledError:
+            # The request itself was cancelled: Ray Serve's way of saying its client went away.
+            self._abandon(job, result)
+            raise
         finally:
             gone.cancel()
         if not result.done():
-            # Nobody will read the cancellation error; retrieve it so asyncio does not warn.
-            result.add_done_callback(lambda f: f.cancelled() or f.exception())
-            self.scheduler.cancel(job)
+            self._abandon(job, result)
             log.info("request %s: client disconnected; job cancelled", job.request_id)
             raise errors.JobCancelled("The client disconnected.")
         return result.result()
+
+    def _abandon(self, job: Job, result: asyncio.Future[JobResult]) -> None:
+        """Cancel a job nobody waits for any more."""
+        # Nobody will read the cancellation error; retrieve it so asyncio does not warn.
+        result.add_done_callback(lambda f: f.cancelled() or f.exception())
+        self.scheduler.cancel(job)
 
 
 @dataclass(frozen=True, slots=True)

@@ -91,6 +91,7 @@ async def _complete(ctx: ServerContext, record: JobRecord) -> None:
 async def create_job(body: GenerateRequest, request: Request, ctx: Ctx) -> JSONResponse:
     """Queue a generation (same body as /generate) and return at once with its id."""
     request_id = ctx.next_request_id()
+    body = ctx.with_defaults(body)
     [job] = await ctx.submit([body.to_spec()], request_id)
     loop = asyncio.get_running_loop()
     record = JobRecord(job=job, body=body, created_at=time.time())

@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import dataclasses
 import logging
 
 from fastapi import APIRouter, Request, Response
@@ -13,6 +14,8 @@ from qwen_image_server.api.errors import ERROR_RESPONSES
 from qwen_image_server.engine.device import gpu_memory_mb
 from qwen_image_server.presets import ASPECT_RATIOS
 from qwen_image_server.schemas import (
+    EngineOptions,
+    GenerationDefaultsInfo,
     GenerateFileResponse,
     GenerateRequest,
     GpuMemory,
@@ -77,6 +80,7 @@ async def info(ctx: Ctx) -> InfoResponse:
         total_requests_processed=stats.processed,
         workers=ctx.settings.workers,
         threads=ctx.settings.threads,
+        replica=ctx.replica,
         scheduler=SchedulerInfo(
             queue_length=stats.queue_length,
             running_batch_size=stats.running_batch_size,
@@ -94,6 +98,8 @@ async def info(ctx: Ctx) -> InfoResponse:
             batch_wait_ms=cfg.batch_wait_s * 1000.0,
             queue_timeout_s=cfg.queue_timeout_s,
         ),
+        options=EngineOptions(**dataclasses.asdict(model.options)) if model else None,
+        defaults=GenerationDefaultsInfo(**dataclasses.asdict(ctx.defaults)),
         version=__version__,
     )
 
@@ -107,6 +113,7 @@ async def info(ctx: Ctx) -> InfoResponse:
 async def generate(body: GenerateRequest, request: Request, ctx: Ctx) -> Response:
     """Generate one image: PNG bytes, or (save_to_file) JSON naming the saved file."""
     request_id = ctx.next_request_id()
+    body = ctx.with_defaults(body)
     spec = body.to_spec()
     log.info("request %d received: %dx%d, %d steps, cfg %g, seed %d, save_to_file=%s",
              request_id, spec.width, spec.height, spec.num_inference_steps,

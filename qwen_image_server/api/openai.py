@@ -126,6 +126,7 @@ async def create_images(
 ) -> Response | ImagesResponse:
     """Generate `n` images (OpenAI's Images API), as base64, URLs or a stream of events."""
     request_id = ctx.next_request_id()
+    body = ctx.with_defaults(body)
     base_seed = body.seed if body.seed is not None else secrets.randbelow(MAX_SEED + 1)
     specs = body.to_specs(base_seed)
     width, height = specs[0].width, specs[0].height

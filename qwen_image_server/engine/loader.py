@@ -19,8 +19,10 @@ import transformers
 from diffusers import QwenImagePipeline
 
 from qwen_image_server.engine.device import DeviceInfo, resolve_device, resolve_dtype
+from qwen_image_server.engine.options import AppliedOptions, check_options, prepare_pipeline
+from qwen_image_server.engine.quantize import tensor_bytes
 from qwen_image_server.engine.tiny import TINY_MODEL_NAME, ensure_tiny_model
-from qwen_image_server.errors import ModelLoadError
+from qwen_image_server.errors import ModelLoadError, OptionUnavailable
 from qwen_image_server.settings import Settings
 
 log = logging.getLogger(__name__)
@@ -42,7 +44,8 @@ class LoadedModel:
     dtype: torch.dtype
     load_time: float  # seconds
     total_parameters: int
-    size_mb: float  # bytes of all weights / 2**20
+    size_mb: float  # bytes of all weights / 2**20 (as stored: quantized layers count their bytes)
+    options: AppliedOptions
 
     @property
     def max_prompt_tokens(self) -> int:
@@ -56,7 +59,7 @@ def count_parameters(pipeline: QwenImagePipeline) -> tuple[int, float]:
         if isinstance(component, torch.nn.Module):
             for p in component.parameters():
                 total += p.numel()
-                size += p.numel() * p.element_size()
+                size += tensor_bytes(p)
     return total, round(size / 2**20, 2)
 
 
@@ -140,6 +143,10 @@ def load_model(settings: Settings) -> LoadedModel:
             "or install a CUDA build of torch on a machine with an NVIDIA GPU."
         ) from exc
     dtype = resolve_dtype(settings.dtype, device)
+    try:
+        check_options(settings, device)  # before any download: a wrong option fails in a second
+    except OptionUnavailable as exc:
+        raise ModelLoadError(f"Could not start with these options: {str(exc).rstrip('. ')}.") from exc
     source = _source_of(settings)
     where = f"QwenImagePipeline.from_pretrained({settings.model!r}, dtype={dtype}) from {source} onto {device.type}"
     try:
@@ -148,7 +155,9 @@ def load_model(settings: Settings) -> LoadedModel:
         pipeline = QwenImagePipeline.from_pretrained(location, dtype=dtype, revision=revision)
         if not isinstance(pipeline, QwenImagePipeline):
             raise ModelLoadError(f"{settings.model} loaded as {type(pipeline).__name__}")
-        pipeline.to(device.torch_device)
+        options = prepare_pipeline(pipeline, settings, device)
+    except OptionUnavailable as exc:
+        raise ModelLoadError(f"Could not start with these options: {str(exc).rstrip('. ')}.") from exc
     except Exception as exc:  # noqa: BLE001 - every failure becomes the one-paragraph message
         cause = str(exc) if isinstance(exc, ModelLoadError) else _first_line(exc)
         raise ModelLoadError(
@@ -157,8 +166,9 @@ def load_model(settings: Settings) -> LoadedModel:
         ) from exc
     total, size_mb = count_parameters(pipeline)
     load_time = time.perf_counter() - start
-    log.info("loaded %s (%s) on %s in %.2fs: %s parameters, %.1f MB, %s",
-             settings.model, source, device.label, load_time, f"{total:,}", size_mb, dtype)
+    log.info("loaded %s (%s) on %s in %.2fs: %s parameters, %.1f MB, %s; options: %s",
+             settings.model, source, device.label, load_time, f"{total:,}", size_mb, dtype,
+             options.summary())
     return LoadedModel(
         pipeline=pipeline,
         name=settings.model,
@@ -168,4 +178,5 @@ def load_model(settings: Settings) -> LoadedModel:
         load_time=load_time,
         total_parameters=total,
         size_mb=size_mb,
+        options=options,
     )

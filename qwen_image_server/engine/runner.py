@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import gc
 import logging
+import time
 from collections.abc import Sequence
 from typing import Any
 
@@ -17,6 +18,7 @@ from qwen_image_server.engine.types import (
     DeviceOutOfMemory,
     GenerationSpec,
 )
+from qwen_image_server.presets import ASPECT_RATIOS
 from qwen_image_server.scheduler import StepCallback
 
 log = logging.getLogger(__name__)
@@ -56,6 +58,11 @@ class PipelineEngine:
         # image of a batch identical to the image the same request gets alone.
         generators = [torch.Generator("cpu").manual_seed(s.seed) for s in specs]
         use_cfg = first.true_cfg_scale > 1.0
+        scheduler = self.pipeline.scheduler
+        if first.num_inference_steps == 1 and scheduler.config.get("shift_terminal"):
+            # With one sigma, diffusers' stretch to shift_terminal divides 0 by 0 and the image
+            # is NaN (black); one step has no schedule to stretch, so it runs without it.
+            self.pipeline.scheduler = type(scheduler).from_config(scheduler.config, shift_terminal=None)
         try:
             with torch.inference_mode():
                 out = self.pipeline(
@@ -79,7 +86,25 @@ class PipelineEngine:
             if is_device_failure(exc):
                 raise DeviceFailure(str(exc)) from exc
             raise
+        finally:
+            self.pipeline.scheduler = scheduler
         return list(out.images)
+
+    def warm_up(self, aspect_ratios: Sequence[str], steps: int = 2) -> float:
+        """Run one short generation per preset before the server reports ready; returns seconds.
+
+        With QWEN_IMAGE_COMPILE this is where each shape is traced and compiled (minutes on a real
+        GPU), so no user request pays for it; otherwise it loads CUDA kernels and cuDNN plans.
+        """
+        start = time.perf_counter()
+        for name in dict.fromkeys(aspect_ratios):
+            width, height = ASPECT_RATIOS[name]
+            spec = GenerationSpec(prompt="warm-up", negative_prompt=" ", width=width, height=height,
+                                  num_inference_steps=steps, true_cfg_scale=4.0, seed=0)
+            self.run_batch([spec], lambda step, total: None)
+            log.info("warm-up %s (%dx%d, %d steps) done after %.1fs",
+                     name, width, height, steps, time.perf_counter() - start)
+        return time.perf_counter() - start
 
     def free_memory(self) -> None:
         gc.collect()

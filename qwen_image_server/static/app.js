@@ -8,8 +8,9 @@
 "use strict";
 
 (() => {
-  // The documented defaults of POST /generate (README / GenerateRequest).
-  const DEFAULTS = Object.freeze({
+  // The documented defaults of POST /generate (README / GenerateRequest); steps and CFG are
+  // replaced by the server's own (/info "defaults": a Lightning LoRA changes them).
+  let DEFAULTS = Object.freeze({
     negative_prompt: " ",
     aspect_ratio: "s1:1",
     num_inference_steps: 20,
@@ -201,12 +202,26 @@
     select.value = names.includes(chosen) ? chosen : names.includes(DEFAULTS.aspect_ratio) ? DEFAULTS.aspect_ratio : names[0];
   }
 
+  function useServerDefaults(server) {
+    const previous = DEFAULTS;
+    DEFAULTS = Object.freeze({ ...DEFAULTS, num_inference_steps: server.num_inference_steps,
+                               true_cfg_scale: server.true_cfg_scale });
+    // Fields still showing the old default follow the server's; values the user chose stay.
+    for (const id of ["num_inference_steps", "true_cfg_scale"]) {
+      if (Number($(id).value) === previous[id] && previous[id] !== DEFAULTS[id]) {
+        $(id).value = String(DEFAULTS[id]);
+        $(id).dispatchEvent(new Event("input"));
+      }
+    }
+  }
+
   async function loadInfo() {
     clearTimeout(infoTimer);
     try {
       const info = await (await request("info")).json();
       ratios = info.aspect_ratios || FALLBACK_RATIOS;
       fillRatios(ratios, info.supported_aspect_ratios || Object.keys(ratios));
+      if (info.defaults) useServerDefaults(info.defaults);
       const where = info.gpu ? `${info.device} (${info.gpu})` : info.device;
       const state = info.model_loaded ? "" : " · model loading, jobs wait until it is ready";
       $("server-info").textContent = `${info.model_name} on ${where} · v${info.version}${state}`;

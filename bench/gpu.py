@@ -1,0 +1,1040 @@
+#!/usr/bin/env python3
+"""Full-size Qwen-Image benchmark via the server's engine: speed options, batching, memory, HTTP.
+
+On a CUDA GPU it builds the real architecture (20.4B transformer, 8.3B Qwen2.5-VL-7B text
+encoder, 127M VAE) with random bf16 weights directly on the GPU: no download, no disk. Speed and
+memory do not depend on weight values, so the numbers are those of the real model, with two
+exceptions said in the table: cache-dit decides which steps to skip from the model's outputs, so
+its hit rate with random weights is not the real one; and a Lightning LoRA is emulated by its
+step count and CFG (a fused LoRA costs nothing per step). Every configuration goes through
+`engine.options.prepare_pipeline`, `LoadedModel` and `PipelineEngine.run_batch`, as in the server.
+
+Without a GPU (or with --smoke) it runs the embedded tiny model on the CPU, so CI can check it.
+
+    .venv/bin/python bench/gpu.py                        # CUDA: the full matrix; no new work after 420 s
+    .venv/bin/python bench/gpu.py --append               # continue a run the time budget cut short
+    .venv/bin/python bench/gpu.py --configs baseline,compile+fp8 --sizes 1024x1024 --measure-steps 50
+    .venv/bin/python bench/gpu.py --smoke                # CPU, tiny model, about a minute
+
+Sections: speed (per-step and end-to-end time per configuration and size), batch (throughput
+of batches on the first configuration), memory (peak GPU memory of offload and quantization
+plans, and whether each fits 24 / 48 / 80 GB cards), http (one request through the real app vs
+the raw engine call). It prints one markdown table and writes the rows as JSON.
+"""
+
+from __future__ import annotations
+
+import argparse
+import dataclasses
+import datetime as dt
+import gc
+import json
+import logging
+import re
+import statistics
+import sys
+import tempfile
+import threading
+import time
+import warnings
+from collections.abc import Callable, Iterator, Sequence
+from contextlib import contextmanager
+from pathlib import Path
+from typing import Any
+
+import torch
+
+sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
+
+from qwen_image_server.engine.device import DeviceInfo, resolve_device, resolve_dtype  # noqa: E402
+from qwen_image_server.engine.loader import LoadedModel, count_parameters  # noqa: E402
+from qwen_image_server.engine.runner import PipelineEngine  # noqa: E402
+from qwen_image_server.engine.tiny import ensure_tiny_model  # noqa: E402
+from qwen_image_server.engine.types import GenerationSpec  # noqa: E402
+from qwen_image_server.presets import ASPECT_RATIOS, with_suffix  # noqa: E402
+from qwen_image_server.settings import Settings  # noqa: E402
+
+ROOT = Path(__file__).resolve().parents[1]
+GiB = 2**30
+
+# -- the real architecture ----------------------------------------------------------------------
+# Qwen/Qwen-Image transformer/config.json. The same values are diffusers 0.42's defaults for
+# QwenImageTransformer2DModel (models/transformers/transformer_qwenimage.py, __init__) and are
+# hard-wired in DiffSynth-Studio's QwenImageDiT (diffsynth/models/qwen_image_dit.py: 60 blocks of
+# dim 3072 = 24 heads x 128, img_in 64 -> 3072, txt_in 3584 -> 3072, rope axes [16, 56, 56]).
+QWEN_IMAGE_TRANSFORMER: dict[str, Any] = {
+    "patch_size": 2,
+    "in_channels": 64,
+    "out_channels": 16,
+    "num_layers": 60,
+    "attention_head_dim": 128,
+    "num_attention_heads": 24,
+    "joint_attention_dim": 3584,
+    "guidance_embeds": False,
+    "axes_dims_rope": (16, 56, 56),
+}
+
+# Qwen/Qwen-Image vae/config.json: diffusers 0.42's AutoencoderKLQwenImage defaults
+# (models/autoencoders/autoencoder_kl_qwenimage.py, __init__) and DiffSynth-Studio's QwenImageVAE
+# (diffsynth/models/qwen_image_vae.py). latents_mean/std keep the class defaults (the real ones).
+QWEN_IMAGE_VAE: dict[str, Any] = {
+    "base_dim": 96,
+    "z_dim": 16,
+    "dim_mult": [1, 2, 4, 4],
+    "num_res_blocks": 2,
+    "attn_scales": [],
+    "temperal_downsample": [False, True, True],
+}
+
+# Qwen/Qwen-Image text_encoder/config.json = Qwen/Qwen2.5-VL-7B-Instruct, as spelled out in
+# DiffSynth-Studio's QwenImageTextEncoder (diffsynth/models/qwen_image_text_encoder.py): 28 layers
+# of 3584 with 28 query / 4 key-value heads, MLP 18944, vocabulary 152064, untied lm_head, mrope
+# [16, 24, 24], and the 32-block 1280-wide vision tower (unused for text, but loaded and on the GPU).
+QWEN25_VL_7B_TEXT: dict[str, Any] = {
+    "vocab_size": 152064,
+    "hidden_size": 3584,
+    "intermediate_size": 18944,
+    "num_hidden_layers": 28,
+    "num_attention_heads": 28,
+    "num_key_value_heads": 4,
+    "max_position_embeddings": 128000,
+    "rms_norm_eps": 1e-6,
+    "rope_theta": 1000000.0,
+    "rope_scaling": {"type": "mrope", "mrope_section": [16, 24, 24]},
+    "tie_word_embeddings": False,
+}
+QWEN25_VL_7B_VISION: dict[str, Any] = {
+    "depth": 32,
+    "hidden_size": 1280,
+    "intermediate_size": 3420,
+    "num_heads": 16,
+    "out_hidden_size": 3584,
+    "patch_size": 14,
+    "spatial_merge_size": 2,
+    "temporal_patch_size": 2,
+    "window_size": 112,
+    "fullatt_block_indexes": [7, 15, 23, 31],
+    "tokens_per_second": 2,
+}
+QWEN25_VL_TOKENS: dict[str, int] = {
+    "image_token_id": 151655,
+    "video_token_id": 151656,
+    "vision_start_token_id": 151652,
+    "vision_end_token_id": 151653,
+    "vision_token_id": 151654,
+}
+
+# -- what is measured ---------------------------------------------------------------------------
+PROMPT = with_suffix("A cute cat sitting on a windowsill, golden hour light", "en")
+CFG_SCALE = 4.0  # the API default: two transformer passes per step
+
+# What `torch.cuda.get_device_properties(0).total_memory` reports on the card each class is named
+# for: RTX 4090 (24564 MiB), RTX A6000 / RTX 6000 Ada (49140 MiB), H100 80GB HBM3 (81559 MiB).
+CARD_GIB: dict[int, float] = {24: 24564 / 1024, 48: 49140 / 1024, 80: 81559 / 1024}
+
+DEFAULT_CONFIGS = ("baseline", "compile", "fp8", "compile+fp8", "compile+fp8+lightning", "cache",
+                   "compile+fp8+cache")
+DEFAULT_MEMORY_CONFIGS = ("int8", "fp8+qte", "offload-model", "offload-model+fp8", "offload-sequential")
+SMOKE_CONFIGS = ("baseline", "int8", "fp8", "cache")
+
+log = logging.getLogger("bench.gpu")
+
+
+# -- configurations ------------------------------------------------------------------------------
+
+
+@dataclasses.dataclass(frozen=True)
+class BenchConfig:
+    """One named configuration: Settings fields for prepare_pipeline, plus a request-side change."""
+
+    name: str
+    options: tuple[tuple[str, Any], ...]  # Settings overrides, hashable so equal ones share a pipeline
+    lightning_steps: int | None = None  # emulate a Lightning LoRA: this many steps, no CFG
+
+    @property
+    def settings_overrides(self) -> dict[str, Any]:
+        return dict(self.options)
+
+    @property
+    def offloads(self) -> bool:
+        return self.settings_overrides.get("offload", "none") != "none"
+
+    @property
+    def caches(self) -> bool:
+        return self.settings_overrides.get("cache", "none") != "none"
+
+
+def parse_config(name: str, cache_options: dict[str, Any]) -> BenchConfig:
+    """'compile+fp8+cache' -> BenchConfig. Tokens: baseline, compile, fp8, int8, qte (quantize
+    the text encoder too), cache, lightning[N], offload-model, offload-sequential, attn-<backend>."""
+    # Every option explicit, so QWEN_IMAGE_* variables in the environment change nothing, and
+    # offload is `none` rather than `auto`, which could pick differently from run to run.
+    options: dict[str, Any] = {"offload": "none", "quantize": "none", "quantize_text_encoder": False,
+                               "compile": False, "cache": "none", "cache_options": {}, "lora": None,
+                               "attention": "native", "warmup": False}
+    lightning = None
+    for token in name.split("+"):
+        token = token.strip()
+        if token == "baseline":
+            continue
+        if token == "compile":
+            options["compile"] = True
+        elif token in ("fp8", "int8"):
+            options["quantize"] = token
+        elif token == "qte":
+            options["quantize_text_encoder"] = True  # the text encoder too (with fp8 or int8)
+        elif token == "cache":
+            options["cache"] = "cache-dit"
+            options["cache_options"] = cache_options
+        elif token in ("offload-model", "offload-sequential"):
+            options["offload"] = token.split("-", 1)[1]
+        elif token.startswith("attn-"):
+            options["attention"] = token[len("attn-"):]
+        elif match := re.fullmatch(r"lightning(\d*)", token):
+            lightning = int(match.group(1) or 8)  # Qwen-Image-Lightning's 8-step LoRA by default
+        else:
+            raise argparse.ArgumentTypeError(f"unknown configuration token {token!r} in {name!r}")
+    frozen = tuple(sorted((k, json.dumps(v, sort_keys=True) if isinstance(v, dict) else v)
+                          for k, v in options.items()))
+    return BenchConfig(name, frozen, lightning)
+
+
+def settings_for(config: BenchConfig, base: dict[str, Any]) -> Settings:
+    overrides = config.settings_overrides
+    if "cache_options" in overrides:
+        overrides["cache_options"] = json.loads(overrides["cache_options"])
+    return Settings(_env_file=None, **{**base, **overrides})
+
+
+def parse_size(text: str) -> tuple[int, int]:
+    width, _, height = text.lower().partition("x")
+    return int(width), int(height)
+
+
+def size_label(width: int, height: int) -> str:
+    return f"{width}x{height}"
+
+
+# -- building the pipeline -----------------------------------------------------------------------
+
+
+def _fill(name: str, shape: torch.Size, dtype: torch.dtype, device: torch.device,
+          generator: torch.Generator) -> torch.Tensor:
+    """A random weight of the real shape. Values only need to stay finite through 60 blocks:
+    biases 0, norm scales 1, matrices N(0, 0.02) (the usual init scale, so activations neither
+    vanish nor overflow bf16)."""
+    if name.endswith("bias"):
+        return torch.zeros(shape, dtype=dtype, device=device)
+    if len(shape) <= 1:
+        return torch.ones(shape, dtype=dtype, device=device)
+    return torch.empty(shape, dtype=dtype, device=device).normal_(0.0, 0.02, generator=generator)
+
+
+def materialize(module: torch.nn.Module, dtype: torch.dtype, target: torch.device, seed: int) -> None:
+    """Give every meta parameter of `module` real random values on `target`, one tensor at a time.
+
+    Values are drawn on the GPU when there is one (fast) and copied to `target` when the plan
+    needs the weights in host memory (offload); so host memory never holds a second copy.
+    """
+    source = torch.device("cuda") if torch.cuda.is_available() else torch.device("cpu")
+    generator = torch.Generator(device=source).manual_seed(seed)
+    for module_name, sub in module.named_modules():
+        for name, param in list(sub._parameters.items()):
+            if param is None or param.device.type != "meta":
+                continue
+            value = _fill(f"{module_name}.{name}", param.shape, dtype, source, generator)
+            sub._parameters[name] = torch.nn.Parameter(value.to(target), requires_grad=False)
+    leftover = [n for n, p in module.named_parameters() if p.device.type == "meta"]
+    if leftover:
+        raise RuntimeError(f"parameters left on meta: {leftover[:3]}")
+
+
+def build_full_pipeline(target: torch.device, cache_dir: Path, depth: int | None = None) -> Any:
+    """The real Qwen-Image architecture with random bf16 weights on `target`, in seconds.
+
+    The modules are built with parameters on the meta device (accelerate's init_empty_weights:
+    no memory, no slow CPU init; buffers and the rope tables stay real), then filled in place.
+    `depth` shrinks the transformer and text encoder to that many layers (dry runs on small
+    machines); the widths stay real.
+    """
+    from accelerate import init_empty_weights
+    from diffusers import (
+        AutoencoderKLQwenImage,
+        FlowMatchEulerDiscreteScheduler,
+        QwenImagePipeline,
+        QwenImageTransformer2DModel,
+    )
+    from transformers import Qwen2_5_VLConfig, Qwen2_5_VLForConditionalGeneration, Qwen2Tokenizer
+
+    transformer_config = dict(QWEN_IMAGE_TRANSFORMER)
+    text_config = dict(QWEN25_VL_7B_TEXT)
+    if depth is not None:
+        transformer_config["num_layers"] = depth
+        text_config["num_hidden_layers"] = depth
+    with init_empty_weights():
+        transformer = QwenImageTransformer2DModel(**transformer_config)
+        vae = AutoencoderKLQwenImage(**QWEN_IMAGE_VAE)
+        config = Qwen2_5_VLConfig(text_config=text_config, vision_config=QWEN25_VL_7B_VISION,
+                                  vocab_size=text_config["vocab_size"], tie_word_embeddings=False,
+                                  **QWEN25_VL_TOKENS)
+        text_encoder = Qwen2_5_VLForConditionalGeneration(config)
+    dtype = torch.bfloat16
+    for seed, component in enumerate((transformer, vae, text_encoder)):
+        materialize(component, dtype, target, seed)
+        component.eval()
+    transformer.to(dtype=dtype)  # floating buffers too, as from_pretrained(dtype=bf16) leaves them
+    vae.to(dtype=dtype)
+
+    # The tokenizer and the scheduler are real: the tiny model folder carries Qwen's vocabulary and
+    # Qwen-Image's scheduler config.
+    folder = ensure_tiny_model(cache_dir)
+    tokenizer = Qwen2Tokenizer.from_pretrained(folder / "tokenizer")
+    scheduler = FlowMatchEulerDiscreteScheduler.from_pretrained(folder / "scheduler")
+    return QwenImagePipeline(transformer=transformer, vae=vae, scheduler=scheduler,
+                             text_encoder=text_encoder, tokenizer=tokenizer)
+
+
+def load_tiny_pipeline(cache_dir: Path, dtype: torch.dtype) -> Any:
+    from diffusers import QwenImagePipeline
+
+    return QwenImagePipeline.from_pretrained(ensure_tiny_model(cache_dir), dtype=dtype)
+
+
+# -- measuring ------------------------------------------------------------------------------------
+
+
+@dataclasses.dataclass
+class Run:
+    """One timed run_batch call."""
+
+    steps: int
+    e2e_s: float  # the whole call: text encoding, denoising, VAE decode, PIL conversion
+    step_s: float  # mean denoising step (both CFG passes), from the step callbacks, step 1 excluded
+    step_median_s: float
+    peak_allocated_gib: float | None
+    peak_reserved_gib: float | None
+    cache_note: str | None = None
+
+    @property
+    def fixed_s(self) -> float:
+        """Per-call time outside the denoising steps (text encoder, latents, VAE decode, PIL)."""
+        return max(0.0, self.e2e_s - self.steps * self.step_s)
+
+    def e2e_at(self, steps: int) -> float:
+        return self.fixed_s + steps * self.step_s
+
+
+def _sync(device: DeviceInfo) -> None:
+    if device.type == "cuda":
+        torch.cuda.synchronize()
+
+
+def specs_for(width: int, height: int, steps: int, batch: int, cfg: float) -> list[GenerationSpec]:
+    return [GenerationSpec(prompt=PROMPT if i == 0 else f"{PROMPT} #{i}", negative_prompt=" ",
+                           width=width, height=height, num_inference_steps=steps,
+                           true_cfg_scale=cfg, seed=42 + i)
+            for i in range(batch)]
+
+
+def timed_run(engine: PipelineEngine, device: DeviceInfo, specs: Sequence[GenerationSpec]) -> Run:
+    """Time one run_batch; the step callback synchronizes, so step stamps are GPU times."""
+    stamps: list[float] = []
+
+    def on_step(step: int, total: int) -> None:
+        _sync(device)
+        stamps.append(time.perf_counter())
+
+    if device.type == "cuda":
+        gc.collect()
+        torch.cuda.empty_cache()  # so the reserved peak is this run's, not an earlier shape's
+        torch.cuda.reset_peak_memory_stats()
+    _sync(device)
+    start = time.perf_counter()
+    engine.run_batch(list(specs), on_step)
+    _sync(device)
+    e2e = time.perf_counter() - start
+    gaps = [b - a for a, b in zip(stamps, stamps[1:])]
+    if not gaps:  # one step: no gap between callbacks; the whole call is the only bound
+        gaps = [e2e]
+    peak_alloc = peak_reserved = None
+    if device.type == "cuda":
+        peak_alloc = torch.cuda.max_memory_allocated() / GiB
+        peak_reserved = torch.cuda.max_memory_reserved() / GiB
+    return Run(steps=len(stamps), e2e_s=e2e, step_s=statistics.fmean(gaps),
+               step_median_s=statistics.median(gaps), peak_allocated_gib=peak_alloc,
+               peak_reserved_gib=peak_reserved)
+
+
+def cache_summary(pipeline: Any) -> str | None:
+    """'cached 23 steps (+20 CFG)' from cache-dit's own counters for the last call, if it has them."""
+    try:
+        import cache_dit
+
+        stats = cache_dit.summary(pipeline, logging=False)
+    except Exception:  # noqa: BLE001 - stats are a nicety; the timing stands without them
+        return None
+    if not stats:
+        return None
+    cached = len(getattr(stats[0], "cached_steps", []) or [])
+    cfg_cached = len(getattr(stats[0], "cfg_cached_steps", []) or [])
+    return f"cached {cached} steps" + (f" (+{cfg_cached} CFG)" if cfg_cached else "")
+
+
+# -- the benchmark --------------------------------------------------------------------------------
+
+
+@dataclasses.dataclass
+class Prepared:
+    """A pipeline with one configuration's options applied, wrapped as the server wraps it."""
+
+    options: tuple[tuple[str, Any], ...]  # BenchConfig.options it was built with
+    caches: bool
+    engine: PipelineEngine | None
+    applied: str  # AppliedOptions.summary(): what prepare_pipeline really did
+    build_s: float  # weights built (or loaded) and every option applied, before any warm-up
+
+
+class Benchmark:
+    def __init__(self, args: argparse.Namespace, device: DeviceInfo) -> None:
+        self.args = args
+        self.device = device
+        self.full = args.model == "full"
+        self.dtype = torch.bfloat16 if self.full else resolve_dtype("auto", device)
+        self.started = time.monotonic()
+        self.rows: list[dict[str, Any]] = []
+        self.previous: list[dict[str, Any]] = []
+        self.configs_applied: dict[str, dict[str, Any]] = {}  # name -> what was applied, build time
+        self.context_gib = self._cuda_context_gib()
+        self.settings_base = {"model": "random-full-size" if self.full else "tiny", "device": device.type,
+                              "log_level": "warning"}
+        self.model_label = ("Qwen-Image, real architecture, random bf16 weights" if self.full
+                            else f"embedded tiny Qwen-Image ({self.dtype})".replace("torch.", ""))
+        if args.depth is not None:
+            self.model_label += f", {args.depth} layers (dry run: not the real depth)"
+        self.previous_configs: dict[str, dict[str, Any]] = {}
+        if args.append and args.out.is_file():
+            previous = json.loads(args.out.read_text())
+            self.previous = previous.get("rows", [])
+            self.previous_configs = previous.get("configs", {})
+
+    # -- bookkeeping ----------------------------------------------------------------------------
+
+    def _cuda_context_gib(self) -> float:
+        """Device memory held outside torch's allocator: the CUDA context and the kernels loaded
+        so far (and any other process on the GPU). It grows as libraries load, so it is measured
+        again after each configuration and the largest value is used."""
+        if self.device.type != "cuda":
+            return 0.0
+        torch.zeros(1, device="cuda")  # creates the context
+        free, total = torch.cuda.mem_get_info()
+        return max(0.0, (total - free - torch.cuda.memory_reserved()) / GiB)
+
+    def finish(self) -> None:
+        """Final context size; every fresh row's `fits` is judged with it."""
+        self.context_gib = max(self.context_gib, self._cuda_context_gib())
+        for row in self.rows:
+            if row.get("peak_reserved_gib") is not None:
+                row["fits"] = self.fits(row["peak_reserved_gib"])
+        self.save()
+
+    def elapsed(self) -> float:
+        return time.monotonic() - self.started
+
+    def out_of_budget(self) -> bool:
+        return self.args.budget_s is not None and self.elapsed() > self.args.budget_s
+
+    def done_before(self, section: str, config: BenchConfig, width: int, height: int, batch: int) -> bool:
+        """With --append: a unit whose rows are already in the JSON, all without error, is not rerun."""
+        key = {"section": section, "config": config.name, "size": size_label(width, height), "batch": batch}
+        rows = [r for r in self.previous if all(r.get(k) == v for k, v in key.items())]
+        return bool(rows) and not any(r.get("error") for r in rows)
+
+    def add(self, row: dict[str, Any]) -> None:
+        self.rows.append(row)
+        self.save()  # after every row: a run stopped by a time limit keeps what it measured
+
+    def merged_rows(self) -> list[dict[str, Any]]:
+        keys = ("section", "config", "size", "batch", "steps")
+        fresh = {tuple(r.get(k) for k in keys) for r in self.rows}
+        return [r for r in self.previous if tuple(r.get(k) for k in keys) not in fresh] + self.rows
+
+    def document(self) -> dict[str, Any]:
+        import diffusers
+
+        architecture = None
+        if self.full:
+            architecture = {
+                "transformer": {**QWEN_IMAGE_TRANSFORMER, "axes_dims_rope": list(QWEN_IMAGE_TRANSFORMER["axes_dims_rope"])},
+                "vae": QWEN_IMAGE_VAE,
+                "text_encoder": {"text": QWEN25_VL_7B_TEXT, "vision": QWEN25_VL_7B_VISION},
+                "depth_override": self.args.depth,
+            }
+        return {
+            "benchmark": "bench/gpu.py",
+            "date": dt.datetime.now().isoformat(timespec="seconds"),
+            "device": self.device.label,
+            "model": self.model_label,
+            "torch": torch.__version__,
+            "diffusers": diffusers.__version__,
+            "cuda_context_gib": round(self.context_gib, 2),
+            "card_gib": CARD_GIB,
+            "args": {k: (str(v) if isinstance(v, Path) else v) for k, v in vars(self.args).items()},
+            "configs": {**self.previous_configs, **self.configs_applied},
+            "architecture": architecture,
+            "rows": self.merged_rows(),
+        }
+
+    def save(self) -> None:
+        self.args.out.parent.mkdir(parents=True, exist_ok=True)
+        tmp = self.args.out.with_suffix(".tmp")
+        tmp.write_text(json.dumps(self.document(), indent=2))
+        tmp.replace(self.args.out)
+
+    def row(self, section: str, config: BenchConfig, width: int, height: int, batch: int, steps: int,
+            cfg: float, **values: Any) -> dict[str, Any]:
+        return {"section": section, "config": config.name, "size": size_label(width, height),
+                "batch": batch, "steps": steps, "cfg": cfg, **values}
+
+    def failed(self, section: str, config: BenchConfig, width: int, height: int, batch: int, why: str) -> None:
+        steps = config.lightning_steps or self.args.steps[0]
+        cfg = 1.0 if config.lightning_steps else CFG_SCALE
+        self.add(self.row(section, config, width, height, batch, steps, cfg, error=why))
+
+    # -- pipelines ------------------------------------------------------------------------------
+
+    def prepare(self, config: BenchConfig) -> Prepared:
+        """A fresh pipeline with `config` applied by the server's prepare_pipeline, in a LoadedModel
+        and a PipelineEngine (compile, quantization and cache all change the modules, so no
+        pipeline is shared between configurations with different options)."""
+        from qwen_image_server.engine.options import prepare_pipeline
+
+        start = time.perf_counter()
+        settings = settings_for(config, self.settings_base)
+        if self.full:
+            # Offload plans start from weights in host memory, as a real load does.
+            target = torch.device("cpu") if config.offloads else self.device.torch_device
+            pipeline = build_full_pipeline(target, settings.cache_dir, self.args.depth)
+        else:
+            pipeline = load_tiny_pipeline(settings.cache_dir, self.dtype)
+        try:
+            options = prepare_pipeline(pipeline, settings, self.device)
+        except BaseException:
+            self._drop(pipeline, config.caches)
+            raise
+        total, size_mb = count_parameters(pipeline)
+        model = LoadedModel(pipeline=pipeline, name=settings.model, source="benchmark", device=self.device,
+                            dtype=self.dtype, load_time=time.perf_counter() - start,
+                            total_parameters=total, size_mb=size_mb, options=options)
+        _sync(self.device)
+        applied = options.summary()
+        build_s = time.perf_counter() - start
+        self.configs_applied[config.name] = {"applied": applied, "build_s": round(build_s, 1)}
+        return Prepared(config.options, config.caches, PipelineEngine(model), applied, build_s)
+
+    def release(self, prepared: Prepared) -> None:
+        assert prepared.engine is not None
+        pipeline = prepared.engine.pipeline
+        prepared.engine = None
+        self._drop(pipeline, prepared.caches)
+
+    def _drop(self, pipeline: Any, caches: bool) -> None:
+        if caches:
+            try:
+                import cache_dit
+
+                cache_dit.disable_cache(pipeline)  # drops cache-dit's references to the blocks
+            except Exception:  # noqa: BLE001 - best effort; the leftover check below reports
+                pass
+        if hasattr(pipeline, "remove_all_hooks"):
+            pipeline.remove_all_hooks()  # offload hooks hold the modules too
+        del pipeline
+        torch.compiler.reset()  # compiled graphs hold the old modules' weights
+        gc.collect()
+        if self.device.type == "cuda":
+            torch.cuda.empty_cache()
+            self.context_gib = max(self.context_gib, self._cuda_context_gib())
+            leftover = torch.cuda.memory_allocated() / GiB
+            if leftover > 1.0:
+                log.warning("%.1f GiB still allocated after a release: later peaks include it", leftover)
+
+    def warm(self, engine: PipelineEngine, width: int, height: int, batch: int, cfg: float) -> float:
+        """One call per shape, left out of the timings: compile traces the shape, cuDNN/cuBLAS pick
+        plans, memory is allocated. Returns its seconds (what a server's warm-up pays)."""
+        start = time.perf_counter()
+        engine.run_batch(specs_for(width, height, self.args.warmup_steps, batch, cfg), lambda step, total: None)
+        _sync(self.device)
+        return time.perf_counter() - start
+
+    # -- sections -------------------------------------------------------------------------------
+
+    def speed(self, engine: PipelineEngine, config: BenchConfig, width: int, height: int) -> None:
+        """Per-step and end-to-end time at each --steps value (cfg 4), or the Lightning emulation."""
+        measure = self.args.measure_steps
+        if config.lightning_steps is not None:
+            plan = [(config.lightning_steps, 1.0, True)]
+        elif config.caches:
+            # cache-dit's schedule depends on the step count: each count is its own run.
+            plan = [(steps, CFG_SCALE, True) for steps in self.args.steps]
+        else:
+            plan = [(steps, CFG_SCALE, steps == measure) for steps in self.args.steps]
+        lightning = config.lightning_steps is not None
+        with lightning_scheduler(engine, lightning):
+            warmup_s = self.warm(engine, width, height, 1, plan[0][1])
+            runs: dict[int, Run] = {}
+            for steps, cfg, measured in plan:
+                timed = steps if measured else measure
+                if timed not in runs:
+                    runs[timed] = timed_run(engine, self.device, specs_for(width, height, timed, 1, cfg))
+                    if config.caches:
+                        runs[timed].cache_note = cache_summary(engine.pipeline)
+                run = runs[timed]
+                note = [f"cfg {cfg:g}: {'2 passes' if cfg > 1 else '1 pass'} per step"]
+                if run.cache_note:
+                    note.append(f"{run.cache_note} (random weights: not the real hit rate)")
+                if lightning:
+                    note.append("Lightning emulated: its steps, no CFG; a fused LoRA adds no per-step cost")
+                self.add(self.row("speed", config, width, height, 1, steps, cfg,
+                                  **self.values(run, steps, measured), warmup_s=round(warmup_s, 2),
+                                  note="; ".join(note)))
+
+    def values(self, run: Run, steps: int, measured: bool) -> dict[str, Any]:
+        e2e = run.e2e_s if measured else run.e2e_at(steps)
+        return {
+            "step_s": round(run.step_s, 4),
+            "step_median_s": round(run.step_median_s, 4),
+            "e2e_s": round(e2e, 3),
+            "e2e_measured": measured,
+            "timed_steps": run.steps,
+            "fixed_s": round(run.fixed_s, 3),
+            "peak_allocated_gib": _round(run.peak_allocated_gib),
+            "peak_reserved_gib": _round(run.peak_reserved_gib),
+            "fits": self.fits(run.peak_reserved_gib),
+        }
+
+    def fits(self, peak_reserved_gib: float | None) -> dict[str, bool] | None:
+        """Whether this plan fits a card of each class: its reserved peak plus the CUDA context."""
+        if peak_reserved_gib is None:
+            return None
+        need = peak_reserved_gib + self.context_gib
+        return {str(gb): need <= capacity for gb, capacity in CARD_GIB.items()}
+
+    def batch(self, engine: PipelineEngine, config: BenchConfig, width: int, height: int, batch: int) -> None:
+        """Throughput of one batched call: images per minute at the first --steps value."""
+        self.warm(engine, width, height, batch, CFG_SCALE)
+        run = timed_run(engine, self.device, specs_for(width, height, self.args.measure_steps, batch, CFG_SCALE))
+        steps = self.args.steps[0]
+        values = self.values(run, steps, steps == self.args.measure_steps)
+        values["images_per_min"] = round(60.0 * batch / values["e2e_s"], 2)
+        self.add(self.row("batch", config, width, height, batch, steps, CFG_SCALE, **values,
+                          note=f"{batch} images per call"))
+
+    def memory(self, engine: PipelineEngine, config: BenchConfig, width: int, height: int, applied: str) -> None:
+        """Peak memory of a plan at the largest size; timed too, without a warm-up (a server
+        with this plan pays the same first call)."""
+        run = timed_run(engine, self.device, specs_for(width, height, self.args.memory_steps, 1, CFG_SCALE))
+        steps = self.args.steps[0]
+        self.add(self.row("memory", config, width, height, 1, steps, CFG_SCALE,
+                          **self.values(run, steps, steps == self.args.memory_steps), note=applied))
+
+    def http(self, engine: PipelineEngine, config: BenchConfig, width: int, height: int) -> None:
+        """One request through the real app (uvicorn, scheduler thread, overlay/PNG, HTTP) vs the
+        same spec through the raw engine; medians of interleaved repeats after a warm-up."""
+        import httpx
+
+        steps = self.args.measure_steps
+        body, route, spec = http_request(width, height, steps)
+        raws: list[float] = []
+        https: list[float] = []
+        with serve(engine, self.settings_base) as url, httpx.Client(base_url=url, timeout=3600) as client:
+            def over_http() -> float:
+                begin = time.perf_counter()
+                client.post(route, json=body).raise_for_status()
+                return time.perf_counter() - begin
+
+            def raw() -> float:
+                begin = time.perf_counter()
+                engine.run_batch([spec], lambda step, total: None)
+                _sync(self.device)
+                return time.perf_counter() - begin
+
+            over_http()  # warm-up: the first request through every layer
+            for _ in range(self.args.http_repeats):  # interleaved, so drift affects both alike
+                raws.append(raw())
+                https.append(over_http())
+        raw_s, http_s = statistics.median(raws), statistics.median(https)
+        self.add(self.row("http", config, width, height, 1, steps, CFG_SCALE, e2e_s=round(http_s, 3),
+                          e2e_measured=True, raw_s=round(raw_s, 3), overhead_s=round(http_s - raw_s, 4),
+                          ratio=round(http_s / raw_s, 4),
+                          note=f"POST {route} vs raw run_batch {raw_s:.3f} s: "
+                               f"+{1000 * (http_s - raw_s):.0f} ms, ratio {http_s / raw_s:.3f}"))
+
+    # -- driver ---------------------------------------------------------------------------------
+
+    def unit(self, prepared: Prepared, config: BenchConfig, section: str, width: int, height: int,
+             batch: int) -> None:
+        """Run one unit unless the time budget is spent; a failure becomes an error row and the
+        benchmark goes on."""
+        if self.out_of_budget():
+            self.failed(section, config, width, height, batch,
+                        f"not run: time budget ({self.args.budget_s:.0f} s) spent; rerun with --append")
+            return
+        engine = prepared.engine
+        assert engine is not None
+        try:
+            if section == "speed":
+                self.speed(engine, config, width, height)
+            elif section == "batch":
+                self.batch(engine, config, width, height, batch)
+            elif section == "memory":
+                self.memory(engine, config, width, height, prepared.applied)
+            else:
+                self.http(engine, config, width, height)
+        except Exception as exc:  # noqa: BLE001 - one failing unit must not lose the others
+            log.warning("%s %s %dx%d batch %d failed: %s", section, config.name, width, height, batch,
+                        _first_line(exc))
+            self.failed(section, config, width, height, batch, _first_line(exc))
+            del exc
+            if self.device.type == "cuda":
+                gc.collect()
+                torch.cuda.empty_cache()
+
+    def plan(self) -> list[tuple[BenchConfig, list[tuple[str, int, int, int]]]]:
+        """(configuration, its units) in run order; units --append already has are left out."""
+        args = self.args
+        plan = []
+        for i, name in enumerate(args.configs):
+            config = parse_config(name, args.cache_options)
+            units = [("speed", w, h, 1) for w, h in args.sizes] if "speed" in args.sections else []
+            if i == 0:  # batching and the server's overhead are measured on the first configuration
+                if "batch" in args.sections:
+                    units += [("batch", w, h, b) for w, h in args.batch_sizes for b in args.batches]
+                if "http" in args.sections:
+                    units.append(("http", *args.http_size, 1))
+            plan.append((config, units))
+        if "memory" in args.sections:
+            if self.device.type == "cuda":
+                largest = max(args.sizes, key=lambda s: s[0] * s[1])
+                plan += [(parse_config(n, args.cache_options), [("memory", *largest, 1)])
+                         for n in args.memory_configs]
+            else:
+                log.info("memory section skipped: peak GPU memory needs a GPU")
+        return [(config, [u for u in units if not self.done_before(u[0], config, *u[1:])])
+                for config, units in plan]
+
+    def run(self) -> None:
+        current: Prepared | None = None
+        for config, units in self.plan():
+            if not units:
+                continue
+            # Consecutive configurations with the same options (compile+fp8, then its Lightning
+            # rows) share one pipeline: the build and the compile warm-up are paid once.
+            if current is not None and current.options != config.options:
+                self.release(current)
+                current = None
+            if current is None:
+                if self.out_of_budget():
+                    for section, w, h, b in units:
+                        self.failed(section, config, w, h, b, f"not run: time budget "
+                                    f"({self.args.budget_s:.0f} s) spent; rerun with --append")
+                    continue
+                log.info("building %s", config.name)
+                try:
+                    current = self.prepare(config)
+                except Exception as exc:  # noqa: BLE001 - an option that cannot apply here
+                    log.warning("%s: %s", config.name, _first_line(exc))
+                    for section, w, h, b in units:
+                        self.failed(section, config, w, h, b, f"prepare_pipeline: {_first_line(exc)}")
+                    continue
+                log.info("%s ready in %.1fs: %s", config.name, current.build_s, current.applied)
+            for section, w, h, b in units:
+                self.unit(current, config, section, w, h, b)
+        if current is not None:
+            self.release(current)
+        self.finish()
+
+
+@contextmanager
+def lightning_scheduler(engine: PipelineEngine, active: bool) -> Iterator[None]:
+    """Lightning samples with its own shift-3 scheduler (engine.lora); swapped in for its rows only."""
+    if not active:
+        yield
+        return
+    from diffusers import FlowMatchEulerDiscreteScheduler
+
+    from qwen_image_server.engine.lora import LIGHTNING_SCHEDULER_OVERRIDES
+
+    pipeline = engine.pipeline
+    original = pipeline.scheduler
+    pipeline.scheduler = FlowMatchEulerDiscreteScheduler.from_config(
+        original.config, **LIGHTNING_SCHEDULER_OVERRIDES)
+    try:
+        yield
+    finally:
+        pipeline.scheduler = original
+
+
+def _round(value: float | None, digits: int = 2) -> float | None:
+    return None if value is None else round(value, digits)
+
+
+def _first_line(exc: BaseException) -> str:
+    lines = str(exc).strip().splitlines()
+    return f"{type(exc).__name__}: {lines[0][:300]}" if lines else type(exc).__name__
+
+
+# -- the HTTP server ------------------------------------------------------------------------------
+
+
+def http_request(width: int, height: int, steps: int) -> tuple[dict[str, Any], str, GenerationSpec]:
+    """The body, route and the spec the server makes of it: /generate for a preset size (the
+    native API only takes presets), else the OpenAI route, which takes any WxH."""
+    preset = next((name for name, wh in ASPECT_RATIOS.items() if wh == (width, height)), None)
+    common = {"prompt": "A cute cat sitting on a windowsill", "num_inference_steps": steps,
+              "true_cfg_scale": CFG_SCALE, "seed": 42}
+    if preset is not None:
+        from qwen_image_server.schemas import GenerateRequest
+
+        body = {**common, "aspect_ratio": preset}
+        return body, "/generate", GenerateRequest(**body).to_spec()
+    from qwen_image_server.openai_protocol import ImageGenerationRequest
+
+    body = {**common, "size": size_label(width, height), "n": 1}
+    return body, "/v1/images/generations", ImageGenerationRequest(**body).to_specs(42)[0]
+
+
+@contextmanager
+def serve(engine: PipelineEngine, base: dict[str, Any]) -> Iterator[str]:
+    """The real app (create_app) around this engine, served by uvicorn on a free local port."""
+    import httpx
+    import uvicorn
+
+    from qwen_image_server.api.app import create_app
+    from qwen_image_server.serving import GracefulServer
+
+    with tempfile.TemporaryDirectory(prefix="qwen-bench-") as tmp:
+        settings = Settings(_env_file=None, **{**base, "output_dir": Path(tmp), "threads": 2,
+                                               "max_batch_size": 1})
+        app = create_app(settings, engine_factory=lambda: engine)
+        server = GracefulServer(uvicorn.Config(app, host="127.0.0.1", port=0, log_level="warning",
+                                               lifespan="on"))
+        thread = threading.Thread(target=server.run, name="bench-server", daemon=True)
+        thread.start()
+        try:
+            deadline = time.monotonic() + 120
+            while not server.started:
+                if time.monotonic() > deadline or not thread.is_alive():
+                    raise RuntimeError("the server did not start")
+                time.sleep(0.05)
+            url = f"http://127.0.0.1:{server.servers[0].sockets[0].getsockname()[1]}"
+            while httpx.get(f"{url}/ready").status_code != 200:
+                if time.monotonic() > deadline:
+                    raise RuntimeError("the server did not become ready")
+                time.sleep(0.1)
+            yield url
+        finally:
+            server.should_exit = True
+            thread.join(60)
+
+
+# -- the table ------------------------------------------------------------------------------------
+
+
+def _num(value: float | None, digits: int = 2) -> str:
+    if value is None:
+        return "–"
+    return f"{value:.{3 if abs(value) < 1 else digits}f}"
+
+
+def _fits(fits: dict[str, bool] | None) -> str:
+    if not fits:
+        return "–"
+    return "/".join("yes" if fits[str(gb)] else "no" for gb in CARD_GIB)
+
+
+def _versus(row: dict[str, Any], rows: Sequence[dict[str, Any]], steps: Sequence[int]) -> str:
+    """Speed-up of a speed row over the baseline at the same size (Lightning: over the baseline's
+    largest step count, the run it replaces)."""
+    if row["section"] != "speed" or row.get("error") or not row.get("e2e_s"):
+        return ""
+    reference_steps = max(steps) if row["cfg"] <= 1.0 else row["steps"]
+    for other in rows:
+        if (other["section"] == "speed" and other["config"] == "baseline" and other["size"] == row["size"]
+                and other["steps"] == reference_steps and other.get("e2e_s") and not other.get("error")):
+            return f"{other['e2e_s'] / row['e2e_s']:.2f}x"
+    return ""
+
+
+def headline(rows: Sequence[dict[str, Any]], size: str = "1024x1024", steps: int = 50) -> str | None:
+    """The fastest 1024x1024 / 50-step image without lossy options, and with them."""
+    speed = [r for r in rows if r["section"] == "speed" and r["size"] == size and not r.get("error")
+             and r.get("e2e_s")]
+    exact = [r for r in speed if r["steps"] == steps and r["cfg"] > 1.0]
+    if not exact:
+        return None
+    lossless = [r for r in exact if "cache" not in r["config"].split("+")]
+    parts = []
+    if lossless:
+        best = min(lossless, key=lambda r: r["e2e_s"])
+        parts.append(f"near-lossless best {best['e2e_s']:.2f} s ({best['config']})")
+    # Lossy: step caching at the same step count, or a Lightning run, which replaces it.
+    lossy = [r for r in exact if r not in lossless] + [r for r in speed if r["cfg"] <= 1.0]
+    if lossy:
+        best = min(lossy, key=lambda r: r["e2e_s"])
+        parts.append(f"with lossy options {best['e2e_s']:.2f} s ({best['config']}, {best['steps']} steps)")
+    return f"{size}, {steps} steps, cfg {CFG_SCALE:g}: " + "; ".join(parts)
+
+
+def render_table(rows: Sequence[dict[str, Any]], steps: Sequence[int]) -> str:
+    header = ("| section | config | size | batch | steps | s/step | e2e s | e2e from | vs baseline "
+              "| img/min | peak GiB | fits 24/48/80 GB | note |")
+    lines = [header, "|" + "---|" * (header.count("|") - 1)]
+    for row in rows:
+        if row.get("error"):
+            lines.append(f"| {row['section']} | {row['config']} | {row['size']} | {row['batch']} | "
+                         f"{row['steps']} | – | – | – | | – | – | – | {row['error']} |")
+            continue
+        source = "measured" if row.get("e2e_measured") else f"{row.get('timed_steps')}-step run"
+        peak = row.get("peak_reserved_gib")
+        lines.append(
+            f"| {row['section']} | {row['config']} | {row['size']} | {row['batch']} | {row['steps']} | "
+            f"{_num(row.get('step_s'), 3)} | {_num(row.get('e2e_s'))} | {source} | {_versus(row, rows, steps)} | "
+            f"{_num(row.get('images_per_min'), 1)} | {_num(peak, 1)} | {_fits(row.get('fits'))} | "
+            f"{row.get('note', '')} |")
+    return "\n".join(lines)
+
+
+# -- command line ---------------------------------------------------------------------------------
+
+
+def _csv(kind: Callable[[str], Any]) -> Callable[[str], list[Any]]:
+    def parse(text: str) -> list[Any]:
+        return [kind(part.strip()) for part in text.split(",") if part.strip()]
+
+    return parse
+
+
+def parse_args(argv: Sequence[str] | None) -> argparse.Namespace:
+    parser = argparse.ArgumentParser(description=(__doc__ or "").splitlines()[0],
+                                     formatter_class=argparse.RawDescriptionHelpFormatter,
+                                     epilog="Configuration tokens, joined with '+': baseline, compile, fp8, "
+                                            "int8, qte (text encoder quantized too), cache, lightning[N], "
+                                            "offload-model, offload-sequential, attn-<diffusers backend>.")
+    parser.add_argument("--smoke", action="store_true",
+                        help="CPU, tiny model, 2 steps, CPU-capable configurations: a check that the "
+                             "benchmark works (about a minute on 2 cores)")
+    parser.add_argument("--model", choices=("auto", "full", "tiny"), default="auto",
+                        help="full: real architecture, random weights (default on CUDA); tiny: the "
+                             "embedded test model (default on CPU)")
+    parser.add_argument("--depth", type=int, default=None,
+                        help="full model with this many transformer / text encoder layers (dry runs only)")
+    parser.add_argument("--sizes", type=_csv(parse_size), default=None,
+                        help="WxH list (default 512x512,1024x1024,1328x1328,1664x928)")
+    parser.add_argument("--steps", type=_csv(int), default=None, help="step counts reported (default 20,50)")
+    parser.add_argument("--measure-steps", type=int, default=None,
+                        help="steps of the timed run from which other step counts are derived as "
+                             "fixed + steps x s/step (default 6; cache configurations always run "
+                             "each count)")
+    parser.add_argument("--configs", type=_csv(str), default=None,
+                        help=f"speed configurations (default {','.join(DEFAULT_CONFIGS)}); batch and "
+                             "http use the first")
+    parser.add_argument("--memory-configs", type=_csv(str), default=None,
+                        help=f"extra memory plans (default {','.join(DEFAULT_MEMORY_CONFIGS)})")
+    parser.add_argument("--warmup-steps", type=int, default=None,
+                        help="steps of the untimed call before each shape is timed (default 2)")
+    parser.add_argument("--memory-steps", type=int, default=3, help="steps of each memory-plan run")
+    parser.add_argument("--batches", type=_csv(int), default=None, help="batch sizes (default 1,2,4)")
+    parser.add_argument("--batch-sizes", type=_csv(parse_size), default=None,
+                        help="image sizes of the batch section (default 512x512,1024x1024)")
+    parser.add_argument("--http-size", type=parse_size, default=None, help="size of the HTTP request (default 1024x1024)")
+    parser.add_argument("--http-repeats", type=int, default=None, help="timed HTTP requests (default 2)")
+    parser.add_argument("--sections", type=_csv(str), default=["speed", "batch", "memory", "http"],
+                        help="any of speed,batch,memory,http")
+    parser.add_argument("--skip-http", action="store_true", help="leave out the http section")
+    parser.add_argument("--cache-options", type=json.loads, default=None,
+                        help='cache-dit DBCacheConfig knobs as JSON, e.g. \'{"residual_diff_threshold": 0.12}\' '
+                             "(default: cache-dit's own; the smoke run computes 1 front block, the tiny "
+                             "model has 2)")
+    parser.add_argument("--budget-s", type=float, default=None,
+                        help="start no new unit after this many seconds (default 420 on CUDA: the "
+                             "run ends inside a 10-minute limit; --append continues it)")
+    parser.add_argument("--append", action="store_true",
+                        help="merge into --out, skipping units it already has without error")
+    parser.add_argument("--out", type=Path, default=None, help="JSON path (default bench/results/gpu-<device>-<date>.json)")
+    args = parser.parse_args(argv)
+
+    cuda = torch.cuda.is_available() and not args.smoke
+    if args.model == "auto":
+        args.model = "full" if cuda else "tiny"
+    if args.smoke:
+        defaults = {"sizes": [(256, 256)], "steps": [2], "measure_steps": 2, "warmup_steps": 2, "http_repeats": 1,
+                    "configs": list(SMOKE_CONFIGS), "memory_configs": [], "batches": [1, 2],
+                    "batch_sizes": [(256, 256)], "http_size": (256, 256)}
+    else:
+        defaults = {"sizes": [(512, 512), (1024, 1024), (1328, 1328), (1664, 928)], "steps": [20, 50],
+                    "measure_steps": 6, "warmup_steps": 2, "configs": list(DEFAULT_CONFIGS),
+                    "memory_configs": list(DEFAULT_MEMORY_CONFIGS), "batches": [1, 2, 4],
+                    "batch_sizes": [(512, 512), (1024, 1024)], "http_size": (1024, 1024), "http_repeats": 2}
+    for name, value in defaults.items():
+        if getattr(args, name) is None:
+            setattr(args, name, value)
+    if args.cache_options is None:
+        # The tiny transformer has 2 blocks, and cache-dit's default computes 8 before caching.
+        args.cache_options = {"Fn_compute_blocks": 1, "max_warmup_steps": 1} if args.model == "tiny" else {}
+    if args.budget_s is None and cuda:
+        args.budget_s = 420.0
+    if args.skip_http:
+        args.sections = [s for s in args.sections if s != "http"]
+    unknown = set(args.sections) - {"speed", "batch", "memory", "http"}
+    if unknown:
+        parser.error(f"unknown section(s): {', '.join(sorted(unknown))}")
+    if args.measure_steps < 2:
+        parser.error("--measure-steps must be at least 2 (step time is the gap between steps)")
+    # One step is not a valid run: Qwen-Image's scheduler config (shift_terminal 0.02) makes the
+    # only sigma of a 1-step schedule NaN.
+    if min(args.warmup_steps, args.memory_steps, *args.steps) < 2:
+        parser.error("--steps, --warmup-steps and --memory-steps must each be at least 2")
+    for name in (*args.configs, *args.memory_configs):
+        try:
+            parse_config(name, args.cache_options)
+        except argparse.ArgumentTypeError as exc:
+            parser.error(str(exc))
+    for w, h in (*args.sizes, *args.batch_sizes, args.http_size):
+        if w % 16 or h % 16:
+            parser.error(f"{w}x{h}: Qwen-Image needs sides that are multiples of 16")
+    return args
+
+
+def device_slug(device: DeviceInfo) -> str:
+    return re.sub(r"[^a-z0-9]+", "-", (device.gpu or device.type).lower()).strip("-")
+
+
+def main(argv: Sequence[str] | None = None) -> int:
+    args = parse_args(argv)
+    logging.basicConfig(level=logging.INFO, format="%(asctime)s %(name)s: %(message)s", datefmt="%H:%M:%S")
+    for noisy in ("diffusers", "transformers", "torchao", "cache_dit", "qwen_image_server"):
+        logging.getLogger(noisy).setLevel(logging.WARNING)
+    warnings.filterwarnings("ignore", category=UserWarning)
+    warnings.filterwarnings("ignore", category=FutureWarning)
+    device = resolve_device("cpu" if args.smoke else "auto")
+    if args.out is None:
+        suffix = "-smoke" if args.smoke else ""
+        args.out = ROOT / "bench" / "results" / f"gpu-{device_slug(device)}{suffix}-{dt.date.today():%Y%m%d}.json"
+
+    bench = Benchmark(args, device)
+    log.info("device %s, model: %s; writing %s", device.label, bench.model_label, args.out)
+    bench.run()
+    rows = bench.merged_rows()
+    print(f"\nQwen-Image on {device.label}: {bench.model_label}; torch {torch.__version__}; "
+          f"{bench.elapsed():.0f} s")
+    print(render_table(rows, args.steps))
+    if (line := headline(rows)) is not None:
+        print(f"\n{line}")
+    print(f"\nsteps: denoising steps, cfg {CFG_SCALE:g} = 2 transformer passes per step (Lightning: 1). "
+          f"e2e: the whole run_batch call (text encoder, denoising, VAE decode, PIL); 'N-step run': "
+          f"fixed + steps x s/step from a timed N-step run. peak: max GPU memory reserved; fits: "
+          f"peak + {bench.context_gib:.2f} GiB CUDA context <= the card's memory. JSON: {args.out}")
+    return 0
+
+
+if __name__ == "__main__":
+    sys.exit(main())

@@ -1,0 +1,231 @@
+"""Scale-out on Ray Serve: the same app on many GPUs and machines, behind Ray's proxies.
+
+`qwen-image serve --ray`, `serve run serve_config.yaml` and `serve deploy serve_config.yaml` deploy
+`QwenImageDeployment`. Each replica builds the usual app with `create_app` (its own scheduler,
+batching, jobs and model, on its own GPU); Ray Serve's proxies spread requests over the replicas
+and bring replicas, autoscaling, backpressure, health checks and multi-node clusters.
+
+* **Readiness.** A replica counts as started only once its model is loaded (`check_health`), so
+  Ray neither routes to a loading replica nor kills a slow-loading one. A model that cannot load
+  fails the deployment with the loader's message; a dead engine fails the health check, and Ray
+  replaces the replica.
+* **Affinity.** Jobs and `url` images live in the replica that made them. Their ids start with
+  the replica's name (`api/replica.py`), and `ReplicaAffinityRouter` (`ray_router.py`) sends
+  every request whose path names such an id to that replica; others go to the less busy of two.
+* **Backpressure.** A replica takes `max_ongoing_requests` at once (its scheduler's queue plus a
+  running batch, so it can batch everything it holds); beyond that requests wait in the proxy,
+  up to `max_queued_requests`, then get 429 with Retry-After. Jobs, which do not hold a request
+  open, meet the replica's own queue limit: 429 `queue_full` with Retry-After.
+* **Metrics.** Each replica's `/metrics` labels every sample with `replica`; Ray exports its own
+  per-replica metrics (`ray_serve_*`) from every node.
+
+Only this module and `ray_router.py` import Ray (an optional extra); the plain server never does.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import logging
+import signal
+import sys
+import threading
+from typing import TYPE_CHECKING, Any
+
+import ray
+from ray import serve
+from ray.serve.config import BackpressureConfig, RequestRouterConfig
+from ray.serve.deployment import Application
+
+from qwen_image_server.errors import ModelLoadError
+from qwen_image_server.logs import configure_logging
+from qwen_image_server.ray_router import BACKLOG_STAT, ReplicaAffinityRouter
+from qwen_image_server.scheduler import Engine, SchedulerConfig
+from qwen_image_server.settings import Settings
+
+if TYPE_CHECKING:
+    from fastapi import FastAPI
+
+    from qwen_image_server.api.context import ServerContext
+
+log = logging.getLogger(__name__)
+
+APP_NAME = "qwen-image"
+DEPLOYMENT_NAME = "QwenImage"
+# Ray asks the replica to finish its requests, then the app's own drain runs (queued jobs).
+SHUTDOWN_MARGIN_S = 15.0
+# How often Ray polls each replica's backlog for the router (Ray's default, 10 s, is long next
+# to a job's few seconds).
+ROUTING_STATS_PERIOD_S = 2.0
+
+
+@serve.deployment(name=DEPLOYMENT_NAME)
+@serve.ingress()
+class QwenImageDeployment:
+    """One replica: the usual app (`create_app`), named after Ray's replica tag."""
+
+    def __init__(self, settings: dict[str, Any]) -> None:
+        # Imported here: the model code loads in replicas only, not in the driver or proxies.
+        from qwen_image_server.api.app import create_app, real_engine_factory
+
+        self.settings = Settings(_env_file=None, **settings)
+        self.replica: str = serve.get_replica_context().replica_tag
+        self._load_done = threading.Event()
+        self._load_error: BaseException | None = None
+        self._load = real_engine_factory(self.settings)
+        self._server_app = create_app(self.settings, engine_factory=self._load_engine, replica=self.replica)
+
+    def __serve_build_asgi_app__(self) -> FastAPI:
+        return self._server_app  # Ray runs its lifespan next, which starts the scheduler (and the load)
+
+    def _load_engine(self) -> Engine:
+        """The scheduler's engine factory (on its engine thread), remembering how loading went."""
+        try:
+            return self._load()
+        except BaseException as exc:
+            self._load_error = exc
+            raise
+        finally:
+            self._load_done.set()
+
+    async def record_routing_stats(self) -> dict[str, int]:
+        """Polled by Ray for the router: this replica's jobs queued or running."""
+        ctx: ServerContext | None = getattr(self._server_app.state, "ctx", None)
+        stats = ctx.scheduler.stats() if ctx else None
+        return {BACKLOG_STAT: stats.queue_length + stats.running_batch_size if stats else 0}
+
+    async def check_health(self) -> None:
+        """Raise (so Ray fails the start, or replaces the replica) when the engine cannot serve.
+
+        Ray calls this first as the last step of the replica's start, right after the app's
+        lifespan began loading the model, and routes nothing to the replica until it returns;
+        that start has no deadline (Ray only warns about slow starts). So waiting here for the
+        model keeps requests away from a loading replica without Ray killing a slow-loading one.
+        Later calls (every health_check_period_s, with a deadline) find the model loaded and
+        only look at the engine, like /ready minus draining (a draining replica is Ray's doing).
+        """
+        if not self._load_done.is_set():
+            await asyncio.to_thread(self._load_done.wait)
+        if self._load_error is not None:
+            raise ReplicaUnfit(load_failure(self._load_error))
+        ctx: ServerContext = self._server_app.state.ctx
+        if ctx.scheduler.dead:
+            raise ReplicaUnfit(f"Replica {self.replica}: the model engine failed (a device error); "
+                               "it needs a fresh process.")
+
+
+class ReplicaUnfit(RuntimeError):
+    """`check_health`'s verdict; its message is what `deploy_failure` shows a person."""
+
+
+def load_failure(exc: BaseException) -> str:
+    """The one paragraph a person reads when the model does not load."""
+    if isinstance(exc, ModelLoadError):
+        return str(exc)
+    return f"The model failed to load: {type(exc).__name__}: {exc}"
+
+
+def deploy_failure(app_name: str = APP_NAME) -> str:
+    """Why the application failed to deploy: a replica's own verdict when there is one.
+
+    Ray reports a failed start as the replica's whole traceback; the verdict is its last line.
+    """
+    app = serve.status().applications.get(app_name)
+    if app is None:
+        return f"the application {app_name!r} is not deployed"
+    marker = f"{ReplicaUnfit.__name__}: "
+    for deployment in app.deployments.values():
+        if marker in deployment.message:
+            return deployment.message.rsplit(marker, 1)[1].strip()
+    return app.message
+
+
+# -- deployment options --------------------------------------------------------------------
+
+def _cluster_gpus() -> float:
+    return float(ray.cluster_resources().get("GPU", 0)) if ray.is_initialized() else 0.0
+
+
+def gpus_per_replica(settings: Settings, cluster_gpus: float) -> float:
+    """`ray_num_gpus`, else one GPU per replica where the cluster has GPUs and CUDA may be used."""
+    if settings.ray_num_gpus is not None:
+        return settings.ray_num_gpus
+    return 1.0 if cluster_gpus > 0 and settings.device in ("auto", "cuda") else 0.0
+
+
+def deployment_options(settings: Settings, cluster_gpus: float) -> dict[str, Any]:
+    """Ray Serve options of the deployment, from the settings and the cluster's GPU count."""
+    num_gpus = gpus_per_replica(settings, cluster_gpus)
+    # The replica's own batching defaults (device type of the replica, not of this machine).
+    batch = SchedulerConfig.for_device(
+        "cuda" if num_gpus > 0 else "cpu", max_queue=settings.max_queue,
+        queue_timeout_s=settings.queue_timeout_s, max_batch_size=settings.max_batch_size,
+    ).max_batch_size
+    options: dict[str, Any] = {
+        "ray_actor_options": {"num_gpus": num_gpus},
+        # As many as the replica's scheduler holds: a full queue plus the running batch. Fewer
+        # would starve its batching; more would only meet its own 429 while another replica
+        # had room. Beyond it, requests wait in the proxy, where any replica may take them.
+        "max_ongoing_requests": settings.ray_max_ongoing_requests or settings.max_queue + batch,
+        "max_queued_requests": (settings.max_queue if settings.ray_max_queued_requests is None
+                                else settings.ray_max_queued_requests),
+        # Ray's proxy answers 503 without Retry-After by default; clients retry on 429 + Retry-After.
+        "backpressure_config": BackpressureConfig(status_code=429, retry_after_s=settings.ray_retry_after_s),
+        "graceful_shutdown_timeout_s": settings.drain_timeout_s + SHUTDOWN_MARGIN_S,
+        "request_router_config": RequestRouterConfig(
+            request_router_class=ReplicaAffinityRouter,
+            request_routing_stats_period_s=ROUTING_STATS_PERIOD_S,
+        ),
+    }
+    if settings.ray_autoscaling is not None:
+        # Aim at one batch running and one waiting per replica unless told otherwise.
+        options["autoscaling_config"] = {"target_ongoing_requests": 2 * batch, **settings.ray_autoscaling}
+    elif settings.ray_replicas is not None:
+        options["num_replicas"] = settings.ray_replicas
+    else:
+        options["num_replicas"] = max(1, int(cluster_gpus // num_gpus)) if num_gpus > 0 else 1
+    return options
+
+
+def build_app(settings: Settings) -> Application:
+    """The Ray Serve application: QwenImageDeployment with options from `settings`."""
+    options = deployment_options(settings, _cluster_gpus())
+    return QwenImageDeployment.options(**options).bind(settings.model_dump(mode="json"))
+
+
+def app_builder(args: dict[str, Any]) -> Application:
+    """`import_path` of serve_config.yaml: `args` are settings (QWEN_IMAGE_* fill in the rest)."""
+    return build_app(Settings(**args))
+
+
+# -- qwen-image serve --ray ----------------------------------------------------------------
+
+def run_ray(settings: Settings) -> int:
+    """Deploy on Ray Serve (joining or starting a cluster) and serve until SIGINT / SIGTERM."""
+    configure_logging(settings.log_level)
+    ray.init(address=settings.ray_address)
+    serve.start(http_options={"host": settings.host, "port": settings.port})
+    try:
+        serve.run(build_app(settings), name=APP_NAME, route_prefix="/")  # waits for the models
+    except RuntimeError:
+        from qwen_image_server.api.context import EXIT_LOAD_FAILED
+
+        print(f"error: {deploy_failure()}", file=sys.stderr)
+        serve.delete(APP_NAME)
+        ray.shutdown()
+        return EXIT_LOAD_FAILED
+    except KeyboardInterrupt:
+        serve.delete(APP_NAME)
+        ray.shutdown()
+        return 130
+    log.info("serving on http://%s:%d through Ray Serve (application %r); Ctrl+C to stop",
+             settings.host, settings.port, APP_NAME)
+    stop = threading.Event()
+    for sig in (signal.SIGINT, signal.SIGTERM):
+        signal.signal(sig, lambda *_: stop.set())
+    while not stop.wait(1.0):
+        pass
+    log.info("stopping: the replicas finish their requests (up to %.0f s)",
+             settings.drain_timeout_s + SHUTDOWN_MARGIN_S)
+    serve.delete(APP_NAME)
+    ray.shutdown()
+    return 0

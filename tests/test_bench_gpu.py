@@ -1,0 +1,60 @@
+"""bench/gpu.py --smoke: the GPU benchmark runs end to end on the tiny model on the CPU, so a
+broken benchmark is found here rather than on a rented GPU."""
+
+from __future__ import annotations
+
+import importlib.util
+import json
+import subprocess
+import sys
+from pathlib import Path
+
+import pytest
+
+ROOT = Path(__file__).resolve().parents[1]
+SMOKE_SIZES = {"256x256"}
+
+
+def _needs(config: str) -> str | None:
+    """The optional package a smoke configuration needs, when it is not installed."""
+    package = {"int8": "torchao", "fp8": "torchao", "cache": "cache_dit"}.get(config)
+    return package if package and importlib.util.find_spec(package) is None else None
+
+
+@pytest.mark.timeout(300)
+def test_smoke_run_times_every_configuration_and_prints_the_table(tmp_path: Path) -> None:
+    out = tmp_path / "gpu.json"
+    proc = subprocess.run([sys.executable, str(ROOT / "bench" / "gpu.py"), "--smoke", "--out", str(out)],
+                          cwd=tmp_path, capture_output=True, text=True, timeout=280)
+    assert proc.returncode == 0, proc.stderr[-4000:]
+    doc = json.loads(out.read_text())
+    rows = doc["rows"]
+
+    for config in ("baseline", "int8", "fp8", "cache"):
+        speed = [r for r in rows if r["section"] == "speed" and r["config"] == config]
+        assert {r["size"] for r in speed} == SMOKE_SIZES, (config, speed)
+        if (package := _needs(config)) is not None:
+            # Without the optional package the row says so instead of a time.
+            assert all(package.replace("_", "-") in r["error"] for r in speed), speed
+            continue
+        for row in speed:
+            assert not row.get("error"), row
+            assert row["steps"] == 2 and row["e2e_measured"], row
+            assert row["e2e_s"] > 0 and row["step_s"] > 0, row
+            assert row["e2e_s"] >= row["step_s"], row
+        # What prepare_pipeline reports it applied, as the server's startup log shows it.
+        applied = {"baseline": "quantize=none", "int8": "quantize=int8", "fp8": "quantize=fp8",
+                   "cache": "cache=cache-dit"}[config]
+        assert applied in doc["configs"][config]["applied"], doc["configs"]
+
+    batches = {r["batch"]: r for r in rows if r["section"] == "batch"}
+    assert set(batches) == {1, 2}
+    assert all(r["images_per_min"] > 0 for r in batches.values()), batches
+
+    (http,) = [r for r in rows if r["section"] == "http"]
+    assert http["raw_s"] > 0 and http["e2e_s"] > 0 and http["ratio"] > 0, http
+
+    # The table a user reads: its header, and one line per row.
+    assert "| section | config | size | batch | steps | s/step | e2e s |" in proc.stdout
+    assert "| speed | cache | 256x256 | 1 | 2 |" in proc.stdout
+    assert proc.stdout.count("\n| ") == len(rows) + 1
