@@ -17,8 +17,8 @@ from fastapi import Depends, Request
 from pydantic import BaseModel
 
 from qwen_image_server import errors
-from qwen_image_server.defaults import GenerationDefaults
 from qwen_image_server.api.job_registry import JobRegistry
+from qwen_image_server.defaults import GenerationDefaults
 from qwen_image_server.engine.device import DeviceInfo
 from qwen_image_server.engine.loader import LoadedModel
 from qwen_image_server.engine.types import GenerationSpec
