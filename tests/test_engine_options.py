@@ -20,7 +20,7 @@ from qwen_image_server.engine.memory import GiB, component_bytes, plan_offload
 from qwen_image_server.engine.quantize import quantize_module, tensor_bytes
 from qwen_image_server.engine.runner import PipelineEngine
 from qwen_image_server.engine.types import GenerationSpec
-from qwen_image_server.errors import OptionUnavailable
+from qwen_image_server.errors import ModelLoadError, OptionUnavailable
 from tests.conftest import free_port, server_env, tiny_settings
 
 SPEC = GenerationSpec(prompt="a red fox", negative_prompt=" ", width=256, height=256,
@@ -176,18 +176,26 @@ def test_server_reports_options_and_a_lightning_lora_sets_the_defaults(server, t
         assert reply.status_code == 200 and reply.headers["content-type"] == "image/png"
 
 
-@pytest.mark.parametrize(("env", "message"), [
-    ({"QWEN_IMAGE_ATTENTION": "flash"}, "QWEN_IMAGE_ATTENTION=flash runs on NVIDIA GPUs only"),
-    ({"QWEN_IMAGE_OFFLOAD": "sequential"}, "QWEN_IMAGE_OFFLOAD=sequential moves weights between CPU and a GPU"),
-    ({"QWEN_IMAGE_CACHE": "cache-dit", "QWEN_IMAGE_CACHE_OPTIONS": '{"Fn_blocks": 2}'}, "Fn_blocks"),
-    ({"QWEN_IMAGE_LORA": "./missing-lora.safetensors"}, "no such file or folder"),
-], ids=["attention", "offload", "cache-options", "lora"])
-def test_an_option_that_cannot_work_stops_the_server_with_one_sentence(tmp_path, env, message):
+def test_an_option_that_cannot_work_stops_the_server_with_one_sentence(tmp_path):
     done = subprocess.run([sys.executable, "-m", "qwen_image_server", "serve"], cwd=tmp_path,
-                          env=server_env(free_port(), **env), capture_output=True, text=True, timeout=240)
+                          env=server_env(free_port(), QWEN_IMAGE_LORA="./missing-lora.safetensors"),
+                          capture_output=True, text=True, timeout=240)
     assert done.returncode != 0
-    assert "Could not start with these options" in done.stderr and message in done.stderr
+    assert "Could not start with these options" in done.stderr and "no such file or folder" in done.stderr
     assert "Traceback" not in done.stderr
+
+
+@pytest.mark.parametrize(("settings", "message"), [
+    ({"attention": "flash"}, "QWEN_IMAGE_ATTENTION=flash runs on NVIDIA GPUs only"),
+    ({"offload": "sequential"}, "QWEN_IMAGE_OFFLOAD=sequential moves weights between CPU and a GPU"),
+    ({"cache": "cache-dit", "cache_options": {"Fn_blocks": 2}}, "Fn_blocks"),
+    ({"cache": "cache-dit", "cache_options": {"Fn_compute_blocks": 8}}, "must not exceed the transformer's 2 blocks"),
+], ids=["attention", "offload", "cache-knob", "cache-blocks"])
+def test_the_loader_refuses_an_option_that_cannot_work(tmp_path, settings, message):
+    # The same message the server prints before exiting (shown end to end just above).
+    with pytest.raises(ModelLoadError, match="Could not start with these options") as refused:
+        load_model(tiny_settings(tmp_path, **settings))
+    assert message in str(refused.value)
 
 
 @pytest.mark.parametrize(("settings", "extra"), [
