@@ -132,9 +132,10 @@ CFG_SCALE = 4.0  # the API default: two transformer passes per step
 # for: RTX 4090 (24564 MiB), RTX A6000 / RTX 6000 Ada (49140 MiB), H100 80GB HBM3 (81559 MiB).
 CARD_GIB: dict[int, float] = {24: 24564 / 1024, 48: 49140 / 1024, 80: 81559 / 1024}
 
-DEFAULT_CONFIGS = ("baseline", "compile", "fp8", "compile+fp8", "compile+fp8+lightning", "cache",
-                   "compile+fp8+cache")
-DEFAULT_MEMORY_CONFIGS = ("int8", "fp8+qte", "offload-model", "offload-model+fp8", "offload-sequential")
+DEFAULT_CONFIGS = ("baseline", "compile", "fp8", "compile+fp8", "compile+fp8+all",
+                   "compile+fp8+lightning", "cache", "compile+fp8+cache")
+DEFAULT_MEMORY_CONFIGS = ("int8", "fp8+qte", "offload-model", "offload-model+fp8",
+                          "offload-model+fp8+all+qte", "offload-sequential")
 SMOKE_CONFIGS = ("baseline", "int8", "fp8", "cache")
 
 log = logging.getLogger("bench.gpu")
@@ -166,11 +167,11 @@ class BenchConfig:
 
 def parse_config(name: str, cache_options: dict[str, Any]) -> BenchConfig:
     """'compile+fp8+cache' -> BenchConfig. Tokens: baseline, compile, fp8, int8, qte (quantize
-    the text encoder too), cache, lightning[N], offload-model, offload-sequential, attn-<backend>."""
+    the text encoder too), all (no layer kept in bf16), cache, lightning[N], offload-model, offload-sequential, attn-<backend>."""
     # Every option explicit, so QWEN_IMAGE_* variables in the environment change nothing, and
     # offload is `none` rather than `auto`, which could pick differently from run to run.
     options: dict[str, Any] = {"offload": "none", "quantize": "none", "quantize_text_encoder": False,
-                               "compile": False, "cache": "none", "cache_options": {}, "lora": None,
+                               "quantize_skip": ("img_mlp",), "compile": False, "cache": "none", "cache_options": {}, "lora": None,
                                "attention": "native", "warmup": False}
     lightning = None
     for token in name.split("+"):
@@ -183,6 +184,8 @@ def parse_config(name: str, cache_options: dict[str, Any]) -> BenchConfig:
             options["quantize"] = token
         elif token == "qte":
             options["quantize_text_encoder"] = True  # the text encoder too (with fp8 or int8)
+        elif token == "all":
+            options["quantize_skip"] = ()  # img_mlp quantized too (QWEN_IMAGE_QUANTIZE_SKIP=)
         elif token == "cache":
             options["cache"] = "cache-dit"
             options["cache_options"] = cache_options

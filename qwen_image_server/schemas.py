@@ -108,6 +108,7 @@ class EngineOptions(BaseModel):
     offload_reason: str = Field(description="Why: the setting, or what auto compared.")
     quantize: str
     quantize_text_encoder: bool
+    quantize_skip: list[str] = Field(description="Transformer layers left unquantized.")
     compile: bool
     cache: str
     cache_options: dict[str, float | int | bool | str]

@@ -83,6 +83,10 @@ class Settings(BaseSettings):
     )
     quantize: QuantizeName = Field("none", description="Weight quantization of the transformer: none, fp8 or int8.")
     quantize_text_encoder: CliImplicitFlag[bool] = Field(False, description="Quantize the text encoder as well.")
+    quantize_skip: Annotated[list[str], NoDecode] = Field(
+        default_factory=lambda: ["img_mlp"],
+        description="Comma-separated transformer layer names kept unquantized (empty: quantize all).",
+    )
     compile: CliImplicitFlag[bool] = Field(False, description="torch.compile the transformer blocks (regional), warmed up at start.")
     cache: CacheName = Field("none", description="Step caching: none or cache-dit (DBCache).")
     cache_options: dict[str, float | int | bool | str] = Field(
@@ -175,7 +179,7 @@ class Settings(BaseSettings):
             return [k.strip() for item in value for k in str(item).split(",") if k.strip()]
         return value
 
-    @field_validator("warmup_aspect_ratios", mode="before")
+    @field_validator("warmup_aspect_ratios", "quantize_skip", mode="before")
     @classmethod
     def _split_ratios(cls, value: object) -> object:
         if isinstance(value, str):

@@ -58,3 +58,17 @@ def test_smoke_run_times_every_configuration_and_prints_the_table(tmp_path: Path
     assert "| section | config | size | batch | steps | s/step | e2e s |" in proc.stdout
     assert "| speed | cache | 256x256 | 1 | 2 |" in proc.stdout
     assert proc.stdout.count("\n| ") == len(rows) + 1
+
+
+def test_memory_plans_of_the_real_architecture() -> None:
+    proc = subprocess.run([sys.executable, str(ROOT / "bench" / "memory_plans.py")],
+                          capture_output=True, text=True, timeout=240)
+    assert proc.returncode == 0, proc.stderr[-4000:]
+    rows = {line.split(" | ")[0].strip("| "): line.split(" | ") for line in proc.stdout.splitlines()
+            if line.startswith("| ") and "GiB" not in line}
+    # 20.43B transformer and 8.29B text encoder parameters in bf16, as Qwen/Qwen-Image ships them.
+    assert rows["bf16"][1:5] == ["38.05", "15.45", "0.24", "53.74"]
+    # An 80 GB card holds bf16 whole; a 24 GB card needs every layer in fp8 and a 2 GiB headroom
+    # before model offload fits (columns: 24/48/80 GB at headroom 6, then at headroom 2).
+    assert rows["bf16"][5:8] == ["sequential", "model", "none"]
+    assert rows["fp8, every layer"][5] == "sequential" and rows["fp8, every layer"][8] == "model"

@@ -93,11 +93,16 @@ def _is_quantized(model: LoadedModel) -> bool:
     return "torchao" in type(model.pipeline.transformer.transformer_blocks[0].attn.to_q.weight).__module__
 
 
+def _img_mlp_quantized(model: LoadedModel) -> bool:
+    weight = model.pipeline.transformer.transformer_blocks[0].img_mlp.net[0].proj.weight
+    return "torchao" in type(weight).__module__
+
+
 @pytest.mark.parametrize(("settings", "max_mean_diff", "applied"), [
     ({"quantize": "int8", "quantize_text_encoder": True}, 2.0,
-     lambda m: _is_quantized(m) and "torchao" in type(
+     lambda m: _is_quantized(m) and not _img_mlp_quantized(m) and "torchao" in type(
          m.pipeline.text_encoder.model.language_model.layers[0].mlp.up_proj.weight).__module__),
-    ({"quantize": "fp8"}, 4.0, _is_quantized),
+    ({"quantize": "fp8", "quantize_skip": []}, 4.0, lambda m: _is_quantized(m) and _img_mlp_quantized(m)),
     ({"attention": "_native_math"}, 0.5, lambda m: m.options.attention == "_native_math"),
     ({"cache": "cache-dit", "cache_options": {"Fn_compute_blocks": 1, "Bn_compute_blocks": 0,
                                               "max_warmup_steps": 1, "residual_diff_threshold": 0.5}},
@@ -163,6 +168,7 @@ def test_server_reports_options_and_a_lightning_lora_sets_the_defaults(server, t
         info = client.get("/info").json()
         assert info["options"] | {"offload_reason": "..."} == {
             "offload": "none", "offload_reason": "...", "quantize": "int8", "quantize_text_encoder": False,
+            "quantize_skip": ["img_mlp"],
             "compile": False, "cache": "none", "cache_options": {}, "lora": str(lora), "lora_scale": 1.0,
             "attention": "_native_math", "warmup": True}
         assert info["defaults"] == {"num_inference_steps": 4, "true_cfg_scale": 1.0,

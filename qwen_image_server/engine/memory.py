@@ -9,6 +9,7 @@
 
 from __future__ import annotations
 
+from collections.abc import Sequence
 from dataclasses import dataclass
 from typing import Any
 
@@ -28,7 +29,7 @@ class OffloadPlan:
 
 
 def component_bytes(pipeline: Any, quantize: QuantizeName, quantize_text_encoder: bool,
-                    skip: tuple[str, ...] = DEFAULT_SKIP) -> dict[str, int]:
+                    skip: Sequence[str] = DEFAULT_SKIP) -> dict[str, int]:
     """Bytes each torch component will take on the device once the quantization is applied."""
     quantized = {"transformer"} | ({"text_encoder"} if quantize_text_encoder else set())
     sizes: dict[str, int] = {}
@@ -41,7 +42,7 @@ def component_bytes(pipeline: Any, quantize: QuantizeName, quantize_text_encoder
                 size = tensor_bytes(param)
                 if (quantize != "none" and name in quantized and isinstance(module, torch.nn.Linear)
                         and param.dim() == 2 and param.element_size() > 1
-                        and not any(part in module_name for part in skip)):
+                        and not (name == "transformer" and any(part in module_name for part in skip))):
                     # one byte per weight, plus per output row a scale in the weight's dtype
                     # (and for int8 a one-byte zero point)
                     per_row = param.element_size() + (1 if quantize == "int8" else 0)

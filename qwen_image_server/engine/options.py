@@ -18,7 +18,7 @@ from typing import Any
 from qwen_image_server.engine.device import DeviceInfo
 from qwen_image_server.engine.lora import LoraSpec, fuse_lora, parse_lora
 from qwen_image_server.engine.memory import GiB, component_bytes, free_gpu_bytes, place, plan_offload
-from qwen_image_server.engine.quantize import DEFAULT_SKIP, fp8_problem, quantize_module
+from qwen_image_server.engine.quantize import fp8_problem, quantize_module
 from qwen_image_server.errors import OptionUnavailable
 from qwen_image_server.settings import Settings
 
@@ -33,6 +33,7 @@ class AppliedOptions:
     offload_reason: str
     quantize: str
     quantize_text_encoder: bool
+    quantize_skip: list[str]
     compile: bool
     cache: str
     cache_options: dict[str, Any] = field(default_factory=dict)
@@ -43,7 +44,8 @@ class AppliedOptions:
 
     def summary(self) -> str:
         parts = [f"offload={self.offload} ({self.offload_reason})", f"quantize={self.quantize}"
-                 + ("+text_encoder" if self.quantize_text_encoder else ""),
+                 + ("+text_encoder" if self.quantize_text_encoder else "")
+                 + (f" (kept: {','.join(self.quantize_skip)})" if self.quantize_skip else ""),
                  f"compile={int(self.compile)}", f"cache={self.cache}", f"attention={self.attention}",
                  f"warmup={int(self.warmup)}"]
         if self.lora:
@@ -138,15 +140,16 @@ def prepare_pipeline(pipeline: Any, settings: Settings, device: DeviceInfo) -> A
             first = (str(exc).strip().splitlines() or [type(exc).__name__])[0]
             raise OptionUnavailable(f"the LoRA {lora.label} could not be loaded and fused: {first}") from exc
 
-    sizes = component_bytes(pipeline, settings.quantize, settings.quantize_text_encoder)
+    sizes = component_bytes(pipeline, settings.quantize, settings.quantize_text_encoder,
+                            settings.quantize_skip)
     plan = plan_offload(settings.offload, device, sizes, free_gpu_bytes(device),
                         int(settings.offload_headroom_gb * GiB))
     log.info("memory plan: offload=%s because %s", plan.plan, plan.reason)
 
     if settings.quantize != "none":
-        count = quantize_module(pipeline.transformer, settings.quantize, device, DEFAULT_SKIP)
+        count = quantize_module(pipeline.transformer, settings.quantize, device, settings.quantize_skip)
         log.info("quantized %d transformer layers to %s (left unquantized: %s)",
-                 count, settings.quantize, ", ".join(DEFAULT_SKIP))
+                 count, settings.quantize, ", ".join(settings.quantize_skip) or "none")
         if settings.quantize_text_encoder:
             count = quantize_module(pipeline.text_encoder, settings.quantize, device, ())
             log.info("quantized %d text encoder layers to %s", count, settings.quantize)
@@ -182,6 +185,7 @@ def prepare_pipeline(pipeline: Any, settings: Settings, device: DeviceInfo) -> A
         offload_reason=plan.reason,
         quantize=settings.quantize,
         quantize_text_encoder=settings.quantize_text_encoder,
+        quantize_skip=list(settings.quantize_skip) if settings.quantize != "none" else [],
         compile=settings.compile,
         cache=settings.cache,
         cache_options=dict(settings.cache_options),
