@@ -14,7 +14,8 @@ import httpx
 
 
 def main() -> int:
-    parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
+    parser = argparse.ArgumentParser(description=__doc__.split("\n\n")[0],
+                                     formatter_class=argparse.RawDescriptionHelpFormatter)
     parser.add_argument("--url", default="http://localhost:5000", help="server address")
     parser.add_argument("--steps", type=int, default=20, help="num_inference_steps")
     parser.add_argument("--out", default="test_output.png", help="where to write the returned PNG")

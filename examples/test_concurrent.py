@@ -25,7 +25,8 @@ def generate(client: httpx.Client, i: int, args: argparse.Namespace) -> tuple[in
 
 
 def main() -> int:
-    parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
+    parser = argparse.ArgumentParser(description=__doc__.split("\n\n")[0],
+                                     formatter_class=argparse.RawDescriptionHelpFormatter)
     parser.add_argument("--url", default="http://localhost:5000")
     parser.add_argument("-n", "--requests", type=int, default=4)
     parser.add_argument("--steps", type=int, default=20)

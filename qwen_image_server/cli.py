@@ -11,7 +11,7 @@ import sys
 import time
 from pathlib import Path
 
-from pydantic import Field
+from pydantic import AliasChoices, Field, ValidationError
 from pydantic_settings import BaseSettings, CliApp, CliImplicitFlag, CliPositionalArg, CliSubCommand
 
 from qwen_image_server.defaults import GenerationDefaults
@@ -90,7 +90,7 @@ class GenerateCommand(Settings):
         None, description="CFG scale (default: the server's, 4.0 unless a Lightning LoRA says otherwise).")
     seed: int = _defaults["seed"].default
     language: Language = _defaults["language"].default
-    add_overlay: bool = Field(False, description="Draw the info strip (off by default here).")
+    add_overlay: CliImplicitFlag[bool] = Field(False, description="Draw the info strip (off by default here).")
     url: str | None = Field(
         None, description="A running server (http://host:port) to generate on instead of loading the model here.")
 
@@ -194,7 +194,25 @@ class QwenImageCli(BaseSettings, cli_prog_name="qwen-image", cli_kebab_case=True
         CliApp.run_subcommand(self)
 
 
+def _setting_names(field: str) -> str:
+    """'max_queue' -> 'QWEN_IMAGE_MAX_QUEUE / --max-queue' (bare names for WORKERS, PORT, ...)."""
+    info = Settings.model_fields.get(field)
+    bare = info is not None and isinstance(info.validation_alias, AliasChoices)
+    env = field.upper() if bare else f"{Settings.model_config['env_prefix']}{field.upper()}"
+    return f"{env} / --{field.replace('_', '-')}"
+
+
 def main(argv: list[str] | None = None) -> int:
     """Entry point of the `qwen-image` console script (commands exit via SystemExit)."""
-    CliApp.run(QwenImageCli, cli_args=sys.argv[1:] if argv is None else argv)
+    try:
+        CliApp.run(QwenImageCli, cli_args=sys.argv[1:] if argv is None else argv)
+    except ValidationError as exc:
+        # A bad setting is the operator's typo: one line each, naming the variable, no traceback.
+        for error in exc.errors():
+            if len(error["loc"]) < 2:  # a check across settings (e.g. two that exclude each other)
+                print(f"qwen-image: invalid settings: {error['msg']}.", file=sys.stderr)
+                continue
+            print(f"qwen-image: invalid setting {_setting_names(str(error['loc'][-1]))}: {error['msg']} "
+                  f"(got {error.get('input')!r}).", file=sys.stderr)
+        return 2
     return 0

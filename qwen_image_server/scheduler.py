@@ -302,11 +302,18 @@ class Scheduler:
             if self._draining or self._stopping:
                 self._counts["rejected"] += 1
                 raise errors.ShuttingDown("The server is shutting down and takes no new jobs.")
+            if len(specs) > self.config.max_queue:
+                # Waiting cannot help: even an empty queue holds fewer images than this asks for.
+                self._counts["rejected"] += 1
+                raise errors.InvalidRequest(
+                    f"This request asks for {len(specs)} images; this server queues at most "
+                    f"{self.config.max_queue} at a time (QWEN_IMAGE_MAX_QUEUE).", param="n")
             if len(self._queue) + len(specs) > self.config.max_queue:
                 self._counts["rejected"] += 1
                 retry = self._retry_after_locked()
                 raise errors.QueueFull(
-                    f"The queue is full ({self.config.max_queue} jobs waiting); retry in {retry} s.",
+                    f"The queue is full ({len(self._queue)} of {self.config.max_queue} places taken); "
+                    f"retry in {retry} s.",
                     retry_after=retry,
                 )
             jobs = [

@@ -170,6 +170,15 @@ def test_non_json_body_is_a_400(client):
     assert r.json()["error"]["param"] == "body" and r.json()["error"]["code"] == "json_invalid"
 
 
+def test_json_sent_without_the_json_content_type_says_which_header_to_send(client):
+    # What `curl -d '{"prompt": "cat"}'` sends: valid JSON, labelled as a form.
+    r = client.post("/generate", content=b'{"prompt": "cat"}',
+                    headers={"Content-Type": "application/x-www-form-urlencoded"})
+    assert r.status_code == 400 and r.json()["error"]["param"] == "body"
+    assert "Content-Type: application/json" in r.json()["error"]["message"]
+    assert "application/x-www-form-urlencoded" in r.json()["error"]["message"]
+
+
 def test_unknown_route_and_method_use_the_common_error_shape(client):
     r = client.get("/nope")
     assert r.status_code == 404 and r.json()["error"]["type"] == "not_found"

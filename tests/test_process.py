@@ -69,6 +69,17 @@ def test_busy_port_is_a_one_line_error(tmp_path):
     assert len(lines) == 1 and f"port {port} is already in use" in lines[0] and "PORT=" in lines[0]
 
 
+def test_bad_settings_are_one_line_each_naming_the_variable(tmp_path):
+    env = {**server_env(free_port()), "QWEN_IMAGE_MAX_QUEUE": "abc", "QWEN_IMAGE_QUANTIZE": "fp16"}
+    done = subprocess.run([sys.executable, "-m", "qwen_image_server", "serve"], cwd=tmp_path,
+                          env=env, capture_output=True, text=True, timeout=120)
+    assert done.returncode == 2
+    lines = [line for line in done.stderr.splitlines() if line.startswith("qwen-image:")]
+    assert len(lines) == 2 and "Traceback" not in done.stderr
+    assert any("QWEN_IMAGE_MAX_QUEUE" in line and "'abc'" in line for line in lines)
+    assert any("QWEN_IMAGE_QUANTIZE" in line and "'fp16'" in line and "'int8'" in line for line in lines)
+
+
 def test_model_that_cannot_load_exits_with_a_paragraph_not_a_traceback(spawn, tmp_path):
     missing = tmp_path / "no-such-model"
     server = spawn(QWEN_IMAGE_MODEL=str(missing))
@@ -82,7 +93,7 @@ def test_model_that_cannot_load_exits_with_a_paragraph_not_a_traceback(spawn, tm
 def test_generate_cli_writes_one_image_without_a_server(tmp_path):
     done = subprocess.run(
         [sys.executable, "-m", "qwen_image_server", "generate", "a cat", "--aspect-ratio", "16:9",
-         "--out", "cat.png", "--num-inference-steps", "2"],
+         "--out", "cat.png", "--num-inference-steps", "2", "--add-overlay"],
         cwd=tmp_path, env=server_env(free_port()), capture_output=True, text=True, timeout=300)
     assert done.returncode == 0, done.stderr
     assert Image.open(tmp_path / "cat.png").size == (1664, 928)

@@ -286,11 +286,19 @@ def test_jobs_submitted_together_run_as_one_batch_even_on_an_idle_engine(make):
 
 
 def test_submit_many_queues_all_or_nothing(make):
-    s, engine = make(max_queue=2)
+    s, engine = make(max_queue=3)
     running = s.submit(spec(0), 0)
     engine.wait_started()
-    with pytest.raises(errors.QueueFull):
-        s.submit_many([spec(1), spec(2), spec(3)], request_id=1)
-    assert s.stats().queue_length == 0
+    waiting = s.submit(spec(1), 1)
+    with pytest.raises(errors.QueueFull) as full:
+        s.submit_many([spec(2), spec(3), spec(4)], request_id=2)
+    assert "1 of 3 places taken" in full.value.message
+    assert s.stats().queue_length == 1
+    # More images than the queue ever holds: retrying cannot help, so 400 naming n, not 429.
+    with pytest.raises(errors.InvalidRequest) as too_many:
+        s.submit_many([spec(i) for i in range(4)], request_id=3)
+    assert too_many.value.status_code == 400 and too_many.value.param == "n"
+    assert s.stats().queue_length == 1
     engine.run_freely()
     result_of(running)
+    result_of(waiting)

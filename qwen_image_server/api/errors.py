@@ -60,7 +60,7 @@ def _param_of(loc: tuple[int | str, ...]) -> str:
     return ".".join(parts)
 
 
-def validation_error_response(exc: RequestValidationError) -> JSONResponse:
+def validation_error_response(exc: RequestValidationError, content_type: str | None = None) -> JSONResponse:
     first = exc.errors()[0]
     kind = first.get("type", "invalid")
     if kind == "json_invalid":
@@ -70,6 +70,10 @@ def validation_error_response(exc: RequestValidationError) -> JSONResponse:
     message = str(first.get("msg", "invalid value"))
     if param == "body" and kind in ("model_attributes_type", "dict_type", "missing"):
         message = "The request body must be a JSON object."
+        media_type = (content_type or "").split(";")[0].strip().lower()
+        if media_type and media_type != "application/json" and not media_type.endswith("+json"):
+            # FastAPI reads a body as JSON only when the header says so (curl -d sends a form type).
+            message += f" It was sent as {media_type!r}: send the header 'Content-Type: application/json'."
     else:
         message = f"Invalid value for '{param}': {message}."
     return error_response(400, message, "invalid_request_error", param=param, code=kind)
@@ -84,7 +88,7 @@ def install_error_handlers(app: FastAPI) -> None:
 
     @app.exception_handler(RequestValidationError)
     async def _invalid(request: Request, exc: RequestValidationError) -> JSONResponse:
-        return validation_error_response(exc)
+        return validation_error_response(exc, request.headers.get("content-type"))
 
     @app.exception_handler(StarletteHTTPException)
     async def _http(request: Request, exc: StarletteHTTPException) -> JSONResponse:

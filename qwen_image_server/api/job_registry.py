@@ -40,6 +40,9 @@ class JobRecord:
             return "cancelled" if self.error.type == errors.JobCancelled.type else "failed"
         return "queued" if self.job.state is JobState.QUEUED else "running"
 
+    def fail(self, exc: errors.ServerError) -> None:
+        self.error = ErrorDetail(message=exc.message, type=exc.type, param=exc.param, code=exc.code)
+
     def publish(self, event: str, step: int) -> None:
         """Wake every SSE subscriber (called on the event loop)."""
         for queue in self.subscribers:

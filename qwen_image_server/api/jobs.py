@@ -77,7 +77,7 @@ async def _complete(ctx: ServerContext, record: JobRecord) -> None:
         record.inference_time = rendered.inference_time
         record.image_id = ctx.results.put(rendered.png, "image/png", id=f"job-{job.id}").id
     except errors.ServerError as exc:
-        record.error = ErrorDetail(message=exc.message, type=exc.type, param=exc.param, code=exc.code)
+        record.fail(exc)
     except Exception:  # noqa: BLE001 - rendering failed; the job must still end
         log.exception("job %s: rendering failed", job.id)
         record.error = ErrorDetail(message="Rendering the image failed; the server logged the details.",
@@ -134,8 +134,12 @@ async def job_image(record: Record, ctx: Ctx) -> Response:
 @router.delete("/{job_id}", response_model=JobStatus, responses={404: {"model": ErrorResponse}})
 async def cancel_job(record: Record, request: Request, ctx: Ctx) -> JobStatus:
     """Cancel: a queued job never runs; a running one stops at its next denoising step."""
-    if ctx.scheduler.cancel(record.job):
-        log.info("request %d: job %s cancelled by the client", record.job.request_id, record.job.id)
+    job = record.job
+    if ctx.scheduler.cancel(job):
+        log.info("request %d: job %s cancelled by the client", job.request_id, job.id)
+        if job.future.done() and isinstance(exc := job.future.exception(), errors.ServerError):
+            # A queued job ends at once: answer "cancelled" now, not after _complete's turn.
+            record.fail(exc)
     return status_of(ctx, record, request)
 
 
