@@ -14,6 +14,7 @@ import pytest
 from PIL import Image
 
 from qwen_image_server.api.app import create_app
+from qwen_image_server.engine.types import GenerationSpec
 from tests.conftest import LiveServer, tiny_settings, wait_until
 from tests.fakes import FakeEngine
 
@@ -231,14 +232,23 @@ def test_a_failure_during_a_stream_is_raised_by_the_client(fake):
 
 def test_queue_full_is_429_before_any_stream_starts(tmp_path):
     engine = FakeEngine(held=True)
-    settings = tiny_settings(tmp_path, max_queue=2, max_batch_size=1)
+    settings = tiny_settings(tmp_path, max_queue=3, max_batch_size=1)
     live = LiveServer(create_app(settings, engine_factory=lambda: engine)).start()
     client = openai.OpenAI(base_url=f"{live.url}/v1", api_key="any", max_retries=0, timeout=60)
     try:
-        # At most one job runs and two wait, so the fourth image is refused.
+        # One job runs and one waits, so three more images do not fit in a queue of three.
+        scheduler = live.ctx.scheduler
+        earlier = [scheduler.submit(GenerationSpec(f"earlier {i}", " ", 256, 256, 2, 4.0, i), i)
+                   for i in range(2)]
+        wait_until(lambda: scheduler.stats().queue_length == 1, 30, "one job running, one waiting")
         with pytest.raises(openai.RateLimitError):
-            client.images.generate(prompt="a lighthouse", size=SMALL, n=4, stream=True, extra_body=FAST)
-        assert live.ctx.scheduler.stats().queue_length == 0  # the jobs queued before the refusal left
+            client.images.generate(prompt="a lighthouse", size=SMALL, n=3, stream=True, extra_body=FAST)
+        assert scheduler.stats().queue_length == 1  # none of the refused request's images stayed queued
+        with pytest.raises(openai.BadRequestError) as too_many:  # more than the queue ever holds
+            client.images.generate(prompt="a lighthouse", size=SMALL, n=4, extra_body=FAST)
+        assert too_many.value.body["param"] == "n"
+        engine.run_freely()
+        assert all(job.future.result(60).image for job in earlier)
     finally:
         engine.run_freely()
         client.close()
