@@ -494,24 +494,32 @@ class Scheduler:
                 self._cond.notify_all()
 
     def _run(self, engine: Engine, batch: list[Job]) -> None:
+        # Memory is freed and jobs retried only after leaving each `except` block: while it runs,
+        # the exception's traceback holds the failed call's frames and their device tensors, so
+        # freeing there would free nothing.
+        if not self._ran_out_of_memory(engine, batch):
+            return
+        engine.free_memory()
+        if len(batch) == 1:
+            self._fail_oom(batch[0])
+            return
+        log.warning("batch %s ran out of memory; retrying its %d jobs one by one",
+                    batch[0].batch_id, len(batch))
+        for job in batch:
+            if job.cancel_requested:
+                self._finish_error(job, errors.JobCancelled("The job was cancelled."))
+                continue
+            if self._ran_out_of_memory(engine, [job]):
+                engine.free_memory()
+                self._fail_oom(job)
+
+    def _ran_out_of_memory(self, engine: Engine, batch: list[Job]) -> bool:
+        """Run `batch` once; True when the device ran out of memory (its jobs are not finished)."""
         try:
             self._run_once(engine, batch)
         except DeviceOutOfMemory:
-            engine.free_memory()
-            if len(batch) == 1:
-                self._fail_oom(batch[0])
-                return
-            log.warning("batch %s ran out of memory; retrying its %d jobs one by one",
-                        batch[0].batch_id, len(batch))
-            for job in batch:
-                if job.cancel_requested:
-                    self._finish_error(job, errors.JobCancelled("The job was cancelled."))
-                    continue
-                try:
-                    self._run_once(engine, [job])
-                except DeviceOutOfMemory:
-                    engine.free_memory()
-                    self._fail_oom(job)
+            return True
+        return False
 
     def _run_once(self, engine: Engine, batch: list[Job]) -> None:
         """One pipeline call for `batch`; completes every job in it unless the device fails."""

@@ -19,7 +19,7 @@ import transformers
 from diffusers import QwenImagePipeline
 
 from qwen_image_server.engine.device import DeviceInfo, resolve_device, resolve_dtype
-from qwen_image_server.engine.options import AppliedOptions, check_options, prepare_pipeline
+from qwen_image_server.engine.options import AppliedOptions, batch_config, check_options, prepare_pipeline
 from qwen_image_server.engine.quantize import tensor_bytes
 from qwen_image_server.engine.tiny import TINY_MODEL_NAME, ensure_tiny_model
 from qwen_image_server.errors import ModelLoadError, OptionUnavailable
@@ -46,6 +46,9 @@ class LoadedModel:
     total_parameters: int
     size_mb: float  # bytes of all weights / 2**20 (as stored: quantized layers count their bytes)
     options: AppliedOptions
+    # The scheduler's batch limits on this device: what a compile warm-up must cover.
+    max_batch_size: int = 1
+    max_batch_pixels: int = 512 * 512
 
     @property
     def max_prompt_tokens(self) -> int:
@@ -165,6 +168,7 @@ def load_model(settings: Settings) -> LoadedModel:
             f"{cause.rstrip('. ')}. {_advice(settings, source)}"
         ) from exc
     total, size_mb = count_parameters(pipeline)
+    batches = batch_config(settings, device)
     load_time = time.perf_counter() - start
     log.info("loaded %s (%s) on %s in %.2fs: %s parameters, %.1f MB, %s; options: %s",
              settings.model, source, device.label, load_time, f"{total:,}", size_mb, dtype,
@@ -179,4 +183,6 @@ def load_model(settings: Settings) -> LoadedModel:
         total_parameters=total,
         size_mb=size_mb,
         options=options,
+        max_batch_size=batches.max_batch_size,
+        max_batch_pixels=batches.max_batch_pixels,
     )

@@ -16,7 +16,7 @@ from typing import Any
 import torch
 
 from qwen_image_server.engine.device import DeviceInfo
-from qwen_image_server.engine.quantize import DEFAULT_SKIP, tensor_bytes
+from qwen_image_server.engine.quantize import DEFAULT_SKIP, TEXT_ENCODER_SKIP, quantizable, tensor_bytes
 from qwen_image_server.settings import OffloadName, QuantizeName
 
 GiB = 2**30
@@ -30,22 +30,27 @@ class OffloadPlan:
 
 def component_bytes(pipeline: Any, quantize: QuantizeName, quantize_text_encoder: bool,
                     skip: Sequence[str] = DEFAULT_SKIP) -> dict[str, int]:
-    """Bytes each torch component will take on the device once the quantization is applied."""
-    quantized = {"transformer"} | ({"text_encoder"} if quantize_text_encoder else set())
+    """Bytes each torch component will take on the device once the quantization is applied.
+
+    `skip` applies to the transformer; the text encoder always keeps its vision tower as is.
+    """
+    skips: dict[str, Sequence[str]] = {"transformer": skip}
+    if quantize_text_encoder:
+        skips["text_encoder"] = TEXT_ENCODER_SKIP
     sizes: dict[str, int] = {}
     for name, component in pipeline.components.items():
         if not isinstance(component, torch.nn.Module):
             continue
         total = 0
         for module_name, module in component.named_modules():
+            quantized = (quantize != "none" and name in skips
+                         and quantizable(module_name, module, quantize, skips[name]))
             for param in module.parameters(recurse=False):
                 size = tensor_bytes(param)
-                if (quantize != "none" and name in quantized and isinstance(module, torch.nn.Linear)
-                        and param.dim() == 2 and param.element_size() > 1
-                        and not (name == "transformer" and any(part in module_name for part in skip))):
-                    # one byte per weight, plus per output row a scale in the weight's dtype
-                    # (and for int8 a one-byte zero point)
-                    per_row = param.element_size() + (1 if quantize == "int8" else 0)
+                if quantized and param.dim() == 2 and param.element_size() > 1:
+                    # one byte per weight, plus per output row a scale: float32 for fp8, the
+                    # weight's dtype and a one-byte zero point for int8
+                    per_row = 4 if quantize == "fp8" else param.element_size() + 1
                     size = param.numel() + param.shape[0] * per_row
                 total += size
         for buffer in component.buffers():

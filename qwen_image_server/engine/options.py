@@ -1,28 +1,44 @@
 """Memory plans and speed options: checked before the model loads, applied in the one order that works.
 
 Order: fuse the LoRA (needs plain bf16 weights) -> plan the offload (needs the sizes the weights
-will have) -> quantize (layer by layer onto the GPU) -> place or offload -> attention backend ->
-step cache (wraps the transformer blocks) -> regional compile (compiles what the cache calls).
-Every problem an option can have (missing package, wrong hardware, a bad value) is found by
-`check_options` at startup, so no request ever fails because of an option.
+will have) -> check the plan -> quantize (layer by layer through the GPU) -> attention backend ->
+step cache (wraps the transformer before any offload hook does) -> place or offload -> regional
+compile (compiles what the cache calls).
+Every problem an option can have (missing package, wrong hardware, a bad value, a plan it cannot
+work with) is found by `check_options` and `check_plan` at startup, so no request ever fails
+because of an option.
 """
 
 from __future__ import annotations
 
 import importlib.util
+import inspect
 import logging
+import re
 from dataclasses import dataclass, field
 from typing import Any
 
-
-from qwen_image_server.engine.device import DeviceInfo
+from qwen_image_server.engine.compilation import compile_blocks
+from qwen_image_server.engine.device import DeviceInfo, resolve_dtype
 from qwen_image_server.engine.lora import LoraSpec, fuse_lora, parse_lora
 from qwen_image_server.engine.memory import GiB, component_bytes, free_gpu_bytes, place, plan_offload
-from qwen_image_server.engine.quantize import fp8_problem, quantize_module
+from qwen_image_server.engine.quantize import TEXT_ENCODER_SKIP, fp8_problem, quantize_module
+from qwen_image_server.engine.step_cache import cache_config, enable_step_cache
 from qwen_image_server.errors import OptionUnavailable
-from qwen_image_server.settings import Settings
+from qwen_image_server.scheduler import SchedulerConfig
+from qwen_image_server.settings import OffloadName, Settings
 
 log = logging.getLogger(__name__)
+
+# Backends that refuse masks, and the sibling that runs the same kernels with one (diffusers'
+# varlen wrappers).
+_MASKED_SIBLING = {
+    "flash": "flash_varlen",
+    "flash_hub": "flash_varlen_hub",
+    "_flash_3": "_flash_varlen_3",
+    "_flash_3_hub": "_flash_3_varlen_hub",
+    "sage": "sage_varlen",
+}
 
 
 @dataclass(frozen=True, slots=True)
@@ -57,13 +73,16 @@ def _missing(module: str) -> bool:
     return importlib.util.find_spec(module) is None
 
 
-def _cache_config(options: dict[str, Any]) -> Any:
-    from cache_dit import DBCacheConfig
-
-    try:
-        return DBCacheConfig(**options)
-    except TypeError as exc:
-        raise OptionUnavailable(f"QWEN_IMAGE_CACHE_OPTIONS has a knob DBCacheConfig does not take: {exc}") from exc
+def batch_config(settings: Settings, device: DeviceInfo) -> SchedulerConfig:
+    """The scheduler's batch limits for these settings on this device (defaults filled in)."""
+    return SchedulerConfig.for_device(
+        device.type,
+        max_queue=settings.max_queue,
+        queue_timeout_s=settings.queue_timeout_s,
+        max_batch_size=settings.max_batch_size,
+        max_batch_pixels=settings.max_batch_pixels,
+        batch_wait_ms=settings.batch_wait_ms,
+    )
 
 
 def check_options(settings: Settings, device: DeviceInfo) -> LoraSpec | None:
@@ -77,26 +96,20 @@ def check_options(settings: Settings, device: DeviceInfo) -> LoraSpec | None:
                                     "pip install 'qwen-image-server[gpu]'")
         if device.type == "mps":
             raise OptionUnavailable("torchao quantization does not run on Apple GPUs; use QWEN_IMAGE_QUANTIZE=none")
-        if settings.quantize == "fp8" and (problem := fp8_problem(device)):
+        dtype = resolve_dtype(settings.dtype, device)
+        if settings.quantize == "fp8" and (problem := fp8_problem(device, dtype)):
             raise OptionUnavailable(problem)
-    if settings.offload in ("model", "sequential") and device.type == "cpu":
-        raise OptionUnavailable(f"QWEN_IMAGE_OFFLOAD={settings.offload} moves weights between CPU and "
-                                "a GPU, and this server runs on the CPU; use auto or none")
-    if settings.offload == "sequential" and settings.quantize != "none":
-        raise OptionUnavailable("sequential offload cannot move torchao-quantized layers; with "
-                                "QWEN_IMAGE_QUANTIZE use QWEN_IMAGE_OFFLOAD=model (or auto)")
-    if settings.offload == "sequential" and settings.compile:
-        raise OptionUnavailable("QWEN_IMAGE_COMPILE=1 with sequential offload recompiles on every "
-                                "layer move; use QWEN_IMAGE_OFFLOAD=model or none")
+    if settings.offload != "auto":
+        check_plan(settings, device, settings.offload, f"QWEN_IMAGE_OFFLOAD={settings.offload}")
     if settings.cache == "cache-dit":
         if _missing("cache_dit"):
             raise OptionUnavailable("QWEN_IMAGE_CACHE=cache-dit needs the cache-dit package: "
                                     "pip install 'qwen-image-server[cache]'")
-        _cache_config(settings.cache_options)
+        cache_config(settings.cache_options)
     elif settings.cache_options:
         raise OptionUnavailable("QWEN_IMAGE_CACHE_OPTIONS is set but QWEN_IMAGE_CACHE is none")
     if settings.attention != "native":
-        _check_attention(settings.attention, device)
+        _check_attention(settings.attention, device, batch_config(settings, device).max_batch_size)
     lora = None
     if settings.lora:
         if _missing("peft"):
@@ -108,7 +121,37 @@ def check_options(settings: Settings, device: DeviceInfo) -> LoraSpec | None:
     return lora
 
 
-def _check_attention(name: str, device: DeviceInfo) -> None:
+def check_plan(settings: Settings, device: DeviceInfo, plan: OffloadName, why: str) -> None:
+    """Refuse options that cannot work with this offload plan, the requested one before loading
+    and the one `auto` resolved to once the sizes are known (`why` says which)."""
+    if plan in ("model", "sequential") and device.type == "cpu":
+        raise OptionUnavailable(f"QWEN_IMAGE_OFFLOAD={plan} moves weights between CPU and "
+                                "a GPU, and this server runs on the CPU; use auto or none")
+    if plan == "sequential" and settings.compile:
+        # accelerate's per-layer hooks are compiler-disabled functions inside every block, which
+        # a whole-block graph cannot hold: the warm-up would fail.
+        raise OptionUnavailable(
+            f"QWEN_IMAGE_COMPILE=1 cannot compile blocks whose layers sequential offload moves one "
+            f"at a time, and the plan is sequential ({why}); drop QWEN_IMAGE_COMPILE, or make "
+            "model offload fit (QWEN_IMAGE_QUANTIZE=fp8, QWEN_IMAGE_QUANTIZE_TEXT_ENCODER=1, "
+            "a smaller QWEN_IMAGE_OFFLOAD_HEADROOM_GB)")
+
+
+def takes_attention_mask(backend: Any) -> bool:
+    """Whether a diffusers attention backend accepts an attention mask.
+
+    Every backend function has an `attn_mask` parameter; the ones without mask support raise on
+    any mask at call time, which is what this reads from their source.
+    """
+    from diffusers.models.attention_dispatch import _AttentionBackendRegistry
+
+    function = _AttentionBackendRegistry._backends.get(backend)
+    if function is None:
+        return False
+    return re.search(r"if attn_mask is not None:\s*\n\s*raise", inspect.getsource(function)) is None
+
+
+def _check_attention(name: str, device: DeviceInfo, max_batch_size: int) -> None:
     from diffusers.models.attention_dispatch import (
         AttentionBackendName,
         _check_attention_backend_requirements,
@@ -123,6 +166,15 @@ def _check_attention(name: str, device: DeviceInfo) -> None:
     if device.type != "cuda" and not backend.value.startswith("_native") and backend.value != "native":
         raise OptionUnavailable(f"QWEN_IMAGE_ATTENTION={name} runs on NVIDIA GPUs only; use native on "
                                 f"{device.type.upper()}")
+    if max_batch_size > 1 and not takes_attention_mask(backend):
+        # The pipeline pads the prompts of a batch to the longest and masks the padding; with
+        # prompts of one length (or one prompt) it passes no mask, which is why batch 1 works.
+        sibling = _MASKED_SIBLING.get(name, "native")
+        raise OptionUnavailable(
+            f"QWEN_IMAGE_ATTENTION={name} takes no attention mask, which a batch of prompts of "
+            f"different lengths needs (QWEN_IMAGE_MAX_BATCH_SIZE is {max_batch_size}); use "
+            f"QWEN_IMAGE_ATTENTION={sibling}" + (" (the same kernels, with masks)" if name in _MASKED_SIBLING else "")
+            + f", or QWEN_IMAGE_MAX_BATCH_SIZE=1 to keep {name}")
     try:
         _check_attention_backend_requirements(backend)
     except (RuntimeError, ImportError) as exc:
@@ -145,40 +197,29 @@ def prepare_pipeline(pipeline: Any, settings: Settings, device: DeviceInfo) -> A
     plan = plan_offload(settings.offload, device, sizes, free_gpu_bytes(device),
                         int(settings.offload_headroom_gb * GiB))
     log.info("memory plan: offload=%s because %s", plan.plan, plan.reason)
+    check_plan(settings, device, plan.plan, plan.reason)
 
     if settings.quantize != "none":
-        count = quantize_module(pipeline.transformer, settings.quantize, device, settings.quantize_skip)
+        # Under an offload plan every layer goes back to the CPU once quantized: the plan was
+        # made because the components do not all fit on the GPU at once.
+        stay = plan.plan == "none"
+        count = quantize_module(pipeline.transformer, settings.quantize, device, settings.quantize_skip,
+                                stay_on_device=stay)
         log.info("quantized %d transformer layers to %s (left unquantized: %s)",
                  count, settings.quantize, ", ".join(settings.quantize_skip) or "none")
         if settings.quantize_text_encoder:
-            count = quantize_module(pipeline.text_encoder, settings.quantize, device, ())
+            count = quantize_module(pipeline.text_encoder, settings.quantize, device, TEXT_ENCODER_SKIP,
+                                    stay_on_device=stay)
             log.info("quantized %d text encoder layers to %s", count, settings.quantize)
-    place(pipeline, plan.plan, device)
 
     # Always set, "native" included: diffusers also keeps the choice in a process-wide registry,
     # and a second pipeline in the same process (the benchmark) must not inherit the first's.
     pipeline.transformer.set_attention_backend(settings.attention)
     if settings.cache == "cache-dit":
-        import cache_dit
-
-        config = _cache_config(settings.cache_options)
-        blocks = len(pipeline.transformer.transformer_blocks)
-        # cache-dit asserts this only inside the first forward; a request must never be the one
-        # to find out.
-        if config.Fn_compute_blocks + config.Bn_compute_blocks > blocks:
-            raise OptionUnavailable(
-                f"QWEN_IMAGE_CACHE_OPTIONS: Fn_compute_blocks ({config.Fn_compute_blocks}) + "
-                f"Bn_compute_blocks ({config.Bn_compute_blocks}) must not exceed the transformer's "
-                f"{blocks} blocks")
-        cache_dit.enable_cache(pipeline, cache_config=config)
+        enable_step_cache(pipeline, settings.cache_options)
+    place(pipeline, plan.plan, device)
     if settings.compile:
-        if settings.cache == "cache-dit":
-            import cache_dit
-
-            cache_dit.set_compile_configs()  # cache-dit's dynamo settings for its wrapped blocks
-        # Regional: one compiled graph reused by all 60 identical blocks; compiles in a minute
-        # rather than the many a whole-model compile takes, for nearly the same speed.
-        pipeline.transformer.compile_repeated_blocks(fullgraph=settings.cache == "none")
+        compile_blocks(pipeline, cached=settings.cache == "cache-dit")
 
     return AppliedOptions(
         offload=plan.plan,
@@ -194,5 +235,3 @@ def prepare_pipeline(pipeline: Any, settings: Settings, device: DeviceInfo) -> A
         attention=settings.attention,
         warmup=settings.warmup or settings.compile,
     )
-
-

@@ -11,7 +11,9 @@ from typing import Any
 import torch
 from PIL import Image
 
+from qwen_image_server.engine.compilation import WARMUP_PROMPT, warmup_prompt_batches
 from qwen_image_server.engine.loader import LoadedModel
+from qwen_image_server.engine.step_cache import set_cfg_mode
 from qwen_image_server.engine.types import (
     BatchAborted,
     DeviceFailure,
@@ -26,10 +28,23 @@ log = logging.getLogger(__name__)
 # Errors after which the CUDA context is unusable: only a new process recovers.
 _FATAL_MARKERS = ("CUDA error", "CUBLAS_STATUS", "CUDNN_STATUS", "cuDNN error", "NCCL error",
                   "device-side assert", "illegal memory access")
+# cuBLAS errors that leave the context usable, checked first. ALLOC_FAILED is cuBLAS failing to get
+# workspace memory: an out-of-memory like any other. NOT_SUPPORTED is a matmul cuBLAS has no
+# kernel for, e.g. row-wise fp8 at some small shapes on some CUDA versions: that batch fails.
+_OUT_OF_MEMORY_MARKERS = ("CUBLAS_STATUS_ALLOC_FAILED",)
+_BATCH_ONLY_MARKERS = ("CUBLAS_STATUS_NOT_SUPPORTED",)
+
+
+def is_out_of_memory(exc: BaseException) -> bool:
+    """True when `exc` is the device running out of memory (freeing and retrying may help)."""
+    return isinstance(exc, torch.OutOfMemoryError) or (
+        isinstance(exc, RuntimeError) and any(m in str(exc) for m in _OUT_OF_MEMORY_MARKERS))
 
 
 def is_device_failure(exc: BaseException) -> bool:
     """True when `exc` says the accelerator itself failed (not just this batch)."""
+    if is_out_of_memory(exc) or any(m in str(exc) for m in _BATCH_ONLY_MARKERS):
+        return False
     accelerator_error = getattr(torch, "AcceleratorError", None)
     if accelerator_error is not None and isinstance(exc, accelerator_error):
         return True
@@ -63,6 +78,9 @@ class PipelineEngine:
             # With one sigma, diffusers' stretch to shift_terminal divides 0 by 0 and the image
             # is NaN (black); one step has no schedule to stretch, so it runs without it.
             self.pipeline.scheduler = type(scheduler).from_config(scheduler.config, shift_terminal=None)
+        if self.model.options.cache == "cache-dit":
+            set_cfg_mode(self.pipeline, separate_cfg=use_cfg)
+        finished = False
         try:
             with torch.inference_mode():
                 out = self.pipeline(
@@ -78,33 +96,54 @@ class PipelineEngine:
                     max_sequence_length=self.model.max_prompt_tokens,
                     output_type="pil",
                 )
+            finished = True
         except BatchAborted:
             raise
-        except torch.OutOfMemoryError as exc:
-            raise DeviceOutOfMemory(str(exc)) from exc
         except Exception as exc:
+            if is_out_of_memory(exc):
+                raise DeviceOutOfMemory(str(exc)) from exc
             if is_device_failure(exc):
                 raise DeviceFailure(str(exc)) from exc
             raise
         finally:
             self.pipeline.scheduler = scheduler
+            if not finished and self.model.options.offload == "model":
+                # The pipeline offloads at the end of a call it completes; after an abort or an
+                # error the component that was running stays on the GPU, and the next call would
+                # load the text encoder beside it.
+                try:
+                    self.pipeline.maybe_free_model_hooks()
+                except Exception:  # noqa: BLE001 - the error that ended the call is the one to report
+                    log.exception("offloading after an interrupted call failed")
         return list(out.images)
 
     def warm_up(self, aspect_ratios: Sequence[str], steps: int = 2) -> float:
-        """Run one short generation per preset before the server reports ready; returns seconds.
+        """Run short generations per preset before the server reports ready; returns seconds.
 
         With QWEN_IMAGE_COMPILE this is where each shape is traced and compiled (minutes on a real
-        GPU), so no user request pays for it; otherwise it loads CUDA kernels and cuDNN plans.
+        GPU), so no user request pays for it: every batch size up to the batch limit, with and
+        without padding masks, at two prompt lengths or more. Otherwise one call per preset
+        loads CUDA kernels and cuDNN plans.
         """
         start = time.perf_counter()
         for name in dict.fromkeys(aspect_ratios):
             width, height = ASPECT_RATIOS[name]
-            spec = GenerationSpec(prompt="warm-up", negative_prompt=" ", width=width, height=height,
-                                  num_inference_steps=steps, true_cfg_scale=4.0, seed=0)
-            self.run_batch([spec], lambda step, total: None)
+            self.warm_up_size(width, height, steps)
             log.info("warm-up %s (%dx%d, %d steps) done after %.1fs",
                      name, width, height, steps, time.perf_counter() - start)
         return time.perf_counter() - start
+
+    def warm_up_size(self, width: int, height: int, steps: int = 2) -> None:
+        """The warm-up calls of one image size."""
+        if self.model.options.compile:
+            calls = warmup_prompt_batches(width, height, self.model.max_batch_size, self.model.max_batch_pixels)
+        else:
+            calls = [[WARMUP_PROMPT]]
+        for prompts in calls:
+            specs = [GenerationSpec(prompt=prompt, negative_prompt=" ", width=width, height=height,
+                                    num_inference_steps=steps, true_cfg_scale=4.0, seed=0)
+                     for prompt in prompts]
+            self.run_batch(specs, lambda step, total: None)
 
     def free_memory(self) -> None:
         gc.collect()

@@ -1,0 +1,431 @@
+"""GPU code paths proved on the CPU with the tiny model: offload with step caching, attention
+masks in batches, plans `auto` resolves to, quantizing through the GPU, out-of-memory retries,
+interrupted offloaded calls, cache-dit without CFG, compile warm-up, fp8 and cuBLAS errors.
+
+Where a path needs a GPU's facts, the test supplies them: a device that calls itself CUDA but
+computes on the CPU (`CpuAsCuda`), and monkeypatched `torch.cuda` numbers (free memory,
+compute capability).
+"""
+
+from __future__ import annotations
+
+import dataclasses
+import gc
+import random
+import weakref
+from collections.abc import Sequence
+
+import numpy as np
+import pytest
+import torch
+from diffusers import QwenImagePipeline, QwenImageTransformer2DModel
+
+from qwen_image_server import errors
+from qwen_image_server.engine import compilation
+from qwen_image_server.engine.device import DeviceInfo
+from qwen_image_server.engine.loader import LoadedModel, load_model
+from qwen_image_server.engine.memory import GiB, component_bytes
+from qwen_image_server.engine import options as options_module
+from qwen_image_server.engine.options import check_options, prepare_pipeline, takes_attention_mask
+from qwen_image_server.engine.quantize import TEXT_ENCODER_SKIP, ao_config, quantize_module, tensor_bytes
+from qwen_image_server.engine.runner import PipelineEngine
+from qwen_image_server.engine.tiny import ensure_tiny_model
+from qwen_image_server.engine.types import BatchAborted, DeviceFailure, DeviceOutOfMemory, GenerationSpec
+from qwen_image_server.errors import ModelLoadError, OptionUnavailable
+from qwen_image_server.scheduler import Scheduler, SchedulerConfig
+from tests.conftest import tiny_settings
+
+
+@dataclasses.dataclass(frozen=True, slots=True)
+class CpuAsCuda(DeviceInfo):
+    """A CUDA device as the server's code sees it, whose tensors stay on the CPU."""
+
+    @property
+    def torch_device(self) -> torch.device:
+        return torch.device("cpu")
+
+
+GPU = CpuAsCuda("cuda", "Fake 24GB", "12.8")
+CPU = DeviceInfo("cpu", None, None)
+
+
+def spec(prompt: str = "a red fox", *, size: int = 64, steps: int = 2, cfg: float = 4.0,
+         seed: int = 7) -> GenerationSpec:
+    return GenerationSpec(prompt=prompt, negative_prompt=" ", width=size, height=size,
+                          num_inference_steps=steps, true_cfg_scale=cfg, seed=seed)
+
+
+def no_progress(step: int, total: int) -> None:
+    return None
+
+
+@pytest.fixture
+def gpu_facts(monkeypatch):
+    """torch.cuda's answers for a 24 GB Ada card, set per test: free memory and capability."""
+    facts = {"free": 22 * GiB, "capability": (8, 9)}
+    monkeypatch.setattr(torch.cuda, "mem_get_info", lambda *a: (facts["free"], 24 * GiB))
+    monkeypatch.setattr(torch.cuda, "get_device_capability", lambda *a: facts["capability"])
+    return facts
+
+
+def tiny_pipeline(cache_dir) -> QwenImagePipeline:
+    return QwenImagePipeline.from_pretrained(ensure_tiny_model(cache_dir), dtype=torch.float32)
+
+
+def engine_on(pipeline: QwenImagePipeline, settings, device: DeviceInfo) -> PipelineEngine:
+    """Apply the options as the loader does, on `device`, and wrap the result like the server."""
+    options = prepare_pipeline(pipeline, settings, device)
+    model = LoadedModel(pipeline=pipeline, name="tiny", source="embedded", device=device,
+                        dtype=torch.float32, load_time=0.0, total_parameters=0, size_mb=0.0,
+                        options=options, max_batch_size=settings.max_batch_size or 1)
+    return PipelineEngine(model)
+
+
+# -- 1 and 6: cache-dit under model offload, with and without CFG --------------------------------
+
+CACHE_EVERYTHING = {"Fn_compute_blocks": 1, "Bn_compute_blocks": 0, "max_warmup_steps": 2,
+                    "residual_diff_threshold": 10.0}  # nothing exceeds it: every step may be cached
+
+
+def cached_steps(pipeline) -> tuple[list[int], list[int]]:
+    import cache_dit
+
+    [stats, *_] = cache_dit.summary(pipeline, logging=False)
+    return list(stats.cached_steps), list(stats.cfg_cached_steps)
+
+
+@pytest.fixture(scope="module")
+def offloaded_cached(tmp_path_factory) -> PipelineEngine:
+    """Model offload (what `auto` picks for bf16 on a 48 GB card) with cache-dit on."""
+    folder = tmp_path_factory.mktemp("offload")
+    settings = tiny_settings(folder, offload="model", cache="cache-dit", cache_options=CACHE_EVERYTHING)
+    with pytest.MonkeyPatch.context() as patch:
+        patch.setattr(torch.cuda, "mem_get_info", lambda *a: (40 * GiB, 48 * GiB))
+        return engine_on(tiny_pipeline(settings.cache_dir), settings, GPU)
+
+
+def test_cache_dit_keeps_caching_every_call_under_model_offload(offloaded_cached):
+    assert offloaded_cached.model.options.offload == "model"
+    for call in range(3):  # model offload re-installs its hooks after every call
+        offloaded_cached.run_batch([spec(steps=6, seed=call)], no_progress)
+        steps, cfg_steps = cached_steps(offloaded_cached.pipeline)
+        assert steps == [2, 3, 4, 5] and cfg_steps == [2, 3, 4, 5], (call, steps, cfg_steps)
+
+
+def test_cache_dit_counts_steps_of_a_call_without_cfg(offloaded_cached):
+    # A Lightning request: 8 steps, one transformer pass each. Counted as CFG pairs, cache-dit saw
+    # 4 steps and cached 2 of them.
+    offloaded_cached.run_batch([spec(steps=8, cfg=1.0)], no_progress)
+    assert cached_steps(offloaded_cached.pipeline) == ([2, 3, 4, 5, 6, 7], [])
+    offloaded_cached.run_batch([spec(steps=8, cfg=4.0)], no_progress)  # and back
+    assert cached_steps(offloaded_cached.pipeline) == ([2, 3, 4, 5, 6, 7], [2, 3, 4, 5, 6, 7])
+
+
+# -- 5: an interrupted call under model offload offloads what it left on the GPU ----------------
+
+@pytest.mark.parametrize("interruption", ["cancel", "error"])
+def test_an_interrupted_call_under_model_offload_puts_the_components_back(offloaded_cached, monkeypatch,
+                                                                          interruption):
+    pipeline = offloaded_cached.pipeline
+    offloads = []
+    original = pipeline.maybe_free_model_hooks
+    monkeypatch.setattr(pipeline, "maybe_free_model_hooks", lambda: (offloads.append(1), original())[1])
+
+    def stop(step: int, total: int) -> None:
+        raise BatchAborted if interruption == "cancel" else RuntimeError("something broke")
+
+    with pytest.raises(BatchAborted if interruption == "cancel" else RuntimeError):
+        offloaded_cached.run_batch([spec(steps=4)], stop)
+    # Diffusers offloads at the end of a call it completes; this call never got there.
+    assert offloads == [1]
+    offloaded_cached.run_batch([spec(steps=2)], no_progress)
+    assert offloads == [1, 1]  # a completed call offloads once, by itself
+
+
+# -- 2: attention backends without masks and batches --------------------------------------------
+
+def test_backends_that_refuse_masks_are_known_from_diffusers():
+    from diffusers.models.attention_dispatch import AttentionBackendName as Name
+
+    for name in ("flash", "_flash_3", "_flash_3_hub", "sage", "_native_flash"):
+        assert not takes_attention_mask(Name(name)), name
+    for name in ("native", "_native_math", "_native_cudnn", "flash_varlen", "_flash_varlen_3", "sage_varlen"):
+        assert takes_attention_mask(Name(name)), name
+
+
+def test_a_backend_without_masks_fails_mixed_length_batches_so_batching_refuses_it(tmp_path):
+    # Batch 1 and equal-length batches pass no mask, so they run; a batch of prompts of
+    # different lengths makes the pipeline pass a padding mask, which the backend refuses.
+    model = load_model(tiny_settings(tmp_path, attention="_native_flash", max_batch_size=1))
+    engine = PipelineEngine(model)
+    assert len(engine.run_batch([spec("a cat"), spec("a cat", seed=8)], no_progress)) == 2
+    with pytest.raises(ValueError, match="attn_mask"):
+        engine.run_batch([spec("a cat"), spec("a dog running on a beach at dusk")], no_progress)
+    # So with batching on, the server refuses it at startup, naming both ways out.
+    with pytest.raises(ModelLoadError) as refused:
+        load_model(tiny_settings(tmp_path, attention="_native_flash", max_batch_size=4))
+    message = str(refused.value)
+    assert "QWEN_IMAGE_ATTENTION=_native_flash takes no attention mask" in message
+    assert "QWEN_IMAGE_MAX_BATCH_SIZE is 4" in message and "QWEN_IMAGE_MAX_BATCH_SIZE=1" in message
+
+
+def test_the_gpu_default_batch_refuses_flash_and_names_its_masked_sibling(tmp_path, gpu_facts):
+    # No QWEN_IMAGE_MAX_BATCH_SIZE: the GPU default (4) applies.
+    settings = tiny_settings(tmp_path, attention="flash", max_batch_size=None)
+    with pytest.raises(OptionUnavailable, match="use QWEN_IMAGE_ATTENTION=flash_varlen") as refused:
+        check_options(settings, GPU)
+    assert "QWEN_IMAGE_MAX_BATCH_SIZE is 4" in str(refused.value)
+
+
+# -- 3: the plan auto resolves to is checked; quantizing follows the plan -----------------------
+
+def test_auto_resolving_to_sequential_offload_refuses_compile_at_startup(tmp_path, gpu_facts):
+    gpu_facts["free"] = 1024  # not even the tiny transformer fits: auto picks sequential
+    settings = tiny_settings(tmp_path, compile=True)
+    with pytest.raises(OptionUnavailable, match="plan is sequential") as refused:
+        prepare_pipeline(tiny_pipeline(settings.cache_dir), settings, GPU)
+    assert "alone does not fit" in str(refused.value)  # the reason auto gave
+
+
+class MoveSpy:
+    """Records every Module.to(device) call: which module went where."""
+
+    def __init__(self, monkeypatch) -> None:
+        self.moves: list[tuple[torch.nn.Module, torch.device]] = []
+        original = torch.nn.Module.to
+
+        def to(module, *args, **kwargs):
+            device = kwargs.get("device", args[0] if args else None)
+            if isinstance(device, (str, torch.device)):
+                self.moves.append((module, torch.device(device)))
+            return original(module, *args, **kwargs)
+
+        monkeypatch.setattr(torch.nn.Module, "to", to)
+
+
+@pytest.mark.parametrize("plan", ["none", "model"])
+def test_quantizing_moves_one_layer_at_a_time_and_back_under_offload(tmp_path, gpu_facts, monkeypatch, plan):
+    settings = tiny_settings(tmp_path, quantize="int8", quantize_text_encoder=True, offload_headroom_gb=0)
+    pipeline = tiny_pipeline(settings.cache_dir)
+    sizes = component_bytes(pipeline, "int8", True)
+    # Room for everything, or for the largest component alone: auto picks none, or model offload.
+    gpu_facts["free"] = sum(sizes.values()) if plan == "none" else max(sizes.values())
+    monkeypatch.setattr(options_module, "place", lambda *args: None)  # placing is not what is watched
+    spy = MoveSpy(monkeypatch)
+    options = prepare_pipeline(pipeline, settings, GPU)
+    assert options.offload == plan
+    # Only single layers moved: quantize_(device=...) would move the whole transformer, and the
+    # text encoder after it, onto the GPU.
+    assert spy.moves and all(isinstance(module, torch.nn.Linear) for module, _ in spy.moves)
+    layers = [module for module, _ in spy.moves]
+    if plan == "none":
+        assert len(layers) == len(set(layers))  # each to the GPU once, and it stays there
+    else:
+        assert layers[0::2] == layers[1::2]  # each to the GPU and straight back, one at a time
+    visual = {m for name, m in pipeline.text_encoder.named_modules() if "visual." in name}
+    assert not visual & set(layers)  # the vision tower is never used for text-to-image
+
+
+def test_quantized_layers_survive_sequential_offload(tmp_path):
+    """Sequential offload moves each layer's weights in and out per call; torchao's tensors
+    come through it unchanged, so quantization and sequential offload may be combined."""
+    import accelerate
+
+    transformer = QwenImageTransformer2DModel.from_pretrained(
+        ensure_tiny_model(tiny_settings(tmp_path).cache_dir) / "transformer", dtype=torch.bfloat16).eval()
+    quantize_module(transformer, "int8", CPU, ())
+    config = transformer.config
+    inputs = dict(hidden_states=torch.randn(1, 16, config.in_channels, dtype=torch.bfloat16),
+                  encoder_hidden_states=torch.randn(1, 5, config.joint_attention_dim, dtype=torch.bfloat16),
+                  timestep=torch.tensor([0.5]), img_shapes=[[(1, 4, 4)]])
+    with torch.inference_mode():  # as the runner calls the pipeline
+        resident = transformer(**inputs).sample
+    # What enable_sequential_cpu_offload does to each component.
+    accelerate.cpu_offload(transformer, execution_device=torch.device("cpu"), offload_buffers=True)
+    assert transformer.transformer_blocks[0].attn.to_q.weight.device.type == "meta"  # really offloaded
+    with torch.inference_mode():
+        offloaded = transformer(**inputs).sample
+    torch.testing.assert_close(offloaded, resident)
+
+
+def test_quantization_no_longer_refuses_sequential_offload(tmp_path, gpu_facts):
+    assert check_options(tiny_settings(tmp_path, offload="sequential", quantize="int8"), GPU) is None
+
+
+# -- 8 and 9: fp8 dtype and what fp8 really quantizes -------------------------------------------
+
+def test_fp8_with_float16_weights_is_refused_before_the_download(tmp_path, gpu_facts):
+    with pytest.raises(OptionUnavailable, match="QWEN_IMAGE_DTYPE=bfloat16") as refused:
+        check_options(tiny_settings(tmp_path, quantize="fp8", dtype="float16"), GPU)
+    assert "is float16" in str(refused.value)
+    assert check_options(tiny_settings(tmp_path, quantize="fp8", dtype="bfloat16"), GPU) is None
+    assert check_options(tiny_settings(tmp_path, quantize="fp8"), GPU) is None  # auto is bf16 on CUDA
+
+
+def test_fp8_on_cuda_12_9_avoids_the_cublaslt_path_that_fails():
+    assert ao_config("fp8", dataclasses.replace(GPU, cuda_version="12.9")).mm_config.use_fast_accum is False
+    assert ao_config("fp8", GPU).mm_config.use_fast_accum is True
+
+
+class FakePipeline:
+    """`components`, as component_bytes reads them, with layers fp8 cannot take."""
+
+    def __init__(self) -> None:
+        torch.manual_seed(0)
+        bf16 = torch.bfloat16
+        self.transformer = torch.nn.ModuleDict({
+            "attn": torch.nn.Linear(64, 64).to(bf16),
+            "odd": torch.nn.Linear(64, 40).to(bf16),  # 40 rows: not a multiple of 16
+            "img_mlp": torch.nn.Linear(64, 64).to(bf16),
+        })
+        self.text_encoder = torch.nn.ModuleDict({
+            "language_model": torch.nn.Linear(64, 128).to(bf16),
+            "visual": torch.nn.ModuleDict({"mlp": torch.nn.Linear(48, 48).to(bf16)}),  # the unused vision tower
+        })
+        self.components = {"transformer": self.transformer, "text_encoder": self.text_encoder,
+                           "tokenizer": object()}
+
+
+def test_fp8_size_estimate_counts_what_fp8_really_quantizes():
+    pipeline = FakePipeline()
+    estimate = component_bytes(pipeline, "fp8", quantize_text_encoder=True)
+    assert quantize_module(pipeline.transformer, "fp8", CPU) == 1  # attn; odd and img_mlp stay bf16
+    assert quantize_module(pipeline.text_encoder, "fp8", CPU, TEXT_ENCODER_SKIP) == 1
+    for name in ("transformer", "text_encoder"):
+        real = sum(tensor_bytes(p) for p in pipeline.components[name].parameters())
+        assert estimate[name] == real, name
+    assert "torchao" not in type(pipeline.transformer["odd"].weight).__module__
+    assert "torchao" not in type(pipeline.text_encoder["visual"]["mlp"].weight).__module__
+
+
+# -- 4: the OOM retry frees the failed batch's memory first -------------------------------------
+
+class OomOnceEngine:
+    """Runs like the real engine's failure path: the pipeline allocates activations, then runs
+    out of memory; records whether those activations were still alive when memory was freed."""
+
+    def __init__(self) -> None:
+        self.activations: list[weakref.ref] = []
+        self.alive_at_free: list[bool] = []
+        self.batches: list[int] = []
+
+    def _pipeline(self, batch: int) -> None:
+        activations = torch.empty(1_000_000)  # the failing call's device tensors
+        self.activations.append(weakref.ref(activations))
+        if batch > 1:
+            raise torch.OutOfMemoryError("CUDA out of memory. Tried to allocate 2.00 GiB")
+
+    def run_batch(self, specs: Sequence[GenerationSpec], on_step) -> list:
+        from PIL import Image
+
+        self.batches.append(len(specs))
+        try:
+            self._pipeline(len(specs))
+        except torch.OutOfMemoryError as exc:
+            raise DeviceOutOfMemory(str(exc)) from exc
+        return [Image.new("RGB", (8, 8)) for _ in specs]
+
+    def free_memory(self) -> None:
+        gc.collect()  # what PipelineEngine.free_memory does before torch.cuda.empty_cache()
+        self.alive_at_free.append(self.activations[0]() is not None)
+
+
+def test_out_of_memory_retry_frees_the_failed_batch_before_retrying():
+    engine = OomOnceEngine()
+    scheduler = Scheduler(lambda: engine, SchedulerConfig(max_batch_size=2))
+    scheduler.start()
+    try:
+        jobs = scheduler.submit_many([spec(seed=1), spec(seed=2)], request_id=1)
+        for job in jobs:
+            assert job.future.result(timeout=30).batch_size == 1
+    finally:
+        scheduler.stop()
+        scheduler.join(5)
+    assert engine.batches == [2, 1, 1]
+    assert engine.alive_at_free == [False]  # freed before the retry, so the retry has the memory
+
+
+# -- 10: cuBLAS errors that are not fatal -------------------------------------------------------
+
+class RaisingPipeline:
+    def __init__(self, error: BaseException) -> None:
+        self.error = error
+        self.scheduler = type("Scheduler", (), {"config": {}})()
+
+    def set_progress_bar_config(self, **kwargs) -> None:
+        pass
+
+    def __call__(self, **kwargs):
+        raise self.error
+
+
+def raising_engine(error: BaseException) -> PipelineEngine:
+    model = type("Model", (), {"pipeline": RaisingPipeline(error), "max_prompt_tokens": 1024,
+                               "device": GPU, "options": type("Options", (), {"cache": "none",
+                                                                               "offload": "none"})()})()
+    return PipelineEngine(model)  # type: ignore[arg-type]
+
+
+@pytest.mark.parametrize(("message", "becomes"), [
+    ("CUDA error: CUBLAS_STATUS_ALLOC_FAILED when calling `cublasCreate(handle)`", DeviceOutOfMemory),
+    ("CUDA error: CUBLAS_STATUS_NOT_SUPPORTED when calling `cublasLtMatmul( ... )`", RuntimeError),
+    ("CUDA error: an illegal memory access was encountered", DeviceFailure),
+    ("CUDA error: CUBLAS_STATUS_EXECUTION_FAILED when calling `cublasGemmEx( ... )`", DeviceFailure),
+], ids=["alloc-failed-is-oom", "not-supported-fails-the-batch", "illegal-access-is-fatal", "execution-failed-is-fatal"])
+def test_cublas_errors_are_sorted_by_what_recovers_them(message, becomes):
+    with pytest.raises(becomes) as raised:
+        raising_engine(RuntimeError(message)).run_batch([spec()], no_progress)
+    assert type(raised.value) is becomes
+
+
+def test_an_unsupported_fp8_matmul_fails_its_batch_and_the_server_keeps_serving():
+    engine = raising_engine(RuntimeError("CUDA error: CUBLAS_STATUS_NOT_SUPPORTED when calling `cublasLtMatmul`"))
+    scheduler = Scheduler(lambda: engine, SchedulerConfig(max_batch_size=1))
+    scheduler.start()
+    try:
+        job = scheduler.submit(spec(), request_id=1)
+        with pytest.raises(errors.InferenceFailed):
+            job.future.result(timeout=30)
+        assert not scheduler.dead and scheduler.ready
+    finally:
+        scheduler.stop()
+        scheduler.join(5)
+
+
+# -- 7: compile warm-up covers every batch the server forms -------------------------------------
+
+def test_compile_warm_up_leaves_nothing_to_compile_for_live_batches(tmp_path, monkeypatch):
+    # The backend is dynamo's "eager": what gets recompiled is decided by dynamo's guards, the
+    # same whatever the backend, and it spares the CPU inductor's code generation.
+    original = QwenImageTransformer2DModel.compile_repeated_blocks
+    monkeypatch.setattr(QwenImageTransformer2DModel, "compile_repeated_blocks",
+                        lambda self, **kw: original(self, backend="eager", **kw))
+    torch.compiler.reset()
+    model = load_model(tiny_settings(tmp_path, compile=True, max_batch_size=3, max_batch_pixels=3 * 64 * 64))
+    engine = PipelineEngine(model)
+    for size in (64, 128):  # two warmed-up sizes, as with two QWEN_IMAGE_WARMUP_ASPECT_RATIOS
+        engine.warm_up_size(size, size, steps=1)
+    warmed = compilation.compiled_graphs()
+    assert warmed > 0
+
+    words = "cat dog sun red blue house tree car sky on in with a the".split()
+    rng = random.Random(0)
+    for size in (64, 128):
+        limit = 3 if size == 64 else 1  # the pixel budget: one 128x128 image per batch
+        for batch in range(1, limit + 1):
+            prompts = [" ".join(rng.choices(words, k=rng.randint(1, 40))) for _ in range(batch)]
+            engine.run_batch([spec(p, size=size, steps=1) for p in prompts], no_progress)  # mixed lengths
+            engine.run_batch([spec(prompts[0], size=size, steps=1)] * batch, no_progress)  # equal lengths
+            engine.run_batch([spec(p, size=size, steps=1, cfg=1.0) for p in prompts], no_progress)
+    assert compilation.compiled_graphs() == warmed  # live traffic compiled nothing
+
+
+def test_images_from_quantized_offloaded_model_stay_close(tmp_path, gpu_facts):
+    """A 48 GB card's path: quantized text encoder and transformer under model offload."""
+    settings = tiny_settings(tmp_path)
+    plain = engine_on(tiny_pipeline(settings.cache_dir), settings, CPU)
+    baseline = np.asarray(plain.run_batch([spec(size=128)], no_progress)[0]).astype(np.float64)
+    offloaded = engine_on(tiny_pipeline(settings.cache_dir),
+                          tiny_settings(tmp_path, quantize="int8", quantize_text_encoder=True, offload="model"), GPU)
+    image = np.asarray(offloaded.run_batch([spec(size=128)], no_progress)[0]).astype(np.float64)
+    assert np.abs(image - baseline).mean() < 2.0
