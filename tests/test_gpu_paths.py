@@ -28,10 +28,11 @@ from qwen_image_server.engine.memory import GiB, component_bytes
 from qwen_image_server.engine import options as options_module
 from qwen_image_server.engine.options import check_options, prepare_pipeline, takes_attention_mask
 from qwen_image_server.engine.quantize import TEXT_ENCODER_SKIP, ao_config, quantize_module, tensor_bytes
-from qwen_image_server.engine.runner import PipelineEngine
+from qwen_image_server.engine.runner import PipelineEngine, inference_context
 from qwen_image_server.engine.tiny import ensure_tiny_model
 from qwen_image_server.engine.types import BatchAborted, DeviceFailure, DeviceOutOfMemory, GenerationSpec
 from qwen_image_server.errors import ModelLoadError, OptionUnavailable
+from qwen_image_server.presets import ASPECT_RATIOS
 from qwen_image_server.scheduler import Scheduler, SchedulerConfig
 from tests.conftest import tiny_settings
 
@@ -226,24 +227,29 @@ def test_quantizing_moves_one_layer_at_a_time_and_back_under_offload(tmp_path, g
     assert not visual & set(layers)  # the vision tower is never used for text-to-image
 
 
-def test_quantized_layers_survive_sequential_offload(tmp_path):
-    """Sequential offload moves each layer's weights in and out per call; torchao's tensors
-    come through it unchanged, so quantization and sequential offload may be combined."""
+@pytest.mark.parametrize("mode", ["int8", "fp8"])
+def test_quantized_layers_run_under_sequential_offload(tmp_path, mode):
+    """Sequential offload moves each layer's weights in and out per call. torchao's tensors come
+    through it in the autograd mode the engine uses for that plan (not in inference mode), so
+    quantization and sequential offload may be combined: the 24 GB plan for fp8."""
     import accelerate
 
     transformer = QwenImageTransformer2DModel.from_pretrained(
         ensure_tiny_model(tiny_settings(tmp_path).cache_dir) / "transformer", dtype=torch.bfloat16).eval()
-    quantize_module(transformer, "int8", CPU, ())
+    quantize_module(transformer, mode, CPU, ())
     config = transformer.config
     inputs = dict(hidden_states=torch.randn(1, 16, config.in_channels, dtype=torch.bfloat16),
                   encoder_hidden_states=torch.randn(1, 5, config.joint_attention_dim, dtype=torch.bfloat16),
                   timestep=torch.tensor([0.5]), img_shapes=[[(1, 4, 4)]])
-    with torch.inference_mode():  # as the runner calls the pipeline
+    with torch.inference_mode():
         resident = transformer(**inputs).sample
     # What enable_sequential_cpu_offload does to each component.
     accelerate.cpu_offload(transformer, execution_device=torch.device("cpu"), offload_buffers=True)
     assert transformer.transformer_blocks[0].attn.to_q.weight.device.type == "meta"  # really offloaded
-    with torch.inference_mode():
+    with pytest.raises(NotImplementedError, match="aten.to"), torch.inference_mode():
+        transformer(**inputs)
+    options = type("Options", (), {"offload": "sequential", "quantize": mode})()
+    with inference_context(options):
         offloaded = transformer(**inputs).sample
     torch.testing.assert_close(offloaded, resident)
 
@@ -394,29 +400,29 @@ def test_an_unsupported_fp8_matmul_fails_its_batch_and_the_server_keeps_serving(
 
 # -- 7: compile warm-up covers every batch the server forms -------------------------------------
 
+@pytest.mark.slow
 def test_compile_warm_up_leaves_nothing_to_compile_for_live_batches(tmp_path, monkeypatch):
     # The backend is dynamo's "eager": what gets recompiled is decided by dynamo's guards, the
     # same whatever the backend, and it spares the CPU inductor's code generation.
     original = QwenImageTransformer2DModel.compile_repeated_blocks
     monkeypatch.setattr(QwenImageTransformer2DModel, "compile_repeated_blocks",
                         lambda self, **kw: original(self, backend="eager", **kw))
+    monkeypatch.setitem(ASPECT_RATIOS, "s1:1", (64, 64))  # the preset's shape, at a CPU test's size
     torch.compiler.reset()
     model = load_model(tiny_settings(tmp_path, compile=True, max_batch_size=3, max_batch_pixels=3 * 64 * 64))
     engine = PipelineEngine(model)
-    for size in (64, 128):  # two warmed-up sizes, as with two QWEN_IMAGE_WARMUP_ASPECT_RATIOS
-        engine.warm_up_size(size, size, steps=1)
+    engine.warm_up(["s1:1"], steps=1)  # as the server does before /ready turns 200
     warmed = compilation.compiled_graphs()
     assert warmed > 0
 
     words = "cat dog sun red blue house tree car sky on in with a the".split()
     rng = random.Random(0)
-    for size in (64, 128):
-        limit = 3 if size == 64 else 1  # the pixel budget: one 128x128 image per batch
-        for batch in range(1, limit + 1):
-            prompts = [" ".join(rng.choices(words, k=rng.randint(1, 40))) for _ in range(batch)]
-            engine.run_batch([spec(p, size=size, steps=1) for p in prompts], no_progress)  # mixed lengths
-            engine.run_batch([spec(prompts[0], size=size, steps=1)] * batch, no_progress)  # equal lengths
-            engine.run_batch([spec(p, size=size, steps=1, cfg=1.0) for p in prompts], no_progress)
+    for batch in (1, 2, 3, 2):
+        prompts = [" ".join(rng.choices(words, k=rng.randint(1, 40))) for _ in range(batch)]
+        for specs in ([spec(p, size=64, steps=1) for p in prompts],  # mixed lengths: a padding mask
+                      [spec(prompts[0], size=64, steps=1)] * batch,  # equal lengths: none
+                      [spec(p, size=64, steps=1, cfg=1.0) for p in prompts]):  # no CFG
+            engine.run_batch(specs, no_progress)
     assert compilation.compiled_graphs() == warmed  # live traffic compiled nothing
 
 

@@ -6,6 +6,7 @@ import gc
 import logging
 import time
 from collections.abc import Sequence
+from contextlib import AbstractContextManager
 from typing import Any
 
 import torch
@@ -13,6 +14,7 @@ from PIL import Image
 
 from qwen_image_server.engine.compilation import WARMUP_PROMPT, warmup_prompt_batches
 from qwen_image_server.engine.loader import LoadedModel
+from qwen_image_server.engine.options import AppliedOptions
 from qwen_image_server.engine.step_cache import set_cfg_mode
 from qwen_image_server.engine.types import (
     BatchAborted,
@@ -51,6 +53,16 @@ def is_device_failure(exc: BaseException) -> bool:
     return isinstance(exc, RuntimeError) and any(m in str(exc) for m in _FATAL_MARKERS)
 
 
+def inference_context(options: AppliedOptions) -> AbstractContextManager[Any]:
+    """The autograd mode pipeline calls run in: inference mode (the fastest) unless the weights
+    are quantized and offloaded layer by layer. accelerate's sequential offload converts every
+    weight it moves in with Tensor.to(dtype), which torchao's tensors do not implement in
+    inference mode; plain no_grad works."""
+    if options.offload == "sequential" and options.quantize != "none":
+        return torch.no_grad()
+    return torch.inference_mode()
+
+
 class PipelineEngine:
     """The real engine: one QwenImagePipeline call per batch, one CPU generator per image."""
 
@@ -82,7 +94,7 @@ class PipelineEngine:
             set_cfg_mode(self.pipeline, separate_cfg=use_cfg)
         finished = False
         try:
-            with torch.inference_mode():
+            with inference_context(self.model.options):
                 out = self.pipeline(
                     prompt=[s.prompt for s in specs],
                     negative_prompt=[s.negative_prompt for s in specs] if use_cfg else None,
