@@ -46,6 +46,7 @@ import torch
 
 sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
 
+from qwen_image_server.engine.compilation import compiled_graphs  # noqa: E402
 from qwen_image_server.engine.device import DeviceInfo, resolve_device, resolve_dtype  # noqa: E402
 from qwen_image_server.engine.loader import LoadedModel, count_parameters  # noqa: E402
 from qwen_image_server.engine.runner import PipelineEngine  # noqa: E402
@@ -139,6 +140,38 @@ DEFAULT_MEMORY_CONFIGS = ("int8", "fp8+qte", "offload-model", "offload-model+fp8
 SMOKE_CONFIGS = ("baseline", "int8", "fp8", "cache")
 
 log = logging.getLogger("bench.gpu")
+
+# torchao's quantization configs switch these inductor settings on for the whole process
+# (torchao.quantization.utils.recommended_inductor_config_setter), and nothing switches them off.
+INDUCTOR_SETTINGS = ("coordinate_descent_tuning", "coordinate_descent_check_all_directions",
+                     "force_fuse_int_mm_with_mul", "fx_graph_cache", "triton.unique_kernel_names")
+
+
+def same_inductor_settings() -> dict[str, Any]:
+    """Give the configuration about to be built the inductor settings every other one gets.
+
+    The first quantized configuration would otherwise turn on torchao's settings for all that
+    follow, so "compile" (built before it) and "compile+fp8" (after) would differ by more than
+    fp8. Every configuration runs with torchao's settings (those a server with QWEN_IMAGE_QUANTIZE
+    runs with) when torchao is installed. Returns them, for the JSON.
+    """
+    try:
+        from torchao.quantization.utils import recommended_inductor_config_setter
+    except ImportError:
+        pass
+    else:
+        recommended_inductor_config_setter()
+    return inductor_settings()
+
+
+def inductor_settings() -> dict[str, Any]:
+    values: dict[str, Any] = {}
+    for name in INDUCTOR_SETTINGS:
+        value: Any = torch._inductor.config
+        for part in name.split("."):
+            value = getattr(value, part)
+        values[name] = value
+    return values
 
 
 # -- configurations ------------------------------------------------------------------------------
@@ -395,6 +428,7 @@ class Prepared:
     engine: PipelineEngine | None
     applied: str  # AppliedOptions.summary(): what prepare_pipeline really did
     build_s: float  # weights built (or loaded) and every option applied, before any warm-up
+    warmed: dict[tuple[int, int], int] = dataclasses.field(default_factory=dict)  # size -> largest batch
 
 
 class Benchmark:
@@ -519,6 +553,7 @@ class Benchmark:
             pipeline = build_full_pipeline(target, settings.cache_dir, self.args.depth)
         else:
             pipeline = load_tiny_pipeline(settings.cache_dir, self.dtype)
+        same_inductor_settings()
         try:
             options = prepare_pipeline(pipeline, settings, self.device)
         except BaseException:
@@ -531,7 +566,9 @@ class Benchmark:
         _sync(self.device)
         applied = options.summary()
         build_s = time.perf_counter() - start
-        self.configs_applied[config.name] = {"applied": applied, "build_s": round(build_s, 1)}
+        # What the configuration really runs with: read after prepare_pipeline, which quantizes.
+        self.configs_applied[config.name] = {"applied": applied, "build_s": round(build_s, 1),
+                                             "inductor": inductor_settings()}
         return Prepared(config.options, config.caches, PipelineEngine(model), applied, build_s)
 
     def release(self, prepared: Prepared) -> None:
@@ -683,6 +720,7 @@ class Benchmark:
             return
         engine = prepared.engine
         assert engine is not None
+        first_row, graphs = len(self.rows), compiled_graphs()
         try:
             if section == "speed":
                 self.speed(engine, config, width, height)
@@ -700,6 +738,38 @@ class Benchmark:
             if self.device.type == "cuda":
                 gc.collect()
                 torch.cuda.empty_cache()
+        if config.settings_overrides.get("compile"):
+            # After the server's warm-up nothing should compile (goal 0): each new graph here is
+            # one a live request would wait for.
+            recompiled = compiled_graphs() - graphs
+            for row in self.rows[first_row:]:
+                row["recompiles"] = recompiled
+                if recompiled:
+                    row["note"] = "; ".join(filter(None, [row.get("note"), f"{recompiled} graphs "
+                                                          "compiled after the server's warm-up"]))
+            self.save()
+
+    def server_warm_up(self, prepared: Prepared, config: BenchConfig, units: Sequence[tuple[str, int, int, int]]) -> None:
+        """The server's compile warm-up (`PipelineEngine.warm_up_size`) for every size and batch
+        the units will run, so each row can count what live traffic would still compile."""
+        engine = prepared.engine
+        assert engine is not None
+        wanted: dict[tuple[int, int], int] = {}
+        for section, width, height, batch in units:
+            wanted[(width, height)] = max(wanted.get((width, height), 1), batch if section == "batch" else 1)
+        start = time.perf_counter()
+        for (width, height), batch in wanted.items():
+            if prepared.warmed.get((width, height), 0) >= batch:
+                continue
+            try:
+                engine.warm_up_size(width, height, self.args.warmup_steps, max_batch_size=batch)
+            except Exception as exc:  # noqa: BLE001 - the unit itself will fail and say why
+                log.warning("%s: warm-up of %dx%d failed: %s", config.name, width, height, _first_line(exc))
+                continue
+            prepared.warmed[(width, height)] = batch
+        seconds = time.perf_counter() - start
+        self.configs_applied.setdefault(config.name, {})["server_warmup_s"] = round(seconds, 1)
+        log.info("%s: server warm-up of %d sizes in %.1fs", config.name, len(wanted), seconds)
 
     def plan(self) -> list[tuple[BenchConfig, list[tuple[str, int, int, int]]]]:
         """(configuration, its units) in run order; units --append already has are left out."""
@@ -749,6 +819,8 @@ class Benchmark:
                         self.failed(section, config, w, h, b, f"prepare_pipeline: {_first_line(exc)}")
                     continue
                 log.info("%s ready in %.1fs: %s", config.name, current.build_s, current.applied)
+            if config.settings_overrides.get("compile"):
+                self.server_warm_up(current, config, units)
             for section, w, h, b in units:
                 self.unit(current, config, section, w, h, b)
         if current is not None:

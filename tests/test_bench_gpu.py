@@ -47,6 +47,11 @@ def test_smoke_run_times_every_configuration_and_prints_the_table(tmp_path: Path
                    "cache": "cache=cache-dit"}[config]
         assert applied in doc["configs"][config]["applied"], doc["configs"]
 
+    # Quantizing sets inductor options for the whole process; every configuration runs with the
+    # same ones, so configurations differ only by their own options.
+    inductor = [doc["configs"][config]["inductor"] for config in ("baseline", "int8", "fp8", "cache")]
+    assert all(settings == inductor[0] for settings in inductor), inductor
+
     batches = {r["batch"]: r for r in rows if r["section"] == "batch"}
     assert set(batches) == {1, 2}
     assert all(r["images_per_min"] > 0 for r in batches.values()), batches

@@ -145,10 +145,14 @@ class PipelineEngine:
                      name, width, height, steps, time.perf_counter() - start)
         return time.perf_counter() - start
 
-    def warm_up_size(self, width: int, height: int, steps: int = 2) -> None:
-        """The warm-up calls of one image size."""
+    def warm_up_size(self, width: int, height: int, steps: int = 2, max_batch_size: int | None = None) -> None:
+        """The warm-up calls of one image size, for batches up to the scheduler's limits (or up
+        to `max_batch_size` images of this size)."""
         if self.model.options.compile:
-            calls = warmup_prompt_batches(width, height, self.model.max_batch_size, self.model.max_batch_pixels)
+            if max_batch_size is None:
+                calls = warmup_prompt_batches(width, height, self.model.max_batch_size, self.model.max_batch_pixels)
+            else:
+                calls = warmup_prompt_batches(width, height, max_batch_size, max_batch_size * width * height)
         else:
             calls = [[WARMUP_PROMPT]]
         for prompts in calls:
