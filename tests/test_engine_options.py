@@ -4,9 +4,11 @@ every option that cannot work here stops the server at startup with one sentence
 
 from __future__ import annotations
 
+import copy
 import subprocess
 import sys
 from pathlib import Path
+from types import SimpleNamespace
 
 import numpy as np
 import pytest
@@ -35,14 +37,19 @@ def generate(model: LoadedModel, spec: GenerationSpec = SPEC) -> np.ndarray:
 
 
 @pytest.fixture(scope="module")
-def baseline(tmp_path_factory) -> np.ndarray:
-    return generate(load_model(tiny_settings(tmp_path_factory.mktemp("base"))))
+def plain(tmp_path_factory) -> LoadedModel:
+    """The tiny model without options, loaded once for the tests that only read it."""
+    return load_model(tiny_settings(tmp_path_factory.mktemp("plain")))
 
 
-def make_lora(folder: Path, name: str) -> Path:
+@pytest.fixture(scope="module")
+def baseline(plain) -> np.ndarray:
+    return generate(plain)
+
+
+def make_lora(folder: Path, name: str, model: LoadedModel) -> Path:
     """A rank-4 LoRA on every attention query/key projection of the tiny transformer, in the
     diffusers/PEFT key format that Qwen-Image LoRAs on the hub use."""
-    model = load_model(tiny_settings(folder))
     generator = torch.Generator().manual_seed(0)
     weights = {}
     for module_name, module in model.pipeline.transformer.named_modules():
@@ -77,12 +84,13 @@ def test_auto_offload_keeps_everything_in_place_without_a_gpu():
     assert plan_offload("model", CUDA, SIZES, 10 * GiB, 0).reason == "QWEN_IMAGE_OFFLOAD=model"
 
 
-def test_size_estimate_for_the_plan_matches_the_quantized_weights(tmp_path):
-    pipeline = load_model(tiny_settings(tmp_path)).pipeline
-    estimate = component_bytes(pipeline, "int8", quantize_text_encoder=False)["transformer"]
-    before = sum(tensor_bytes(p) for p in pipeline.transformer.parameters())
-    assert quantize_module(pipeline.transformer, "int8", CPU) > 0
-    after = sum(tensor_bytes(p) for p in pipeline.transformer.parameters())
+def test_size_estimate_for_the_plan_matches_the_quantized_weights(plain):
+    transformer = copy.deepcopy(plain.pipeline.transformer)  # quantized in place below
+    estimate = component_bytes(SimpleNamespace(components={"transformer": transformer}), "int8",
+                               quantize_text_encoder=False)["transformer"]
+    before = sum(tensor_bytes(p) for p in transformer.parameters())
+    assert quantize_module(transformer, "int8", CPU) > 0
+    after = sum(tensor_bytes(p) for p in transformer.parameters())
     assert after < 0.5 * before  # float32 -> int8 for every quantized layer
     assert abs(after - estimate) / after < 0.01
 
@@ -130,7 +138,8 @@ def test_cache_dit_skips_transformer_steps(tmp_path):
 
 @pytest.mark.slow
 def test_regional_compile_with_warm_up_gives_the_same_image(tmp_path, baseline):
-    model = load_model(tiny_settings(tmp_path, compile=True))
+    # One image per batch: warming up every batch size is tests/test_gpu_paths.py's subject.
+    model = load_model(tiny_settings(tmp_path, compile=True, max_batch_size=1))
     assert model.options.warmup  # compile always warms up, so no request pays for tracing
     blocks = model.pipeline.transformer.transformer_blocks
     assert all(block._compiled_call_impl is not None for block in blocks)
@@ -140,8 +149,8 @@ def test_regional_compile_with_warm_up_gives_the_same_image(tmp_path, baseline):
     assert np.abs(image - baseline).max() <= 2.0  # same math, fused kernels: rounding only
 
 
-def test_lora_is_fused_at_its_scale(tmp_path, baseline):
-    lora = make_lora(tmp_path, "style.safetensors")
+def test_lora_is_fused_at_its_scale(tmp_path, plain, baseline):
+    lora = make_lora(tmp_path, "style.safetensors", plain)
     unchanged = generate(load_model(tiny_settings(tmp_path, lora=f"{lora},0")))
     assert np.array_equal(unchanged, baseline)  # scale 0 adds nothing
     fused = load_model(tiny_settings(tmp_path, lora=f"{lora},1.5"))
@@ -149,19 +158,19 @@ def test_lora_is_fused_at_its_scale(tmp_path, baseline):
     # Fused, not attached: the transformer holds plain layers again (no per-step adapter cost),
     # whose weights are W + scale * (B @ A).
     assert not any("lora" in name for name, _ in fused.pipeline.transformer.named_parameters())
-    plain = load_model(tiny_settings(tmp_path)).pipeline.transformer.transformer_blocks[0].attn.to_q.weight
+    plain_weight = plain.pipeline.transformer.transformer_blocks[0].attn.to_q.weight
     adapter = load_file(lora)
     delta = (adapter["transformer.transformer_blocks.0.attn.to_q.lora_B.weight"]
              @ adapter["transformer.transformer_blocks.0.attn.to_q.lora_A.weight"])
     fused_weight = fused.pipeline.transformer.transformer_blocks[0].attn.to_q.weight
-    torch.testing.assert_close(fused_weight, plain + 1.5 * delta)
+    torch.testing.assert_close(fused_weight, plain_weight + 1.5 * delta)
     assert not np.array_equal(generate(fused), baseline)
 
 
 # -- through the server ----------------------------------------------------------------------
 
-def test_server_reports_options_and_a_lightning_lora_sets_the_defaults(server, tmp_path):
-    lora = make_lora(tmp_path, "tiny-Lightning-4steps.safetensors")
+def test_server_reports_options_and_a_lightning_lora_sets_the_defaults(server, tmp_path, plain):
+    lora = make_lora(tmp_path, "tiny-Lightning-4steps.safetensors", plain)
     live = server(quantize="int8", attention="_native_math", lora=str(lora), warmup=True,
                   warmup_aspect_ratios=["s1:1"])
     with live.client() as client:
@@ -216,8 +225,8 @@ def test_a_missing_package_names_the_extra_to_install(monkeypatch, tmp_path, set
 
 
 def test_combinations_that_cannot_work_are_refused_before_loading(tmp_path):
-    with pytest.raises(OptionUnavailable, match="sequential offload cannot move torchao-quantized"):
-        options_module.check_options(tiny_settings(tmp_path, offload="sequential", quantize="int8"), CUDA)
+    with pytest.raises(OptionUnavailable, match="QWEN_IMAGE_COMPILE=1 cannot compile blocks"):
+        options_module.check_options(tiny_settings(tmp_path, offload="sequential", compile=True), CUDA)
     with pytest.raises(OptionUnavailable, match="QUANTIZE_TEXT_ENCODER=1 needs QWEN_IMAGE_QUANTIZE"):
         options_module.check_options(tiny_settings(tmp_path, quantize_text_encoder=True), CPU)
 
