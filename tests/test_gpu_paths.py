@@ -170,7 +170,7 @@ def test_a_backend_without_masks_fails_mixed_length_batches_so_batching_refuses_
     assert "QWEN_IMAGE_MAX_BATCH_SIZE is 4" in message and "QWEN_IMAGE_MAX_BATCH_SIZE=1" in message
 
 
-def test_the_gpu_default_batch_refuses_flash_and_names_its_masked_sibling(tmp_path, gpu_facts):
+def test_the_gpu_default_batch_refuses_flash_and_names_its_masked_sibling(tmp_path):
     # No QWEN_IMAGE_MAX_BATCH_SIZE: the GPU default (4) applies.
     settings = tiny_settings(tmp_path, attention="flash", max_batch_size=None)
     with pytest.raises(OptionUnavailable, match="use QWEN_IMAGE_ATTENTION=flash_varlen") as refused:
@@ -254,7 +254,7 @@ def test_quantized_layers_run_under_sequential_offload(tmp_path, mode):
     torch.testing.assert_close(offloaded, resident)
 
 
-def test_quantization_no_longer_refuses_sequential_offload(tmp_path, gpu_facts):
+def test_quantization_no_longer_refuses_sequential_offload(tmp_path):
     assert check_options(tiny_settings(tmp_path, offload="sequential", quantize="int8"), GPU) is None
 
 
