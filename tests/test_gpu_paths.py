@@ -26,7 +26,7 @@ from qwen_image_server.engine.device import DeviceInfo
 from qwen_image_server.engine.loader import LoadedModel, load_model
 from qwen_image_server.engine.memory import GiB, component_bytes
 from qwen_image_server.engine import options as options_module
-from qwen_image_server.engine.options import check_options, prepare_pipeline, takes_attention_mask
+from qwen_image_server.engine.options import check_options, prepare_pipeline, takes_padding_mask
 from qwen_image_server.engine.quantize import TEXT_ENCODER_SKIP, ao_config, quantize_module, tensor_bytes
 from qwen_image_server.engine.runner import PipelineEngine, inference_context
 from qwen_image_server.engine.tiny import ensure_tiny_model
@@ -143,39 +143,44 @@ def test_an_interrupted_call_under_model_offload_puts_the_components_back(offloa
     assert offloads == [1, 1]  # a completed call offloads once, by itself
 
 
-# -- 2: attention backends without masks and batches --------------------------------------------
+# -- 2: attention backends without padding masks and batches ------------------------------------
 
-def test_backends_that_refuse_masks_are_known_from_diffusers():
-    from diffusers.models.attention_dispatch import AttentionBackendName as Name
+def test_backends_that_cannot_apply_a_padding_mask_are_known_from_diffusers():
+    for name in ("flash", "_flash_3", "_flash_3_hub", "sage", "_native_flash",  # raise on any mask
+                 "flash_varlen", "_flash_varlen_3", "sage_varlen"):  # keep the first N keys only
+        assert not takes_padding_mask(name), name
+    for name in ("native", "_native_math", "_native_cudnn", "_native_efficient", "flex", "xformers"):
+        assert takes_padding_mask(name), name
 
-    for name in ("flash", "_flash_3", "_flash_3_hub", "sage", "_native_flash"):
-        assert not takes_attention_mask(Name(name)), name
-    for name in ("native", "_native_math", "_native_cudnn", "flash_varlen", "_flash_varlen_3", "sage_varlen"):
-        assert takes_attention_mask(Name(name)), name
 
-
-def test_a_backend_without_masks_fails_mixed_length_batches_so_batching_refuses_it(tmp_path):
-    # Batch 1 and equal-length batches pass no mask, so they run; a batch of prompts of
-    # different lengths makes the pipeline pass a padding mask, which the backend refuses.
-    model = load_model(tiny_settings(tmp_path, attention="_native_flash", max_batch_size=1))
+def test_a_backend_without_masks_batches_prompts_of_one_length_per_call(tmp_path, monkeypatch):
+    model = load_model(tiny_settings(tmp_path, attention="_native_flash", max_batch_size=4))
     engine = PipelineEngine(model)
-    assert len(engine.run_batch([spec("a cat"), spec("a cat", seed=8)], no_progress)) == 2
+    short, long = spec("a cat", seed=1), spec("a dog running on a beach at dusk", seed=2)
+    same_length = spec("a cow", seed=3)
+    # Prompts of different lengths in one call need a padding mask, which this backend refuses.
     with pytest.raises(ValueError, match="attn_mask"):
-        engine.run_batch([spec("a cat"), spec("a dog running on a beach at dusk")], no_progress)
-    # So with batching on, the server refuses it at startup, naming both ways out.
-    with pytest.raises(ModelLoadError) as refused:
-        load_model(tiny_settings(tmp_path, attention="_native_flash", max_batch_size=4))
-    message = str(refused.value)
-    assert "QWEN_IMAGE_ATTENTION=_native_flash takes no attention mask" in message
-    assert "QWEN_IMAGE_MAX_BATCH_SIZE is 4" in message and "QWEN_IMAGE_MAX_BATCH_SIZE=1" in message
+        engine._call([short, long], no_progress)
+    alone = [np.asarray(engine.run_batch([s], no_progress)[0]).astype(np.float64) for s in (short, long, same_length)]
+
+    calls, progress = [], []
+    original = engine._call
+    monkeypatch.setattr(engine, "_call", lambda specs, on_step: (calls.append(len(specs)), original(specs, on_step))[1])
+    images = engine.run_batch([short, long, same_length], lambda step, total: progress.append((step, total)))
+    assert calls == [2, 1]  # the two short prompts together, then the long one
+    assert progress == [(1, 4), (2, 4), (3, 4), (4, 4)]  # one run of 2 steps x 2 calls, as a client sees it
+    for image, reference in zip(images, alone, strict=True):  # each image where its request is
+        assert np.abs(np.asarray(image).astype(np.float64) - reference).max() <= 2.0
+
+    calls.clear()
+    engine.run_batch([short, same_length, spec("a pig", seed=4)], no_progress)
+    assert calls == [3]  # one length: one call, as with any backend
 
 
-def test_the_gpu_default_batch_refuses_flash_and_names_its_masked_sibling(tmp_path):
-    # No QWEN_IMAGE_MAX_BATCH_SIZE: the GPU default (4) applies.
-    settings = tiny_settings(tmp_path, attention="flash", max_batch_size=None)
-    with pytest.raises(OptionUnavailable, match="use QWEN_IMAGE_ATTENTION=flash_varlen") as refused:
-        check_options(settings, GPU)
-    assert "QWEN_IMAGE_MAX_BATCH_SIZE is 4" in str(refused.value)
+def test_a_backend_with_masks_runs_any_batch_in_one_call(tmp_path):
+    engine = PipelineEngine(load_model(tiny_settings(tmp_path, attention="_native_math", max_batch_size=4)))
+    assert not engine.equal_lengths_only
+    assert len(engine.run_batch([spec("a cat"), spec("a dog running on a beach at dusk")], no_progress)) == 2
 
 
 # -- 3: the plan auto resolves to is checked; quantizing follows the plan -----------------------
@@ -367,8 +372,8 @@ class RaisingPipeline:
 
 def raising_engine(error: BaseException) -> PipelineEngine:
     model = type("Model", (), {"pipeline": RaisingPipeline(error), "max_prompt_tokens": 1024,
-                               "device": GPU, "options": type("Options", (), {"cache": "none",
-                                                                               "offload": "none"})()})()
+                               "device": GPU, "options": type("Options", (), {"cache": "none", "offload": "none",
+                                                                               "attention": "native"})()})()
     return PipelineEngine(model)  # type: ignore[arg-type]
 
 

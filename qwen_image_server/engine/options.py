@@ -30,17 +30,6 @@ from qwen_image_server.settings import OffloadName, Settings
 
 log = logging.getLogger(__name__)
 
-# Backends that refuse masks, and the sibling that runs the same kernels with one (diffusers'
-# varlen wrappers).
-_MASKED_SIBLING = {
-    "flash": "flash_varlen",
-    "flash_hub": "flash_varlen_hub",
-    "_flash_3": "_flash_varlen_3",
-    "_flash_3_hub": "_flash_3_varlen_hub",
-    "sage": "sage_varlen",
-}
-
-
 @dataclass(frozen=True, slots=True)
 class AppliedOptions:
     """What was really applied: shown by /info and the startup log."""
@@ -109,7 +98,7 @@ def check_options(settings: Settings, device: DeviceInfo) -> LoraSpec | None:
     elif settings.cache_options:
         raise OptionUnavailable("QWEN_IMAGE_CACHE_OPTIONS is set but QWEN_IMAGE_CACHE is none")
     if settings.attention != "native":
-        _check_attention(settings.attention, device, batch_config(settings, device).max_batch_size)
+        _check_attention(settings.attention, device)
     lora = None
     if settings.lora:
         if _missing("peft"):
@@ -137,21 +126,27 @@ def check_plan(settings: Settings, device: DeviceInfo, plan: OffloadName, why: s
             "a smaller QWEN_IMAGE_OFFLOAD_HEADROOM_GB)")
 
 
-def takes_attention_mask(backend: Any) -> bool:
-    """Whether a diffusers attention backend accepts an attention mask.
+def takes_padding_mask(name: str) -> bool:
+    """Whether a diffusers attention backend applies an arbitrary key mask.
 
-    Every backend function has an `attn_mask` parameter; the ones without mask support raise on
-    any mask at call time, which is what this reads from their source.
+    A batch of prompts of different lengths makes the pipeline pad them and pass a mask whose
+    padding sits between the text and the image tokens. Every backend function has an `attn_mask`
+    parameter, but many raise on any mask (flash, FA3, sage, ...), and the varlen ones keep each
+    sequence's first N keys, which here would attend to the padding and drop image tokens. Both
+    are read from the backend's source.
     """
-    from diffusers.models.attention_dispatch import _AttentionBackendRegistry
+    from diffusers.models.attention_dispatch import AttentionBackendName, _AttentionBackendRegistry
 
-    function = _AttentionBackendRegistry._backends.get(backend)
+    function = _AttentionBackendRegistry._backends.get(AttentionBackendName(name))
     if function is None:
         return False
-    return re.search(r"if attn_mask is not None:\s*\n\s*raise", inspect.getsource(function)) is None
+    source = inspect.getsource(function)
+    refuses = re.search(r"if attn_mask is not None:\s*\n\s*raise", source) is not None
+    prefix_only = "_normalize_attn_mask" in source or "varlen" in function.__name__
+    return not (refuses or prefix_only)
 
 
-def _check_attention(name: str, device: DeviceInfo, max_batch_size: int) -> None:
+def _check_attention(name: str, device: DeviceInfo) -> None:
     from diffusers.models.attention_dispatch import (
         AttentionBackendName,
         _check_attention_backend_requirements,
@@ -166,15 +161,6 @@ def _check_attention(name: str, device: DeviceInfo, max_batch_size: int) -> None
     if device.type != "cuda" and not backend.value.startswith("_native") and backend.value != "native":
         raise OptionUnavailable(f"QWEN_IMAGE_ATTENTION={name} runs on NVIDIA GPUs only; use native on "
                                 f"{device.type.upper()}")
-    if max_batch_size > 1 and not takes_attention_mask(backend):
-        # The pipeline pads the prompts of a batch to the longest and masks the padding; with
-        # prompts of one length (or one prompt) it passes no mask, which is why batch 1 works.
-        sibling = _MASKED_SIBLING.get(name, "native")
-        raise OptionUnavailable(
-            f"QWEN_IMAGE_ATTENTION={name} takes no attention mask, which a batch of prompts of "
-            f"different lengths needs (QWEN_IMAGE_MAX_BATCH_SIZE is {max_batch_size}); use "
-            f"QWEN_IMAGE_ATTENTION={sibling}" + (" (the same kernels, with masks)" if name in _MASKED_SIBLING else "")
-            + f", or QWEN_IMAGE_MAX_BATCH_SIZE=1 to keep {name}")
     try:
         _check_attention_backend_requirements(backend)
     except (RuntimeError, ImportError) as exc:

@@ -14,7 +14,7 @@ from PIL import Image
 
 from qwen_image_server.engine.compilation import WARMUP_PROMPT, warmup_prompt_batches
 from qwen_image_server.engine.loader import LoadedModel
-from qwen_image_server.engine.options import AppliedOptions
+from qwen_image_server.engine.options import AppliedOptions, takes_padding_mask
 from qwen_image_server.engine.step_cache import set_cfg_mode
 from qwen_image_server.engine.types import (
     BatchAborted,
@@ -71,11 +71,46 @@ class PipelineEngine:
         self.pipeline = model.pipeline
         # The server reports progress itself; diffusers' tqdm bar would only clutter the log.
         self.pipeline.set_progress_bar_config(disable=True)
+        # With a backend that cannot apply the padding mask of prompts of different lengths
+        # (flash, FA3, sage, ...), one pipeline call takes only prompts of one length, which
+        # need no mask. Otherwise such a batch would fail, or attend to the padding.
+        self.equal_lengths_only = not takes_padding_mask(model.options.attention)
 
     def run_batch(self, specs: Sequence[GenerationSpec], on_step: StepCallback) -> list[Image.Image]:
-        """Generate one image per spec; all specs share a batch_key."""
+        """Generate one image per spec; all specs share a batch_key.
+
+        Normally one pipeline call. When the attention backend needs prompts of equal length,
+        one call per length, in order, with the progress of all of them counted as one run.
+        """
         first = specs[0]
         assert all(s.batch_key == first.batch_key for s in specs), "batch mixes shapes"
+        groups = self._equal_length_groups(specs) if self.equal_lengths_only and len(specs) > 1 else [list(range(len(specs)))]
+        if len(groups) == 1:
+            return self._call(specs, on_step)
+        images: list[Image.Image | None] = [None] * len(specs)
+        for done, group in enumerate(groups):
+            def progress(step: int, total: int, done: int = done) -> None:
+                on_step(done * total + step, total * len(groups))
+
+            for index, image in zip(group, self._call([specs[i] for i in group], progress), strict=True):
+                images[index] = image
+        return [image for image in images if image is not None]
+
+    def _equal_length_groups(self, specs: Sequence[GenerationSpec]) -> list[list[int]]:
+        """Indices of `specs` grouped by the token lengths the pipeline will see (prompt, and
+        negative prompt when CFG is on), the head's group first."""
+        tokenizer, template = self.pipeline.tokenizer, self.pipeline.prompt_template_encode
+        use_cfg = specs[0].true_cfg_scale > 1.0
+        groups: dict[tuple[int, int], list[int]] = {}
+        for index, spec in enumerate(specs):
+            key = (len(tokenizer(template.format(spec.prompt)).input_ids),
+                   len(tokenizer(template.format(spec.negative_prompt)).input_ids) if use_cfg else 0)
+            groups.setdefault(key, []).append(index)
+        return list(groups.values())
+
+    def _call(self, specs: Sequence[GenerationSpec], on_step: StepCallback) -> list[Image.Image]:
+        """One pipeline call for `specs`."""
+        first = specs[0]
 
         def step_end(pipe: Any, step: int, timestep: Any, tensors: dict[str, Any]) -> dict[str, Any]:
             on_step(step + 1, pipe.num_timesteps)  # may raise BatchAborted: stops before the decode
