@@ -24,11 +24,14 @@ from qwen_image_server.api.replica import owner_in_path
 # The routing stat each replica reports (QwenImageDeployment.record_routing_stats): jobs queued
 # or running in its scheduler.
 BACKLOG_STAT = "backlog"
+# Replicas offered to Ray per routing attempt, least loaded first.
+CHOICES = 2
 
 
 class ReplicaAffinityRouter(LocalityMixin, RequestRouter):
-    """Requests whose path names an id go to the replica owning it; the rest to the less busy
-    of two replicas.
+    """Requests whose path names an id go to the replica owning it; the rest to the least
+    loaded replica on any node (jobs queued or running plus requests held), the nearest first
+    among equals.
 
     When the owner is at its `max_ongoing_requests`, the request waits for it (Ray's backoff)
     rather than going to a replica that does not know the id. When the owner is gone (failed,
@@ -53,18 +56,28 @@ class ReplicaAffinityRouter(LocalityMixin, RequestRouter):
         pending_request: PendingRequest | None = None,
     ) -> list[list[RunningReplica]]:
         owner = self._owner(pending_request)
+        if pending_request is not None:
+            # Every replica is considered at once: when the choices are full, wait (Ray's
+            # backoff) rather than retry at once.
+            pending_request.routing_context.should_backoff = True
         if owner is not None:
-            assert pending_request is not None
-            pending_request.routing_context.should_backoff = True  # wait for it, do not spin
             return [[owner]]
-        # Power of two choices, same node first (as Ray's default router). Ray counts the
-        # requests a replica holds open, but a job (POST /v1/jobs) is answered at once and then
-        # waits in the replica's scheduler: so the pair is ranked by that backlog too, and the
-        # first of them with a free slot takes the request (ties keep the random order).
-        ids = list(self.apply_locality_routing(pending_request))
-        pair = [self._replicas[i] for i in random.sample(ids, k=min(2, len(ids))) if i in self._replicas]
-        pair.sort(key=self._load)
-        return [[replica] for replica in pair]
+        # By load across every node; being near (same node, then same zone) only breaks ties.
+        # Ray's default tries its own node's replicas first and looks elsewhere only once they
+        # are full (max_ongoing_requests, a whole queue): for image work that takes seconds,
+        # an idle replica on another node beats a busy one next to the proxy by far.
+        distance = {replica.replica_id: rank
+                    for rank, near in enumerate(self.rank_replicas_via_locality(candidate_replicas))
+                    for replica in near}
+        ranked = sorted(candidate_replicas, key=lambda replica: (
+            self._full(replica), self._load(replica), distance[replica.replica_id], random.random()))
+        # The best two, in order: Ray takes the first unless it turns out full (it asks a
+        # replica whose count says full), so a stale count costs one try, not a wait.
+        return [[replica] for replica in ranked[:CHOICES]]
+
+    def _full(self, replica: RunningReplica) -> bool:
+        held = self.replica_queue_len_cache.get(replica.replica_id)
+        return held is not None and held >= replica.max_ongoing_requests
 
     def _load(self, replica: RunningReplica) -> int:
         backlog = replica.routing_stats.get(BACKLOG_STAT, 0)  # as of the last routing-stats poll

@@ -26,13 +26,17 @@ from __future__ import annotations
 
 import asyncio
 import logging
+import os
 import signal
 import sys
 import threading
+from dataclasses import dataclass
 from typing import TYPE_CHECKING, Any
 
 import ray
 from ray import serve
+from ray._private import services  # where `ray start` and `ray.init` look for a local cluster
+from ray.exceptions import AuthenticationError
 from ray.serve.config import BackpressureConfig, RequestRouterConfig
 from ray.serve.deployment import Application
 
@@ -199,10 +203,72 @@ def app_builder(args: dict[str, Any]) -> Application:
 
 # -- qwen-image serve --ray ----------------------------------------------------------------
 
+@dataclass(frozen=True)
+class ClusterChoice:
+    """Which Ray cluster `qwen-image serve --ray` uses, as `ray.init` wants it, and in words."""
+
+    address: str
+    joins: bool  # an existing cluster (else a new local one that lives as long as the server)
+    named_by: str
+
+
+def choose_cluster(settings: Settings, temp_dir: str | None = None) -> ClusterChoice:
+    """`ray_address`, else RAY_ADDRESS, else a live cluster that `ray start` left on this
+    machine, else a new local one.
+
+    Ray alone would also try the last cluster started on this machine when it is gone (its
+    address stays in /tmp/ray/ray_current_cluster after a crash) and fail; a dead one is
+    skipped here, so the server starts its own instead.
+    """
+    if settings.ray_address:
+        return ClusterChoice(settings.ray_address, joins=settings.ray_address != "local",
+                             named_by="ray_address")
+    if os.environ.get("RAY_ADDRESS"):
+        return ClusterChoice(os.environ["RAY_ADDRESS"], joins=os.environ["RAY_ADDRESS"] != "local",
+                             named_by="RAY_ADDRESS")
+    last = services.find_bootstrap_address(temp_dir)
+    if last and last in services.find_gcs_addresses():
+        # "auto" rather than the address: Ray then also picks up this machine's token file.
+        return ClusterChoice("auto", joins=True, named_by=f"the cluster started on this machine ({last})")
+    return ClusterChoice("local", joins=False, named_by="no cluster named or running here")
+
+
+def connect(choice: ClusterChoice) -> str | None:
+    """Join or start the cluster; a one-line reason when that fails (token, address)."""
+    where = f"the Ray cluster at {choice.address}" if choice.address != "auto" else choice.named_by
+    try:
+        ray.init(address=choice.address)
+    except AuthenticationError:
+        if os.environ.get("RAY_AUTH_MODE", "").lower() != "token":
+            return (f"{where} uses token authentication: set RAY_AUTH_MODE=token and the cluster's "
+                    "token in RAY_AUTH_TOKEN (or the file ~/.ray/auth_token, or a file named by "
+                    "RAY_AUTH_TOKEN_PATH)")
+        return (f"{where} refused this machine's token: RAY_AUTH_TOKEN (or ~/.ray/auth_token, or "
+                "RAY_AUTH_TOKEN_PATH) must hold the token the cluster was started with")
+    except (ConnectionError, TimeoutError, ValueError) as exc:
+        return f"cannot connect to {where} ({choice.named_by}): {exc}"
+    return None
+
+
+def describe_cluster(choice: ClusterChoice) -> str:
+    resources = ray.cluster_resources()
+    size = (f"{len([n for n in ray.nodes() if n['Alive']])} node(s), {resources.get('CPU', 0):g} CPUs, "
+            f"{resources.get('GPU', 0):g} GPUs")
+    if choice.joins:
+        return f"joined the Ray cluster at {ray.get_runtime_context().gcs_address} ({choice.named_by}; {size})"
+    return (f"started a local Ray cluster ({size}; {choice.named_by}); it stops with this server. "
+            "To use a running cluster, set RAY_ADDRESS or --ray-address")
+
+
 def run_ray(settings: Settings) -> int:
     """Deploy on Ray Serve (joining or starting a cluster) and serve until SIGINT / SIGTERM."""
     configure_logging(settings.log_level)
-    ray.init(address=settings.ray_address)
+    choice = choose_cluster(settings)
+    problem = connect(choice)
+    if problem:
+        print(f"error: {problem}", file=sys.stderr)
+        return 1
+    log.info("%s", describe_cluster(choice))
     serve.start(http_options={"host": settings.host, "port": settings.port})
     try:
         serve.run(build_app(settings), name=APP_NAME, route_prefix="/")  # waits for the models
