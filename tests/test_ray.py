@@ -92,11 +92,10 @@ def running_replicas() -> int:
 
 @pytest.fixture(scope="module")
 def ray_auth() -> Iterator[None]:
-    """Token authentication with a token of the tests' own (Ray turns it on for every new local
-    cluster), so that no ~/.ray/auth_token is needed, made or read."""
-    saved = {name: os.environ.get(name) for name in AUTH_VARIABLES}
-    os.environ.update(RAY_AUTH_MODE="token", RAY_AUTH_TOKEN=secrets.token_hex(32))
-    os.environ.pop("RAY_AUTH_TOKEN_PATH", None)
+    """Token authentication (Ray turns it on for every new local cluster) with a token of the
+    tests' own, so that no ~/.ray/auth_token is needed, made or read."""
+    saved = {name: os.environ.pop(name, None) for name in AUTH_VARIABLES}
+    os.environ["RAY_AUTH_TOKEN"] = secrets.token_hex(32)
     yield
     for name, value in saved.items():
         if value is None:
