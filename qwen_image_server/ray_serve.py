@@ -29,7 +29,10 @@ import logging
 import os
 import signal
 import sys
+import tempfile
 import threading
+from collections.abc import Iterator
+from contextlib import contextmanager
 from dataclasses import dataclass
 from typing import TYPE_CHECKING, Any
 
@@ -236,18 +239,72 @@ def choose_cluster(settings: Settings, temp_dir: str | None = None) -> ClusterCh
 def connect(choice: ClusterChoice) -> str | None:
     """Join or start the cluster; a one-line reason when that fails (token, address)."""
     where = f"the Ray cluster at {choice.address}" if choice.address != "auto" else choice.named_by
+    if choice.joins:
+        log.info("joining %s (%s)", where, choice.named_by)
+        refused = token_refusal(choice.address)
+        if refused is not None:
+            return f"{where} {refused}"
     try:
         ray.init(address=choice.address)
-    except AuthenticationError:
-        if os.environ.get("RAY_AUTH_MODE", "").lower() != "token":
-            return (f"{where} uses token authentication: set RAY_AUTH_MODE=token and the cluster's "
-                    "token in RAY_AUTH_TOKEN (or the file ~/.ray/auth_token, or a file named by "
-                    "RAY_AUTH_TOKEN_PATH)")
-        return (f"{where} refused this machine's token: RAY_AUTH_TOKEN (or ~/.ray/auth_token, or "
-                "RAY_AUTH_TOKEN_PATH) must hold the token the cluster was started with")
     except (ConnectionError, TimeoutError, ValueError) as exc:
         return f"cannot connect to {where} ({choice.named_by}): {exc}"
     return None
+
+
+def token_refusal(address: str) -> str | None:
+    """Why the cluster's GCS refuses this machine's token, if it does (else None).
+
+    Asked once up front: `ray.init` retries a refused connection for ~20 s (a warning a second)
+    and then reports it as a failure to connect. A Ray Client address (ray://) is left to it.
+    """
+    if address.startswith("ray://"):
+        return None
+    from ray._raylet import GcsClient  # what `ray start --address` asks first, too
+
+    with held_stderr() as held:  # the core's warning about the refusal, superseded by the reason
+        try:
+            GcsClient(address=services.canonicalize_bootstrap_address(address))
+        except AuthenticationError:
+            held.drop()
+            if os.environ.get("RAY_AUTH_MODE", "").lower() != "token":
+                return ("uses token authentication: set RAY_AUTH_MODE=token and the cluster's token "
+                        "in RAY_AUTH_TOKEN (or the file ~/.ray/auth_token, or a file named by "
+                        "RAY_AUTH_TOKEN_PATH)")
+            return ("refused this machine's token: RAY_AUTH_TOKEN (or ~/.ray/auth_token, or "
+                    "RAY_AUTH_TOKEN_PATH) must hold the token the cluster was started with")
+        except Exception:  # noqa: BLE001 - anything else: ray.init says it in its own words
+            return None
+    return None
+
+
+class _HeldStderr:
+    def __init__(self) -> None:
+        self.dropped = False
+
+    def drop(self) -> None:
+        self.dropped = True
+
+
+@contextmanager
+def held_stderr() -> Iterator[_HeldStderr]:
+    """Send what this process writes to stderr (Ray's C++ core included) to a file meanwhile,
+    and write it out at the end unless `drop()` was called. Never around starting processes:
+    they would keep the file as their stderr."""
+    sys.stderr.flush()
+    saved = os.dup(2)
+    held = _HeldStderr()
+    with tempfile.TemporaryFile() as file:
+        os.dup2(file.fileno(), 2)
+        try:
+            yield held
+        finally:
+            sys.stderr.flush()
+            os.dup2(saved, 2)
+            os.close(saved)
+            if not held.dropped:
+                file.seek(0)
+                sys.stderr.buffer.write(file.read())
+                sys.stderr.flush()
 
 
 def describe_cluster(choice: ClusterChoice) -> str:

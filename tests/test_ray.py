@@ -11,7 +11,6 @@ import asyncio
 import base64
 import os
 import secrets
-import shutil
 import subprocess
 import sys
 import tempfile
@@ -109,20 +108,20 @@ def deployment(tmp_path_factory, ray_auth) -> Iterator[Deployment]:
     port = free_port()
     # A cluster of its own ("local"), never whatever cluster this machine ran last; in a short
     # folder of its own too (Ray's socket paths must stay short).
-    temp_dir = tempfile.mkdtemp(prefix="qis-ray-")
-    ray.init(address="local", num_cpus=4, include_dashboard=False, log_to_driver=False, _temp_dir=temp_dir)
-    try:
-        serve.start(http_options={"host": "127.0.0.1", "port": port})
-        settings = tiny_settings(
-            tmp_path_factory.mktemp("ray"), threads=1, max_batch_size=1, max_queue=MAX_QUEUE,
-            ray_replicas=REPLICAS, ray_max_ongoing_requests=MAX_ONGOING,
-            ray_max_queued_requests=MAX_QUEUED, ray_retry_after_s=RETRY_AFTER_S)
-        serve.run(build_app(settings), name=APP_NAME, route_prefix="/")  # returns once both loaded
-        yield Deployment(f"http://127.0.0.1:{port}")
-    finally:
-        serve.shutdown()
-        ray.shutdown()
-        shutil.rmtree(temp_dir, ignore_errors=True)
+    with tempfile.TemporaryDirectory(prefix="qis-ray-") as temp_dir:
+        ray.init(address="local", num_cpus=4, include_dashboard=False, log_to_driver=False,
+                 _temp_dir=temp_dir)
+        try:
+            serve.start(http_options={"host": "127.0.0.1", "port": port})
+            settings = tiny_settings(
+                tmp_path_factory.mktemp("ray"), threads=1, max_batch_size=1, max_queue=MAX_QUEUE,
+                ray_replicas=REPLICAS, ray_max_ongoing_requests=MAX_ONGOING,
+                ray_max_queued_requests=MAX_QUEUED, ray_retry_after_s=RETRY_AFTER_S)
+            serve.run(build_app(settings), name=APP_NAME, route_prefix="/")  # returns once both loaded
+            yield Deployment(f"http://127.0.0.1:{port}")
+        finally:
+            serve.shutdown()
+            ray.shutdown()
 
 
 def burst(url: str, bodies: list[dict], path: str = "/generate") -> list[httpx.Response]:
