@@ -280,41 +280,50 @@ def test_serve_ray_never_joins_a_cluster_that_is_gone(tmp_path: Path, monkeypatc
 class StandInReplica:
     """What the router reads of a replica: its id, node, routing stats and request limit."""
 
-    def __init__(self, name: str, node: str, backlog: int = 0) -> None:
+    def __init__(self, name: str, node: str) -> None:
         self.replica_id = ReplicaID(unique_id=name, deployment_id=DEPLOYMENT_ID)
         self.node_id, self.availability_zone = node, None
-        self.routing_stats = {BACKLOG_STAT: backlog}
+        self.routing_stats = {BACKLOG_STAT: 0}
         self.max_ongoing_requests = MAX_ONGOING
         self.multiplexed_model_ids: set[str] = set()
 
-    async def get_queue_len(self, deadline_s: float) -> int:  # Ray asks new replicas at once
+    async def get_queue_len(self, deadline_s: float) -> int:  # Ray asks when its count is old
         return 0
 
 
-def test_the_router_prefers_an_idle_replica_on_another_node_to_a_busy_local_one() -> None:
-    async def first_choices() -> list[str]:
+def test_the_router_sends_work_to_the_least_loaded_node_its_own_among_equals() -> None:
+    # Ray's own routing loop (as in a proxy on "proxy-node"), with stand-ins for the replicas.
+    async def route() -> list[list[str]]:
         router = ReplicaAffinityRouter(
-            deployment_id=DEPLOYMENT_ID, handle_source=DeploymentHandleSource.PROXY,
+            deployment_id=DEPLOYMENT_ID, handle_source=DeploymentHandleSource.UNKNOWN,
             self_node_id="proxy-node", prefer_local_node_routing=True, use_replica_queue_len_cache=True)
-        router._handle_source = DeploymentHandleSource.UNKNOWN  # no proxy handle to hand out
         local, remote = StandInReplica("local000", "proxy-node"), StandInReplica("remote00", "other-node")
         router.update_replicas([local, remote])
-        chosen = []
+        counter = iter(range(1000))
+        running: list[tuple[ReplicaID, str]] = []
 
-        async def choose() -> None:
-            request = PendingRequest(args=[], kwargs={}, metadata=RequestMetadata("r", "r"))
-            ranks = await router.choose_replicas(router._replicas_list, request)
-            chosen.append(ranks[0][0].replica_id.unique_id)
+        async def send(n: int) -> list[str]:
+            requests = [PendingRequest(args=[], kwargs={}, metadata=RequestMetadata(str(i), str(i)))
+                        for i in (next(counter) for _ in range(n))]
+            chosen = await asyncio.gather(*(router._choose_replica_for_request(r) for r in requests))
+            running.extend((replica.replica_id, r.metadata.internal_request_id)
+                           for replica, r in zip(chosen, requests, strict=True))
+            return [replica.replica_id.unique_id for replica in chosen]
 
-        await choose()  # both idle: the proxy's own node
-        router.replica_queue_len_cache.update(local.replica_id, 1)  # the local one holds a request
-        await choose()
-        local.routing_stats = {BACKLOG_STAT: 0}
-        remote.routing_stats = {BACKLOG_STAT: 3}  # jobs waiting over there
-        await choose()
-        return chosen
+        def finish_all() -> None:  # what Ray tells the router as each request ends
+            while running:
+                router.on_request_completed(*running.pop())
 
-    assert asyncio.run(first_choices()) == ["local000", "remote00", "local000"]
+        alone = await send(1)  # both idle: the proxy's own node
+        finish_all()
+        burst = await send(MAX_ONGOING * 2)  # at once: half each, not all on the proxy's node
+        finish_all()
+        local.routing_stats = {BACKLOG_STAT: 3}  # jobs waiting on the proxy's node
+        queued_jobs = await send(1)
+        return [alone, sorted(burst), queued_jobs]
+
+    assert asyncio.run(route()) == [
+        ["local000"], ["local000"] * MAX_ONGOING + ["remote00"] * MAX_ONGOING, ["remote00"]]
 
 
 # -- through Ray's proxy --------------------------------------------------------------------
