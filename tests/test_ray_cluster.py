@@ -21,7 +21,7 @@ import pytest
 pytest.importorskip("ray", reason="Ray Serve is an optional extra: pip install .[ray]")
 
 from bench.ray_cluster import TwoNodeCluster, tiny_config  # noqa: E402
-from qwen_image_server.ray_serve import ClusterChoice, choose_cluster  # noqa: E402
+from qwen_image_server.ray_serve import choose_cluster  # noqa: E402
 from tests.conftest import ROOT, tiny_settings, wait_until  # noqa: E402
 
 pytestmark = pytest.mark.slow
@@ -120,7 +120,9 @@ def test_without_the_token_the_cluster_refuses_and_serve_ray_says_why(cluster: T
 
 def test_serve_ray_finds_the_cluster_started_on_this_machine(cluster: TwoNodeCluster) -> None:
     choice = choose_cluster(tiny_settings(cluster.folder), temp_dir=str(cluster.temp_dir))
-    assert choice == ClusterChoice("auto", True, f"the cluster started on this machine ({cluster.address})")
+    assert (choice.address, choice.joins) == ("auto", True)  # Ray then reads this machine's token too
+    assert choice.named_by.startswith("the cluster started on this machine (")
+    assert choice.named_by.endswith(f":{cluster.gcs_port})")
 
 
 def test_serve_ray_with_the_token_joins_and_serves(cluster: TwoNodeCluster) -> None:
@@ -132,7 +134,7 @@ def test_serve_ray_with_the_token_joins_and_serves(cluster: TwoNodeCluster) -> N
             [sys.executable, "-m", "qwen_image_server", "serve", "--ray", "--ray-replicas", "1",
              "--host", "127.0.0.1", "--port", str(cluster.proxy_ports[0]), "--threads", "1"],
             cwd=cluster.folder, stdout=out, stderr=subprocess.STDOUT,
-            env={**cluster.env, "RAY_ADDRESS": cluster.address})
+            env={**cluster.env, "RAY_ADDRESS": cluster.address, "QWEN_IMAGE_LOG_LEVEL": "info"})
     try:
         def serving() -> bool:
             assert server.poll() is None, log.read_text(errors="replace")
