@@ -255,9 +255,10 @@ def token_refusal(address: str) -> str | None:
     """Why the cluster's GCS refuses this machine's token, if it does (else None).
 
     Asked once up front: `ray.init` retries a refused connection for ~20 s (a warning a second)
-    and then reports it as a failure to connect. A Ray Client address (ray://) is left to it.
+    and then reports it as a failure to connect. Left to `ray.init`: a Ray Client address
+    (ray://), and "auto", for which it first looks for this machine's token file itself.
     """
-    if address.startswith("ray://"):
+    if address == "auto" or address.startswith("ray://"):
         return None
     from ray._raylet import GcsClient  # what `ray start --address` asks first, too
 

@@ -108,14 +108,21 @@ def test_a_job_is_found_through_the_other_nodes_proxy(cluster: TwoNodeCluster) -
 def test_without_the_token_the_cluster_refuses_and_serve_ray_says_why(cluster: TwoNodeCluster) -> None:
     refused = cluster.serve("status", check=False, env=without_token())
     assert refused.returncode != 0 and "AuthenticationError" in refused.stderr
-    joined = subprocess.run(
-        [sys.executable, "-m", "qwen_image_server", "serve", "--ray"], cwd=ROOT, timeout=120,
-        env={**without_token(), "RAY_ADDRESS": cluster.address}, capture_output=True, text=True)
-    assert joined.returncode == 1 and "Traceback" not in joined.stderr and "gcs_client" not in joined.stderr
-    assert joined.stderr.strip().splitlines()[-1:] == [
+
+    def serve_ray(**auth: str) -> list[str]:
+        joined = subprocess.run(
+            [sys.executable, "-m", "qwen_image_server", "serve", "--ray"], cwd=ROOT, timeout=120,
+            env={**without_token(), "RAY_ADDRESS": cluster.address, **auth}, capture_output=True, text=True)
+        assert joined.returncode == 1 and "Traceback" not in joined.stderr and "gcs_client" not in joined.stderr
+        return joined.stderr.strip().splitlines()[-1:]
+
+    assert serve_ray() == [
         f"error: the Ray cluster at {cluster.address} uses token authentication: set RAY_AUTH_MODE=token "
         "and the cluster's token in RAY_AUTH_TOKEN (or the file ~/.ray/auth_token, or a file named "
         "by RAY_AUTH_TOKEN_PATH)"]
+    assert serve_ray(RAY_AUTH_MODE="token", RAY_AUTH_TOKEN="not-the-token") == [
+        f"error: the Ray cluster at {cluster.address} refused this machine's token: RAY_AUTH_TOKEN "
+        "(or ~/.ray/auth_token, or RAY_AUTH_TOKEN_PATH) must hold the token the cluster was started with"]
 
 
 def test_serve_ray_finds_the_cluster_started_on_this_machine(cluster: TwoNodeCluster) -> None:
@@ -142,8 +149,9 @@ def test_serve_ray_with_the_token_joins_and_serves(cluster: TwoNodeCluster) -> N
 
         wait_until(serving, ANSWER_TIMEOUT, "qwen-image serve --ray to serve", interval=0.5)
         assert "joined the Ray cluster at " in log.read_text() and "(RAY_ADDRESS; 2 node(s)" in log.read_text()
-        for url in cluster.proxy_urls:
-            assert httpx.get(f"{url}/info", timeout=ANSWER_TIMEOUT).status_code == 200
+        # (One replica: Ray keeps a proxy on the head and on nodes with replicas only.)
+        info = httpx.get(f"{cluster.proxy_urls[0]}/info", timeout=ANSWER_TIMEOUT)
+        assert info.status_code == 200 and info.json()["model_loaded"]
     finally:
         server.terminate()
         assert server.wait(120) == 0
