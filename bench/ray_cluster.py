@@ -22,6 +22,7 @@ from __future__ import annotations
 import json
 import os
 import secrets
+import shutil
 import signal
 import socket
 import subprocess
@@ -30,7 +31,7 @@ import time
 from collections.abc import Callable
 from pathlib import Path
 from types import TracebackType
-from typing import Any
+from typing import IO, Any
 
 import httpx
 import psutil
@@ -77,6 +78,7 @@ class TwoNodeCluster:
         self.env = {**base, **(env or {}), "RAY_AUTH_MODE": "token", "RAY_AUTH_TOKEN": self.token,
                     "RAY_USAGE_STATS_ENABLED": "0", "PYTHONUNBUFFERED": "1"}
         self.nodes: list[subprocess.Popen[bytes]] = []
+        self.logs: list[IO[bytes]] = []
         self.sessions: list[int] = []
         self.left_behind: list[str] = []
 
@@ -120,7 +122,8 @@ class TwoNodeCluster:
         wait_for(lambda: len(self.alive_nodes()) == 2, STARTUP_TIMEOUT_S, "the second node to join")
 
     def _node(self, name: str, *args: str, extra_env: dict[str, str] | None = None) -> None:
-        log = open(self.folder / f"ray-{name}.log", "wb")  # noqa: SIM115 - the node's lifetime
+        log = open(self.folder / f"ray-{name}.log", "wb")  # noqa: SIM115 - closed in stop()
+        self.logs.append(log)
         command = [str(BIN / "ray"), "start", "--block", *args, "--node-ip-address=127.0.0.1",
                    f"--num-cpus={self.cpus_per_node}", "--num-gpus=0",
                    f"--object-store-memory={OBJECT_STORE_BYTES}",
@@ -148,7 +151,9 @@ class TwoNodeCluster:
             for process in self.processes():
                 process.kill()
         self.nodes.clear()
-        subprocess.run(["rm", "-rf", str(self.temp_dir)], check=False)
+        for log in self.logs:
+            log.close()
+        shutil.rmtree(self.temp_dir, ignore_errors=True)
         return self.left_behind
 
     def processes(self) -> list[psutil.Process]:

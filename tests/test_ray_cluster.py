@@ -69,7 +69,7 @@ def test_the_replicas_run_on_both_nodes(cluster: TwoNodeCluster) -> None:
     assert set(replicas.values()) == nodes and len(nodes) == 2
 
 
-def test_either_proxy_serves_the_whole_api(cluster: TwoNodeCluster) -> None:
+def test_either_nodes_proxy_serves_images(cluster: TwoNodeCluster) -> None:
     replicas = set(cluster.replica_nodes())
     for url in cluster.proxy_urls:
         with httpx.Client(base_url=url, timeout=ANSWER_TIMEOUT) as client:
