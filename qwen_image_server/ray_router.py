@@ -1,4 +1,5 @@
-"""The request router of the Ray Serve deployment: requests naming an id reach its owner.
+"""The request router of the Ray Serve deployment: requests naming an id reach its owner; the
+others the least loaded replica, on whichever node.
 
 Jobs and `url` images live in the memory of the replica that made them, and their ids start with
 that replica's name (`api/replica.py`). Ray runs this router in every proxy (and in any handle
@@ -11,9 +12,8 @@ import pickle
 import random
 import time
 from collections import Counter
-from typing import Any
+from typing import TYPE_CHECKING, Any
 
-from ray.serve._private.common import RequestMetadata
 from ray.serve.request_router import (
     LocalityMixin,
     PendingRequest,
@@ -23,6 +23,9 @@ from ray.serve.request_router import (
 )
 
 from qwen_image_server.api.replica import owner_in_path
+
+if TYPE_CHECKING:
+    from ray.serve._private.common import RequestMetadata
 
 # The routing stat each replica reports (QwenImageDeployment.record_routing_stats): jobs queued
 # or running in its scheduler.

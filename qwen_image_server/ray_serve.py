@@ -11,11 +11,14 @@ and bring replicas, autoscaling, backpressure, health checks and multi-node clus
   replaces the replica.
 * **Affinity.** Jobs and `url` images live in the replica that made them. Their ids start with
   the replica's name (`api/replica.py`), and `ReplicaAffinityRouter` (`ray_router.py`) sends
-  every request whose path names such an id to that replica; others go to the less busy of two.
+  every request whose path names such an id to that replica; others go to the least loaded
+  replica on any node (the proxy's own node only breaks ties).
 * **Backpressure.** A replica takes `max_ongoing_requests` at once (its scheduler's queue plus a
   running batch, so it can batch everything it holds); beyond that requests wait in the proxy,
   up to `max_queued_requests`, then get 429 with Retry-After. Jobs, which do not hold a request
   open, meet the replica's own queue limit: 429 `queue_full` with Retry-After.
+* **Which cluster.** `qwen-image serve --ray` joins the one named, or a live one started on
+  this machine, or starts its own, and says which; a token the cluster refuses is one line.
 * **Metrics.** Each replica's `/metrics` labels every sample with `replica`; Ray exports its own
   per-replica metrics (`ray_serve_*`) from every node.
 
