@@ -173,7 +173,7 @@ def main() -> int:
         print(f"{policy:42} {r['p50_s']:7.2f} {r['p95_s']:7.2f} {r['max_s']:7.2f}  "
               f"{r['per_replica']!s:11}  {r['per_proxy_and_replica']}")
     ratio = before["p95_s"] / after["p95_s"]
-    print(f"p95 latency: {ratio:.1f}x lower with the server's routing")
+    print(f"p95 latency: {ratio:.1f}x lower with the server's routing (the nodes' logs: {folder})")
     if args.json:
         args.json.write_text(json.dumps({"args": {**vars(args), "json": str(args.json)},
                                          "results": results, "p95_ratio": ratio}, indent=2))
