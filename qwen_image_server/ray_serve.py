@@ -11,11 +11,14 @@ and bring replicas, autoscaling, backpressure, health checks and multi-node clus
   replaces the replica.
 * **Affinity.** Jobs and `url` images live in the replica that made them. Their ids start with
   the replica's name (`api/replica.py`), and `ReplicaAffinityRouter` (`ray_router.py`) sends
-  every request whose path names such an id to that replica; others go to the less busy of two.
+  every request whose path names such an id to that replica; others go to the least loaded
+  replica on any node (the proxy's own node only breaks ties).
 * **Backpressure.** A replica takes `max_ongoing_requests` at once (its scheduler's queue plus a
   running batch, so it can batch everything it holds); beyond that requests wait in the proxy,
   up to `max_queued_requests`, then get 429 with Retry-After. Jobs, which do not hold a request
   open, meet the replica's own queue limit: 429 `queue_full` with Retry-After.
+* **Which cluster.** `qwen-image serve --ray` joins the one named, or a live one started on
+  this machine, or starts its own, and says which; a token the cluster refuses is one line.
 * **Metrics.** Each replica's `/metrics` labels every sample with `replica`; Ray exports its own
   per-replica metrics (`ray_serve_*`) from every node.
 
@@ -26,13 +29,20 @@ from __future__ import annotations
 
 import asyncio
 import logging
+import os
 import signal
 import sys
+import tempfile
 import threading
+from collections.abc import Iterator
+from contextlib import contextmanager
+from dataclasses import dataclass
 from typing import TYPE_CHECKING, Any
 
 import ray
 from ray import serve
+from ray._private import services  # where `ray start` and `ray.init` look for a local cluster
+from ray.exceptions import AuthenticationError
 from ray.serve.config import BackpressureConfig, RequestRouterConfig
 from ray.serve.deployment import Application
 
@@ -199,10 +209,127 @@ def app_builder(args: dict[str, Any]) -> Application:
 
 # -- qwen-image serve --ray ----------------------------------------------------------------
 
+@dataclass(frozen=True)
+class ClusterChoice:
+    """Which Ray cluster `qwen-image serve --ray` uses, as `ray.init` wants it, and in words."""
+
+    address: str
+    joins: bool  # an existing cluster (else a new local one that lives as long as the server)
+    named_by: str
+
+
+def choose_cluster(settings: Settings, temp_dir: str | None = None) -> ClusterChoice:
+    """`ray_address`, else RAY_ADDRESS, else a live cluster that `ray start` left on this
+    machine, else a new local one.
+
+    Ray alone would also try the last cluster started on this machine when it is gone (its
+    address stays in /tmp/ray/ray_current_cluster after a crash) and fail; a dead one is
+    skipped here, so the server starts its own instead.
+    """
+    if settings.ray_address:
+        return ClusterChoice(settings.ray_address, joins=settings.ray_address != "local",
+                             named_by="ray_address")
+    if os.environ.get("RAY_ADDRESS"):
+        return ClusterChoice(os.environ["RAY_ADDRESS"], joins=os.environ["RAY_ADDRESS"] != "local",
+                             named_by="RAY_ADDRESS")
+    last = services.find_bootstrap_address(temp_dir)
+    if last and last in services.find_gcs_addresses():
+        # "auto" rather than the address: Ray then also picks up this machine's token file.
+        return ClusterChoice("auto", joins=True, named_by=f"the cluster started on this machine ({last})")
+    return ClusterChoice("local", joins=False, named_by="no cluster named or running here")
+
+
+def connect(choice: ClusterChoice) -> str | None:
+    """Join or start the cluster; a one-line reason when that fails (token, address)."""
+    where = f"the Ray cluster at {choice.address}" if choice.address != "auto" else choice.named_by
+    if choice.joins:
+        log.info("joining %s (%s)", where, choice.named_by)
+        refused = token_refusal(choice.address)
+        if refused is not None:
+            return f"{where} {refused}"
+    try:
+        ray.init(address=choice.address)
+    except (ConnectionError, TimeoutError, ValueError) as exc:
+        return f"cannot connect to {where} ({choice.named_by}): {exc}"
+    return None
+
+
+def token_refusal(address: str) -> str | None:
+    """Why the cluster's GCS refuses this machine's token, if it does (else None).
+
+    Asked once up front: `ray.init` retries a refused connection for ~20 s (a warning a second)
+    and then reports it as a failure to connect. Left to `ray.init`: a Ray Client address
+    (ray://), and "auto", for which it first looks for this machine's token file itself.
+    """
+    if address == "auto" or address.startswith("ray://"):
+        return None
+    from ray._raylet import GcsClient  # what `ray start --address` asks first, too
+
+    with held_stderr() as held:  # the core's warning about the refusal, superseded by the reason
+        try:
+            GcsClient(address=services.canonicalize_bootstrap_address(address))
+        except AuthenticationError:
+            held.drop()
+            if os.environ.get("RAY_AUTH_MODE", "").lower() != "token":
+                return ("uses token authentication: set RAY_AUTH_MODE=token and the cluster's token "
+                        "in RAY_AUTH_TOKEN (or the file ~/.ray/auth_token, or a file named by "
+                        "RAY_AUTH_TOKEN_PATH)")
+            return ("refused this machine's token: RAY_AUTH_TOKEN (or ~/.ray/auth_token, or "
+                    "RAY_AUTH_TOKEN_PATH) must hold the token the cluster was started with")
+        except Exception:  # noqa: BLE001 - anything else: ray.init says it in its own words
+            return None
+    return None
+
+
+class _HeldStderr:
+    def __init__(self) -> None:
+        self.dropped = False
+
+    def drop(self) -> None:
+        self.dropped = True
+
+
+@contextmanager
+def held_stderr() -> Iterator[_HeldStderr]:
+    """Send what this process writes to stderr (Ray's C++ core included) to a file meanwhile,
+    and write it out at the end unless `drop()` was called. Never around starting processes:
+    they would keep the file as their stderr."""
+    sys.stderr.flush()
+    saved = os.dup(2)
+    held = _HeldStderr()
+    with tempfile.TemporaryFile() as file:
+        os.dup2(file.fileno(), 2)
+        try:
+            yield held
+        finally:
+            sys.stderr.flush()
+            os.dup2(saved, 2)
+            os.close(saved)
+            if not held.dropped:
+                file.seek(0)
+                sys.stderr.buffer.write(file.read())
+                sys.stderr.flush()
+
+
+def describe_cluster(choice: ClusterChoice) -> str:
+    resources = ray.cluster_resources()
+    size = (f"{len([n for n in ray.nodes() if n['Alive']])} node(s), {resources.get('CPU', 0):g} CPUs, "
+            f"{resources.get('GPU', 0):g} GPUs")
+    if choice.joins:
+        return f"joined the Ray cluster at {ray.get_runtime_context().gcs_address} ({choice.named_by}; {size})"
+    return (f"started a local Ray cluster ({size}; {choice.named_by}); it stops with this server. "
+            "To use a running cluster, set RAY_ADDRESS or --ray-address")
+
+
 def run_ray(settings: Settings) -> int:
     """Deploy on Ray Serve (joining or starting a cluster) and serve until SIGINT / SIGTERM."""
     configure_logging(settings.log_level)
-    ray.init(address=settings.ray_address)
+    choice = choose_cluster(settings)
+    problem = connect(choice)
+    if problem:
+        print(f"error: {problem}", file=sys.stderr)
+        return 1
+    log.info("%s", describe_cluster(choice))
     serve.start(http_options={"host": settings.host, "port": settings.port})
     try:
         serve.run(build_app(settings), name=APP_NAME, route_prefix="/")  # waits for the models

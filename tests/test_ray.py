@@ -9,8 +9,11 @@ from __future__ import annotations
 
 import asyncio
 import base64
+import os
+import secrets
 import subprocess
 import sys
+import tempfile
 import threading
 from collections.abc import Iterator
 from dataclasses import dataclass
@@ -23,18 +26,23 @@ import yaml
 
 ray = pytest.importorskip("ray", reason="Ray Serve is an optional extra: pip install .[ray]")
 from ray import serve  # noqa: E402
+from ray.serve._private.common import DeploymentHandleSource, DeploymentID, RequestMetadata  # noqa: E402
 from ray.serve.deployment import Application  # noqa: E402
+from ray.serve.request_router import PendingRequest, ReplicaID  # noqa: E402
 from ray.serve.schema import ServeDeploySchema  # noqa: E402
 
 from qwen_image_server.api.replica import owner_in_path  # noqa: E402
 from qwen_image_server.errors import ModelLoadError  # noqa: E402
+from qwen_image_server.ray_router import BACKLOG_STAT, ReplicaAffinityRouter  # noqa: E402
 from qwen_image_server.ray_serve import (  # noqa: E402
     APP_NAME,
     DEPLOYMENT_NAME,
+    ClusterChoice,
     QwenImageDeployment,
     ReplicaUnfit,
     app_builder,
     build_app,
+    choose_cluster,
     deploy_failure,
     deployment_options,
 )
@@ -52,6 +60,8 @@ BODY = {"prompt": "a lighthouse at dusk", "aspect_ratio": "s1:1", "num_inference
         "add_overlay": False}
 ANSWER_TIMEOUT = 240.0  # no request may take longer than this to get an answer
 PNG = b"\x89PNG\r\n\x1a\n"
+DEPLOYMENT_ID = DeploymentID(name=DEPLOYMENT_NAME, app_name=APP_NAME)
+AUTH_VARIABLES = ("RAY_AUTH_MODE", "RAY_AUTH_TOKEN", "RAY_AUTH_TOKEN_PATH")
 
 
 @dataclass
@@ -80,20 +90,38 @@ def running_replicas() -> int:
 
 
 @pytest.fixture(scope="module")
-def deployment(tmp_path_factory) -> Iterator[Deployment]:
+def ray_auth() -> Iterator[None]:
+    """Token authentication (Ray turns it on for every new local cluster) with a token of the
+    tests' own, so that no ~/.ray/auth_token is needed, made or read."""
+    saved = {name: os.environ.pop(name, None) for name in AUTH_VARIABLES}
+    os.environ["RAY_AUTH_TOKEN"] = secrets.token_hex(32)
+    yield
+    for name, value in saved.items():
+        if value is None:
+            os.environ.pop(name, None)
+        else:
+            os.environ[name] = value
+
+
+@pytest.fixture(scope="module")
+def deployment(tmp_path_factory, ray_auth) -> Iterator[Deployment]:
     port = free_port()
-    ray.init(num_cpus=4, include_dashboard=False, log_to_driver=False)
-    try:
-        serve.start(http_options={"host": "127.0.0.1", "port": port})
-        settings = tiny_settings(
-            tmp_path_factory.mktemp("ray"), threads=1, max_batch_size=1, max_queue=MAX_QUEUE,
-            ray_replicas=REPLICAS, ray_max_ongoing_requests=MAX_ONGOING,
-            ray_max_queued_requests=MAX_QUEUED, ray_retry_after_s=RETRY_AFTER_S)
-        serve.run(build_app(settings), name=APP_NAME, route_prefix="/")  # returns once both loaded
-        yield Deployment(f"http://127.0.0.1:{port}")
-    finally:
-        serve.shutdown()
-        ray.shutdown()
+    # A cluster of its own ("local"), never whatever cluster this machine ran last; in a short
+    # folder of its own too (Ray's socket paths must stay short).
+    with tempfile.TemporaryDirectory(prefix="qis-ray-") as temp_dir:
+        ray.init(address="local", num_cpus=4, include_dashboard=False, log_to_driver=False,
+                 _temp_dir=temp_dir)
+        try:
+            serve.start(http_options={"host": "127.0.0.1", "port": port})
+            settings = tiny_settings(
+                tmp_path_factory.mktemp("ray"), threads=1, max_batch_size=1, max_queue=MAX_QUEUE,
+                ray_replicas=REPLICAS, ray_max_ongoing_requests=MAX_ONGOING,
+                ray_max_queued_requests=MAX_QUEUED, ray_retry_after_s=RETRY_AFTER_S)
+            serve.run(build_app(settings), name=APP_NAME, route_prefix="/")  # returns once both loaded
+            yield Deployment(f"http://127.0.0.1:{port}")
+        finally:
+            serve.shutdown()
+            ray.shutdown()
 
 
 def burst(url: str, bodies: list[dict], path: str = "/generate") -> list[httpx.Response]:
@@ -180,19 +208,31 @@ def test_the_deployment_gets_one_gpu_per_replica_and_room_to_batch(tmp_path: Pat
     assert scaled["autoscaling_config"] == {"target_ongoing_requests": 8, "max_replicas": 6}
 
 
+class WatchedEvent(threading.Event):
+    """An Event that says when someone waits on it."""
+
+    def __init__(self) -> None:
+        super().__init__()
+        self.waited_on = threading.Event()
+
+    def wait(self, timeout: float | None = None) -> bool:
+        self.waited_on.set()
+        return super().wait(timeout)
+
+
 def test_the_health_check_waits_for_the_model_and_fails_a_dead_engine() -> None:
     # The replica's own check_health, on a stand-in for its app (a real engine cannot be made to
     # fail on demand): Ray starts routing when it returns and replaces the replica when it raises.
     check_health = QwenImageDeployment.func_or_class.check_health
     scheduler = SimpleNamespace(dead=False)
     replica = SimpleNamespace(
-        replica="r1", _load_done=threading.Event(), _load_error=None,
+        replica="r1", _load_done=WatchedEvent(), _load_error=None,
         _server_app=SimpleNamespace(state=SimpleNamespace(ctx=SimpleNamespace(scheduler=scheduler))))
 
     async def check_while_loading() -> None:
         check = asyncio.ensure_future(check_health(replica))
-        await asyncio.sleep(0.2)
-        assert not check.done()  # still loading: not started yet
+        assert await asyncio.to_thread(replica._load_done.waited_on.wait, 30), "never waited for the load"
+        assert not check.done()  # waiting for the load: not started yet
         replica._load_done.set()
         await check  # loaded: healthy
 
@@ -212,6 +252,78 @@ def test_the_serve_config_file_deploys_the_same_app() -> None:
     assert app["import_path"] == "qwen_image_server.ray_serve:app_builder"
     assert isinstance(app_builder(app["args"]), Application)
     assert Settings(**app["args"]).model == app["args"]["model"]
+
+
+def test_a_setting_the_config_leaves_out_comes_from_the_environment(monkeypatch) -> None:
+    # `serve deploy` builds the application on the cluster, where QWEN_IMAGE_* fill in the args.
+    monkeypatch.setenv("QWEN_IMAGE_MODEL", "/models/from-the-environment")
+    args = {key: value for key, value in yaml.safe_load((ROOT / "serve_config.yaml").read_text())
+            ["applications"][0]["args"].items() if key != "model"}
+    replica_settings = app_builder(args)._bound_deployment.init_args[0]
+    assert replica_settings["model"] == "/models/from-the-environment"
+    assert replica_settings["ray_num_gpus"] == args["ray_num_gpus"]
+
+
+def test_serve_ray_never_joins_a_cluster_that_is_gone(tmp_path: Path, monkeypatch) -> None:
+    # A cluster stopped by killing its processes leaves its address behind.
+    (tmp_path / "ray_current_cluster").write_text("127.0.0.1:1")
+    monkeypatch.delenv("RAY_ADDRESS", raising=False)
+    settings = tiny_settings(tmp_path)
+    started = choose_cluster(settings, temp_dir=str(tmp_path))
+    assert started.address == "local" and not started.joins
+    monkeypatch.setenv("RAY_ADDRESS", "head:6379")
+    assert choose_cluster(settings, str(tmp_path)) == ClusterChoice("head:6379", True, "RAY_ADDRESS")
+    named = choose_cluster(tiny_settings(tmp_path, ray_address="ray://head:10001"), str(tmp_path))
+    assert named == ClusterChoice("ray://head:10001", True, "ray_address")
+
+
+class StandInReplica:
+    """What the router reads of a replica: its id, node, routing stats and request limit."""
+
+    def __init__(self, name: str, node: str) -> None:
+        self.replica_id = ReplicaID(unique_id=name, deployment_id=DEPLOYMENT_ID)
+        self.node_id, self.availability_zone = node, None
+        self.routing_stats = {BACKLOG_STAT: 0}
+        self.max_ongoing_requests = MAX_ONGOING
+        self.multiplexed_model_ids: set[str] = set()
+
+    async def get_queue_len(self, deadline_s: float) -> int:  # Ray asks when its count is old
+        return 0
+
+
+def test_the_router_sends_work_to_the_least_loaded_node_its_own_among_equals() -> None:
+    # Ray's own routing loop (as in a proxy on "proxy-node"), with stand-ins for the replicas.
+    async def route() -> list[list[str]]:
+        router = ReplicaAffinityRouter(
+            deployment_id=DEPLOYMENT_ID, handle_source=DeploymentHandleSource.UNKNOWN,
+            self_node_id="proxy-node", prefer_local_node_routing=True, use_replica_queue_len_cache=True)
+        local, remote = StandInReplica("local000", "proxy-node"), StandInReplica("remote00", "other-node")
+        router.update_replicas([local, remote])
+        counter = iter(range(1000))
+        running: list[tuple[ReplicaID, str]] = []
+
+        async def send(n: int) -> list[str]:
+            requests = [PendingRequest(args=[], kwargs={}, metadata=RequestMetadata(str(i), str(i)))
+                        for i in (next(counter) for _ in range(n))]
+            chosen = await asyncio.gather(*(router._choose_replica_for_request(r) for r in requests))
+            running.extend((replica.replica_id, r.metadata.internal_request_id)
+                           for replica, r in zip(chosen, requests, strict=True))
+            return [replica.replica_id.unique_id for replica in chosen]
+
+        def finish_all() -> None:  # what Ray tells the router as each request ends
+            while running:
+                router.on_request_completed(*running.pop())
+
+        alone = await send(1)  # both idle: the proxy's own node
+        finish_all()
+        burst = await send(MAX_ONGOING * 2)  # at once: half each, not all on the proxy's node
+        finish_all()
+        local.routing_stats = {BACKLOG_STAT: 3}  # jobs waiting on the proxy's node
+        queued_jobs = await send(1)
+        return [alone, sorted(burst), queued_jobs]
+
+    assert asyncio.run(route()) == [
+        ["local000"], ["local000"] * MAX_ONGOING + ["remote00"] * MAX_ONGOING, ["remote00"]]
 
 
 # -- through Ray's proxy --------------------------------------------------------------------
