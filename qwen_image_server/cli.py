@@ -2,24 +2,27 @@
 
 from __future__ import annotations
 
+import asyncio
 import errno
 import json
 import logging
 import os
 import socket
 import sys
-import time
 from pathlib import Path
+from typing import TYPE_CHECKING
 
 from pydantic import AliasChoices, Field, ValidationError
 from pydantic_settings import BaseSettings, CliApp, CliImplicitFlag, CliPositionalArg, CliSubCommand
 
-from qwen_image_server.defaults import GenerationDefaults
 from qwen_image_server.errors import ModelLoadError
 from qwen_image_server.logs import configure_logging
 from qwen_image_server.presets import DEFAULT_ASPECT_RATIO, AspectRatio, Language
 from qwen_image_server.schemas import GenerateRequest
 from qwen_image_server.settings import Settings
+
+if TYPE_CHECKING:
+    from qwen_image_server.engine.runner import PipelineEngine
 
 log = logging.getLogger("qwen_image_server.cli")
 
@@ -148,39 +151,55 @@ def generate_remote(cmd: GenerateCommand) -> int:
 
 
 def generate_one(cmd: GenerateCommand) -> int:
-    """Load the model, make one image, save it atomically; return the exit code."""
-    from tqdm import tqdm
-
-    from qwen_image_server.engine.loader import load_model
-    from qwen_image_server.engine.runner import PipelineEngine
-    from qwen_image_server.postprocess import OverlayInfo, add_overlay, encode_png, save_atomically
+    """Load the model, make one image through the server's own request path, save it atomically;
+    return the exit code."""
+    from qwen_image_server.engine.runner import load_engine
 
     configure_logging(cmd.log_level)
-    defaults = GenerationDefaults.from_settings(cmd)
-    request = cmd.request()
-    spec = request.model_copy(update={
-        name: getattr(defaults, name) for name in ("num_inference_steps", "true_cfg_scale")
-        if name not in request.model_fields_set}).to_spec()
     try:
-        model = load_model(cmd)
+        engine = load_engine(cmd)
     except ModelLoadError as exc:
         print(f"error: {exc}", file=sys.stderr)
         return 1
-    engine = PipelineEngine(model)
-    with tqdm(total=spec.num_inference_steps, unit="step", desc="generating") as bar:
+    return asyncio.run(_generate_locally(cmd, engine))
 
-        def on_step(step: int, total: int) -> None:
-            bar.update(step - bar.n)
 
-        start = time.perf_counter()
-        image = engine.run_batch([spec], on_step)[0]
-        elapsed = time.perf_counter() - start
-    if cmd.add_overlay:
-        image = add_overlay(image, OverlayInfo(model.device.label, elapsed, spec.num_inference_steps,
-                                               spec.seed, image.width, image.height, 1))
+async def _generate_locally(cmd: GenerateCommand, engine: PipelineEngine) -> int:
+    from concurrent.futures import ThreadPoolExecutor
+
+    from tqdm import tqdm
+
+    from qwen_image_server.errors import ServerError
+    from qwen_image_server.generation import Generation
+    from qwen_image_server.job_state import JobEvent
+    from qwen_image_server.postprocess import save_atomically
+    from qwen_image_server.scheduler import Job, Scheduler, SchedulerConfig
+
+    scheduler = Scheduler(lambda: engine, SchedulerConfig(max_queue=1, max_batch_size=1))
+    device = engine.model.device
+    with ThreadPoolExecutor(cmd.threads, thread_name_prefix="qwen-image-cpu") as executor:
+        generation = Generation(cmd, device, scheduler, executor)
+        body = generation.with_defaults(cmd.request())
+        scheduler.start()
+        try:
+            with tqdm(total=body.num_inference_steps, unit="step", desc="generating") as bar:
+
+                def on_event(job: Job, event: JobEvent) -> None:
+                    if event is JobEvent.STEP:
+                        bar.update(job.step - bar.n)
+
+                [job] = await generation.submit([body.to_spec()], generation.next_request_id())
+                scheduler.add_listener(job, on_event)
+                result = await generation.wait(job)
+            rendered = await generation.render(job, result, overlay=body.add_overlay)
+        except ServerError as exc:
+            print(f"error: {exc.message}", file=sys.stderr)
+            return 1
+        finally:
+            scheduler.shutdown(timeout=5)
     out = cmd.out.expanduser()
-    save_atomically(encode_png(image), out.parent, out.name, overwrite=True)
-    print(f"saved {out} ({image.width}x{image.height}, {elapsed:.2f}s on {model.device.label})")
+    save_atomically(rendered.data, out.parent, out.name, overwrite=True)
+    print(f"saved {out} ({rendered.width}x{rendered.height}, {rendered.inference_time:.2f}s on {device.label})")
     return 0
 
 

@@ -14,11 +14,10 @@ from pydantic import BaseModel, ConfigDict, Field, field_validator, model_valida
 from pydantic_core import PydanticCustomError
 
 from qwen_image_server.engine.types import GenerationSpec
+from qwen_image_server.postprocess import OutputFormat
 from qwen_image_server.presets import ASPECT_RATIOS, AspectRatio, Language, with_suffix
 from qwen_image_server.schemas import MAX_SEED, GenerateRequest, not_blank
 
-OutputFormat = Literal["png", "jpeg", "webp"]
-MEDIA_TYPES: dict[str, str] = {"png": "image/png", "jpeg": "image/jpeg", "webp": "image/webp"}
 
 AUTO_SIZE = (1328, 1328)  # Qwen-Image's native square, the model card's 1:1
 MIN_SIDE, MAX_SIDE, SIDE_MULTIPLE = 256, 2048, 16  # 16: 8x VAE downsampling, 2x2 patches

@@ -7,6 +7,7 @@ from typing import Literal
 from pydantic import BaseModel, ConfigDict, Field, field_validator
 
 from qwen_image_server.engine.types import GenerationSpec
+from qwen_image_server.job_state import FINAL_STATES, JobState
 from qwen_image_server.presets import (
     ASPECT_RATIOS,
     DEFAULT_ASPECT_RATIO,
@@ -126,6 +127,13 @@ class GenerationDefaultsInfo(BaseModel):
     reason: str
 
 
+class JobStatesInfo(BaseModel):
+    """The states a job's `status` takes; after a final one nothing changes any more."""
+
+    states: list[JobState] = Field(default_factory=lambda: list(JobState))
+    final: list[JobState] = Field(default_factory=lambda: [s for s in JobState if s in FINAL_STATES])
+
+
 class InfoResponse(BaseModel):
     model_name: str
     model_source: str
@@ -150,6 +158,7 @@ class InfoResponse(BaseModel):
     scheduler: SchedulerInfo
     options: EngineOptions | None = Field(None, description="Null while the model loads.")
     defaults: GenerationDefaultsInfo
+    job_states: JobStatesInfo = Field(default_factory=JobStatesInfo)
     version: str
 
 
@@ -164,9 +173,6 @@ class ErrorResponse(BaseModel):
     error: ErrorDetail
 
 
-JobStatusName = Literal["queued", "running", "succeeded", "failed", "cancelled"]
-
-
 class JobProgress(BaseModel):
     step: int
     total: int
@@ -176,7 +182,7 @@ class JobStatus(BaseModel):
     """State of an async job (POST /v1/jobs, GET /v1/jobs/{id}, and every SSE event)."""
 
     id: str
-    status: JobStatusName
+    status: JobState
     queue_position: int | None = Field(description="0 = next to start; null once started.")
     progress: JobProgress
     request_id: int

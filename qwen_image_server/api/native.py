@@ -9,7 +9,7 @@ from fastapi import APIRouter, Request, Response
 from fastapi.responses import JSONResponse
 
 from qwen_image_server import __version__
-from qwen_image_server.api.context import Ctx
+from qwen_image_server.api.context import Ctx, client_gone
 from qwen_image_server.api.errors import ERROR_RESPONSES
 from qwen_image_server.engine.device import gpu_memory_mb
 from qwen_image_server.presets import ASPECT_RATIOS
@@ -99,7 +99,7 @@ async def info(ctx: Ctx) -> InfoResponse:
             queue_timeout_s=cfg.queue_timeout_s,
         ),
         options=EngineOptions(**dataclasses.asdict(model.options)) if model else None,
-        defaults=GenerationDefaultsInfo(**dataclasses.asdict(ctx.defaults)),
+        defaults=GenerationDefaultsInfo(**dataclasses.asdict(ctx.generation.defaults)),
         version=__version__,
     )
 
@@ -112,15 +112,17 @@ async def info(ctx: Ctx) -> InfoResponse:
 )
 async def generate(body: GenerateRequest, request: Request, ctx: Ctx) -> Response:
     """Generate one image: PNG bytes, or (save_to_file) JSON naming the saved file."""
-    request_id = ctx.next_request_id()
-    body = ctx.with_defaults(body)
+    generation = ctx.generation
+    request_id = generation.next_request_id()
+    body = generation.with_defaults(body)
     spec = body.to_spec()
     log.info("request %d received: %dx%d, %d steps, cfg %g, seed %d, save_to_file=%s",
              request_id, spec.width, spec.height, spec.num_inference_steps,
              spec.true_cfg_scale, spec.seed, body.save_to_file)
-    [job] = await ctx.submit([spec], request_id)
-    result = await ctx.wait(job, request)
-    rendered = await ctx.render(body, result, request_id)
+    [job] = await generation.submit([spec], request_id)
+    result = await generation.wait(job, client_gone(request))
+    rendered = await generation.render(job, result, overlay=body.add_overlay,
+                                       save_to_file=body.save_to_file)
     headers = {
         "X-Request-ID": str(request_id),
         "X-Inference-Time": f"{rendered.inference_time}",
@@ -128,7 +130,7 @@ async def generate(body: GenerateRequest, request: Request, ctx: Ctx) -> Respons
         "X-Batch-Size": str(result.batch_size),
     }
     if rendered.file_path is None:
-        return Response(rendered.png, media_type="image/png", headers=headers)
+        return Response(rendered.data, media_type=rendered.media_type, headers=headers)
     return JSONResponse(GenerateFileResponse(
         request_id=request_id,
         inference_time=rendered.inference_time,

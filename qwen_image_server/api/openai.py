@@ -8,22 +8,20 @@ from __future__ import annotations
 
 import asyncio
 import base64
-import io
 import logging
 import secrets
 import time
-from collections.abc import AsyncIterator, Sequence
+from collections.abc import AsyncIterator
 from contextlib import aclosing
 
 from fastapi import APIRouter, Request, Response
 from fastapi.sse import KEEPALIVE_COMMENT, EventSourceResponse, format_sse_event
-from PIL import Image
 
 from qwen_image_server import errors
-from qwen_image_server.api.context import Ctx, ServerContext
+from qwen_image_server.api.context import Ctx, ServerContext, client_gone
 from qwen_image_server.api.errors import ERROR_RESPONSES
+from qwen_image_server.generation import Rendered
 from qwen_image_server.openai_protocol import (
-    MEDIA_TYPES,
     ImageData,
     ImageGenCompletedEvent,
     ImageGenerationRequest,
@@ -31,9 +29,8 @@ from qwen_image_server.openai_protocol import (
     ImageUsage,
     ModelCard,
     ModelList,
-    OutputFormat,
 )
-from qwen_image_server.postprocess import encode_png
+from qwen_image_server.postprocess import MEDIA_TYPES
 from qwen_image_server.scheduler import Job, JobResult
 from qwen_image_server.schemas import MAX_SEED, ErrorDetail, ErrorResponse
 
@@ -44,71 +41,6 @@ router = APIRouter(prefix="/v1", tags=["openai"])
 PING_INTERVAL_S = 15.0
 # /v1/models' "created": when this server process started serving the model.
 _STARTED = int(time.time())
-
-
-# -- encoding (THREADS pool) ----------------------------------------------------------------
-
-def encode_image(image: Image.Image, output_format: OutputFormat, compression: int | None) -> bytes:
-    """PNG, or JPEG / WebP at quality `compression` (OpenAI's default: 100)."""
-    if output_format == "png":
-        return encode_png(image)
-    buf = io.BytesIO()
-    quality = 100 if compression is None else compression
-    image.convert("RGB").save(buf, format=output_format.upper(), quality=quality)
-    return buf.getvalue()
-
-
-def encode_b64(image: Image.Image, output_format: OutputFormat, compression: int | None) -> str:
-    return base64.b64encode(encode_image(image, output_format, compression)).decode("ascii")
-
-
-async def prompt_tokens(ctx: ServerContext, body: ImageGenerationRequest) -> int:
-    """Tokens of the prompt as the model reads it, for the usage block (0 without a tokenizer)."""
-    return await ctx.in_pool(ctx.count_tokens, body.model_prompt) or 0
-
-
-# -- submitting and awaiting ----------------------------------------------------------------
-
-def _mark_read(task: asyncio.Future[JobResult]) -> None:
-    # Once one job failed nobody reads the others' outcomes; don't let asyncio warn about them.
-    if not task.cancelled():
-        task.exception()
-
-
-async def finished(
-    ctx: ServerContext, jobs: Sequence[Job], request: Request, ping_s: float | None = None
-) -> AsyncIterator[tuple[int, JobResult] | None]:
-    """Yield (index, result) as the jobs finish, and None after every `ping_s` without one.
-
-    The first failure is raised; it, a client disconnect, or the caller stopping early
-    cancels every job not finished yet.
-    """
-    index = {asyncio.ensure_future(ctx.wait(job, request)): i for i, job in enumerate(jobs)}
-    for task in index:
-        task.add_done_callback(_mark_read)
-    pending = set(index)
-    try:
-        while pending:
-            done, pending = await asyncio.wait(pending, timeout=ping_s, return_when=asyncio.FIRST_COMPLETED)
-            if not done:
-                yield None
-            for task in sorted(done, key=index.__getitem__):
-                yield index[task], task.result()
-    finally:
-        # Cancelling the job (not the task) lets each ctx.wait end normally, at once if queued.
-        # Last first: then no job being cancelled can reach the queue's head and start meanwhile.
-        for task in sorted(pending, key=index.__getitem__, reverse=True):
-            ctx.scheduler.cancel(jobs[index[task]])
-
-
-async def wait_all(ctx: ServerContext, jobs: Sequence[Job], request: Request) -> list[JobResult]:
-    """Every job's result, in order; the first failure cancels the others and is raised."""
-    results: dict[int, JobResult] = {}
-    async with aclosing(finished(ctx, jobs, request)) as outcomes:
-        async for item in outcomes:
-            assert item is not None  # no pings without ping_s
-            results[item[0]] = item[1]
-    return [results[i] for i in range(len(jobs))]
 
 
 # -- routes ---------------------------------------------------------------------------------
@@ -125,30 +57,29 @@ async def create_images(
     body: ImageGenerationRequest, request: Request, ctx: Ctx
 ) -> Response | ImagesResponse:
     """Generate `n` images (OpenAI's Images API), as base64, URLs or a stream of events."""
-    request_id = ctx.next_request_id()
-    body = ctx.with_defaults(body)
+    generation = ctx.generation
+    request_id = generation.next_request_id()
+    body = generation.with_defaults(body)
     base_seed = body.seed if body.seed is not None else secrets.randbelow(MAX_SEED + 1)
     specs = body.to_specs(base_seed)
     width, height = specs[0].width, specs[0].height
     log.info("request %d (openai) received: n=%d, %dx%d, %d steps, cfg %g, seeds from %d, %s%s",
              request_id, body.n, width, height, body.num_inference_steps, body.true_cfg_scale,
              base_seed, body.output_format, ", stream" if body.stream else "")
-    jobs = await ctx.submit(specs, request_id)  # together, so they run as one batch
+    jobs = await generation.submit(specs, request_id)  # together, so they run as one batch
     if body.stream:
         # Submitted first, so a full queue or a draining server is a real HTTP error (429/503).
         return EventSourceResponse(_events(ctx, body, jobs, request))
 
-    results = await wait_all(ctx, jobs, request)
-    encoded = await asyncio.gather(*(
-        ctx.in_pool(encode_image, r.image, body.output_format, body.output_compression) for r in results))
+    results = await generation.wait_all(jobs, client_gone(request))
+    rendered = await asyncio.gather(*(_render(ctx, body, job, result) for job, result in zip(jobs, results)))
     revised = body.model_prompt
     if body.response_format == "url":
-        data = [ImageData(url=_store(ctx, request, blob, body.output_format), revised_prompt=revised)
-                for blob in encoded]
+        data = [ImageData(url=_store(ctx, request, item), revised_prompt=revised) for item in rendered]
     else:
-        data = [ImageData(b64_json=base64.b64encode(blob).decode("ascii"), revised_prompt=revised)
-                for blob in encoded]
-    text_tokens = await prompt_tokens(ctx, body)
+        data = [ImageData(b64_json=base64.b64encode(item.data).decode("ascii"), revised_prompt=revised)
+                for item in rendered]
+    text_tokens = await generation.count_tokens(body.model_prompt)
     return ImagesResponse(
         created=int(time.time()),
         model=ctx.settings.model,
@@ -160,9 +91,14 @@ async def create_images(
     )
 
 
-def _store(ctx: ServerContext, request: Request, blob: bytes, output_format: OutputFormat) -> str:
+async def _render(ctx: ServerContext, body: ImageGenerationRequest, job: Job, result: JobResult) -> Rendered:
+    return await ctx.generation.render(job, result, output_format=body.output_format,
+                                       compression=body.output_compression)
+
+
+def _store(ctx: ServerContext, request: Request, rendered: Rendered) -> str:
     """Keep the image for QWEN_IMAGE_RESULT_TTL_S and return its absolute URL."""
-    item = ctx.results.put(blob, MEDIA_TYPES[output_format])
+    item = ctx.results.put(rendered.data, rendered.media_type)
     return str(request.url_for("openai_image", image_id=item.id))
 
 
@@ -174,20 +110,22 @@ async def _events(
     Streams always carry base64 (as OpenAI's do). A failure after the 200 has gone out becomes
     an `error` event with the usual error body, which the openai client raises as APIError.
     """
+    generation = ctx.generation
     text_tokens: int | None = None  # counted once the first image exists (the model is loaded)
     width, height = jobs[0].spec.width, jobs[0].spec.height
     try:
-        async with aclosing(finished(ctx, jobs, request, ping_s=PING_INTERVAL_S)) as outcomes:
+        async with aclosing(generation.finished(jobs, client_gone(request),
+                                                ping_s=PING_INTERVAL_S)) as outcomes:
             async for item in outcomes:
                 if item is None:
                     yield KEEPALIVE_COMMENT
                     continue
-                image = item[1].image
-                b64 = await ctx.in_pool(encode_b64, image, body.output_format, body.output_compression)
+                index, result = item
+                rendered = await _render(ctx, body, jobs[index], result)
                 if text_tokens is None:
-                    text_tokens = await prompt_tokens(ctx, body)
+                    text_tokens = await generation.count_tokens(body.model_prompt)
                 event = ImageGenCompletedEvent(
-                    b64_json=b64,
+                    b64_json=base64.b64encode(rendered.data).decode("ascii"),
                     created_at=int(time.time()),
                     size=f"{width}x{height}",
                     quality=body.quality or "auto",

@@ -11,15 +11,16 @@ from typing import Any
 import torch
 from PIL import Image
 
-from qwen_image_server.engine.loader import LoadedModel
+from qwen_image_server.engine.loader import LoadedModel, load_model
 from qwen_image_server.engine.types import (
     BatchAborted,
     DeviceFailure,
     DeviceOutOfMemory,
     GenerationSpec,
+    StepCallback,
 )
 from qwen_image_server.presets import ASPECT_RATIOS
-from qwen_image_server.scheduler import StepCallback
+from qwen_image_server.settings import Settings
 
 log = logging.getLogger(__name__)
 
@@ -110,3 +111,12 @@ class PipelineEngine:
         gc.collect()
         if self.model.device.type == "cuda":
             torch.cuda.empty_cache()
+
+
+def load_engine(settings: Settings) -> PipelineEngine:
+    """Load the configured pipeline and warm it up when its options ask for it (call it on the
+    thread that will own the engine; a server reports ready only after this returns)."""
+    engine = PipelineEngine(load_model(settings))
+    if engine.model.options.warmup:
+        engine.warm_up(settings.warmup_aspect_ratios)
+    return engine

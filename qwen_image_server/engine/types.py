@@ -2,7 +2,11 @@
 
 from __future__ import annotations
 
+from collections.abc import Callable
 from dataclasses import dataclass
+
+# on_step(step, total): called by the engine after every denoising step; may raise BatchAborted.
+StepCallback = Callable[[int, int], None]
 
 
 @dataclass(frozen=True, slots=True)

@@ -32,7 +32,9 @@
     language: "Language", add_overlay: "Info strip", save_to_file: "Save on the server",
   };
   const FIELDS = Object.keys(LABELS);
-  const TERMINAL = new Set(["succeeded", "failed", "cancelled"]);
+  // A job's final states, as the server names them (/info "job_states"); until /info answers,
+  // the end of a job's event stream (the server closes it after the final event) says it is done.
+  let FINAL = new Set();
   const STORE = "qwen-image-playground";
   const KEY_ITEM = `${STORE}.api-key`;
   const SETTINGS_ITEM = `${STORE}.settings`;
@@ -222,6 +224,7 @@
       ratios = info.aspect_ratios || FALLBACK_RATIOS;
       fillRatios(ratios, info.supported_aspect_ratios || Object.keys(ratios));
       if (info.defaults) useServerDefaults(info.defaults);
+      if (info.job_states) FINAL = new Set(info.job_states.final);
       const where = info.gpu ? `${info.device} (${info.gpu})` : info.device;
       const state = info.model_loaded ? "" : " · model loading, jobs wait until it is ready";
       $("server-info").textContent = `${info.model_name} on ${where} · v${info.version}${state}`;
@@ -447,11 +450,15 @@
     let failures = 0;
     for (;;) {
       try {
+        let last = null;
         for await (const { data } of events(`v1/jobs/${encodeURIComponent(id)}/events`, signal)) {
           failures = 0;
           onStatus(data);
-          if (TERMINAL.has(data.status)) return data;
+          last = data;
+          if (FINAL.has(data.status)) return data;
         }
+        // Before /info has named the final states: the server ends a job's stream after its final event.
+        if (last && FINAL.size === 0) return last;
       } catch (err) {
         if (signal.aborted || !(err instanceof ApiError) || err.status !== 0) throw err;
         failures += 1;
@@ -523,7 +530,7 @@
     setStatus("Cancelling…");
     try {
       const status = await (await request(`v1/jobs/${encodeURIComponent(id)}`, { method: "DELETE" })).json();
-      if (current && current.id === id && TERMINAL.has(status.status)) showJob(status);
+      if (current && current.id === id && FINAL.has(status.status)) showJob(status);
       // Otherwise the event stream reports "cancelled" as soon as the server has stopped the job.
     } catch (err) {
       showError(err);
