@@ -22,7 +22,7 @@ from qwen_image_server.schemas import GenerateRequest
 from qwen_image_server.settings import Settings
 
 if TYPE_CHECKING:
-    from qwen_image_server.engine.runner import PipelineEngine
+    from qwen_image_server.engine.models import ModelSet
 
 log = logging.getLogger("qwen_image_server.cli")
 
@@ -153,7 +153,7 @@ def generate_remote(cmd: GenerateCommand) -> int:
 def generate_one(cmd: GenerateCommand) -> int:
     """Load the model, make one image through the server's own request path, save it atomically;
     return the exit code."""
-    from qwen_image_server.engine.runner import load_engine
+    from qwen_image_server.engine.models import load_engine
 
     configure_logging(cmd.log_level)
     try:
@@ -164,7 +164,7 @@ def generate_one(cmd: GenerateCommand) -> int:
     return asyncio.run(_generate_locally(cmd, engine))
 
 
-async def _generate_locally(cmd: GenerateCommand, engine: PipelineEngine) -> int:
+async def _generate_locally(cmd: GenerateCommand, engine: ModelSet) -> int:
     from concurrent.futures import ThreadPoolExecutor
 
     from tqdm import tqdm

@@ -37,7 +37,7 @@ def real_engine_factory(settings: Settings) -> Callable[[], Engine]:
     """Load the configured pipeline (called on the engine thread, which then owns it)."""
 
     def load() -> Engine:
-        from qwen_image_server.engine.runner import load_engine
+        from qwen_image_server.engine.models import load_engine
 
         return load_engine(settings)
 

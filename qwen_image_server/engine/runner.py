@@ -1,4 +1,4 @@
-"""Runs one batch of GenerationSpecs through the diffusers pipeline, owned by one thread."""
+"""Runs one batch of GenerationSpecs (or EditSpecs) through the diffusers pipeline, owned by one thread."""
 
 from __future__ import annotations
 
@@ -11,7 +11,8 @@ from typing import Any
 import torch
 from PIL import Image
 
-from qwen_image_server.engine.loader import LoadedModel, load_model
+from qwen_image_server.engine.edit import EditCalls
+from qwen_image_server.engine.loader import LoadedModel
 from qwen_image_server.engine.types import (
     BatchAborted,
     DeviceFailure,
@@ -20,7 +21,6 @@ from qwen_image_server.engine.types import (
     StepCallback,
 )
 from qwen_image_server.presets import ASPECT_RATIOS
-from qwen_image_server.settings import Settings
 
 log = logging.getLogger(__name__)
 
@@ -45,6 +45,19 @@ class PipelineEngine:
         self.pipeline = model.pipeline
         # The server reports progress itself; diffusers' tqdm bar would only clutter the log.
         self.pipeline.set_progress_bar_config(disable=True)
+        self.edits = EditCalls(self.pipeline) if model.task == "edit" else None
+
+    def _inputs(self, specs: Sequence[GenerationSpec], use_cfg: bool) -> tuple[Any, dict[str, Any]]:
+        """The pipeline to call and what to make: prompts, size, and for edits the inputs."""
+        if self.edits is not None:
+            return self.edits.call(specs, use_cfg)  # type: ignore[arg-type]  # edit models get EditSpecs
+        first = specs[0]
+        return self.pipeline, dict(
+            prompt=[s.prompt for s in specs],
+            negative_prompt=[s.negative_prompt for s in specs] if use_cfg else None,
+            width=first.width,
+            height=first.height,
+        )
 
     def run_batch(self, specs: Sequence[GenerationSpec], on_step: StepCallback) -> list[Image.Image]:
         """Generate one image per spec; all specs share a batch_key."""
@@ -59,18 +72,16 @@ class PipelineEngine:
         # image of a batch identical to the image the same request gets alone.
         generators = [torch.Generator("cpu").manual_seed(s.seed) for s in specs]
         use_cfg = first.true_cfg_scale > 1.0
-        scheduler = self.pipeline.scheduler
+        pipeline, inputs = self._inputs(specs, use_cfg)
+        scheduler = pipeline.scheduler
         if first.num_inference_steps == 1 and scheduler.config.get("shift_terminal"):
             # With one sigma, diffusers' stretch to shift_terminal divides 0 by 0 and the image
             # is NaN (black); one step has no schedule to stretch, so it runs without it.
-            self.pipeline.scheduler = type(scheduler).from_config(scheduler.config, shift_terminal=None)
+            pipeline.scheduler = type(scheduler).from_config(scheduler.config, shift_terminal=None)
         try:
             with torch.inference_mode():
-                out = self.pipeline(
-                    prompt=[s.prompt for s in specs],
-                    negative_prompt=[s.negative_prompt for s in specs] if use_cfg else None,
-                    width=first.width,
-                    height=first.height,
+                out = pipeline(
+                    **inputs,
                     num_inference_steps=first.num_inference_steps,
                     true_cfg_scale=first.true_cfg_scale,
                     generator=generators,
@@ -88,7 +99,7 @@ class PipelineEngine:
                 raise DeviceFailure(str(exc)) from exc
             raise
         finally:
-            self.pipeline.scheduler = scheduler
+            pipeline.scheduler = scheduler
         return list(out.images)
 
     def warm_up(self, aspect_ratios: Sequence[str], steps: int = 2) -> float:
@@ -111,12 +122,3 @@ class PipelineEngine:
         gc.collect()
         if self.model.device.type == "cuda":
             torch.cuda.empty_cache()
-
-
-def load_engine(settings: Settings) -> PipelineEngine:
-    """Load the configured pipeline and warm it up when its options ask for it (call it on the
-    thread that will own the engine; a server reports ready only after this returns)."""
-    engine = PipelineEngine(load_model(settings))
-    if engine.model.options.warmup:
-        engine.warm_up(settings.warmup_aspect_ratios)
-    return engine
