@@ -1,7 +1,9 @@
 """One request's path, the same for every API and the CLI: defaults, checks, submit, wait, render.
 
-`/generate`, the OpenAI routes, the jobs API and `qwen-image generate` all turn their request into
-`GenerationSpec`s and go through `Generation`: the server's defaults fill what the client left out,
+`/generate`, `/edit`, the OpenAI routes, the jobs API and `qwen-image generate|edit` all turn their
+request into `GenerationSpec`s (or `EditSpec`s) and go through `Generation`: the model is picked by
+name or task, uploads are decoded and checked on the CPU pool, the server's defaults fill what the
+client left out,
 prompts longer than the model reads are refused, the specs are queued together (or not at all),
 their results awaited (cancelling them when the client leaves) and rendered on the CPU pool.
 Nothing here knows about HTTP: a caller that can notice its client leaving passes `gone`.
@@ -19,7 +21,7 @@ from contextlib import aclosing
 from dataclasses import dataclass
 from datetime import datetime
 from pathlib import Path
-from typing import Any, TypeVar
+from typing import Any, Protocol, TypeVar
 
 from pydantic import BaseModel
 
@@ -27,7 +29,8 @@ from qwen_image_server import errors
 from qwen_image_server.defaults import GenerationDefaults
 from qwen_image_server.engine.device import DeviceInfo
 from qwen_image_server.engine.loader import LoadedModel
-from qwen_image_server.engine.types import GenerationSpec
+from qwen_image_server.engine.types import EditSpec, GenerationSpec, Task
+from qwen_image_server.model_list import EMBEDDED
 from qwen_image_server.postprocess import (
     MEDIA_TYPES,
     OutputFormat,
@@ -39,6 +42,8 @@ from qwen_image_server.postprocess import (
 from qwen_image_server.prompt_tokens import check_prompt_tokens, might_exceed, token_counter
 from qwen_image_server.scheduler import Job, JobResult, Scheduler
 from qwen_image_server.settings import Settings
+from qwen_image_server.openai_protocol import MAX_SIDE, MIN_SIDE, SIDE_MULTIPLE, parse_edit_size
+from qwen_image_server.uploads import EditInputs, Upload, default_output_size, read_edit_inputs
 
 log = logging.getLogger(__name__)
 T = TypeVar("T")
@@ -48,6 +53,35 @@ ClientGone = Callable[[], Awaitable[None]]
 
 
 B = TypeVar("B", bound=BaseModel)  # a request body with num_inference_steps and true_cfg_scale
+
+
+# OpenAI's own model names: code written for OpenAI sends them; they mean "the server's model for
+# this task" rather than a 404.
+_OPENAI_MODEL_PREFIXES = ("gpt-image", "dall-e")
+# Tasks of the embedded models, known before they load.
+_EMBEDDED_TASKS: dict[str, Task] = dict(zip(EMBEDDED, ("generate", "edit"), strict=True))
+
+
+class EditParams(Protocol):
+    """What an edit request says besides its images (/edit's and OpenAI's bodies both do)."""
+
+    negative_prompt: str
+    num_inference_steps: int
+    true_cfg_scale: float
+    strength: float
+    size: str | None
+
+    @property
+    def model_prompt(self) -> str: ...
+
+
+@dataclass(frozen=True, slots=True)
+class ModelChoice:
+    """The model a request runs on."""
+
+    name: str  # "" while the models load and the request named none: the first for its task
+    max_images: int  # input images it takes (edits)
+    one_prompt_per_call: bool  # QwenImageEditPlusPipeline: batches only one prompt's seeds
 
 
 @dataclass(frozen=True, slots=True)
@@ -78,6 +112,95 @@ class Generation:
     def model(self) -> LoadedModel | None:
         """The loaded model (None while it loads, or with an engine that has none)."""
         return getattr(self.scheduler.engine, "model", None)
+
+    @property
+    def models(self) -> list[LoadedModel]:
+        """Every loaded model, the first first (empty while they load)."""
+        engine = self.scheduler.engine
+        models = getattr(engine, "models", None)
+        if models is not None:
+            return list(models)
+        return [self.model] if self.model is not None else []
+
+    def model_tasks(self) -> dict[str, Task | None]:
+        """Public name -> task of every configured model (None: not known until it loads)."""
+        loaded = {model.name: model.task for model in self.models}
+        if loaded:
+            return dict(loaded)
+        return {ref.name: _EMBEDDED_TASKS.get(ref.source) for ref in self.settings.models}
+
+    def pick_model(self, requested: str | None, task: Task) -> ModelChoice:
+        """The model named (404 `model_not_found` for a name this server does not serve; 400 when
+        it cannot do `task`), or the first that can; 400 naming `model` when none can."""
+        tasks = self.model_tasks()
+        if requested is not None and requested.startswith(_OPENAI_MODEL_PREFIXES):
+            requested = None
+        if requested is not None and requested not in tasks:
+            raise errors.NotFound(
+                f"The model '{requested}' does not exist; this server serves {_listing(tasks)}.",
+                param="model", code="model_not_found")
+        able = [name for name, can in tasks.items() if can == task]
+        if requested is None:
+            if not able and None in tasks.values():
+                return ModelChoice("", 3, True)  # still loading: the engine picks
+            if not able:
+                raise errors.InvalidRequest(
+                    f"This server has no {_TASK_MODELS[task]}; it serves {_listing(tasks)}. Start it "
+                    f"with one in QWEN_IMAGE_MODEL (e.g. {_EXAMPLES[task]}).",
+                    param="model", code="model_cannot_do_task")
+            requested = able[0]
+        elif tasks[requested] not in (task, None):
+            others = f"use one of: {', '.join(able)}" if able else f"this server has no {_TASK_MODELS[task]}"
+            raise errors.InvalidRequest(
+                f"The model '{requested}' {_DOES[tasks[requested]]}, it cannot {task}; {others}.",
+                param="model", code="model_cannot_do_task")
+        loaded = {model.name: model for model in self.models}.get(requested)
+        if loaded is None:
+            return ModelChoice(requested, 3, True)
+        return ModelChoice(requested, loaded.max_images,
+                           loaded.pipeline_class == "QwenImageEditPlusPipeline")
+
+    def edit_specs(self, body: EditParams, inputs: EditInputs, model: ModelChoice,
+                   seeds: Sequence[int]) -> list[EditSpec]:
+        """One EditSpec per seed: the body's parameters on the decoded inputs, at the asked size
+        or the first image's (snapped to what the models take)."""
+        width, height = parse_edit_size(body.size) or default_output_size(
+            inputs.first_size, MIN_SIDE, MAX_SIDE, SIDE_MULTIPLE)
+        return [
+            EditSpec(
+                prompt=body.model_prompt,
+                negative_prompt=body.negative_prompt,
+                width=width,
+                height=height,
+                num_inference_steps=body.num_inference_steps,
+                true_cfg_scale=body.true_cfg_scale,
+                seed=seed,
+                model=model.name,
+                images=inputs.images,
+                mask=inputs.mask,
+                strength=body.strength if inputs.mask is not None else 1.0,
+                inputs_digest=inputs.digest,
+                one_prompt_per_call=model.one_prompt_per_call,
+            )
+            for seed in seeds
+        ]
+
+    async def read_edit_inputs(self, images: Sequence[Upload], mask: Upload | None,
+                               model: ModelChoice) -> EditInputs:
+        """Decode and check the uploads on the CPU pool (400 naming the field otherwise)."""
+        if not images:
+            raise errors.InvalidRequest("An edit needs at least one image ('image').", param="image",
+                                        code="missing_image")
+        if len(images) > model.max_images:
+            who = f"the model '{model.name}'" if model.name else "this server's edit model"
+            raise errors.InvalidRequest(
+                f"{len(images)} images were sent; {who} takes at most {model.max_images}.",
+                param="image", code="too_many_images")
+        if mask is not None and len(images) > 1:
+            raise errors.InvalidRequest(
+                "A mask edits one image: send a single image with it.", param="mask",
+                code="mask_with_several_images")
+        return await self.in_pool(read_edit_inputs, images, mask, self.settings.max_input_pixels)
 
     def next_request_id(self) -> int:
         """The seed's per-process request counter (1, 2, 3, ...)."""
@@ -196,24 +319,34 @@ class Generation:
                      save_to_file: bool = False, output_format: OutputFormat = "png",
                      compression: int | None = None) -> Rendered:
         """Overlay (if asked), encode and (for save_to_file) save atomically, on the CPU pool."""
-        image = result.image
         info = OverlayInfo(
             device=self.device.label,
             inference_time=result.inference_time,
             steps=job.spec.num_inference_steps,
             seed=job.spec.seed,
-            width=image.width,
-            height=image.height,
+            width=job.spec.width,
+            height=job.spec.height,
             request_id=job.request_id,
         ) if overlay else None
-        data = await self.in_pool(render, image, info, output_format, compression)
+        size = (job.spec.width, job.spec.height)
+        data = await self.in_pool(render, result.image, info, output_format, compression, size)
         file_path = None
         if save_to_file:
             name = output_filename(job.request_id, datetime.now())
             path = await self.in_pool(save_atomically, data, self.settings.output_dir, name)
             file_path = display_path(path)
-        return Rendered(data, MEDIA_TYPES[output_format], image.width, image.height,
+        return Rendered(data, MEDIA_TYPES[output_format], size[0], size[1],
                         round(result.inference_time, 3), file_path)
+
+
+_TASK_MODELS = {"generate": "generation model", "edit": "edit model"}
+_DOES = {"generate": "generates images", "edit": "edits images", None: "is loading"}
+_EXAMPLES = {"generate": "QWEN_IMAGE_MODEL=Qwen/Qwen-Image,Qwen/Qwen-Image-Edit-2509",
+             "edit": "QWEN_IMAGE_MODEL=Qwen/Qwen-Image,Qwen/Qwen-Image-Edit-2509"}
+
+
+def _listing(tasks: dict[str, Task | None]) -> str:
+    return ", ".join(f"'{name}' ({task or 'loading'})" for name, task in tasks.items())
 
 
 def _mark_read(task: asyncio.Future[JobResult]) -> None:

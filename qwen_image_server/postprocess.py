@@ -82,8 +82,11 @@ def encode_image(image: Image.Image, output_format: OutputFormat = "png",
 
 
 def render(image: Image.Image, overlay: OverlayInfo | None = None, output_format: OutputFormat = "png",
-           compression: int | None = None) -> bytes:
-    """A finished image as the client gets it: the info strip (if any) drawn, then encoded."""
+           compression: int | None = None, size: tuple[int, int] | None = None) -> bytes:
+    """A finished image as the client gets it: at `size` (masked edits come out at the pipeline's
+    own ~1 megapixel), the info strip (if any) drawn, then encoded."""
+    if size is not None and image.size != size:
+        image = image.resize(size, Image.Resampling.LANCZOS)
     if overlay is not None:
         image = add_overlay(image, overlay)
     return encode_image(image, output_format, compression)

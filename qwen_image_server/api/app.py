@@ -113,7 +113,7 @@ def create_app(
     app.state.metrics = metrics
     # The last middleware added runs first: metrics see every answer, keys are checked before
     # any body is read.
-    add_body_limit(app, settings.max_body_bytes)
+    add_body_limit(app, settings.max_body_bytes, settings.max_upload_bytes)
     if settings.api_keys:
         app.add_middleware(ApiKeyMiddleware, api_keys=settings.api_keys)
     app.add_middleware(metrics_api.HttpMetricsMiddleware, metrics=metrics)

@@ -13,7 +13,7 @@ from dataclasses import dataclass, field
 from qwen_image_server import errors
 from qwen_image_server.job_state import JobEvent, JobState
 from qwen_image_server.scheduler import Job
-from qwen_image_server.schemas import ErrorDetail, GenerateRequest
+from qwen_image_server.schemas import EditParameters, ErrorDetail, GenerateRequest
 
 
 @dataclass(eq=False)
@@ -21,7 +21,7 @@ class JobRecord:
     """The API's view of one job: the scheduler job plus what the client will fetch."""
 
     job: Job
-    body: GenerateRequest
+    body: GenerateRequest | EditParameters  # what it was asked with (add_overlay, save_to_file)
     created_at: float  # unix time
     image_id: str | None = None
     file_path: str | None = None

@@ -10,6 +10,7 @@ QWEN_IMAGE_MAX_STORED_RESULTS of them are kept, so memory stays bounded under lo
 from __future__ import annotations
 
 import asyncio
+import dataclasses
 import logging
 import time
 from collections.abc import AsyncIterator
@@ -22,10 +23,13 @@ from fastapi.sse import EventSourceResponse, ServerSentEvent
 from qwen_image_server import errors
 from qwen_image_server.api.context import Ctx, ServerContext
 from qwen_image_server.api.job_registry import JobRecord
+from qwen_image_server.api.uploads import NATIVE_EDIT_BODY, read_native_edit
+from qwen_image_server.engine.types import GenerationSpec
 from qwen_image_server.job_state import JobEvent, JobState
 from qwen_image_server.scheduler import Job
 from qwen_image_server.schemas import (
     ErrorDetail,
+    EditParameters,
     ErrorResponse,
     GenerateRequest,
     JobProgress,
@@ -95,7 +99,30 @@ async def create_job(body: GenerateRequest, request: Request, ctx: Ctx) -> JSONR
     generation = ctx.generation
     request_id = generation.next_request_id()
     body = generation.with_defaults(body)
-    [job] = await generation.submit([body.to_spec()], request_id)
+    model = generation.pick_model(None, "generate")
+    spec = dataclasses.replace(body.to_spec(), model=model.name)
+    return await _queue(ctx, request, body, spec, request_id)
+
+
+@router.post("/edit", status_code=202, response_model=JobStatus, openapi_extra=NATIVE_EDIT_BODY,
+             responses={s: {"model": ErrorResponse} for s in (400, 404, 413, 429, 503)})
+async def create_edit_job(request: Request, ctx: Ctx) -> JSONResponse:
+    """Queue an edit (same body as /edit: image files or base64 images) and return at once with
+    its id; its progress events are a generation's."""
+    body, images, mask = await read_native_edit(request)
+    generation = ctx.generation
+    request_id = generation.next_request_id()
+    body = generation.with_defaults(body)
+    model = generation.pick_model(body.model, "edit")
+    inputs = await generation.read_edit_inputs(images, mask, model)
+    [spec] = generation.edit_specs(body, inputs, model, [body.seed])
+    return await _queue(ctx, request, body, spec, request_id)
+
+
+async def _queue(ctx: ServerContext, request: Request, body: GenerateRequest | EditParameters,
+                 spec: GenerationSpec, request_id: int) -> JSONResponse:
+    """Submit the job, track it to its end, and answer 202 with its status."""
+    [job] = await ctx.generation.submit([spec], request_id)
     loop = asyncio.get_running_loop()
     record = JobRecord(job=job, body=body, created_at=time.time())
     ctx.jobs.add(record)

@@ -59,7 +59,14 @@ class ModelSet:
         return [engine.model for engine in self.engines.values()]
 
     def run_batch(self, specs: Sequence[GenerationSpec], on_step: StepCallback) -> list[Image.Image]:
-        return self.engines[specs[0].model or self.first.model.name].run_batch(specs, on_step)
+        """Run the batch on the model its specs name (a spec queued while the models loaded
+        names none: the first model for its task)."""
+        first = specs[0]
+        engine = self.engines.get(first.model) or next(
+            (e for e in self.engines.values() if e.model.task == first.task), None)
+        if engine is None or engine.model.task != first.task:
+            raise ValueError(f"no {first.task} model named {first.model!r} is loaded")
+        return engine.run_batch(specs, on_step)
 
     def free_memory(self) -> None:
         self.first.free_memory()
