@@ -191,10 +191,11 @@ class Generation:
         if not images:
             raise errors.InvalidRequest("An edit needs at least one image ('image').", param="image",
                                         code="missing_image")
-        if len(images) > model.max_images:
+        limit = min(model.max_images, self.settings.max_input_images)
+        if len(images) > limit:
             who = f"the model '{model.name}'" if model.name else "this server's edit model"
             raise errors.InvalidRequest(
-                f"{len(images)} images were sent; {who} takes at most {model.max_images}.",
+                f"{len(images)} images were sent; {who} takes at most {limit}.",
                 param="image", code="too_many_images")
         if mask is not None and len(images) > 1:
             raise errors.InvalidRequest(

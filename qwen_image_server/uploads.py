@@ -59,6 +59,11 @@ class Upload:
                                         code="invalid_base64") from exc
 
 
+def field_names(count: int, name: str) -> list[str]:
+    """How errors name the images: 'image' when there is one, 'image[0]', 'image[1]', ... else."""
+    return [name] if count == 1 else [f"{name}[{i}]" for i in range(count)]
+
+
 @dataclass(frozen=True, slots=True)
 class EditInputs:
     """The decoded inputs of one edit request."""

@@ -15,15 +15,10 @@ from pydantic import BaseModel, ValidationError
 
 from qwen_image_server import errors
 from qwen_image_server.schemas import EditForm, EditParameters, EditRequest
-from qwen_image_server.uploads import Upload
+from qwen_image_server.uploads import Upload, field_names
 
 FORM = "multipart/form-data"
 JSON = "application/json"
-
-
-def field_names(count: int, name: str) -> list[str]:
-    """How errors name the images: 'image' when there is one, 'image[0]', 'image[1]', ... else."""
-    return [name] if count == 1 else [f"{name}[{i}]" for i in range(count)]
 
 
 async def read_files(files: Sequence[UploadFile], name: str) -> list[Upload]:

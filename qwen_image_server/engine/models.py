@@ -166,7 +166,7 @@ def shared_component_bytes(settings: Settings, pipelines: Sequence[object]) -> d
         per = component_bytes(pipeline, settings.quantize, settings.quantize_text_encoder,
                               settings.quantize_skip)
         for name, size in per.items():
-            module = getattr(pipeline, name)
+            module = pipeline.components[name]  # type: ignore[attr-defined]
             if id(module) in seen:
                 continue
             seen.add(id(module))
