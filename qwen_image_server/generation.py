@@ -330,7 +330,9 @@ class Generation:
             request_id=job.request_id,
         ) if overlay else None
         size = (job.spec.width, job.spec.height)
-        data = await self.in_pool(render, result.image, info, output_format, compression, size)
+        spec = job.spec
+        keep = (spec.images[0], spec.mask) if isinstance(spec, EditSpec) and spec.mask is not None else None
+        data = await self.in_pool(render, result.image, info, output_format, compression, size, keep)
         file_path = None
         if save_to_file:
             name = output_filename(job.request_id, datetime.now())

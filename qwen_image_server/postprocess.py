@@ -82,11 +82,21 @@ def encode_image(image: Image.Image, output_format: OutputFormat = "png",
 
 
 def render(image: Image.Image, overlay: OverlayInfo | None = None, output_format: OutputFormat = "png",
-           compression: int | None = None, size: tuple[int, int] | None = None) -> bytes:
+           compression: int | None = None, size: tuple[int, int] | None = None,
+           keep: tuple[Image.Image, Image.Image] | None = None) -> bytes:
     """A finished image as the client gets it: at `size` (masked edits come out at the pipeline's
-    own ~1 megapixel), the info strip (if any) drawn, then encoded."""
+    own ~1 megapixel), for a masked edit the original kept outside the mask, the info strip (if
+    any) drawn, then encoded.
+
+    `keep`: (original, mask with 255 where it may change). The edit pipeline leaves the latents
+    outside the mask alone, but the VAE decoder spreads changes a little past it; pasting the
+    original back makes "only the masked area changes" exact.
+    """
     if size is not None and image.size != size:
         image = image.resize(size, Image.Resampling.LANCZOS)
+    if keep is not None:
+        original, mask = (part.resize(image.size, Image.Resampling.LANCZOS) for part in keep)
+        image = Image.composite(image, original.convert(image.mode), mask)
     if overlay is not None:
         image = add_overlay(image, overlay)
     return encode_image(image, output_format, compression)

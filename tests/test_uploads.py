@@ -74,7 +74,9 @@ def test_every_colour_mode_becomes_the_rgb_a_viewer_shows():
 
 def test_sixteen_bit_images_are_scaled_not_clipped():
     ramp = np.linspace(0, 65535, 64, dtype=np.uint16).reshape(1, 64).repeat(8, axis=0)
-    [out] = decoded(encode(Image.fromarray(ramp, "I;16"))).images
+    source = Image.fromarray(ramp)
+    assert source.mode == "I;16"
+    [out] = decoded(encode(source)).images
     row = np.asarray(out)[0, :, 0].astype(int)
     assert row[0] == 0 and row[-1] == 255 and abs(row[32] - 130) <= 2  # a ramp, not a white bar
 
