@@ -188,3 +188,29 @@ def test_edits_batch_only_with_compatible_edits_never_with_generations():
     finally:
         scheduler.shutdown(timeout=5)
     assert engine.batches == [[0], [1], [2, 3], [4], [5], [6]]
+
+
+# -- the command line --------------------------------------------------------------------------
+
+
+def run_cli(*args: str) -> int:
+    from qwen_image_server.cli import main
+
+    with pytest.raises(SystemExit) as done:
+        main(list(args))
+    return done.value.code
+
+
+def test_cli_edits_locally_and_on_a_running_server(edit_server, small_working_size, tmp_path, capsys):
+    photo = tmp_path / "photo.png"
+    photo.write_bytes(picture(8))
+    local, remote = tmp_path / "local.png", tmp_path / "remote.png"
+    common = ["--num-inference-steps", str(STEPS), "--seed", "3", "--size", "256x256"]
+    assert run_cli("edit", str(photo), "make it night", "--out", str(local), "--threads", "1", *common) == 0
+    assert run_cli("edit", str(photo), "make it night", "--out", str(remote), "--url", edit_server.url, *common) == 0
+    assert "saved" in capsys.readouterr().out
+    # The same model, seed and inputs: the same picture whichever way it was made.
+    assert np.abs(pixels(local.read_bytes()) - pixels(remote.read_bytes())).max() <= 1
+
+    assert run_cli("edit", "make it night") == 2  # no image: says how to call it
+    assert "give the image file(s), then the prompt" in capsys.readouterr().err
