@@ -217,12 +217,12 @@ def read_model(settings: Settings, ref: ModelRef, device: DeviceInfo, dtype: tor
         where = f"{class_name}.{where}"
         if (folder / "processor").is_dir():
             # Read here so that no torchvision is needed (see engine/processor.py).
-            components["processor"] = load_processor(folder / "processor")
+            components["processor"] = load_processor(folder / "processor", components.get("tokenizer"))
         pipeline = getattr(diffusers, class_name).from_pretrained(folder, dtype=dtype, **components)
     except Exception as exc:  # noqa: BLE001 - every failure becomes the one-paragraph message
         raise _load_error(settings, ref, where, source, exc) from exc
     return LoadingModel(ref, source, folder, pipeline,
-                        tuple(name for name in components if name != "processor"), start)
+                        tuple(name for name in components if name not in ("processor", "tokenizer")), start)
 
 
 def finish_model(settings: Settings, loading: LoadingModel, device: DeviceInfo, dtype: torch.dtype,

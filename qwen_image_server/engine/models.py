@@ -36,10 +36,11 @@ from qwen_image_server.settings import Settings
 
 log = logging.getLogger(__name__)
 
-# Components worth sharing: the big ones that two Qwen-Image models can have in common.
-SHAREABLE = ("text_encoder", "vae")
+# Components worth sharing: the big ones that two Qwen-Image models can have in common, and the
+# tokenizer (no weights, but reading the Qwen vocabulary takes seconds).
+SHAREABLE = ("text_encoder", "vae", "tokenizer")
 _BLOB_NAME = re.compile(r"[0-9a-f]{64}")
-_SAVE_NOTES = {"transformers_version", "dtype", "torch_dtype"}
+_SAVE_NOTES = {"transformers_version", "dtype", "torch_dtype", "is_local", "local_files_only"}
 
 
 class ModelSet:
@@ -95,13 +96,13 @@ def component_fingerprint(folder: Path) -> str:
 
     Weight files in a Hugging Face cache are links to blobs named by their SHA-256, used as is;
     other weight files are hashed (only done when a server has several models). Configuration
-    files count without what only records where and how they were saved (`_name_or_path`,
-    library versions, the dtype they were saved in).
+    files (`*config.json`) count without what only records where and how they were saved
+    (`_name_or_path`, library versions, the dtype they were saved in).
     """
     digest = hashlib.sha256()
     for path in sorted(p for p in folder.rglob("*") if p.is_file()):
         digest.update(path.relative_to(folder).as_posix().encode())
-        if path.suffix == ".json":
+        if path.name.endswith("config.json"):  # small; the vocabulary files are hashed as bytes
             digest.update(json.dumps(_without_save_notes(json.loads(path.read_text())),
                                      sort_keys=True).encode())
             continue
@@ -126,7 +127,7 @@ def load_models(settings: Settings) -> list[LoadedModel]:
     """Load every configured model; components with the same weights are read once."""
     device, dtype = start_loading(settings)
     refs = settings.models
-    known: dict[str, torch.nn.Module] = {}  # fingerprint -> the module read first
+    known: dict[str, object] = {}  # fingerprint -> the component read first
     fingerprints: dict[str, str] = {}
 
     def reuse(folder: Path) -> dict[str, object]:

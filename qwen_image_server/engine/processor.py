@@ -77,13 +77,20 @@ def build_processor(tokenizer: Any) -> Any:
                                         tokenizer=tokenizer)
 
 
-def load_processor(folder: Path) -> Any:
-    """Load a pipeline's processor/ folder: the stock class where torchvision exists, else image-only."""
+def load_processor(folder: Path, tokenizer: Any = None) -> Any:
+    """Load a pipeline's processor/ folder: the stock class where torchvision exists, else
+    image-only. `tokenizer`: one already loaded from the same files (reading the Qwen vocabulary
+    again takes seconds)."""
     if has_torchvision():
         from transformers import Qwen2VLProcessor
 
         return Qwen2VLProcessor.from_pretrained(folder)
-    return image_only_processor_class().from_pretrained(folder)
+    if tokenizer is None:
+        return image_only_processor_class().from_pretrained(folder)
+    from transformers.models.qwen2_vl.image_processing_pil_qwen2_vl import Qwen2VLImageProcessorPil
+
+    return image_only_processor_class()(image_processor=Qwen2VLImageProcessorPil.from_pretrained(folder),
+                                        tokenizer=tokenizer)
 
 
 def make_stock_loadable(pipeline_folder: Path) -> None:
