@@ -56,11 +56,18 @@ def drop_file(page, selector: str, name: str, data: bytes) -> None:
     )
 
 
-def test_edit_with_dropped_images_and_a_painted_mask(browser, live):
+def test_edit_with_dropped_images_and_a_painted_mask(browser, live, monkeypatch):
     watched = Watched(browser, live.url, viewport={"width": 1280, "height": 900})
     page = watched.page
-    sent: list[bytes] = []
-    page.on("request", lambda r: sent.append(r.post_data_buffer or b"") if r.url.endswith("/v1/jobs/edit") else None)
+    sent: list[tuple[list, object]] = []  # what the server received: (images, mask) uploads
+    generation = live.ctx.generation
+    real = generation.read_edit_inputs
+
+    async def recording(images, mask, model):
+        sent.append((list(images), mask))
+        return await real(images, mask, model)
+
+    monkeypatch.setattr(generation, "read_edit_inputs", recording)
     page.goto(live.url + "/")
     page.click("label[for='mode-edit']")
     expect(page.locator("#mode-edit")).to_be_checked()
@@ -84,7 +91,9 @@ def test_edit_with_dropped_images_and_a_painted_mask(browser, live):
     assert page.eval_on_selector("#result-image", "i => i.naturalWidth") == 384  # 96x64 snapped
     assert page.eval_on_selector("#result-image", "i => i.naturalHeight") == 256
     expect(page.locator("#result-meta")).to_contain_text("Edit · 384 × 256")
-    assert sent[-1].count(b'name="image"') == 2 and b'name="mask"' not in sent[-1]
+    images, mask = sent[-1]
+    assert [upload.field for upload in images] == ["image[0]", "image[1]"] and mask is None
+    assert images[0].data == png(1) and images[1].data == png(2)  # dropped first, chosen second
 
     # One image, a stroke of the brush: the mask goes along, transparent where painted.
     page.click("#edit-images li:nth-child(2) button")
@@ -100,10 +109,9 @@ def test_edit_with_dropped_images_and_a_painted_mask(browser, live):
     page.click("#generate")
     expect(page.locator("#gallery li")).to_have_count(2, timeout=SLOW)
     wait_for_image(page)
-    body = sent[-1]
-    assert body.count(b'name="image"') == 1 and b'name="mask"' in body
-    mask_png = body[body.index(b"\x89PNG", body.index(b'name="mask"')):]
-    mask = Image.open(io.BytesIO(mask_png)).convert("RGBA")
+    images, upload = sent[-1]
+    assert len(images) == 1 and upload is not None and upload.field == "mask"
+    mask = Image.open(io.BytesIO(upload.data)).convert("RGBA")
     alpha = np.asarray(mask.getchannel("A"))
     assert mask.size == (96, 64) and alpha[32, 48] == 0 and alpha[2, 2] == 255  # painted: change
     screenshot(page, "web-playground-edit.png")
