@@ -10,8 +10,6 @@ from __future__ import annotations
 
 import base64
 import io
-import json
-import time
 
 import httpx
 import numpy as np

@@ -17,7 +17,6 @@ import time
 from collections.abc import Sequence
 from pathlib import Path
 
-import torch
 from PIL import Image
 
 from qwen_image_server.engine.device import DeviceInfo
