@@ -8,6 +8,11 @@ card, `auto` is asked with the card's memory less a CUDA context as free memory.
 
     .venv/bin/python bench/memory_plans.py                  # headroom 6 GiB (the default) and 2 GiB
     .venv/bin/python bench/memory_plans.py --headroom-gb 4
+    .venv/bin/python bench/memory_plans.py --pair           # generation + edit model in one server
+
+`--pair` sizes Qwen-Image and Qwen-Image-Edit(-2509/-2511) served together: two 20B transformers
+(the edit transformer has the same architecture) and one shared text encoder and VAE, counted as
+the server counts them (`engine.models.shared_component_bytes`).
 """
 
 from __future__ import annotations
@@ -82,12 +87,42 @@ def table(headrooms_gb: Sequence[float]) -> str:
     return "\n".join(lines)
 
 
+def pair_table(headrooms_gb: Sequence[float]) -> str:
+    """Generation + edit model on one card: two transformers, one text encoder, one VAE."""
+    from qwen_image_server.engine.models import shared_component_bytes
+    from qwen_image_server.settings import Settings
+
+    generate, edit = MetaPipeline(), MetaPipeline()
+    for name in ("text_encoder", "vae"):  # the same weights: loaded once
+        edit.components[name] = generate.components[name]
+    cuda = DeviceInfo("cuda", "card", None)
+    cards = sorted(gpu.CARD_GIB)
+    head = ["setup", "2 transformers GiB", "text encoder GiB", "VAE GiB", "total GiB"]
+    head += [f"{card} GB, headroom {h:g}" for h in headrooms_gb for card in cards]
+    lines = ["| " + " | ".join(head) + " |", "|" + "---|" * len(head)]
+    for label, quantize, text_encoder, skip in SETUPS:
+        settings = Settings(_env_file=None, quantize=quantize, quantize_text_encoder=text_encoder,
+                            quantize_skip=list(skip))
+        sizes = shared_component_bytes(settings, [generate, edit])  # type: ignore[list-item]
+        cells = [label, f"{(sizes['transformer'] + sizes['transformer#2']) / GiB:.2f}",
+                 f"{sizes['text_encoder'] / GiB:.2f}", f"{sizes['vae'] / GiB:.2f}",
+                 f"{sum(sizes.values()) / GiB:.2f}"]
+        for headroom in headrooms_gb:
+            for card in cards:
+                free = int((gpu.CARD_GIB[card] - CUDA_CONTEXT_GIB) * GiB)
+                cells.append(plan_offload("auto", cuda, sizes, free, int(headroom * GiB)).plan)
+        lines.append("| " + " | ".join(cells) + " |")
+    return "\n".join(lines)
+
+
 def main(argv: Sequence[str] | None = None) -> int:
     parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     parser.add_argument("--headroom-gb", type=float, action="append",
                         help="QWEN_IMAGE_OFFLOAD_HEADROOM_GB values to plan with (repeatable; default 6 and 2)")
+    parser.add_argument("--pair", action="store_true",
+                        help="size a generation model and an edit model served together")
     args = parser.parse_args(argv)
-    print(table(args.headroom_gb or [6.0, 2.0]))
+    print((pair_table if args.pair else table)(args.headroom_gb or [6.0, 2.0]))
     return 0
 
 

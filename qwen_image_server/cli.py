@@ -1,25 +1,33 @@
-"""`qwen-image serve` and `qwen-image generate`: every setting is also a flag (--max-queue ...)."""
+"""`qwen-image serve`, `qwen-image generate` and `qwen-image edit`: every setting is also a flag
+(--max-queue ...)."""
 
 from __future__ import annotations
 
+import asyncio
 import errno
 import json
 import logging
 import os
 import socket
 import sys
-import time
+import dataclasses
 from pathlib import Path
+from typing import TYPE_CHECKING, Any, ClassVar
 
 from pydantic import AliasChoices, Field, ValidationError
 from pydantic_settings import BaseSettings, CliApp, CliImplicitFlag, CliPositionalArg, CliSubCommand
 
-from qwen_image_server.defaults import GenerationDefaults
 from qwen_image_server.errors import ModelLoadError
 from qwen_image_server.logs import configure_logging
 from qwen_image_server.presets import DEFAULT_ASPECT_RATIO, AspectRatio, Language
-from qwen_image_server.schemas import GenerateRequest
+from qwen_image_server.schemas import EditParameters, GenerateRequest
 from qwen_image_server.settings import Settings
+from qwen_image_server.uploads import Upload, field_names
+
+if TYPE_CHECKING:
+    from qwen_image_server.engine.models import ModelSet
+    from qwen_image_server.engine.types import GenerationSpec
+    from qwen_image_server.generation import Generation
 
 log = logging.getLogger("qwen_image_server.cli")
 
@@ -75,6 +83,7 @@ def serve_on_ray(settings: Settings) -> int:
 
 
 _defaults = GenerateRequest.model_fields
+_edit_defaults = EditParameters.model_fields
 
 
 class GenerateCommand(Settings):
@@ -97,6 +106,8 @@ class GenerateCommand(Settings):
     def cli_cmd(self) -> None:
         raise SystemExit(generate_remote(self) if self.url else generate_one(self))
 
+    doing: ClassVar[str] = "generating"
+
     def request(self) -> GenerateRequest:
         """This command's generation parameters, validated like a request body; steps and CFG
         left out stay unset, so whoever runs the model fills in its defaults."""
@@ -106,18 +117,96 @@ class GenerateCommand(Settings):
             strict=False,
         )
 
+    async def spec(self, generation: Generation, body: GenerateRequest) -> GenerationSpec:
+        model = generation.pick_model(None, "generate")
+        return dataclasses.replace(body.to_spec(), model=model.name)
+
+
+class EditCommand(Settings):
+    """Edit one to three images (the last argument is the prompt) and write the result to --out."""
+
+    inputs: CliPositionalArg[list[str]] = Field(description="The image file(s), then the prompt.")
+    out: Path = Field(Path("qwen-image-edit.png"), description="Where to write the PNG.")
+    mask: Path | None = Field(None, description="PNG the size of the first image; its transparent pixels "
+                              "are the area to change.")
+    edit_model: str | None = Field(None, description="The edit model to use (default: the first one).")
+    size: str | None = _edit_defaults["size"]
+    strength: float = _edit_defaults["strength"].default
+    negative_prompt: str = _defaults["negative_prompt"].default
+    num_inference_steps: int | None = Field(
+        None, description="Denoising steps (default: the server's, 20 unless a Lightning LoRA says otherwise).")
+    true_cfg_scale: float | None = Field(
+        None, description="CFG scale (default: the server's, 4.0 unless a Lightning LoRA says otherwise).")
+    seed: int = _defaults["seed"].default
+    language: Language = _defaults["language"].default
+    add_overlay: CliImplicitFlag[bool] = Field(False, description="Draw the info strip (off by default here).")
+    url: str | None = Field(
+        None, description="A running server (http://host:port) to edit on instead of loading the models here.")
+
+    doing: ClassVar[str] = "editing"
+
+    def cli_cmd(self) -> None:
+        if len(self.inputs) < 2:
+            print("error: give the image file(s), then the prompt: qwen-image edit photo.png \"make it night\"",
+                  file=sys.stderr)
+            raise SystemExit(2)
+        missing = [name for name in self.images if not name.is_file()]
+        if missing or (self.mask is not None and not self.mask.is_file()):
+            print(f"error: no such file: {(missing or [self.mask])[0]}", file=sys.stderr)
+            raise SystemExit(1)
+        raise SystemExit(self.edit_remote() if self.url else generate_one(self))
+
+    @property
+    def images(self) -> list[Path]:
+        return [Path(name).expanduser() for name in self.inputs[:-1]]
+
+    def request(self) -> EditParameters:
+        """The edit's parameters, validated like /edit's form fields."""
+        values = {"prompt": self.inputs[-1], "model": self.edit_model}
+        values |= {name: getattr(self, name) for name in EditParameters.model_fields
+                   if name not in ("prompt", "model") and getattr(self, name, None) is not None}
+        return EditParameters.model_validate({k: v for k, v in values.items() if v is not None})
+
+    def uploads(self) -> tuple[list[Upload], Upload | None]:
+        names = field_names(len(self.images), "image")
+        images = [Upload(name, path.read_bytes()) for name, path in zip(names, self.images, strict=True)]
+        return images, Upload("mask", self.mask.read_bytes()) if self.mask is not None else None
+
+    async def spec(self, generation: Generation, body: EditParameters) -> GenerationSpec:
+        model = generation.pick_model(body.model, "edit")
+        images, mask = self.uploads()
+        inputs = await generation.read_edit_inputs(images, mask, model)
+        [spec] = generation.edit_specs(body, inputs, model, [body.seed])
+        return spec
+
+    def edit_remote(self) -> int:
+        """Edit on a running server through the jobs API, with a progress bar from its events."""
+        body = self.request().model_dump(exclude_unset=True, exclude_none=True)
+        images, mask = self.uploads()
+        files = [("image", (path.name, upload.data)) for path, upload in zip(self.images, images, strict=True)]
+        if mask is not None and self.mask is not None:
+            files.append(("mask", (self.mask.name, mask.data)))
+        data = {name: str(value).lower() if isinstance(value, bool) else str(value) for name, value in body.items()}
+        return run_remote_job(self, "/v1/jobs/edit", {"data": data, "files": files})
+
 
 def generate_remote(cmd: GenerateCommand) -> int:
     """Generate on a running server through the jobs API, with a progress bar from its events."""
+    body = cmd.request().model_dump(exclude_unset=True)
+    return run_remote_job(cmd, "/v1/jobs", {"json": body})
+
+
+def run_remote_job(cmd: GenerateCommand | EditCommand, path: str, request: dict[str, Any]) -> int:
+    """POST a job to `path` on cmd.url, follow its events with a progress bar, save its image."""
     import httpx
     from httpx_sse import connect_sse
     from tqdm import tqdm
 
-    body = cmd.request().model_dump(exclude_unset=True)
+    assert cmd.url is not None
     headers = {"Authorization": f"Bearer {cmd.api_keys[0]}"} if cmd.api_keys else {}
     with httpx.Client(base_url=cmd.url.rstrip("/"), headers=headers, timeout=None) as client:
         try:
-            created = client.post("/v1/jobs", json=body)
+            created = client.post(path, **request)
         except httpx.HTTPError as exc:
             print(f"error: cannot reach {cmd.url}: {exc}", file=sys.stderr)
             return 1
@@ -133,7 +222,7 @@ def generate_remote(cmd: GenerateCommand) -> int:
                 if event.event == "queued":
                     bar.set_description(f"queued (position {final['queue_position']})")
                 else:
-                    bar.set_description("generating")
+                    bar.set_description(cmd.doing)
                     bar.update(final["progress"]["step"] - bar.n)
         if final["status"] != "succeeded":
             print(f"error: job {final['status']}: {final['error']['message']}", file=sys.stderr)
@@ -147,40 +236,57 @@ def generate_remote(cmd: GenerateCommand) -> int:
     return 0
 
 
-def generate_one(cmd: GenerateCommand) -> int:
-    """Load the model, make one image, save it atomically; return the exit code."""
-    from tqdm import tqdm
-
-    from qwen_image_server.engine.loader import load_model
-    from qwen_image_server.engine.runner import PipelineEngine
-    from qwen_image_server.postprocess import OverlayInfo, add_overlay, encode_png, save_atomically
+def generate_one(cmd: GenerateCommand | EditCommand) -> int:
+    """Load the model(s), make one image through the server's own request path, save it
+    atomically; return the exit code."""
+    from qwen_image_server.engine.models import load_engine
 
     configure_logging(cmd.log_level)
-    defaults = GenerationDefaults.from_settings(cmd)
-    request = cmd.request()
-    spec = request.model_copy(update={
-        name: getattr(defaults, name) for name in ("num_inference_steps", "true_cfg_scale")
-        if name not in request.model_fields_set}).to_spec()
     try:
-        model = load_model(cmd)
+        engine = load_engine(cmd)
     except ModelLoadError as exc:
         print(f"error: {exc}", file=sys.stderr)
         return 1
-    engine = PipelineEngine(model)
-    with tqdm(total=spec.num_inference_steps, unit="step", desc="generating") as bar:
+    return asyncio.run(_generate_locally(cmd, engine))
 
-        def on_step(step: int, total: int) -> None:
-            bar.update(step - bar.n)
 
-        start = time.perf_counter()
-        image = engine.run_batch([spec], on_step)[0]
-        elapsed = time.perf_counter() - start
-    if cmd.add_overlay:
-        image = add_overlay(image, OverlayInfo(model.device.label, elapsed, spec.num_inference_steps,
-                                               spec.seed, image.width, image.height, 1))
+async def _generate_locally(cmd: GenerateCommand | EditCommand, engine: ModelSet) -> int:
+    from concurrent.futures import ThreadPoolExecutor
+
+    from tqdm import tqdm
+
+    from qwen_image_server.errors import ServerError
+    from qwen_image_server.generation import Generation
+    from qwen_image_server.job_state import JobEvent
+    from qwen_image_server.postprocess import save_atomically
+    from qwen_image_server.scheduler import Job, Scheduler, SchedulerConfig
+
+    scheduler = Scheduler(lambda: engine, SchedulerConfig(max_queue=1, max_batch_size=1))
+    device = engine.model.device
+    with ThreadPoolExecutor(cmd.threads, thread_name_prefix="qwen-image-cpu") as executor:
+        generation = Generation(cmd, device, scheduler, executor)
+        body = generation.with_defaults(cmd.request())
+        scheduler.start()
+        try:
+            spec = await cmd.spec(generation, body)
+            with tqdm(total=body.num_inference_steps, unit="step", desc=cmd.doing) as bar:
+
+                def on_event(job: Job, event: JobEvent) -> None:
+                    if event is JobEvent.STEP:
+                        bar.update(job.step - bar.n)
+
+                [job] = await generation.submit([spec], generation.next_request_id())
+                scheduler.add_listener(job, on_event)
+                result = await generation.wait(job)
+            rendered = await generation.render(job, result, overlay=body.add_overlay)
+        except ServerError as exc:
+            print(f"error: {exc.message}", file=sys.stderr)
+            return 1
+        finally:
+            scheduler.shutdown(timeout=5)
     out = cmd.out.expanduser()
-    save_atomically(encode_png(image), out.parent, out.name, overwrite=True)
-    print(f"saved {out} ({image.width}x{image.height}, {elapsed:.2f}s on {model.device.label})")
+    save_atomically(rendered.data, out.parent, out.name, overwrite=True)
+    print(f"saved {out} ({rendered.width}x{rendered.height}, {rendered.inference_time:.2f}s on {device.label})")
     return 0
 
 
@@ -189,6 +295,7 @@ class QwenImageCli(BaseSettings, cli_prog_name="qwen-image", cli_kebab_case=True
 
     serve: CliSubCommand[ServeCommand]
     generate: CliSubCommand[GenerateCommand]
+    edit: CliSubCommand[EditCommand]
 
     def cli_cmd(self) -> None:
         CliApp.run_subcommand(self)

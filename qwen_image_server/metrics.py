@@ -36,6 +36,7 @@ from prometheus_client.process_collector import ProcessCollector
 
 from qwen_image_server import errors
 from qwen_image_server.engine.device import DeviceInfo
+from qwen_image_server.job_state import JobEvent
 from qwen_image_server.scheduler import Engine, Job
 
 log = logging.getLogger(__name__)
@@ -197,21 +198,21 @@ class SchedulerMetrics:
         # (batch id, last step seen, when): steps run on the one engine thread, one batch at a time.
         self._step_mark: tuple[int | None, int, float] = (None, 0, 0.0)
 
-    def job_event(self, job: Job, event: str) -> None:
-        if event in ("queued", "started", "cancelled", "failed"):
+    def job_event(self, job: Job, event: JobEvent) -> None:
+        if event in (JobEvent.QUEUED, JobEvent.STARTED, JobEvent.CANCELLED, JobEvent.FAILED):
             # Read the true length rather than counting moves: no event sequence can skew it.
             self.m.queue_size.set(self._queue_length())
-        if event == "started":
+        if event is JobEvent.STARTED:
             if job.started_at is not None:
                 self.m.queue_wait.observe(job.started_at - job.submitted_at)
             self._step_mark = (job.batch_id, 0, time.perf_counter())
-        elif event == "step":
+        elif event is JobEvent.STEP:
             self._step(job)
-        elif event == "succeeded":
+        elif event is JobEvent.SUCCEEDED:
             self.m.images.inc()
-        elif event == "cancelled":
+        elif event is JobEvent.CANCELLED:
             self.m.cancelled.inc()
-        elif event == "failed":
+        elif event is JobEvent.FAILED:
             error = job.future.exception(timeout=0)
             self.m.failed.labels(getattr(error, "type", errors.ServerError.type)).inc()
 

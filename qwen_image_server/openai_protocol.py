@@ -8,17 +8,18 @@ body fields and reuse `GenerateRequest`'s definitions, so both APIs validate the
 from __future__ import annotations
 
 import re
+from collections.abc import Sequence
 from typing import Any, Literal
 
+from fastapi import UploadFile
 from pydantic import BaseModel, ConfigDict, Field, field_validator, model_validator
 from pydantic_core import PydanticCustomError
 
 from qwen_image_server.engine.types import GenerationSpec
+from qwen_image_server.postprocess import OutputFormat
 from qwen_image_server.presets import ASPECT_RATIOS, AspectRatio, Language, with_suffix
 from qwen_image_server.schemas import MAX_SEED, GenerateRequest, not_blank
 
-OutputFormat = Literal["png", "jpeg", "webp"]
-MEDIA_TYPES: dict[str, str] = {"png": "image/png", "jpeg": "image/jpeg", "webp": "image/webp"}
 
 AUTO_SIZE = (1328, 1328)  # Qwen-Image's native square, the model card's 1:1
 MIN_SIDE, MAX_SIDE, SIDE_MULTIPLE = 256, 2048, 16  # 16: 8x VAE downsampling, 2x2 patches
@@ -134,7 +135,7 @@ class ImageData(BaseModel):
 
 class InputTokensDetails(BaseModel):
     text_tokens: int
-    image_tokens: int = 0  # text-to-image: no input images
+    image_tokens: int = 0  # edits: the input images' 16x16 patches
 
 
 class ImageUsage(BaseModel):
@@ -146,13 +147,16 @@ class ImageUsage(BaseModel):
     total_tokens: int
 
     @classmethod
-    def of(cls, text_tokens: int, width: int, height: int, images: int) -> ImageUsage:
+    def of(cls, text_tokens: int, width: int, height: int, images: int,
+           inputs: Sequence[tuple[int, int]] = ()) -> ImageUsage:
+        """`inputs`: the sizes of an edit's input images, counted as image tokens like the output."""
         output = images * (width // SIDE_MULTIPLE) * (height // SIDE_MULTIPLE)
+        image_tokens = sum((w // SIDE_MULTIPLE) * (h // SIDE_MULTIPLE) for w, h in inputs)
         return cls(
-            input_tokens=text_tokens,
-            input_tokens_details=InputTokensDetails(text_tokens=text_tokens),
+            input_tokens=text_tokens + image_tokens,
+            input_tokens_details=InputTokensDetails(text_tokens=text_tokens, image_tokens=image_tokens),
             output_tokens=output,
-            total_tokens=text_tokens + output,
+            total_tokens=text_tokens + image_tokens + output,
         )
 
 
@@ -185,8 +189,86 @@ class ModelCard(BaseModel):
     object: Literal["model"] = "model"
     created: int
     owned_by: str = "qwen-image-server"
+    tasks: list[str] = Field(default_factory=list, description="What it does: generate, edit (empty while it loads).")
+    max_input_images: int = Field(0, description="Input images one edit takes (0: not an edit model).")
+    pipeline: str | None = Field(None, description="The diffusers pipeline class (null while it loads).")
 
 
 class ModelList(BaseModel):
     object: Literal["list"] = "list"
     data: list[ModelCard]
+
+
+# -- /v1/images/edits -----------------------------------------------------------------------
+
+def parse_edit_size(value: str | None) -> tuple[int, int] | None:
+    """An edit's size: None for 'auto' or none (the first image's size), else as `parse_size`."""
+    if value is None or value == "auto":
+        return None
+    return parse_size(value)
+
+
+class ImageEditForm(BaseModel):
+    """multipart/form-data body of POST /v1/images/edits: OpenAI's fields plus Qwen-Image's extras
+    (form fields, as `extra_body` sends them)."""
+
+    model_config = ConfigDict(extra="ignore")
+
+    # -- OpenAI's parameters ----------------------------------------------------------------
+    image: list[UploadFile] = Field(default_factory=list, description="The image(s) to edit.")
+    image_list: list[UploadFile] = Field(default_factory=list, alias="image[]",
+                                         description="The images to edit, the array form (up to 3).")
+    mask: UploadFile | None = Field(None, description="PNG the size of the first image; transparent pixels "
+                                    "are the area to change.")
+    prompt: str = _NATIVE["prompt"]
+    model: str | None = Field(None, description="The model to edit with; default: the first edit model.")
+    n: int = Field(1, ge=1, le=MAX_IMAGES, description="Images to make, seeds seed, seed+1, ...")
+    size: str | None = Field(None, description="'WxH' (multiples of 16, 256-2048 per side) or 'auto' "
+                             "(the first image's size, snapped to multiples of 16).")
+    response_format: Literal["b64_json", "url"] = "b64_json"
+    output_format: OutputFormat = "png"
+    output_compression: int | None = Field(None, ge=0, le=100, description="jpeg/webp quality; default 100.")
+    stream: bool = Field(False, description="Answer with Server-Sent Events, one per finished image.")
+    partial_images: int | None = Field(None, ge=0, le=3, description="Accepted; no partial images are sent.")
+    quality: str | None = None
+    background: str | None = None
+    input_fidelity: str | None = None
+    user: str | None = None
+
+    # -- Qwen-Image's extras ----------------------------------------------------------------
+    negative_prompt: str = _NATIVE["negative_prompt"]
+    num_inference_steps: int = _NATIVE["num_inference_steps"]
+    true_cfg_scale: float = _NATIVE["true_cfg_scale"]
+    seed: int | None = Field(None, ge=0, le=MAX_SEED, description=_NATIVE["seed"].description)
+    language: Language = _NATIVE["language"]
+    strength: float = Field(1.0, gt=0.0, le=1.0, description="Masked edits: 1.0 repaints the masked area, "
+                            "lower keeps more of it.")
+
+    _not_blank = field_validator("prompt")(not_blank)
+
+    @field_validator("size")
+    @classmethod
+    def _valid_size(cls, value: str | None) -> str | None:
+        parse_edit_size(value)
+        return value
+
+    @property
+    def model_prompt(self) -> str:
+        return with_suffix(self.prompt, self.language)
+
+    @property
+    def images(self) -> list[UploadFile]:
+        return [*self.image, *self.image_list]
+
+
+class ImageEditCompletedEvent(BaseModel):
+    """One finished image in an edit stream (`openai.types.ImageEditCompletedEvent`)."""
+
+    type: Literal["image_edit.completed"] = "image_edit.completed"
+    b64_json: str
+    created_at: int
+    size: str
+    quality: str
+    background: Literal["opaque"] = "opaque"
+    output_format: OutputFormat
+    usage: ImageUsage

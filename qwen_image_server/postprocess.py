@@ -1,4 +1,8 @@
-"""After the pipeline: the info overlay, PNG encoding and atomic file saves (off the engine thread)."""
+"""After the pipeline: the info overlay, encoding (PNG, JPEG, WebP) and atomic file saves.
+
+The only place that turns an image into bytes; every API and the CLI render through `render`.
+All of it is CPU work that runs off the engine thread (the THREADS pool).
+"""
 
 from __future__ import annotations
 
@@ -9,6 +13,7 @@ import textwrap
 from dataclasses import dataclass
 from datetime import datetime
 from pathlib import Path
+from typing import Literal
 
 from PIL import Image, ImageDraw, ImageFont
 
@@ -59,6 +64,42 @@ def encode_png(image: Image.Image) -> bytes:
     buf = io.BytesIO()
     image.save(buf, format="PNG", compress_level=PNG_COMPRESS_LEVEL)
     return buf.getvalue()
+
+
+OutputFormat = Literal["png", "jpeg", "webp"]
+MEDIA_TYPES: dict[str, str] = {"png": "image/png", "jpeg": "image/jpeg", "webp": "image/webp"}
+
+
+def encode_image(image: Image.Image, output_format: OutputFormat = "png",
+                 compression: int | None = None) -> bytes:
+    """PNG, or JPEG / WebP at quality `compression` (default 100, as OpenAI's)."""
+    if output_format == "png":
+        return encode_png(image)
+    buf = io.BytesIO()
+    quality = 100 if compression is None else compression
+    image.convert("RGB").save(buf, format=output_format.upper(), quality=quality)
+    return buf.getvalue()
+
+
+def render(image: Image.Image, overlay: OverlayInfo | None = None, output_format: OutputFormat = "png",
+           compression: int | None = None, size: tuple[int, int] | None = None,
+           keep: tuple[Image.Image, Image.Image] | None = None) -> bytes:
+    """A finished image as the client gets it: at `size` (masked edits come out at the pipeline's
+    own ~1 megapixel), for a masked edit the original kept outside the mask, the info strip (if
+    any) drawn, then encoded.
+
+    `keep`: (original, mask with 255 where it may change). The edit pipeline leaves the latents
+    outside the mask alone, but the VAE decoder spreads changes a little past it; pasting the
+    original back makes "only the masked area changes" exact.
+    """
+    if size is not None and image.size != size:
+        image = image.resize(size, Image.Resampling.LANCZOS)
+    if keep is not None:
+        original, mask = (part.resize(image.size, Image.Resampling.LANCZOS) for part in keep)
+        image = Image.composite(image, original.convert(image.mode), mask)
+    if overlay is not None:
+        image = add_overlay(image, overlay)
+    return encode_image(image, output_format, compression)
 
 
 def output_filename(request_id: int, when: datetime) -> str:

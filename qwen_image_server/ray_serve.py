@@ -334,7 +334,7 @@ def run_ray(settings: Settings) -> int:
     try:
         serve.run(build_app(settings), name=APP_NAME, route_prefix="/")  # waits for the models
     except RuntimeError:
-        from qwen_image_server.api.context import EXIT_LOAD_FAILED
+        from qwen_image_server.serving import EXIT_LOAD_FAILED
 
         print(f"error: {deploy_failure()}", file=sys.stderr)
         serve.delete(APP_NAME)

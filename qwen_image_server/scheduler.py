@@ -29,7 +29,6 @@ from collections import deque
 from collections.abc import Callable, Sequence
 from concurrent.futures import Future
 from dataclasses import dataclass, field
-from enum import Enum
 from typing import Protocol
 
 from PIL import Image
@@ -40,12 +39,11 @@ from qwen_image_server.engine.types import (
     DeviceFailure,
     DeviceOutOfMemory,
     GenerationSpec,
+    StepCallback,
 )
+from qwen_image_server.job_state import JobEvent, JobState
 
 log = logging.getLogger(__name__)
-
-StepCallback = Callable[[int, int], None]
-
 
 class Engine(Protocol):
     """What the scheduler needs from the model side."""
@@ -59,14 +57,6 @@ class Engine(Protocol):
         ...
 
 
-class JobState(str, Enum):
-    QUEUED = "queued"
-    RUNNING = "running"
-    SUCCEEDED = "succeeded"
-    FAILED = "failed"
-    CANCELLED = "cancelled"
-
-
 @dataclass(frozen=True, slots=True)
 class JobResult:
     image: Image.Image
@@ -76,7 +66,7 @@ class JobResult:
     batch_size: int
 
 
-JobListener = Callable[["Job", str], None]
+JobListener = Callable[["Job", JobEvent], None]
 
 
 class SchedulerObserver(Protocol):
@@ -86,7 +76,7 @@ class SchedulerObserver(Protocol):
     they must be quick. An exception is logged and otherwise ignored.
     """
 
-    def job_event(self, job: Job, event: str) -> None:
+    def job_event(self, job: Job, event: JobEvent) -> None:
         """Every job's events, as `add_listener` listeners get them."""
 
     def batch_finished(self, batch: Sequence[Job], seconds: float) -> None:
@@ -118,7 +108,7 @@ class Job:
 
     @property
     def done(self) -> bool:
-        return self.state in (JobState.SUCCEEDED, JobState.FAILED, JobState.CANCELLED)
+        return self.state.final
 
 
 @dataclass(frozen=True, slots=True)
@@ -291,7 +281,7 @@ class Scheduler:
             self._observe(lambda o: o.rejected(refusal))
             raise
         for job in jobs:
-            self._emit(job, "queued")
+            self._emit(job, JobEvent.QUEUED)
         return jobs
 
     def _enqueue(self, specs: Sequence[GenerationSpec], request_id: int) -> list[Job]:
@@ -482,7 +472,7 @@ class Scheduler:
             [round(j.started_at - j.submitted_at, 3) for j in batch],
         )
         for job in batch:
-            self._emit(job, "started")
+            self._emit(job, JobEvent.STARTED)
         try:
             self._run(engine, batch)
         except DeviceFailure as exc:
@@ -527,7 +517,7 @@ class Scheduler:
         def on_step(step: int, total: int) -> None:
             for job in batch:
                 job.step, job.total_steps = step, total
-                self._emit(job, "step")
+                self._emit(job, JobEvent.STEP)
             if self._stopping or all(job.cancel_requested for job in batch):
                 raise BatchAborted
 
@@ -622,7 +612,7 @@ class Scheduler:
         log.info("request %s succeeded in batch %s (size %d): queue wait %.3fs, inference %.3fs",
                  job.request_id, result.batch_id, result.batch_size, result.queue_wait, result.inference_time)
         job.future.set_result(result)
-        self._emit(job, "succeeded")
+        self._emit(job, JobEvent.SUCCEEDED)
 
     def _finish_error(self, job: Job, error: errors.ServerError) -> None:
         cancelled = isinstance(error, errors.JobCancelled)
@@ -634,16 +624,16 @@ class Scheduler:
             self._counts["cancelled" if cancelled else "failed"] += 1
         log.info("request %s %s: %s", job.request_id, job.state.value, error.message)
         job.future.set_exception(error)
-        self._emit(job, job.state.value)
+        self._emit(job, JobEvent.entering(job.state))
 
     def _announce_positions(self) -> None:
         """Tell every waiting job's listeners that the queue moved ("queued" with a new position)."""
         with self._cond:
             waiting = [job for job in self._queue if job.listeners]
         for job in waiting:
-            self._emit(job, "queued")
+            self._emit(job, JobEvent.QUEUED)
 
-    def _emit(self, job: Job, event: str) -> None:
+    def _emit(self, job: Job, event: JobEvent) -> None:
         for listener in list(job.listeners):
             try:
                 listener(job, event)

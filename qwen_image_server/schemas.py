@@ -4,9 +4,11 @@ from __future__ import annotations
 
 from typing import Literal
 
+from fastapi import UploadFile
 from pydantic import BaseModel, ConfigDict, Field, field_validator
 
 from qwen_image_server.engine.types import GenerationSpec
+from qwen_image_server.job_state import FINAL_STATES, JobState
 from qwen_image_server.presets import (
     ASPECT_RATIOS,
     DEFAULT_ASPECT_RATIO,
@@ -126,8 +128,25 @@ class GenerationDefaultsInfo(BaseModel):
     reason: str
 
 
+class JobStatesInfo(BaseModel):
+    """The states a job's `status` takes; after a final one nothing changes any more."""
+
+    states: list[JobState] = Field(default_factory=lambda: list(JobState))
+    final: list[JobState] = Field(default_factory=lambda: [s for s in JobState if s in FINAL_STATES])
+
+
+class ModelInfo(BaseModel):
+    """One served model and what it can do."""
+
+    name: str = Field(description="Its public name: requests' `model`.")
+    tasks: list[str] = Field(description="generate or edit (empty while it loads).")
+    pipeline: str | None = Field(description="The diffusers pipeline class (null while it loads).")
+    max_input_images: int = Field(description="Input images one edit takes (0: not an edit model).")
+    shared: list[str] = Field(description="Components it shares with an earlier model (same weights, loaded once).")
+
+
 class InfoResponse(BaseModel):
-    model_name: str
+    model_name: str = Field(description="The first model (the one requests without a model get).")
     model_source: str
     model_loaded: bool
     device: str
@@ -150,6 +169,8 @@ class InfoResponse(BaseModel):
     scheduler: SchedulerInfo
     options: EngineOptions | None = Field(None, description="Null while the model loads.")
     defaults: GenerationDefaultsInfo
+    job_states: JobStatesInfo = Field(default_factory=JobStatesInfo)
+    models: list[ModelInfo] = Field(default_factory=list, description="Every model served, the first first.")
     version: str
 
 
@@ -164,9 +185,6 @@ class ErrorResponse(BaseModel):
     error: ErrorDetail
 
 
-JobStatusName = Literal["queued", "running", "succeeded", "failed", "cancelled"]
-
-
 class JobProgress(BaseModel):
     step: int
     total: int
@@ -176,7 +194,7 @@ class JobStatus(BaseModel):
     """State of an async job (POST /v1/jobs, GET /v1/jobs/{id}, and every SSE event)."""
 
     id: str
-    status: JobStatusName
+    status: JobState
     queue_position: int | None = Field(description="0 = next to start; null once started.")
     progress: JobProgress
     request_id: int
@@ -191,3 +209,68 @@ class JobStatus(BaseModel):
     image_url: str | None = Field(None, description="Where the PNG is, once succeeded.")
     file_path: str | None = Field(None, description="Where it was saved, for save_to_file jobs.")
     error: ErrorDetail | None = None
+
+
+# -- editing (/edit, /v1/jobs/edit) ---------------------------------------------------------
+
+_GEN = GenerateRequest.model_fields
+EDIT_STRENGTH = Field(1.0, gt=0.0, le=1.0, description=(
+    "Masked edits: how far the masked area may move from the original (1.0 repaints it; "
+    "lower keeps more of it). Ignored without a mask."))
+EDIT_SIZE = Field(None, description=(
+    "'WxH' (multiples of 16, 256-2048 per side) or 'auto'; default: the first image's size, "
+    "snapped to multiples of 16 within those bounds."))
+EDIT_MODEL = Field(None, description="The model to edit with (see /v1/models); default: the first edit model.")
+
+
+class EditParameters(BaseModel):
+    """/edit's parameters besides the images: /generate's (no aspect_ratio: the size follows the
+    first image), plus model, size and strength."""
+
+    prompt: str = _GEN["prompt"]
+    negative_prompt: str = _GEN["negative_prompt"]
+    num_inference_steps: int = _GEN["num_inference_steps"]
+    true_cfg_scale: float = _GEN["true_cfg_scale"]
+    seed: int = _GEN["seed"]
+    language: Language = _GEN["language"]
+    save_to_file: bool = _GEN["save_to_file"]
+    add_overlay: bool = _GEN["add_overlay"]
+    model: str | None = EDIT_MODEL
+    size: str | None = EDIT_SIZE
+    strength: float = EDIT_STRENGTH
+
+    _not_blank = field_validator("prompt")(not_blank)
+
+    @field_validator("size")
+    @classmethod
+    def _valid_size(cls, value: str | None) -> str | None:
+        from qwen_image_server.openai_protocol import parse_edit_size
+
+        parse_edit_size(value)
+        return value
+
+    @property
+    def model_prompt(self) -> str:
+        return with_suffix(self.prompt, self.language)
+
+
+class EditRequest(EditParameters):
+    """JSON body of POST /edit: the images as base64 (no URLs: the server fetches nothing)."""
+
+    model_config = ConfigDict(strict=True, extra="ignore")
+
+    images: list[str] = Field(min_length=1, description="Input images as base64 (PNG, JPEG, WebP, ...); "
+                              "1 for Qwen-Image-Edit, up to 3 for Edit-2509/2511.")
+    mask: str | None = Field(None, description="Base64 PNG the size of the first image; its transparent "
+                             "pixels are the area to change.")
+
+
+class EditForm(EditParameters):
+    """multipart/form-data body of POST /edit: the images as files (`image`, repeated, or `image[]`)."""
+
+    model_config = ConfigDict(extra="ignore")
+
+    image: list[UploadFile] = Field(default_factory=list, description="Input image file(s).")
+    image_list: list[UploadFile] = Field(default_factory=list, alias="image[]",
+                                         description="Input image files, the array form.")
+    mask: UploadFile | None = Field(None, description="PNG mask: transparent pixels are the area to change.")

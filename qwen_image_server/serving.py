@@ -1,4 +1,5 @@
-"""Process-level serving: graceful drain on SIGTERM/Ctrl+C, exit codes, Gunicorn worker class.
+"""Process-level serving: the lifecycle and exit codes, graceful drain on SIGTERM/Ctrl+C, the
+Gunicorn worker class.
 
 Uvicorn closes its listening socket as soon as SIGTERM arrives. A server that drains should
 instead keep answering (new jobs get 503 `shutting_down`, `/ready` turns 503 so load balancers
@@ -18,16 +19,43 @@ import tempfile
 import time
 from collections.abc import Iterator
 from contextlib import contextmanager
+from dataclasses import dataclass
 from types import FrameType
-from typing import Any
+from typing import TYPE_CHECKING, Any
 
 import uvicorn
 from fastapi import FastAPI
 
-from qwen_image_server.api.context import Lifecycle, ServerContext
+from qwen_image_server.engine.types import DeviceFailure
 from qwen_image_server.settings import Settings
 
+if TYPE_CHECKING:
+    from qwen_image_server.api.context import ServerContext
+
 log = logging.getLogger(__name__)
+
+# Exit codes the serving layer hands to its process manager.
+EXIT_LOAD_FAILED = 3  # Gunicorn's "worker failed to boot": it stops instead of respawning forever
+EXIT_ENGINE_DEAD = 1  # any other exit: Gunicorn (or the orchestrator) starts a fresh worker
+
+
+@dataclass
+class Lifecycle:
+    """What the server process should do next; read by the serving layer on every tick."""
+
+    drain_requested: bool = False
+    exit_requested: bool = False
+    exit_code: int = 0
+
+    def fail(self, exit_code: int) -> None:
+        """Ask the server to exit with `exit_code` as soon as in-flight responses are sent."""
+        self.exit_code = exit_code
+        self.exit_requested = True
+
+    def engine_failed(self, exc: BaseException) -> None:
+        """The scheduler's `on_fatal`: a dead device needs a fresh process (the process manager
+        starts one); a model that cannot load needs a person (it must not respawn forever)."""
+        self.fail(EXIT_ENGINE_DEAD if isinstance(exc, DeviceFailure) else EXIT_LOAD_FAILED)
 
 
 def find_fastapi(app: Any) -> FastAPI | None:

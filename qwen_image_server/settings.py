@@ -13,6 +13,7 @@ from typing import Annotated, Any, Literal
 from pydantic import AliasChoices, Field, field_validator, model_validator
 from pydantic_settings import BaseSettings, CliImplicitFlag, NoDecode, SettingsConfigDict
 
+from qwen_image_server.model_list import ModelRef, parse_model_list
 from qwen_image_server.presets import DEFAULT_ASPECT_RATIO, AspectRatio
 
 DeviceName = Literal["auto", "cuda", "cpu", "mps"]
@@ -61,7 +62,9 @@ class Settings(BaseSettings):
     # -- model ------------------------------------------------------------------------------
     model: str = Field(
         "tiny",
-        description="'tiny' (embedded test model), a hub id such as Qwen/Qwen-Image, or a local folder.",
+        description="Comma-separated models, each a hub id (Qwen/Qwen-Image, Qwen/Qwen-Image-Edit-2509), a "
+        "local folder, or 'name=source' to give it a public name; 'tiny' is the embedded generation and "
+        "edit test models. Requests without a model get the first that can do their task.",
     )
     model_source: ModelSource = Field(
         "huggingface", description="Where a hub id is fetched from: huggingface or modelscope."
@@ -143,6 +146,15 @@ class Settings(BaseSettings):
         description="Comma-separated keys; when set, every route but /health, /ready, /metrics needs one.",
     )
     max_body_bytes: int = Field(1024 * 1024, ge=1024, description="Largest request body accepted (413 beyond).")
+    max_upload_bytes: int = Field(
+        50 * 1024 * 1024, ge=1024,
+        description="Largest body of an edit request (/edit, /v1/images/edits, edit jobs), images included.",
+    )
+    max_input_pixels: int = Field(
+        40_000_000, ge=64 * 64,
+        description="Largest uploaded image, width*height, read from its header before decoding.",
+    )
+    max_input_images: int = Field(3, ge=1, description="Most input images of one multi-image edit.")
 
     # -- Ray Serve: `serve --ray`, serve_config.yaml (pip install .[ray]; README "Scale-out") --
     ray_address: str | None = Field(
@@ -192,6 +204,17 @@ class Settings(BaseSettings):
         if value == 0:
             raise ValueError("must be -1 (no limit) or at least 1")
         return value
+
+    @field_validator("model")
+    @classmethod
+    def _model_list(cls, value: str) -> str:
+        parse_model_list(value)  # ValueError -> one line naming QWEN_IMAGE_MODEL
+        return value.strip()
+
+    @property
+    def models(self) -> list[ModelRef]:
+        """The models to serve, in order (the first answers requests that name none)."""
+        return parse_model_list(self.model)
 
     @model_validator(mode="after")
     def _one_replica_count(self) -> Settings:

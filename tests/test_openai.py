@@ -146,10 +146,10 @@ def test_streaming_sends_one_completed_event_per_image(oai, reference):
         assert event.usage.output_tokens == (256 // 16) ** 2
 
 
-def test_models_lists_the_served_model(oai, tiny_server):
-    served = tiny_server.ctx.settings.model
-    assert [m.id for m in oai.models.list()] == [served]
-    assert oai.models.retrieve(served).owned_by == "qwen-image-server"
+def test_models_lists_the_served_models(oai, tiny_server):
+    served = [ref.name for ref in tiny_server.ctx.settings.models]  # tiny: generation and edit
+    assert [m.id for m in oai.models.list()] == served
+    assert oai.models.retrieve(served[0]).owned_by == "qwen-image-server"
     with pytest.raises(openai.NotFoundError):
         oai.models.retrieve("dall-e-3")
 

@@ -16,22 +16,18 @@ from qwen_image_server.api import metrics as metrics_api
 from qwen_image_server.api import openai as openai_api
 from qwen_image_server.api.auth import ApiKeyMiddleware
 from qwen_image_server.api.body_limit import add_body_limit
-from qwen_image_server.api.context import (
-    EXIT_ENGINE_DEAD,
-    EXIT_LOAD_FAILED,
-    Lifecycle,
-    ServerContext,
-)
+from qwen_image_server.api.context import ServerContext
 from qwen_image_server.api.errors import install_error_handlers
 from qwen_image_server.api.job_registry import JobRegistry
 from qwen_image_server.api.replica import ReplicaHeaderMiddleware, id_prefix
 from qwen_image_server.api.web import install_web
 from qwen_image_server.engine.device import resolve_device
-from qwen_image_server.engine.types import DeviceFailure
+from qwen_image_server.generation import Generation
 from qwen_image_server.logs import configure_logging
 from qwen_image_server.metrics import SchedulerMetrics, ServerMetrics
 from qwen_image_server.results import ResultStore
 from qwen_image_server.scheduler import Engine, Scheduler, SchedulerConfig
+from qwen_image_server.serving import Lifecycle
 from qwen_image_server.settings import Settings
 
 log = logging.getLogger(__name__)
@@ -41,13 +37,9 @@ def real_engine_factory(settings: Settings) -> Callable[[], Engine]:
     """Load the configured pipeline (called on the engine thread, which then owns it)."""
 
     def load() -> Engine:
-        from qwen_image_server.engine.loader import load_model
-        from qwen_image_server.engine.runner import PipelineEngine
+        from qwen_image_server.engine.models import load_engine
 
-        engine = PipelineEngine(load_model(settings))
-        if engine.model.options.warmup:  # /ready stays 503 until this is done
-            engine.warm_up(settings.warmup_aspect_ratios)
-        return engine
+        return load_engine(settings)
 
     return load
 
@@ -71,11 +63,6 @@ def create_app(
     except RuntimeError:
         device = resolve_device("cpu")  # the loader explains the problem, then the worker exits
     lifecycle = Lifecycle()
-
-    def on_fatal(exc: BaseException) -> None:
-        # A dead device needs a fresh process; a model that cannot load needs a person.
-        lifecycle.fail(EXIT_ENGINE_DEAD if isinstance(exc, DeviceFailure) else EXIT_LOAD_FAILED)
-
     metrics = ServerMetrics(device, replica)
 
     def queue_length() -> int:
@@ -91,7 +78,7 @@ def create_app(
             max_batch_pixels=settings.max_batch_pixels,
             batch_wait_ms=settings.batch_wait_ms,
         ),
-        on_fatal=on_fatal,
+        on_fatal=lifecycle.engine_failed,
         observer=SchedulerMetrics(metrics, queue_length),
         id_prefix=id_prefix(replica),
     )
@@ -102,8 +89,8 @@ def create_app(
         results = ResultStore(settings.result_ttl_s, settings.max_stored_results,
                               id_prefix=id_prefix(replica))
         jobs = JobRegistry(settings.result_ttl_s, settings.max_stored_results)
-        app.state.ctx = ServerContext(settings, device, scheduler, executor, lifecycle, results, jobs,
-                                      replica=replica)
+        generation = Generation(settings, device, scheduler, executor)
+        app.state.ctx = ServerContext(generation, lifecycle, results, jobs, replica=replica)
         scheduler.start()
         log.info("serving on %s (model %s loading in the background); batching: %s",
                  device.label, settings.model, scheduler.config)
@@ -126,7 +113,7 @@ def create_app(
     app.state.metrics = metrics
     # The last middleware added runs first: metrics see every answer, keys are checked before
     # any body is read.
-    add_body_limit(app, settings.max_body_bytes)
+    add_body_limit(app, settings.max_body_bytes, settings.max_upload_bytes)
     if settings.api_keys:
         app.add_middleware(ApiKeyMiddleware, api_keys=settings.api_keys)
     app.add_middleware(metrics_api.HttpMetricsMiddleware, metrics=metrics)

@@ -93,7 +93,9 @@ def install_error_handlers(app: FastAPI) -> None:
     @app.exception_handler(StarletteHTTPException)
     async def _http(request: Request, exc: StarletteHTTPException) -> JSONResponse:
         type_ = _HTTP_TYPES.get(exc.status_code, "invalid_request_error")
-        response = error_response(exc.status_code, str(exc.detail), type_)
+        # 413 comes from the body limit counting a body as it arrives (api/body_limit.py).
+        code = "body_too_large" if exc.status_code == 413 else None
+        response = error_response(exc.status_code, str(exc.detail), type_, code=code)
         if exc.headers:
             response.headers.update(exc.headers)
         return response

@@ -32,7 +32,7 @@ _OPEN_FLAGS = os.O_RDONLY | getattr(os, "O_NOFOLLOW", 0) | getattr(os, "O_NONBLO
                        404: {"model": ErrorResponse}})
 async def get_file(name: str, ctx: Ctx) -> Response:
     """A PNG saved by `save_to_file`, by the file name its response gave."""
-    data = await ctx.in_pool(read_saved_png, ctx.settings.output_dir, name)
+    data = await ctx.generation.in_pool(read_saved_png, ctx.settings.output_dir, name)
     return Response(data, media_type="image/png")
 
 

@@ -11,10 +11,9 @@ from collections import OrderedDict
 from dataclasses import dataclass, field
 
 from qwen_image_server import errors
-from qwen_image_server.scheduler import Job, JobState
-from qwen_image_server.schemas import ErrorDetail, GenerateRequest, JobStatusName
-
-TERMINAL = ("succeeded", "failed", "cancelled")
+from qwen_image_server.job_state import JobEvent, JobState
+from qwen_image_server.scheduler import Job
+from qwen_image_server.schemas import EditParameters, ErrorDetail, GenerateRequest
 
 
 @dataclass(eq=False)
@@ -22,28 +21,29 @@ class JobRecord:
     """The API's view of one job: the scheduler job plus what the client will fetch."""
 
     job: Job
-    body: GenerateRequest
+    body: GenerateRequest | EditParameters  # what it was asked with (add_overlay, save_to_file)
     created_at: float  # unix time
     image_id: str | None = None
     file_path: str | None = None
     inference_time: float | None = None
     error: ErrorDetail | None = None
     finished_monotonic: float | None = None
-    subscribers: set[asyncio.Queue[tuple[str, int]]] = field(default_factory=set)
+    subscribers: set[asyncio.Queue[tuple[JobEvent, int]]] = field(default_factory=set)
 
     @property
-    def status(self) -> JobStatusName:
-        # "succeeded" only once the PNG is stored, so GET .../image never races the event.
+    def status(self) -> JobState:
+        # Final only once the PNG is stored (or the error recorded), so GET .../image never races
+        # the event: the scheduler's job is done a moment before the API's record is.
         if self.image_id is not None:
-            return "succeeded"
+            return JobState.SUCCEEDED
         if self.error is not None:
-            return "cancelled" if self.error.type == errors.JobCancelled.type else "failed"
-        return "queued" if self.job.state is JobState.QUEUED else "running"
+            return JobState.CANCELLED if self.error.type == errors.JobCancelled.type else JobState.FAILED
+        return JobState.QUEUED if self.job.state is JobState.QUEUED else JobState.RUNNING
 
     def fail(self, exc: errors.ServerError) -> None:
         self.error = ErrorDetail(message=exc.message, type=exc.type, param=exc.param, code=exc.code)
 
-    def publish(self, event: str, step: int) -> None:
+    def publish(self, event: JobEvent, step: int) -> None:
         """Wake every SSE subscriber (called on the event loop)."""
         for queue in self.subscribers:
             queue.put_nowait((event, step))

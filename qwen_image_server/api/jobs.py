@@ -10,6 +10,7 @@ QWEN_IMAGE_MAX_STORED_RESULTS of them are kept, so memory stays bounded under lo
 from __future__ import annotations
 
 import asyncio
+import dataclasses
 import logging
 import time
 from collections.abc import AsyncIterator
@@ -21,10 +22,14 @@ from fastapi.sse import EventSourceResponse, ServerSentEvent
 
 from qwen_image_server import errors
 from qwen_image_server.api.context import Ctx, ServerContext
-from qwen_image_server.api.job_registry import TERMINAL, JobRecord
+from qwen_image_server.api.job_registry import JobRecord
+from qwen_image_server.api.uploads import NATIVE_EDIT_BODY, read_native_edit
+from qwen_image_server.engine.types import GenerationSpec
+from qwen_image_server.job_state import JobEvent, JobState
 from qwen_image_server.scheduler import Job
 from qwen_image_server.schemas import (
     ErrorDetail,
+    EditParameters,
     ErrorResponse,
     GenerateRequest,
     JobProgress,
@@ -55,7 +60,7 @@ def status_of(ctx: ServerContext, record: JobRecord, request: Request) -> JobSta
         created_at=record.created_at,
         started_at=record.created_at + (started - job.submitted_at) if started else None,
         finished_at=(record.created_at + (job.finished_at - job.submitted_at)
-                     if job.finished_at and record.status in TERMINAL else None),
+                     if job.finished_at and record.status.final else None),
         queue_time=round(started - job.submitted_at, 3) if started else None,
         inference_time=record.inference_time,
         width=job.spec.width,
@@ -71,11 +76,12 @@ async def _complete(ctx: ServerContext, record: JobRecord) -> None:
     """Await the scheduler's result, render and store it, then announce the end."""
     job = record.job
     try:
-        result = await asyncio.wrap_future(job.future)
-        rendered = await ctx.render(record.body, result, job.request_id)
+        result = await ctx.generation.wait(job)
+        rendered = await ctx.generation.render(job, result, overlay=record.body.add_overlay,
+                                               save_to_file=record.body.save_to_file)
         record.file_path = rendered.file_path
         record.inference_time = rendered.inference_time
-        record.image_id = ctx.results.put(rendered.png, "image/png", id=f"job-{job.id}").id
+        record.image_id = ctx.results.put(rendered.data, rendered.media_type, id=f"job-{job.id}").id
     except errors.ServerError as exc:
         record.fail(exc)
     except Exception:  # noqa: BLE001 - rendering failed; the job must still end
@@ -83,29 +89,53 @@ async def _complete(ctx: ServerContext, record: JobRecord) -> None:
         record.error = ErrorDetail(message="Rendering the image failed; the server logged the details.",
                                    type=errors.InferenceFailed.type)
     record.finished_monotonic = time.monotonic()
-    record.publish(record.status, job.step)
+    record.publish(JobEvent.entering(record.status), job.step)
 
 
 @router.post("", status_code=202, response_model=JobStatus,
              responses={s: {"model": ErrorResponse} for s in (400, 429, 503)})
 async def create_job(body: GenerateRequest, request: Request, ctx: Ctx) -> JSONResponse:
     """Queue a generation (same body as /generate) and return at once with its id."""
-    request_id = ctx.next_request_id()
-    body = ctx.with_defaults(body)
-    [job] = await ctx.submit([body.to_spec()], request_id)
+    generation = ctx.generation
+    request_id = generation.next_request_id()
+    body = generation.with_defaults(body)
+    model = generation.pick_model(None, "generate")
+    spec = dataclasses.replace(body.to_spec(), model=model.name)
+    return await _queue(ctx, request, body, spec, request_id)
+
+
+@router.post("/edit", status_code=202, response_model=JobStatus, openapi_extra=NATIVE_EDIT_BODY,
+             responses={s: {"model": ErrorResponse} for s in (400, 404, 413, 429, 503)})
+async def create_edit_job(request: Request, ctx: Ctx) -> JSONResponse:
+    """Queue an edit (same body as /edit: image files or base64 images) and return at once with
+    its id; its progress events are a generation's."""
+    body, images, mask = await read_native_edit(request)
+    generation = ctx.generation
+    request_id = generation.next_request_id()
+    body = generation.with_defaults(body)
+    model = generation.pick_model(body.model, "edit")
+    inputs = await generation.read_edit_inputs(images, mask, model)
+    [spec] = generation.edit_specs(body, inputs, model, [body.seed])
+    return await _queue(ctx, request, body, spec, request_id)
+
+
+async def _queue(ctx: ServerContext, request: Request, body: GenerateRequest | EditParameters,
+                 spec: GenerationSpec, request_id: int) -> JSONResponse:
+    """Submit the job, track it to its end, and answer 202 with its status."""
+    [job] = await ctx.generation.submit([spec], request_id)
     loop = asyncio.get_running_loop()
     record = JobRecord(job=job, body=body, created_at=time.time())
     ctx.jobs.add(record)
 
-    def on_event(job: Job, event: str) -> None:  # engine / reaper thread
-        if event not in TERMINAL:  # the end is announced by _complete, once the PNG exists
+    def on_event(job: Job, event: JobEvent) -> None:  # engine / reaper thread
+        if not event.final:  # the end is announced by _complete, once the PNG exists
             loop.call_soon_threadsafe(record.publish, event, job.step)
 
     ctx.scheduler.add_listener(job, on_event)
     ctx.jobs.track(asyncio.create_task(_complete(ctx, record)))
     log.info("request %d: job %s queued", request_id, job.id)
     status = status_of(ctx, record, request)
-    return JSONResponse(status.model_dump(), status_code=202,
+    return JSONResponse(status.model_dump(mode="json"), status_code=202,
                         headers={"Location": str(request.url_for("get_job", job_id=job.id))})
 
 
@@ -135,7 +165,7 @@ async def job_image(record: Record, ctx: Ctx) -> Response:
 async def cancel_job(record: Record, request: Request, ctx: Ctx) -> JobStatus:
     """Cancel: a queued job never runs; a running one stops at its next denoising step."""
     job = record.job
-    if ctx.scheduler.cancel(job):
+    if ctx.generation.cancel(job):
         log.info("request %d: job %s cancelled by the client", job.request_id, job.id)
         if job.future.done() and isinstance(exc := job.future.exception(), errors.ServerError):
             # A queued job ends at once: answer "cancelled" now, not after _complete's turn.
@@ -148,26 +178,27 @@ async def cancel_job(record: Record, request: Request, ctx: Ctx) -> JobStatus:
 async def job_events(record: Record, request: Request, ctx: Ctx) -> AsyncIterator[ServerSentEvent]:
     """Server-Sent Events: queued (position), started, step (each denoising step), then
     succeeded / failed / cancelled. The first event is the current state."""
-    queue: asyncio.Queue[tuple[str, int]] = asyncio.Queue()
+    queue: asyncio.Queue[tuple[JobEvent, int]] = asyncio.Queue()
     record.subscribers.add(queue)
     try:
         current = record.status
-        first = {"running": "started"}.get(current, current)
-        yield ServerSentEvent(event=first, data=status_of(ctx, record, request).model_dump())
-        if current in TERMINAL:
+        yield ServerSentEvent(event=JobEvent.entering(current).value,
+                              data=status_of(ctx, record, request).model_dump(mode="json"))
+        if current.final:
             return
-        position = record.job.step if current == "running" else ctx.scheduler.queue_position(record.job)
+        position = (record.job.step if current is JobState.RUNNING
+                    else ctx.scheduler.queue_position(record.job))
         while True:
             event, step = await queue.get()
             status = status_of(ctx, record, request)
-            if event == "step":
+            if event is JobEvent.STEP:
                 status.progress.step = step  # the step this notice was for, not the latest
-            elif event == "queued":
+            elif event is JobEvent.QUEUED:
                 if status.queue_position is None or status.queue_position == position:
                     continue  # the queue moved but this job's place did not
                 position = status.queue_position
-            yield ServerSentEvent(event=event, data=status.model_dump())
-            if event in TERMINAL:
+            yield ServerSentEvent(event=event.value, data=status.model_dump(mode="json"))
+            if event.final:
                 return
     finally:
         record.subscribers.discard(queue)

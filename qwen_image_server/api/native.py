@@ -1,4 +1,4 @@
-"""The seed's API, unchanged for its users: /health, /info, /generate; plus /ready."""
+"""The seed's API, unchanged for its users: /health, /info, /generate; plus /ready and /edit."""
 
 from __future__ import annotations
 
@@ -9,18 +9,23 @@ from fastapi import APIRouter, Request, Response
 from fastapi.responses import JSONResponse
 
 from qwen_image_server import __version__
-from qwen_image_server.api.context import Ctx
+from qwen_image_server.api.context import Ctx, ServerContext, client_gone
 from qwen_image_server.api.errors import ERROR_RESPONSES
+from qwen_image_server.api.openai import model_cards
+from qwen_image_server.api.uploads import NATIVE_EDIT_BODY, read_native_edit
+from qwen_image_server.engine.types import GenerationSpec
 from qwen_image_server.engine.device import gpu_memory_mb
 from qwen_image_server.presets import ASPECT_RATIOS
 from qwen_image_server.schemas import (
     EngineOptions,
+    ErrorResponse,
     GenerationDefaultsInfo,
     GenerateFileResponse,
     GenerateRequest,
     GpuMemory,
     HealthResponse,
     InfoResponse,
+    ModelInfo,
     ReadyResponse,
     SchedulerInfo,
 )
@@ -59,11 +64,12 @@ async def ready(ctx: Ctx) -> JSONResponse:
 async def info(ctx: Ctx) -> InfoResponse:
     """Model, device and live scheduler facts."""
     model = ctx.model
+    loaded = {m.name: m for m in ctx.generation.models}
     stats = ctx.scheduler.stats()
     cfg = ctx.scheduler.config
     memory = gpu_memory_mb(ctx.device) if model is not None else None
     return InfoResponse(
-        model_name=ctx.settings.model,
+        model_name=ctx.settings.models[0].name,
         model_source=model.source if model else "loading",
         model_loaded=model is not None,
         device=ctx.device.type,
@@ -99,7 +105,11 @@ async def info(ctx: Ctx) -> InfoResponse:
             queue_timeout_s=cfg.queue_timeout_s,
         ),
         options=EngineOptions(**dataclasses.asdict(model.options)) if model else None,
-        defaults=GenerationDefaultsInfo(**dataclasses.asdict(ctx.defaults)),
+        defaults=GenerationDefaultsInfo(**dataclasses.asdict(ctx.generation.defaults)),
+        models=[ModelInfo(name=card.id, tasks=card.tasks, pipeline=card.pipeline,
+                          max_input_images=card.max_input_images,
+                          shared=list(loaded[card.id].shared) if card.id in loaded else [])
+                for card in model_cards(ctx)],
         version=__version__,
     )
 
@@ -112,15 +122,48 @@ async def info(ctx: Ctx) -> InfoResponse:
 )
 async def generate(body: GenerateRequest, request: Request, ctx: Ctx) -> Response:
     """Generate one image: PNG bytes, or (save_to_file) JSON naming the saved file."""
-    request_id = ctx.next_request_id()
-    body = ctx.with_defaults(body)
-    spec = body.to_spec()
+    generation = ctx.generation
+    request_id = generation.next_request_id()
+    body = generation.with_defaults(body)
+    model = generation.pick_model(None, "generate")
+    spec = dataclasses.replace(body.to_spec(), model=model.name)
     log.info("request %d received: %dx%d, %d steps, cfg %g, seed %d, save_to_file=%s",
              request_id, spec.width, spec.height, spec.num_inference_steps,
              spec.true_cfg_scale, spec.seed, body.save_to_file)
-    [job] = await ctx.submit([spec], request_id)
-    result = await ctx.wait(job, request)
-    rendered = await ctx.render(body, result, request_id)
+    return await _answer(ctx, request, spec, request_id, body.add_overlay, body.save_to_file)
+
+
+@router.post(
+    "/edit",
+    tags=["edit"],
+    openapi_extra=NATIVE_EDIT_BODY,
+    responses={200: {"content": {"image/png": {}, "application/json": {"schema": GenerateFileResponse.model_json_schema()}},
+                     "description": "PNG bytes, or JSON when save_to_file is true."},
+               404: {"model": ErrorResponse}, 413: {"model": ErrorResponse}, **ERROR_RESPONSES},
+)
+async def edit(request: Request, ctx: Ctx) -> Response:
+    """Edit one to three images (multipart files `image`, or base64 `images` in JSON), optionally
+    inside a mask: PNG bytes, or (save_to_file) JSON naming the saved file."""
+    body, images, mask = await read_native_edit(request)
+    generation = ctx.generation
+    request_id = generation.next_request_id()
+    body = generation.with_defaults(body)
+    model = generation.pick_model(body.model, "edit")
+    inputs = await generation.read_edit_inputs(images, mask, model)
+    [spec] = generation.edit_specs(body, inputs, model, [body.seed])
+    log.info("request %d (edit) received: %d image(s)%s, %dx%d, %d steps, cfg %g, seed %d, model %s",
+             request_id, len(images), " and a mask" if mask else "", spec.width, spec.height,
+             spec.num_inference_steps, spec.true_cfg_scale, spec.seed, model.name or "(first)")
+    return await _answer(ctx, request, spec, request_id, body.add_overlay, body.save_to_file)
+
+
+async def _answer(ctx: ServerContext, request: Request, spec: GenerationSpec, request_id: int,
+                  overlay: bool, save_to_file: bool) -> Response:
+    """Queue one spec, wait for it (cancelling it if the client leaves) and answer as /generate does."""
+    generation = ctx.generation
+    [job] = await generation.submit([spec], request_id)
+    result = await generation.wait(job, client_gone(request))
+    rendered = await generation.render(job, result, overlay=overlay, save_to_file=save_to_file)
     headers = {
         "X-Request-ID": str(request_id),
         "X-Inference-Time": f"{rendered.inference_time}",
@@ -128,7 +171,7 @@ async def generate(body: GenerateRequest, request: Request, ctx: Ctx) -> Respons
         "X-Batch-Size": str(result.batch_size),
     }
     if rendered.file_path is None:
-        return Response(rendered.png, media_type="image/png", headers=headers)
+        return Response(rendered.data, media_type=rendered.media_type, headers=headers)
     return JSONResponse(GenerateFileResponse(
         request_id=request_id,
         inference_time=rendered.inference_time,

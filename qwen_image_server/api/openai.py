@@ -1,41 +1,46 @@
 """The OpenAI-compatible API: images (JSON, url or Server-Sent Events) and models.
 
 `openai.OpenAI(base_url="http://host:5000/v1")` works unchanged: `client.images.generate(...)`,
-with Qwen-Image's own knobs in `extra_body`, and `client.models.list()`.
+`client.images.edit(image=[...], mask=...)`, with Qwen-Image's own knobs in `extra_body`, and
+`client.models.list()`.
 """
 
 from __future__ import annotations
 
 import asyncio
 import base64
-import io
+import dataclasses
 import logging
 import secrets
 import time
-from collections.abc import AsyncIterator, Sequence
+from collections.abc import AsyncIterator
 from contextlib import aclosing
+from dataclasses import dataclass
+from typing import Annotated
 
-from fastapi import APIRouter, Request, Response
+from fastapi import APIRouter, Form, Request, Response
 from fastapi.sse import KEEPALIVE_COMMENT, EventSourceResponse, format_sse_event
-from PIL import Image
 
 from qwen_image_server import errors
-from qwen_image_server.api.context import Ctx, ServerContext
+from qwen_image_server.api.context import Ctx, ServerContext, client_gone
 from qwen_image_server.api.errors import ERROR_RESPONSES
+from qwen_image_server.api.uploads import read_files
+from qwen_image_server.generation import Rendered
 from qwen_image_server.openai_protocol import (
-    MEDIA_TYPES,
     ImageData,
+    ImageEditCompletedEvent,
+    ImageEditForm,
     ImageGenCompletedEvent,
     ImageGenerationRequest,
     ImagesResponse,
     ImageUsage,
     ModelCard,
     ModelList,
-    OutputFormat,
 )
-from qwen_image_server.postprocess import encode_png
+from qwen_image_server.postprocess import MEDIA_TYPES
 from qwen_image_server.scheduler import Job, JobResult
 from qwen_image_server.schemas import MAX_SEED, ErrorDetail, ErrorResponse
+from qwen_image_server.uploads import Upload
 
 log = logging.getLogger(__name__)
 router = APIRouter(prefix="/v1", tags=["openai"])
@@ -44,71 +49,6 @@ router = APIRouter(prefix="/v1", tags=["openai"])
 PING_INTERVAL_S = 15.0
 # /v1/models' "created": when this server process started serving the model.
 _STARTED = int(time.time())
-
-
-# -- encoding (THREADS pool) ----------------------------------------------------------------
-
-def encode_image(image: Image.Image, output_format: OutputFormat, compression: int | None) -> bytes:
-    """PNG, or JPEG / WebP at quality `compression` (OpenAI's default: 100)."""
-    if output_format == "png":
-        return encode_png(image)
-    buf = io.BytesIO()
-    quality = 100 if compression is None else compression
-    image.convert("RGB").save(buf, format=output_format.upper(), quality=quality)
-    return buf.getvalue()
-
-
-def encode_b64(image: Image.Image, output_format: OutputFormat, compression: int | None) -> str:
-    return base64.b64encode(encode_image(image, output_format, compression)).decode("ascii")
-
-
-async def prompt_tokens(ctx: ServerContext, body: ImageGenerationRequest) -> int:
-    """Tokens of the prompt as the model reads it, for the usage block (0 without a tokenizer)."""
-    return await ctx.in_pool(ctx.count_tokens, body.model_prompt) or 0
-
-
-# -- submitting and awaiting ----------------------------------------------------------------
-
-def _mark_read(task: asyncio.Future[JobResult]) -> None:
-    # Once one job failed nobody reads the others' outcomes; don't let asyncio warn about them.
-    if not task.cancelled():
-        task.exception()
-
-
-async def finished(
-    ctx: ServerContext, jobs: Sequence[Job], request: Request, ping_s: float | None = None
-) -> AsyncIterator[tuple[int, JobResult] | None]:
-    """Yield (index, result) as the jobs finish, and None after every `ping_s` without one.
-
-    The first failure is raised; it, a client disconnect, or the caller stopping early
-    cancels every job not finished yet.
-    """
-    index = {asyncio.ensure_future(ctx.wait(job, request)): i for i, job in enumerate(jobs)}
-    for task in index:
-        task.add_done_callback(_mark_read)
-    pending = set(index)
-    try:
-        while pending:
-            done, pending = await asyncio.wait(pending, timeout=ping_s, return_when=asyncio.FIRST_COMPLETED)
-            if not done:
-                yield None
-            for task in sorted(done, key=index.__getitem__):
-                yield index[task], task.result()
-    finally:
-        # Cancelling the job (not the task) lets each ctx.wait end normally, at once if queued.
-        # Last first: then no job being cancelled can reach the queue's head and start meanwhile.
-        for task in sorted(pending, key=index.__getitem__, reverse=True):
-            ctx.scheduler.cancel(jobs[index[task]])
-
-
-async def wait_all(ctx: ServerContext, jobs: Sequence[Job], request: Request) -> list[JobResult]:
-    """Every job's result, in order; the first failure cancels the others and is raised."""
-    results: dict[int, JobResult] = {}
-    async with aclosing(finished(ctx, jobs, request)) as outcomes:
-        async for item in outcomes:
-            assert item is not None  # no pings without ping_s
-            results[item[0]] = item[1]
-    return [results[i] for i in range(len(jobs))]
 
 
 # -- routes ---------------------------------------------------------------------------------
@@ -125,82 +65,142 @@ async def create_images(
     body: ImageGenerationRequest, request: Request, ctx: Ctx
 ) -> Response | ImagesResponse:
     """Generate `n` images (OpenAI's Images API), as base64, URLs or a stream of events."""
-    request_id = ctx.next_request_id()
-    body = ctx.with_defaults(body)
+    generation = ctx.generation
+    request_id = generation.next_request_id()
+    body = generation.with_defaults(body)
+    model = generation.pick_model(body.model, "generate")
     base_seed = body.seed if body.seed is not None else secrets.randbelow(MAX_SEED + 1)
-    specs = body.to_specs(base_seed)
+    specs = [dataclasses.replace(spec, model=model.name) for spec in body.to_specs(base_seed)]
     width, height = specs[0].width, specs[0].height
     log.info("request %d (openai) received: n=%d, %dx%d, %d steps, cfg %g, seeds from %d, %s%s",
              request_id, body.n, width, height, body.num_inference_steps, body.true_cfg_scale,
              base_seed, body.output_format, ", stream" if body.stream else "")
-    jobs = await ctx.submit(specs, request_id)  # together, so they run as one batch
-    if body.stream:
-        # Submitted first, so a full queue or a draining server is a real HTTP error (429/503).
-        return EventSourceResponse(_events(ctx, body, jobs, request))
-
-    results = await wait_all(ctx, jobs, request)
-    encoded = await asyncio.gather(*(
-        ctx.in_pool(encode_image, r.image, body.output_format, body.output_compression) for r in results))
-    revised = body.model_prompt
-    if body.response_format == "url":
-        data = [ImageData(url=_store(ctx, request, blob, body.output_format), revised_prompt=revised)
-                for blob in encoded]
-    else:
-        data = [ImageData(b64_json=base64.b64encode(blob).decode("ascii"), revised_prompt=revised)
-                for blob in encoded]
-    text_tokens = await prompt_tokens(ctx, body)
-    return ImagesResponse(
-        created=int(time.time()),
-        model=ctx.settings.model,
-        data=data,
-        size=f"{width}x{height}",
-        output_format=body.output_format,
-        quality=body.quality,
-        usage=ImageUsage.of(text_tokens, width, height, images=len(results)),
-    )
+    answer = _Answer(ctx, request, body, model.name or ctx.settings.models[0].name, (),
+                     ImageGenCompletedEvent)
+    return await answer.send(await generation.submit(specs, request_id))  # together: one batch
 
 
-def _store(ctx: ServerContext, request: Request, blob: bytes, output_format: OutputFormat) -> str:
+@router.post(
+    "/images/edits",
+    response_model=ImagesResponse,
+    response_model_exclude_none=True,
+    responses={200: {"content": {"text/event-stream": {}},
+                     "description": "JSON; with stream: true, an image_edit.completed event per image."},
+               404: {"model": ErrorResponse}, 413: {"model": ErrorResponse}, **ERROR_RESPONSES},
+)
+async def edit_images(
+    body: Annotated[ImageEditForm, Form(media_type="multipart/form-data")], request: Request, ctx: Ctx
+) -> Response | ImagesResponse:
+    """Edit images (OpenAI's Images API, multipart): `image` (or `image[]`, up to 3), an optional
+    `mask` whose transparent pixels are the area to change, `n` results."""
+    generation = ctx.generation
+    request_id = generation.next_request_id()
+    body = generation.with_defaults(body)
+    model = generation.pick_model(body.model, "edit")
+    images = await read_files(body.images, "image")
+    mask = Upload("mask", await body.mask.read()) if body.mask is not None else None
+    inputs = await generation.read_edit_inputs(images, mask, model)
+    base_seed = body.seed if body.seed is not None else secrets.randbelow(MAX_SEED + 1)
+    specs = generation.edit_specs(body, inputs, model, [(base_seed + i) % (MAX_SEED + 1) for i in range(body.n)])
+    log.info("request %d (openai edit) received: %d image(s)%s, n=%d, %dx%d, %d steps, cfg %g, seeds "
+             "from %d, model %s%s", request_id, len(images), " and a mask" if mask else "", body.n,
+             specs[0].width, specs[0].height, body.num_inference_steps, body.true_cfg_scale, base_seed,
+             model.name or "(first)", ", stream" if body.stream else "")
+    answer = _Answer(ctx, request, body, model.name or ctx.settings.models[0].name,
+                     tuple(image.size for image in inputs.images), ImageEditCompletedEvent)
+    return await answer.send(await generation.submit(specs, request_id))
+
+
+ImagesBody = ImageGenerationRequest | ImageEditForm
+CompletedEvent = type[ImageGenCompletedEvent] | type[ImageEditCompletedEvent]
+
+
+@dataclass
+class _Answer:
+    """How an images request is answered once its jobs are queued: JSON or a stream of events."""
+
+    ctx: ServerContext
+    request: Request
+    body: ImagesBody
+    model: str
+    inputs: tuple[tuple[int, int], ...]  # the input images' sizes (edits)
+    event: CompletedEvent
+
+    async def send(self, jobs: list[Job]) -> Response | ImagesResponse:
+        if self.body.stream:
+            # Submitted first, so a full queue or a draining server is a real HTTP error (429/503).
+            return EventSourceResponse(self._events(jobs))
+        generation = self.ctx.generation
+        results = await generation.wait_all(jobs, client_gone(self.request))
+        rendered = await asyncio.gather(*(self._render(job, result) for job, result in zip(jobs, results)))
+        revised = self.body.model_prompt
+        if self.body.response_format == "url":
+            data = [ImageData(url=_store(self.ctx, self.request, item), revised_prompt=revised)
+                    for item in rendered]
+        else:
+            data = [ImageData(b64_json=base64.b64encode(item.data).decode("ascii"), revised_prompt=revised)
+                    for item in rendered]
+        width, height = jobs[0].spec.width, jobs[0].spec.height
+        return ImagesResponse(
+            created=int(time.time()),
+            model=self.model,
+            data=data,
+            size=f"{width}x{height}",
+            output_format=self.body.output_format,
+            quality=self.body.quality,
+            usage=await self._usage(width, height, len(results)),
+        )
+
+    async def _usage(self, width: int, height: int, images: int) -> ImageUsage:
+        text_tokens = await self.ctx.generation.count_tokens(self.body.model_prompt)
+        return ImageUsage.of(text_tokens, width, height, images=images, inputs=self.inputs)
+
+    async def _render(self, job: Job, result: JobResult) -> Rendered:
+        return await self.ctx.generation.render(job, result, output_format=self.body.output_format,
+                                                compression=self.body.output_compression)
+
+    async def _events(self, jobs: list[Job]) -> AsyncIterator[bytes]:
+        """The SSE body: one completed event per image, as each finishes.
+
+        Streams always carry base64 (as OpenAI's do). A failure after the 200 has gone out
+        becomes an `error` event with the usual error body, which the openai client raises as
+        APIError.
+        """
+        generation = self.ctx.generation
+        usage: ImageUsage | None = None  # counted once the first image exists (the model is loaded)
+        width, height = jobs[0].spec.width, jobs[0].spec.height
+        try:
+            async with aclosing(generation.finished(jobs, client_gone(self.request),
+                                                    ping_s=PING_INTERVAL_S)) as outcomes:
+                async for item in outcomes:
+                    if item is None:
+                        yield KEEPALIVE_COMMENT
+                        continue
+                    index, result = item
+                    rendered = await self._render(jobs[index], result)
+                    if usage is None:
+                        usage = await self._usage(width, height, images=1)
+                    event = self.event(
+                        b64_json=base64.b64encode(rendered.data).decode("ascii"),
+                        created_at=int(time.time()),
+                        size=f"{width}x{height}",
+                        quality=self.body.quality or "auto",
+                        output_format=self.body.output_format,
+                        usage=usage,
+                    )
+                    yield format_sse_event(data_str=event.model_dump_json(), event=event.type)
+        except errors.ServerError as exc:
+            yield _error_event(ErrorDetail(message=exc.message, type=exc.type, param=exc.param, code=exc.code))
+        except Exception:  # noqa: BLE001 - the status is sent; the client still needs to hear it failed
+            log.exception("request %d (openai): streaming failed", jobs[0].request_id)
+            yield _error_event(ErrorDetail(message="Internal server error; the server logged the details.",
+                                           type="server_error"))
+
+
+def _store(ctx: ServerContext, request: Request, rendered: Rendered) -> str:
     """Keep the image for QWEN_IMAGE_RESULT_TTL_S and return its absolute URL."""
-    item = ctx.results.put(blob, MEDIA_TYPES[output_format])
+    item = ctx.results.put(rendered.data, rendered.media_type)
     return str(request.url_for("openai_image", image_id=item.id))
-
-
-async def _events(
-    ctx: ServerContext, body: ImageGenerationRequest, jobs: list[Job], request: Request
-) -> AsyncIterator[bytes]:
-    """The SSE body: one image_generation.completed event per image, as each finishes.
-
-    Streams always carry base64 (as OpenAI's do). A failure after the 200 has gone out becomes
-    an `error` event with the usual error body, which the openai client raises as APIError.
-    """
-    text_tokens: int | None = None  # counted once the first image exists (the model is loaded)
-    width, height = jobs[0].spec.width, jobs[0].spec.height
-    try:
-        async with aclosing(finished(ctx, jobs, request, ping_s=PING_INTERVAL_S)) as outcomes:
-            async for item in outcomes:
-                if item is None:
-                    yield KEEPALIVE_COMMENT
-                    continue
-                image = item[1].image
-                b64 = await ctx.in_pool(encode_b64, image, body.output_format, body.output_compression)
-                if text_tokens is None:
-                    text_tokens = await prompt_tokens(ctx, body)
-                event = ImageGenCompletedEvent(
-                    b64_json=b64,
-                    created_at=int(time.time()),
-                    size=f"{width}x{height}",
-                    quality=body.quality or "auto",
-                    output_format=body.output_format,
-                    usage=ImageUsage.of(text_tokens, width, height, images=1),
-                )
-                yield format_sse_event(data_str=event.model_dump_json(), event=event.type)
-    except errors.ServerError as exc:
-        yield _error_event(ErrorDetail(message=exc.message, type=exc.type, param=exc.param, code=exc.code))
-    except Exception:  # noqa: BLE001 - the status is sent; the client still needs to hear it failed
-        log.exception("request %d (openai): streaming failed", jobs[0].request_id)
-        yield _error_event(ErrorDetail(message="Internal server error; the server logged the details.",
-                                       type="server_error"))
 
 
 def _error_event(detail: ErrorDetail) -> bytes:
@@ -222,17 +222,26 @@ async def get_image(image_id: str, ctx: Ctx) -> Response:
 
 @router.get("/models", response_model=ModelList)
 async def list_models(ctx: Ctx) -> ModelList:
-    """The one model this server serves."""
-    return ModelList(data=[_card(ctx)])
+    """Every model this server serves, with what each can do."""
+    return ModelList(data=model_cards(ctx))
 
 
 @router.get("/models/{model_id:path}", response_model=ModelCard, responses={404: {"model": ErrorResponse}})
 async def get_model(model_id: str, ctx: Ctx) -> ModelCard:
-    if model_id != ctx.settings.model:
+    cards = {card.id: card for card in model_cards(ctx)}
+    if model_id not in cards:
         raise errors.NotFound(f"The model '{model_id}' does not exist; this server serves "
-                              f"'{ctx.settings.model}'.", param="model", code="model_not_found")
-    return _card(ctx)
+                              f"{', '.join(repr(name) for name in cards)}.", param="model",
+                              code="model_not_found")
+    return cards[model_id]
 
 
-def _card(ctx: ServerContext) -> ModelCard:
-    return ModelCard(id=ctx.settings.model, created=_STARTED)
+def model_cards(ctx: ServerContext) -> list[ModelCard]:
+    loaded = {model.name: model for model in ctx.generation.models}
+    cards = []
+    for name, task in ctx.generation.model_tasks().items():
+        model = loaded.get(name)
+        cards.append(ModelCard(id=name, created=_STARTED, tasks=[task] if task else [],
+                               max_input_images=model.max_images if model else 0,
+                               pipeline=model.pipeline_class if model else None))
+    return cards

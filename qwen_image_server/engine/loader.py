@@ -1,7 +1,8 @@
-"""Loads a QwenImagePipeline from a hub id, a local folder, ModelScope or the embedded tiny model.
+"""Loads a Qwen-Image pipeline from a hub id, a local folder, ModelScope or the embedded tiny models.
 
-Every source ends in the same `QwenImagePipeline.from_pretrained(...)` call; the tiny model is
-only a folder built once on disk. A failure becomes `ModelLoadError` with one paragraph saying
+Every source ends in a folder on disk and the same `<class>.from_pretrained(folder)` call, the
+class read from the folder's own model_index.json (generation: QwenImagePipeline; editing:
+QwenImageEditPipeline, QwenImageEditPlusPipeline); the tiny models are only folders built once. A failure becomes `ModelLoadError` with one paragraph saying
 what was tried and what to do, which the caller prints instead of a traceback.
 """
 
@@ -10,8 +11,10 @@ from __future__ import annotations
 import json
 import logging
 import time
+from collections.abc import Callable
 from dataclasses import dataclass
 from pathlib import Path
+from typing import Any
 
 import diffusers
 import torch
@@ -21,8 +24,17 @@ from diffusers import QwenImagePipeline
 from qwen_image_server.engine.device import DeviceInfo, resolve_device, resolve_dtype
 from qwen_image_server.engine.options import AppliedOptions, batch_config, check_options, prepare_pipeline
 from qwen_image_server.engine.quantize import tensor_bytes
-from qwen_image_server.engine.tiny import TINY_MODEL_NAME, ensure_tiny_model
+from qwen_image_server.engine.memory import OffloadPlan
+from qwen_image_server.engine.processor import load_processor
+from qwen_image_server.engine.tiny import (
+    TINY_EDIT_MODEL_NAME,
+    TINY_MODEL_NAME,
+    ensure_tiny_edit_model,
+    ensure_tiny_model,
+)
+from qwen_image_server.engine.types import Task
 from qwen_image_server.errors import ModelLoadError, OptionUnavailable
+from qwen_image_server.model_list import ModelRef
 from qwen_image_server.settings import Settings
 
 log = logging.getLogger(__name__)
@@ -31,14 +43,18 @@ log = logging.getLogger(__name__)
 diffusers.utils.logging.disable_progress_bar()
 transformers.utils.logging.disable_progress_bar()
 
-# model_index.json `_class_name`s this server can drive with QwenImagePipeline.
-_COMPATIBLE_CLASSES = {"QwenImagePipeline"}
+# model_index.json `_class_name`s this server drives, and the task each does.
+PIPELINE_TASKS: dict[str, Task] = {
+    "QwenImagePipeline": "generate",
+    "QwenImageEditPipeline": "edit",  # Qwen-Image-Edit: one input image
+    "QwenImageEditPlusPipeline": "edit",  # Qwen-Image-Edit-2509 / -2511: one to three
+}
 
 
 @dataclass(frozen=True, slots=True)
 class LoadedModel:
-    pipeline: QwenImagePipeline
-    name: str  # what /info calls it: the hub id, the folder, or "tiny"
+    pipeline: QwenImagePipeline  # or an edit pipeline: see `task`
+    name: str  # the public name (/info, /v1/models, requests' `model`): by default the source
     source: str  # "huggingface", "modelscope", "local" or "embedded"
     device: DeviceInfo
     dtype: torch.dtype
@@ -49,10 +65,24 @@ class LoadedModel:
     # The scheduler's batch limits on this device: what a compile warm-up must cover.
     max_batch_size: int = 1
     max_batch_pixels: int = 512 * 512
+    task: Task = "generate"
+    # Components loaded once and shared with an earlier model (same weights), by component name.
+    shared: tuple[str, ...] = ()
 
     @property
     def max_prompt_tokens(self) -> int:
         return int(self.pipeline.tokenizer_max_length)
+
+    @property
+    def pipeline_class(self) -> str:
+        return type(self.pipeline).__name__
+
+    @property
+    def max_images(self) -> int:
+        """Input images one edit takes (0 for a generation model)."""
+        if self.task != "edit":
+            return 0
+        return 1 if self.pipeline_class == "QwenImageEditPipeline" else 3
 
 
 def count_parameters(pipeline: QwenImagePipeline) -> tuple[int, float]:
@@ -76,9 +106,15 @@ def _check_local_folder(folder: Path) -> None:
         raise ModelLoadError(f"the folder {folder} does not exist")
     if not index.is_file():
         raise ModelLoadError(f"{folder} has no model_index.json, so it is not a diffusers pipeline folder")
-    class_name = json.loads(index.read_text()).get("_class_name")
-    if class_name not in _COMPATIBLE_CLASSES:
-        raise ModelLoadError(f"{folder} holds a {class_name}, not a Qwen-Image text-to-image pipeline")
+
+
+def pipeline_class_name(folder: Path) -> str:
+    """The pipeline class a folder's model_index.json names, if this server can drive it."""
+    class_name = json.loads((folder / "model_index.json").read_text()).get("_class_name")
+    if class_name not in PIPELINE_TASKS:
+        raise ModelLoadError(f"{folder} holds a {class_name}, not one of the Qwen-Image pipelines this "
+                             f"server runs ({', '.join(PIPELINE_TASKS)})")
+    return str(class_name)
 
 
 def _advice(settings: Settings, source: str) -> str:
@@ -109,35 +145,38 @@ def _first_line(exc: BaseException) -> str:
     return f"{type(exc).__name__}: {text[0]}" if text else type(exc).__name__
 
 
-def _source_of(settings: Settings) -> str:
+def _source_of(settings: Settings, ref: ModelRef) -> str:
     """'embedded', 'local', 'modelscope' or 'huggingface'."""
-    if settings.model == TINY_MODEL_NAME:
+    if ref.source in (TINY_MODEL_NAME, TINY_EDIT_MODEL_NAME):
         return "embedded"
-    if _looks_local(settings.model):
+    if _looks_local(ref.source):
         return "local"
     return settings.model_source
 
 
-def _location(settings: Settings, source: str) -> str:
-    """What to hand to from_pretrained: a folder on disk, or a Hugging Face hub id."""
+def model_folder(settings: Settings, ref: ModelRef, source: str) -> Path:
+    """The pipeline's folder on disk, downloaded first for a hub id (model_index.json says which
+    pipeline class it is, so it is read before anything loads)."""
     if source == "embedded":
-        return str(ensure_tiny_model(settings.cache_dir))
+        if ref.source == TINY_EDIT_MODEL_NAME:
+            return ensure_tiny_edit_model(settings.cache_dir)
+        return ensure_tiny_model(settings.cache_dir)
     if source == "local":
-        folder = Path(settings.model).expanduser()
+        folder = Path(ref.source).expanduser()
         _check_local_folder(folder)
-        return str(folder)
+        return folder
     if source == "modelscope":
         try:
             from modelscope import snapshot_download  # optional extra
         except ImportError as exc:
             raise ModelLoadError("the modelscope package is not installed") from exc
-        return snapshot_download(settings.model, revision=settings.revision)
-    return settings.model
+        return Path(snapshot_download(ref.source, revision=settings.revision))
+    return Path(diffusers.DiffusionPipeline.download(ref.source, revision=settings.revision))
 
 
-def load_model(settings: Settings) -> LoadedModel:
-    """Load the configured pipeline onto the configured device, or raise ModelLoadError."""
-    start = time.perf_counter()
+def start_loading(settings: Settings) -> tuple[DeviceInfo, torch.dtype]:
+    """The device and dtype to load onto, after checking the options (before any download: a
+    wrong option fails in a second); ModelLoadError otherwise."""
     try:
         device = resolve_device(settings.device)
     except RuntimeError as exc:
@@ -145,38 +184,70 @@ def load_model(settings: Settings) -> LoadedModel:
             f"Could not load the model {settings.model!r}: {exc}. Set QWEN_IMAGE_DEVICE=auto (or cpu), "
             "or install a CUDA build of torch on a machine with an NVIDIA GPU."
         ) from exc
-    dtype = resolve_dtype(settings.dtype, device)
     try:
-        check_options(settings, device)  # before any download: a wrong option fails in a second
+        check_options(settings, device)
     except OptionUnavailable as exc:
         raise ModelLoadError(f"Could not start with these options: {str(exc).rstrip('. ')}.") from exc
-    source = _source_of(settings)
-    where = f"QwenImagePipeline.from_pretrained({settings.model!r}, dtype={dtype}) from {source} onto {device.type}"
+    return device, resolve_dtype(settings.dtype, device)
+
+
+@dataclass(slots=True)
+class LoadingModel:
+    """A pipeline read from disk onto the CPU, its options not applied yet."""
+
+    ref: ModelRef
+    source: str
+    folder: Path
+    pipeline: QwenImagePipeline
+    shared: tuple[str, ...]
+    started: float
+
+
+def read_model(settings: Settings, ref: ModelRef, device: DeviceInfo, dtype: torch.dtype,
+               reuse: Callable[[Path], dict[str, Any]] | None = None) -> LoadingModel:
+    """Read one pipeline from its folder; `reuse(folder)` names modules already loaded (same
+    weights) to use instead of reading them again. ModelLoadError with the one-paragraph advice."""
+    start = time.perf_counter()
+    source = _source_of(settings, ref)
+    where = f"from_pretrained({ref.source!r}, dtype={dtype}) from {source} onto {device.type}"
+    components: dict[str, Any] = {}
     try:
-        location = _location(settings, source)
-        revision = settings.revision if source == "huggingface" else None
-        pipeline = QwenImagePipeline.from_pretrained(location, dtype=dtype, revision=revision)
-        if not isinstance(pipeline, QwenImagePipeline):
-            raise ModelLoadError(f"{settings.model} loaded as {type(pipeline).__name__}")
-        options = prepare_pipeline(pipeline, settings, device)
-    except OptionUnavailable as exc:
-        raise ModelLoadError(f"Could not start with these options: {str(exc).rstrip('. ')}.") from exc
+        folder = model_folder(settings, ref, source)
+        class_name = pipeline_class_name(folder)
+        if reuse is not None:
+            components.update(reuse(folder))
+        where = f"{class_name}.{where}"
+        if (folder / "processor").is_dir():
+            # Read here so that no torchvision is needed (see engine/processor.py).
+            components["processor"] = load_processor(folder / "processor", components.get("tokenizer"))
+        pipeline = getattr(diffusers, class_name).from_pretrained(folder, dtype=dtype, **components)
     except Exception as exc:  # noqa: BLE001 - every failure becomes the one-paragraph message
-        cause = str(exc) if isinstance(exc, ModelLoadError) else _first_line(exc)
-        raise ModelLoadError(
-            f"Could not load the model {settings.model!r}: tried {where}, and it failed with: "
-            f"{cause.rstrip('. ')}. {_advice(settings, source)}"
-        ) from exc
+        raise _load_error(settings, ref, where, source, exc) from exc
+    return LoadingModel(ref, source, folder, pipeline,
+                        tuple(name for name in components if name not in ("processor", "tokenizer")), start)
+
+
+def finish_model(settings: Settings, loading: LoadingModel, device: DeviceInfo, dtype: torch.dtype,
+                 plan: OffloadPlan | None = None) -> LoadedModel:
+    """Apply the options (and the memory plan, when one was made for several models)."""
+    ref, pipeline = loading.ref, loading.pipeline
+    try:
+        options = prepare_pipeline(pipeline, settings, device, plan)
+    except OptionUnavailable as exc:
+        raise ModelLoadError(f"Could not start with these options: {str(exc).rstrip('. ')}.") from exc
+    except Exception as exc:  # noqa: BLE001
+        raise _load_error(settings, ref, f"preparing {type(pipeline).__name__} on {device.type}",
+                          loading.source, exc) from exc
     total, size_mb = count_parameters(pipeline)
     batches = batch_config(settings, device)
-    load_time = time.perf_counter() - start
-    log.info("loaded %s (%s) on %s in %.2fs: %s parameters, %.1f MB, %s; options: %s",
-             settings.model, source, device.label, load_time, f"{total:,}", size_mb, dtype,
-             options.summary())
+    load_time = time.perf_counter() - loading.started
+    log.info("loaded %s (%s, %s) on %s in %.2fs: %s parameters, %.1f MB, %s; shared: %s; options: %s",
+             ref.name, type(pipeline).__name__, loading.source, device.label, load_time, f"{total:,}",
+             size_mb, dtype, ", ".join(loading.shared) or "nothing", options.summary())
     return LoadedModel(
         pipeline=pipeline,
-        name=settings.model,
-        source=source,
+        name=ref.name,
+        source=loading.source,
         device=device,
         dtype=dtype,
         load_time=load_time,
@@ -185,4 +256,22 @@ def load_model(settings: Settings) -> LoadedModel:
         options=options,
         max_batch_size=batches.max_batch_size,
         max_batch_pixels=batches.max_batch_pixels,
+        task=PIPELINE_TASKS[type(pipeline).__name__],
+        shared=loading.shared,
     )
+
+
+def _load_error(settings: Settings, ref: ModelRef, where: str, source: str, exc: BaseException) -> ModelLoadError:
+    cause = str(exc) if isinstance(exc, ModelLoadError) else _first_line(exc)
+    return ModelLoadError(
+        f"Could not load the model {ref.source!r}: tried {where}, and it failed with: "
+        f"{cause.rstrip('. ')}. {_advice(settings, source)}"
+    )
+
+
+def load_model(settings: Settings, ref: ModelRef | None = None) -> LoadedModel:
+    """Load one pipeline (by default the first configured) onto the configured device, or raise
+    ModelLoadError. `engine/models.py` loads several, sharing what they share."""
+    device, dtype = start_loading(settings)
+    ref = ref or settings.models[0]
+    return finish_model(settings, read_model(settings, ref, device, dtype), device, dtype)

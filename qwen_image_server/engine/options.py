@@ -21,7 +21,14 @@ from typing import Any
 from qwen_image_server.engine.compilation import compile_blocks
 from qwen_image_server.engine.device import DeviceInfo, resolve_dtype
 from qwen_image_server.engine.lora import LoraSpec, fuse_lora, parse_lora
-from qwen_image_server.engine.memory import GiB, component_bytes, free_gpu_bytes, place, plan_offload
+from qwen_image_server.engine.memory import (
+    GiB,
+    OffloadPlan,
+    component_bytes,
+    free_gpu_bytes,
+    place,
+    plan_offload,
+)
 from qwen_image_server.engine.quantize import TEXT_ENCODER_SKIP, fp8_problem, quantize_module
 from qwen_image_server.engine.step_cache import cache_config, enable_step_cache
 from qwen_image_server.errors import OptionUnavailable
@@ -168,8 +175,12 @@ def _check_attention(name: str, device: DeviceInfo) -> None:
                                 "'qwen-image-server[gpu]' brings the kernels package)") from exc
 
 
-def prepare_pipeline(pipeline: Any, settings: Settings, device: DeviceInfo) -> AppliedOptions:
-    """Apply every option to a loaded pipeline (weights in their dtype, on the CPU or the GPU)."""
+def prepare_pipeline(pipeline: Any, settings: Settings, device: DeviceInfo,
+                     plan: OffloadPlan | None = None) -> AppliedOptions:
+    """Apply every option to a loaded pipeline (weights in their dtype, on the CPU or the GPU).
+
+    `plan`: the memory plan made for several pipelines at once (engine/models.py), which counts
+    their shared components once; without it the plan is made for this pipeline alone."""
     lora = check_options(settings, device)
     if lora is not None:
         try:
@@ -178,10 +189,11 @@ def prepare_pipeline(pipeline: Any, settings: Settings, device: DeviceInfo) -> A
             first = (str(exc).strip().splitlines() or [type(exc).__name__])[0]
             raise OptionUnavailable(f"the LoRA {lora.label} could not be loaded and fused: {first}") from exc
 
-    sizes = component_bytes(pipeline, settings.quantize, settings.quantize_text_encoder,
-                            settings.quantize_skip)
-    plan = plan_offload(settings.offload, device, sizes, free_gpu_bytes(device),
-                        int(settings.offload_headroom_gb * GiB))
+    if plan is None:
+        sizes = component_bytes(pipeline, settings.quantize, settings.quantize_text_encoder,
+                                settings.quantize_skip)
+        plan = plan_offload(settings.offload, device, sizes, free_gpu_bytes(device),
+                            int(settings.offload_headroom_gb * GiB))
     log.info("memory plan: offload=%s because %s", plan.plan, plan.reason)
     check_plan(settings, device, plan.plan, plan.reason)
 

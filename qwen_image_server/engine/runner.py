@@ -1,4 +1,4 @@
-"""Runs one batch of GenerationSpecs through the diffusers pipeline, owned by one thread."""
+"""Runs one batch of GenerationSpecs (or EditSpecs) through the diffusers pipeline, owned by one thread."""
 
 from __future__ import annotations
 
@@ -13,6 +13,7 @@ import torch
 from PIL import Image
 
 from qwen_image_server.engine.compilation import WARMUP_PROMPT, warmup_prompt_batches
+from qwen_image_server.engine.edit import EditCalls
 from qwen_image_server.engine.loader import LoadedModel
 from qwen_image_server.engine.options import AppliedOptions, takes_padding_mask
 from qwen_image_server.engine.step_cache import set_cfg_mode
@@ -21,9 +22,9 @@ from qwen_image_server.engine.types import (
     DeviceFailure,
     DeviceOutOfMemory,
     GenerationSpec,
+    StepCallback,
 )
 from qwen_image_server.presets import ASPECT_RATIOS
-from qwen_image_server.scheduler import StepCallback
 
 log = logging.getLogger(__name__)
 
@@ -75,6 +76,19 @@ class PipelineEngine:
         # (flash, FA3, sage, ...), one pipeline call takes only prompts of one length, which
         # need no mask. Otherwise such a batch would fail, or attend to the padding.
         self.equal_lengths_only = not takes_padding_mask(model.options.attention)
+        self.edits = EditCalls(self.pipeline) if model.task == "edit" else None
+
+    def _inputs(self, specs: Sequence[GenerationSpec], use_cfg: bool) -> tuple[Any, dict[str, Any]]:
+        """The pipeline to call and what to make: prompts, size, and for edits the inputs."""
+        if self.edits is not None:
+            return self.edits.call(specs, use_cfg)  # type: ignore[arg-type]  # edit models get EditSpecs
+        first = specs[0]
+        return self.pipeline, dict(
+            prompt=[s.prompt for s in specs],
+            negative_prompt=[s.negative_prompt for s in specs] if use_cfg else None,
+            width=first.width,
+            height=first.height,
+        )
 
     def run_batch(self, specs: Sequence[GenerationSpec], on_step: StepCallback) -> list[Image.Image]:
         """Generate one image per spec; all specs share a batch_key.
@@ -120,21 +134,19 @@ class PipelineEngine:
         # image of a batch identical to the image the same request gets alone.
         generators = [torch.Generator("cpu").manual_seed(s.seed) for s in specs]
         use_cfg = first.true_cfg_scale > 1.0
-        scheduler = self.pipeline.scheduler
+        pipeline, inputs = self._inputs(specs, use_cfg)
+        scheduler = pipeline.scheduler
         if first.num_inference_steps == 1 and scheduler.config.get("shift_terminal"):
             # With one sigma, diffusers' stretch to shift_terminal divides 0 by 0 and the image
             # is NaN (black); one step has no schedule to stretch, so it runs without it.
-            self.pipeline.scheduler = type(scheduler).from_config(scheduler.config, shift_terminal=None)
+            pipeline.scheduler = type(scheduler).from_config(scheduler.config, shift_terminal=None)
         if self.model.options.cache == "cache-dit":
             set_cfg_mode(self.pipeline, separate_cfg=use_cfg)
         finished = False
         try:
             with inference_context(self.model.options):
-                out = self.pipeline(
-                    prompt=[s.prompt for s in specs],
-                    negative_prompt=[s.negative_prompt for s in specs] if use_cfg else None,
-                    width=first.width,
-                    height=first.height,
+                out = pipeline(
+                    **inputs,
                     num_inference_steps=first.num_inference_steps,
                     true_cfg_scale=first.true_cfg_scale,
                     generator=generators,
@@ -153,13 +165,13 @@ class PipelineEngine:
                 raise DeviceFailure(str(exc)) from exc
             raise
         finally:
-            self.pipeline.scheduler = scheduler
+            pipeline.scheduler = scheduler
             if not finished and self.model.options.offload == "model":
                 # The pipeline offloads at the end of a call it completes; after an abort or an
                 # error the component that was running stays on the GPU, and the next call would
                 # load the text encoder beside it.
                 try:
-                    self.pipeline.maybe_free_model_hooks()
+                    pipeline.maybe_free_model_hooks()
                 except Exception:  # noqa: BLE001 - the error that ended the call is the one to report
                     log.exception("offloading after an interrupted call failed")
         return list(out.images)

@@ -12,6 +12,7 @@ import os
 import shutil
 import tempfile
 import time
+from collections.abc import Callable
 from pathlib import Path
 from typing import TYPE_CHECKING
 
@@ -23,6 +24,10 @@ log = logging.getLogger(__name__)
 
 TINY_MODEL_NAME = "tiny"
 TINY_MODEL_VERSION = 1
+# The embedded multi-image edit model (QwenImageEditPlusPipeline), built from the tiny model's
+# own text encoder, VAE and transformer: `QWEN_IMAGE_MODEL=tiny` serves both.
+TINY_EDIT_MODEL_NAME = "tiny-edit"
+TINY_EDIT_MODEL_VERSION = 1
 
 # One seed per component, so a build is reproducible whatever order or subset gets rebuilt.
 _SEED = 1234
@@ -90,12 +95,29 @@ def tiny_model_dir(cache_dir: Path) -> Path:
     return Path(cache_dir) / f"tiny-qwen-image-v{TINY_MODEL_VERSION}"
 
 
+def tiny_edit_model_dir(cache_dir: Path) -> Path:
+    """The folder the tiny edit model of this recipe version lives in under `cache_dir`."""
+    return Path(cache_dir) / f"tiny-qwen-image-edit-v{TINY_EDIT_MODEL_VERSION}"
+
+
 def ensure_tiny_model(cache_dir: Path) -> Path:
     """Return the tiny model folder, building it first if it is missing.
 
     Safe across processes: each builder writes a private temp folder and renames it into place.
     """
-    target = tiny_model_dir(cache_dir)
+    return _ensure_built(tiny_model_dir(cache_dir), build_tiny_model, "tiny Qwen-Image model")
+
+
+def ensure_tiny_edit_model(cache_dir: Path) -> Path:
+    """Return the tiny edit model folder, building it (and the tiny model it comes from) if missing."""
+    source = ensure_tiny_model(cache_dir)
+    return _ensure_built(tiny_edit_model_dir(cache_dir),
+                         lambda target: build_tiny_edit_model(source, target),
+                         "tiny Qwen-Image-Edit-Plus model")
+
+
+def _ensure_built(target: Path, build: Callable[[Path], None], what: str) -> Path:
+    """`target` if it holds a pipeline, else build it into a temp folder and rename it into place."""
     if (target / "model_index.json").is_file():
         return target
     target.parent.mkdir(parents=True, exist_ok=True)
@@ -111,7 +133,7 @@ def ensure_tiny_model(cache_dir: Path) -> Path:
     tmp = Path(tempfile.mkdtemp(prefix=f".{target.name}.tmp-", dir=target.parent))
     try:
         tmp.chmod(0o755)  # mkdtemp makes it owner-only; the cache folder should read like any other
-        build_tiny_model(tmp)
+        build(tmp)
         try:
             os.rename(tmp, target)
         except OSError:
@@ -124,7 +146,7 @@ def ensure_tiny_model(cache_dir: Path) -> Path:
     except BaseException:
         shutil.rmtree(tmp, ignore_errors=True)
         raise
-    log.info("built the tiny Qwen-Image model in %s in %.1fs", target, time.perf_counter() - start)
+    log.info("built the %s in %s in %.1fs", what, target, time.perf_counter() - start)
     return target
 
 
@@ -146,6 +168,26 @@ def build_tiny_model(target: Path) -> None:
     with torch.random.fork_rng(devices=[]):
         pipe = _build_pipeline()
     pipe.save_pretrained(target, safe_serialization=True)
+
+
+def build_tiny_edit_model(source: Path, target: Path) -> None:
+    """The tiny multi-image edit pipeline: the tiny model's text encoder, VAE and tokenizer, its own
+    transformer (same shape, its own seed: like the real models, two transformers and one text
+    encoder), and a Qwen2.5-VL processor built offline from the tokenizer. Saved so that it loads
+    like Qwen-Image-Edit-2509's folder."""
+    import torch
+    from diffusers import QwenImageEditPlusPipeline, QwenImagePipeline, QwenImageTransformer2DModel
+
+    from qwen_image_server.engine.processor import build_processor, make_stock_loadable
+
+    base = QwenImagePipeline.from_pretrained(source)
+    with torch.random.fork_rng(devices=[]):
+        torch.manual_seed(_SEED + 4)
+        transformer = QwenImageTransformer2DModel.from_config(base.transformer.config)
+    processor = build_processor(base.tokenizer)
+    QwenImageEditPlusPipeline.from_pipe(base, transformer=transformer, processor=processor).save_pretrained(
+        target, safe_serialization=True)
+    make_stock_loadable(target)
 
 
 def _build_pipeline() -> QwenImagePipeline:

@@ -1,6 +1,7 @@
 /* Qwen-Image playground: plain JavaScript, no build step, no third-party code.
  *
- * Talks to the public API only: GET /info (aspect ratios, model), POST /v1/jobs, the job's SSE
+ * Talks to the public API only: GET /info (aspect ratios, models), POST /v1/jobs (or, in Edit
+ * mode, /v1/jobs/edit with the images and the painted mask as multipart files), the job's SSE
  * stream (read with fetch + a stream parser, so an Authorization header can be sent), its image,
  * DELETE to cancel. Results are kept in this browser's IndexedDB (the server forgets job images
  * after its result TTL). URLs are relative, so the page also works behind a path prefix.
@@ -30,9 +31,12 @@
     prompt: "Prompt", negative_prompt: "Negative prompt", aspect_ratio: "Aspect ratio",
     num_inference_steps: "Steps", true_cfg_scale: "CFG scale", seed: "Seed",
     language: "Language", add_overlay: "Info strip", save_to_file: "Save on the server",
+    image: "Images", mask: "Mask",
   };
   const FIELDS = Object.keys(LABELS);
-  const TERMINAL = new Set(["succeeded", "failed", "cancelled"]);
+  // A job's final states, as the server names them (/info "job_states"); until /info answers,
+  // the end of a job's event stream (the server closes it after the final event) says it is done.
+  let FINAL = new Set();
   const STORE = "qwen-image-playground";
   const KEY_ITEM = `${STORE}.api-key`;
   const SETTINGS_ITEM = `${STORE}.settings`;
@@ -222,6 +226,13 @@
       ratios = info.aspect_ratios || FALLBACK_RATIOS;
       fillRatios(ratios, info.supported_aspect_ratios || Object.keys(ratios));
       if (info.defaults) useServerDefaults(info.defaults);
+      if (info.job_states) FINAL = new Set(info.job_states.final);
+      if (Array.isArray(info.models)) {
+        const canEdit = info.models.some((m) => (m.tasks || []).includes("edit"));
+        const loading = info.models.some((m) => !(m.tasks || []).length);
+        $("mode-edit").disabled = !canEdit && !loading;
+        $("mode-help").hidden = canEdit || loading;
+      }
       const where = info.gpu ? `${info.device} (${info.gpu})` : info.device;
       const state = info.model_loaded ? "" : " · model loading, jobs wait until it is ready";
       $("server-info").textContent = `${info.model_name} on ${where} · v${info.version}${state}`;
@@ -281,6 +292,7 @@
   }
 
   function fieldError(param, message) {
+    param = (param || "").replace(/\[\d+\]$/, ""); // image[1] -> image
     const id = FIELDS.includes(param) ? param : null;
     if (!id) return false;
     const note = $(`${id}-error`);
@@ -377,7 +389,7 @@
   function showError(err) {
     const text = plainError(err);
     if (err instanceof ApiError && err.status === 400 && fieldError(err.param, text)) {
-      $(err.param).focus();
+      $(err.param.replace(/\[\d+\]$/, "")).focus();
     } else {
       formError(text);
     }
@@ -411,7 +423,8 @@
         break;
       }
       case "running":
-        setStatus(step ? `Generating: step ${step} of ${total}.` : "Generating: preparing the prompt…");
+        setStatus(step ? `${editing() ? "Editing" : "Generating"}: step ${step} of ${total}.`
+          : `${editing() ? "Editing" : "Generating"}: preparing the prompt…`);
         setProgress(total ? (100 * step) / total : 0, total ? `Step ${step} / ${total} · ${Math.round((100 * step) / total)}%` : "");
         break;
       case "succeeded":
@@ -436,7 +449,8 @@
 
   function setBusy(busy) {
     $("generate").disabled = busy;
-    $("generate").textContent = busy ? "Generating…" : "Generate";
+    const verb = editing() ? "Edit" : "Generate";
+    $("generate").textContent = busy ? `${verb === "Edit" ? "Editing" : "Generating"}…` : verb;
     $("cancel").hidden = !busy;
     $("cancel").disabled = false;
     $("result-figure").classList.toggle("stale", busy); // the last image, dimmed while a new one is made
@@ -447,11 +461,15 @@
     let failures = 0;
     for (;;) {
       try {
+        let last = null;
         for await (const { data } of events(`v1/jobs/${encodeURIComponent(id)}/events`, signal)) {
           failures = 0;
           onStatus(data);
-          if (TERMINAL.has(data.status)) return data;
+          last = data;
+          if (FINAL.has(data.status)) return data;
         }
+        // Before /info has named the final states: the server ends a job's stream after its final event.
+        if (last && FINAL.size === 0) return last;
       } catch (err) {
         if (signal.aborted || !(err instanceof ApiError) || err.status !== 0) throw err;
         failures += 1;
@@ -490,18 +508,27 @@
       $(wrong[0]).focus();
       return;
     }
+    if (editing() && !editImages.length) {
+      fieldError("image", "Add the image to edit first (drop it above, or choose a file).");
+      setStatus("Add the image to edit first.", "error");
+      $("image").focus();
+      return;
+    }
     local.set(SETTINGS_ITEM, JSON.stringify(body));
     setBusy(true);
     setStatus("Sending the request…");
     setProgress(0, "", "indeterminate");
     let job;
     try {
-      const response = await request("v1/jobs", {
-        method: "POST",
-        headers: { "Content-Type": "application/json" },
-        body: JSON.stringify(body),
-      });
+      const response = editing()
+        ? await request("v1/jobs/edit", { method: "POST", body: await editForm(body) })
+        : await request("v1/jobs", {
+          method: "POST",
+          headers: { "Content-Type": "application/json" },
+          body: JSON.stringify(body),
+        });
       job = await response.json();
+      if (editing()) body.mode = "edit";
     } catch (err) {
       setBusy(false);
       showError(err);
@@ -509,6 +536,140 @@
     }
     showJob(job);
     await runJob(job.id, body);
+  }
+
+  // -- Edit mode: 1-3 images by drag-and-drop or file choice, an optional painted mask -------
+  const MAX_EDIT_IMAGES = 3;
+  let editImages = []; // File objects, in order; the first sets the size and takes the mask
+  let maskPainted = false;
+  const editing = () => $("mode-edit").checked;
+
+  function setMode() {
+    const edit = editing();
+    $("edit-fields").hidden = !edit;
+    $("ratio-row").querySelector("#aspect_ratio").closest(".field").hidden = edit; // the first image sets the size
+    if (!current) $("generate").textContent = edit ? "Edit" : "Generate";
+    $("result-empty").querySelector("p").textContent = edit ? "Your edited image appears here." : "Your image appears here.";
+    clearFieldErrors();
+  }
+  for (const radio of document.querySelectorAll('input[name="mode"]')) radio.addEventListener("change", setMode);
+
+  function addImages(files) {
+    const images = [...files].filter((f) => f.type.startsWith("image/") || f.type === "");
+    const room = MAX_EDIT_IMAGES - editImages.length;
+    if (images.length > room) {
+      fieldError("image", `At most ${MAX_EDIT_IMAGES} images: ${images.length - room} not added.`);
+    } else {
+      $("image-error").hidden = true;
+    }
+    const firstChanged = editImages.length === 0 && images.length > 0;
+    editImages = [...editImages, ...images.slice(0, Math.max(room, 0))];
+    showEditImages(firstChanged);
+  }
+
+  function showEditImages(firstChanged) {
+    const list = $("edit-images");
+    list.replaceChildren();
+    editImages.forEach((file, index) => {
+      const item = document.createElement("li");
+      const img = document.createElement("img");
+      img.src = URL.createObjectURL(file);
+      img.alt = `Image ${index + 1}: ${file.name}`;
+      img.onload = () => URL.revokeObjectURL(img.src);
+      const remove = document.createElement("button");
+      remove.type = "button";
+      remove.className = "icon-button";
+      remove.textContent = "×";
+      remove.setAttribute("aria-label", `Remove image ${index + 1}`);
+      remove.addEventListener("click", () => {
+        editImages.splice(index, 1);
+        showEditImages(index === 0);
+      });
+      item.append(img, remove);
+      list.append(item);
+    });
+    // A mask belongs to the first image, and edits one image only.
+    $("mask-editor").hidden = editImages.length !== 1;
+    if (firstChanged || editImages.length !== 1) resetMask();
+  }
+
+  function resetMask() {
+    maskPainted = false;
+    const image = $("mask-image");
+    if (image.src) URL.revokeObjectURL(image.src);
+    if (!editImages.length) { image.removeAttribute("src"); return; }
+    image.onload = () => {
+      const canvas = $("mask");
+      canvas.width = image.naturalWidth;
+      canvas.height = image.naturalHeight;
+      canvas.getContext("2d").clearRect(0, 0, canvas.width, canvas.height);
+    };
+    image.src = URL.createObjectURL(editImages[0]);
+  }
+
+  const drop = $("drop-zone");
+  drop.addEventListener("dragover", (event) => { event.preventDefault(); drop.classList.add("over"); });
+  drop.addEventListener("dragleave", () => drop.classList.remove("over"));
+  drop.addEventListener("drop", (event) => {
+    event.preventDefault();
+    drop.classList.remove("over");
+    addImages(event.dataTransfer?.files || []);
+  });
+  $("image").addEventListener("change", () => {
+    addImages($("image").files);
+    $("image").value = ""; // choosing the same file again adds it again
+  });
+
+  // The mask canvas has the first image's own pixel size; strokes are opaque, shown at half
+  // opacity by CSS. Painted = the area to change.
+  let painting = false;
+  function paintAt(event) {
+    const canvas = $("mask");
+    const box = canvas.getBoundingClientRect();
+    const scale = canvas.width / box.width;
+    const ctx = canvas.getContext("2d");
+    ctx.fillStyle = "#ff2d55";
+    ctx.beginPath();
+    ctx.arc((event.clientX - box.left) * scale, (event.clientY - box.top) * scale,
+      (Number($("brush").value) / 2) * scale, 0, 2 * Math.PI);
+    ctx.fill();
+    maskPainted = true;
+  }
+  $("mask").addEventListener("pointerdown", (event) => {
+    painting = true;
+    $("mask").setPointerCapture(event.pointerId);
+    paintAt(event);
+  });
+  $("mask").addEventListener("pointermove", (event) => { if (painting) paintAt(event); });
+  for (const end of ["pointerup", "pointercancel"]) $("mask").addEventListener(end, () => { painting = false; });
+  $("mask-clear").addEventListener("click", () => {
+    const canvas = $("mask");
+    canvas.getContext("2d").clearRect(0, 0, canvas.width, canvas.height);
+    maskPainted = false;
+  });
+
+  /** OpenAI's mask: opaque everywhere, transparent where painted (the area to change). */
+  function maskBlob() {
+    const painted = $("mask");
+    const out = document.createElement("canvas");
+    out.width = painted.width;
+    out.height = painted.height;
+    const ctx = out.getContext("2d");
+    ctx.fillStyle = "#000";
+    ctx.fillRect(0, 0, out.width, out.height);
+    ctx.globalCompositeOperation = "destination-out";
+    ctx.drawImage(painted, 0, 0);
+    return new Promise((resolve) => out.toBlob(resolve, "image/png"));
+  }
+
+  async function editForm(body) {
+    const data = new FormData();
+    for (const [name, value] of Object.entries(body)) {
+      if (name !== "aspect_ratio") data.append(name, String(value));
+    }
+    for (const file of editImages) data.append("image", file, file.name || "image.png");
+    if (editImages.length === 1 && maskPainted) data.append("mask", await maskBlob(), "mask.png");
+    return data;
   }
 
   form.addEventListener("submit", (event) => {
@@ -523,7 +684,7 @@
     setStatus("Cancelling…");
     try {
       const status = await (await request(`v1/jobs/${encodeURIComponent(id)}`, { method: "DELETE" })).json();
-      if (current && current.id === id && TERMINAL.has(status.status)) showJob(status);
+      if (current && current.id === id && FINAL.has(status.status)) showJob(status);
       // Otherwise the event stream reports "cancelled" as soon as the server has stopped the job.
     } catch (err) {
       showError(err);
@@ -604,6 +765,7 @@
 
   function describe(item) {
     const parts = [`${item.width} × ${item.height}`, `seed ${item.seed}`];
+    if (item.body?.mode === "edit") parts.unshift("Edit");
     if (item.body?.num_inference_steps) parts.push(`${item.body.num_inference_steps} steps`);
     if (typeof item.inference_time === "number") parts.push(`${item.inference_time.toFixed(2)} s`);
     if (typeof item.queue_time === "number" && item.queue_time >= 0.5) parts.push(`${item.queue_time.toFixed(1)} s in queue`);

@@ -1,0 +1,366 @@
+"""One request's path, the same for every API and the CLI: defaults, checks, submit, wait, render.
+
+`/generate`, `/edit`, the OpenAI routes, the jobs API and `qwen-image generate|edit` all turn their
+request into `GenerationSpec`s (or `EditSpec`s) and go through `Generation`: the model is picked by
+name or task, uploads are decoded and checked on the CPU pool, the server's defaults fill what the
+client left out,
+prompts longer than the model reads are refused, the specs are queued together (or not at all),
+their results awaited (cancelling them when the client leaves) and rendered on the CPU pool.
+Nothing here knows about HTTP: a caller that can notice its client leaving passes `gone`.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import functools
+import itertools
+import logging
+from collections.abc import AsyncIterator, Awaitable, Callable, Sequence
+from concurrent.futures import ThreadPoolExecutor
+from contextlib import aclosing
+from dataclasses import dataclass
+from datetime import datetime
+from pathlib import Path
+from typing import Any, Protocol, TypeVar
+
+from pydantic import BaseModel
+
+from qwen_image_server import errors
+from qwen_image_server.defaults import GenerationDefaults
+from qwen_image_server.engine.device import DeviceInfo
+from qwen_image_server.engine.loader import LoadedModel
+from qwen_image_server.engine.types import EditSpec, GenerationSpec, Task
+from qwen_image_server.model_list import EMBEDDED
+from qwen_image_server.postprocess import (
+    MEDIA_TYPES,
+    OutputFormat,
+    OverlayInfo,
+    output_filename,
+    render,
+    save_atomically,
+)
+from qwen_image_server.prompt_tokens import check_prompt_tokens, might_exceed, token_counter
+from qwen_image_server.scheduler import Job, JobResult, Scheduler
+from qwen_image_server.settings import Settings
+from qwen_image_server.openai_protocol import MAX_SIDE, MIN_SIDE, SIDE_MULTIPLE, parse_edit_size
+from qwen_image_server.uploads import EditInputs, Upload, default_output_size, read_edit_inputs
+
+log = logging.getLogger(__name__)
+T = TypeVar("T")
+
+# Returns an awaitable that completes when the client has gone away (called once per wait).
+ClientGone = Callable[[], Awaitable[None]]
+
+
+B = TypeVar("B", bound=BaseModel)  # a request body with num_inference_steps and true_cfg_scale
+
+
+# OpenAI's own model names: code written for OpenAI sends them; they mean "the server's model for
+# this task" rather than a 404.
+_OPENAI_MODEL_PREFIXES = ("gpt-image", "dall-e")
+# Tasks of the embedded models, known before they load.
+_EMBEDDED_TASKS: dict[str, Task] = dict(zip(EMBEDDED, ("generate", "edit"), strict=True))
+
+
+class EditParams(Protocol):
+    """What an edit request says besides its images (/edit's and OpenAI's bodies both do)."""
+
+    negative_prompt: str
+    num_inference_steps: int
+    true_cfg_scale: float
+    strength: float
+    size: str | None
+
+    @property
+    def model_prompt(self) -> str: ...
+
+
+@dataclass(frozen=True, slots=True)
+class ModelChoice:
+    """The model a request runs on."""
+
+    name: str  # "" while the models load and the request named none: the first for its task
+    max_images: int  # input images it takes (edits)
+    one_prompt_per_call: bool  # QwenImageEditPlusPipeline: batches only one prompt's seeds
+
+
+@dataclass(frozen=True, slots=True)
+class Rendered:
+    """A finished image as the client gets it."""
+
+    data: bytes
+    media_type: str
+    width: int
+    height: int
+    inference_time: float  # seconds, rounded for the wire
+    file_path: str | None  # set when the request asked for save_to_file
+
+
+class Generation:
+    """Shared by every route of one app (and by the CLI): owns no state but the request counter."""
+
+    def __init__(self, settings: Settings, device: DeviceInfo, scheduler: Scheduler,
+                 executor: ThreadPoolExecutor) -> None:
+        self.settings = settings
+        self.device = device
+        self.scheduler = scheduler
+        self.executor = executor
+        self.defaults = GenerationDefaults.from_settings(settings)
+        self._request_ids = itertools.count(1)
+
+    @property
+    def model(self) -> LoadedModel | None:
+        """The loaded model (None while it loads, or with an engine that has none)."""
+        return getattr(self.scheduler.engine, "model", None)
+
+    @property
+    def models(self) -> list[LoadedModel]:
+        """Every loaded model, the first first (empty while they load)."""
+        engine = self.scheduler.engine
+        models = getattr(engine, "models", None)
+        if models is not None:
+            return list(models)
+        return [self.model] if self.model is not None else []
+
+    def model_tasks(self) -> dict[str, Task | None]:
+        """Public name -> task of every configured model (None: not known until it loads)."""
+        loaded = {model.name: model.task for model in self.models}
+        if loaded:
+            return dict(loaded)
+        return {ref.name: _EMBEDDED_TASKS.get(ref.source) for ref in self.settings.models}
+
+    def pick_model(self, requested: str | None, task: Task) -> ModelChoice:
+        """The model named (404 `model_not_found` for a name this server does not serve; 400 when
+        it cannot do `task`), or the first that can; 400 naming `model` when none can."""
+        tasks = self.model_tasks()
+        if requested is not None and requested.startswith(_OPENAI_MODEL_PREFIXES):
+            requested = None
+        if requested is not None and requested not in tasks:
+            raise errors.NotFound(
+                f"The model '{requested}' does not exist; this server serves {_listing(tasks)}.",
+                param="model", code="model_not_found")
+        able = [name for name, can in tasks.items() if can == task]
+        if requested is None:
+            if not able and None in tasks.values():
+                return ModelChoice("", 3, True)  # still loading: the engine picks
+            if not able:
+                raise errors.InvalidRequest(
+                    f"This server has no {_TASK_MODELS[task]}; it serves {_listing(tasks)}. Start it "
+                    f"with one in QWEN_IMAGE_MODEL (e.g. {_EXAMPLES[task]}).",
+                    param="model", code="model_cannot_do_task")
+            requested = able[0]
+        elif tasks[requested] not in (task, None):
+            others = f"use one of: {', '.join(able)}" if able else f"this server has no {_TASK_MODELS[task]}"
+            raise errors.InvalidRequest(
+                f"The model '{requested}' {_DOES[tasks[requested]]}, it cannot {task}; {others}.",
+                param="model", code="model_cannot_do_task")
+        loaded = {model.name: model for model in self.models}.get(requested)
+        if loaded is None:
+            return ModelChoice(requested, 3, True)
+        return ModelChoice(requested, loaded.max_images,
+                           loaded.pipeline_class == "QwenImageEditPlusPipeline")
+
+    def edit_specs(self, body: EditParams, inputs: EditInputs, model: ModelChoice,
+                   seeds: Sequence[int]) -> list[EditSpec]:
+        """One EditSpec per seed: the body's parameters on the decoded inputs, at the asked size
+        or the first image's (snapped to what the models take)."""
+        width, height = parse_edit_size(body.size) or default_output_size(
+            inputs.first_size, MIN_SIDE, MAX_SIDE, SIDE_MULTIPLE)
+        return [
+            EditSpec(
+                prompt=body.model_prompt,
+                negative_prompt=body.negative_prompt,
+                width=width,
+                height=height,
+                num_inference_steps=body.num_inference_steps,
+                true_cfg_scale=body.true_cfg_scale,
+                seed=seed,
+                model=model.name,
+                images=inputs.images,
+                mask=inputs.mask,
+                strength=body.strength if inputs.mask is not None else 1.0,
+                inputs_digest=inputs.digest,
+                one_prompt_per_call=model.one_prompt_per_call,
+            )
+            for seed in seeds
+        ]
+
+    async def read_edit_inputs(self, images: Sequence[Upload], mask: Upload | None,
+                               model: ModelChoice) -> EditInputs:
+        """Decode and check the uploads on the CPU pool (400 naming the field otherwise)."""
+        if not images:
+            raise errors.InvalidRequest("An edit needs at least one image ('image').", param="image",
+                                        code="missing_image")
+        limit = min(model.max_images, self.settings.max_input_images)
+        if len(images) > limit:
+            who = f"the model '{model.name}'" if model.name else "this server's edit model"
+            raise errors.InvalidRequest(
+                f"{len(images)} images were sent; {who} takes at most {limit}.",
+                param="image", code="too_many_images")
+        if mask is not None and len(images) > 1:
+            raise errors.InvalidRequest(
+                "A mask edits one image: send a single image with it.", param="mask",
+                code="mask_with_several_images")
+        return await self.in_pool(read_edit_inputs, images, mask, self.settings.max_input_pixels)
+
+    def next_request_id(self) -> int:
+        """The seed's per-process request counter (1, 2, 3, ...)."""
+        return next(self._request_ids)
+
+    def with_defaults(self, body: B) -> B:
+        """The body with the server's defaults for steps and CFG where the client left them out
+        (they differ from the API's 20 / 4.0 only with a Lightning LoRA or explicit settings)."""
+        update = {name: value for name, value in (
+            ("num_inference_steps", self.defaults.num_inference_steps),
+            ("true_cfg_scale", self.defaults.true_cfg_scale),
+        ) if name not in body.model_fields_set}
+        return body.model_copy(update=update) if update else body
+
+    # -- checks and submitting --------------------------------------------------------------
+
+    async def submit(self, specs: Sequence[GenerationSpec], request_id: int) -> list[Job]:
+        """Check the prompts' length, then queue every spec of one request together (or none)."""
+        for spec in {(s.prompt, s.negative_prompt): s for s in specs}.values():
+            await self.check_prompt_length(spec)
+        return self.scheduler.submit_many(specs, request_id)
+
+    async def check_prompt_length(self, spec: GenerationSpec) -> None:
+        """400 `invalid_request_error` (param prompt / negative_prompt) when either is longer than
+        the model reads (`tokenizer_max_length` tokens). While the model loads there is no
+        tokenizer yet: nothing is checked."""
+        model = self.model
+        if model is None:
+            return
+        limit = model.max_prompt_tokens
+        if might_exceed(spec.prompt, limit) or might_exceed(spec.negative_prompt, limit):
+            counter = token_counter(model.pipeline.tokenizer)
+            await self.in_pool(check_prompt_tokens, counter, limit, spec)
+
+    async def count_tokens(self, text: str) -> int:
+        """Tokens of `text` by the model's tokenizer (0 while it loads), counted on the CPU pool."""
+        model = self.model
+        if model is None:
+            return 0
+        return await self.in_pool(token_counter(model.pipeline.tokenizer).count, text)
+
+    async def in_pool(self, fn: Callable[..., T], *args: Any, **kwargs: Any) -> T:
+        """Run CPU work (tokenizing, overlay, encoding, file writes) on the THREADS pool."""
+        loop = asyncio.get_running_loop()
+        return await loop.run_in_executor(self.executor, functools.partial(fn, *args, **kwargs))
+
+    # -- waiting ----------------------------------------------------------------------------
+
+    def cancel(self, job: Job) -> bool:
+        """Cancel a job: a queued one never runs, a running one stops at its next step."""
+        return self.scheduler.cancel(job)
+
+    async def wait(self, job: Job, gone: ClientGone | None = None) -> JobResult:
+        """Await the job's result; if the client leaves first, cancel the job."""
+        result = asyncio.wrap_future(job.future)
+        if gone is None:
+            return await result
+        left = asyncio.ensure_future(gone())
+        try:
+            await asyncio.wait({result, left}, return_when=asyncio.FIRST_COMPLETED)
+        except asyncio.CancelledError:
+            # The request itself was cancelled: Ray Serve's way of saying its client went away.
+            self._abandon(job, result)
+            raise
+        finally:
+            left.cancel()
+        if not result.done():
+            self._abandon(job, result)
+            log.info("request %s: client disconnected; job cancelled", job.request_id)
+            raise errors.JobCancelled("The client disconnected.")
+        return result.result()
+
+    def _abandon(self, job: Job, result: asyncio.Future[JobResult]) -> None:
+        """Cancel a job nobody waits for any more."""
+        # Nobody will read the cancellation error; retrieve it so asyncio does not warn.
+        result.add_done_callback(lambda f: f.cancelled() or f.exception())
+        self.scheduler.cancel(job)
+
+    async def finished(self, jobs: Sequence[Job], gone: ClientGone | None = None,
+                       ping_s: float | None = None) -> AsyncIterator[tuple[int, JobResult] | None]:
+        """Yield (index, result) as the jobs finish, and None after every `ping_s` without one.
+
+        The first failure is raised; it, the client leaving, or the caller stopping early
+        cancels every job not finished yet.
+        """
+        index = {asyncio.ensure_future(self.wait(job, gone)): i for i, job in enumerate(jobs)}
+        for task in index:
+            task.add_done_callback(_mark_read)
+        pending = set(index)
+        try:
+            while pending:
+                done, pending = await asyncio.wait(pending, timeout=ping_s,
+                                                   return_when=asyncio.FIRST_COMPLETED)
+                if not done:
+                    yield None
+                for task in sorted(done, key=index.__getitem__):
+                    yield index[task], task.result()
+        finally:
+            # Cancelling the job (not the task) lets each wait end normally, at once if queued.
+            # Last first: then no job being cancelled can reach the queue's head and start meanwhile.
+            for task in sorted(pending, key=index.__getitem__, reverse=True):
+                self.scheduler.cancel(jobs[index[task]])
+
+    async def wait_all(self, jobs: Sequence[Job], gone: ClientGone | None = None) -> list[JobResult]:
+        """Every job's result, in order; the first failure cancels the others and is raised."""
+        results: dict[int, JobResult] = {}
+        async with aclosing(self.finished(jobs, gone)) as outcomes:
+            async for item in outcomes:
+                assert item is not None  # no pings without ping_s
+                results[item[0]] = item[1]
+        return [results[i] for i in range(len(jobs))]
+
+    # -- rendering --------------------------------------------------------------------------
+
+    async def render(self, job: Job, result: JobResult, *, overlay: bool = False,
+                     save_to_file: bool = False, output_format: OutputFormat = "png",
+                     compression: int | None = None) -> Rendered:
+        """Overlay (if asked), encode and (for save_to_file) save atomically, on the CPU pool."""
+        info = OverlayInfo(
+            device=self.device.label,
+            inference_time=result.inference_time,
+            steps=job.spec.num_inference_steps,
+            seed=job.spec.seed,
+            width=job.spec.width,
+            height=job.spec.height,
+            request_id=job.request_id,
+        ) if overlay else None
+        size = (job.spec.width, job.spec.height)
+        spec = job.spec
+        keep = (spec.images[0], spec.mask) if isinstance(spec, EditSpec) and spec.mask is not None else None
+        data = await self.in_pool(render, result.image, info, output_format, compression, size, keep)
+        file_path = None
+        if save_to_file:
+            name = output_filename(job.request_id, datetime.now())
+            path = await self.in_pool(save_atomically, data, self.settings.output_dir, name)
+            file_path = display_path(path)
+        return Rendered(data, MEDIA_TYPES[output_format], size[0], size[1],
+                        round(result.inference_time, 3), file_path)
+
+
+_TASK_MODELS = {"generate": "generation model", "edit": "edit model"}
+_DOES = {"generate": "generates images", "edit": "edits images", None: "is loading"}
+_EXAMPLES = {"generate": "QWEN_IMAGE_MODEL=Qwen/Qwen-Image,Qwen/Qwen-Image-Edit-2509",
+             "edit": "QWEN_IMAGE_MODEL=Qwen/Qwen-Image,Qwen/Qwen-Image-Edit-2509"}
+
+
+def _listing(tasks: dict[str, Task | None]) -> str:
+    return ", ".join(f"'{name}' ({task or 'loading'})" for name, task in tasks.items())
+
+
+def _mark_read(task: asyncio.Future[JobResult]) -> None:
+    # Once one job failed nobody reads the others' outcomes; don't let asyncio warn about them.
+    if not task.cancelled():
+        task.exception()
+
+
+def display_path(path: Path) -> str:
+    """The path as the seed shows it: relative to the server's cwd when under it, with '/'."""
+    try:
+        return path.resolve().relative_to(Path.cwd().resolve()).as_posix()
+    except ValueError:
+        return path.as_posix()

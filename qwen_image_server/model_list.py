@@ -1,0 +1,45 @@
+"""`QWEN_IMAGE_MODEL`: one or more models, comma-separated, each `source` or `name=source`.
+
+`tiny` stands for the two embedded test models, `tiny` (generation) and `tiny-edit`
+(multi-image editing), which share their text encoder and VAE like the real ones do.
+"""
+
+from __future__ import annotations
+
+from dataclasses import dataclass
+
+from qwen_image_server.engine.tiny import TINY_EDIT_MODEL_NAME, TINY_MODEL_NAME
+
+EMBEDDED = (TINY_MODEL_NAME, TINY_EDIT_MODEL_NAME)
+
+
+@dataclass(frozen=True, slots=True)
+class ModelRef:
+    name: str  # the public name: requests' `model`, /v1/models' ids
+    source: str  # a hub id, a local folder, or one of EMBEDDED
+
+
+def parse_model_list(value: str) -> list[ModelRef]:
+    """'tiny' or 'Qwen/Qwen-Image, edit=./Qwen-Image-Edit-2509' -> the models, in order.
+
+    ValueError (one sentence) for an empty entry, an empty name or source, or a name used twice.
+    """
+    refs: list[ModelRef] = []
+    for entry in (part.strip() for part in value.split(",")):
+        if not entry:
+            raise ValueError("an empty model entry (two commas, or a comma at an end)")
+        name, sep, source = (part.strip() for part in entry.partition("="))
+        if not sep:
+            name, source = entry, entry
+        if not name or not source:
+            raise ValueError(f"'{entry}' needs a name and a source, as in 'edit=Qwen/Qwen-Image-Edit'")
+        if source == TINY_MODEL_NAME and not sep:
+            refs += [ModelRef(TINY_MODEL_NAME, TINY_MODEL_NAME),
+                     ModelRef(TINY_EDIT_MODEL_NAME, TINY_EDIT_MODEL_NAME)]
+        else:
+            refs.append(ModelRef(name, source))
+    names = [ref.name for ref in refs]
+    for name in names:
+        if names.count(name) > 1:
+            raise ValueError(f"the model name '{name}' is used twice; give one a name with 'name=source'")
+    return refs

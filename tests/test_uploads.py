@@ -1,0 +1,224 @@
+"""Uploaded images: decoded, checked and normalised on the CPU pool; every bad upload is a 400
+(or 413) naming its field, and nothing reaches the engine.
+
+The HTTP tests run the real app with the fake engine (instant images): what is tested is what a
+client sees for its uploads, not the model.
+"""
+
+from __future__ import annotations
+
+import io
+import struct
+import threading
+import zlib
+
+import httpx
+import numpy as np
+import pytest
+from PIL import Image
+
+from qwen_image_server import errors, generation
+from qwen_image_server.api.app import create_app
+from qwen_image_server.uploads import WORKING_PIXELS, Upload, read_edit_inputs
+from tests.conftest import LiveServer, tiny_settings
+from tests.fakes import FakeEngine
+
+MAX_PIXELS = 40_000_000
+
+
+def encode(image: Image.Image, fmt: str = "PNG", **options) -> bytes:
+    buf = io.BytesIO()
+    image.save(buf, fmt, **options)
+    return buf.getvalue()
+
+
+def decoded(data: bytes, mask: bytes | None = None, max_pixels: int = MAX_PIXELS):
+    return read_edit_inputs([Upload("image", data)], Upload("mask", mask) if mask else None, max_pixels)
+
+
+def refused(data: bytes, *, mask: bytes | None = None, max_pixels: int = MAX_PIXELS) -> errors.InvalidRequest:
+    with pytest.raises(errors.InvalidRequest) as caught:
+        decoded(data, mask, max_pixels)
+    return caught.value
+
+
+def png_header_only(width: int, height: int) -> bytes:
+    """A PNG of a few dozen bytes whose header claims width x height (a decompression bomb)."""
+
+    def chunk(kind: bytes, payload: bytes) -> bytes:
+        return struct.pack(">I", len(payload)) + kind + payload + struct.pack(">I", zlib.crc32(kind + payload))
+
+    header = struct.pack(">IIBBBBB", width, height, 8, 2, 0, 0, 0)
+    return (b"\x89PNG\r\n\x1a\n" + chunk(b"IHDR", header) + chunk(b"IDAT", zlib.compress(b"\0" * 16))
+            + chunk(b"IEND", b""))
+
+
+# -- colour modes, orientation, size ---------------------------------------------------------
+
+
+def test_every_colour_mode_becomes_the_rgb_a_viewer_shows():
+    red = (200, 30, 40)
+    cmyk = Image.new("RGB", (32, 16), red).convert("CMYK")
+    palette = Image.new("RGB", (32, 16), red).convert("P", palette=Image.Palette.ADAPTIVE)
+    grey = Image.new("L", (32, 16), 90)
+    rgba = Image.new("RGBA", (32, 16), (*red, 255))
+    half_transparent = Image.new("RGBA", (32, 16), (0, 0, 0, 0))  # nothing: white, as a viewer on white
+    for image, fmt, want in [(cmyk, "JPEG", red), (palette, "PNG", red), (grey, "PNG", (90, 90, 90)),
+                             (rgba, "PNG", red), (half_transparent, "PNG", (255, 255, 255)),
+                             (rgba, "WEBP", red)]:
+        [out] = decoded(encode(image, fmt, **({"lossless": True} if fmt == "WEBP" else {}))).images
+        assert out.mode == "RGB" and out.size == (32, 16)
+        got = np.asarray(out).reshape(-1, 3).mean(axis=0)
+        assert np.abs(got - want).max() <= 8, (image.mode, fmt, got)
+
+
+def test_sixteen_bit_images_are_scaled_not_clipped():
+    ramp = np.linspace(0, 65535, 64, dtype=np.uint16).reshape(1, 64).repeat(8, axis=0)
+    source = Image.fromarray(ramp)
+    assert source.mode == "I;16"
+    [out] = decoded(encode(source)).images
+    row = np.asarray(out)[0, :, 0].astype(int)
+    assert row[0] == 0 and row[-1] == 255 and abs(row[32] - 130) <= 2  # a ramp, not a white bar
+
+
+def test_exif_orientation_is_applied_so_the_edit_sees_the_photo_upright():
+    wide = Image.new("RGB", (40, 20), (10, 200, 10))
+    exif = Image.Exif()
+    exif[0x0112] = 6  # rotate 90° clockwise to display
+    inputs = decoded(encode(wide, "JPEG", exif=exif))
+    assert inputs.first_size == (20, 40) and inputs.images[0].size == (20, 40)
+
+
+def test_large_images_are_scaled_to_the_working_size_keeping_the_aspect_ratio():
+    inputs = decoded(encode(Image.new("RGB", (1800, 1200), (1, 2, 3)), "JPEG"))
+    width, height = inputs.images[0].size
+    assert inputs.first_size == (1800, 1200)
+    assert width * height <= WORKING_PIXELS * 1.01 and abs(width / height - 1.5) < 0.01
+
+
+# -- refusals --------------------------------------------------------------------------------
+
+
+def test_refusals_name_the_field_and_say_why():
+    assert refused(b"hello, not an image").code == "invalid_image"
+    full = encode(Image.new("RGB", (64, 64), (9, 9, 9)))
+    truncated = refused(encode(Image.effect_noise((64, 64), 50).convert("RGB"))[:300])
+    assert truncated.code == "corrupt_image" and truncated.param == "image"
+    ppm = refused(encode(Image.new("RGB", (8, 8)), "PPM"))
+    assert ppm.code == "unsupported_image_format" and "PPM" in ppm.message
+    small_limit = refused(full, max_pixels=1000)
+    assert small_limit.code == "image_too_large" and "64x64" in small_limit.message
+
+
+def test_a_decompression_bomb_is_refused_from_its_header():
+    bomb = png_header_only(30000, 30000)
+    assert len(bomb) < 100
+    error = refused(bomb)
+    assert error.code == "image_too_large" and error.param == "image"
+
+
+def test_masks_follow_openais_meaning_and_must_fit_the_first_image():
+    image = encode(Image.new("RGB", (40, 30), (50, 60, 70)))
+    mask = Image.new("RGBA", (40, 30), (0, 0, 0, 255))
+    mask.paste((0, 0, 0, 0), (10, 5, 20, 15))  # transparent: the area to change
+    inputs = decoded(image, encode(mask))
+    change = np.asarray(inputs.mask)
+    assert change[10, 15] == 255 and change[0, 0] == 0 and inputs.mask.size == inputs.images[0].size
+
+    wrong = refused(image, mask=encode(Image.new("RGBA", (41, 30))))
+    assert (wrong.param, wrong.code) == ("mask", "mask_size_mismatch") and "40x30" in wrong.message
+    opaque = refused(image, mask=encode(Image.new("RGB", (40, 30))))
+    assert (opaque.param, opaque.code) == ("mask", "mask_without_alpha")
+
+
+# -- over HTTP: fields named, limits, the CPU pool -------------------------------------------
+
+
+@pytest.fixture(scope="module")
+def fake_server(tmp_path_factory):
+    settings = tiny_settings(tmp_path_factory.mktemp("uploads"), max_upload_bytes=200_000)
+    live = LiveServer(create_app(settings, engine_factory=lambda: FakeEngine())).start()
+    yield live
+    live.stop()
+
+
+def png(size=(48, 32), color=(120, 80, 40)) -> bytes:
+    return encode(Image.new("RGB", size, color))
+
+
+def edit(client: httpx.Client, files, **data) -> httpx.Response:
+    return client.post("/v1/images/edits", data={"prompt": "make it night", **data}, files=files)
+
+
+def assert_error(response: httpx.Response, status: int, param: str | None, code: str) -> dict:
+    assert response.status_code == status, response.text
+    error = response.json()["error"]
+    assert (error["param"], error["code"]) == (param, code), error
+    return error
+
+
+def test_bad_uploads_are_400s_naming_the_field_and_the_server_keeps_serving(fake_server):
+    with fake_server.client() as client:
+        assert_error(edit(client, [("image[]", ("a.png", png())), ("image[]", ("b.txt", b"plain text"))]),
+                     400, "image[1]", "invalid_image")
+        four = [("image[]", (f"{i}.png", png())) for i in range(4)]
+        error = assert_error(edit(client, four), 400, "image", "too_many_images")
+        assert "at most 3" in error["message"]
+        two_and_mask = [("image[]", ("a.png", png())), ("image[]", ("b.png", png())),
+                        ("mask", ("m.png", encode(Image.new("RGBA", (48, 32)))))]
+        assert_error(edit(client, two_and_mask), 400, "mask", "mask_with_several_images")
+        assert_error(edit(client, [("image", ("a.png", png()))], size="100x100"), 400, "size", "invalid_size")
+        assert_error(client.post("/edit", json={"prompt": "x", "images": ["%%%"]}), 400, "images", "invalid_base64")
+        assert_error(edit(client, []), 400, "image", "missing_image")
+        # And a good one still works.
+        ok = edit(client, [("image", ("a.png", png()))])
+        assert ok.status_code == 200 and ok.json()["size"] == "384x256"  # 48x32 snapped into 256-2048
+    assert fake_server.ctx.scheduler.stats().processed == 1  # only the good one reached the engine
+
+
+def test_an_edit_sent_to_a_server_without_an_edit_model_names_model(tmp_path):
+    settings = tiny_settings(tmp_path, model="painter=tiny")  # the generation model alone
+    live = LiveServer(create_app(settings, engine_factory=lambda: FakeEngine())).start()
+    try:
+        with live.client() as client:
+            error = assert_error(edit(client, [("image", ("a.png", png()))]), 400, "model", "model_cannot_do_task")
+            assert "no edit model" in error["message"] and "painter" in error["message"]
+            assert_error(edit(client, [("image", ("a.png", png()))], model="nope"), 404, "model", "model_not_found")
+    finally:
+        live.stop()
+
+
+def test_uploads_over_the_limit_are_413_declared_or_chunked(fake_server):
+    limit = fake_server.ctx.settings.max_upload_bytes
+    noise = encode(Image.effect_noise((400, 400), 80).convert("RGB"))
+    assert len(noise) > limit
+    with fake_server.client() as client:
+        declared = assert_error(edit(client, [("image", ("big.png", noise))]), 413, None, "body_too_large")
+        assert str(limit) in declared["message"]
+        body = httpx.Request("POST", "/", files=[("image", ("big.png", noise))], data={"prompt": "x"})
+        content = body.read()
+
+        def chunks():
+            for start in range(0, len(content), 32 * 1024):
+                yield content[start:start + 32 * 1024]
+
+        r = client.post("/v1/images/edits", content=chunks(), headers={"Content-Type": body.headers["Content-Type"]})
+        assert "content-length" not in r.request.headers
+        assert_error(r, 413, None, "body_too_large")
+        # The JSON routes keep their own, smaller limit.
+        assert fake_server.ctx.settings.max_body_bytes < limit * 10
+        assert client.get("/health").json()["status"] == "healthy"
+
+
+def test_uploads_are_decoded_on_the_cpu_pool(fake_server, monkeypatch):
+    threads: list[str] = []
+    real = generation.read_edit_inputs
+
+    def recording(*args, **kwargs):
+        threads.append(threading.current_thread().name)
+        return real(*args, **kwargs)
+
+    monkeypatch.setattr(generation, "read_edit_inputs", recording)
+    with fake_server.client() as client:
+        assert edit(client, [("image", ("a.png", png()))]).status_code == 200
+    assert len(threads) == 1 and threads[0].startswith("qwen-image-cpu")
