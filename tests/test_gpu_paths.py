@@ -372,7 +372,7 @@ class RaisingPipeline:
 
 def raising_engine(error: BaseException) -> PipelineEngine:
     model = type("Model", (), {"pipeline": RaisingPipeline(error), "max_prompt_tokens": 1024,
-                               "device": GPU, "options": type("Options", (), {"cache": "none", "offload": "none",
+                               "device": GPU, "task": "generate", "options": type("Options", (), {"cache": "none", "offload": "none",
                                                                                "attention": "native"})()})()
     return PipelineEngine(model)  # type: ignore[arg-type]
 
