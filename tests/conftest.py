@@ -1,15 +1,23 @@
 """Shared fixtures: a real server on a real socket, in-process (fast, inspectable) or as a
-subprocess (for signals, exit codes and the start scripts)."""
+subprocess (for signals, exit codes and the start scripts).
+
+Tests reach a live server through its public API: they wait on `/info`'s `scheduler` block, and
+the one seam into the engine is `EngineHook` (`hold_engine`, `live.hook.fail_next`), which
+wraps whatever engine the server loads instead of patching the model's modules.
+"""
 
 from __future__ import annotations
 
+import json
 import os
 import socket
 import subprocess
 import sys
 import threading
 import time
-from collections.abc import Iterator
+from collections import deque
+from collections.abc import Callable, Iterator, Sequence
+from contextlib import contextmanager
 from pathlib import Path
 
 import httpx
@@ -17,12 +25,25 @@ import pytest
 import uvicorn
 from fastapi import FastAPI
 
-from qwen_image_server.api.app import create_app
+from qwen_image_server.api.app import create_app, real_engine_factory
+from qwen_image_server.engine.types import GenerationSpec
+from qwen_image_server.scheduler import Engine, StepCallback
 from qwen_image_server.serving import GracefulServer
 from qwen_image_server.settings import Settings
 
 ROOT = Path(__file__).resolve().parents[1]
 READY_TIMEOUT = 180.0
+HOLD_LIMIT = 120.0  # s: a held engine that nobody releases fails its batch instead of hanging
+
+
+def pytest_configure(config: pytest.Config) -> None:
+    # Under pytest-xdist every worker runs models at once: one torch thread each, or the workers
+    # fight over the cores and all run slower than one process would.
+    workers = int(os.environ.get("PYTEST_XDIST_WORKER_COUNT", "1"))
+    if workers > 1:
+        import torch
+
+        torch.set_num_threads(max(1, (os.cpu_count() or 1) // workers))
 
 
 def wait_until(predicate, timeout: float, what: str, interval: float = 0.05) -> None:
@@ -35,12 +56,75 @@ def wait_until(predicate, timeout: float, what: str, interval: float = 0.05) -> 
     raise AssertionError(f"timed out after {timeout}s waiting for {what}")
 
 
-class LiveServer:
-    """A real uvicorn server (GracefulServer) in a thread of this process, on a free port."""
+class EngineHook:
+    """The test seam into a live server's engine, whatever it is (the tiny model or a fake).
 
-    def __init__(self, app: FastAPI) -> None:
-        self.app = app
-        config = uvicorn.Config(app, host="127.0.0.1", port=0, log_level="warning", lifespan="on")
+    It wraps the engine the server loads. `hold()` makes every denoising step wait until
+    `release()`: the batch is provably running (`/info` shows it) and everything sent meanwhile
+    provably queued. `fail_next(...)` makes the next pipeline calls raise from inside the call, at
+    their first step, as a failing model would; so the real engine's own error mapping (out of
+    memory, a dead device, any other exception) is what the server sees.
+    """
+
+    def __init__(self) -> None:
+        self.engine: Engine | None = None
+        self.calls: list[list[int]] = []  # the seeds of every pipeline call, retries included
+        self._open = threading.Event()
+        self._open.set()
+        self._faults: deque[BaseException | None] = deque()
+
+    def wrap(self, load: Callable[[], Engine]) -> Callable[[], Engine]:
+        def load_hooked() -> Engine:
+            self.engine = load()
+            return self
+
+        return load_hooked
+
+    def __getattr__(self, name: str):
+        # model, free_memory, warm_up, ...: the server sees the engine it loaded.
+        if name == "engine":
+            raise AttributeError(name)
+        return getattr(self.engine, name)
+
+    def run_batch(self, specs: Sequence[GenerationSpec], on_step: StepCallback):
+        self.calls.append([spec.seed for spec in specs])
+        fault = self._faults.popleft() if self._faults else None
+
+        def step(done: int, total: int) -> None:
+            if not self._open.wait(HOLD_LIMIT):
+                raise AssertionError("the test held the engine and never released it")
+            if fault is not None:
+                raise fault
+            on_step(done, total)
+
+        return self.engine.run_batch(specs, step)
+
+    def hold(self) -> None:
+        self._open.clear()
+
+    def release(self) -> None:
+        self._open.set()
+
+    def fail_next(self, *faults: BaseException | None) -> None:
+        """Faults for the next pipeline calls, in order; None lets that call run normally."""
+        self._faults.extend(faults)
+
+    def reset(self) -> None:
+        self._faults.clear()
+        self.release()
+
+
+class LiveServer:
+    """A real uvicorn server (GracefulServer) in a thread of this process, on a free port.
+
+    Its engine (the tiny model unless `engine_factory` says otherwise) is wrapped in `self.hook`.
+    """
+
+    def __init__(self, settings: Settings, engine_factory: Callable[[], Engine] | None = None) -> None:
+        self.hook = EngineHook()
+        self.app = create_app(settings, engine_factory=self.hook.wrap(
+            engine_factory or real_engine_factory(settings)))
+        config = uvicorn.Config(self.app, host="127.0.0.1", port=0, log_level="warning", lifespan="on")
         self.server = GracefulServer(config)
         self.thread = threading.Thread(target=self.server.run, name="live-server", daemon=True)
 
@@ -63,9 +147,43 @@ class LiveServer:
     def client(self, **kwargs) -> httpx.Client:
         return httpx.Client(base_url=self.url, timeout=120, **kwargs)
 
+    def scheduler(self, **headers: str) -> dict:
+        """`/info`'s `scheduler` block: the live numbers a user sees."""
+        r = httpx.get(f"{self.url}/info", headers=headers, timeout=30)
+        assert r.status_code == 200, r.text
+        return r.json()["scheduler"]
+
+    def wait_scheduler(self, what: str, timeout: float = 60, **expected: int) -> dict:
+        """Wait until `/info`'s scheduler numbers include `expected` (e.g. queue_length=3)."""
+        seen: dict = {}
+
+        def matches() -> bool:
+            seen.update(self.scheduler())
+            return all(seen[key] == value for key, value in expected.items())
+
+        try:
+            wait_until(matches, timeout, what)
+        except AssertionError as exc:
+            raise AssertionError(f"{exc}; /info scheduler: {seen}") from None
+        return seen
+
+    def wait_running(self, jobs: int = 1, what: str = "the first job to run") -> dict:
+        return self.wait_scheduler(what, running_batch_size=jobs)
+
     def stop(self) -> None:
+        self.hook.reset()
         self.server.should_exit = True
         self.thread.join(60)
+
+
+@contextmanager
+def hold_engine(live: LiveServer) -> Iterator[EngineHook]:
+    """Every denoising step of `live` waits until the block ends (see EngineHook.hold)."""
+    live.hook.hold()
+    try:
+        yield live.hook
+    finally:
+        live.hook.release()
 
 
 def tiny_settings(tmp_path: Path, **overrides) -> Settings:
@@ -82,19 +200,26 @@ def tiny_settings(tmp_path: Path, **overrides) -> Settings:
 def tiny_server(tmp_path_factory) -> Iterator[LiveServer]:
     """One in-process server on the tiny model, shared by the tests that only send requests."""
     tmp = tmp_path_factory.mktemp("tiny-server")
-    server = LiveServer(create_app(tiny_settings(tmp))).start()
+    server = LiveServer(tiny_settings(tmp)).start()
     yield server
     server.stop()
 
 
 @pytest.fixture
+def tiny_hook(tiny_server: LiveServer) -> Iterator[EngineHook]:
+    """The shared server's engine hook, reset after the test (no fault or hold leaks out)."""
+    yield tiny_server.hook
+    tiny_server.hook.reset()
+
+
+@pytest.fixture
 def server(tmp_path: Path) -> Iterator:
-    """Start private in-process servers on the tiny model with the settings a test chooses
-    (counters start at zero, faults stay private); all are stopped at the end."""
+    """Start private in-process servers with the settings a test chooses (counters start at zero,
+    faults stay private), on the tiny model or `engine=` a fake; all are stopped at the end."""
     made: list[LiveServer] = []
 
-    def start(**settings) -> LiveServer:
-        live = LiveServer(create_app(tiny_settings(tmp_path, **settings))).start()
+    def start(engine: Callable[[], Engine] | None = None, wait_ready: bool = True, **settings) -> LiveServer:
+        live = LiveServer(tiny_settings(tmp_path, **settings), engine).start(wait_ready)
         made.append(live)
         return live
 
@@ -107,6 +232,18 @@ def server(tmp_path: Path) -> Iterator:
 def client(tiny_server: LiveServer) -> Iterator[httpx.Client]:
     with tiny_server.client() as c:
         yield c
+
+
+def open_request(url: str, path: str, body: dict, headers: dict[str, str] | None = None) -> socket.socket:
+    """Send a JSON POST on a raw connection and return it unread: the test decides when the
+    client goes away (close() is a disconnect at a moment the test chose, not a timeout)."""
+    host, port = url.removeprefix("http://").split(":")
+    payload = json.dumps(body).encode()
+    lines = [f"POST {path} HTTP/1.1", f"Host: {host}:{port}", "Content-Type: application/json",
+             f"Content-Length: {len(payload)}", *(f"{k}: {v}" for k, v in (headers or {}).items())]
+    conn = socket.create_connection((host, int(port)), timeout=30)
+    conn.sendall("\r\n".join(lines).encode() + b"\r\n\r\n" + payload)
+    return conn
 
 
 def free_port() -> int:
