@@ -69,6 +69,7 @@ class EngineHook:
     def __init__(self) -> None:
         self.engine: Engine | None = None
         self.calls: list[list[int]] = []  # the seeds of every pipeline call, retries included
+        self.specs: list[GenerationSpec] = []  # every image the engine was asked for, in order
         self._open = threading.Event()
         self._open.set()
         self._faults: deque[BaseException | None] = deque()
@@ -88,6 +89,7 @@ class EngineHook:
 
     def run_batch(self, specs: Sequence[GenerationSpec], on_step: StepCallback):
         self.calls.append([spec.seed for spec in specs])
+        self.specs.extend(specs)
         fault = self._faults.popleft() if self._faults else None
 
         def step(done: int, total: int) -> None:
@@ -201,6 +203,17 @@ def tiny_server(tmp_path_factory) -> Iterator[LiveServer]:
     """One in-process server on the tiny model, shared by the tests that only send requests."""
     tmp = tmp_path_factory.mktemp("tiny-server")
     server = LiveServer(tiny_settings(tmp)).start()
+    yield server
+    server.stop()
+
+
+@pytest.fixture(scope="session")
+def fake_server(tmp_path_factory) -> Iterator[LiveServer]:
+    """One in-process server on a fake engine (instant solid-colour images), shared by the tests
+    of what the API asks of the engine and answers, where the model's pixels are not at stake."""
+    from tests.fakes import FakeEngine
+
+    server = LiveServer(tiny_settings(tmp_path_factory.mktemp("fake-server")), FakeEngine).start()
     yield server
     server.stop()
 
