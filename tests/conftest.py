@@ -310,8 +310,19 @@ def server_env(port: int, **extra: str) -> dict[str, str]:
     env = {k: v for k, v in os.environ.items() if not k.startswith("QWEN_IMAGE_")}
     env.update(PORT=str(port), HOST="127.0.0.1", WORKERS="1", THREADS="2",
                QWEN_IMAGE_MODEL="tiny", PYTHONUNBUFFERED="1")
+    workers = int(os.environ.get("PYTEST_XDIST_WORKER_COUNT", "1"))
+    if workers > 1:  # as in pytest_configure: share the cores with the other test workers
+        env.setdefault("OMP_NUM_THREADS", str(max(1, (os.cpu_count() or 1) // workers)))
     env.update(extra)
     return env
+
+
+def start_process(cwd: Path, *args: str, cmd: list[str] | None = None, **env: str) -> ServerProcess:
+    """`qwen-image serve *args` (or `cmd`) in `cwd` on a free port, with `env` on top of the
+    test environment (no QWEN_IMAGE_* from outside)."""
+    port = free_port()
+    command = cmd or [sys.executable, "-m", "qwen_image_server", "serve", *args]
+    return ServerProcess(command, cwd, server_env(port, **env), port)
 
 
 @pytest.fixture
@@ -320,9 +331,7 @@ def spawn(tmp_path: Path) -> Iterator:
     started: list[ServerProcess] = []
 
     def start(*args: str, cmd: list[str] | None = None, **env: str) -> ServerProcess:
-        port = free_port()
-        command = cmd or [sys.executable, "-m", "qwen_image_server", "serve", *args]
-        proc = ServerProcess(command, tmp_path, server_env(port, **env), port)
+        proc = start_process(tmp_path, *args, cmd=cmd, **env)
         started.append(proc)
         return proc
 
