@@ -36,6 +36,21 @@ READY_TIMEOUT = 180.0
 HOLD_LIMIT = 120.0  # s: a held engine that nobody releases fails its batch instead of hanging
 
 
+# Under `--dist loadgroup` (run_tests.sh) the tests of one xdist_group run on one worker. Every
+# Ray file joins one group: two Ray clusters at once do not fit on a small machine. The engine
+# option tests share module-scoped models. (A file may also carry its own xdist_group mark.)
+FILE_GROUPS = {"test_engine_options.py": "engine-options"}
+
+
+@pytest.hookimpl(tryfirst=True)  # before xdist reads the marks
+def pytest_collection_modifyitems(config: pytest.Config, items: list[pytest.Item]) -> None:
+    for item in items:
+        name = item.path.name
+        group = "ray" if name.startswith("test_ray") else FILE_GROUPS.get(name)
+        if group and not any(item.iter_markers("xdist_group")):
+            item.add_marker(pytest.mark.xdist_group(group))
+
+
 def pytest_configure(config: pytest.Config) -> None:
     # Under pytest-xdist every worker runs models at once: one torch thread each, or the workers
     # fight over the cores and all run slower than one process would.

@@ -44,6 +44,7 @@ def script_server(tmp_path_factory) -> Iterator[tuple[ServerProcess, Path]]:
     assert "Traceback" not in server.output()
 
 
+@pytest.mark.xdist_group("start-script")
 def test_start_script_serves_the_seed_api_with_files_relative_to_cwd(script_server):
     server, cwd = script_server
     health = httpx.get(f"{server.url}/health").json()
@@ -204,10 +205,11 @@ def test_generate_cli_writes_one_image_without_a_server(tmp_path):
     assert "saved cat.png (1664x928" in done.stdout
 
 
+@pytest.mark.xdist_group("start-script")
 def test_example_clients_run_against_a_server(script_server, tmp_path):
     server, _ = script_server
     for script, extra in (("test_client.py", ["--steps", "2", "--out", str(tmp_path / "t.png")]),
-                          ("test_concurrent.py", ["--steps", "2", "-n", "3"])):
+                          ("test_concurrent.py", ["--steps", "2", "-n", "2"])):
         done = subprocess.run([sys.executable, str(ROOT / "examples" / script), "--url", server.url, *extra],
                               capture_output=True, text=True, timeout=300)
         assert done.returncode == 0, done.stdout + done.stderr

@@ -27,6 +27,8 @@ from qwen_image_server.engine.tiny import (
     tiny_model_dir,
 )
 
+pytestmark = pytest.mark.xdist_group("tiny-model")  # one build and one pipeline for the module
+
 SPECIAL_IDS = {
     "<|endoftext|>": 151643,
     "<|im_start|>": 151644,

@@ -17,6 +17,7 @@ import pytest
 
 from tests.conftest import ROOT, LiveServer, hold_engine, tiny_settings
 
+pytestmark = pytest.mark.xdist_group("web")  # one browser and one server for the module
 CHROMIUM = Path("/usr/bin/chromium")
 if not CHROMIUM.exists():
     pytest.skip(f"{CHROMIUM} is missing: install Debian's chromium (apt-get install -y chromium) "
