@@ -60,6 +60,8 @@ def test_generate_returns_png_bytes_with_headers(client):
     assert image.size == (512, 512)
     assert int(r.headers["X-Request-ID"]) >= 1
     assert float(r.headers["X-Inference-Time"]) > 0
+    assert float(r.headers["X-Queue-Time"]) >= 0  # how long it waited: see test_concurrency.py
+    assert r.headers["X-Batch-Size"] == "1"
 
 
 def test_generate_defaults_follow_the_seed(client, tiny_server, tiny_hook):
