@@ -22,19 +22,19 @@ def post(url: str, body: dict, timeout: float = 300) -> httpx.Response:
     return httpx.post(f"{url}/generate", json=body, timeout=timeout)
 
 
-def test_eight_concurrent_requests_all_succeed_with_unique_ids_in_full_batches(tiny_server, tiny_hook):
-    bodies = [{"prompt": f"a cat number {i}", "seed": i, **STEPS2} for i in range(8)]
-    with ThreadPoolExecutor(8) as pool, hold_engine(tiny_server):
+def test_concurrent_requests_all_succeed_with_unique_ids_in_full_batches(tiny_server, tiny_hook):
+    bodies = [{"prompt": f"a cat number {i}", "seed": i, **STEPS2} for i in range(6)]
+    with ThreadPoolExecutor(6) as pool, hold_engine(tiny_server):
         first = pool.submit(post, tiny_server.url, bodies[0])
         tiny_server.wait_running()
         rest = [pool.submit(post, tiny_server.url, b) for b in bodies[1:]]
-        tiny_server.wait_scheduler("seven queued requests", queue_length=7)
+        tiny_server.wait_scheduler("five queued requests", queue_length=5)
         tiny_hook.release()
         responses = [first.result()] + [f.result() for f in rest]
-    assert [r.status_code for r in responses] == [200] * 8
-    assert len({r.headers["X-Request-ID"] for r in responses}) == 8
-    # The first ran alone; the seven that waited behind it ran as batches of 4 (the limit) and 3.
-    assert sorted(int(r.headers["X-Batch-Size"]) for r in responses) == [1, 3, 3, 3, 4, 4, 4, 4]
+    assert [r.status_code for r in responses] == [200] * 6
+    assert len({r.headers["X-Request-ID"] for r in responses}) == 6
+    # The first ran alone; the five that waited behind it ran as a batch of 4 (the limit) and 1.
+    assert sorted(int(r.headers["X-Batch-Size"]) for r in responses) == [1, 1, 4, 4, 4, 4]
 
 
 def test_waiting_time_is_reported_in_x_queue_time(tiny_server, tiny_hook):
@@ -53,22 +53,30 @@ def test_waiting_time_is_reported_in_x_queue_time(tiny_server, tiny_hook):
     assert float(first.headers["X-Queue-Time"]) < float(second.headers["X-Queue-Time"])
 
 
-def test_batched_images_equal_solo_images(server):
-    live = server(max_batch_size=4)
-    bodies = [{"prompt": p, "seed": s, "num_inference_steps": 3, "add_overlay": False}
-              for p, s in (("a red fox in snow", 11), ("a lighthouse at dusk", 12),
-                           ("a bowl of ramen", 13))]
-    with ThreadPoolExecutor(4) as pool, hold_engine(live) as hook:
-        blocker = pool.submit(post, live.url, {"prompt": "blocker", **STEPS2})
-        live.wait_running(what="the blocker to run")
-        batched = [pool.submit(post, live.url, b) for b in bodies]
-        live.wait_scheduler("three queued jobs", queue_length=3)
-        hook.release()
+def queue_in_order(pool: ThreadPoolExecutor, live: LiveServer, bodies: list[dict]) -> list:
+    """Send `bodies` one by one, each once the previous one is queued: a known queue order."""
+    futures = []
+    queued = live.scheduler()["queue_length"]
+    for body in bodies:
+        futures.append(pool.submit(post, live.url, body))
+        queued += 1
+        live.wait_scheduler(f"{queued} queued jobs", queue_length=queued)
+    return futures
+
+
+def test_batched_images_equal_solo_images(tiny_server, tiny_hook):
+    bodies = [{"prompt": p, "seed": s, **STEPS2, "add_overlay": False}
+              for p, s in (("a red fox in snow", 11), ("a lighthouse at dusk", 12))]
+    with ThreadPoolExecutor(3) as pool, hold_engine(tiny_server):
+        blocker = pool.submit(post, tiny_server.url, {"prompt": "blocker", **STEPS2})
+        tiny_server.wait_running(what="the blocker to run")
+        batched = queue_in_order(pool, tiny_server, bodies)
+        tiny_hook.release()
         batched = [f.result() for f in batched]
         assert blocker.result().status_code == 200
-    assert [r.headers["X-Batch-Size"] for r in batched] == ["3", "3", "3"]
-    solo = [post(live.url, b) for b in bodies]
-    assert [r.headers["X-Batch-Size"] for r in solo] == ["1", "1", "1"]
+    assert [r.headers["X-Batch-Size"] for r in batched] == ["2", "2"]
+    solo = [post(tiny_server.url, b) for b in bodies]
+    assert [r.headers["X-Batch-Size"] for r in solo] == ["1", "1"]
     for one, alone in zip(batched, solo):
         a = Image.open(io.BytesIO(one.content)).convert("RGB")
         b = Image.open(io.BytesIO(alone.content)).convert("RGB")
@@ -170,8 +178,7 @@ def test_out_of_memory_retries_the_batch_one_image_at_a_time_then_503(server):
     with ThreadPoolExecutor(4) as pool, hold_engine(live) as hook:
         blocker = pool.submit(post, live.url, {"prompt": "blocker", "seed": 100, **STEPS2})
         live.wait_running()
-        batch = [pool.submit(post, live.url, b) for b in bodies]
-        live.wait_scheduler("three queued jobs", queue_length=3)
+        batch = queue_in_order(pool, live, bodies)
         # The batch of three runs out of memory; alone, images 1 and 3 fit and image 2 does not.
         hook.fail_next(oom, None, oom, None)
         hook.release()
