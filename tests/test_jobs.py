@@ -64,8 +64,9 @@ def test_job_lifecycle_with_every_step_streamed_to_a_late_subscriber(tiny_server
 
 @pytest.fixture
 def held(server) -> Iterator[LiveServer]:
-    """A private server whose engine is held until the test releases it (or ends)."""
-    live = server()
+    """A private server on the fake engine (the events are at stake, not the pixels), held until
+    the test releases it (or ends)."""
+    live = server(engine=FakeEngine)
     with hold_engine(live):
         yield live
 
