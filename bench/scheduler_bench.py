@@ -10,7 +10,7 @@ Prints, from one run on this machine (any model: QWEN_IMAGE_MODEL etc. as for th
     .venv/bin/python bench/scheduler_bench.py [--steps 20] [--requests 8] [--json out.json]
     .venv/bin/python bench/scheduler_bench.py --health-only --steps 4   # (c) alone, a minute on a CPU
 
-tests/test_concurrency.py checks (c) with a bound loose enough for any CI machine; the figure is here.
+tests/test_process.py checks (c) with a bound loose enough for any CI machine; the figure is here.
 """
 
 from __future__ import annotations

@@ -106,7 +106,7 @@ README_SIZES = {"s1:1": (512, 512), "m1:1": (512, 512), "1:1": (1328, 1328), "16
 @pytest.mark.parametrize("ratio", list(README_SIZES))
 def test_every_aspect_ratio_answers_the_size_in_the_readme(fake_server, ratio):
     # On the fake engine: the size asked of the engine and answered is what is at stake. The tiny
-    # model makes 1:1 end to end in test_concurrency.py and 16:9 in test_process.py.
+    # model makes 16:9 end to end in test_process.py (the start script and the generate CLI).
     with fake_server.client() as c:
         r = c.post("/generate", json={"prompt": "a lighthouse", "aspect_ratio": ratio, "save_to_file": True,
                                       **FAST})

@@ -158,7 +158,7 @@ def test_models_lists_the_served_model(oai, tiny_server):
 
 def test_auto_size_is_the_large_square(server):
     # On a fake engine: what is at stake is the size asked of the engine and answered; the tiny
-    # model makes one image this large end to end in test_concurrency.py.
+    # model makes a large image end to end in test_process.py.
     live = server(engine=FakeEngine)
     with openai.OpenAI(base_url=f"{live.url}/v1", api_key="any", max_retries=0) as client:
         for response in (client.images.generate(prompt="a lighthouse", size="auto", extra_body=FAST),

@@ -45,16 +45,31 @@ def script_server(tmp_path_factory) -> Iterator[tuple[ServerProcess, Path]]:
 
 
 @pytest.mark.xdist_group("start-script")
-def test_start_script_serves_the_seed_api_with_files_relative_to_cwd(script_server):
+def test_start_script_serves_the_seed_api_and_health_answers_in_milliseconds_meanwhile(script_server):
     server, cwd = script_server
     health = httpx.get(f"{server.url}/health").json()
     assert health["status"] == "healthy" and health["model_loaded"] is True
-    r = httpx.post(f"{server.url}/generate", timeout=120, json={
-        "prompt": "A cute cat sitting on a windowsill", "aspect_ratio": "16:9", "save_to_file": True,
-        "num_inference_steps": 2})
-    body = r.json()
+    with ThreadPoolExecutor(1) as pool:
+        # The README's first request: a large image (the one the tiny model makes end to end;
+        # the other presets are checked on a fake engine in test_api.py).
+        large = pool.submit(httpx.post, f"{server.url}/generate", timeout=300, json={
+            "prompt": "A cute cat sitting on a windowsill", "aspect_ratio": "16:9", "save_to_file": True,
+            "num_inference_steps": 2})
+        wait_scheduler(server.url, "the large image to start", running_batch_size=1)
+        latencies = []
+        with httpx.Client(base_url=server.url, timeout=10) as c:
+            while not large.done() or len(latencies) < 5:
+                start = time.perf_counter()
+                assert c.get("/health").json()["status"] == "healthy"
+                latencies.append(time.perf_counter() - start)
+        body = large.result().json()
     assert body["file_path"].startswith("tmp/Qwen-Image-") and (body["width"], body["height"]) == (1664, 928)
     assert Image.open(cwd / body["file_path"]).size == (1664, 928)
+    # A bound generous enough for a loaded CI machine; bench/scheduler_bench.py --health-only
+    # measures the real figure (about a millisecond, idle or busy).
+    latencies.sort()
+    assert latencies[len(latencies) // 2] < 0.25, latencies  # median
+    assert latencies[-1] < 2.0, latencies
 
 
 def test_sigterm_drains_accepted_requests_and_refuses_new_ones(spawn):
