@@ -134,13 +134,18 @@ class EngineHook:
 class LiveServer:
     """A real uvicorn server (GracefulServer) in a thread of this process, on a free port.
 
-    Its engine (the tiny model unless `engine_factory` says otherwise) is wrapped in `self.hook`.
+    Given settings, it builds the app with its engine (the tiny model unless `engine_factory`
+    says otherwise) wrapped in `self.hook`. Given an app built elsewhere, it serves that app as
+    it is, and `self.hook` is None.
     """
 
-    def __init__(self, settings: Settings, engine_factory: Callable[[], Engine] | None = None) -> None:
-        self.hook = EngineHook()
-        self.app = create_app(settings, engine_factory=self.hook.wrap(
-            engine_factory or real_engine_factory(settings)))
+    def __init__(self, serve: Settings | FastAPI, engine_factory: Callable[[], Engine] | None = None) -> None:
+        self.hook: EngineHook | None = None
+        if isinstance(serve, FastAPI):
+            self.app = serve
+        else:
+            self.hook = EngineHook()
+            self.app = create_app(serve, engine_factory=self.hook.wrap(engine_factory or real_engine_factory(serve)))
         config = uvicorn.Config(self.app, host="127.0.0.1", port=0, log_level="warning", lifespan="on")
         self.server = GracefulServer(config)
         self.thread = threading.Thread(target=self.server.run, name="live-server", daemon=True)
@@ -188,7 +193,8 @@ class LiveServer:
         return self.wait_scheduler(what, running_batch_size=jobs)
 
     def stop(self) -> None:
-        self.hook.reset()
+        if self.hook is not None:
+            self.hook.reset()
         self.server.should_exit = True
         self.thread.join(60)
 
@@ -196,6 +202,7 @@ class LiveServer:
 @contextmanager
 def hold_engine(live: LiveServer) -> Iterator[EngineHook]:
     """Every denoising step of `live` waits until the block ends (see EngineHook.hold)."""
+    assert live.hook is not None, "hold_engine needs a LiveServer built from settings"
     live.hook.hold()
     try:
         yield live.hook
