@@ -58,10 +58,12 @@ def test_start_script_serves_the_seed_api_and_health_answers_in_milliseconds_mea
         wait_scheduler(server.url, "the large image to start", running_batch_size=1)
         latencies = []
         with httpx.Client(base_url=server.url, timeout=10) as c:
+            # Probes 20 times a second, like a busy load balancer, leaving the cores to the image.
             while not large.done() or len(latencies) < 5:
                 start = time.perf_counter()
                 assert c.get("/health").json()["status"] == "healthy"
                 latencies.append(time.perf_counter() - start)
+                time.sleep(0.05)
         body = large.result().json()
     assert body["file_path"].startswith("tmp/Qwen-Image-") and (body["width"], body["height"]) == (1664, 928)
     assert Image.open(cwd / body["file_path"]).size == (1664, 928)
