@@ -131,7 +131,37 @@ class EngineHook:
         self.release()
 
 
-class LiveServer:
+class SchedulerView:
+    """What a test reads of a running server's scheduler: `/info`'s `scheduler` block, the live
+    numbers a user sees (no reaching into the process)."""
+
+    url: str
+    headers: dict[str, str] | None = None  # e.g. the API key of a server that has keys
+
+    def scheduler(self) -> dict:
+        r = httpx.get(f"{self.url}/info", headers=self.headers or {}, timeout=30)
+        assert r.status_code == 200, r.text
+        return r.json()["scheduler"]
+
+    def wait_scheduler(self, what: str, timeout: float = 60, **expected: int) -> dict:
+        """Wait until `/info`'s scheduler numbers include `expected` (e.g. queue_length=3)."""
+        seen: dict = {}
+
+        def matches() -> bool:
+            seen.update(self.scheduler())
+            return all(seen[key] == value for key, value in expected.items())
+
+        try:
+            wait_until(matches, timeout, what)
+        except AssertionError as exc:
+            raise AssertionError(f"{exc}; /info scheduler: {seen}") from None
+        return seen
+
+    def wait_running(self, jobs: int = 1, what: str = "the first job to run") -> dict:
+        return self.wait_scheduler(what, running_batch_size=jobs)
+
+
+class LiveServer(SchedulerView):
     """A real uvicorn server (GracefulServer) in a thread of this process, on a free port.
 
     Given settings, it builds the app with its engine (the tiny model unless `engine_factory`
@@ -168,29 +198,6 @@ class LiveServer:
 
     def client(self, **kwargs) -> httpx.Client:
         return httpx.Client(base_url=self.url, timeout=120, **kwargs)
-
-    def scheduler(self, **headers: str) -> dict:
-        """`/info`'s `scheduler` block: the live numbers a user sees."""
-        r = httpx.get(f"{self.url}/info", headers=headers, timeout=30)
-        assert r.status_code == 200, r.text
-        return r.json()["scheduler"]
-
-    def wait_scheduler(self, what: str, timeout: float = 60, **expected: int) -> dict:
-        """Wait until `/info`'s scheduler numbers include `expected` (e.g. queue_length=3)."""
-        seen: dict = {}
-
-        def matches() -> bool:
-            seen.update(self.scheduler())
-            return all(seen[key] == value for key, value in expected.items())
-
-        try:
-            wait_until(matches, timeout, what)
-        except AssertionError as exc:
-            raise AssertionError(f"{exc}; /info scheduler: {seen}") from None
-        return seen
-
-    def wait_running(self, jobs: int = 1, what: str = "the first job to run") -> dict:
-        return self.wait_scheduler(what, running_batch_size=jobs)
 
     def stop(self) -> None:
         if self.hook is not None:
@@ -287,7 +294,7 @@ def free_port() -> int:
         return s.getsockname()[1]
 
 
-class ServerProcess:
+class ServerProcess(SchedulerView):
     """`qwen-image serve` (or any command) as a subprocess with its own port and cwd."""
 
     def __init__(self, cmd: list[str], cwd: Path, env: dict[str, str], port: int) -> None:

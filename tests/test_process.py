@@ -25,14 +25,6 @@ from tests.dying_app import DIE
 PNG_MAGIC = b"\x89PNG\r\n\x1a\n"
 
 
-def scheduler_of(url: str, **headers: str) -> dict:
-    return httpx.get(f"{url}/info", headers=headers, timeout=30).json()["scheduler"]
-
-
-def wait_scheduler(url: str, what: str, **expected: int) -> None:
-    wait_until(lambda: all(scheduler_of(url)[k] == v for k, v in expected.items()), 120, what, interval=0.1)
-
-
 @pytest.fixture(scope="module")
 def script_server(tmp_path_factory) -> Iterator[tuple[ServerProcess, Path]]:
     """`bash start_server.sh` as the README starts it, shared by the tests that only use it; it
@@ -55,7 +47,7 @@ def test_start_script_serves_the_seed_api_and_health_answers_in_milliseconds_mea
         large = pool.submit(httpx.post, f"{server.url}/generate", timeout=300, json={
             "prompt": "A cute cat sitting on a windowsill", "aspect_ratio": "16:9", "save_to_file": True,
             "num_inference_steps": 2})
-        wait_scheduler(server.url, "the large image to start", running_batch_size=1)
+        server.wait_running(what="the large image to start")
         latencies = []
         with httpx.Client(base_url=server.url, timeout=10) as c:
             # Probes 20 times a second, like a busy load balancer, leaving the cores to the image.
@@ -81,11 +73,11 @@ def test_sigterm_drains_accepted_requests_and_refuses_new_ones(spawn):
         # (not already done) when SIGTERM comes, or the test fails saying so.
         running = pool.submit(httpx.post, f"{server.url}/generate", timeout=300, json={
             "prompt": "drain 0", "num_inference_steps": 10})
-        wait_scheduler(server.url, "the first job to run", running_batch_size=1)
+        server.wait_running()
         queued = [pool.submit(httpx.post, f"{server.url}/generate", timeout=300, json={
             "prompt": f"drain {i}", "seed": i, "num_inference_steps": 2}) for i in range(1, 4)]
-        wait_scheduler(server.url, "three queued jobs behind a running one",
-                       queue_length=3, running_batch_size=1, processed=0)
+        server.wait_scheduler("three queued jobs behind a running one",
+                              queue_length=3, running_batch_size=1, processed=0)
         server.proc.send_signal(signal.SIGTERM)
         wait_until(lambda: httpx.get(f"{server.url}/ready").status_code == 503, 30, "/ready to turn 503")
         refused = httpx.post(f"{server.url}/generate", json={"prompt": "too late"})
@@ -125,7 +117,7 @@ def test_settings_from_flags_variables_and_dotenv_then_a_second_ctrl_c_exits_at_
     server = spawn("--api-key", key, "--max-queue", "7", QWEN_IMAGE_MAX_QUEUE="5",
                    QWEN_IMAGE_QUEUE_TIMEOUT_S="321").wait_ready()
     assert httpx.get(f"{server.url}/info").status_code == 401
-    auth = {"Authorization": f"Bearer {key}"}
+    auth = server.headers = {"Authorization": f"Bearer {key}"}
     info = httpx.get(f"{server.url}/info", headers=auth).json()
     assert info["scheduler"]["max_queue"] == 7  # the flag, over the variable and .env
     assert info["scheduler"]["queue_timeout_s"] == 321  # the variable
@@ -138,10 +130,10 @@ def test_settings_from_flags_variables_and_dotenv_then_a_second_ctrl_c_exits_at_
     with ThreadPoolExecutor(1) as pool:
         long_job = pool.submit(httpx.post, f"{server.url}/generate", timeout=300, headers=auth, json={
             "prompt": "a long job", "aspect_ratio": "1:1", "num_inference_steps": 100})
-        wait_until(lambda: scheduler_of(server.url, **auth)["running_batch_size"] == 1, 60, "the long job to run")
+        server.wait_running(what="the long job to run")
         os.killpg(server.proc.pid, signal.SIGINT)  # Ctrl+C reaches every process of the terminal's group
         wait_until(lambda: httpx.get(f"{server.url}/ready").status_code == 503, 30, "the drain to start")
-        assert scheduler_of(server.url, **auth)["running_batch_size"] == 1  # the first Ctrl+C waits for it
+        assert server.scheduler()["running_batch_size"] == 1  # the first Ctrl+C waits for it
         os.killpg(server.proc.pid, signal.SIGINT)
         second = time.monotonic()
         code = server.proc.wait(60)
