@@ -190,7 +190,12 @@ class LiveServer(SchedulerView):
         return self
 
     def is_ready(self) -> bool:
-        return httpx.get(f"{self.url}/ready").status_code == 200
+        try:
+            return httpx.get(f"{self.url}/ready", timeout=30).status_code == 200
+        except httpx.TimeoutException:
+            # While the model loads, this process is busy building it: a slow answer on a
+            # loaded machine means "not yet", not a failure.
+            return False
 
     @property
     def ctx(self):
