@@ -1,15 +1,23 @@
 """Shared fixtures: a real server on a real socket, in-process (fast, inspectable) or as a
-subprocess (for signals, exit codes and the start scripts)."""
+subprocess (for signals, exit codes and the start scripts).
+
+Tests reach a live server through its public API: they wait on `/info`'s `scheduler` block, and
+the one seam into the engine is `EngineHook` (`hold_engine`, `live.hook.fail_next`), which
+wraps whatever engine the server loads instead of patching the model's modules.
+"""
 
 from __future__ import annotations
 
+import json
 import os
 import socket
 import subprocess
 import sys
 import threading
 import time
-from collections.abc import Iterator
+from collections import deque
+from collections.abc import Callable, Iterator, Sequence
+from contextlib import contextmanager
 from pathlib import Path
 
 import httpx
@@ -17,12 +25,40 @@ import pytest
 import uvicorn
 from fastapi import FastAPI
 
-from qwen_image_server.api.app import create_app
+from qwen_image_server.api.app import create_app, real_engine_factory
+from qwen_image_server.engine.types import GenerationSpec
+from qwen_image_server.scheduler import Engine, StepCallback
 from qwen_image_server.serving import GracefulServer
 from qwen_image_server.settings import Settings
 
 ROOT = Path(__file__).resolve().parents[1]
 READY_TIMEOUT = 180.0
+HOLD_LIMIT = 120.0  # s: a held engine that nobody releases fails its batch instead of hanging
+
+
+# Under `--dist loadgroup` (run_tests.sh) the tests of one xdist_group run on one worker. Every
+# Ray file joins one group: two Ray clusters at once do not fit on a small machine. The engine
+# option tests share module-scoped models. (A file may also carry its own xdist_group mark.)
+FILE_GROUPS = {"test_engine_options.py": "engine-options"}
+
+
+@pytest.hookimpl(tryfirst=True)  # before xdist reads the marks
+def pytest_collection_modifyitems(config: pytest.Config, items: list[pytest.Item]) -> None:
+    for item in items:
+        name = item.path.name
+        group = "ray" if name.startswith("test_ray") else FILE_GROUPS.get(name)
+        if group and not any(item.iter_markers("xdist_group")):
+            item.add_marker(pytest.mark.xdist_group(group))
+
+
+def pytest_configure(config: pytest.Config) -> None:
+    # Under pytest-xdist every worker runs models at once: one torch thread each, or the workers
+    # fight over the cores and all run slower than one process would.
+    workers = int(os.environ.get("PYTEST_XDIST_WORKER_COUNT", "1"))
+    if workers > 1:
+        import torch
+
+        torch.set_num_threads(max(1, (os.cpu_count() or 1) // workers))
 
 
 def wait_until(predicate, timeout: float, what: str, interval: float = 0.05) -> None:
@@ -35,12 +71,112 @@ def wait_until(predicate, timeout: float, what: str, interval: float = 0.05) -> 
     raise AssertionError(f"timed out after {timeout}s waiting for {what}")
 
 
-class LiveServer:
-    """A real uvicorn server (GracefulServer) in a thread of this process, on a free port."""
+class EngineHook:
+    """The test seam into a live server's engine, whatever it is (the tiny model or a fake).
 
-    def __init__(self, app: FastAPI) -> None:
-        self.app = app
-        config = uvicorn.Config(app, host="127.0.0.1", port=0, log_level="warning", lifespan="on")
+    It wraps the engine the server loads. `hold()` makes every denoising step wait until
+    `release()`: the batch is provably running (`/info` shows it) and everything sent meanwhile
+    provably queued. `fail_next(...)` makes the next pipeline calls raise from inside the call, at
+    their first step, as a failing model would; so the real engine's own error mapping (out of
+    memory, a dead device, any other exception) is what the server sees.
+    """
+
+    def __init__(self) -> None:
+        self.engine: Engine | None = None
+        self.calls: list[list[int]] = []  # the seeds of every pipeline call, retries included
+        self.specs: list[GenerationSpec] = []  # every image the engine was asked for, in order
+        self._open = threading.Event()
+        self._open.set()
+        self._faults: deque[BaseException | None] = deque()
+
+    def wrap(self, load: Callable[[], Engine]) -> Callable[[], Engine]:
+        def load_hooked() -> Engine:
+            self.engine = load()
+            return self
+
+        return load_hooked
+
+    def __getattr__(self, name: str):
+        # model, free_memory, warm_up, ...: the server sees the engine it loaded.
+        if name == "engine":
+            raise AttributeError(name)
+        return getattr(self.engine, name)
+
+    def run_batch(self, specs: Sequence[GenerationSpec], on_step: StepCallback):
+        self.calls.append([spec.seed for spec in specs])
+        self.specs.extend(specs)
+        fault = self._faults.popleft() if self._faults else None
+
+        def step(done: int, total: int) -> None:
+            if not self._open.wait(HOLD_LIMIT):
+                raise AssertionError("the test held the engine and never released it")
+            if fault is not None:
+                raise fault
+            on_step(done, total)
+
+        return self.engine.run_batch(specs, step)
+
+    def hold(self) -> None:
+        self._open.clear()
+
+    def release(self) -> None:
+        self._open.set()
+
+    def fail_next(self, *faults: BaseException | None) -> None:
+        """Faults for the next pipeline calls, in order; None lets that call run normally."""
+        self._faults.extend(faults)
+
+    def reset(self) -> None:
+        self._faults.clear()
+        self.release()
+
+
+class SchedulerView:
+    """What a test reads of a running server's scheduler: `/info`'s `scheduler` block, the live
+    numbers a user sees (no reaching into the process)."""
+
+    url: str
+    headers: dict[str, str] | None = None  # e.g. the API key of a server that has keys
+
+    def scheduler(self) -> dict:
+        r = httpx.get(f"{self.url}/info", headers=self.headers or {}, timeout=30)
+        assert r.status_code == 200, r.text
+        return r.json()["scheduler"]
+
+    def wait_scheduler(self, what: str, timeout: float = 60, **expected: int) -> dict:
+        """Wait until `/info`'s scheduler numbers include `expected` (e.g. queue_length=3)."""
+        seen: dict = {}
+
+        def matches() -> bool:
+            seen.update(self.scheduler())
+            return all(seen[key] == value for key, value in expected.items())
+
+        try:
+            wait_until(matches, timeout, what)
+        except AssertionError as exc:
+            raise AssertionError(f"{exc}; /info scheduler: {seen}") from None
+        return seen
+
+    def wait_running(self, jobs: int = 1, what: str = "the first job to run") -> dict:
+        return self.wait_scheduler(what, running_batch_size=jobs)
+
+
+class LiveServer(SchedulerView):
+    """A real uvicorn server (GracefulServer) in a thread of this process, on a free port.
+
+    Given settings, it builds the app with its engine (the tiny model unless `engine_factory`
+    says otherwise) wrapped in `self.hook`. Given an app built elsewhere, it serves that app as
+    it is, and `self.hook` is None.
+    """
+
+    def __init__(self, serve: Settings | FastAPI, engine_factory: Callable[[], Engine] | None = None) -> None:
+        self.hook: EngineHook | None = None
+        if isinstance(serve, FastAPI):
+            self.app = serve
+        else:
+            self.hook = EngineHook()
+            self.app = create_app(serve, engine_factory=self.hook.wrap(engine_factory or real_engine_factory(serve)))
+        config = uvicorn.Config(self.app, host="127.0.0.1", port=0, log_level="warning", lifespan="on")
         self.server = GracefulServer(config)
         self.thread = threading.Thread(target=self.server.run, name="live-server", daemon=True)
 
@@ -54,7 +190,12 @@ class LiveServer:
         return self
 
     def is_ready(self) -> bool:
-        return httpx.get(f"{self.url}/ready").status_code == 200
+        try:
+            return httpx.get(f"{self.url}/ready", timeout=30).status_code == 200
+        except httpx.TimeoutException:
+            # While the model loads, this process is busy building it: a slow answer on a
+            # loaded machine means "not yet", not a failure.
+            return False
 
     @property
     def ctx(self):
@@ -64,8 +205,21 @@ class LiveServer:
         return httpx.Client(base_url=self.url, timeout=120, **kwargs)
 
     def stop(self) -> None:
+        if self.hook is not None:
+            self.hook.reset()
         self.server.should_exit = True
         self.thread.join(60)
+
+
+@contextmanager
+def hold_engine(live: LiveServer) -> Iterator[EngineHook]:
+    """Every denoising step of `live` waits until the block ends (see EngineHook.hold)."""
+    assert live.hook is not None, "hold_engine needs a LiveServer built from settings"
+    live.hook.hold()
+    try:
+        yield live.hook
+    finally:
+        live.hook.release()
 
 
 def tiny_settings(tmp_path: Path, **overrides) -> Settings:
@@ -82,19 +236,37 @@ def tiny_settings(tmp_path: Path, **overrides) -> Settings:
 def tiny_server(tmp_path_factory) -> Iterator[LiveServer]:
     """One in-process server on the tiny model, shared by the tests that only send requests."""
     tmp = tmp_path_factory.mktemp("tiny-server")
-    server = LiveServer(create_app(tiny_settings(tmp))).start()
+    server = LiveServer(tiny_settings(tmp)).start()
+    yield server
+    server.stop()
+
+
+@pytest.fixture(scope="session")
+def fake_server(tmp_path_factory) -> Iterator[LiveServer]:
+    """One in-process server on a fake engine (instant solid-colour images), shared by the tests
+    of what the API asks of the engine and answers, where the model's pixels are not at stake."""
+    from tests.fakes import FakeEngine
+
+    server = LiveServer(tiny_settings(tmp_path_factory.mktemp("fake-server")), FakeEngine).start()
     yield server
     server.stop()
 
 
 @pytest.fixture
+def tiny_hook(tiny_server: LiveServer) -> Iterator[EngineHook]:
+    """The shared server's engine hook, reset after the test (no fault or hold leaks out)."""
+    yield tiny_server.hook
+    tiny_server.hook.reset()
+
+
+@pytest.fixture
 def server(tmp_path: Path) -> Iterator:
-    """Start private in-process servers on the tiny model with the settings a test chooses
-    (counters start at zero, faults stay private); all are stopped at the end."""
+    """Start private in-process servers with the settings a test chooses (counters start at zero,
+    faults stay private), on the tiny model or `engine=` a fake; all are stopped at the end."""
     made: list[LiveServer] = []
 
-    def start(**settings) -> LiveServer:
-        live = LiveServer(create_app(tiny_settings(tmp_path, **settings))).start()
+    def start(engine: Callable[[], Engine] | None = None, wait_ready: bool = True, **settings) -> LiveServer:
+        live = LiveServer(tiny_settings(tmp_path, **settings), engine).start(wait_ready)
         made.append(live)
         return live
 
@@ -109,13 +281,25 @@ def client(tiny_server: LiveServer) -> Iterator[httpx.Client]:
         yield c
 
 
+def open_request(url: str, path: str, body: dict, headers: dict[str, str] | None = None) -> socket.socket:
+    """Send a JSON POST on a raw connection and return it unread: the test decides when the
+    client goes away (close() is a disconnect at a moment the test chose, not a timeout)."""
+    host, port = url.removeprefix("http://").split(":")
+    payload = json.dumps(body).encode()
+    lines = [f"POST {path} HTTP/1.1", f"Host: {host}:{port}", "Content-Type: application/json",
+             f"Content-Length: {len(payload)}", *(f"{k}: {v}" for k, v in (headers or {}).items())]
+    conn = socket.create_connection((host, int(port)), timeout=30)
+    conn.sendall("\r\n".join(lines).encode() + b"\r\n\r\n" + payload)
+    return conn
+
+
 def free_port() -> int:
     with socket.socket() as s:
         s.bind(("127.0.0.1", 0))
         return s.getsockname()[1]
 
 
-class ServerProcess:
+class ServerProcess(SchedulerView):
     """`qwen-image serve` (or any command) as a subprocess with its own port and cwd."""
 
     def __init__(self, cmd: list[str], cwd: Path, env: dict[str, str], port: int) -> None:
@@ -160,8 +344,19 @@ def server_env(port: int, **extra: str) -> dict[str, str]:
     env = {k: v for k, v in os.environ.items() if not k.startswith("QWEN_IMAGE_")}
     env.update(PORT=str(port), HOST="127.0.0.1", WORKERS="1", THREADS="2",
                QWEN_IMAGE_MODEL="tiny", PYTHONUNBUFFERED="1")
+    workers = int(os.environ.get("PYTEST_XDIST_WORKER_COUNT", "1"))
+    if workers > 1:  # as in pytest_configure: share the cores with the other test workers
+        env.setdefault("OMP_NUM_THREADS", str(max(1, (os.cpu_count() or 1) // workers)))
     env.update(extra)
     return env
+
+
+def start_process(cwd: Path, *args: str, cmd: list[str] | None = None, **env: str) -> ServerProcess:
+    """`qwen-image serve *args` (or `cmd`) in `cwd` on a free port, with `env` on top of the
+    test environment (no QWEN_IMAGE_* from outside)."""
+    port = free_port()
+    command = cmd or [sys.executable, "-m", "qwen_image_server", "serve", *args]
+    return ServerProcess(command, cwd, server_env(port, **env), port)
 
 
 @pytest.fixture
@@ -170,9 +365,7 @@ def spawn(tmp_path: Path) -> Iterator:
     started: list[ServerProcess] = []
 
     def start(*args: str, cmd: list[str] | None = None, **env: str) -> ServerProcess:
-        port = free_port()
-        command = cmd or [sys.executable, "-m", "qwen_image_server", "serve", *args]
-        proc = ServerProcess(command, tmp_path, server_env(port, **env), port)
+        proc = start_process(tmp_path, *args, cmd=cmd, **env)
         started.append(proc)
         return proc
 

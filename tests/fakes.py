@@ -7,6 +7,7 @@ is "running" and when it moves on; the images are solid colours derived from the
 from __future__ import annotations
 
 import threading
+import time
 from collections import deque
 from collections.abc import Callable, Sequence
 
@@ -16,7 +17,8 @@ from qwen_image_server.engine.types import GenerationSpec
 
 
 class FakeEngine:
-    def __init__(self, *, held: bool = False) -> None:
+    def __init__(self, *, held: bool = False, step_seconds: float = 0.0) -> None:
+        self.step_seconds = step_seconds  # simulated work per step, for tests of measured times
         self.batches: list[list[int]] = []  # seeds of every batch the engine was asked to run
         self.finished: list[list[int]] = []  # seeds of the batches that ran to the end
         self.faults: deque[BaseException] = deque()  # raised by the next batches, in order
@@ -55,6 +57,7 @@ class FakeEngine:
         for step in range(1, total + 1):
             if not self._free_running.is_set():
                 assert self._permits.acquire(timeout=10), "test never allowed the step"
+            time.sleep(self.step_seconds)
             on_step(step, total)
         if self.faults:
             raise self.faults.popleft()

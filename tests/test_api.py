@@ -10,8 +10,10 @@ from pathlib import Path
 import pytest
 from PIL import Image
 
+from qwen_image_server.engine.types import GenerationSpec
 from qwen_image_server.presets import ASPECT_RATIOS, PROMPT_SUFFIX
 from qwen_image_server.schemas import GenerateRequest
+from tests.conftest import hold_engine, open_request
 
 FAST = {"num_inference_steps": 2, "add_overlay": False}
 
@@ -58,12 +60,28 @@ def test_generate_returns_png_bytes_with_headers(client):
     assert image.size == (512, 512)
     assert int(r.headers["X-Request-ID"]) >= 1
     assert float(r.headers["X-Inference-Time"]) > 0
+    assert float(r.headers["X-Queue-Time"]) >= 0  # how long it waited: see test_concurrency.py
+    assert r.headers["X-Batch-Size"] == "1"
 
 
-def test_generate_defaults_follow_the_seed(client):
-    # Only the prompt: s1:1, 20 steps, overlay on.
-    r = client.post("/generate", json={"prompt": "A cute cat"})
-    assert png(r).size == (512, 512)
+def test_generate_defaults_follow_the_seed(client, tiny_server, tiny_hook):
+    # Only the prompt: what the engine is asked for is the seed API's defaults...
+    with hold_engine(tiny_server):
+        request = open_request(tiny_server.url, "/generate", {"prompt": "A cute cat"})
+        tiny_server.wait_running(what="the request to start")
+        asked = tiny_hook.specs[-1]
+        request.close()  # 20 steps are not needed to know it asked for 20: cancel it
+    assert asked == GenerationSpec(prompt="A cute cat" + PROMPT_SUFFIX["en"], negative_prompt=" ",
+                                   width=512, height=512, num_inference_steps=20, true_cfg_scale=4.0,
+                                   seed=42)
+    tiny_server.wait_scheduler("the cancelled request to stop", running_batch_size=0)
+    # ...and the overlay is on: the same image with an info strip at the bottom.
+    fewer_steps = {"prompt": "A cute cat", "num_inference_steps": 2}
+    marked = png(client.post("/generate", json=fewer_steps)).convert("RGB")
+    plain = png(client.post("/generate", json={**fewer_steps, "add_overlay": False})).convert("RGB")
+    assert marked.size == (512, 512)
+    assert marked.crop((0, 0, 512, 256)).tobytes() == plain.crop((0, 0, 512, 256)).tobytes()
+    assert marked.crop((0, 500, 512, 512)).tobytes() != plain.crop((0, 500, 512, 512)).tobytes()
 
 
 def test_save_to_file_answers_json_and_writes_the_png(client, tiny_server):
@@ -80,11 +98,22 @@ def test_save_to_file_answers_json_and_writes_the_png(client, tiny_server):
     assert not [p for p in saved.parent.iterdir() if p.name.startswith(".")]  # no temp files left
 
 
-@pytest.mark.parametrize("ratio", list(ASPECT_RATIOS))
-def test_every_aspect_ratio_produces_its_real_size(client, ratio):
-    r = client.post("/generate", json={"prompt": "a lighthouse", "aspect_ratio": ratio,
-                                       "num_inference_steps": 2, "add_overlay": False})
-    assert png(r).size == ASPECT_RATIOS[ratio]
+README_SIZES = {"s1:1": (512, 512), "m1:1": (512, 512), "1:1": (1328, 1328), "16:9": (1664, 928),
+                "9:16": (928, 1664), "4:3": (1472, 1104), "3:4": (1104, 1472), "3:2": (1584, 1056),
+                "2:3": (1056, 1584)}
+
+
+@pytest.mark.parametrize("ratio", list(README_SIZES))
+def test_every_aspect_ratio_answers_the_size_in_the_readme(fake_server, ratio):
+    # On the fake engine: the size asked of the engine and answered is what is at stake. The tiny
+    # model makes 16:9 end to end in test_process.py (the start script and the generate CLI).
+    with fake_server.client() as c:
+        r = c.post("/generate", json={"prompt": "a lighthouse", "aspect_ratio": ratio, "save_to_file": True,
+                                      **FAST})
+    body = r.json()
+    assert (body["width"], body["height"]) == README_SIZES[ratio]
+    assert Image.open(body["file_path"]).size == README_SIZES[ratio]
+    assert ASPECT_RATIOS[ratio] == README_SIZES[ratio]
 
 
 def test_same_request_gives_byte_identical_png_and_seed_changes_it(client):

@@ -13,7 +13,6 @@ import httpx
 import pytest
 from PIL import Image
 
-from qwen_image_server.api.app import create_app
 from qwen_image_server.presets import PROMPT_SUFFIX
 from tests.conftest import LiveServer, tiny_settings
 
@@ -37,7 +36,7 @@ def assert_error(r: httpx.Response, status: int, type_: str, param: str | None =
 @pytest.fixture
 def keyed(tmp_path, caplog) -> LiveServer:
     caplog.set_level(logging.DEBUG)  # so the test sees everything the server might log
-    live = LiveServer(create_app(tiny_settings(tmp_path, api_keys=KEYS, log_level="debug"))).start()
+    live = LiveServer(tiny_settings(tmp_path, api_keys=KEYS, log_level="debug")).start()
     yield live
     live.stop()
 
@@ -103,8 +102,8 @@ def test_a_body_over_the_limit_is_a_413_in_the_common_shape(client, tiny_server)
 
 
 def accepted_jobs(live: LiveServer) -> int:
-    s = live.ctx.scheduler.stats()
-    return s.queue_length + s.running_batch_size + s.processed + s.failed + s.cancelled
+    s = live.scheduler()
+    return s["queue_length"] + s["running_batch_size"] + s["processed"] + s["failed"] + s["cancelled"]
 
 
 def test_a_prompt_over_the_token_limit_is_refused_before_queueing(client, tiny_server):

@@ -13,9 +13,7 @@ import openai
 import pytest
 from PIL import Image
 
-from qwen_image_server.api.app import create_app
-from qwen_image_server.engine.types import GenerationSpec
-from tests.conftest import LiveServer, tiny_settings, wait_until
+from tests.conftest import LiveServer
 from tests.fakes import FakeEngine
 
 FAST = {"num_inference_steps": 2}
@@ -103,12 +101,16 @@ def test_without_a_seed_each_request_is_a_new_image(oai):
     assert unseeded() != unseeded()
 
 
-def test_jpeg_output(oai):
-    response = oai.images.generate(prompt="a lighthouse", size=SMALL, output_format="jpeg",
-                                   output_compression=80, extra_body=FAST)
-    _, image = decode(response.data[0].b64_json)
+def test_jpeg_output_at_the_asked_compression(oai):
+    def jpeg(quality: int) -> tuple[bytes, Image.Image]:
+        response = oai.images.generate(prompt="a lighthouse", size=SMALL, output_format="jpeg",
+                                       output_compression=quality, extra_body={**FAST, "seed": 3})
+        assert response.output_format == "jpeg"
+        return decode(response.data[0].b64_json)
+
+    (fine, image), (coarse, _) = jpeg(95), jpeg(20)
     assert image.format == "JPEG" and image.size == (256, 256)
-    assert response.output_format == "jpeg"
+    assert len(coarse) < len(fine) * 0.8  # the same image, encoded at a lower quality
 
 
 def test_webp_output_by_url(oai):
@@ -154,8 +156,21 @@ def test_models_lists_the_served_models(oai, tiny_server):
         oai.models.retrieve("dall-e-3")
 
 
+def test_auto_size_is_the_large_square(server):
+    # On a fake engine: what is at stake is the size asked of the engine and answered; the tiny
+    # model makes a large image end to end in test_process.py.
+    live = server(engine=FakeEngine)
+    with openai.OpenAI(base_url=f"{live.url}/v1", api_key="any", max_retries=0) as client:
+        for response in (client.images.generate(prompt="a lighthouse", size="auto", extra_body=FAST),
+                         client.images.generate(prompt="a lighthouse", extra_body=FAST)):  # the default
+            assert response.size == "1328x1328"
+            assert decode(response.data[0].b64_json)[1].size == (1328, 1328)
+
+
 @pytest.mark.parametrize(("kwargs", "param"), [
     ({"size": "100x100"}, "size"),
+    ({"size": "2064x512"}, "size"),  # a multiple of 16, but over 2048
+    ({"size": "512x4096"}, "size"),
     ({"size": "1000x1000"}, "size"),  # not multiples of 16
     ({"size": "large"}, "size"),
     ({"n": 11}, "n"),
@@ -178,16 +193,14 @@ def test_bad_requests_are_400_naming_the_parameter(oai, kwargs, param):
 # -- failures, on a fake engine whose steps the test releases ------------------------------
 
 @pytest.fixture
-def fake(tmp_path) -> Iterator[tuple[openai.OpenAI, LiveServer, FakeEngine]]:
+def fake(server) -> Iterator[tuple[openai.OpenAI, LiveServer, FakeEngine]]:
     engine = FakeEngine(held=True)
     # One job per batch, so the n jobs of a request run one after another.
-    settings = tiny_settings(tmp_path, max_batch_size=1)
-    live = LiveServer(create_app(settings, engine_factory=lambda: engine)).start()
+    live = server(engine=lambda: engine, max_batch_size=1)
     client = openai.OpenAI(base_url=f"{live.url}/v1", api_key="any", max_retries=0, timeout=60)
     yield client, live, engine
     engine.run_freely()
     client.close()
-    live.stop()
 
 
 def in_thread(fn) -> tuple[threading.Thread, dict]:
@@ -216,7 +229,7 @@ def test_one_failed_image_fails_the_request_and_cancels_the_others(fake):
     assert isinstance(error, openai.InternalServerError)
     assert error.body["type"] == "inference_error"
     engine.run_freely()
-    wait_until(lambda: live.ctx.scheduler.stats().cancelled == 2, 10, "the other two jobs to be cancelled")
+    live.wait_scheduler("the other two jobs to be cancelled", cancelled=2)
     assert engine.finished == []  # no other image was completed
     assert 12 not in {seed for batch in engine.batches for seed in batch}  # the third never started
 
@@ -230,51 +243,43 @@ def test_a_failure_during_a_stream_is_raised_by_the_client(fake):
         list(stream)
 
 
-def test_queue_full_is_429_before_any_stream_starts(tmp_path):
+def test_queue_full_is_429_before_any_stream_starts(server):
     engine = FakeEngine(held=True)
-    settings = tiny_settings(tmp_path, max_queue=3, max_batch_size=1)
-    live = LiveServer(create_app(settings, engine_factory=lambda: engine)).start()
+    live = server(engine=lambda: engine, max_queue=3, max_batch_size=1)
     client = openai.OpenAI(base_url=f"{live.url}/v1", api_key="any", max_retries=0, timeout=60)
     try:
         # One job runs and one waits, so three more images do not fit in a queue of three.
-        scheduler = live.ctx.scheduler
-        earlier = [scheduler.submit(GenerationSpec(f"earlier {i}", " ", 256, 256, 2, 4.0, i), i)
+        earlier = [httpx.post(f"{live.url}/v1/jobs", json={"prompt": f"earlier {i}", **FAST}).json()
                    for i in range(2)]
-        wait_until(lambda: scheduler.stats().queue_length == 1, 30, "one job running, one waiting")
-        with pytest.raises(openai.RateLimitError):
+        live.wait_scheduler("one job running, one waiting", running_batch_size=1, queue_length=1)
+        with pytest.raises(openai.RateLimitError) as full:
             client.images.generate(prompt="a lighthouse", size=SMALL, n=3, stream=True, extra_body=FAST)
-        assert scheduler.stats().queue_length == 1  # none of the refused request's images stayed queued
+        assert full.value.body["type"] == "queue_full"
+        assert int(full.value.response.headers["Retry-After"]) >= 1
+        assert live.scheduler()["queue_length"] == 1  # none of the refused request's images stayed queued
         with pytest.raises(openai.BadRequestError) as too_many:  # more than the queue ever holds
             client.images.generate(prompt="a lighthouse", size=SMALL, n=4, extra_body=FAST)
         assert too_many.value.body["param"] == "n"
         engine.run_freely()
-        assert all(job.future.result(60).image for job in earlier)
+        live.wait_scheduler("the earlier jobs to finish", processed=2)
+        for job in earlier:
+            assert httpx.get(f"{live.url}/v1/jobs/{job['id']}").json()["status"] == "succeeded"
     finally:
         engine.run_freely()
         client.close()
-        live.stop()
 
 
-def test_a_client_leaving_a_stream_cancels_its_images(fake, monkeypatch):
+def test_a_client_leaving_a_stream_cancels_its_images(fake):
     _, live, engine = fake
-    scheduler = live.ctx.scheduler
-    jobs = []
-    submit_many = scheduler.submit_many
-
-    def recording_submit_many(*args):
-        jobs.extend(submit_many(*args))
-        return jobs[-len(args[0]):]
-
-    monkeypatch.setattr(scheduler, "submit_many", recording_submit_many)
     body = {"prompt": "a lighthouse", "size": SMALL, "n": 2, "stream": True, **FAST}
     with httpx.Client(timeout=30) as http, http.stream("POST", f"{live.url}/v1/images/generations",
                                                         json=body) as response:
         assert response.status_code == 200
         assert response.headers["content-type"].startswith("text/event-stream")
         engine.wait_started()  # the first image is being made; the client hangs up
-    wait_until(lambda: len(jobs) == 2 and all(job.cancel_requested or job.done for job in jobs), 10,
-               "the server to cancel both jobs")
+    # The queued image is cancelled at once; the running one at its next step.
+    live.wait_scheduler("the server to cancel the queued image", cancelled=1, queue_length=0)
     engine.run_freely()
-    wait_until(lambda: scheduler.stats().cancelled == 2, 10, "both images to end cancelled")
+    live.wait_scheduler("both images to end cancelled", cancelled=2, running_batch_size=0)
     assert engine.finished == []  # the running image stopped at its next step
     assert len(engine.batches) == 1  # the queued one never started

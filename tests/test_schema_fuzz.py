@@ -13,17 +13,12 @@ from pathlib import Path
 
 import pytest
 
-from qwen_image_server.api.app import create_app
-from tests.conftest import LiveServer, tiny_settings
 from tests.fakes import FakeEngine
 
 
 @pytest.fixture
-def fake_server(tmp_path):
-    live = LiveServer(create_app(tiny_settings(tmp_path, max_queue=64), engine_factory=FakeEngine))
-    live.start(wait_ready=True)
-    yield live
-    live.stop()
+def fake_server(server):
+    return server(engine=FakeEngine, max_queue=64)
 
 
 def test_fuzzing_every_route_finds_no_server_error(fake_server, tmp_path):

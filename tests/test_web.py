@@ -15,10 +15,9 @@ from pathlib import Path
 import httpx
 import pytest
 
-from tests.conftest import ROOT, LiveServer, tiny_settings, wait_until
-from tests.test_concurrency import hold_engine
-from qwen_image_server.api.app import create_app
+from tests.conftest import ROOT, LiveServer, hold_engine, tiny_settings
 
+pytestmark = pytest.mark.xdist_group("web")  # one browser and one server for the module
 CHROMIUM = Path("/usr/bin/chromium")
 if not CHROMIUM.exists():
     pytest.skip(f"{CHROMIUM} is missing: install Debian's chromium (apt-get install -y chromium) "
@@ -46,7 +45,7 @@ def browser() -> Iterator[Browser]:
 @pytest.fixture(scope="module")
 def live(tmp_path_factory) -> Iterator[LiveServer]:
     # max_queue=1: one held job fills the queue, so the page's next job gets a real 429.
-    server = LiveServer(create_app(tiny_settings(tmp_path_factory.mktemp("web"), max_queue=1))).start()
+    server = LiveServer(tiny_settings(tmp_path_factory.mktemp("web"), max_queue=1)).start()
     yield server
     server.stop()
 
@@ -146,10 +145,9 @@ def test_generate_cancel_errors_and_gallery(browser, live):
     screenshot(page, "web-playground-1280x800.png")
 
     # -- cancel a job that waits behind a busy engine ------------------------------------
-    release, restore = hold_engine(live)
-    try:
+    with hold_engine(live):
         blocker = httpx.post(f"{live.url}/v1/jobs", json={"prompt": "blocker", "num_inference_steps": 2}).json()
-        wait_until(lambda: live.ctx.scheduler.stats().running_batch_size == 1, 30, "the blocker to run")
+        live.wait_running(what="the blocker to run")
         page.fill("#prompt", "a job to cancel")
         page.click("#generate")
         expect(page.locator("#status")).to_have_text("Waiting in the queue: yours is next.")
@@ -158,7 +156,7 @@ def test_generate_cancel_errors_and_gallery(browser, live):
         page.click("#cancel")
         expect(page.locator("#status")).to_have_text("Cancelled: the job was stopped and no image was made.")
         expect(page.locator("#generate")).to_be_enabled()
-        assert live.ctx.scheduler.stats().cancelled == 1
+        assert live.scheduler()["cancelled"] == 1
 
         # -- queue full: a real 429, its Retry-After in plain words ------------------------
         filler = httpx.post(f"{live.url}/v1/jobs", json={"prompt": "filler", "num_inference_steps": 2}).json()
@@ -168,9 +166,6 @@ def test_generate_cancel_errors_and_gallery(browser, live):
         assert re.search(r"Try again in \d+ seconds?\.", page.inner_text("#form-error"))
         for job in (filler, blocker):
             httpx.delete(f"{live.url}/v1/jobs/{job['id']}")
-    finally:
-        release.set()
-        restore()
 
     # -- validation: the server's 400 next to the field it names; an empty prompt --------
     page.fill("#num_inference_steps", "101")
@@ -234,7 +229,7 @@ def test_phone_width_layout(browser, live):
 
 
 def test_with_an_api_key_the_page_asks_for_it_once(browser, tmp_path):
-    live = LiveServer(create_app(tiny_settings(tmp_path, api_keys=[KEY]))).start()
+    live = LiveServer(tiny_settings(tmp_path, api_keys=[KEY])).start()
     try:
         assert httpx.get(f"{live.url}/info").status_code == 401
         watched = Watched(browser, live.url, viewport={"width": 1280, "height": 800})
