@@ -38,8 +38,12 @@ HOLD_LIMIT = 120.0  # s: a held engine that nobody releases fails its batch inst
 
 # Under `--dist loadgroup` (run_tests.sh) the tests of one xdist_group run on one worker. Every
 # Ray file joins one group: two Ray clusters at once do not fit on a small machine. The engine
-# option tests share module-scoped models. (A file may also carry its own xdist_group mark.)
-FILE_GROUPS = {"test_engine_options.py": "engine-options"}
+# option tests share module-scoped models, and so do the other files named here: each file's
+# module fixtures (servers, models, a browser) are started once, on one worker. (A file may also
+# carry its own xdist_group mark.)
+FILE_GROUPS = {name: name.removeprefix("test_").removesuffix(".py") for name in (
+    "test_engine_options.py", "test_gpu_paths.py", "test_edit.py", "test_web_edit.py",
+    "test_uploads.py", "test_models.py", "test_openai.py")}
 
 
 @pytest.hookimpl(tryfirst=True)  # before xdist reads the marks
