@@ -83,11 +83,11 @@ def test_edit_as_files_or_base64_gives_the_same_image(edit_server):
 
 def test_openai_client_multi_image_edit_batches_n_and_each_equals_its_request_alone(edit_server, oai):
     first, second = picture(2), picture(3, (96, 64))
-    batches = edit_server.ctx.scheduler.stats().batches
+    batches = edit_server.scheduler()["batches"]
     response = oai.images.edit(image=[("a.png", first, "image/png"), ("b.png", second, "image/png")],
                                prompt="put the cat on the sofa", n=2, size="256x256",
                                extra_body={"num_inference_steps": STEPS, "seed": 7})
-    assert edit_server.ctx.scheduler.stats().batches == batches + 1  # both images in one call
+    assert edit_server.scheduler()["batches"] == batches + 1  # both images in one call
     assert len(response.data) == 2 and response.size == "256x256"
     assert response.model_extra["model"] == "tiny-edit"
     assert response.usage.input_tokens_details.image_tokens > 0

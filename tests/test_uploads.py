@@ -173,7 +173,7 @@ def test_bad_uploads_are_400s_naming_the_field_and_the_server_keeps_serving(fake
         # And a good one still works.
         ok = edit(client, [("image", ("a.png", png()))])
         assert ok.status_code == 200 and ok.json()["size"] == "384x256"  # 48x32 snapped into 256-2048
-    assert fake_server.ctx.scheduler.stats().processed == 1  # only the good one reached the engine
+    assert fake_server.scheduler()["processed"] == 1  # only the good one reached the engine
 
 
 def test_an_edit_sent_to_a_server_without_an_edit_model_names_model(tmp_path):

@@ -22,11 +22,12 @@ from qwen_image_server.api.job_registry import JobRegistry
 from qwen_image_server.api.replica import ReplicaHeaderMiddleware, id_prefix
 from qwen_image_server.api.web import install_web
 from qwen_image_server.engine.device import resolve_device
+from qwen_image_server.engine.options import batch_config
 from qwen_image_server.generation import Generation
 from qwen_image_server.logs import configure_logging
 from qwen_image_server.metrics import SchedulerMetrics, ServerMetrics
 from qwen_image_server.results import ResultStore
-from qwen_image_server.scheduler import Engine, Scheduler, SchedulerConfig
+from qwen_image_server.scheduler import Engine, Scheduler
 from qwen_image_server.serving import Lifecycle
 from qwen_image_server.settings import Settings
 
@@ -70,14 +71,7 @@ def create_app(
 
     scheduler = Scheduler(
         metrics.measure_load(engine_factory or real_engine_factory(settings)),
-        SchedulerConfig.for_device(
-            device.type,
-            max_queue=settings.max_queue,
-            queue_timeout_s=settings.queue_timeout_s,
-            max_batch_size=settings.max_batch_size,
-            max_batch_pixels=settings.max_batch_pixels,
-            batch_wait_ms=settings.batch_wait_ms,
-        ),
+        batch_config(settings, device),
         on_fatal=lifecycle.engine_failed,
         observer=SchedulerMetrics(metrics, queue_length),
         id_prefix=id_prefix(replica),
