@@ -28,7 +28,8 @@ class JobRecord:
     inference_time: float | None = None
     error: ErrorDetail | None = None
     finished_monotonic: float | None = None
-    subscribers: set[asyncio.Queue[tuple[JobEvent, int]]] = field(default_factory=set)
+    # Each subscriber's queue of (event, step for `step` / queue position for `queued`).
+    subscribers: set[asyncio.Queue[tuple[JobEvent, int | None]]] = field(default_factory=set)
 
     @property
     def status(self) -> JobState:
@@ -43,7 +44,7 @@ class JobRecord:
     def fail(self, exc: errors.ServerError) -> None:
         self.error = ErrorDetail(message=exc.message, type=exc.type, param=exc.param, code=exc.code)
 
-    def publish(self, event: JobEvent, step: int) -> None:
+    def publish(self, event: JobEvent, value: int | None) -> None:
         """Wake every SSE subscriber (called on the event loop)."""
         for queue in self.subscribers:
             queue.put_nowait((event, step))
