@@ -21,11 +21,11 @@ def _needs(config: str) -> str | None:
     return package if package and importlib.util.find_spec(package) is None else None
 
 
-@pytest.mark.timeout(300)
+@pytest.mark.timeout(420)
 def test_smoke_run_times_every_configuration_and_prints_the_table(tmp_path: Path) -> None:
     out = tmp_path / "gpu.json"
     proc = subprocess.run([sys.executable, str(ROOT / "bench" / "gpu.py"), "--smoke", "--out", str(out)],
-                          cwd=tmp_path, capture_output=True, text=True, timeout=280)
+                          cwd=tmp_path, capture_output=True, text=True, timeout=400)
     assert proc.returncode == 0, proc.stderr[-4000:]
     doc = json.loads(out.read_text())
     rows = doc["rows"]
@@ -58,6 +58,20 @@ def test_smoke_run_times_every_configuration_and_prints_the_table(tmp_path: Path
 
     (http,) = [r for r in rows if r["section"] == "http"]
     assert http["raw_s"] > 0 and http["e2e_s"] > 0 and http["ratio"] > 0, http
+
+    # Edits on the tiny edit model: one row per number of input images, timed like the speed rows.
+    edits = {r["images"]: r for r in rows if r["section"] == "edit"}
+    assert set(edits) == {1, 3}, edits
+    for images, row in edits.items():
+        assert not row.get("error"), row
+        assert row["size"] == "256x256" and row["steps"] == 2 and row["e2e_measured"], row
+        assert row["e2e_s"] > row["step_s"] > 0, row
+        assert f"{images} input image" in row["note"], row
+    assert doc["configs"]["baseline"]["edit_build_s"] >= 0
+    # Each input image is encoded by the VAE and the vision tower: three cost more than one.
+    assert edits[3]["e2e_s"] > edits[1]["e2e_s"], edits
+    assert "| edit | baseline | 256x256 | 1 | 2 |" in proc.stdout
+    assert "edit 256x256, cfg 4: 1 input image: 2 steps" in proc.stdout
 
     # The table a user reads: its header, and one line per row.
     assert "| section | config | size | batch | steps | s/step | e2e s |" in proc.stdout
