@@ -14,7 +14,7 @@ Without a GPU (or with --smoke) it runs the embedded tiny model on the CPU, so C
     .venv/bin/python bench/gpu.py                        # CUDA: the full matrix; no new work after 420 s
     .venv/bin/python bench/gpu.py --append               # continue a run the time budget cut short
     .venv/bin/python bench/gpu.py --configs baseline,compile+fp8 --sizes 1024x1024 --measure-steps 50
-    .venv/bin/python bench/gpu.py --smoke                # CPU, tiny model, about a minute
+    .venv/bin/python bench/gpu.py --smoke                # CPU, tiny models, about a minute and a half
 
 Sections: speed (per-step and end-to-end time per configuration and size), batch (throughput
 of batches on the first configuration), memory (peak GPU memory of offload and quantization
@@ -1135,8 +1135,8 @@ def parse_args(argv: Sequence[str] | None) -> argparse.Namespace:
                                             "int8, qte (text encoder quantized too), cache, lightning[N], "
                                             "offload-model, offload-sequential, attn-<diffusers backend>.")
     parser.add_argument("--smoke", action="store_true",
-                        help="CPU, tiny model, 2 steps, CPU-capable configurations: a check that the "
-                             "benchmark works (about a minute on 2 cores)")
+                        help="CPU, tiny models, 2 steps, CPU-capable configurations: a check that the "
+                             "benchmark works (about a minute and a half on 2 cores)")
     parser.add_argument("--model", choices=("auto", "full", "tiny"), default="auto",
                         help="full: real architecture, random weights (default on CUDA); tiny: the "
                              "embedded test model (default on CPU)")
