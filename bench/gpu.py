@@ -14,12 +14,15 @@ Without a GPU (or with --smoke) it runs the embedded tiny model on the CPU, so C
     .venv/bin/python bench/gpu.py                        # CUDA: the full matrix; no new work after 420 s
     .venv/bin/python bench/gpu.py --append               # continue a run the time budget cut short
     .venv/bin/python bench/gpu.py --configs baseline,compile+fp8 --sizes 1024x1024 --measure-steps 50
-    .venv/bin/python bench/gpu.py --smoke                # CPU, tiny model, about a minute
+    .venv/bin/python bench/gpu.py --smoke                # CPU, tiny models, about a minute and a half
 
 Sections: speed (per-step and end-to-end time per configuration and size), batch (throughput
 of batches on the first configuration), memory (peak GPU memory of offload and quantization
 plans, and whether each fits 24 / 48 / 80 GB cards), http (one request through the real app vs
-the raw engine call). It prints one markdown table and writes the rows as JSON.
+the raw engine call), edit (Qwen-Image-Edit-2509 / -2511 on the first configuration: the same
+random components in a QwenImageEditPlusPipeline, one and three input images, 1024x1024, 40 and
+50 steps; with --smoke the embedded tiny edit model). It prints one markdown table and writes
+the rows as JSON.
 """
 
 from __future__ import annotations
@@ -42,16 +45,19 @@ from contextlib import contextmanager
 from pathlib import Path
 from typing import Any
 
+import numpy as np
 import torch
+from PIL import Image
 
 sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
 
 from qwen_image_server.engine.compilation import compiled_graphs  # noqa: E402
 from qwen_image_server.engine.device import DeviceInfo, resolve_device, resolve_dtype  # noqa: E402
-from qwen_image_server.engine.loader import LoadedModel, count_parameters  # noqa: E402
+from qwen_image_server.engine.loader import LoadedModel, count_parameters, load_model  # noqa: E402
 from qwen_image_server.engine.runner import PipelineEngine  # noqa: E402
-from qwen_image_server.engine.tiny import ensure_tiny_model  # noqa: E402
-from qwen_image_server.engine.types import GenerationSpec  # noqa: E402
+from qwen_image_server.engine.tiny import TINY_EDIT_MODEL_NAME, ensure_tiny_model  # noqa: E402
+from qwen_image_server.engine.types import EditSpec, GenerationSpec, digest_images  # noqa: E402
+from qwen_image_server.model_list import ModelRef  # noqa: E402
 from qwen_image_server.presets import ASPECT_RATIOS, with_suffix  # noqa: E402
 from qwen_image_server.settings import Settings  # noqa: E402
 
@@ -138,6 +144,19 @@ DEFAULT_CONFIGS = ("baseline", "compile", "fp8", "compile+fp8", "compile+fp8+all
 DEFAULT_MEMORY_CONFIGS = ("int8", "fp8+qte", "offload-model", "offload-model+fp8",
                           "offload-model+fp8+all+qte", "offload-sequential")
 SMOKE_CONFIGS = ("baseline", "int8", "fp8", "cache")
+SECTIONS = ("speed", "batch", "memory", "http", "edit")
+
+# Edits: Qwen-Image-Edit-2509 and -2511 have Qwen-Image's transformer, text encoder and VAE
+# (2511's zero_cond_t adds no parameters and no work), so the edit rows run the same random
+# components through QwenImageEditPlusPipeline.
+EDIT_PROMPT = with_suffix("Make it a night scene with a full moon over the rooftops", "en")
+# Published single-GPU edit times at about 1024x1024 with CFG, by step count, printed beside the
+# rows with the same step count.
+EDIT_ANCHORS: dict[int, str] = {
+    40: "SGLang Diffusion, 1x H100: Edit-2509 40 steps 38.6 s",
+    50: "SGLang Diffusion, 1x H100: Edit 50 steps 32.8 s; vLLM-Omni, H200: Edit 51.5 s "
+        "(21.6 s with cache-dit)",
+}
 
 log = logging.getLogger("bench.gpu")
 
@@ -336,6 +355,16 @@ def load_tiny_pipeline(cache_dir: Path, dtype: torch.dtype) -> Any:
     return QwenImagePipeline.from_pretrained(ensure_tiny_model(cache_dir), dtype=dtype)
 
 
+def full_edit_pipeline(pipeline: Any) -> Any:
+    """Qwen-Image-Edit-2509 / -2511 over `pipeline`'s modules (`from_pipe` shares them: nothing
+    is copied), with the Qwen2.5-VL processor that shows the input images to the text encoder."""
+    from diffusers import QwenImageEditPlusPipeline
+
+    from qwen_image_server.engine.processor import build_processor
+
+    return QwenImageEditPlusPipeline.from_pipe(pipeline, processor=build_processor(pipeline.tokenizer))
+
+
 # -- measuring ------------------------------------------------------------------------------------
 
 
@@ -370,6 +399,21 @@ def specs_for(width: int, height: int, steps: int, batch: int, cfg: float) -> li
                            width=width, height=height, num_inference_steps=steps,
                            true_cfg_scale=cfg, seed=42 + i)
             for i in range(batch)]
+
+
+def edit_inputs(width: int, height: int, count: int) -> tuple[Image.Image, ...]:
+    """`count` noise pictures of the output size, as decoded uploads reach the engine."""
+    rng = np.random.default_rng(0)
+    return tuple(Image.fromarray(rng.integers(0, 256, (height, width, 3), dtype=np.uint8))
+                 for _ in range(count))
+
+
+def edit_specs(width: int, height: int, steps: int, pictures: tuple[Image.Image, ...],
+               one_prompt_per_call: bool) -> list[EditSpec]:
+    """One edit of `pictures` (as the server's request path makes it), cfg 4."""
+    return [EditSpec(prompt=EDIT_PROMPT, negative_prompt=" ", width=width, height=height,
+                     num_inference_steps=steps, true_cfg_scale=CFG_SCALE, seed=42, images=pictures,
+                     inputs_digest=digest_images(pictures, None), one_prompt_per_call=one_prompt_per_call)]
 
 
 def timed_run(engine: PipelineEngine, device: DeviceInfo, specs: Sequence[GenerationSpec]) -> Run:
@@ -429,6 +473,7 @@ class Prepared:
     applied: str  # AppliedOptions.summary(): what prepare_pipeline really did
     build_s: float  # weights built (or loaded) and every option applied, before any warm-up
     warmed: dict[tuple[int, int], int] = dataclasses.field(default_factory=dict)  # size -> largest batch
+    edit_engine: PipelineEngine | None = None  # made by the first edit unit
 
 
 class Benchmark:
@@ -482,7 +527,8 @@ class Benchmark:
 
     def done_before(self, section: str, config: BenchConfig, width: int, height: int, batch: int) -> bool:
         """With --append: a unit whose rows are already in the JSON, all without error, is not rerun."""
-        key = {"section": section, "config": config.name, "size": size_label(width, height), "batch": batch}
+        key = {"section": section, "config": config.name, "size": size_label(width, height),
+               **self.unit_count(section, batch)}
         rows = [r for r in self.previous if all(r.get(k) == v for k, v in key.items())]
         return bool(rows) and not any(r.get("error") for r in rows)
 
@@ -491,7 +537,7 @@ class Benchmark:
         self.save()  # after every row: a run stopped by a time limit keeps what it measured
 
     def merged_rows(self) -> list[dict[str, Any]]:
-        keys = ("section", "config", "size", "batch", "steps")
+        keys = ("section", "config", "size", "batch", "images", "steps")
         fresh = {tuple(r.get(k) for k in keys) for r in self.rows}
         return [r for r in self.previous if tuple(r.get(k) for k in keys) not in fresh] + self.rows
 
@@ -532,10 +578,19 @@ class Benchmark:
         return {"section": section, "config": config.name, "size": size_label(width, height),
                 "batch": batch, "steps": steps, "cfg": cfg, **values}
 
+    @staticmethod
+    def unit_count(section: str, count: int) -> dict[str, int]:
+        """A unit's last number as its rows record it: input images of an edit, else the batch."""
+        return {"batch": 1, "images": count} if section == "edit" else {"batch": count}
+
     def failed(self, section: str, config: BenchConfig, width: int, height: int, batch: int, why: str) -> None:
-        steps = config.lightning_steps or self.args.steps[0]
-        cfg = 1.0 if config.lightning_steps else CFG_SCALE
-        self.add(self.row(section, config, width, height, batch, steps, cfg, error=why))
+        if section == "edit":
+            steps, cfg = self.args.edit_steps[0], CFG_SCALE
+        else:
+            steps = config.lightning_steps or self.args.steps[0]
+            cfg = 1.0 if config.lightning_steps else CFG_SCALE
+        counts = self.unit_count(section, batch)
+        self.add(self.row(section, config, width, height, counts.pop("batch"), steps, cfg, **counts, error=why))
 
     # -- pipelines ------------------------------------------------------------------------------
 
@@ -571,8 +626,34 @@ class Benchmark:
                                              "inductor": inductor_settings()}
         return Prepared(config.options, config.caches, PipelineEngine(model), applied, build_s)
 
+    def edit_engine(self, prepared: Prepared, config: BenchConfig) -> PipelineEngine:
+        """The edit model of this configuration, made once: the full-size edit pipeline over the
+        prepared modules (the options they carry apply to edits too), or the embedded tiny edit
+        model loaded by the server's own loader with the configuration's settings."""
+        if prepared.edit_engine is None:
+            assert prepared.engine is not None
+            start = time.perf_counter()
+            if self.full:
+                generation = prepared.engine.model
+                model = dataclasses.replace(generation, pipeline=full_edit_pipeline(generation.pipeline),
+                                            name=f"{generation.name}-edit", task="edit")
+            else:
+                settings = settings_for(config, self.settings_base)
+                model = load_model(settings, ModelRef(TINY_EDIT_MODEL_NAME, TINY_EDIT_MODEL_NAME))
+            _sync(self.device)
+            prepared.edit_engine = PipelineEngine(model)
+            self.configs_applied.setdefault(config.name, {})["edit_build_s"] = round(
+                time.perf_counter() - start, 1)
+        return prepared.edit_engine
+
     def release(self, prepared: Prepared) -> None:
         assert prepared.engine is not None
+        if prepared.edit_engine is not None:
+            edit_pipeline = prepared.edit_engine.pipeline
+            prepared.edit_engine = None
+            # The full-size edit pipeline shares the generation modules; dropped first so that
+            # nothing holds them when those are dropped.
+            self._drop(edit_pipeline, prepared.caches)
         pipeline = prepared.engine.pipeline
         prepared.engine = None
         self._drop(pipeline, prepared.caches)
@@ -636,6 +717,40 @@ class Benchmark:
                 self.add(self.row("speed", config, width, height, 1, steps, cfg,
                                   **self.values(run, steps, measured), warmup_s=round(warmup_s, 2),
                                   note="; ".join(note)))
+
+    def edit(self, prepared: Prepared, config: BenchConfig, width: int, height: int, images: int) -> None:
+        """Per-step and end-to-end time of one edit of `images` input images at each --edit-steps
+        value (cfg 4), timed and derived as the speed rows are."""
+        engine = self.edit_engine(prepared, config)
+        one_prompt = engine.edits is not None and engine.edits.one_prompt_per_call
+        pictures = edit_inputs(width, height, images)
+        measure = self.args.measure_steps
+        # cache-dit's schedule depends on the step count: each count is its own run.
+        plan = [(steps, config.caches or steps == measure) for steps in self.args.edit_steps]
+        warmup_s = None
+        if self.args.edit_warmup:
+            start = time.perf_counter()
+            engine.run_batch(edit_specs(width, height, self.args.warmup_steps, pictures, one_prompt),
+                             lambda step, total: None)
+            _sync(self.device)
+            warmup_s = round(time.perf_counter() - start, 2)
+        runs: dict[int, Run] = {}
+        for steps, measured in plan:
+            timed = steps if measured else measure
+            if timed not in runs:
+                runs[timed] = timed_run(engine, self.device, edit_specs(width, height, timed, pictures, one_prompt))
+                if config.caches:
+                    runs[timed].cache_note = cache_summary(engine.pipeline)
+            run = runs[timed]
+            note = [f"{engine.model.pipeline_class}, {images} input image{'s' if images > 1 else ''} "
+                    f"of {size_label(width, height)}", f"cfg {CFG_SCALE:g}: 2 passes per step"]
+            if run.cache_note:
+                note.append(f"{run.cache_note} (random weights: not the real hit rate)")
+            if steps in EDIT_ANCHORS and self.full:
+                note.append(f"anchor: {EDIT_ANCHORS[steps]}")
+            self.add(self.row("edit", config, width, height, 1, steps, CFG_SCALE, images=images,
+                              **self.values(run, steps, measured), warmup_s=warmup_s,
+                              note="; ".join(note)))
 
     def values(self, run: Run, steps: int, measured: bool) -> dict[str, Any]:
         e2e = run.e2e_s if measured else run.e2e_at(steps)
@@ -728,6 +843,8 @@ class Benchmark:
                 self.batch(engine, config, width, height, batch)
             elif section == "memory":
                 self.memory(engine, config, width, height, prepared.applied)
+            elif section == "edit":
+                self.edit(prepared, config, width, height, batch)
             else:
                 self.http(engine, config, width, height)
         except Exception as exc:  # noqa: BLE001 - one failing unit must not lose the others
@@ -756,6 +873,8 @@ class Benchmark:
         assert engine is not None
         wanted: dict[tuple[int, int], int] = {}
         for section, width, height, batch in units:
+            if section == "edit":  # the edit model warms itself up (its untimed first call)
+                continue
             wanted[(width, height)] = max(wanted.get((width, height), 1), batch if section == "batch" else 1)
         start = time.perf_counter()
         for (width, height), batch in wanted.items():
@@ -783,6 +902,8 @@ class Benchmark:
                     units += [("batch", w, h, b) for w, h in args.batch_sizes for b in args.batches]
                 if "http" in args.sections:
                     units.append(("http", *args.http_size, 1))
+                if "edit" in args.sections:
+                    units += [("edit", *args.edit_size, n) for n in args.edit_images]
             plan.append((config, units))
         if "memory" in args.sections:
             if self.device.type == "cuda":
@@ -959,6 +1080,25 @@ def headline(rows: Sequence[dict[str, Any]], size: str = "1024x1024", steps: int
     return f"{size}, {steps} steps, cfg {CFG_SCALE:g}: " + "; ".join(parts)
 
 
+def edit_headline(rows: Sequence[dict[str, Any]], size: str) -> str | None:
+    """Each edit's end-to-end time at `size`, by input images and steps, and the published
+    times at the same step counts."""
+    edits = [r for r in rows if r["section"] == "edit" and r["size"] == size and not r.get("error")
+             and r.get("e2e_s")]
+    if not edits:
+        return None
+    parts = []
+    for images in sorted({r["images"] for r in edits}):
+        runs = sorted((r for r in edits if r["images"] == images), key=lambda r: (r["steps"], r["e2e_s"]))
+        times = ", ".join(f"{r['steps']} steps {r['e2e_s']:.2f} s ({r['config']})" for r in runs)
+        parts.append(f"{images} input image{'s' if images > 1 else ''}: {times}")
+    line = f"edit {size}, cfg {CFG_SCALE:g}: " + "; ".join(parts)
+    anchors = [EDIT_ANCHORS[steps] for steps in sorted({r["steps"] for r in edits}) if steps in EDIT_ANCHORS]
+    if anchors:
+        line += "\nedit anchors: " + "; ".join(anchors)
+    return line
+
+
 def render_table(rows: Sequence[dict[str, Any]], steps: Sequence[int]) -> str:
     header = ("| section | config | size | batch | steps | s/step | e2e s | e2e from | vs baseline "
               "| img/min | peak GiB | fits 24/48/80 GB | note |")
@@ -995,8 +1135,8 @@ def parse_args(argv: Sequence[str] | None) -> argparse.Namespace:
                                             "int8, qte (text encoder quantized too), cache, lightning[N], "
                                             "offload-model, offload-sequential, attn-<diffusers backend>.")
     parser.add_argument("--smoke", action="store_true",
-                        help="CPU, tiny model, 2 steps, CPU-capable configurations: a check that the "
-                             "benchmark works (about a minute on 2 cores)")
+                        help="CPU, tiny models, 2 steps, CPU-capable configurations: a check that the "
+                             "benchmark works (about a minute and a half on 2 cores)")
     parser.add_argument("--model", choices=("auto", "full", "tiny"), default="auto",
                         help="full: real architecture, random weights (default on CUDA); tiny: the "
                              "embedded test model (default on CPU)")
@@ -1022,8 +1162,17 @@ def parse_args(argv: Sequence[str] | None) -> argparse.Namespace:
                         help="image sizes of the batch section (default 512x512,1024x1024)")
     parser.add_argument("--http-size", type=parse_size, default=None, help="size of the HTTP request (default 1024x1024)")
     parser.add_argument("--http-repeats", type=int, default=None, help="timed HTTP requests (default 2)")
-    parser.add_argument("--sections", type=_csv(str), default=["speed", "batch", "memory", "http"],
-                        help="any of speed,batch,memory,http")
+    parser.add_argument("--edit-images", type=_csv(int), default=None,
+                        help="input images per edit, one row set each (default 1,3; at most 3)")
+    parser.add_argument("--edit-steps", type=_csv(int), default=None,
+                        help="step counts of the edit rows (default 40,50)")
+    parser.add_argument("--edit-size", type=parse_size, default=None,
+                        help="output and input image size of the edit rows (default 1024x1024)")
+    parser.add_argument("--edit-warmup", action=argparse.BooleanOptionalAction, default=None,
+                        help="an untimed edit before each edit unit is timed (default on; off with "
+                             "--smoke, where the tiny model's three-image edit takes most of a minute)")
+    parser.add_argument("--sections", type=_csv(str), default=list(SECTIONS),
+                        help=f"any of {','.join(SECTIONS)}")
     parser.add_argument("--skip-http", action="store_true", help="leave out the http section")
     parser.add_argument("--cache-options", type=json.loads, default=None,
                         help='cache-dit DBCacheConfig knobs as JSON, e.g. \'{"residual_diff_threshold": 0.12}\' '
@@ -1043,12 +1192,15 @@ def parse_args(argv: Sequence[str] | None) -> argparse.Namespace:
     if args.smoke:
         defaults = {"sizes": [(256, 256)], "steps": [2], "measure_steps": 2, "warmup_steps": 2, "http_repeats": 1,
                     "configs": list(SMOKE_CONFIGS), "memory_configs": [], "batches": [1, 2],
-                    "batch_sizes": [(256, 256)], "http_size": (256, 256)}
+                    "batch_sizes": [(256, 256)], "http_size": (256, 256),
+                    "edit_images": [1, 3], "edit_steps": [2], "edit_size": (256, 256), "edit_warmup": False}
     else:
         defaults = {"sizes": [(512, 512), (1024, 1024), (1328, 1328), (1664, 928)], "steps": [20, 50],
                     "measure_steps": 6, "warmup_steps": 2, "configs": list(DEFAULT_CONFIGS),
                     "memory_configs": list(DEFAULT_MEMORY_CONFIGS), "batches": [1, 2, 4],
-                    "batch_sizes": [(512, 512), (1024, 1024)], "http_size": (1024, 1024), "http_repeats": 2}
+                    "batch_sizes": [(512, 512), (1024, 1024)], "http_size": (1024, 1024), "http_repeats": 2,
+                    "edit_images": [1, 3], "edit_steps": [40, 50], "edit_size": (1024, 1024),
+                    "edit_warmup": True}
     for name, value in defaults.items():
         if getattr(args, name) is None:
             setattr(args, name, value)
@@ -1059,21 +1211,23 @@ def parse_args(argv: Sequence[str] | None) -> argparse.Namespace:
         args.budget_s = 420.0
     if args.skip_http:
         args.sections = [s for s in args.sections if s != "http"]
-    unknown = set(args.sections) - {"speed", "batch", "memory", "http"}
+    unknown = set(args.sections) - set(SECTIONS)
     if unknown:
         parser.error(f"unknown section(s): {', '.join(sorted(unknown))}")
     if args.measure_steps < 2:
         parser.error("--measure-steps must be at least 2 (step time is the gap between steps)")
     # One step is not a valid run: Qwen-Image's scheduler config (shift_terminal 0.02) makes the
     # only sigma of a 1-step schedule NaN.
-    if min(args.warmup_steps, args.memory_steps, *args.steps) < 2:
-        parser.error("--steps, --warmup-steps and --memory-steps must each be at least 2")
+    if min(args.warmup_steps, args.memory_steps, *args.steps, *args.edit_steps) < 2:
+        parser.error("--steps, --edit-steps, --warmup-steps and --memory-steps must each be at least 2")
+    if not all(1 <= n <= 3 for n in args.edit_images):
+        parser.error("--edit-images: Qwen-Image-Edit-2509 / -2511 take one to three input images")
     for name in (*args.configs, *args.memory_configs):
         try:
             parse_config(name, args.cache_options)
         except argparse.ArgumentTypeError as exc:
             parser.error(str(exc))
-    for w, h in (*args.sizes, *args.batch_sizes, args.http_size):
+    for w, h in (*args.sizes, *args.batch_sizes, args.http_size, args.edit_size):
         if w % 16 or h % 16:
             parser.error(f"{w}x{h}: Qwen-Image needs sides that are multiples of 16")
     return args
@@ -1104,9 +1258,12 @@ def main(argv: Sequence[str] | None = None) -> int:
     print(render_table(rows, args.steps))
     if (line := headline(rows)) is not None:
         print(f"\n{line}")
+    if (line := edit_headline(rows, size_label(*args.edit_size))) is not None:
+        print(f"\n{line}")
     print(f"\nsteps: denoising steps, cfg {CFG_SCALE:g} = 2 transformer passes per step (Lightning: 1). "
           f"e2e: the whole run_batch call (text encoder, denoising, VAE decode, PIL); 'N-step run': "
-          f"fixed + steps x s/step from a timed N-step run. peak: max GPU memory reserved; fits: "
+          f"fixed + steps x s/step from a timed N-step run. edit: one edit of 1-3 input images "
+          f"(VAE and vision encoding of the inputs included). peak: max GPU memory reserved; fits: "
           f"peak + {bench.context_gib:.2f} GiB CUDA context <= the card's memory. JSON: {args.out}")
     return 0
 

@@ -21,11 +21,11 @@ def _needs(config: str) -> str | None:
     return package if package and importlib.util.find_spec(package) is None else None
 
 
-@pytest.mark.timeout(300)
+@pytest.mark.timeout(420)
 def test_smoke_run_times_every_configuration_and_prints_the_table(tmp_path: Path) -> None:
     out = tmp_path / "gpu.json"
     proc = subprocess.run([sys.executable, str(ROOT / "bench" / "gpu.py"), "--smoke", "--out", str(out)],
-                          cwd=tmp_path, capture_output=True, text=True, timeout=280)
+                          cwd=tmp_path, capture_output=True, text=True, timeout=400)
     assert proc.returncode == 0, proc.stderr[-4000:]
     doc = json.loads(out.read_text())
     rows = doc["rows"]
@@ -59,10 +59,67 @@ def test_smoke_run_times_every_configuration_and_prints_the_table(tmp_path: Path
     (http,) = [r for r in rows if r["section"] == "http"]
     assert http["raw_s"] > 0 and http["e2e_s"] > 0 and http["ratio"] > 0, http
 
+    # Edits on the tiny edit model: one row per number of input images, timed like the speed rows.
+    edits = {r["images"]: r for r in rows if r["section"] == "edit"}
+    assert set(edits) == {1, 3}, edits
+    for images, row in edits.items():
+        assert not row.get("error"), row
+        assert row["size"] == "256x256" and row["steps"] == 2 and row["e2e_measured"], row
+        assert row["e2e_s"] > row["step_s"] > 0, row
+        assert f"{images} input image" in row["note"], row
+    assert doc["configs"]["baseline"]["edit_build_s"] >= 0
+    assert "| edit | baseline | 256x256 | 1 | 2 |" in proc.stdout
+    assert "edit 256x256, cfg 4: 1 input image: 2 steps" in proc.stdout
+
     # The table a user reads: its header, and one line per row.
     assert "| section | config | size | batch | steps | s/step | e2e s |" in proc.stdout
     assert "| speed | cache | 256x256 | 1 | 2 |" in proc.stdout
     assert proc.stdout.count("\n| ") == len(rows) + 1
+
+
+def _bench_gpu():
+    spec = importlib.util.spec_from_file_location("bench_gpu", ROOT / "bench" / "gpu.py")
+    module = importlib.util.module_from_spec(spec)
+    sys.modules[spec.name] = module  # its dataclasses look their module up while being built
+    spec.loader.exec_module(module)
+    return module
+
+
+@pytest.mark.timeout(120)
+def test_full_size_edit_pipeline_shares_the_generation_modules_and_edits(tmp_path: Path) -> None:
+    """The GPU run's edit model: the generation pipeline's modules in a QwenImageEditPlusPipeline,
+    through the server's engine (here over the tiny modules, which have the same layout)."""
+    import dataclasses
+
+    import torch
+
+    from qwen_image_server.engine.device import resolve_device
+    from qwen_image_server.engine.loader import LoadedModel, count_parameters
+    from qwen_image_server.engine.options import prepare_pipeline
+    from qwen_image_server.engine.runner import PipelineEngine
+    from qwen_image_server.settings import Settings
+
+    gpu = _bench_gpu()
+    settings = Settings(_env_file=None, model="tiny", device="cpu", output_dir=tmp_path)
+    device = resolve_device("cpu")
+    pipeline = gpu.load_tiny_pipeline(settings.cache_dir, torch.float32)
+    total, size_mb = count_parameters(pipeline)
+    generation = LoadedModel(pipeline=pipeline, name="tiny", source="benchmark", device=device,
+                             dtype=torch.float32, load_time=0.0, total_parameters=total, size_mb=size_mb,
+                             options=prepare_pipeline(pipeline, settings, device))
+    edit = gpu.full_edit_pipeline(pipeline)
+    assert type(edit).__name__ == "QwenImageEditPlusPipeline"
+    for name in ("transformer", "text_encoder", "vae", "tokenizer"):
+        assert getattr(edit, name) is getattr(pipeline, name), name  # shared, not copied
+
+    engine = PipelineEngine(dataclasses.replace(generation, pipeline=edit, task="edit"))
+    assert engine.edits is not None and engine.edits.one_prompt_per_call
+    steps: list[tuple[int, int]] = []
+    pictures = gpu.edit_inputs(64, 64, 1)
+    (image,) = engine.run_batch(gpu.edit_specs(64, 64, 2, pictures, True),
+                                lambda step, total: steps.append((step, total)))
+    assert image.size == (64, 64)
+    assert steps == [(1, 2), (2, 2)]
 
 
 def test_memory_plans_of_the_real_architecture() -> None:
