@@ -28,8 +28,7 @@ class JobRecord:
     inference_time: float | None = None
     error: ErrorDetail | None = None
     finished_monotonic: float | None = None
-    # Each subscriber's queue of (event, step for `step` / queue position for `queued`).
-    subscribers: set[asyncio.Queue[tuple[JobEvent, int | None]]] = field(default_factory=set)
+    subscribers: set[asyncio.Queue[tuple[JobEvent, int]]] = field(default_factory=set)
 
     @property
     def status(self) -> JobState:
@@ -44,7 +43,7 @@ class JobRecord:
     def fail(self, exc: errors.ServerError) -> None:
         self.error = ErrorDetail(message=exc.message, type=exc.type, param=exc.param, code=exc.code)
 
-    def publish(self, event: JobEvent, value: int | None) -> None:
+    def publish(self, event: JobEvent, step: int) -> None:
         """Wake every SSE subscriber (called on the event loop)."""
         for queue in self.subscribers:
             queue.put_nowait((event, step))

@@ -129,10 +129,7 @@ async def _queue(ctx: ServerContext, request: Request, body: GenerateRequest | E
 
     def on_event(job: Job, event: JobEvent) -> None:  # engine / reaper thread
         if not event.final:  # the end is announced by _complete, once the PNG exists
-            # Read what the event is about now, not when a subscriber gets to it: one that is a
-            # moment late still sees every step and every move in the queue, in order.
-            value = ctx.scheduler.queue_position(job) if event is JobEvent.QUEUED else job.step
-            loop.call_soon_threadsafe(record.publish, event, value)
+            loop.call_soon_threadsafe(record.publish, event, job.step)
 
     ctx.scheduler.add_listener(job, on_event)
     ctx.jobs.track(asyncio.create_task(_complete(ctx, record)))
@@ -181,7 +178,7 @@ async def cancel_job(record: Record, request: Request, ctx: Ctx) -> JobStatus:
 async def job_events(record: Record, request: Request, ctx: Ctx) -> AsyncIterator[ServerSentEvent]:
     """Server-Sent Events: queued (position), started, step (each denoising step), then
     succeeded / failed / cancelled. The first event is the current state."""
-    queue: asyncio.Queue[tuple[JobEvent, int | None]] = asyncio.Queue()
+    queue: asyncio.Queue[tuple[JobEvent, int]] = asyncio.Queue()
     record.subscribers.add(queue)
     try:
         current = record.status
@@ -192,16 +189,14 @@ async def job_events(record: Record, request: Request, ctx: Ctx) -> AsyncIterato
         position = (record.job.step if current is JobState.RUNNING
                     else ctx.scheduler.queue_position(record.job))
         while True:
-            event, value = await queue.get()
+            event, step = await queue.get()
             status = status_of(ctx, record, request)
             if event is JobEvent.STEP:
-                status.progress.step = value  # the step this notice was for, not the latest
+                status.progress.step = step  # the step this notice was for, not the latest
             elif event is JobEvent.QUEUED:
-                if value is None or value == position:
+                if status.queue_position is None or status.queue_position == position:
                     continue  # the queue moved but this job's place did not
-                # The place at that moment, though the job may have started since.
-                position = status.queue_position = value
-                status.status = JobState.QUEUED
+                position = status.queue_position
             yield ServerSentEvent(event=event.value, data=status.model_dump(mode="json"))
             if event.final:
                 return
