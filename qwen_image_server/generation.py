@@ -42,6 +42,7 @@ from qwen_image_server.postprocess import (
 from qwen_image_server.prompt_tokens import check_prompt_tokens, might_exceed, token_counter
 from qwen_image_server.scheduler import Job, JobResult, Scheduler
 from qwen_image_server.settings import Settings
+from qwen_image_server.schemas import EditRequest
 from qwen_image_server.openai_protocol import MAX_SIDE, MIN_SIDE, SIDE_MULTIPLE, parse_edit_size
 from qwen_image_server.uploads import EditInputs, Upload, default_output_size, read_edit_inputs
 
@@ -184,6 +185,16 @@ class Generation:
             )
             for seed in seeds
         ]
+
+    async def native_edit(self, body: EditRequest, images: Sequence[Upload],
+                          mask: Upload | None) -> tuple[EditRequest, EditSpec]:
+        """The one spec of a native edit (/edit, /v1/jobs/edit): defaults filled in, the model
+        picked, the uploads read; returns the completed body too."""
+        body = self.with_defaults(body)
+        model = self.pick_model(body.model, "edit")
+        inputs = await self.read_edit_inputs(images, mask, model)
+        [spec] = self.edit_specs(body, inputs, model, [body.seed])
+        return body, spec
 
     async def read_edit_inputs(self, images: Sequence[Upload], mask: Upload | None,
                                model: ModelChoice) -> EditInputs:

@@ -112,10 +112,7 @@ async def create_edit_job(request: Request, ctx: Ctx) -> JSONResponse:
     body, images, mask = await read_native_edit(request)
     generation = ctx.generation
     request_id = generation.next_request_id()
-    body = generation.with_defaults(body)
-    model = generation.pick_model(body.model, "edit")
-    inputs = await generation.read_edit_inputs(images, mask, model)
-    [spec] = generation.edit_specs(body, inputs, model, [body.seed])
+    body, spec = await generation.native_edit(body, images, mask)
     return await _queue(ctx, request, body, spec, request_id)
 
 

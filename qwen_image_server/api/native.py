@@ -147,13 +147,10 @@ async def edit(request: Request, ctx: Ctx) -> Response:
     body, images, mask = await read_native_edit(request)
     generation = ctx.generation
     request_id = generation.next_request_id()
-    body = generation.with_defaults(body)
-    model = generation.pick_model(body.model, "edit")
-    inputs = await generation.read_edit_inputs(images, mask, model)
-    [spec] = generation.edit_specs(body, inputs, model, [body.seed])
+    body, spec = await generation.native_edit(body, images, mask)
     log.info("request %d (edit) received: %d image(s)%s, %dx%d, %d steps, cfg %g, seed %d, model %s",
              request_id, len(images), " and a mask" if mask else "", spec.width, spec.height,
-             spec.num_inference_steps, spec.true_cfg_scale, spec.seed, model.name or "(first)")
+             spec.num_inference_steps, spec.true_cfg_scale, spec.seed, spec.model or "(first)")
     return await _answer(ctx, request, spec, request_id, body.add_overlay, body.save_to_file)
 
 
