@@ -37,6 +37,15 @@ class InvalidRequest(ServerError):
     type = "invalid_request_error"
 
 
+class LoraUnusable(InvalidRequest):
+    """A LoRA the request named cannot run: not a LoRA, for another base model, or its first load
+    failed (then it stays marked unusable in /v1/loras until its file changes)."""
+
+    def __init__(self, message: str, *, param: str | None = "loras", code: str | None = "lora_unusable",
+                 retry_after: float | None = None) -> None:
+        super().__init__(message, param=param, code=code, retry_after=retry_after)
+
+
 class AuthenticationError(ServerError):
     """No API key, or not one of the server's keys."""
 

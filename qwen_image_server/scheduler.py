@@ -531,6 +531,10 @@ class Scheduler:
             return
         except (DeviceOutOfMemory, DeviceFailure):
             raise
+        except errors.ServerError as exc:  # the engine refused the batch's request (e.g. a broken LoRA)
+            for job in batch:
+                self._finish_error(job, exc)
+            return
         except Exception:  # noqa: BLE001 - isolate the failure to this batch
             log.exception("batch %s failed (requests %s)", batch[0].batch_id, [j.request_id for j in batch])
             for job in batch:

@@ -99,6 +99,21 @@ class Settings(BaseSettings):
     lora: str | None = Field(
         None, description="A LoRA fused at startup: '<path or hub id>[,scale]' (hub files as 'repo/id:file.safetensors').",
     )
+    lora_dir: Path | None = Field(
+        None, description="A folder of LoRA files (*.safetensors) requests may name in `loras`; a LoRA's name is its file's stem.",
+    )
+    loras: str = Field(
+        "", description="Hub LoRAs requests may name: comma-separated 'name=owner/repo:file.safetensors' "
+        "(or 'name=owner/repo' for a repo with one file).",
+    )
+    max_loras_per_request: int = Field(3, ge=1, le=16, description="Most LoRAs one request may name.")
+    max_resident_loras: int = Field(
+        8, ge=1, description="LoRAs kept loaded per model; the least recently used is unloaded first.",
+    )
+    lora_max_rank: int = Field(
+        128, ge=1, description="With QWEN_IMAGE_COMPILE: the highest LoRA rank a request may use (adapters are "
+        "hot-swapped into slots of this rank, so switching them compiles nothing).",
+    )
     attention: str = Field("native", description="diffusers attention backend: native (SDPA), flash, _flash_3, sage, ...")
     warmup: CliImplicitFlag[bool] = Field(False, description="Run one small generation before /ready turns 200.")
     warmup_aspect_ratios: Annotated[list[AspectRatio], NoDecode] = Field(
@@ -211,6 +226,14 @@ class Settings(BaseSettings):
         parse_model_list(value)  # ValueError -> one line naming QWEN_IMAGE_MODEL
         return value.strip()
 
+    @field_validator("loras")
+    @classmethod
+    def _lora_list(cls, value: str) -> str:
+        from qwen_image_server.engine.adapters import parse_hub_loras
+
+        parse_hub_loras(value)  # ValueError -> one line naming QWEN_IMAGE_LORAS
+        return value.strip()
+
     @property
     def models(self) -> list[ModelRef]:
         """The models to serve, in order (the first answers requests that name none)."""
@@ -226,4 +249,6 @@ class Settings(BaseSettings):
     def _normalise_paths(self) -> Settings:
         self.cache_dir = self.cache_dir.expanduser()
         self.output_dir = self.output_dir.expanduser()
+        if self.lora_dir is not None:
+            self.lora_dir = self.lora_dir.expanduser()
         return self

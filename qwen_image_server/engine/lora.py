@@ -57,8 +57,13 @@ def parse_lora(text: str) -> LoraSpec:
     local = Path(source).expanduser()
     if not local.exists() and ":" in source and not re.match(r"^[A-Za-z]:[\\/]", source):
         source, weight_name = source.split(":", 1)  # hub form: repo/id:file.safetensors
-    match = _LIGHTNING.search(weight_name or source)
-    return LoraSpec(source, weight_name, scale, int(match.group(1)) if match else None)
+    return LoraSpec(source, weight_name, scale, lightning_steps_of(weight_name or source))
+
+
+def lightning_steps_of(file_name: str) -> int | None:
+    """The step count a Lightning LoRA was distilled for, read from its file name."""
+    match = _LIGHTNING.search(file_name)
+    return int(match.group(1)) if match else None
 
 
 def looks_like_path(text: str) -> bool:

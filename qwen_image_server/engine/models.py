@@ -19,6 +19,7 @@ from pathlib import Path
 
 from PIL import Image
 
+from qwen_image_server.engine.adapters import LoraLibrary, ResidentAdapters
 from qwen_image_server.engine.device import DeviceInfo
 from qwen_image_server.engine.loader import (
     LoadedModel,
@@ -45,9 +46,16 @@ _SAVE_NOTES = {"transformers_version", "dtype", "torch_dtype", "is_local", "loca
 class ModelSet:
     """The engine the scheduler drives: one PipelineEngine per model, by public name."""
 
-    def __init__(self, engines: Sequence[PipelineEngine]) -> None:
+    def __init__(self, engines: Sequence[PipelineEngine], loras: LoraLibrary | None = None) -> None:
         self.engines = {engine.model.name: engine for engine in engines}
         self.first = engines[0]
+        self.loras = loras  # the LoRA library requests may name (None: none configured)
+
+    @property
+    def loading_loras(self) -> dict[str, str]:
+        """Model name -> the LoRA being loaded onto it right now."""
+        return {name: engine.adapters.loading for name, engine in self.engines.items()
+                if engine.adapters is not None and engine.adapters.loading is not None}
 
     @property
     def model(self) -> LoadedModel:
@@ -184,7 +192,18 @@ def plan_for(settings: Settings, device: DeviceInfo, pipelines: Sequence[object]
 def load_engine(settings: Settings) -> ModelSet:
     """Load every configured model and warm them up when the options ask for it (call it on the
     thread that will own the engine; a server reports ready only after this returns)."""
-    engine = ModelSet([PipelineEngine(model) for model in load_models(settings)])
+    library = LoraLibrary.from_settings(settings)
+    models = load_models(settings)
+    slots = settings.max_loras_per_request if settings.compile else None
+
+    def adapters(model: LoadedModel) -> ResidentAdapters | None:
+        if not library.configured:
+            return None
+        return ResidentAdapters(model.pipeline, library, model.name, model.task,
+                                settings.max_resident_loras, slots)
+
+    engine = ModelSet([PipelineEngine(model, adapters(model)) for model in models],
+                      library if library.configured else None)
     if engine.model.options.warmup:
         engine.warm_up(settings.warmup_aspect_ratios)
     return engine

@@ -20,6 +20,7 @@ from typing import Any
 
 from qwen_image_server.engine.compilation import compile_blocks
 from qwen_image_server.engine.device import DeviceInfo, resolve_dtype
+from qwen_image_server.engine.adapters import prepare_hotswap_slots
 from qwen_image_server.engine.lora import LoraSpec, fuse_lora, parse_lora
 from qwen_image_server.engine.memory import (
     GiB,
@@ -216,6 +217,9 @@ def prepare_pipeline(pipeline: Any, settings: Settings, device: DeviceInfo,
     if settings.cache == "cache-dit":
         enable_step_cache(pipeline, settings.cache_options)
     place(pipeline, plan.plan, device)
+    if settings.compile and (settings.lora_dir is not None or settings.loras):
+        # Per-request LoRAs are hot-swapped into adapter slots that must exist before compiling.
+        prepare_hotswap_slots(pipeline, settings.max_loras_per_request, settings.lora_max_rank)
     if settings.compile:
         compile_blocks(pipeline, cached=settings.cache == "cache-dit")
 

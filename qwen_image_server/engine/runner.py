@@ -12,6 +12,7 @@ from typing import Any
 import torch
 from PIL import Image
 
+from qwen_image_server.engine.adapters import ResidentAdapters
 from qwen_image_server.engine.compilation import WARMUP_PROMPT, warmup_prompt_batches
 from qwen_image_server.engine.edit import EditCalls
 from qwen_image_server.engine.loader import LoadedModel
@@ -24,6 +25,7 @@ from qwen_image_server.engine.types import (
     GenerationSpec,
     StepCallback,
 )
+from qwen_image_server.errors import LoraUnusable
 from qwen_image_server.presets import ASPECT_RATIOS
 
 log = logging.getLogger(__name__)
@@ -67,9 +69,10 @@ def inference_context(options: AppliedOptions) -> AbstractContextManager[Any]:
 class PipelineEngine:
     """The real engine: one QwenImagePipeline call per batch, one CPU generator per image."""
 
-    def __init__(self, model: LoadedModel) -> None:
+    def __init__(self, model: LoadedModel, adapters: ResidentAdapters | None = None) -> None:
         self.model = model
         self.pipeline = model.pipeline
+        self.adapters = adapters  # per-request LoRAs (None: this server has no LoRA library)
         # The server reports progress itself; diffusers' tqdm bar would only clutter the log.
         self.pipeline.set_progress_bar_config(disable=True)
         # With a backend that cannot apply the padding mask of prompts of different lengths
@@ -98,6 +101,10 @@ class PipelineEngine:
         """
         first = specs[0]
         assert all(s.batch_key == first.batch_key for s in specs), "batch mixes shapes"
+        if self.adapters is not None:
+            self.adapters.activate(first.loras)
+        elif first.loras:
+            raise LoraUnusable("This server has no LoRA library (QWEN_IMAGE_LORA_DIR, QWEN_IMAGE_LORAS).")
         groups = self._equal_length_groups(specs) if self.equal_lengths_only and len(specs) > 1 else [list(range(len(specs)))]
         if len(groups) == 1:
             return self._call(specs, on_step)
@@ -136,10 +143,12 @@ class PipelineEngine:
         use_cfg = first.true_cfg_scale > 1.0
         pipeline, inputs = self._inputs(specs, use_cfg)
         scheduler = pipeline.scheduler
-        if first.num_inference_steps == 1 and scheduler.config.get("shift_terminal"):
+        if self.adapters is not None:  # a Lightning LoRA samples with its own scheduler
+            pipeline.scheduler = self.adapters.scheduler_for(first.loras, scheduler)
+        if first.num_inference_steps == 1 and pipeline.scheduler.config.get("shift_terminal"):
             # With one sigma, diffusers' stretch to shift_terminal divides 0 by 0 and the image
             # is NaN (black); one step has no schedule to stretch, so it runs without it.
-            pipeline.scheduler = type(scheduler).from_config(scheduler.config, shift_terminal=None)
+            pipeline.scheduler = type(scheduler).from_config(pipeline.scheduler.config, shift_terminal=None)
         if self.model.options.cache == "cache-dit":
             set_cfg_mode(self.pipeline, separate_cfg=use_cfg)
         finished = False

@@ -3,7 +3,7 @@
 from __future__ import annotations
 
 import hashlib
-from collections.abc import Callable
+from collections.abc import Callable, Iterable
 from dataclasses import dataclass, field
 from typing import TYPE_CHECKING, ClassVar, Literal
 
@@ -14,6 +14,15 @@ Task = Literal["generate", "edit"]
 
 # on_step(step, total): called by the engine after every denoising step; may raise BatchAborted.
 StepCallback = Callable[[int, int], None]
+
+# A request's LoRAs: (library name, scale) pairs, sorted by name, so equal sets batch together.
+LoraSet = tuple[tuple[str, float], ...]
+
+
+def normalise_loras(loras: Iterable[tuple[str, float]]) -> LoraSet:
+    """The canonical form of a LoRA choice: sorted by name, scales as floats, zero scales dropped
+    (a LoRA at scale 0 changes nothing, and leaving it out keeps the no-LoRA batch key)."""
+    return tuple(sorted((name, float(scale)) for name, scale in loras if scale != 0))
 
 
 @dataclass(frozen=True, slots=True)
@@ -28,6 +37,7 @@ class GenerationSpec:
     true_cfg_scale: float
     seed: int
     model: str = ""  # the public name of the model to run; "" is the server's first model
+    loras: LoraSet = ()  # adapters active for this image (see normalise_loras)
 
     task: ClassVar[Task] = "generate"
 
@@ -35,7 +45,7 @@ class GenerationSpec:
     def batch_key(self) -> tuple[object, ...]:
         """Jobs with equal keys can share one pipeline call (prompts and seeds may differ)."""
         return (self.task, self.model, self.width, self.height, self.num_inference_steps,
-                self.true_cfg_scale)
+                self.true_cfg_scale, self.loras)
 
     @property
     def pixels(self) -> int:
