@@ -134,11 +134,9 @@ def _family_of(value: str) -> str:
 
 
 def _stated_base(metadata: dict[str, str], file_name: str) -> str | None:
-    values = dict(metadata)
-    try:
-        values.update(json.loads(metadata.get("lora_adapter_metadata", "{}")))
-    except (ValueError, TypeError):
-        pass
+    values: dict[str, Any] = dict(metadata)
+    values.update({key.removeprefix("transformer."): value
+                   for key, value in _adapter_config(metadata).items()})
     for key in _BASE_KEYS:
         value = values.get(key)
         if isinstance(value, str) and value.strip():
@@ -147,6 +145,15 @@ def _stated_base(metadata: dict[str, str], file_name: str) -> str | None:
     if re.search(r"qwen[-_]?image[-_]?edit", file_name, re.IGNORECASE):
         return FAMILY["edit"]
     return None
+
+
+def _adapter_config(metadata: dict[str, str]) -> dict[str, Any]:
+    """The PEFT config diffusers stores under `lora_adapter_metadata` (keys as saved)."""
+    try:
+        config = json.loads(metadata.get("lora_adapter_metadata") or "{}")
+    except (ValueError, TypeError):
+        return {}
+    return config if isinstance(config, dict) else {}
 
 
 def inspect_lora(path: Path) -> LoraFacts:
@@ -501,14 +508,11 @@ def _slot_state_dict(pipeline: Any, path: Path) -> dict[str, Any]:
     folded into lora_B (a slot's own scaling stays 1)."""
     from safetensors import safe_open
 
-    state, metadata = pipeline.lora_state_dict(str(path.parent), weight_name=path.name, return_lora_metadata=True)
-    alpha = rank = None
-    if metadata:
-        alpha, rank = metadata.get("lora_alpha"), metadata.get("r")
-    if alpha is None:
-        with safe_open(str(path), framework="pt") as f:
-            config = json.loads((f.metadata() or {}).get("lora_adapter_metadata", "{}") or "{}")
-        alpha, rank = config.get("lora_alpha"), config.get("r")
+    state = pipeline.lora_state_dict(str(path.parent), weight_name=path.name)
+    with safe_open(str(path), framework="pt") as f:
+        config = {key.removeprefix("transformer."): value
+                  for key, value in _adapter_config(f.metadata() or {}).items()}
+    alpha, rank = config.get("lora_alpha"), config.get("r")
     factor = float(alpha) / float(rank) if alpha and rank else 1.0
     device = pipeline.transformer.device
     dtype = pipeline.transformer.dtype

@@ -358,3 +358,38 @@ def build_qwen_tokenizer() -> Qwen2Tokenizer:
     )
     tokenizer.add_tokens([AddedToken(token, special=False, normalized=False) for token in _ADDED_TOKENS])
     return tokenizer
+
+
+# The layers Qwen-Image LoRAs usually train: every attention projection of both streams.
+LORA_TARGETS = ("to_q", "to_k", "to_v", "to_out.0", "add_q_proj", "add_k_proj", "add_v_proj", "to_add_out")
+
+
+def build_lora(target: Path, transformer: object, *, base: str, rank: int = 4, seed: int = 0,
+               targets: tuple[str, ...] = LORA_TARGETS, strength: float = 1.0) -> Path:
+    """A LoRA for `transformer` made with PEFT (random A and B, `strength` times PEFT's random
+    init), saved in the diffusers format Qwen-Image LoRAs on the hub use, with `base` (the model
+    family it is for, e.g. "Qwen-Image" or "Qwen-Image-Edit") in its `base_model` metadata.
+
+    The transformer is left as it was (the adapter is built on a copy). Works for the tiny models
+    and, for benchmarks, for the full architecture."""
+    import copy
+    import json
+
+    import torch
+    from peft import LoraConfig, get_peft_model_state_dict
+    from safetensors.torch import save_file
+
+    config = LoraConfig(r=rank, lora_alpha=rank, target_modules=list(targets), init_lora_weights=False)
+    with torch.random.fork_rng(devices=[]):
+        torch.manual_seed(seed)
+        model = copy.deepcopy(transformer)
+        model.add_adapter(config)  # type: ignore[attr-defined]
+    state = get_peft_model_state_dict(model)
+    weights = {f"transformer.{key}": (value * strength if ".lora_B." in key else value).contiguous()
+               for key, value in state.items()}
+    # diffusers keeps the adapter config as JSON, each key prefixed with the component it is for.
+    adapter = {f"transformer.{key}": value for key, value in config.to_dict().items()}
+    metadata = {"base_model": base, "lora_adapter_metadata": json.dumps(adapter, default=sorted)}
+    target.parent.mkdir(parents=True, exist_ok=True)
+    save_file(weights, str(target), metadata=metadata)
+    return target
