@@ -12,10 +12,13 @@ import socket
 import sys
 import dataclasses
 from pathlib import Path
-from typing import TYPE_CHECKING, Any, ClassVar
+from typing import TYPE_CHECKING, Annotated, Any, ClassVar
 
-from pydantic import AliasChoices, Field, ValidationError
-from pydantic_settings import BaseSettings, CliApp, CliImplicitFlag, CliPositionalArg, CliSubCommand
+from pydantic import AliasChoices, Field, ValidationError, field_validator
+from pydantic_settings import BaseSettings, CliApp, CliImplicitFlag, CliPositionalArg, CliSubCommand, NoDecode
+
+from qwen_image_server.engine.adapters import is_valid_name
+from qwen_image_server.engine.lora import looks_like_path
 
 from qwen_image_server.errors import ModelLoadError
 from qwen_image_server.logs import configure_logging
@@ -86,7 +89,50 @@ _defaults = GenerateRequest.model_fields
 _edit_defaults = EditParameters.model_fields
 
 
-class GenerateCommand(Settings):
+class OneImageCommand(Settings):
+    """What `generate` and `edit` share: `--lora` names a LoRA of the library for this image."""
+
+    lora: Annotated[list[str], NoDecode] = Field(  # type: ignore[assignment]
+        default_factory=list,
+        description="A LoRA for this image, 'name[:scale]' from QWEN_IMAGE_LORA_DIR / QWEN_IMAGE_LORAS "
+        "(repeat it for several); a path or hub id ('path[,scale]') is fused at load as QWEN_IMAGE_LORA.",
+    )
+
+    @field_validator("lora", mode="before")
+    @classmethod
+    def _one_or_many(cls, value: object) -> object:
+        if value is None:
+            return []
+        return [value] if isinstance(value, str) else value
+
+    def lora_choices(self) -> list[dict[str, Any]]:
+        """The library LoRAs named: [{"name", "scale"}], as a request's `loras`."""
+        choices = []
+        for item in self.lora:
+            name, _, scale = item.partition(":")
+            if is_valid_name(name) and not looks_like_path(item):
+                try:
+                    choices.append({"name": name, "scale": float(scale) if scale else 1.0})
+                except ValueError:
+                    choices.append({"name": name, "scale": scale})  # the request's check names it
+        return choices
+
+    def fused_lora(self) -> str | None:
+        """The one --lora that is a file or hub id to fuse at load (QWEN_IMAGE_LORA's form)."""
+        fused = [item for item in self.lora
+                 if not (is_valid_name(item.partition(":")[0]) and not looks_like_path(item))]
+        if len(fused) > 1:
+            raise ModelLoadError(f"only one LoRA can be fused at load; got {', '.join(fused)}")
+        return fused[0] if fused else None
+
+    def engine_settings(self) -> Settings:
+        """The server settings of this command, with the fused LoRA (if any) as QWEN_IMAGE_LORA."""
+        values = {name: getattr(self, name) for name in Settings.model_fields}
+        values["lora"] = self.fused_lora()
+        return Settings.model_validate(values)
+
+
+class GenerateCommand(OneImageCommand):
     """Generate one image without a server and write it to --out."""
 
     prompt: CliPositionalArg[str]
@@ -111,18 +157,19 @@ class GenerateCommand(Settings):
     def request(self) -> GenerateRequest:
         """This command's generation parameters, validated like a request body; steps and CFG
         left out stay unset, so whoever runs the model fills in its defaults."""
-        return GenerateRequest.model_validate(
-            {name: getattr(self, name) for name in GenerateRequest.model_fields
-             if getattr(self, name, None) is not None},
-            strict=False,
-        )
+        values = {name: getattr(self, name) for name in GenerateRequest.model_fields
+                  if name != "loras" and getattr(self, name, None) is not None}
+        if self.lora_choices():
+            values["loras"] = self.lora_choices()
+        return GenerateRequest.model_validate(values, strict=False)
 
     async def spec(self, generation: Generation, body: GenerateRequest) -> GenerationSpec:
         model = generation.pick_model(None, "generate")
-        return dataclasses.replace(body.to_spec(), model=model.name)
+        return dataclasses.replace(body.to_spec(), model=model.name,
+                                   loras=await generation.check_loras(body.loras, model))
 
 
-class EditCommand(Settings):
+class EditCommand(OneImageCommand):
     """Edit one to three images (the last argument is the prompt) and write the result to --out."""
 
     inputs: CliPositionalArg[list[str]] = Field(description="The image file(s), then the prompt.")
@@ -164,7 +211,9 @@ class EditCommand(Settings):
         """The edit's parameters, validated like /edit's form fields."""
         values = {"prompt": self.inputs[-1], "model": self.edit_model}
         values |= {name: getattr(self, name) for name in EditParameters.model_fields
-                   if name not in ("prompt", "model") and getattr(self, name, None) is not None}
+                   if name not in ("prompt", "model", "loras") and getattr(self, name, None) is not None}
+        if self.lora_choices():
+            values["loras"] = self.lora_choices()
         return EditParameters.model_validate({k: v for k, v in values.items() if v is not None})
 
     def uploads(self) -> tuple[list[Upload], Upload | None]:
@@ -175,8 +224,9 @@ class EditCommand(Settings):
     async def spec(self, generation: Generation, body: EditParameters) -> GenerationSpec:
         model = generation.pick_model(body.model, "edit")
         images, mask = self.uploads()
+        loras = await generation.check_loras(body.loras, model)
         inputs = await generation.read_edit_inputs(images, mask, model)
-        [spec] = generation.edit_specs(body, inputs, model, [body.seed])
+        [spec] = generation.edit_specs(body, inputs, model, [body.seed], loras)
         return spec
 
     def edit_remote(self) -> int:
@@ -186,7 +236,8 @@ class EditCommand(Settings):
         files = [("image", (path.name, upload.data)) for path, upload in zip(self.images, images, strict=True)]
         if mask is not None and self.mask is not None:
             files.append(("mask", (self.mask.name, mask.data)))
-        data = {name: str(value).lower() if isinstance(value, bool) else str(value) for name, value in body.items()}
+        data = {name: json.dumps(value) if name == "loras" else str(value).lower() if isinstance(value, bool)
+                else str(value) for name, value in body.items()}
         return run_remote_job(self, "/v1/jobs/edit", {"data": data, "files": files})
 
 
@@ -243,14 +294,15 @@ def generate_one(cmd: GenerateCommand | EditCommand) -> int:
 
     configure_logging(cmd.log_level)
     try:
-        engine = load_engine(cmd)
+        settings = cmd.engine_settings()
+        engine = load_engine(settings)
     except ModelLoadError as exc:
         print(f"error: {exc}", file=sys.stderr)
         return 1
-    return asyncio.run(_generate_locally(cmd, engine))
+    return asyncio.run(_generate_locally(cmd, settings, engine))
 
 
-async def _generate_locally(cmd: GenerateCommand | EditCommand, engine: ModelSet) -> int:
+async def _generate_locally(cmd: GenerateCommand | EditCommand, settings: Settings, engine: ModelSet) -> int:
     from concurrent.futures import ThreadPoolExecutor
 
     from tqdm import tqdm
@@ -264,7 +316,7 @@ async def _generate_locally(cmd: GenerateCommand | EditCommand, engine: ModelSet
     scheduler = Scheduler(lambda: engine, SchedulerConfig(max_queue=1, max_batch_size=1))
     device = engine.model.device
     with ThreadPoolExecutor(cmd.threads, thread_name_prefix="qwen-image-cpu") as executor:
-        generation = Generation(cmd, device, scheduler, executor)
+        generation = Generation(settings, device, scheduler, executor)
         body = generation.with_defaults(cmd.request())
         scheduler.start()
         try:

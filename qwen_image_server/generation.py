@@ -29,7 +29,8 @@ from qwen_image_server import errors
 from qwen_image_server.defaults import GenerationDefaults
 from qwen_image_server.engine.device import DeviceInfo
 from qwen_image_server.engine.loader import LoadedModel
-from qwen_image_server.engine.types import EditSpec, GenerationSpec, Task
+from qwen_image_server.engine.adapters import LoraLibrary
+from qwen_image_server.engine.types import EditSpec, GenerationSpec, LoraSet, Task, normalise_loras
 from qwen_image_server.model_list import EMBEDDED
 from qwen_image_server.postprocess import (
     MEDIA_TYPES,
@@ -42,7 +43,7 @@ from qwen_image_server.postprocess import (
 from qwen_image_server.prompt_tokens import check_prompt_tokens, might_exceed, token_counter
 from qwen_image_server.scheduler import Job, JobResult, Scheduler
 from qwen_image_server.settings import Settings
-from qwen_image_server.schemas import EditRequest
+from qwen_image_server.schemas import EditRequest, LoraChoice
 from qwen_image_server.openai_protocol import MAX_SIDE, MIN_SIDE, SIDE_MULTIPLE, parse_edit_size
 from qwen_image_server.uploads import EditInputs, Upload, default_output_size, read_edit_inputs
 
@@ -108,6 +109,13 @@ class Generation:
         self.executor = executor
         self.defaults = GenerationDefaults.from_settings(settings)
         self._request_ids = itertools.count(1)
+        self._loras = LoraLibrary.from_settings(settings)  # until the engine's own is loaded
+
+    @property
+    def loras(self) -> LoraLibrary:
+        """The LoRA library: the engine's once loaded (it knows what is resident and unusable)."""
+        library = getattr(self.scheduler.engine, "loras", None)
+        return library if isinstance(library, LoraLibrary) else self._loras
 
     @property
     def model(self) -> LoadedModel | None:
@@ -162,7 +170,7 @@ class Generation:
                            loaded.pipeline_class == "QwenImageEditPlusPipeline")
 
     def edit_specs(self, body: EditParams, inputs: EditInputs, model: ModelChoice,
-                   seeds: Sequence[int]) -> list[EditSpec]:
+                   seeds: Sequence[int], loras: LoraSet = ()) -> list[EditSpec]:
         """One EditSpec per seed: the body's parameters on the decoded inputs, at the asked size
         or the first image's (snapped to what the models take)."""
         width, height = parse_edit_size(body.size) or default_output_size(
@@ -182,6 +190,7 @@ class Generation:
                 strength=body.strength if inputs.mask is not None else 1.0,
                 inputs_digest=inputs.digest,
                 one_prompt_per_call=model.one_prompt_per_call,
+                loras=loras,
             )
             for seed in seeds
         ]
@@ -192,8 +201,9 @@ class Generation:
         picked, the uploads read; returns the completed body too."""
         body = self.with_defaults(body)
         model = self.pick_model(body.model, "edit")
+        loras = await self.check_loras(body.loras, model)
         inputs = await self.read_edit_inputs(images, mask, model)
-        [spec] = self.edit_specs(body, inputs, model, [body.seed])
+        [spec] = self.edit_specs(body, inputs, model, [body.seed], loras)
         return body, spec
 
     async def read_edit_inputs(self, images: Sequence[Upload], mask: Upload | None,
@@ -220,12 +230,54 @@ class Generation:
 
     def with_defaults(self, body: B) -> B:
         """The body with the server's defaults for steps and CFG where the client left them out
-        (they differ from the API's 20 / 4.0 only with a Lightning LoRA or explicit settings)."""
+        (they differ from the API's 20 / 4.0 only with a Lightning LoRA or explicit settings). A
+        Lightning LoRA named in the request sets them for this request: its step count, no CFG."""
+        steps, cfg = self.defaults.num_inference_steps, self.defaults.true_cfg_scale
+        named = tuple((choice.name, choice.scale) for choice in getattr(body, "loras", ()))
+        lightning = self.loras.lightning_steps(named) if named else None
+        if lightning is not None:
+            steps, cfg = lightning, 1.0
         update = {name: value for name, value in (
-            ("num_inference_steps", self.defaults.num_inference_steps),
-            ("true_cfg_scale", self.defaults.true_cfg_scale),
+            ("num_inference_steps", steps),
+            ("true_cfg_scale", cfg),
         ) if name not in body.model_fields_set}
         return body.model_copy(update=update) if update else body
+
+    async def check_loras(self, choices: Sequence[LoraChoice], model: ModelChoice) -> LoraSet:
+        """A request's LoRAs, checked against the library and the model before anything is queued
+        (400 naming `loras` or `loras[i].name`), in their canonical form for the spec."""
+        if not choices:
+            return ()
+        limit = self.settings.max_loras_per_request
+        if len(choices) > limit:
+            raise errors.InvalidRequest(
+                f"{len(choices)} LoRAs were named; this server applies at most {limit} per request "
+                "(QWEN_IMAGE_MAX_LORAS_PER_REQUEST).", param="loras", code="too_many_loras")
+        library = self.loras
+        known = library.entries()
+        seen: set[str] = set()
+        for index, choice in enumerate(choices):
+            param = f"loras[{index}].name"
+            if choice.name in seen:
+                raise errors.InvalidRequest(f"The LoRA '{choice.name}' is named twice; give it once, with "
+                                            "the scale you want.", param=param, code="duplicate_lora")
+            seen.add(choice.name)
+            if choice.name not in known:
+                raise errors.InvalidRequest(
+                    f"There is no LoRA named '{choice.name}'; {_lora_listing(known)}.", param=param,
+                    code="lora_not_found")
+            problem = await self.in_pool(library.problem, choice.name, model.name)
+            if problem is not None:
+                raise errors.LoraUnusable(problem, param=param)
+        return normalise_loras((choice.name, choice.scale) for choice in choices)
+
+    def loading_lora(self, job: Job) -> str | None:
+        """The LoRA the engine is loading for this running job right now, if any."""
+        loading = getattr(self.scheduler.engine, "loading_loras", None)
+        if not loading or not job.spec.loras:
+            return None
+        names = {name for name, _ in job.spec.loras}
+        return next((name for name in loading.values() if name in names), None)
 
     # -- checks and submitting --------------------------------------------------------------
 
@@ -361,6 +413,14 @@ _EXAMPLES = {"generate": "QWEN_IMAGE_MODEL=Qwen/Qwen-Image,Qwen/Qwen-Image-Edit-
 
 def _listing(tasks: dict[str, Task | None]) -> str:
     return ", ".join(f"'{name}' ({task or 'loading'})" for name, task in tasks.items())
+
+
+def _lora_listing(known: dict[str, object]) -> str:
+    if not known:
+        return "this server has none (QWEN_IMAGE_LORA_DIR, QWEN_IMAGE_LORAS)"
+    names = sorted(known)
+    more = f" and {len(names) - 8} more (GET /v1/loras)" if len(names) > 8 else ""
+    return f"available: {', '.join(names[:8])}{more}"
 
 
 def _mark_read(task: asyncio.Future[JobResult]) -> None:

@@ -18,7 +18,7 @@ from pydantic_core import PydanticCustomError
 from qwen_image_server.engine.types import GenerationSpec
 from qwen_image_server.postprocess import OutputFormat
 from qwen_image_server.presets import ASPECT_RATIOS, AspectRatio, Language, with_suffix
-from qwen_image_server.schemas import MAX_SEED, GenerateRequest, not_blank
+from qwen_image_server.schemas import LORAS, MAX_SEED, GenerateRequest, LoraChoice, json_list, not_blank
 
 
 AUTO_SIZE = (1328, 1328)  # Qwen-Image's native square, the model card's 1:1
@@ -78,6 +78,7 @@ class ImageGenerationRequest(BaseModel):
     seed: int | None = Field(None, ge=0, le=MAX_SEED, description=_NATIVE["seed"].description)
     language: Language = _NATIVE["language"]
     aspect_ratio: AspectRatio | None = Field(None, description="A size preset (see /info); overrides size.")
+    loras: list[LoraChoice] = LORAS
 
     @model_validator(mode="before")
     @classmethod
@@ -243,8 +244,28 @@ class ImageEditForm(BaseModel):
     language: Language = _NATIVE["language"]
     strength: float = Field(1.0, gt=0.0, le=1.0, description="Masked edits: 1.0 repaints the masked area, "
                             "lower keeps more of it.")
+    loras: list[LoraChoice] = Field(default_factory=list, description=(
+        'LoRAs to apply, as JSON text ([{"name": "watercolor", "scale": 0.8}]); the openai client\'s '
+        "extra_body={'loras': [...]} sends the loras[][name] / loras[][scale] fields instead."))
+    # How the openai client flattens extra_body={"loras": [{"name": ..., "scale": ...}]} into a form.
+    lora_names: list[str] = Field(default_factory=list, alias="loras[][name]", exclude=True)
+    lora_scales: list[float] = Field(default_factory=list, alias="loras[][scale]", exclude=True)
 
     _not_blank = field_validator("prompt")(not_blank)
+    _loras_as_json = field_validator("loras", mode="before")(json_list)
+
+    @model_validator(mode="after")
+    def _flattened_loras(self) -> ImageEditForm:
+        if not self.lora_names:
+            return self
+        if self.loras:
+            raise ValueError("send loras either as JSON text or as loras[][name] fields, not both")
+        if self.lora_scales and len(self.lora_scales) != len(self.lora_names):
+            raise ValueError("give every LoRA in loras[][name] a loras[][scale], or none of them")
+        scales = self.lora_scales or [1.0] * len(self.lora_names)
+        self.loras = [LoraChoice.model_validate({"name": name, "scale": scale}, strict=False)
+                      for name, scale in zip(self.lora_names, scales, strict=True)]
+        return self
 
     @field_validator("size")
     @classmethod

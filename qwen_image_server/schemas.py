@@ -2,11 +2,13 @@
 
 from __future__ import annotations
 
+import json
 from typing import Literal
 
 from fastapi import UploadFile
 from pydantic import BaseModel, ConfigDict, Field, field_validator
 
+from qwen_image_server.engine.adapters import is_valid_name
 from qwen_image_server.engine.types import GenerationSpec
 from qwen_image_server.job_state import FINAL_STATES, JobState
 from qwen_image_server.presets import (
@@ -18,6 +20,7 @@ from qwen_image_server.presets import (
 )
 
 MAX_SEED = 2**32 - 1
+MIN_LORA_SCALE, MAX_LORA_SCALE = -4.0, 4.0
 
 
 def not_blank(value: str) -> str:
@@ -25,6 +28,40 @@ def not_blank(value: str) -> str:
     if not value.strip():
         raise ValueError("prompt must contain some text")
     return value
+
+
+class LoraChoice(BaseModel):
+    """One LoRA a request applies: a name from GET /v1/loras and its strength."""
+
+    model_config = ConfigDict(strict=True, extra="forbid")
+
+    name: str = Field(min_length=1, max_length=128, description="A LoRA's name, as GET /v1/loras lists it.")
+    scale: float = Field(1.0, ge=MIN_LORA_SCALE, le=MAX_LORA_SCALE,
+                         description="How strongly it applies (1.0: as trained; 0: not at all).")
+
+    @field_validator("name")
+    @classmethod
+    def _a_name_not_a_path(cls, value: str) -> str:
+        if not is_valid_name(value):
+            raise ValueError("a LoRA is named as GET /v1/loras lists it (letters, digits, '.', '_', '-'), "
+                             "never by a path")
+        return value
+
+
+def json_list(value: object) -> object:
+    """Validator: a form field carries a list as JSON text (`loras='[{"name": "x"}]'`)."""
+    if isinstance(value, str):
+        try:
+            return json.loads(value) if value.strip() else []
+        except ValueError:
+            raise ValueError('must be a JSON list, like [{"name": "watercolor", "scale": 0.8}]') from None
+    return value
+
+
+LORAS = Field(default_factory=list, description=(
+    "LoRAs to apply, e.g. [{\"name\": \"watercolor\", \"scale\": 0.8}] (see GET /v1/loras; at most "
+    "QWEN_IMAGE_MAX_LORAS_PER_REQUEST). A Lightning LoRA also sets its own sampler, and the default "
+    "steps and CFG."))
 
 
 class GenerateRequest(BaseModel):
@@ -42,6 +79,7 @@ class GenerateRequest(BaseModel):
     language: Language = Field("en", description="Adds the model card's quality suffix for en or zh.")
     save_to_file: bool = Field(False, description="Save under the output folder and answer JSON.")
     add_overlay: bool = Field(True, description="Draw the info strip onto the image.")
+    loras: list[LoraChoice] = LORAS
 
     _not_blank = field_validator("prompt")(not_blank)
 
@@ -174,6 +212,29 @@ class InfoResponse(BaseModel):
     version: str
 
 
+class LoraInfo(BaseModel):
+    """One LoRA requests may name (GET /v1/loras)."""
+
+    name: str = Field(description="What a request's `loras[].name` says.")
+    source: Literal["folder", "hub"] = Field(description="QWEN_IMAGE_LORA_DIR or QWEN_IMAGE_LORAS.")
+    location: str = Field(description="The file name in the folder, or the hub repo (and file).")
+    rank: int | None = Field(description="Its rank (null for a hub LoRA not downloaded yet).")
+    base_model: str | None = Field(description="The model it says it was trained for (Qwen-Image, "
+                                   "Qwen-Image-Edit, ...); null when the file does not say.")
+    fits: list[str] = Field(description="The loaded models it can run on.")
+    lightning_steps: int | None = Field(description="A Lightning (step-distilled) LoRA's step count.")
+    resident: list[str] = Field(description="The models it is loaded on now (no load wait).")
+    usable: bool
+    problem: str | None = Field(None, description="Why it is not usable, or why it fits no model.")
+
+
+class LoraList(BaseModel):
+    object: Literal["list"] = "list"
+    data: list[LoraInfo]
+    max_per_request: int
+    max_resident: int
+
+
 class ErrorDetail(BaseModel):
     message: str
     type: str
@@ -209,6 +270,8 @@ class JobStatus(BaseModel):
     image_url: str | None = Field(None, description="Where the PNG is, once succeeded.")
     file_path: str | None = Field(None, description="Where it was saved, for save_to_file jobs.")
     error: ErrorDetail | None = None
+    loading_lora: str | None = Field(None, description="The LoRA being loaded for this job right now "
+                                     "(a first use; it then stays resident).")
 
 
 # -- editing (/edit, /v1/jobs/edit) ---------------------------------------------------------
@@ -238,8 +301,10 @@ class EditParameters(BaseModel):
     model: str | None = EDIT_MODEL
     size: str | None = EDIT_SIZE
     strength: float = EDIT_STRENGTH
+    loras: list[LoraChoice] = LORAS
 
     _not_blank = field_validator("prompt")(not_blank)
+    _loras_as_json = field_validator("loras", mode="before")(json_list)
 
     @field_validator("size")
     @classmethod

@@ -11,7 +11,7 @@ import anyio
 from fastapi import FastAPI
 
 from qwen_image_server import __version__
-from qwen_image_server.api import files, jobs, native
+from qwen_image_server.api import files, jobs, loras, native
 from qwen_image_server.api import metrics as metrics_api
 from qwen_image_server.api import openai as openai_api
 from qwen_image_server.api.auth import ApiKeyMiddleware
@@ -118,5 +118,6 @@ def create_app(
     app.include_router(native.router)
     app.include_router(jobs.router)
     app.include_router(openai_api.router)
+    app.include_router(loras.router)
     install_web(app)
     return app

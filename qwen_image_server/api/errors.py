@@ -53,11 +53,16 @@ def server_error_response(exc: ServerError) -> JSONResponse:
 
 
 def _param_of(loc: tuple[int | str, ...]) -> str:
-    """('body', 'seed') -> 'seed'; ('body',) or a JSON position -> 'body'."""
-    parts = [str(p) for p in loc if p not in ("body", "query", "path", "header")]
-    if not parts or (len(loc) == 2 and isinstance(loc[1], int)):
+    """('body', 'seed') -> 'seed'; ('body', 'loras', 0, 'name') -> 'loras[0].name'; ('body',) or a
+    JSON position -> 'body'."""
+    if len(loc) == 2 and isinstance(loc[1], int):
         return "body"
-    return ".".join(parts)
+    param = ""
+    for part in loc:
+        if part in ("body", "query", "path", "header"):
+            continue
+        param += f"[{part}]" if isinstance(part, int) else f".{part}" if param else str(part)
+    return param or "body"
 
 
 def validation_error_response(exc: RequestValidationError, content_type: str | None = None) -> JSONResponse:

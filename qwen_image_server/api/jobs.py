@@ -69,6 +69,7 @@ def status_of(ctx: ServerContext, record: JobRecord, request: Request) -> JobSta
         image_url=str(request.url_for("job_image", job_id=job.id)) if record.image_id else None,
         file_path=record.file_path,
         error=record.error,
+        loading_lora=ctx.generation.loading_lora(job) if record.status is JobState.RUNNING else None,
     )
 
 
@@ -100,7 +101,8 @@ async def create_job(body: GenerateRequest, request: Request, ctx: Ctx) -> JSONR
     request_id = generation.next_request_id()
     body = generation.with_defaults(body)
     model = generation.pick_model(None, "generate")
-    spec = dataclasses.replace(body.to_spec(), model=model.name)
+    spec = dataclasses.replace(body.to_spec(), model=model.name,
+                               loras=await generation.check_loras(body.loras, model))
     return await _queue(ctx, request, body, spec, request_id)
 
 

@@ -70,7 +70,8 @@ async def create_images(
     body = generation.with_defaults(body)
     model = generation.pick_model(body.model, "generate")
     base_seed = body.seed if body.seed is not None else secrets.randbelow(MAX_SEED + 1)
-    specs = [dataclasses.replace(spec, model=model.name) for spec in body.to_specs(base_seed)]
+    loras = await generation.check_loras(body.loras, model)
+    specs = [dataclasses.replace(spec, model=model.name, loras=loras) for spec in body.to_specs(base_seed)]
     width, height = specs[0].width, specs[0].height
     log.info("request %d (openai) received: n=%d, %dx%d, %d steps, cfg %g, seeds from %d, %s%s",
              request_id, body.n, width, height, body.num_inference_steps, body.true_cfg_scale,
@@ -97,11 +98,12 @@ async def edit_images(
     request_id = generation.next_request_id()
     body = generation.with_defaults(body)
     model = generation.pick_model(body.model, "edit")
+    loras = await generation.check_loras(body.loras, model)
     images = await read_files(body.images, "image")
     mask = Upload("mask", await body.mask.read()) if body.mask is not None else None
     inputs = await generation.read_edit_inputs(images, mask, model)
     base_seed = body.seed if body.seed is not None else secrets.randbelow(MAX_SEED + 1)
-    specs = generation.edit_specs(body, inputs, model, [(base_seed + i) % (MAX_SEED + 1) for i in range(body.n)])
+    specs = generation.edit_specs(body, inputs, model, [(base_seed + i) % (MAX_SEED + 1) for i in range(body.n)], loras)
     log.info("request %d (openai edit) received: %d image(s)%s, n=%d, %dx%d, %d steps, cfg %g, seeds "
              "from %d, model %s%s", request_id, len(images), " and a mask" if mask else "", body.n,
              specs[0].width, specs[0].height, body.num_inference_steps, body.true_cfg_scale, base_seed,

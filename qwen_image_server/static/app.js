@@ -31,7 +31,7 @@
     prompt: "Prompt", negative_prompt: "Negative prompt", aspect_ratio: "Aspect ratio",
     num_inference_steps: "Steps", true_cfg_scale: "CFG scale", seed: "Seed",
     language: "Language", add_overlay: "Info strip", save_to_file: "Save on the server",
-    image: "Images", mask: "Mask",
+    image: "Images", mask: "Mask", loras: "LoRA", lora_scale: "LoRA scale",
   };
   const FIELDS = Object.keys(LABELS);
   // A job's final states, as the server names them (/info "job_states"); until /info answers,
@@ -237,6 +237,7 @@
       const state = info.model_loaded ? "" : " · model loading, jobs wait until it is ready";
       $("server-info").textContent = `${info.model_name} on ${where} · v${info.version}${state}`;
       hideBanner();
+      loadLoras();
       if (!info.model_loaded) infoTimer = setTimeout(loadInfo, 3000);
     } catch (err) {
       $("server-info").textContent = "Server not reachable.";
@@ -244,6 +245,35 @@
       infoTimer = setTimeout(loadInfo, 5000);
     }
   }
+
+  // -- the LoRA picker: the usable LoRAs of GET /v1/loras (hidden when the server has none) --
+  async function loadLoras() {
+    let list;
+    try {
+      list = (await (await request("v1/loras")).json()).data || [];
+    } catch {
+      return; // an older server, or none reachable: no picker
+    }
+    const select = $("loras");
+    const chosen = select.value;
+    select.replaceChildren(new Option("None", ""));
+    for (const lora of list.filter((l) => l.usable && (l.fits.length || !l.problem))) {
+      const label = lora.lightning_steps ? `${lora.name} (Lightning, ${lora.lightning_steps} steps)` : lora.name;
+      const option = new Option(label, lora.name);
+      if (lora.lightning_steps) option.dataset.lightning = String(lora.lightning_steps);
+      select.append(option);
+    }
+    select.value = [...select.options].some((o) => o.value === chosen) ? chosen : "";
+    $("lora-row").hidden = select.options.length < 2;
+  }
+
+  // A Lightning LoRA runs its own step count without CFG; the fields show what it will use.
+  $("loras").addEventListener("change", () => {
+    const steps = $("loras").selectedOptions[0]?.dataset.lightning;
+    if (!steps) return;
+    $("num_inference_steps").value = steps;
+    $("true_cfg_scale").value = "1";
+  });
 
   function showBanner(text) { $("banner").textContent = text; $("banner").hidden = false; }
   function hideBanner() { $("banner").hidden = true; }
@@ -272,6 +302,11 @@
     body.language = $("language").value;
     body.add_overlay = $("add_overlay").checked;
     body.save_to_file = $("save_to_file").checked;
+    if ($("loras").value) {
+      const { value, error } = numberOf("lora_scale", false);
+      if (error) errors.lora_scale = error;
+      else body.loras = [{ name: $("loras").value, scale: value }];
+    }
     return { body, errors };
   }
 
@@ -288,11 +323,19 @@
     if (settings.language) $("language").value = settings.language;
     if (typeof settings.add_overlay === "boolean") $("add_overlay").checked = settings.add_overlay;
     if (typeof settings.save_to_file === "boolean") $("save_to_file").checked = settings.save_to_file;
+    const lora = Array.isArray(settings.loras) ? settings.loras[0] : null;
+    if (lora && [...$("loras").options].some((o) => o.value === lora.name)) {
+      $("loras").value = lora.name;
+      $("lora_scale").value = String(lora.scale);
+    } else if (settings.prompt !== undefined) {
+      $("loras").value = "";
+    }
     clearFieldErrors();
   }
 
   function fieldError(param, message) {
-    param = (param || "").replace(/\[\d+\]$/, ""); // image[1] -> image
+    param = (param || "").replace(/^loras\[\d+\]\.scale$/, "lora_scale").replace(/^loras\[\d+\]\.name$/, "loras")
+      .replace(/\[\d+\]$/, ""); // image[1] -> image
     const id = FIELDS.includes(param) ? param : null;
     if (!id) return false;
     const note = $(`${id}-error`);
@@ -665,7 +708,8 @@
   async function editForm(body) {
     const data = new FormData();
     for (const [name, value] of Object.entries(body)) {
-      if (name !== "aspect_ratio") data.append(name, String(value));
+      if (name === "loras") data.append(name, JSON.stringify(value)); // a list, as JSON text
+      else if (name !== "aspect_ratio") data.append(name, String(value));
     }
     for (const file of editImages) data.append("image", file, file.name || "image.png");
     if (editImages.length === 1 && maskPainted) data.append("mask", await maskBlob(), "mask.png");
