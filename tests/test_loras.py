@@ -1,0 +1,352 @@
+"""LoRAs chosen per request, on the tiny models with tiny LoRAs made by PEFT (engine/tiny.py's
+`build_lora`) and loaded through the same code as real ones: the library (GET /v1/loras), every
+API and the CLI, byte-identical images with and without adapters resident, a broken LoRA that
+leaves the pipeline as it was, eviction, Lightning's sampler per batch, batching by adapter set,
+and hot-swapping under compile without recompiling."""
+
+from __future__ import annotations
+
+import base64
+import dataclasses
+import io
+import json
+import math
+import subprocess
+import sys
+import threading
+from collections.abc import Iterator
+from pathlib import Path
+
+import httpx
+import numpy as np
+import openai
+import pytest
+import torch
+from PIL import Image
+from safetensors.torch import load_file, save_file
+
+from qwen_image_server.engine.tiny import build_lora, ensure_tiny_edit_model, ensure_tiny_model
+from qwen_image_server.engine.types import GenerationSpec
+from qwen_image_server.scheduler import Scheduler, SchedulerConfig
+from tests.conftest import ROOT, LiveServer, hold_engine, server_env, tiny_settings, wait_until
+from tests.fakes import FakeEngine
+
+pytestmark = pytest.mark.xdist_group("loras")  # one LoRA server for the module
+SIZE = "256x256"
+
+
+@pytest.fixture(scope="session")
+def lora_dir(tmp_path_factory) -> Path:
+    """A LoRA folder: tiny LoRAs for the generation and the edit model, a Lightning one, and three
+    broken ones (not a file of tensors, a LoRA for another model, one PEFT cannot load)."""
+    from diffusers import QwenImageTransformer2DModel
+
+    folder = tmp_path_factory.mktemp("loras")
+    cache = tiny_settings(folder).cache_dir
+    tiny = QwenImageTransformer2DModel.from_pretrained(ensure_tiny_model(cache) / "transformer")
+    edit = QwenImageTransformer2DModel.from_pretrained(ensure_tiny_edit_model(cache) / "transformer")
+    build_lora(folder / "style.safetensors", tiny, base="Qwen-Image", seed=1)
+    build_lora(folder / "ink.safetensors", tiny, base="Qwen-Image", rank=8, seed=2, targets=("to_q", "to_v"))
+    build_lora(folder / "tiny-Lightning-4steps.safetensors", tiny, base="Qwen-Image", seed=3)
+    build_lora(folder / "edit-style.safetensors", edit, base="Qwen-Image-Edit", seed=4)
+    (folder / "notalora.safetensors").write_bytes(b"\x00" * 64)
+    save_file({"transformer.transformer_blocks.0.attn.to_q.lora_A.weight": torch.zeros(4, 99),
+               "transformer.transformer_blocks.0.attn.to_q.lora_B.weight": torch.zeros(64, 4)},
+              str(folder / "foreign.safetensors"))
+    # Its last layer has rank 0: the header is a LoRA's, PEFT refuses it halfway through loading.
+    weights = load_file(folder / "style.safetensors")
+    last = sorted(key for key in weights if ".lora_A." in key)[-1]
+    weights[last] = torch.zeros(0, weights[last].shape[1])
+    weights[last.replace(".lora_A.", ".lora_B.")] = torch.zeros(weights[last.replace(".lora_A.", ".lora_B.")].shape[0], 0)
+    save_file(weights, str(folder / "broken.safetensors"))
+    return folder
+
+
+@pytest.fixture(scope="module")
+def live(tmp_path_factory, lora_dir) -> Iterator[LiveServer]:
+    server = LiveServer(tiny_settings(tmp_path_factory.mktemp("lora-server"), lora_dir=lora_dir,
+                                      max_loras_per_request=2, max_resident_loras=4)).start()
+    yield server
+    server.stop()
+
+
+def image(live: LiveServer, seed: int, loras: list[dict] | None = None, n: int = 1, **extra) -> list[bytes]:
+    """PNGs from /v1/images/generations at 256x256, 2 steps, seeds seed..seed+n-1."""
+    body = {"prompt": "a lighthouse", "size": SIZE, "num_inference_steps": 2, "seed": seed, "n": n, **extra}
+    if loras is not None:
+        body["loras"] = loras
+    r = httpx.post(f"{live.url}/v1/images/generations", json=body, timeout=120)
+    assert r.status_code == 200, r.text
+    return [base64.b64decode(item["b64_json"]) for item in r.json()["data"]]
+
+
+def loras_listed(live: LiveServer) -> dict[str, dict]:
+    r = httpx.get(f"{live.url}/v1/loras", timeout=30)
+    assert r.status_code == 200, r.text
+    return {row["name"]: row for row in r.json()["data"]}
+
+
+def png(size=(64, 64), seed=0) -> bytes:
+    pixels = np.random.default_rng(seed).integers(0, 256, (size[1], size[0], 3), dtype=np.uint8)
+    buf = io.BytesIO()
+    Image.fromarray(pixels).save(buf, "PNG")
+    return buf.getvalue()
+
+
+# -- the library ---------------------------------------------------------------------------
+
+def test_the_library_lists_each_lora_with_what_it_fits(live):
+    listed = loras_listed(live)
+    assert set(listed) == {"style", "ink", "tiny-Lightning-4steps", "edit-style", "notalora", "foreign", "broken"}
+    style = listed["style"]
+    assert (style["source"], style["location"], style["rank"], style["base_model"]) == (
+        "folder", "style.safetensors", 4, "Qwen-Image")
+    assert style["fits"] == ["tiny"] and style["usable"] and style["problem"] is None
+    assert listed["ink"]["rank"] == 8
+    assert listed["edit-style"]["fits"] == ["tiny-edit"] and listed["edit-style"]["base_model"] == "Qwen-Image-Edit"
+    assert listed["tiny-Lightning-4steps"]["lightning_steps"] == 4
+    assert not listed["notalora"]["usable"] and "safetensors" in listed["notalora"]["problem"]
+    assert listed["foreign"]["fits"] == [] and "another model" in listed["foreign"]["problem"]
+
+
+# -- images: with, without, alone, batched -------------------------------------------------
+
+def test_a_lora_changes_the_image_and_a_request_without_one_matches_a_server_without_loras(live, tiny_server):
+    [plain_elsewhere] = image(tiny_server, 11)  # the shared server has no LoRA library
+    [styled] = image(live, 11, [{"name": "style", "scale": 1.0}])
+    assert loras_listed(live)["style"]["resident"] == ["tiny"]
+    [plain_here] = image(live, 11)
+    assert styled != plain_here
+    assert plain_here == plain_elsewhere  # adapters resident, none active: not a bit differs
+    [half] = image(live, 11, [{"name": "style", "scale": 0.5}])
+    assert half not in (styled, plain_here)  # the scale is applied
+
+
+def test_a_lora_image_is_the_same_alone_and_batched(live):
+    choice = [{"name": "ink", "scale": 0.8}, {"name": "style", "scale": 0.6}]
+    batched = image(live, 20, choice, n=3)  # one request's images run as one batch
+    assert live.hook.calls[-1] == [20, 21, 22]
+    [alone] = image(live, 21, list(reversed(choice)))  # the order named does not matter
+    assert live.hook.calls[-1] == [21]
+    assert alone == batched[1]
+
+
+def test_a_broken_lora_is_refused_and_leaves_the_pipeline_as_it_was(live):
+    [before] = image(live, 31)
+    [styled_before] = image(live, 31, [{"name": "style"}])
+    r = httpx.post(f"{live.url}/v1/images/generations", timeout=120, json={
+        "prompt": "a lighthouse", "size": SIZE, "num_inference_steps": 2, "seed": 31,
+        "loras": [{"name": "broken"}]})
+    assert r.status_code == 400, r.text
+    error = r.json()["error"]
+    assert error["param"] == "loras" and error["code"] == "lora_unusable" and "'broken'" in error["message"]
+    listed = loras_listed(live)["broken"]
+    assert not listed["usable"] and "loading it failed" in listed["problem"] and listed["resident"] == []
+    assert image(live, 31) == [before]
+    assert image(live, 31, [{"name": "style"}]) == [styled_before]
+    # Now known: refused before it is queued, naming the field.
+    r = httpx.post(f"{live.url}/generate", json={"prompt": "x", "loras": [{"name": "broken"}]}, timeout=30)
+    assert r.status_code == 400 and r.json()["error"]["param"] == "loras[0].name", r.text
+
+
+# -- bad input: a clear 400 naming the field, the next request unharmed ----------------------
+
+@pytest.mark.parametrize(("loras", "param", "words"), [
+    ([{"name": "nope"}], "loras[0].name", "no LoRA named 'nope'; available: broken, edit-style"),
+    ([{"name": "style", "scale": 9}], "loras[0].scale", "less than or equal to 4"),
+    ([{"name": "style"}, {"name": "ink"}, {"name": "tiny-Lightning-4steps"}], "loras", "at most 2"),
+    ([{"name": "style"}, {"name": "style", "scale": 0.5}], "loras[1].name", "named twice"),
+    ([{"name": "../style"}], "loras[0].name", "never by a path"),
+    ([{"name": "loras/style"}], "loras[0].name", "never by a path"),
+    ([{"name": "style", "weight": 1}], "loras[0].weight", "Extra inputs"),
+    ("style", "loras", "valid list"),
+    ([{"name": "edit-style"}], "loras[0].name", "is for Qwen-Image-Edit; the model 'tiny' is Qwen-Image"),
+    ([{"name": "foreign"}], "loras[0].name", "for another model"),
+    ([{"name": "notalora"}], "loras[0].name", "not a readable safetensors file"),
+])
+@pytest.mark.parametrize("path", ["/generate", "/v1/jobs", "/v1/images/generations"])
+def test_bad_loras_get_a_400_naming_the_field(live, path, loras, param, words):
+    r = httpx.post(f"{live.url}{path}", json={"prompt": "a lighthouse", "loras": loras}, timeout=30)
+    assert r.status_code == 400, r.text
+    error = r.json()["error"]
+    assert error["param"] == param, error
+    assert words in error["message"], error
+    assert httpx.get(f"{live.url}/health", timeout=30).json()["status"] == "healthy"
+
+
+def test_an_edit_takes_edit_loras_and_refuses_generation_ones(live):
+    files = {"image": ("in.png", png(), "image/png")}
+    data = {"prompt": "make it blue", "num_inference_steps": "2", "loras": json.dumps([{"name": "edit-style"}])}
+    r = httpx.post(f"{live.url}/edit", data=data, files=files, timeout=120)
+    assert r.status_code == 200, r.text
+    assert live.hook.specs[-1].loras == (("edit-style", 1.0),) and live.hook.specs[-1].task == "edit"
+    data["loras"] = json.dumps([{"name": "style"}])
+    r = httpx.post(f"{live.url}/edit", data=data, files=files, timeout=30)
+    assert r.status_code == 400 and r.json()["error"]["param"] == "loras[0].name", r.text
+    assert "is for Qwen-Image; the model 'tiny-edit' is Qwen-Image-Edit" in r.json()["error"]["message"]
+
+
+# -- the official openai client, jobs and the CLI ------------------------------------------
+
+def test_the_openai_client_sends_loras_in_extra_body(live):
+    client = openai.OpenAI(base_url=f"{live.url}/v1", api_key="unused")
+    result = client.images.generate(prompt="a lighthouse", size=SIZE, extra_body={
+        "loras": [{"name": "style", "scale": 0.7}], "num_inference_steps": 2, "seed": 5})
+    assert result.data[0].b64_json and live.hook.specs[-1].loras == (("style", 0.7),)
+    edited = client.images.edit(image=("in.png", png(), "image/png"), prompt="make it blue", extra_body={
+        "loras": [{"name": "edit-style", "scale": 0.5}], "num_inference_steps": 2, "seed": 5})
+    assert edited.data[0].b64_json and live.hook.specs[-1].loras == (("edit-style", 0.5),)
+
+
+def test_a_job_says_while_it_waits_for_its_lora_to_load(live, monkeypatch):
+    adapters = live.hook.engine.engines["tiny"].adapters
+    gate = threading.Event()
+    load = adapters._load
+
+    def held_load(name, path):
+        assert gate.wait(60), "the test never let the load finish"
+        return load(name, path)
+
+    monkeypatch.setattr(adapters, "_load", held_load)
+    assert "ink" not in adapters.resident or adapters._evict("ink") is None
+    r = httpx.post(f"{live.url}/v1/jobs", json={"prompt": "a lighthouse", "num_inference_steps": 2,
+                                                 "loras": [{"name": "ink"}]}, timeout=30)
+    assert r.status_code == 202, r.text
+    job = r.json()["id"]
+    status = {}
+
+    def loading() -> bool:
+        status.update(httpx.get(f"{live.url}/v1/jobs/{job}", timeout=30).json())
+        return status["loading_lora"] == "ink"
+
+    try:
+        wait_until(loading, 60, "the job to say it waits for its LoRA")
+        assert status["status"] == "running" and status["progress"]["step"] == 0
+    finally:
+        gate.set()
+    wait_until(lambda: httpx.get(f"{live.url}/v1/jobs/{job}", timeout=30).json()["status"] == "succeeded",
+               120, "the job to finish")
+    assert httpx.get(f"{live.url}/v1/jobs/{job}", timeout=30).json()["loading_lora"] is None
+
+
+def test_cli_lora_flag_locally_and_on_a_server(live, lora_dir, tmp_path):
+    env = server_env(0, QWEN_IMAGE_LORA_DIR=str(lora_dir))
+    common = ["a lighthouse", "--num-inference-steps", "2", "--seed", "8", "--lora", "style:0.8"]
+    remote = subprocess.run([sys.executable, "-m", "qwen_image_server", "generate", *common,
+                             "--url", live.url, "--out", str(tmp_path / "remote.png")],
+                            cwd=tmp_path, env=env, capture_output=True, text=True, timeout=300)
+    assert remote.returncode == 0, remote.stderr[-3000:]
+    assert live.hook.specs[-1].loras == (("style", 0.8),)
+    local = subprocess.run([sys.executable, "-m", "qwen_image_server", "generate", *common,
+                            "--out", str(tmp_path / "local.png")],
+                           cwd=tmp_path, env=env, capture_output=True, text=True, timeout=300)
+    assert local.returncode == 0, local.stderr[-3000:]
+    assert (tmp_path / "local.png").read_bytes() == (tmp_path / "remote.png").read_bytes()
+    unknown = subprocess.run([sys.executable, "-m", "qwen_image_server", "generate", "x", "--url", live.url,
+                              "--lora", "nope"], cwd=tmp_path, env=env, capture_output=True, text=True,
+                             timeout=120)
+    assert unknown.returncode == 1 and "no LoRA named 'nope'" in unknown.stderr
+
+
+# -- Lightning: its sampler and defaults for its batch only ----------------------------------
+
+def test_a_lightning_lora_switches_its_batch_to_the_distilled_sampler(live):
+    pipeline = live.hook.engine.engines["tiny"].pipeline
+    shift = pipeline.scheduler.config["base_shift"]
+    with hold_engine(live) as hook:
+        r = httpx.post(f"{live.url}/v1/jobs", timeout=30, json={
+            "prompt": "a lighthouse", "loras": [{"name": "tiny-Lightning-4steps"}]})
+        assert r.status_code == 202 and r.json()["progress"]["total"] == 4, r.text
+        live.wait_running()
+        during = dict(pipeline.scheduler.config)
+    assert during["base_shift"] == pytest.approx(math.log(3)) and during["shift_terminal"] is None
+    spec = hook.specs[-1]
+    assert (spec.num_inference_steps, spec.true_cfg_scale) == (4, 1.0)  # the LoRA's card
+    job = r.json()["id"]
+    wait_until(lambda: httpx.get(f"{live.url}/v1/jobs/{job}", timeout=30).json()["status"] == "succeeded",
+               120, "the Lightning job")
+    assert pipeline.scheduler.config["base_shift"] == shift  # restored for the next batch
+    r = httpx.post(f"{live.url}/v1/jobs", timeout=30, json={"prompt": "x"})
+    assert r.json()["progress"]["total"] == 20  # requests without it keep the server's defaults
+
+
+# -- eviction ------------------------------------------------------------------------------
+
+def test_least_recently_used_loras_are_unloaded_beyond_the_limit(server, lora_dir):
+    live = server(lora_dir=lora_dir, max_resident_loras=1)
+    [first] = image(live, 3, [{"name": "style"}])
+    assert loras_listed(live)["style"]["resident"] == ["tiny"]
+    image(live, 3, [{"name": "ink"}])
+    listed = loras_listed(live)
+    assert listed["ink"]["resident"] == ["tiny"] and listed["style"]["resident"] == []
+    assert image(live, 3, [{"name": "style"}]) == [first]  # loaded again, same image
+    assert live.hook.engine.engines["tiny"].adapters.resident == ["style"]
+
+
+# -- batching by adapter set (the fake engine: exact) ----------------------------------------
+
+def test_batches_group_by_adapter_set_and_keep_the_fairness_bound():
+    engine = FakeEngine(held=True)
+    scheduler = Scheduler(lambda: engine, SchedulerConfig(max_queue=32, max_batch_size=4,
+                                                          max_batch_pixels=64 * 512 * 512))
+    scheduler.start()
+    try:
+        def spec(seed: int, loras=()) -> GenerationSpec:
+            return GenerationSpec(f"p{seed}", " ", 512, 512, 2, 4.0, seed, loras=loras)
+
+        style, ink = (("style", 1.0),), (("ink", 0.5), ("style", 1.0))
+        blocker = scheduler.submit(spec(0), 0)
+        engine.wait_started()
+        sets = [style, (), ink, style, (), (("style", 0.5),), ink, style]
+        jobs = [scheduler.submit(spec(i, loras), i) for i, loras in enumerate(sets, start=1)]
+        engine.run_freely()
+        for job in [blocker, *jobs]:
+            job.future.result(timeout=5)
+    finally:
+        scheduler.stop()
+        scheduler.join(5)
+    # Equal sets at equal scales batch together; a different scale is a different set.
+    assert engine.batches == [[0], [1, 4, 8], [2, 5], [3, 7], [6]]
+    for position, job in enumerate(jobs):
+        assert [job.spec.seed in batch for batch in engine.batches[1:]].index(True) <= position
+
+
+# -- compiled: hot-swapping compiles nothing -------------------------------------------------
+
+def test_switching_adapters_under_compile_compiles_nothing(tmp_path, lora_dir, monkeypatch):
+    from diffusers import QwenImageTransformer2DModel
+
+    from qwen_image_server.engine import compilation
+    from qwen_image_server.engine.models import load_engine
+
+    # dynamo's "eager" backend: its guards (what recompiles) are the real ones, without inductor.
+    original = QwenImageTransformer2DModel.compile_repeated_blocks
+    monkeypatch.setattr(QwenImageTransformer2DModel, "compile_repeated_blocks",
+                        lambda self, **kw: original(self, **{**kw, "backend": "eager"}))
+    torch.compiler.reset()
+    base = dict(model="tiny=tiny", max_batch_size=1, max_batch_pixels=256 * 256, lora_dir=lora_dir)
+    eager = load_engine(tiny_settings(tmp_path, **base)).engines["tiny"]
+    compiled = load_engine(tiny_settings(tmp_path, compile=True, max_loras_per_request=2,
+                                         lora_max_rank=8, **base)).engines["tiny"]
+    warmed = compilation.compiled_graphs()
+    spec = GenerationSpec("a lighthouse", " ", 256, 256, 2, 4.0, seed=4)
+    sets = [(), (("style", 0.8),), (("ink", 1.0), ("style", 0.5)), (("ink", 1.0),), ()]
+    for loras in sets:
+        one = dataclasses.replace(spec, loras=loras)
+        [want] = eager.run_batch([one], lambda step, total: None)
+        [got] = compiled.run_batch([one], lambda step, total: None)
+        assert np.array_equal(np.asarray(got), np.asarray(want)), loras
+    assert compilation.compiled_graphs() == warmed  # four switches, nothing compiled
+
+
+def test_a_lora_above_the_slot_rank_is_refused_before_it_is_queued(lora_dir):
+    from diffusers import QwenImageTransformer2DModel
+
+    from qwen_image_server.engine.adapters import LoraLibrary
+
+    library = LoraLibrary(lora_dir, {}, max_rank=4)
+    transformer = QwenImageTransformer2DModel.from_pretrained(
+        ensure_tiny_model(tiny_settings(lora_dir).cache_dir) / "transformer")
+    library.add_model("tiny", "generate", transformer)
+    assert library.problem("style", "tiny") is None  # rank 4
+    assert "has rank 8; this compiled server takes LoRAs up to rank 4" in library.problem("ink", "tiny")
