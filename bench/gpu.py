@@ -144,7 +144,7 @@ DEFAULT_CONFIGS = ("baseline", "compile", "fp8", "compile+fp8", "compile+fp8+all
 DEFAULT_MEMORY_CONFIGS = ("int8", "fp8+qte", "offload-model", "offload-model+fp8",
                           "offload-model+fp8+all+qte", "offload-sequential")
 SMOKE_CONFIGS = ("baseline", "int8", "fp8", "cache")
-SECTIONS = ("speed", "batch", "memory", "http", "edit")
+SECTIONS = ("speed", "batch", "memory", "http", "edit", "lora")
 
 # Edits: Qwen-Image-Edit-2509 and -2511 have Qwen-Image's transformer, text encoder and VAE
 # (2511's zero_cond_t adds no parameters and no work), so the edit rows run the same random
@@ -489,6 +489,7 @@ class Benchmark:
         self.context_gib = self._cuda_context_gib()
         self.settings_base = {"model": "random-full-size" if self.full else "tiny", "device": device.type,
                               "log_level": "warning"}
+        self.lora_folder = Path(tempfile.mkdtemp(prefix="qwen-bench-loras-"))  # the lora rows' LoRAs
         self.model_label = ("Qwen-Image, real architecture, random bf16 weights" if self.full
                             else f"embedded tiny Qwen-Image ({self.dtype})".replace("torch.", ""))
         if args.depth is not None:
@@ -602,6 +603,11 @@ class Benchmark:
 
         start = time.perf_counter()
         settings = settings_for(config, self.settings_base)
+        lora = "lora" in self.args.sections and config.name == self.args.configs[0]
+        if lora:
+            # The lora rows' library; under compile, prepare_pipeline adds the hot-swap slot.
+            settings = settings.model_copy(update={"lora_dir": self.lora_folder, "max_loras_per_request": 1,
+                                                   "lora_max_rank": self.args.lora_rank})
         if self.full:
             # Offload plans start from weights in host memory, as a real load does.
             target = torch.device("cpu") if config.offloads else self.device.torch_device
@@ -624,7 +630,14 @@ class Benchmark:
         # What the configuration really runs with: read after prepare_pipeline, which quantizes.
         self.configs_applied[config.name] = {"applied": applied, "build_s": round(build_s, 1),
                                              "inductor": inductor_settings()}
-        return Prepared(config.options, config.caches, PipelineEngine(model), applied, build_s)
+        adapters = None
+        if lora:
+            from qwen_image_server.engine.adapters import LoraLibrary, ResidentAdapters
+
+            library = LoraLibrary.from_settings(settings)
+            adapters = ResidentAdapters(pipeline, library, model.name, "generate", 2,
+                                        slots=1 if settings.compile else None)
+        return Prepared(config.options, config.caches, PipelineEngine(model, adapters), applied, build_s)
 
     def edit_engine(self, prepared: Prepared, config: BenchConfig) -> PipelineEngine:
         """The edit model of this configuration, made once: the full-size edit pipeline over the
@@ -752,6 +765,46 @@ class Benchmark:
                               **self.values(run, steps, measured), warmup_s=warmup_s,
                               note="; ".join(note)))
 
+    def lora(self, engine: PipelineEngine, config: BenchConfig, width: int, height: int) -> None:
+        """Per-request LoRAs: the step time with one unfused rank-R adapter active against none,
+        and the time to switch between two resident adapters (between batches, as the server
+        does). Random LoRAs on every attention projection of every block."""
+        adapters = engine.adapters
+        if adapters is None:
+            raise RuntimeError("the lora rows run on the first configuration, built with a LoRA library")
+        rank = self.args.lora_rank
+        for name, seed in (("a", 1), ("b", 2)):
+            random_lora(self.lora_folder / f"{name}.safetensors", engine.pipeline.transformer, rank, seed)
+        steps = self.args.measure_steps
+        one, other = (("a", 1.0),), (("b", 1.0),)
+
+        def specs(loras: tuple) -> list[GenerationSpec]:
+            return [dataclasses.replace(s, loras=loras) for s in specs_for(width, height, steps, 1, CFG_SCALE)]
+
+        def activate(loras: tuple) -> float:
+            _sync(self.device)
+            begin = time.perf_counter()
+            adapters.activate(loras)
+            _sync(self.device)
+            return time.perf_counter() - begin
+
+        first_load = activate(one)
+        activate(other)  # both resident from here on
+        engine.run_batch(specs(one), lambda step, total: None)  # the adapter's first call (kernels)
+        none_run = timed_run(engine, self.device, specs(()))
+        one_run = timed_run(engine, self.device, specs(one))
+        switches = [activate(loras) for _ in range(self.args.lora_switches) for loras in (other, one)]
+        switch_ms = 1000 * statistics.median(switches)
+        ratio = one_run.step_s / none_run.step_s
+        self.add(self.row("lora", config, width, height, 1, steps, CFG_SCALE,
+                          **self.values(one_run, steps, True), step_s_none=round(none_run.step_s, 4),
+                          step_ratio=round(ratio, 3), switch_ms=round(switch_ms, 2),
+                          first_load_ms=round(1000 * first_load, 1), lora_rank=rank,
+                          note=f"one rank-{rank} adapter vs none: {ratio:.3f}x per step (goal <= 1.10); "
+                               f"switch between resident adapters {switch_ms:.1f} ms (goal <= 50 ms); "
+                               f"first load {1000 * first_load:.0f} ms"
+                               + ("; hot-swapped into a compiled slot" if adapters.slots else "")))
+
     def values(self, run: Run, steps: int, measured: bool) -> dict[str, Any]:
         e2e = run.e2e_s if measured else run.e2e_at(steps)
         return {
@@ -845,6 +898,8 @@ class Benchmark:
                 self.memory(engine, config, width, height, prepared.applied)
             elif section == "edit":
                 self.edit(prepared, config, width, height, batch)
+            elif section == "lora":
+                self.lora(engine, config, width, height)
             else:
                 self.http(engine, config, width, height)
         except Exception as exc:  # noqa: BLE001 - one failing unit must not lose the others
@@ -904,6 +959,8 @@ class Benchmark:
                     units.append(("http", *args.http_size, 1))
                 if "edit" in args.sections:
                     units += [("edit", *args.edit_size, n) for n in args.edit_images]
+                if "lora" in args.sections:  # last: the speed rows above run without adapters
+                    units.append(("lora", *args.lora_size, 1))
             plan.append((config, units))
         if "memory" in args.sections:
             if self.device.type == "cuda":
@@ -967,6 +1024,27 @@ def lightning_scheduler(engine: PipelineEngine, active: bool) -> Iterator[None]:
         yield
     finally:
         pipeline.scheduler = original
+
+
+def random_lora(path: Path, transformer: Any, rank: int, seed: int) -> Path:
+    """A random rank-`rank` LoRA (diffusers key format) on every attention projection of the
+    transformer blocks, written straight from the layers' shapes (no copy of a 20B transformer)."""
+    from safetensors.torch import save_file
+
+    from qwen_image_server.engine.adapters import transformer_linears
+    from qwen_image_server.engine.tiny import LORA_TARGETS
+
+    generator = torch.Generator().manual_seed(seed)
+    weights = {}
+    for name, (fan_in, fan_out) in transformer_linears(transformer).items():
+        if name.startswith("transformer_blocks.") and name.endswith(tuple(f".{t}" for t in LORA_TARGETS)):
+            weights[f"transformer.{name}.lora_A.weight"] = (
+                torch.randn(rank, fan_in, generator=generator) / fan_in ** 0.5).to(torch.bfloat16)
+            weights[f"transformer.{name}.lora_B.weight"] = (
+                torch.randn(fan_out, rank, generator=generator) / rank ** 0.5).to(torch.bfloat16)
+    path.parent.mkdir(parents=True, exist_ok=True)
+    save_file(weights, str(path), metadata={"base_model": "Qwen-Image"})
+    return path
 
 
 def _round(value: float | None, digits: int = 2) -> float | None:
@@ -1171,6 +1249,10 @@ def parse_args(argv: Sequence[str] | None) -> argparse.Namespace:
     parser.add_argument("--edit-warmup", action=argparse.BooleanOptionalAction, default=None,
                         help="an untimed edit before each edit unit is timed (default on; off with "
                              "--smoke, where the tiny model's three-image edit takes most of a minute)")
+    parser.add_argument("--lora-size", type=parse_size, default=None,
+                        help="image size of the lora rows (default 1024x1024)")
+    parser.add_argument("--lora-rank", type=int, default=64, help="rank of the lora rows' random LoRAs")
+    parser.add_argument("--lora-switches", type=int, default=5, help="timed adapter switches, each way")
     parser.add_argument("--sections", type=_csv(str), default=list(SECTIONS),
                         help=f"any of {','.join(SECTIONS)}")
     parser.add_argument("--skip-http", action="store_true", help="leave out the http section")
@@ -1193,14 +1275,15 @@ def parse_args(argv: Sequence[str] | None) -> argparse.Namespace:
         defaults = {"sizes": [(256, 256)], "steps": [2], "measure_steps": 2, "warmup_steps": 2, "http_repeats": 1,
                     "configs": list(SMOKE_CONFIGS), "memory_configs": [], "batches": [1, 2],
                     "batch_sizes": [(256, 256)], "http_size": (256, 256),
-                    "edit_images": [1, 3], "edit_steps": [2], "edit_size": (256, 256), "edit_warmup": False}
+                    "edit_images": [1, 3], "edit_steps": [2], "edit_size": (256, 256), "edit_warmup": False,
+                    "lora_size": (256, 256)}
     else:
         defaults = {"sizes": [(512, 512), (1024, 1024), (1328, 1328), (1664, 928)], "steps": [20, 50],
                     "measure_steps": 6, "warmup_steps": 2, "configs": list(DEFAULT_CONFIGS),
                     "memory_configs": list(DEFAULT_MEMORY_CONFIGS), "batches": [1, 2, 4],
                     "batch_sizes": [(512, 512), (1024, 1024)], "http_size": (1024, 1024), "http_repeats": 2,
                     "edit_images": [1, 3], "edit_steps": [40, 50], "edit_size": (1024, 1024),
-                    "edit_warmup": True}
+                    "edit_warmup": True, "lora_size": (1024, 1024)}
     for name, value in defaults.items():
         if getattr(args, name) is None:
             setattr(args, name, value)

@@ -59,6 +59,14 @@ def test_smoke_run_times_every_configuration_and_prints_the_table(tmp_path: Path
     (http,) = [r for r in rows if r["section"] == "http"]
     assert http["raw_s"] > 0 and http["e2e_s"] > 0 and http["ratio"] > 0, http
 
+    # Per-request LoRAs on the first configuration: a random rank-64 adapter against none, and
+    # the switch between two resident ones.
+    (lora,) = [r for r in rows if r["section"] == "lora"]
+    assert not lora.get("error"), lora
+    assert lora["lora_rank"] == 64 and lora["config"] == "baseline", lora
+    assert lora["step_s"] > 0 and lora["step_s_none"] > 0 and lora["step_ratio"] > 0, lora
+    assert 0 < lora["switch_ms"] and 0 < lora["first_load_ms"], lora
+
     # Edits on the tiny edit model: one row per number of input images, timed like the speed rows.
     edits = {r["images"]: r for r in rows if r["section"] == "edit"}
     assert set(edits) == {1, 3}, edits
