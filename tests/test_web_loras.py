@@ -39,8 +39,10 @@ def test_the_picker_offers_usable_loras_and_sends_the_choice(browser, live):
     page.goto(live.url + "/")
     expect(page.locator("#lora-row")).to_be_visible()
     options = page.locator("#loras option").all_inner_texts()
-    # Broken files and LoRAs for another model are not offered; a Lightning LoRA says so.
-    assert options == ["None", "edit-style", "ink", "style", "tiny-Lightning-4steps (Lightning, 4 steps)"], options
+    # Files that are not LoRAs and LoRAs for another model are not offered ("broken" is, until its
+    # first load fails); a Lightning LoRA says what it is.
+    assert options == ["None", "broken", "edit-style", "ink", "style",
+                       "tiny-Lightning-4steps (Lightning, 4 steps)"], options
 
     page.select_option("#loras", "tiny-Lightning-4steps")
     expect(page.locator("#num_inference_steps")).to_have_value("4")

@@ -342,7 +342,7 @@
     note.textContent = message;
     note.hidden = false;
     $(id).setAttribute("aria-invalid", "true");
-    return true;
+    return id;
   }
 
   function clearFieldErrors() {
@@ -431,8 +431,9 @@
 
   function showError(err) {
     const text = plainError(err);
-    if (err instanceof ApiError && err.status === 400 && fieldError(err.param, text)) {
-      $(err.param.replace(/\[\d+\]$/, "")).focus();
+    const field = err instanceof ApiError && err.status === 400 && fieldError(err.param, text);
+    if (field) {
+      $(field).focus();
     } else {
       formError(text);
     }
