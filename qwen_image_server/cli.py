@@ -10,7 +10,6 @@ import logging
 import os
 import socket
 import sys
-import dataclasses
 from pathlib import Path
 from typing import TYPE_CHECKING, Annotated, Any, ClassVar
 
@@ -164,9 +163,7 @@ class GenerateCommand(OneImageCommand):
         return GenerateRequest.model_validate(values, strict=False)
 
     async def spec(self, generation: Generation, body: GenerateRequest) -> GenerationSpec:
-        model = generation.pick_model(None, "generate")
-        return dataclasses.replace(body.to_spec(), model=model.name,
-                                   loras=await generation.check_loras(body.loras, model))
+        return await generation.generate_spec(body)
 
 
 class EditCommand(OneImageCommand):

@@ -12,6 +12,7 @@ Nothing here knows about HTTP: a caller that can notice its client leaving passe
 from __future__ import annotations
 
 import asyncio
+import dataclasses
 import functools
 import itertools
 import logging
@@ -43,7 +44,7 @@ from qwen_image_server.postprocess import (
 from qwen_image_server.prompt_tokens import check_prompt_tokens, might_exceed, token_counter
 from qwen_image_server.scheduler import Job, JobResult, Scheduler
 from qwen_image_server.settings import Settings
-from qwen_image_server.schemas import EditRequest, LoraChoice
+from qwen_image_server.schemas import EditRequest, GenerateRequest, LoraChoice
 from qwen_image_server.openai_protocol import MAX_SIDE, MIN_SIDE, SIDE_MULTIPLE, parse_edit_size
 from qwen_image_server.uploads import EditInputs, Upload, default_output_size, read_edit_inputs
 
@@ -270,6 +271,13 @@ class Generation:
             if problem is not None:
                 raise errors.LoraUnusable(problem, param=param)
         return normalise_loras((choice.name, choice.scale) for choice in choices)
+
+    async def generate_spec(self, body: GenerateRequest) -> GenerationSpec:
+        """The spec of a native generation (/generate, /v1/jobs, `qwen-image generate`): the
+        body (defaults already filled in) on the first generation model, its LoRAs checked."""
+        model = self.pick_model(None, "generate")
+        return dataclasses.replace(body.to_spec(), model=model.name,
+                                   loras=await self.check_loras(body.loras, model))
 
     def loading_lora(self, job: Job) -> str | None:
         """The LoRA the engine is loading for this running job right now, if any."""

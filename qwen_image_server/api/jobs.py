@@ -10,7 +10,6 @@ QWEN_IMAGE_MAX_STORED_RESULTS of them are kept, so memory stays bounded under lo
 from __future__ import annotations
 
 import asyncio
-import dataclasses
 import logging
 import time
 from collections.abc import AsyncIterator
@@ -100,9 +99,7 @@ async def create_job(body: GenerateRequest, request: Request, ctx: Ctx) -> JSONR
     generation = ctx.generation
     request_id = generation.next_request_id()
     body = generation.with_defaults(body)
-    model = generation.pick_model(None, "generate")
-    spec = dataclasses.replace(body.to_spec(), model=model.name,
-                               loras=await generation.check_loras(body.loras, model))
+    spec = await generation.generate_spec(body)
     return await _queue(ctx, request, body, spec, request_id)
 
 

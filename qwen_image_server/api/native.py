@@ -125,9 +125,7 @@ async def generate(body: GenerateRequest, request: Request, ctx: Ctx) -> Respons
     generation = ctx.generation
     request_id = generation.next_request_id()
     body = generation.with_defaults(body)
-    model = generation.pick_model(None, "generate")
-    spec = dataclasses.replace(body.to_spec(), model=model.name,
-                               loras=await generation.check_loras(body.loras, model))
+    spec = await generation.generate_spec(body)
     log.info("request %d received: %dx%d, %d steps, cfg %g, seed %d, save_to_file=%s",
              request_id, spec.width, spec.height, spec.num_inference_steps,
              spec.true_cfg_scale, spec.seed, body.save_to_file)
