@@ -100,6 +100,8 @@ class LoraEntry:
         from huggingface_hub import hf_hub_download, list_repo_files
 
         weight_name = self.weight_name
+        if weight_name is None and not download:
+            return None  # which file it is takes a listing from the hub: done on first use
         try:
             if weight_name is None:
                 files = [f for f in list_repo_files(self.location) if f.endswith(".safetensors")]
@@ -356,6 +358,11 @@ class LoraLibrary:
             if have != (fan_in, fan_out):
                 return (f"The LoRA '{name}' is for another model: its layer '{module}' maps {fan_in} to "
                         f"{fan_out} features, the model '{model}' {have[0]} to {have[1]}.")
+        if self.max_rank is not None:
+            outside = next((m for m in facts.modules if not m.startswith("transformer_blocks.")), None)
+            if outside is not None:
+                return (f"The LoRA '{name}' also changes '{outside}', outside the transformer blocks; a "
+                        "compiled server hot-swaps LoRAs into the blocks only.")
         if self.max_rank is not None and facts.rank is not None and facts.rank > self.max_rank:
             return (f"The LoRA '{name}' has rank {facts.rank}; this compiled server takes LoRAs up to rank "
                     f"{self.max_rank} (QWEN_IMAGE_LORA_MAX_RANK).")
@@ -493,14 +500,26 @@ class ResidentAdapters:
 
     def _swap_into_slots(self, loras: LoraSet) -> None:
         assert self.slots is not None
-        for index in range(self.slots):
-            slot = f"slot{index}"
-            if index < len(loras):
-                name, scale = loras[index]
-                state = _scaled(self._resident[name], scale)
-            else:
-                state = _zero_state_dict(self.pipeline.transformer)
-            self.pipeline.load_lora_weights(state, adapter_name=slot, hotswap=True)
+        try:
+            for index in range(self.slots):
+                if index < len(loras):
+                    name, scale = loras[index]
+                    state = _scaled(self._resident[name], scale)
+                else:
+                    state = _zero_state_dict(self.pipeline.transformer)
+                self.pipeline.load_lora_weights(state, adapter_name=f"slot{index}", hotswap=True)
+        except Exception as exc:  # noqa: BLE001 - the slots must not keep half a set
+            for index in range(self.slots):
+                self.pipeline.load_lora_weights(_zero_state_dict(self.pipeline.transformer),
+                                                adapter_name=f"slot{index}", hotswap=True)
+            self._active = ()
+            names = ", ".join(name for name, _ in loras)
+            reason = f"hot-swapping it failed ({_first_line(exc)})"
+            for name, _ in loras:
+                self._resident.pop(name, None)
+            if len(loras) == 1:
+                self.library.mark_unusable(loras[0][0], reason)
+            raise errors.LoraUnusable(f"The LoRA set {names} could not be applied: {reason}.") from exc
 
 
 def _slot_state_dict(pipeline: Any, path: Path) -> dict[str, Any]:
