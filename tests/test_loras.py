@@ -198,35 +198,42 @@ def test_the_openai_client_sends_loras_in_extra_body(live):
     assert edited.data[0].b64_json and live.hook.specs[-1].loras == (("edit-style", 0.5),)
 
 
-def test_a_job_says_while_it_waits_for_its_lora_to_load(live, monkeypatch):
+def test_a_job_says_while_it_waits_for_its_lora_to_load(live, lora_dir, monkeypatch):
+    # A LoRA dropped into the folder while the server runs: listed at once, loaded on first use.
+    fresh = lora_dir / "just-added.safetensors"
+    fresh.write_bytes((lora_dir / "style.safetensors").read_bytes())
     adapters = live.hook.engine.engines["tiny"].adapters
     gate = threading.Event()
     load = adapters._load
 
-    def held_load(name, path):
+    def held_load(name, path):  # the load waits until the test has seen the job's status
         assert gate.wait(60), "the test never let the load finish"
         return load(name, path)
 
     monkeypatch.setattr(adapters, "_load", held_load)
-    assert "ink" not in adapters.resident or adapters._evict("ink") is None
-    r = httpx.post(f"{live.url}/v1/jobs", json={"prompt": "a lighthouse", "num_inference_steps": 2,
-                                                 "loras": [{"name": "ink"}]}, timeout=30)
-    assert r.status_code == 202, r.text
-    job = r.json()["id"]
-    status = {}
-
-    def loading() -> bool:
-        status.update(httpx.get(f"{live.url}/v1/jobs/{job}", timeout=30).json())
-        return status["loading_lora"] == "ink"
-
     try:
-        wait_until(loading, 60, "the job to say it waits for its LoRA")
-        assert status["status"] == "running" and status["progress"]["step"] == 0
+        assert loras_listed(live)["just-added"]["resident"] == []
+        r = httpx.post(f"{live.url}/v1/jobs", json={"prompt": "a lighthouse", "num_inference_steps": 2,
+                                                     "loras": [{"name": "just-added"}]}, timeout=30)
+        assert r.status_code == 202, r.text
+        job = r.json()["id"]
+        status = {}
+
+        def loading() -> bool:
+            status.update(httpx.get(f"{live.url}/v1/jobs/{job}", timeout=30).json())
+            return status["loading_lora"] == "just-added"
+
+        try:
+            wait_until(loading, 60, "the job to say it waits for its LoRA")
+            assert status["status"] == "running" and status["progress"]["step"] == 0
+        finally:
+            gate.set()
+        wait_until(lambda: httpx.get(f"{live.url}/v1/jobs/{job}", timeout=30).json()["status"] == "succeeded",
+                   120, "the job to finish")
+        assert httpx.get(f"{live.url}/v1/jobs/{job}", timeout=30).json()["loading_lora"] is None
+        assert loras_listed(live)["just-added"]["resident"] == ["tiny"]
     finally:
-        gate.set()
-    wait_until(lambda: httpx.get(f"{live.url}/v1/jobs/{job}", timeout=30).json()["status"] == "succeeded",
-               120, "the job to finish")
-    assert httpx.get(f"{live.url}/v1/jobs/{job}", timeout=30).json()["loading_lora"] is None
+        fresh.unlink()
 
 
 def test_cli_lora_flag_locally_and_on_a_server(live, lora_dir, tmp_path):
