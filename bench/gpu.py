@@ -632,7 +632,8 @@ class Benchmark:
                                              "inductor": inductor_settings()}
         adapters = None
         if lora:
-            from qwen_image_server.engine.adapters import LoraLibrary, ResidentAdapters
+            from qwen_image_server.engine.adapters import ResidentAdapters
+            from qwen_image_server.engine.lora_library import LoraLibrary
 
             library = LoraLibrary.from_settings(settings)
             adapters = ResidentAdapters(pipeline, library, model.name, "generate", 2,
@@ -1031,7 +1032,7 @@ def random_lora(path: Path, transformer: Any, rank: int, seed: int) -> Path:
     transformer blocks, written straight from the layers' shapes (no copy of a 20B transformer)."""
     from safetensors.torch import save_file
 
-    from qwen_image_server.engine.adapters import transformer_linears
+    from qwen_image_server.engine.lora_library import transformer_linears
     from qwen_image_server.engine.tiny import LORA_TARGETS
 
     generator = torch.Generator().manual_seed(seed)

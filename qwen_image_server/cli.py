@@ -16,7 +16,7 @@ from typing import TYPE_CHECKING, Annotated, Any, ClassVar
 from pydantic import AliasChoices, Field, ValidationError, field_validator
 from pydantic_settings import BaseSettings, CliApp, CliImplicitFlag, CliPositionalArg, CliSubCommand, NoDecode
 
-from qwen_image_server.engine.adapters import is_valid_name
+from qwen_image_server.engine.lora_library import is_valid_name
 from qwen_image_server.engine.lora import looks_like_path
 
 from qwen_image_server.errors import ModelLoadError

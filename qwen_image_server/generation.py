@@ -30,7 +30,7 @@ from qwen_image_server import errors
 from qwen_image_server.defaults import GenerationDefaults
 from qwen_image_server.engine.device import DeviceInfo
 from qwen_image_server.engine.loader import LoadedModel
-from qwen_image_server.engine.adapters import LoraLibrary
+from qwen_image_server.engine.lora_library import LoraLibrary
 from qwen_image_server.engine.types import EditSpec, GenerationSpec, LoraSet, Task, normalise_loras
 from qwen_image_server.model_list import EMBEDDED
 from qwen_image_server.postprocess import (

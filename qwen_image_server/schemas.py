@@ -8,7 +8,7 @@ from typing import Literal
 from fastapi import UploadFile
 from pydantic import BaseModel, ConfigDict, Field, field_validator
 
-from qwen_image_server.engine.adapters import is_valid_name
+from qwen_image_server.engine.lora_library import is_valid_name
 from qwen_image_server.engine.types import GenerationSpec
 from qwen_image_server.job_state import FINAL_STATES, JobState
 from qwen_image_server.presets import (

@@ -229,7 +229,7 @@ class Settings(BaseSettings):
     @field_validator("loras")
     @classmethod
     def _lora_list(cls, value: str) -> str:
-        from qwen_image_server.engine.adapters import parse_hub_loras
+        from qwen_image_server.engine.lora_library import parse_hub_loras
 
         parse_hub_loras(value)  # ValueError -> one line naming QWEN_IMAGE_LORAS
         return value.strip()

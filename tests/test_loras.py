@@ -360,7 +360,7 @@ def test_switching_adapters_under_compile_compiles_nothing(tmp_path, lora_dir, m
 def test_a_lora_above_the_slot_rank_is_refused_before_it_is_queued(lora_dir):
     from diffusers import QwenImageTransformer2DModel
 
-    from qwen_image_server.engine.adapters import LoraLibrary
+    from qwen_image_server.engine.lora_library import LoraLibrary
 
     library = LoraLibrary(lora_dir, {}, max_rank=4)
     transformer = QwenImageTransformer2DModel.from_pretrained(

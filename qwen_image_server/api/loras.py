@@ -5,7 +5,7 @@ from __future__ import annotations
 from fastapi import APIRouter
 
 from qwen_image_server.api.context import Ctx
-from qwen_image_server.engine.adapters import LoraEntry, LoraLibrary
+from qwen_image_server.engine.lora_library import LoraEntry, LoraLibrary
 from qwen_image_server.schemas import LoraInfo, LoraList
 
 router = APIRouter(prefix="/v1", tags=["loras"])

@@ -1,11 +1,4 @@
-"""LoRAs chosen per request: the library of LoRAs a request may name, and the adapters resident
-on each model.
-
-`LoraLibrary` knows the LoRAs (files in QWEN_IMAGE_LORA_DIR, named by their stem; hub files in
-QWEN_IMAGE_LORAS) and what each is, read from the file's header without loading it into a
-pipeline: its layers and their shapes, its rank, and the base model it says it was trained for.
-The API checks requests against it before queueing; the engine marks a LoRA unusable when its
-first load fails, and reports which are resident.
+"""LoRAs chosen per request, on the engine's side: the adapters resident on each model.
 
 `ResidentAdapters` (one per pipeline) keeps up to QWEN_IMAGE_MAX_RESIDENT_LORAS PEFT adapters
 loaded, evicting the least recently used, and `activate(loras)` sets the adapters and scales of
@@ -23,356 +16,18 @@ one batch. Two ways to do that:
 from __future__ import annotations
 
 import itertools
-import json
 import logging
-import re
-import threading
 from collections import OrderedDict
 from collections.abc import Sequence
-from dataclasses import dataclass, field
 from pathlib import Path
-from typing import Any, Literal
+from typing import Any
 
 from qwen_image_server import errors
-from qwen_image_server.engine.lora import LIGHTNING_SCHEDULER_OVERRIDES, lightning_steps_of
+from qwen_image_server.engine.lora import LIGHTNING_SCHEDULER_OVERRIDES
+from qwen_image_server.engine.lora_library import LoraLibrary, adapter_config, first_line, transformer_linears
 from qwen_image_server.engine.types import LoraSet, Task
 
 log = logging.getLogger(__name__)
-
-# A LoRA's name: a file stem or a name given in QWEN_IMAGE_LORAS; never a path.
-NAME_PATTERN = r"^[A-Za-z0-9][A-Za-z0-9._-]{0,127}$"
-_NAME = re.compile(NAME_PATTERN)
-
-# The base model family of each task's pipelines (Qwen-Image-Edit-2509/2511 LoRAs are Edit LoRAs).
-FAMILY: dict[Task, str] = {"generate": "Qwen-Image", "edit": "Qwen-Image-Edit"}
-
-# Header metadata that names the model a LoRA was trained for, in the order they are trusted:
-# our own and some trainers' `base_model`, the Stability model spec, kohya's sd-scripts, PEFT's
-# adapter config (diffusers stores it as JSON under `lora_adapter_metadata`).
-_BASE_KEYS = ("base_model", "modelspec.architecture", "ss_base_model_version", "base_model_name_or_path")
-
-# diffusers/PEFT key forms: "<prefix>.<module>.lora_A.weight" (A: rank x in, B: out x rank).
-_PEFT_KEY = re.compile(r"^(?:transformer\.|base_model\.model\.|diffusion_model\.)?(.+)\.lora_([AB])(?:\.default)?\.weight$")
-
-
-def is_valid_name(name: str) -> bool:
-    return bool(_NAME.match(name)) and ".." not in name
-
-
-def parse_hub_loras(text: str) -> dict[str, tuple[str, str | None]]:
-    """'name=owner/repo:file.safetensors,...' -> {name: (repo, file)}; ValueError names the part."""
-    out: dict[str, tuple[str, str | None]] = {}
-    for part in (p.strip() for p in text.split(",")):
-        if not part:
-            continue
-        name, sep, source = part.partition("=")
-        name, source = name.strip(), source.strip()
-        if not sep or not source:
-            raise ValueError(f"{part!r} is not 'name=owner/repo:file.safetensors'")
-        if not is_valid_name(name):
-            raise ValueError(f"the LoRA name {name!r} may hold only letters, digits, '.', '_' and '-'")
-        if name in out:
-            raise ValueError(f"the LoRA name {name!r} is given twice")
-        repo, _, weight_name = source.partition(":")
-        if repo.count("/") != 1:
-            raise ValueError(f"{source!r} is not a hub repo id 'owner/repo' (local files go in QWEN_IMAGE_LORA_DIR)")
-        out[name] = (repo, weight_name or None)
-    return out
-
-
-@dataclass(frozen=True, slots=True)
-class LoraEntry:
-    """One LoRA a request may name."""
-
-    name: str
-    source: Literal["folder", "hub"]
-    location: str  # the file, or the hub repo id
-    weight_name: str | None = None  # the file inside the hub repo
-
-    @property
-    def lightning_steps(self) -> int | None:
-        return lightning_steps_of(self.weight_name or self.location)
-
-    def file(self, download: bool) -> Path | None:
-        """The file on disk; a hub file is downloaded first when `download` (None if not cached)."""
-        if self.source == "folder":
-            return Path(self.location)
-        from huggingface_hub import hf_hub_download, list_repo_files
-
-        weight_name = self.weight_name
-        if weight_name is None and not download:
-            return None  # which file it is takes a listing from the hub: done on first use
-        try:
-            if weight_name is None:
-                files = [f for f in list_repo_files(self.location) if f.endswith(".safetensors")]
-                if len(files) != 1:
-                    raise ValueError(f"{self.location} holds {len(files)} .safetensors files; name one "
-                                     "as 'owner/repo:file.safetensors'")
-                weight_name = files[0]
-            return Path(hf_hub_download(self.location, weight_name, local_files_only=not download))
-        except Exception:  # noqa: BLE001 - not cached yet (listing) or not reachable
-            if download:
-                raise
-            return None
-
-
-@dataclass(frozen=True, slots=True)
-class LoraFacts:
-    """What a LoRA file is, read from its header."""
-
-    modules: dict[str, tuple[int, int]]  # transformer layer -> (in_features, out_features) it expects
-    rank: int | None
-    base: str | None  # the model it says it is for ("Qwen-Image", "Qwen-Image-Edit", another), if it says
-    problem: str | None = None  # why it is not a LoRA at all
-
-
-def _family_of(value: str) -> str:
-    text = value.lower().replace("_", "-").replace(" ", "-")
-    if "qwen" in text and "edit" in text:
-        return FAMILY["edit"]
-    if "qwen" in text and "image" in text:
-        return FAMILY["generate"]
-    return value
-
-
-def _stated_base(metadata: dict[str, str], file_name: str) -> str | None:
-    values: dict[str, Any] = dict(metadata)
-    values.update({key.removeprefix("transformer."): value
-                   for key, value in _adapter_config(metadata).items()})
-    for key in _BASE_KEYS:
-        value = values.get(key)
-        if isinstance(value, str) and value.strip():
-            return _family_of(value.strip())
-    # Files on the hub say it in their name (Qwen-Image-Edit-Lightning-8steps-V1.0.safetensors).
-    if re.search(r"qwen[-_]?image[-_]?edit", file_name, re.IGNORECASE):
-        return FAMILY["edit"]
-    return None
-
-
-def _adapter_config(metadata: dict[str, str]) -> dict[str, Any]:
-    """The PEFT config diffusers stores under `lora_adapter_metadata` (keys as saved)."""
-    try:
-        config = json.loads(metadata.get("lora_adapter_metadata") or "{}")
-    except (ValueError, TypeError):
-        return {}
-    return config if isinstance(config, dict) else {}
-
-
-def inspect_lora(path: Path) -> LoraFacts:
-    """Read a LoRA file's layers, shapes, rank and stated base model; only kohya-style files
-    (whose keys diffusers converts) are read whole."""
-    from safetensors import safe_open
-
-    try:
-        with safe_open(str(path), framework="pt") as f:
-            metadata = f.metadata() or {}
-            shapes = {key: tuple(f.get_slice(key).get_shape()) for key in f.keys()}
-    except Exception as exc:  # noqa: BLE001 - any unreadable file is "not a LoRA"
-        return LoraFacts({}, None, None, problem=f"it is not a readable safetensors file ({_first_line(exc)})")
-    base = _stated_base(metadata, path.name)
-    if shapes and not all(_PEFT_KEY.match(key) or key.endswith(".alpha") for key in shapes):
-        shapes = _converted_shapes(path)
-    pairs: dict[str, dict[str, tuple[int, ...]]] = {}
-    for key, shape in shapes.items():
-        match = _PEFT_KEY.match(key)
-        if match:
-            pairs.setdefault(match[1], {})[match[2]] = shape
-    if not pairs:
-        return LoraFacts({}, None, base, problem="it holds no LoRA weights (no lora_A / lora_B tensors)")
-    modules: dict[str, tuple[int, int]] = {}
-    ranks = set()
-    for module, ab in pairs.items():
-        a, b = ab.get("A"), ab.get("B")
-        if a is None or b is None or len(a) != 2 or len(b) != 2 or a[0] != b[1]:
-            return LoraFacts({}, None, base, problem=f"its layer '{module}' has no matching lora_A/lora_B pair")
-        modules[module] = (a[1], b[0])
-        ranks.add(a[0])
-    return LoraFacts(modules, max(ranks), base)
-
-
-def _converted_shapes(path: Path) -> dict[str, tuple[int, ...]]:
-    """Keys and shapes of a non-diffusers (kohya, ComfyUI) LoRA, as diffusers converts them."""
-    from diffusers import QwenImagePipeline
-
-    try:
-        state = QwenImagePipeline.lora_state_dict(str(path))
-    except Exception:  # noqa: BLE001 - unconvertible: it has no LoRA weights diffusers can use
-        return {}
-    return {key: tuple(value.shape) for key, value in state.items()}
-
-
-def _first_line(exc: BaseException) -> str:
-    text = str(exc).strip().splitlines()
-    return text[0] if text else type(exc).__name__
-
-
-def transformer_linears(transformer: Any) -> dict[str, tuple[int, int]]:
-    """Every linear layer of a transformer a LoRA may target -> (in_features, out_features)."""
-    import torch
-
-    out = {}
-    for name, module in transformer.named_modules():
-        if isinstance(module, torch.nn.Linear) and ".lora_" not in name:
-            out[name.removesuffix(".base_layer")] = (module.in_features, module.out_features)
-    return out
-
-
-@dataclass
-class _ModelFacts:
-    task: Task
-    linears: dict[str, tuple[int, int]]
-    resident: tuple[str, ...] = ()
-
-
-@dataclass
-class LoraLibrary:
-    """The LoRAs requests may name, what each is, and which are unusable or resident."""
-
-    folder: Path | None
-    hub: dict[str, tuple[str, str | None]]
-    max_per_request: int = 3
-    max_rank: int | None = None  # compiled models: the slots' rank
-    _facts: dict[tuple[str, float, int], LoraFacts] = field(default_factory=dict)
-    _unusable: dict[str, tuple[tuple[str, float, int] | None, str]] = field(default_factory=dict)
-    _models: dict[str, _ModelFacts] = field(default_factory=dict)
-    _lock: threading.Lock = field(default_factory=threading.Lock)
-
-    @classmethod
-    def from_settings(cls, settings: Any) -> LoraLibrary:
-        return cls(settings.lora_dir, parse_hub_loras(settings.loras), settings.max_loras_per_request,
-                   settings.lora_max_rank if settings.compile else None)
-
-    @property
-    def configured(self) -> bool:
-        return self.folder is not None or bool(self.hub)
-
-    def entries(self) -> dict[str, LoraEntry]:
-        """Every LoRA by name, the folder read now (files added while serving are seen)."""
-        found: dict[str, LoraEntry] = {}
-        if self.folder is not None and self.folder.is_dir():
-            for path in sorted(self.folder.glob("*.safetensors")):
-                if path.is_file() and is_valid_name(path.stem):
-                    found[path.stem] = LoraEntry(path.stem, "folder", str(path))
-        for name, (repo, weight_name) in self.hub.items():
-            found[name] = LoraEntry(name, "hub", repo, weight_name)  # a named hub LoRA wins
-        return found
-
-    def get(self, name: str) -> LoraEntry | None:
-        return self.entries().get(name)
-
-    # -- what a file is ---------------------------------------------------------------------
-
-    @staticmethod
-    def _key(path: Path) -> tuple[str, float, int] | None:
-        try:
-            stat = path.stat()
-        except OSError:
-            return None
-        return (str(path), stat.st_mtime, stat.st_size)
-
-    def facts(self, entry: LoraEntry, download: bool = False) -> LoraFacts | None:
-        """The file's facts (cached until the file changes); None for a hub file not fetched yet."""
-        path = entry.file(download)
-        key = self._key(path) if path is not None else None
-        if key is None:
-            return None
-        with self._lock:
-            cached = self._facts.get(key)
-        if cached is None:
-            cached = inspect_lora(path)  # type: ignore[arg-type]
-            with self._lock:
-                self._facts[key] = cached
-        return cached
-
-    def unusable(self, name: str) -> str | None:
-        """Why the LoRA failed to load, while its file is unchanged since."""
-        with self._lock:
-            marked = self._unusable.get(name)
-        if marked is None:
-            return None
-        key, reason = marked
-        entry = self.get(name)
-        if entry is not None and entry.source == "folder" and key != self._key(Path(entry.location)):
-            with self._lock:
-                self._unusable.pop(name, None)  # the file was replaced: try it again
-            return None
-        return reason
-
-    def mark_unusable(self, name: str, reason: str) -> None:
-        entry = self.get(name)
-        key = self._key(Path(entry.location)) if entry is not None and entry.source == "folder" else None
-        with self._lock:
-            self._unusable[name] = (key, reason)
-
-    # -- models -----------------------------------------------------------------------------
-
-    def add_model(self, name: str, task: Task, transformer: Any) -> None:
-        """Remember a loaded model's layers, to check LoRAs against them before queueing."""
-        with self._lock:
-            self._models[name] = _ModelFacts(task, transformer_linears(transformer))
-
-    def set_resident(self, model: str, names: Sequence[str]) -> None:
-        with self._lock:
-            if model in self._models:
-                self._models[model].resident = tuple(names)
-
-    def resident(self, name: str) -> list[str]:
-        """The models this LoRA is loaded on now."""
-        with self._lock:
-            return [model for model, facts in self._models.items() if name in facts.resident]
-
-    def model_family(self, model: str) -> str | None:
-        with self._lock:
-            facts = self._models.get(model)
-        return FAMILY[facts.task] if facts is not None else None
-
-    # -- checks -----------------------------------------------------------------------------
-
-    def problem(self, name: str, model: str, download: bool = False) -> str | None:
-        """Why the LoRA cannot run on the model (a sentence naming both), or None. Before the
-        model is loaded, or for a hub file not fetched yet, only what is known is checked."""
-        entry = self.get(name)
-        if entry is None:
-            return f"There is no LoRA named '{name}'."
-        reason = self.unusable(name)
-        if reason is not None:
-            return f"The LoRA '{name}' is unusable: {reason}."
-        facts = self.facts(entry, download)
-        if facts is None:
-            return None
-        if facts.problem is not None:
-            return f"The LoRA '{name}' is unusable: {facts.problem}."
-        with self._lock:
-            target = self._models.get(model)
-        if target is None:
-            return None
-        family = FAMILY[target.task]
-        if facts.base is not None and facts.base != family:
-            return (f"The LoRA '{name}' is for {facts.base}; the model '{model}' is {family}. "
-                    f"Use it with a {facts.base} model.")
-        for module, (fan_in, fan_out) in facts.modules.items():
-            have = target.linears.get(module)
-            if have is None:
-                return (f"The LoRA '{name}' is for another model: {family}'s transformer has no layer "
-                        f"'{module}'.")
-            if have != (fan_in, fan_out):
-                return (f"The LoRA '{name}' is for another model: its layer '{module}' maps {fan_in} to "
-                        f"{fan_out} features, the model '{model}' {have[0]} to {have[1]}.")
-        if self.max_rank is not None:
-            outside = next((m for m in facts.modules if not m.startswith("transformer_blocks.")), None)
-            if outside is not None:
-                return (f"The LoRA '{name}' also changes '{outside}', outside the transformer blocks; a "
-                        "compiled server hot-swaps LoRAs into the blocks only.")
-        if self.max_rank is not None and facts.rank is not None and facts.rank > self.max_rank:
-            return (f"The LoRA '{name}' has rank {facts.rank}; this compiled server takes LoRAs up to rank "
-                    f"{self.max_rank} (QWEN_IMAGE_LORA_MAX_RANK).")
-        return None
-
-    def lightning_steps(self, loras: LoraSet) -> int | None:
-        """The step count of a Lightning (step-distilled) LoRA among `loras`, if any."""
-        entries = self.entries()
-        steps = [entries[name].lightning_steps for name, _ in loras if name in entries]
-        return next((s for s in steps if s is not None), None)
 
 
 class ResidentAdapters:
@@ -446,7 +101,7 @@ class ResidentAdapters:
         except errors.ServerError:
             raise
         except Exception as exc:  # noqa: BLE001 - a broken file must not break the server
-            reason = f"loading it failed ({_first_line(exc)})"
+            reason = f"loading it failed ({first_line(exc)})"
             log.warning("LoRA %s on %s: %s; marked unusable", name, self.model, reason)
             self.library.mark_unusable(name, reason)
             raise errors.LoraUnusable(f"The LoRA '{name}' is unusable: {reason}.", param="loras") from exc
@@ -514,7 +169,7 @@ class ResidentAdapters:
                                                 adapter_name=f"slot{index}", hotswap=True)
             self._active = ()
             names = ", ".join(name for name, _ in loras)
-            reason = f"hot-swapping it failed ({_first_line(exc)})"
+            reason = f"hot-swapping it failed ({first_line(exc)})"
             for name, _ in loras:
                 self._resident.pop(name, None)
             if len(loras) == 1:
@@ -530,7 +185,7 @@ def _slot_state_dict(pipeline: Any, path: Path) -> dict[str, Any]:
     state = pipeline.lora_state_dict(str(path.parent), weight_name=path.name)
     with safe_open(str(path), framework="pt") as f:
         config = {key.removeprefix("transformer."): value
-                  for key, value in _adapter_config(f.metadata() or {}).items()}
+                  for key, value in adapter_config(f.metadata() or {}).items()}
     alpha, rank = config.get("lora_alpha"), config.get("r")
     factor = float(alpha) / float(rank) if alpha and rank else 1.0
     device = pipeline.transformer.device

@@ -19,7 +19,8 @@ from pathlib import Path
 
 from PIL import Image
 
-from qwen_image_server.engine.adapters import LoraLibrary, ResidentAdapters
+from qwen_image_server.engine.adapters import ResidentAdapters
+from qwen_image_server.engine.lora_library import LoraLibrary
 from qwen_image_server.engine.device import DeviceInfo
 from qwen_image_server.engine.loader import (
     LoadedModel,
