@@ -44,7 +44,6 @@ class ResidentAdapters:
         self._active: LoraSet = ()
         self._ids = itertools.count()
         self.loading: str | None = None  # the LoRA being loaded now (shown in job status)
-        self.loads = 0  # adapters loaded since start (bench: a switch between residents loads none)
         library.add_model(model, task, pipeline.transformer)
 
     @property
@@ -107,7 +106,6 @@ class ResidentAdapters:
             raise errors.LoraUnusable(f"The LoRA '{name}' is unusable: {reason}.", param="loras") from exc
         finally:
             self.loading = None
-        self.loads += 1
         log.info("LoRA %s loaded on %s (resident: %s)", name, self.model, ", ".join(self._resident))
 
     def _load(self, name: str, path: Path) -> Any:

@@ -319,7 +319,10 @@ class LoraLibrary:
         reason = self.unusable(name)
         if reason is not None:
             return f"The LoRA '{name}' is unusable: {reason}."
-        facts = self.facts(entry, download)
+        try:
+            facts = self.facts(entry, download)
+        except Exception as exc:  # noqa: BLE001 - the hub or the network; not marked unusable
+            return f"The LoRA '{name}' could not be fetched from {entry.location}: {first_line(exc)}."
         if facts is None:
             return None
         if facts.problem is not None:
