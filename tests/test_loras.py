@@ -33,6 +33,7 @@ from tests.fakes import FakeEngine
 
 pytestmark = pytest.mark.xdist_group("loras")  # one LoRA server for the module
 SIZE = "256x256"
+HUB_LIGHTNING = "lightx2v/Qwen-Image-Lightning:Qwen-Image-Lightning-8steps-V1.1.safetensors"
 
 
 @pytest.fixture(scope="session")
@@ -65,6 +66,7 @@ def lora_dir(tmp_path_factory) -> Path:
 @pytest.fixture(scope="module")
 def live(tmp_path_factory, lora_dir) -> Iterator[LiveServer]:
     server = LiveServer(tiny_settings(tmp_path_factory.mktemp("lora-server"), lora_dir=lora_dir,
+                                      loras=f"hub-lightning={HUB_LIGHTNING}",
                                       max_loras_per_request=2, max_resident_loras=4)).start()
     yield server
     server.stop()
@@ -97,7 +99,10 @@ def png(size=(64, 64), seed=0) -> bytes:
 
 def test_the_library_lists_each_lora_with_what_it_fits(live):
     listed = loras_listed(live)
-    assert set(listed) == {"style", "ink", "tiny-Lightning-4steps", "edit-style", "notalora", "foreign", "broken"}
+    assert set(listed) == {"style", "ink", "tiny-Lightning-4steps", "edit-style", "notalora", "foreign", "broken",
+                           "hub-lightning"}
+    hub = listed["hub-lightning"]  # not downloaded: what its name says, nothing read yet
+    assert (hub["source"], hub["location"], hub["rank"], hub["lightning_steps"]) == ("hub", HUB_LIGHTNING, None, 8)
     style = listed["style"]
     assert (style["source"], style["location"], style["rank"], style["base_model"]) == (
         "folder", "style.safetensors", 4, "Qwen-Image")
@@ -107,6 +112,20 @@ def test_the_library_lists_each_lora_with_what_it_fits(live):
     assert listed["tiny-Lightning-4steps"]["lightning_steps"] == 4
     assert not listed["notalora"]["usable"] and "safetensors" in listed["notalora"]["problem"]
     assert listed["foreign"]["fits"] == [] and "another model" in listed["foreign"]["problem"]
+
+
+@pytest.mark.parametrize(("value", "words"), [
+    ("style", "is not 'name=owner/repo:file.safetensors'"),
+    ("a/b=owner/repo:x.safetensors", "may hold only letters"),
+    ("x=./local.safetensors", "is not a hub repo id"),
+    ("x=o/r,x=o/s", "given twice"),
+])
+def test_a_bad_hub_lora_list_stops_the_server_naming_the_setting(tmp_path, value, words):
+    from pydantic import ValidationError
+
+    with pytest.raises(ValidationError) as caught:
+        tiny_settings(tmp_path, loras=value)
+    assert caught.value.errors()[0]["loc"] == ("loras",) and words in str(caught.value)
 
 
 # -- images: with, without, alone, batched -------------------------------------------------

@@ -36,6 +36,9 @@ _BASE_KEYS = ("base_model", "modelspec.architecture", "ss_base_model_version", "
 _PEFT_KEY = re.compile(r"^(?:transformer\.|base_model\.model\.|diffusion_model\.)?(.+)\.lora_([AB])(?:\.default)?\.weight$")
 
 
+_REPO = re.compile(r"^[A-Za-z0-9][\w.-]*/[A-Za-z0-9][\w.-]*$")  # a hub repo id: owner/name
+
+
 def is_valid_name(name: str) -> bool:
     return bool(_NAME.match(name)) and ".." not in name
 
@@ -55,7 +58,7 @@ def parse_hub_loras(text: str) -> dict[str, tuple[str, str | None]]:
         if name in out:
             raise ValueError(f"the LoRA name {name!r} is given twice")
         repo, _, weight_name = source.partition(":")
-        if repo.count("/") != 1:
+        if not _REPO.match(repo):
             raise ValueError(f"{source!r} is not a hub repo id 'owner/repo' (local files go in QWEN_IMAGE_LORA_DIR)")
         out[name] = (repo, weight_name or None)
     return out
