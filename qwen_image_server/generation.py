@@ -234,7 +234,7 @@ class Generation:
         (they differ from the API's 20 / 4.0 only with a Lightning LoRA or explicit settings). A
         Lightning LoRA named in the request sets them for this request: its step count, no CFG."""
         steps, cfg = self.defaults.num_inference_steps, self.defaults.true_cfg_scale
-        named = tuple((choice.name, choice.scale) for choice in getattr(body, "loras", ()))
+        named = normalise_loras((choice.name, choice.scale) for choice in getattr(body, "loras", ()))
         lightning = self.loras.lightning_steps(named) if named else None
         if lightning is not None:
             steps, cfg = lightning, 1.0
