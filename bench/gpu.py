@@ -56,7 +56,7 @@ from qwen_image_server.engine.device import DeviceInfo, resolve_device, resolve_
 from qwen_image_server.engine.loader import LoadedModel, count_parameters, load_model  # noqa: E402
 from qwen_image_server.engine.runner import PipelineEngine  # noqa: E402
 from qwen_image_server.engine.tiny import TINY_EDIT_MODEL_NAME, ensure_tiny_model  # noqa: E402
-from qwen_image_server.engine.types import EditSpec, GenerationSpec, digest_images  # noqa: E402
+from qwen_image_server.engine.types import EditSpec, GenerationSpec, StepEvent, digest_images  # noqa: E402
 from qwen_image_server.model_list import ModelRef  # noqa: E402
 from qwen_image_server.presets import ASPECT_RATIOS, with_suffix  # noqa: E402
 from qwen_image_server.settings import Settings  # noqa: E402
@@ -420,7 +420,7 @@ def timed_run(engine: PipelineEngine, device: DeviceInfo, specs: Sequence[Genera
     """Time one run_batch; the step callback synchronizes, so step stamps are GPU times."""
     stamps: list[float] = []
 
-    def on_step(step: int, total: int) -> None:
+    def on_step(event: StepEvent) -> None:
         _sync(device)
         stamps.append(time.perf_counter())
 
@@ -682,7 +682,7 @@ class Benchmark:
         """One call per shape, left out of the timings: compile traces the shape, cuDNN/cuBLAS pick
         plans, memory is allocated. Returns its seconds (what a server's warm-up pays)."""
         start = time.perf_counter()
-        engine.run_batch(specs_for(width, height, self.args.warmup_steps, batch, cfg), lambda step, total: None)
+        engine.run_batch(specs_for(width, height, self.args.warmup_steps, batch, cfg), lambda event: None)
         _sync(self.device)
         return time.perf_counter() - start
 
@@ -731,7 +731,7 @@ class Benchmark:
         if self.args.edit_warmup:
             start = time.perf_counter()
             engine.run_batch(edit_specs(width, height, self.args.warmup_steps, pictures, one_prompt),
-                             lambda step, total: None)
+                             lambda event: None)
             _sync(self.device)
             warmup_s = round(time.perf_counter() - start, 2)
         runs: dict[int, Run] = {}
@@ -808,7 +808,7 @@ class Benchmark:
 
             def raw() -> float:
                 begin = time.perf_counter()
-                engine.run_batch([spec], lambda step, total: None)
+                engine.run_batch([spec], lambda event: None)
                 _sync(self.device)
                 return time.perf_counter() - begin
 

@@ -117,7 +117,7 @@ def test_full_size_edit_pipeline_shares_the_generation_modules_and_edits(tmp_pat
     steps: list[tuple[int, int]] = []
     pictures = gpu.edit_inputs(64, 64, 1)
     (image,) = engine.run_batch(gpu.edit_specs(64, 64, 2, pictures, True),
-                                lambda step, total: steps.append((step, total)))
+                                lambda event: steps.append((event.step, event.total)))
     assert image.size == (64, 64)
     assert steps == [(1, 2), (2, 2)]
 

@@ -30,7 +30,7 @@ from qwen_image_server.engine.options import check_options, prepare_pipeline, ta
 from qwen_image_server.engine.quantize import TEXT_ENCODER_SKIP, ao_config, quantize_module, tensor_bytes
 from qwen_image_server.engine.runner import PipelineEngine, inference_context
 from qwen_image_server.engine.tiny import ensure_tiny_model
-from qwen_image_server.engine.types import BatchAborted, DeviceFailure, DeviceOutOfMemory, GenerationSpec
+from qwen_image_server.engine.types import BatchAborted, DeviceFailure, DeviceOutOfMemory, GenerationSpec, StepEvent
 from qwen_image_server.errors import ModelLoadError, OptionUnavailable
 from qwen_image_server.presets import ASPECT_RATIOS
 from qwen_image_server.scheduler import Scheduler, SchedulerConfig
@@ -56,7 +56,7 @@ def spec(prompt: str = "a red fox", *, size: int = 64, steps: int = 2, cfg: floa
                           num_inference_steps=steps, true_cfg_scale=cfg, seed=seed)
 
 
-def no_progress(step: int, total: int) -> None:
+def no_progress(event: StepEvent) -> None:
     return None
 
 
@@ -132,7 +132,7 @@ def test_an_interrupted_call_under_model_offload_puts_the_components_back(offloa
     original = pipeline.maybe_free_model_hooks
     monkeypatch.setattr(pipeline, "maybe_free_model_hooks", lambda: (offloads.append(1), original())[1])
 
-    def stop(step: int, total: int) -> None:
+    def stop(event: StepEvent) -> None:
         raise BatchAborted if interruption == "cancel" else RuntimeError("something broke")
 
     with pytest.raises(BatchAborted if interruption == "cancel" else RuntimeError):
@@ -166,7 +166,7 @@ def test_a_backend_without_masks_batches_prompts_of_one_length_per_call(tmp_path
     calls, progress = [], []
     original = engine._call
     monkeypatch.setattr(engine, "_call", lambda specs, on_step: (calls.append(len(specs)), original(specs, on_step))[1])
-    images = engine.run_batch([short, long, same_length], lambda step, total: progress.append((step, total)))
+    images = engine.run_batch([short, long, same_length], lambda event: progress.append((event.step, event.total)))
     assert calls == [2, 1]  # the two short prompts together, then the long one
     assert progress == [(1, 4), (2, 4), (3, 4), (4, 4)]  # one run of 2 steps x 2 calls, as a client sees it
     for image, reference in zip(images, alone, strict=True):  # each image where its request is

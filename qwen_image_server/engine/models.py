@@ -85,7 +85,7 @@ class ModelSet:
                                 num_inference_steps=steps, true_cfg_scale=4.0, seed=0,
                                 model=engine.model.name, images=(picture,),
                                 one_prompt_per_call=engine.edits is not None and engine.edits.one_prompt_per_call)
-                engine.run_batch([spec], lambda step, total: None)
+                engine.run_batch([spec], lambda event: None)
             log.info("warm-up of %s done after %.1fs", engine.model.name, time.perf_counter() - start)
         return time.perf_counter() - start
 
@@ -185,6 +185,8 @@ def load_engine(settings: Settings) -> ModelSet:
     """Load every configured model and warm them up when the options ask for it (call it on the
     thread that will own the engine; a server reports ready only after this returns)."""
     engine = ModelSet([PipelineEngine(model) for model in load_models(settings)])
+    for each in engine.engines.values():
+        each.previewer  # noqa: B018 - fit the latent preview projection now, not in a request
     if engine.model.options.warmup:
         engine.warm_up(settings.warmup_aspect_ratios)
     return engine
