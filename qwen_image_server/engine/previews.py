@@ -31,7 +31,7 @@ from qwen_image_server.engine.types import Preview, PreviewMode
 VAE_SCALE = 8  # pixels per latent pixel
 PATCH = 2  # latent pixels per packed token side (2x2 patches of 16 channels = 64)
 # The fit: this many random latents of this side (in latent pixels), decoded once.
-FIT_SAMPLES, FIT_SIDE = 4, 16
+FIT_SAMPLES, FIT_SIDE = 2, 16
 
 
 @dataclass(frozen=True)
