@@ -23,7 +23,7 @@ from PIL import Image
 
 from qwen_image_server.api.job_registry import JobRecord, Subscriber
 from qwen_image_server.engine.previews import decode
-from qwen_image_server.engine.types import Preview, PreviewPlan
+from qwen_image_server.engine.types import GenerationSpec, Preview, PreviewPlan
 from qwen_image_server.job_state import JobEvent
 from tests.conftest import LiveServer, hold_engine, tiny_settings
 from tests.test_edit import picture, small_working_size  # noqa: F401 - the edit model's fast sizes
@@ -110,15 +110,11 @@ def test_latent_previews_arrive_with_their_step_and_the_final_image_is_unchanged
 
 
 def test_full_previews_are_decodes_of_the_image_so_far_and_their_time_is_reported(live):
-    events, final = run_job(live, job_body(12, preview="full", preview_every=2))
+    events, final = run_job(live, job_body(12, num_inference_steps=4, preview="full", preview_every=3))
     previews = [data for name, data in events if name == "preview"]
-    assert previews and {p["step"] for p in previews} <= {2, 4} and previews[-1]["step"] == STEPS
+    assert [p["step"] for p in previews] == [3]
     last = image_of(previews[-1]["b64_json"])
     assert last.size == (512, 512) and previews[-1]["mode"] == "full"
-    # At the last step the clean estimate is the final latents: the preview is the image itself,
-    # up to the preview's lossy encoding.
-    finished = Image.open(io.BytesIO(final_png(final)))
-    assert np.abs(pixels(last) - pixels(finished)).mean() < 4
     assert final["preview_time"] > 0 and final["inference_time"] > final["preview_time"]
     plain = httpx.post(f"{live.url}/generate", json=job_body(12), timeout=120)
     assert final_png(final) == plain.content
@@ -198,7 +194,7 @@ def test_a_batch_with_one_previewing_job_gives_every_image_byte_identical(live):
         assert live.hook.calls[-1] == [21, 22]  # the two ran as one batch
         return final_png(finals[0]), final_png(finals[1])
 
-    assert batch_of_two({"preview": "full"}) == batch_of_two({})
+    assert batch_of_two({"preview": "full", "preview_every": 1}) == batch_of_two({})
 
 
 # -- OpenAI partial images -----------------------------------------------------------------------
@@ -260,6 +256,27 @@ def test_partial_images_outside_0_to_3_are_400_naming_the_field(oai, value):
 
 
 # -- the engine side -----------------------------------------------------------------------------
+
+def test_the_clean_estimate_at_the_last_step_is_the_final_image(live):
+    """x0 = x_t - sigma_t * v with the scheduler's own sigma and the velocity after CFG: at the
+    last step (sigma_next = 0) it is exactly the latents the pipeline decodes."""
+    spec = GenerationSpec(prompt="a paper boat", negative_prompt="blurry", width=64, height=96,
+                          num_inference_steps=3, true_cfg_scale=4.0, seed=5, model="tiny",
+                          preview=PreviewPlan("full", every=1))
+    previews: dict[int, Preview] = {}
+    with hold_engine(live):
+        job = live.ctx.scheduler.submit(spec, request_id=0)
+        live.ctx.scheduler.add_listener(job, lambda job, event: event is JobEvent.PREVIEW and previews.update(
+            {job.preview.step: job.preview}))
+    result = job.future.result(timeout=120)
+    assert sorted(previews) == [1, 2, 3]
+    final = pixels(result.image)
+    assert previews[3].image.size == result.image.size == (64, 96)
+    assert np.abs(pixels(previews[3].image) - final).max() <= 1
+    # Earlier estimates are of the same picture, less finished.
+    assert 0 < np.abs(pixels(previews[2].image) - final).mean()
+    assert result.preview_time >= sum(p.seconds for p in previews.values())
+
 
 def test_partial_image_steps_are_spread_before_the_end():
     assert [s for s in range(1, 21) if PreviewPlan("full", count=3).due(s, 20)] == [5, 10, 15]
