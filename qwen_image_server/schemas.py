@@ -64,11 +64,11 @@ class GenerateRequest(BaseModel):
 DEFAULT_PREVIEW_EVERY: dict[PreviewMode, int] = {"latent": 1, "full": 5}
 
 
-class JobRequest(GenerateRequest):
-    """Body of POST /v1/jobs: /generate's, plus live previews on the job's event stream."""
+class PreviewOptions(BaseModel):
+    """Live previews of a job, sent as `preview` events on its event stream."""
 
     preview: Literal["none", "latent", "full"] = Field("none", description=(
-        "Previews of the image while it forms, sent as `preview` events: 'latent' (a cheap "
+        "Jobs: previews of the image while it forms, sent as `preview` events: 'latent' (a cheap "
         "projection of the latents, 1/4 of the image's size) or 'full' (a VAE decode, full size)."))
     preview_every: int | None = Field(None, ge=1, le=100, description=(
         "Steps between previews; default every step for 'latent', every 5th for 'full'."))
@@ -77,6 +77,10 @@ class JobRequest(GenerateRequest):
         if self.preview == "none":
             return None
         return PreviewPlan(self.preview, every=self.preview_every or DEFAULT_PREVIEW_EVERY[self.preview])
+
+
+class JobRequest(GenerateRequest, PreviewOptions):
+    """Body of POST /v1/jobs: /generate's, plus live previews."""
 
     def to_spec(self) -> GenerationSpec:
         return dataclasses.replace(super().to_spec(), preview=self.preview_plan())
@@ -262,9 +266,10 @@ EDIT_SIZE = Field(None, description=(
 EDIT_MODEL = Field(None, description="The model to edit with (see /v1/models); default: the first edit model.")
 
 
-class EditParameters(BaseModel):
+class EditParameters(PreviewOptions):
     """/edit's parameters besides the images: /generate's (no aspect_ratio: the size follows the
-    first image), plus model, size and strength."""
+    first image), plus model, size and strength; and for /v1/jobs/edit, previews (/edit, which
+    answers with the finished image, ignores them)."""
 
     prompt: str = _GEN["prompt"]
     negative_prompt: str = _GEN["negative_prompt"]

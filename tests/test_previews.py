@@ -169,6 +169,21 @@ def test_a_subscriber_that_falls_behind_gets_the_newest_preview_not_a_backlog():
     asyncio.run(scenario())
 
 
+def test_edit_jobs_send_previews_too(live):
+    with hold_engine(live):
+        created = httpx.post(f"{live.url}/v1/jobs/edit", data={
+            "prompt": "make it night", "num_inference_steps": "2", "size": "256x256", "add_overlay": "false",
+            "preview": "latent"}, files=[("image", ("a.png", picture(7), "image/png"))], timeout=60)
+        assert created.status_code == 202, created.text
+        with event_stream(live.url, created.json()["id"]) as stream:
+            first = next(stream)
+            live.hook.release()
+            events = [first, *stream]
+    previews = [data for name, data in events if name == "preview"]
+    assert events[-1][0] == "succeeded" and previews and previews[-1]["step"] == 2
+    assert (previews[-1]["width"], previews[-1]["height"]) == (64, 64)
+
+
 @pytest.mark.parametrize(("field", "value"), [("preview", "sketch"), ("preview_every", 0), ("preview", True)])
 def test_bad_preview_fields_are_400_naming_the_field(live, field, value):
     response = httpx.post(f"{live.url}/v1/jobs", json=job_body(1, **{field: value}), timeout=30)

@@ -112,12 +112,13 @@ async def create_job(body: JobRequest, request: Request, ctx: Ctx) -> JSONRespon
 @router.post("/edit", status_code=202, response_model=JobStatus, openapi_extra=NATIVE_EDIT_BODY,
              responses={s: {"model": ErrorResponse} for s in (400, 404, 413, 429, 503)})
 async def create_edit_job(request: Request, ctx: Ctx) -> JSONResponse:
-    """Queue an edit (same body as /edit: image files or base64 images) and return at once with
-    its id; its progress events are a generation's."""
+    """Queue an edit (same body as /edit: image files or base64 images, plus `preview`) and
+    return at once with its id; its progress and preview events are a generation's."""
     body, images, mask = await read_native_edit(request)
     generation = ctx.generation
     request_id = generation.next_request_id()
     body, spec = await generation.native_edit(body, images, mask)
+    spec = dataclasses.replace(spec, preview=body.preview_plan())
     return await _queue(ctx, request, body, spec, request_id)
 
 

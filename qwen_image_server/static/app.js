@@ -699,6 +699,7 @@
     for (const [name, value] of Object.entries(body)) {
       if (name !== "aspect_ratio") data.append(name, String(value));
     }
+    data.append("preview", "latent");
     for (const file of editImages) data.append("image", file, file.name || "image.png");
     if (editImages.length === 1 && maskPainted) data.append("mask", await maskBlob(), "mask.png");
     return data;
