@@ -115,6 +115,11 @@ def to_pil(images: torch.Tensor) -> list[Image.Image]:
     return [Image.fromarray(row) for row in array]
 
 
+def _synchronize(tensor: torch.Tensor | None) -> None:
+    if tensor is not None and tensor.is_cuda:
+        torch.cuda.synchronize(tensor.device)
+
+
 class StepRecorder:
     """Keeps what the scheduler's last `step` was given: the sample x_t and the velocity v."""
 
@@ -167,6 +172,9 @@ class Previewer:
              width: int, height: int) -> dict[int, Preview]:
         """The previews of the rows in `wanted` (batch row -> mode) at this step."""
         previews: dict[int, Preview] = {}
+        # The step's kernels may still be running: wait for them first, so a preview's time is
+        # its own work (the copy to the CPU would wait for them anyway).
+        _synchronize(recorder.sample)
         latent_rows = [row for row, mode in wanted.items() if mode == "latent"]
         if latent_rows:
             start = time.perf_counter()
