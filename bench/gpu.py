@@ -165,8 +165,8 @@ EDIT_ANCHORS: dict[int, str] = {
         "(21.6 s with cache-dit)",
 }
 
-# Steps of the preview rows: enough gaps for a median step time.
-PREVIEW_STEPS = 6
+# Steps of the preview rows (enough gaps for a median step time), and rounds of interleaved runs.
+PREVIEW_STEPS, PREVIEW_ROUNDS = 6, 2
 
 log = logging.getLogger("bench.gpu")
 
@@ -766,29 +766,35 @@ class Benchmark:
                               note="; ".join(note)))
 
     def preview(self, engine: PipelineEngine, config: BenchConfig, width: int, height: int) -> None:
-        """What previews cost per step: a run with a latent preview at every step and one with a
-        full (VAE decode) preview at every step, against a plain run of the same steps. Each
-        preview's own time is the engine's (the step's kernels finished first); the step-time
-        change is what the batch pays."""
+        """What previews cost per step: runs with a latent preview at every step and with a full
+        (VAE decode) preview at every step, against plain runs of the same steps, interleaved
+        (PREVIEW_ROUNDS rounds) so drift in the machine's speed hits all three alike. Each
+        preview's own time is the engine's (the step's kernels finished first); the change in
+        step time is what the batch pays."""
         steps = max(PREVIEW_STEPS, self.args.measure_steps)
         start = time.perf_counter()
         engine.previewer  # noqa: B018 - the projection fit, as the server does it at load time
         fit_s = time.perf_counter() - start
         self.warm(engine, width, height, 1, CFG_SCALE)
-        plain = timed_run(engine, self.device, specs_for(width, height, steps, 1, CFG_SCALE))
+        plans = {"plain": None, "latent": PreviewPlan("latent", every=1), "full": PreviewPlan("full", every=1)}
+        runs: dict[str, list[Run]] = {name: [] for name in plans}
+        for _ in range(PREVIEW_ROUNDS):
+            for name, plan in plans.items():
+                specs = [dataclasses.replace(spec, preview=plan)
+                         for spec in specs_for(width, height, steps, 1, CFG_SCALE)]
+                runs[name].append(timed_run(engine, self.device, specs))
+        step = statistics.median(run.step_median_s for run in runs["plain"])
         fields: dict[str, Any] = {}
         notes = []
         for mode in ("latent", "full"):
-            specs = [dataclasses.replace(spec, preview=PreviewPlan(mode, every=1))
-                     for spec in specs_for(width, height, steps, 1, CFG_SCALE)]
-            run = timed_run(engine, self.device, specs)
-            each, step = statistics.median(run.preview_s), plain.step_median_s
+            each = statistics.median(s for run in runs[mode] for s in run.preview_s)
+            mode_step = statistics.median(run.step_median_s for run in runs[mode])
             fields |= {f"{mode}_preview_s": round(each, 5), f"{mode}_ratio": round(each / step, 4),
-                       f"{mode}_step_median_s": round(run.step_median_s, 4)}
+                       f"{mode}_step_median_s": round(mode_step, 4)}
             notes.append(f"{mode}: {each * 1000:.1f} ms = {each / step:.1%} of a step "
-                         f"(median step {run.step_median_s / step - 1:+.1%})")
+                         f"(median step {mode_step / step - 1:+.1%})")
         self.add(self.row("preview", config, width, height, 1, steps, CFG_SCALE,
-                          **self.values(plain, steps, True), **fields, fit_s=round(fit_s, 3),
+                          **self.values(runs["plain"][0], steps, True), **fields, fit_s=round(fit_s, 3),
                           note="preview every step; " + "; ".join(notes) + f"; projection fit {fit_s:.2f} s"))
 
     def values(self, run: Run, steps: int, measured: bool) -> dict[str, Any]:

@@ -30,7 +30,14 @@ from qwen_image_server.engine.options import check_options, prepare_pipeline, ta
 from qwen_image_server.engine.quantize import TEXT_ENCODER_SKIP, ao_config, quantize_module, tensor_bytes
 from qwen_image_server.engine.runner import PipelineEngine, inference_context
 from qwen_image_server.engine.tiny import ensure_tiny_model
-from qwen_image_server.engine.types import BatchAborted, DeviceFailure, DeviceOutOfMemory, GenerationSpec, StepEvent
+from qwen_image_server.engine.types import (
+    BatchAborted,
+    DeviceFailure,
+    DeviceOutOfMemory,
+    GenerationSpec,
+    PreviewPlan,
+    StepEvent,
+)
 from qwen_image_server.errors import ModelLoadError, OptionUnavailable
 from qwen_image_server.presets import ASPECT_RATIOS
 from qwen_image_server.scheduler import Scheduler, SchedulerConfig
@@ -120,6 +127,20 @@ def test_cache_dit_counts_steps_of_a_call_without_cfg(offloaded_cached):
     assert cached_steps(offloaded_cached.pipeline) == ([2, 3, 4, 5, 6, 7], [])
     offloaded_cached.run_batch([spec(steps=8, cfg=4.0)], no_progress)  # and back
     assert cached_steps(offloaded_cached.pipeline) == ([2, 3, 4, 5, 6, 7], [2, 3, 4, 5, 6, 7])
+
+
+def test_previews_under_model_offload_and_cache_dit_leave_the_image_unchanged(offloaded_cached):
+    # A full preview decodes with the VAE between two transformer steps: under model offload its
+    # hook moves the VAE in and the transformer out, and the next step brings the transformer back.
+    plain = offloaded_cached.run_batch([spec(steps=4, seed=9)], no_progress)[0]
+    events: list[StepEvent] = []
+    for mode in ("full", "latent"):
+        events.clear()
+        previewing = dataclasses.replace(spec(steps=4, seed=9), preview=PreviewPlan(mode, every=2))
+        image = offloaded_cached.run_batch([previewing], events.append)[0]
+        assert image.tobytes() == plain.tobytes(), mode
+        assert [(e.step, e.previews[0].mode) for e in events if e.previews] == [(2, mode), (4, mode)]
+    assert cached_steps(offloaded_cached.pipeline)[0] == [2, 3]  # cache-dit still caches as before
 
 
 # -- 5: an interrupted call under model offload offloads what it left on the GPU ----------------
