@@ -177,19 +177,27 @@ def test_backends_that_cannot_apply_a_padding_mask_are_known_from_diffusers():
 def test_a_backend_without_masks_batches_prompts_of_one_length_per_call(tmp_path, monkeypatch):
     model = load_model(tiny_settings(tmp_path, attention="_native_flash", max_batch_size=4))
     engine = PipelineEngine(model)
-    short, long = spec("a cat", seed=1), spec("a dog running on a beach at dusk", seed=2)
-    same_length = spec("a cow", seed=3)
+    short, same_length = spec("a cat", seed=1), spec("a cow", seed=3)
+    # The long prompt's image also asks for previews: they reach it in its own call.
+    long = dataclasses.replace(spec("a dog running on a beach at dusk", seed=2),
+                               preview=PreviewPlan("latent", every=1))
     # Prompts of different lengths in one call need a padding mask, which this backend refuses.
     with pytest.raises(ValueError, match="attn_mask"):
         engine._call([short, long], no_progress)
     alone = [np.asarray(engine.run_batch([s], no_progress)[0]).astype(np.float64) for s in (short, long, same_length)]
 
-    calls, progress = [], []
+    calls, progress, previews = [], [], []
     original = engine._call
     monkeypatch.setattr(engine, "_call", lambda specs, on_step: (calls.append(len(specs)), original(specs, on_step))[1])
-    images = engine.run_batch([short, long, same_length], lambda event: progress.append((event.step, event.total)))
+
+    def on_step(event: StepEvent) -> None:
+        progress.append((event.step, event.total))
+        previews.extend((index, preview.step, preview.total) for index, preview in event.previews.items())
+
+    images = engine.run_batch([short, long, same_length], on_step)
     assert calls == [2, 1]  # the two short prompts together, then the long one
     assert progress == [(1, 4), (2, 4), (3, 4), (4, 4)]  # one run of 2 steps x 2 calls, as a client sees it
+    assert previews == [(1, 1, 2), (1, 2, 2)]  # the long prompt's (index 1), at its own steps
     for image, reference in zip(images, alone, strict=True):  # each image where its request is
         assert np.abs(np.asarray(image).astype(np.float64) - reference).max() <= 2.0
 
