@@ -795,6 +795,7 @@ class Benchmark:
                          f"(median step {mode_step / step - 1:+.1%})")
         self.add(self.row("preview", config, width, height, 1, steps, CFG_SCALE,
                           **self.values(runs["plain"][0], steps, True), **fields, fit_s=round(fit_s, 3),
+                          fit_correlation=round(engine.previewer.projection.correlation, 3),
                           note="preview every step; " + "; ".join(notes) + f"; projection fit {fit_s:.2f} s"))
 
     def values(self, run: Run, steps: int, measured: bool) -> dict[str, Any]:

@@ -180,14 +180,15 @@ class _Answer:
         width, height = jobs[0].spec.width, jobs[0].spec.height
         feed = generation.preview_feed(jobs)
         partials = [0] * len(jobs)  # partial images sent, per image
+        completed: set[int] = set()  # images whose completed event went out
         try:
             async with aclosing(generation.finished(jobs, client_gone(self.request), ping_s=PING_INTERVAL_S,
                                                     wake=feed.ready.wait)) as outcomes:
                 async for item in outcomes:
                     waiting = feed.take()
                     for index, preview in waiting:
-                        if jobs[index].done:
-                            continue  # its completed event went out already
+                        if index in completed:
+                            continue  # too late: its final image went out already
                         yield await self._partial(jobs[index], preview, partials[index])
                         partials[index] += 1
                     if item is None:
@@ -195,6 +196,7 @@ class _Answer:
                             yield KEEPALIVE_COMMENT
                         continue
                     index, result = item
+                    completed.add(index)
                     rendered = await self._render(jobs[index], result)
                     if usage is None:
                         usage = await self._usage(width, height, images=1)

@@ -40,6 +40,9 @@ class LatentProjection:
 
     weight: torch.Tensor  # (3, channels), float32
     bias: torch.Tensor  # (3,), float32
+    # How well it follows the decoder on the latents it was fitted to: the correlation of its
+    # colours with the decoded ones, each channel's mean removed (1.0: a perfect fit).
+    correlation: float = 0.0
 
     def apply(self, latents: torch.Tensor) -> torch.Tensor:
         """(B, C, H, W) normalised latents -> (B, 3, H, W) RGB in [-1, 1] (unclamped)."""
@@ -84,7 +87,10 @@ def fit_projection(vae: Any, device: torch.device, seed: int = 0) -> LatentProje
     y = target.permute(0, 2, 3, 1).reshape(-1, 3)
     x1 = torch.cat([x, torch.ones(len(x), 1)], dim=1)
     solution = torch.linalg.lstsq(x1, y).solution  # (channels + 1, 3)
-    return LatentProjection(weight=solution[:channels].T.contiguous(), bias=solution[channels].contiguous())
+    predicted, actual = x1 @ solution - y.mean(0), y - y.mean(0)
+    correlation = float((predicted * actual).sum() / (predicted.norm() * actual.norm()).clamp_min(1e-12))
+    return LatentProjection(weight=solution[:channels].T.contiguous(), bias=solution[channels].contiguous(),
+                            correlation=correlation)
 
 
 def latent_grid(tokens: int, width: int, height: int) -> tuple[int, int]:
