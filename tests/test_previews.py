@@ -259,6 +259,27 @@ def test_partial_images_of_an_edit(oai):
     assert image_of(partial.b64_json).size == (256, 256)
 
 
+def test_partial_images_of_a_masked_edit_keep_the_original_outside_the_mask(oai):
+    # The inpaint pipeline sizes its latents itself (here 128x128 for a 256x256 answer): the
+    # preview still finds their grid, is sent at the asked size, and keeps the original outside
+    # the mask as the final image does.
+    image = picture(4, (128, 128))
+    mask = Image.new("RGBA", (128, 128), (0, 0, 0, 255))
+    mask.paste((0, 0, 0, 0), (48, 48, 80, 80))
+    buf = io.BytesIO()
+    mask.save(buf, "PNG")
+    stream = oai.images.edit(image=("a.png", image, "image/png"), mask=("m.png", buf.getvalue(), "image/png"),
+                             prompt="a red ball", size="256x256", stream=True, partial_images=1,
+                             extra_body={"num_inference_steps": 3, "seed": 2})
+    partial, completed = list(stream)
+    assert (partial.type, completed.type) == ("image_edit.partial_image", "image_edit.completed")
+    original = pixels(Image.open(io.BytesIO(image)).resize((256, 256), Image.Resampling.LANCZOS))
+    for event in (partial, completed):
+        result = pixels(image_of(event.b64_json))
+        assert result.shape == (256, 256, 3)
+        assert np.abs(result[:80, :] - original[:80, :]).max() == 0
+
+
 @pytest.mark.parametrize("value", [4, -1])
 def test_partial_images_outside_0_to_3_are_400_naming_the_field(oai, value):
     with pytest.raises(openai.BadRequestError) as generation:
