@@ -24,6 +24,7 @@ from qwen_image_server.engine.types import (
     DeviceFailure,
     DeviceOutOfMemory,
     GenerationSpec,
+    Preview,
     PreviewMode,
     StepCallback,
     StepEvent,
@@ -146,7 +147,7 @@ class PipelineEngine:
 
         def step_end(pipe: Any, step: int, timestep: Any, tensors: dict[str, Any]) -> dict[str, Any]:
             done, total = step + 1, pipe.num_timesteps
-            previews = {}
+            previews: dict[int, Preview] = {}
             if recorder is not None:
                 wanted: dict[int, PreviewMode] = {row: s.preview.mode for row, s in enumerate(specs)
                                                   if s.preview is not None and s.preview.due(done, total)}
