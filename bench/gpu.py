@@ -22,7 +22,8 @@ plans, and whether each fits 24 / 48 / 80 GB cards), http (one request through t
 the raw engine call), edit (Qwen-Image-Edit-2509 / -2511 on the first configuration: the same
 random components in a QwenImageEditPlusPipeline, one and three input images, 1024x1024, 40 and
 50 steps; with --smoke the embedded tiny edit model). It prints one markdown table and writes
-the rows as JSON.
+the rows as JSON. preview (on the first configuration, 1024x1024): what a latent and a full preview
+at every step cost, each against a step.
 """
 
 from __future__ import annotations
@@ -56,7 +57,13 @@ from qwen_image_server.engine.device import DeviceInfo, resolve_device, resolve_
 from qwen_image_server.engine.loader import LoadedModel, count_parameters, load_model  # noqa: E402
 from qwen_image_server.engine.runner import PipelineEngine  # noqa: E402
 from qwen_image_server.engine.tiny import TINY_EDIT_MODEL_NAME, ensure_tiny_model  # noqa: E402
-from qwen_image_server.engine.types import EditSpec, GenerationSpec, digest_images  # noqa: E402
+from qwen_image_server.engine.types import (  # noqa: E402
+    EditSpec,
+    GenerationSpec,
+    PreviewPlan,
+    StepEvent,
+    digest_images,
+)
 from qwen_image_server.model_list import ModelRef  # noqa: E402
 from qwen_image_server.presets import ASPECT_RATIOS, with_suffix  # noqa: E402
 from qwen_image_server.settings import Settings  # noqa: E402
@@ -144,7 +151,7 @@ DEFAULT_CONFIGS = ("baseline", "compile", "fp8", "compile+fp8", "compile+fp8+all
 DEFAULT_MEMORY_CONFIGS = ("int8", "fp8+qte", "offload-model", "offload-model+fp8",
                           "offload-model+fp8+all+qte", "offload-sequential")
 SMOKE_CONFIGS = ("baseline", "int8", "fp8", "cache")
-SECTIONS = ("speed", "batch", "memory", "http", "edit", "lora")
+SECTIONS = ("speed", "batch", "memory", "http", "edit", "preview", "lora")
 
 # Edits: Qwen-Image-Edit-2509 and -2511 have Qwen-Image's transformer, text encoder and VAE
 # (2511's zero_cond_t adds no parameters and no work), so the edit rows run the same random
@@ -157,6 +164,9 @@ EDIT_ANCHORS: dict[int, str] = {
     50: "SGLang Diffusion, 1x H100: Edit 50 steps 32.8 s; vLLM-Omni, H200: Edit 51.5 s "
         "(21.6 s with cache-dit)",
 }
+
+# Steps of the preview rows (enough gaps for a median step time), and rounds of interleaved runs.
+PREVIEW_STEPS, PREVIEW_ROUNDS = 6, 2
 
 log = logging.getLogger("bench.gpu")
 
@@ -379,6 +389,7 @@ class Run:
     peak_allocated_gib: float | None
     peak_reserved_gib: float | None
     cache_note: str | None = None
+    preview_s: list[float] = dataclasses.field(default_factory=list)  # each preview's own time
 
     @property
     def fixed_s(self) -> float:
@@ -419,10 +430,12 @@ def edit_specs(width: int, height: int, steps: int, pictures: tuple[Image.Image,
 def timed_run(engine: PipelineEngine, device: DeviceInfo, specs: Sequence[GenerationSpec]) -> Run:
     """Time one run_batch; the step callback synchronizes, so step stamps are GPU times."""
     stamps: list[float] = []
+    previews: list[float] = []
 
-    def on_step(step: int, total: int) -> None:
+    def on_step(event: StepEvent) -> None:
         _sync(device)
         stamps.append(time.perf_counter())
+        previews.extend(preview.seconds for preview in event.previews.values())
 
     if device.type == "cuda":
         gc.collect()
@@ -442,7 +455,7 @@ def timed_run(engine: PipelineEngine, device: DeviceInfo, specs: Sequence[Genera
         peak_reserved = torch.cuda.max_memory_reserved() / GiB
     return Run(steps=len(stamps), e2e_s=e2e, step_s=statistics.fmean(gaps),
                step_median_s=statistics.median(gaps), peak_allocated_gib=peak_alloc,
-               peak_reserved_gib=peak_reserved)
+               peak_reserved_gib=peak_reserved, preview_s=previews)
 
 
 def cache_summary(pipeline: Any) -> str | None:
@@ -696,7 +709,7 @@ class Benchmark:
         """One call per shape, left out of the timings: compile traces the shape, cuDNN/cuBLAS pick
         plans, memory is allocated. Returns its seconds (what a server's warm-up pays)."""
         start = time.perf_counter()
-        engine.run_batch(specs_for(width, height, self.args.warmup_steps, batch, cfg), lambda step, total: None)
+        engine.run_batch(specs_for(width, height, self.args.warmup_steps, batch, cfg), lambda event: None)
         _sync(self.device)
         return time.perf_counter() - start
 
@@ -745,7 +758,7 @@ class Benchmark:
         if self.args.edit_warmup:
             start = time.perf_counter()
             engine.run_batch(edit_specs(width, height, self.args.warmup_steps, pictures, one_prompt),
-                             lambda step, total: None)
+                             lambda event: None)
             _sync(self.device)
             warmup_s = round(time.perf_counter() - start, 2)
         runs: dict[int, Run] = {}
@@ -791,7 +804,7 @@ class Benchmark:
 
         first_load = activate(one)
         activate(other)  # both resident from here on
-        engine.run_batch(specs(one), lambda step, total: None)  # the adapter's first call (kernels)
+        engine.run_batch(specs(one), lambda event: None)  # the adapter's first call (kernels)
         none_run = timed_run(engine, self.device, specs(()))
         one_run = timed_run(engine, self.device, specs(one))
         switches = [activate(loras) for _ in range(self.args.lora_switches) for loras in (other, one)]
@@ -805,6 +818,38 @@ class Benchmark:
                                f"switch between resident adapters {switch_ms:.1f} ms (goal <= 50 ms); "
                                f"first load {1000 * first_load:.0f} ms"
                                + ("; hot-swapped into a compiled slot" if adapters.slots else "")))
+    def preview(self, engine: PipelineEngine, config: BenchConfig, width: int, height: int) -> None:
+        """What previews cost per step: runs with a latent preview at every step and with a full
+        (VAE decode) preview at every step, against plain runs of the same steps, interleaved
+        (PREVIEW_ROUNDS rounds) so drift in the machine's speed hits all three alike. Each
+        preview's own time is the engine's (the step's kernels finished first); the change in
+        step time is what the batch pays."""
+        steps = max(PREVIEW_STEPS, self.args.measure_steps)
+        start = time.perf_counter()
+        engine.previewer  # noqa: B018 - the projection fit, as the server does it at load time
+        fit_s = time.perf_counter() - start
+        self.warm(engine, width, height, 1, CFG_SCALE)
+        plans = {"plain": None, "latent": PreviewPlan("latent", every=1), "full": PreviewPlan("full", every=1)}
+        runs: dict[str, list[Run]] = {name: [] for name in plans}
+        for _ in range(PREVIEW_ROUNDS):
+            for name, plan in plans.items():
+                specs = [dataclasses.replace(spec, preview=plan)
+                         for spec in specs_for(width, height, steps, 1, CFG_SCALE)]
+                runs[name].append(timed_run(engine, self.device, specs))
+        step = statistics.median(run.step_median_s for run in runs["plain"])
+        fields: dict[str, Any] = {}
+        notes = []
+        for mode in ("latent", "full"):
+            each = statistics.median(s for run in runs[mode] for s in run.preview_s)
+            mode_step = statistics.median(run.step_median_s for run in runs[mode])
+            fields |= {f"{mode}_preview_s": round(each, 5), f"{mode}_ratio": round(each / step, 4),
+                       f"{mode}_step_median_s": round(mode_step, 4)}
+            notes.append(f"{mode}: {each * 1000:.1f} ms = {each / step:.1%} of a step "
+                         f"(median step {mode_step / step - 1:+.1%})")
+        self.add(self.row("preview", config, width, height, 1, steps, CFG_SCALE,
+                          **self.values(runs["plain"][0], steps, True), **fields, fit_s=round(fit_s, 3),
+                          fit_correlation=round(engine.previewer.projection.correlation, 3),
+                          note="preview every step; " + "; ".join(notes) + f"; projection fit {fit_s:.2f} s"))
 
     def values(self, run: Run, steps: int, measured: bool) -> dict[str, Any]:
         e2e = run.e2e_s if measured else run.e2e_at(steps)
@@ -862,7 +907,7 @@ class Benchmark:
 
             def raw() -> float:
                 begin = time.perf_counter()
-                engine.run_batch([spec], lambda step, total: None)
+                engine.run_batch([spec], lambda event: None)
                 _sync(self.device)
                 return time.perf_counter() - begin
 
@@ -901,6 +946,8 @@ class Benchmark:
                 self.edit(prepared, config, width, height, batch)
             elif section == "lora":
                 self.lora(engine, config, width, height)
+            elif section == "preview":
+                self.preview(engine, config, width, height)
             else:
                 self.http(engine, config, width, height)
         except Exception as exc:  # noqa: BLE001 - one failing unit must not lose the others
@@ -960,6 +1007,8 @@ class Benchmark:
                     units.append(("http", *args.http_size, 1))
                 if "edit" in args.sections:
                     units += [("edit", *args.edit_size, n) for n in args.edit_images]
+                if "preview" in args.sections:
+                    units.append(("preview", *args.preview_size, 1))
                 if "lora" in args.sections:  # last: the speed rows above run without adapters
                     units.append(("lora", *args.lora_size, 1))
             plan.append((config, units))
@@ -1254,6 +1303,8 @@ def parse_args(argv: Sequence[str] | None) -> argparse.Namespace:
                         help="image size of the lora rows (default 1024x1024)")
     parser.add_argument("--lora-rank", type=int, default=64, help="rank of the lora rows' random LoRAs")
     parser.add_argument("--lora-switches", type=int, default=5, help="timed adapter switches, each way")
+    parser.add_argument("--preview-size", type=parse_size, default=None,
+                        help="image size of the preview row (default 1024x1024)")
     parser.add_argument("--sections", type=_csv(str), default=list(SECTIONS),
                         help=f"any of {','.join(SECTIONS)}")
     parser.add_argument("--skip-http", action="store_true", help="leave out the http section")
@@ -1277,14 +1328,15 @@ def parse_args(argv: Sequence[str] | None) -> argparse.Namespace:
                     "configs": list(SMOKE_CONFIGS), "memory_configs": [], "batches": [1, 2],
                     "batch_sizes": [(256, 256)], "http_size": (256, 256),
                     "edit_images": [1, 3], "edit_steps": [2], "edit_size": (256, 256), "edit_warmup": False,
-                    "lora_size": (256, 256)}
+                    "lora_size": (256, 256), "preview_size": (256, 256)}
     else:
         defaults = {"sizes": [(512, 512), (1024, 1024), (1328, 1328), (1664, 928)], "steps": [20, 50],
                     "measure_steps": 6, "warmup_steps": 2, "configs": list(DEFAULT_CONFIGS),
                     "memory_configs": list(DEFAULT_MEMORY_CONFIGS), "batches": [1, 2, 4],
                     "batch_sizes": [(512, 512), (1024, 1024)], "http_size": (1024, 1024), "http_repeats": 2,
                     "edit_images": [1, 3], "edit_steps": [40, 50], "edit_size": (1024, 1024),
-                    "edit_warmup": True, "lora_size": (1024, 1024)}
+                    "edit_warmup": True, "lora_size": (1024, 1024),
+                    "preview_size": (1024, 1024)}
     for name, value in defaults.items():
         if getattr(args, name) is None:
             setattr(args, name, value)
@@ -1311,7 +1363,7 @@ def parse_args(argv: Sequence[str] | None) -> argparse.Namespace:
             parse_config(name, args.cache_options)
         except argparse.ArgumentTypeError as exc:
             parser.error(str(exc))
-    for w, h in (*args.sizes, *args.batch_sizes, args.http_size, args.edit_size):
+    for w, h in (*args.sizes, *args.batch_sizes, args.http_size, args.edit_size, args.preview_size):
         if w % 16 or h % 16:
             parser.error(f"{w}x{h}: Qwen-Image needs sides that are multiples of 16")
     return args

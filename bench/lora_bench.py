@@ -51,7 +51,7 @@ def measure(settings: Settings, args: argparse.Namespace, folder: Path) -> dict[
 
     def call(loras: tuple) -> float:
         start = time.perf_counter()
-        engine.run_batch([dataclasses.replace(spec, loras=loras)], lambda step, total: None)
+        engine.run_batch([dataclasses.replace(spec, loras=loras)], lambda event: None)
         return time.perf_counter() - start
 
     def timed_activate(loras: tuple) -> float:

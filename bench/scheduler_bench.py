@@ -75,7 +75,7 @@ def main() -> int:
 
     def raw_once() -> float:
         start = time.perf_counter()
-        engine.run_batch([spec], lambda step, total: None)
+        engine.run_batch([spec], lambda event: None)
         return time.perf_counter() - start
 
     server_inference: list[float] = []

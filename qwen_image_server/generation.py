@@ -24,6 +24,7 @@ from datetime import datetime
 from pathlib import Path
 from typing import Any, Protocol, TypeVar
 
+from PIL import Image
 from pydantic import BaseModel
 
 from qwen_image_server import errors
@@ -31,14 +32,27 @@ from qwen_image_server.defaults import GenerationDefaults
 from qwen_image_server.engine.device import DeviceInfo
 from qwen_image_server.engine.loader import LoadedModel
 from qwen_image_server.engine.lora_library import LoraLibrary
-from qwen_image_server.engine.types import EditSpec, GenerationSpec, LoraSet, Task, normalise_loras
+from qwen_image_server.engine.types import (
+    EditSpec,
+    GenerationSpec,
+    LoraSet,
+    Preview,
+    PreviewPlan,
+    Task,
+    normalise_loras,
+)
+from qwen_image_server.job_state import JobEvent
 from qwen_image_server.model_list import EMBEDDED
 from qwen_image_server.postprocess import (
     MEDIA_TYPES,
+    PREVIEW_FORMAT,
+    PREVIEW_QUALITY,
     OutputFormat,
     OverlayInfo,
     output_filename,
+    preview_size,
     render,
+    render_preview,
     save_atomically,
 )
 from qwen_image_server.prompt_tokens import check_prompt_tokens, might_exceed, token_counter
@@ -171,9 +185,10 @@ class Generation:
                            loaded.pipeline_class == "QwenImageEditPlusPipeline")
 
     def edit_specs(self, body: EditParams, inputs: EditInputs, model: ModelChoice,
-                   seeds: Sequence[int], loras: LoraSet = ()) -> list[EditSpec]:
+                   seeds: Sequence[int], loras: LoraSet = (),
+                   preview: PreviewPlan | None = None) -> list[EditSpec]:
         """One EditSpec per seed: the body's parameters on the decoded inputs, at the asked size
-        or the first image's (snapped to what the models take)."""
+        or the first image's (snapped to what the models take), with `preview`'s previews."""
         width, height = parse_edit_size(body.size) or default_output_size(
             inputs.first_size, MIN_SIDE, MAX_SIDE, SIDE_MULTIPLE)
         return [
@@ -192,6 +207,7 @@ class Generation:
                 inputs_digest=inputs.digest,
                 one_prompt_per_call=model.one_prompt_per_call,
                 loras=loras,
+                preview=preview,
             )
             for seed in seeds
         ]
@@ -352,8 +368,10 @@ class Generation:
         self.scheduler.cancel(job)
 
     async def finished(self, jobs: Sequence[Job], gone: ClientGone | None = None,
-                       ping_s: float | None = None) -> AsyncIterator[tuple[int, JobResult] | None]:
-        """Yield (index, result) as the jobs finish, and None after every `ping_s` without one.
+                       ping_s: float | None = None, wake: Callable[[], Awaitable[Any]] | None = None,
+                       ) -> AsyncIterator[tuple[int, JobResult] | None]:
+        """Yield (index, result) as the jobs finish, and None after every `ping_s` without one
+        and whenever `wake()` completes (it is then called again: e.g. a preview is waiting).
 
         The first failure is raised; it, the client leaving, or the caller stopping early
         cancels every job not finished yet.
@@ -362,15 +380,24 @@ class Generation:
         for task in index:
             task.add_done_callback(_mark_read)
         pending = set(index)
+        waker: asyncio.Future[Any] | None = None
         try:
             while pending:
-                done, pending = await asyncio.wait(pending, timeout=ping_s,
-                                                   return_when=asyncio.FIRST_COMPLETED)
+                if wake is not None and waker is None:
+                    waker = asyncio.ensure_future(wake())
+                done, _ = await asyncio.wait(pending | ({waker} if waker else set()), timeout=ping_s,
+                                             return_when=asyncio.FIRST_COMPLETED)
+                if waker is not None and waker in done:
+                    waker = None
+                done &= pending
+                pending -= done
                 if not done:
                     yield None
                 for task in sorted(done, key=index.__getitem__):
                     yield index[task], task.result()
         finally:
+            if waker is not None:
+                waker.cancel()
             # Cancelling the job (not the task) lets each wait end normally, at once if queued.
             # Last first: then no job being cancelled can reach the queue's head and start meanwhile.
             for task in sorted(pending, key=index.__getitem__, reverse=True):
@@ -401,9 +428,7 @@ class Generation:
             request_id=job.request_id,
         ) if overlay else None
         size = (job.spec.width, job.spec.height)
-        spec = job.spec
-        keep = (spec.images[0], spec.mask) if isinstance(spec, EditSpec) and spec.mask is not None else None
-        data = await self.in_pool(render, result.image, info, output_format, compression, size, keep)
+        data = await self.in_pool(render, result.image, info, output_format, compression, size, _kept(job))
         file_path = None
         if save_to_file:
             name = output_filename(job.request_id, datetime.now())
@@ -411,6 +436,53 @@ class Generation:
             file_path = display_path(path)
         return Rendered(data, MEDIA_TYPES[output_format], size[0], size[1],
                         round(result.inference_time, 3), file_path)
+
+    async def render_preview(self, job: Job, preview: Preview, *, output_format: OutputFormat = PREVIEW_FORMAT,
+                             compression: int | None = PREVIEW_QUALITY, full_size: bool = False) -> Rendered:
+        """Encode a preview on the CPU pool: at the image's size when `full_size`, else small
+        (see `postprocess.preview_size`); `inference_time` is the engine's time making it."""
+        size = (job.spec.width, job.spec.height)
+        if not full_size:
+            size = preview_size(preview.image, size)
+        data = await self.in_pool(render_preview, preview.image, size, output_format, compression, _kept(job))
+        return Rendered(data, MEDIA_TYPES[output_format], size[0], size[1], round(preview.seconds, 3), None)
+
+    def preview_feed(self, jobs: Sequence[Job]) -> PreviewFeed:
+        """The previews of `jobs` as they come (close it when done)."""
+        return PreviewFeed(self.scheduler, jobs, asyncio.get_running_loop())
+
+
+class PreviewFeed:
+    """The newest unread preview of each of some jobs: the engine thread drops them in, the event
+    loop takes them. A reader that falls behind gets the newest, never a backlog."""
+
+    def __init__(self, scheduler: Scheduler, jobs: Sequence[Job], loop: asyncio.AbstractEventLoop) -> None:
+        self._scheduler = scheduler
+        self._loop = loop
+        self._latest: dict[int, Preview] = {}
+        self.ready = asyncio.Event()
+        self._listeners = [(job, functools.partial(self._heard, index)) for index, job in enumerate(jobs)]
+        for job, listener in self._listeners:
+            scheduler.add_listener(job, listener)
+
+    def _heard(self, index: int, job: Job, event: JobEvent) -> None:  # engine thread
+        if event is JobEvent.PREVIEW and job.preview is not None:
+            self._loop.call_soon_threadsafe(self._put, index, job.preview)
+
+    def _put(self, index: int, preview: Preview) -> None:
+        self._latest[index] = preview
+        self.ready.set()
+
+    def take(self) -> list[tuple[int, Preview]]:
+        """The unread previews, by job index; none are unread afterwards."""
+        taken = sorted(self._latest.items(), key=lambda item: item[0])
+        self._latest.clear()
+        self.ready.clear()
+        return taken
+
+    def close(self) -> None:
+        for job, listener in self._listeners:
+            self._scheduler.remove_listener(job, listener)
 
 
 _TASK_MODELS = {"generate": "generation model", "edit": "edit model"}
@@ -429,6 +501,12 @@ def _lora_listing(known: dict[str, object]) -> str:
     names = sorted(known)
     more = f" and {len(names) - 8} more (GET /v1/loras)" if len(names) > 8 else ""
     return f"available: {', '.join(names[:8])}{more}"
+
+
+def _kept(job: Job) -> tuple[Image.Image, Image.Image] | None:
+    """A masked edit's (original, mask): outside the mask the original is kept (see `render`)."""
+    spec = job.spec
+    return (spec.images[0], spec.mask) if isinstance(spec, EditSpec) and spec.mask is not None else None
 
 
 def _mark_read(task: asyncio.Future[JobResult]) -> None:

@@ -32,7 +32,8 @@ FINAL_STATES = frozenset({JobState.SUCCEEDED, JobState.FAILED, JobState.CANCELLE
 
 
 class JobEvent(_Name):
-    """What listeners hear: entering a state, plus `started` (running) and each denoising `step`.
+    """What listeners hear: entering a state, plus `started` (running), each denoising `step`,
+    and a `preview` after the steps where the job asked for one (`Job.preview` holds it).
 
     `queued` is sent again whenever the job's place in the queue changes.
     """
@@ -40,6 +41,7 @@ class JobEvent(_Name):
     QUEUED = "queued"
     STARTED = "started"
     STEP = "step"
+    PREVIEW = "preview"
     SUCCEEDED = "succeeded"
     FAILED = "failed"
     CANCELLED = "cancelled"

@@ -15,7 +15,7 @@ from fastapi import UploadFile
 from pydantic import BaseModel, ConfigDict, Field, field_validator, model_validator
 from pydantic_core import PydanticCustomError
 
-from qwen_image_server.engine.types import GenerationSpec
+from qwen_image_server.engine.types import GenerationSpec, PreviewPlan
 from qwen_image_server.postprocess import OutputFormat
 from qwen_image_server.presets import ASPECT_RATIOS, AspectRatio, Language, with_suffix
 from qwen_image_server.schemas import LORAS, MAX_SEED, GenerateRequest, LoraChoice, json_list, not_blank
@@ -27,6 +27,18 @@ MAX_IMAGES = 10  # OpenAI's bound on n
 _SIZE = re.compile(r"(\d{1,5})x(\d{1,5})", re.ASCII)
 
 _NATIVE = GenerateRequest.model_fields
+MAX_PARTIAL_IMAGES = 3  # OpenAI's bound
+PARTIAL_IMAGES = Field(None, ge=0, le=MAX_PARTIAL_IMAGES, description=(
+    "With stream: true, partial images (full VAE decodes of the image so far) sent before each "
+    "image's completed event, spread over the steps; fewer when there are too few steps. "
+    "Without stream it is accepted and ignored, as OpenAI does."))
+
+
+def preview_plan(stream: bool, partial_images: int | None) -> PreviewPlan | None:
+    """What `partial_images` asks of the engine: full decodes at that many steps, streams only."""
+    if not stream or not partial_images:
+        return None
+    return PreviewPlan("full", count=partial_images)
 
 
 def parse_size(value: str) -> tuple[int, int]:
@@ -62,7 +74,7 @@ class ImageGenerationRequest(BaseModel):
     output_format: OutputFormat = "png"
     output_compression: int | None = Field(None, ge=0, le=100, description="jpeg/webp quality; default 100.")
     stream: bool = Field(False, description="Answer with Server-Sent Events, one per finished image.")
-    partial_images: int | None = Field(None, ge=0, le=3, description="Accepted; no partial images are sent.")
+    partial_images: int | None = PARTIAL_IMAGES
     # Accepted and ignored: they steer OpenAI's own models and have no Qwen-Image equivalent.
     quality: str | None = None
     style: str | None = None
@@ -123,6 +135,7 @@ class ImageGenerationRequest(BaseModel):
                 num_inference_steps=self.num_inference_steps,
                 true_cfg_scale=self.true_cfg_scale,
                 seed=(base_seed + i) % (MAX_SEED + 1),
+                preview=preview_plan(self.stream, self.partial_images),
             )
             for i in range(self.n)
         ]
@@ -185,6 +198,19 @@ class ImageGenCompletedEvent(BaseModel):
     usage: ImageUsage
 
 
+class ImageGenPartialImageEvent(BaseModel):
+    """One partial image in a stream (`openai.types.ImageGenPartialImageEvent`)."""
+
+    type: Literal["image_generation.partial_image"] = "image_generation.partial_image"
+    b64_json: str
+    created_at: int
+    size: str
+    quality: str
+    background: Literal["opaque"] = "opaque"
+    output_format: OutputFormat
+    partial_image_index: int = Field(description="0-based, per image.")
+
+
 class ModelCard(BaseModel):
     id: str
     object: Literal["model"] = "model"
@@ -230,7 +256,7 @@ class ImageEditForm(BaseModel):
     output_format: OutputFormat = "png"
     output_compression: int | None = Field(None, ge=0, le=100, description="jpeg/webp quality; default 100.")
     stream: bool = Field(False, description="Answer with Server-Sent Events, one per finished image.")
-    partial_images: int | None = Field(None, ge=0, le=3, description="Accepted; no partial images are sent.")
+    partial_images: int | None = PARTIAL_IMAGES
     quality: str | None = None
     background: str | None = None
     input_fidelity: str | None = None
@@ -293,3 +319,16 @@ class ImageEditCompletedEvent(BaseModel):
     background: Literal["opaque"] = "opaque"
     output_format: OutputFormat
     usage: ImageUsage
+
+
+class ImageEditPartialImageEvent(BaseModel):
+    """One partial image in an edit stream (`openai.types.ImageEditPartialImageEvent`)."""
+
+    type: Literal["image_edit.partial_image"] = "image_edit.partial_image"
+    b64_json: str
+    created_at: int
+    size: str
+    quality: str
+    background: Literal["opaque"] = "opaque"
+    output_format: OutputFormat
+    partial_image_index: int = Field(description="0-based, per image.")

@@ -15,7 +15,7 @@ from datetime import datetime
 from pathlib import Path
 from typing import Literal
 
-from PIL import Image, ImageDraw, ImageFont
+from PIL import Image, ImageDraw, ImageFont, features
 
 
 @dataclass(frozen=True, slots=True)
@@ -100,6 +100,31 @@ def render(image: Image.Image, overlay: OverlayInfo | None = None, output_format
     if overlay is not None:
         image = add_overlay(image, overlay)
     return encode_image(image, output_format, compression)
+
+
+# Previews: WebP (JPEG where Pillow was built without it) at a quality that keeps them small;
+# they are replaced within a step or two.
+PREVIEW_FORMAT: OutputFormat = "webp" if features.check("webp") else "jpeg"
+PREVIEW_QUALITY = 75
+
+
+def preview_size(image: Image.Image, size: tuple[int, int]) -> tuple[int, int]:
+    """The size a preview is sent at: a latent preview (one pixel per 8x8 patch) doubled, a full
+    one at `size`, the image's; never larger than `size`."""
+    width, height = size
+    if image.width * 2 >= width:
+        return size
+    return image.width * 2, image.height * 2
+
+
+def render_preview(image: Image.Image, size: tuple[int, int], output_format: OutputFormat = PREVIEW_FORMAT,
+                   compression: int | None = PREVIEW_QUALITY,
+                   keep: tuple[Image.Image, Image.Image] | None = None) -> bytes:
+    """A preview as the client gets it: smoothed up to `size`, for a masked edit with the original
+    kept outside the mask (as `render` does), then encoded."""
+    if image.size != size:
+        image = image.resize(size, Image.Resampling.BILINEAR)
+    return render(image, None, output_format, compression, size, keep)
 
 
 def output_filename(request_id: int, when: datetime) -> str:

@@ -39,7 +39,9 @@ from qwen_image_server.engine.types import (
     DeviceFailure,
     DeviceOutOfMemory,
     GenerationSpec,
+    Preview,
     StepCallback,
+    StepEvent,
 )
 from qwen_image_server.job_state import JobEvent, JobState
 
@@ -49,7 +51,7 @@ class Engine(Protocol):
     """What the scheduler needs from the model side."""
 
     def run_batch(self, specs: Sequence[GenerationSpec], on_step: StepCallback) -> list[Image.Image]:
-        """Generate one image per spec in one pipeline call; call on_step(step, total) per step."""
+        """Generate one image per spec in one pipeline call; call on_step(StepEvent) per step."""
         ...
 
     def free_memory(self) -> None:
@@ -64,6 +66,7 @@ class JobResult:
     queue_wait: float
     batch_id: int
     batch_size: int
+    preview_time: float = 0.0  # seconds of that call spent on this job's previews
 
 
 JobListener = Callable[["Job", JobEvent], None]
@@ -103,6 +106,8 @@ class Job:
     overtaken: int = 0  # how many later jobs started before this one
     batch_id: int | None = None
     cancel_requested: bool = False
+    preview: Preview | None = None  # the newest preview (previewing jobs, once one was made)
+    preview_time: float = 0.0  # engine seconds spent on this job's previews so far
     future: Future[JobResult] = field(default_factory=Future)
     listeners: list[JobListener] = field(default_factory=list)
 
@@ -514,10 +519,15 @@ class Scheduler:
     def _run_once(self, engine: Engine, batch: list[Job]) -> None:
         """One pipeline call for `batch`; completes every job in it unless the device fails."""
 
-        def on_step(step: int, total: int) -> None:
-            for job in batch:
-                job.step, job.total_steps = step, total
+        def on_step(event: StepEvent) -> None:
+            for index, job in enumerate(batch):
+                job.step, job.total_steps = event.step, event.total
                 self._emit(job, JobEvent.STEP)
+                preview = event.previews.get(index)
+                if preview is not None:
+                    job.preview = preview
+                    job.preview_time += preview.seconds
+                    self._emit(job, JobEvent.PREVIEW)
             if self._stopping or all(job.cancel_requested for job in batch):
                 raise BatchAborted
 
@@ -557,6 +567,7 @@ class Scheduler:
                 queue_wait=(job.started_at or start) - job.submitted_at,
                 batch_id=job.batch_id or 0,
                 batch_size=len(batch),
+                preview_time=job.preview_time,
             )
             self._finish_ok(job, result)
 

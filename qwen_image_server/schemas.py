@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import dataclasses
 import json
 from typing import Literal
 
@@ -9,7 +10,7 @@ from fastapi import UploadFile
 from pydantic import BaseModel, ConfigDict, Field, field_validator
 
 from qwen_image_server.engine.lora_library import is_valid_name
-from qwen_image_server.engine.types import GenerationSpec
+from qwen_image_server.engine.types import GenerationSpec, PreviewMode, PreviewPlan
 from qwen_image_server.job_state import FINAL_STATES, JobState
 from qwen_image_server.presets import (
     ASPECT_RATIOS,
@@ -94,6 +95,46 @@ class GenerateRequest(BaseModel):
             true_cfg_scale=self.true_cfg_scale,
             seed=self.seed,
         )
+
+
+# Steps between previews when a job asks for one without `preview_every`: latent previews cost
+# next to nothing, so every step; a full preview is a VAE decode, about a step's worth at 1024².
+DEFAULT_PREVIEW_EVERY: dict[PreviewMode, int] = {"latent": 1, "full": 5}
+
+
+class PreviewOptions(BaseModel):
+    """Live previews of a job, sent as `preview` events on its event stream."""
+
+    preview: Literal["none", "latent", "full"] = Field("none", description=(
+        "Jobs: previews of the image while it forms, sent as `preview` events: 'latent' (a cheap "
+        "projection of the latents, 1/4 of the image's size) or 'full' (a VAE decode, full size)."))
+    preview_every: int | None = Field(None, ge=1, le=100, description=(
+        "Steps between previews; default every step for 'latent', every 5th for 'full'."))
+
+    def preview_plan(self) -> PreviewPlan | None:
+        if self.preview == "none":
+            return None
+        return PreviewPlan(self.preview, every=self.preview_every or DEFAULT_PREVIEW_EVERY[self.preview])
+
+
+class JobRequest(GenerateRequest, PreviewOptions):
+    """Body of POST /v1/jobs: /generate's, plus live previews."""
+
+    def to_spec(self) -> GenerationSpec:
+        return dataclasses.replace(super().to_spec(), preview=self.preview_plan())
+
+
+class JobPreview(BaseModel):
+    """A `preview` event of a job's stream: the image as it stood after `step`."""
+
+    id: str = Field(description="The job's id.")
+    step: int
+    total: int
+    mode: PreviewMode
+    width: int = Field(description="Of the preview (latent previews are smaller than the image).")
+    height: int
+    media_type: str = Field(description="image/webp (or image/jpeg where Pillow lacks WebP).")
+    b64_json: str = Field(description="The encoded preview, base64.")
 
 
 class GenerateFileResponse(BaseModel):
@@ -264,6 +305,8 @@ class JobStatus(BaseModel):
     finished_at: float | None = None
     queue_time: float | None = Field(None, description="Seconds between acceptance and start.")
     inference_time: float | None = Field(None, description="Seconds of the pipeline call.")
+    preview_time: float | None = Field(None, description=(
+        "Seconds of that call spent making this job's previews (null for jobs without previews)."))
     width: int
     height: int
     seed: int
@@ -286,9 +329,10 @@ EDIT_SIZE = Field(None, description=(
 EDIT_MODEL = Field(None, description="The model to edit with (see /v1/models); default: the first edit model.")
 
 
-class EditParameters(BaseModel):
+class EditParameters(PreviewOptions):
     """/edit's parameters besides the images: /generate's (no aspect_ratio: the size follows the
-    first image), plus model, size and strength."""
+    first image), plus model, size and strength; and for /v1/jobs/edit, previews (/edit, which
+    answers with the finished image, ignores them)."""
 
     prompt: str = _GEN["prompt"]
     negative_prompt: str = _GEN["negative_prompt"]

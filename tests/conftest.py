@@ -27,6 +27,7 @@ from fastapi import FastAPI
 
 from qwen_image_server.api.app import create_app, real_engine_factory
 from qwen_image_server.engine.types import GenerationSpec
+from qwen_image_server.engine.types import StepEvent
 from qwen_image_server.scheduler import Engine, StepCallback
 from qwen_image_server.serving import GracefulServer
 from qwen_image_server.settings import Settings
@@ -111,12 +112,12 @@ class EngineHook:
         self.specs.extend(specs)
         fault = self._faults.popleft() if self._faults else None
 
-        def step(done: int, total: int) -> None:
+        def step(event: StepEvent) -> None:
             if not self._open.wait(HOLD_LIMIT):
                 raise AssertionError("the test held the engine and never released it")
             if fault is not None:
                 raise fault
-            on_step(done, total)
+            on_step(event)
 
         return self.engine.run_batch(specs, step)
 

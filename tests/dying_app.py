@@ -12,7 +12,7 @@ from fastapi import FastAPI
 
 from qwen_image_server.api.app import create_app as create_real_app
 from qwen_image_server.api.app import real_engine_factory
-from qwen_image_server.engine.types import GenerationSpec
+from qwen_image_server.engine.types import GenerationSpec, StepEvent
 from qwen_image_server.scheduler import Engine, StepCallback
 from qwen_image_server.settings import Settings
 
@@ -29,10 +29,10 @@ class DyingEngine:
         return getattr(self.engine, name)
 
     def run_batch(self, specs: Sequence[GenerationSpec], on_step: StepCallback):
-        def step(done: int, total: int) -> None:
+        def step(event: StepEvent) -> None:
             if any(spec.prompt.startswith(DIE) for spec in specs):
                 raise RuntimeError("CUDA error: an illegal memory access was encountered")
-            on_step(done, total)
+            on_step(event)
 
         return self.engine.run_batch(specs, step)
 

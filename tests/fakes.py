@@ -13,7 +13,7 @@ from collections.abc import Callable, Sequence
 
 from PIL import Image
 
-from qwen_image_server.engine.types import GenerationSpec
+from qwen_image_server.engine.types import GenerationSpec, StepEvent
 
 
 class FakeEngine:
@@ -46,7 +46,7 @@ class FakeEngine:
 
     # -- Engine protocol --------------------------------------------------------------------
 
-    def run_batch(self, specs: Sequence[GenerationSpec], on_step: Callable[[int, int], None]) -> list[Image.Image]:
+    def run_batch(self, specs: Sequence[GenerationSpec], on_step: Callable[[StepEvent], None]) -> list[Image.Image]:
         from qwen_image_server.engine.types import DeviceOutOfMemory
 
         self.batches.append([s.seed for s in specs])
@@ -58,7 +58,7 @@ class FakeEngine:
             if not self._free_running.is_set():
                 assert self._permits.acquire(timeout=10), "test never allowed the step"
             time.sleep(self.step_seconds)
-            on_step(step, total)
+            on_step(StepEvent(step, total))
         if self.faults:
             raise self.faults.popleft()
         self.finished.append([s.seed for s in specs])

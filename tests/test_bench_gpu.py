@@ -79,6 +79,16 @@ def test_smoke_run_times_every_configuration_and_prints_the_table(tmp_path: Path
     assert "| edit | baseline | 256x256 | 1 | 2 |" in proc.stdout
     assert "edit 256x256, cfg 4: 1 input image: 2 steps" in proc.stdout
 
+    # Previews: a latent and a full preview at every step, each timed against a plain step.
+    (preview,) = [r for r in rows if r["section"] == "preview"]
+    assert not preview.get("error"), preview
+    assert preview["size"] == "256x256" and preview["steps"] == 6 and preview["step_median_s"] > 0, preview
+    for mode in ("latent", "full"):
+        assert preview[f"{mode}_preview_s"] > 0 and preview[f"{mode}_ratio"] > 0, preview
+    # A full preview decodes with the VAE; a latent one is a small matmul.
+    assert preview["full_preview_s"] > preview["latent_preview_s"], preview
+    assert "latent: " in preview["note"] and "% of a step" in preview["note"], preview
+
     # The table a user reads: its header, and one line per row.
     assert "| section | config | size | batch | steps | s/step | e2e s |" in proc.stdout
     assert "| speed | cache | 256x256 | 1 | 2 |" in proc.stdout
@@ -125,7 +135,7 @@ def test_full_size_edit_pipeline_shares_the_generation_modules_and_edits(tmp_pat
     steps: list[tuple[int, int]] = []
     pictures = gpu.edit_inputs(64, 64, 1)
     (image,) = engine.run_batch(gpu.edit_specs(64, 64, 2, pictures, True),
-                                lambda step, total: steps.append((step, total)))
+                                lambda event: steps.append((event.step, event.total)))
     assert image.size == (64, 64)
     assert steps == [(1, 2), (2, 2)]
 

@@ -32,7 +32,7 @@ CUDA = DeviceInfo("cuda", "Some GPU", "12.8")
 
 
 def generate(model: LoadedModel, spec: GenerationSpec = SPEC) -> np.ndarray:
-    image = PipelineEngine(model).run_batch([spec], lambda step, total: None)[0]
+    image = PipelineEngine(model).run_batch([spec], lambda event: None)[0]
     return np.asarray(image).astype(np.float64)
 
 
@@ -145,7 +145,7 @@ def test_regional_compile_with_warm_up_gives_the_same_image(tmp_path, baseline):
     assert all(block._compiled_call_impl is not None for block in blocks)
     engine = PipelineEngine(model)
     assert engine.warm_up(["s1:1"]) > 0
-    image = np.asarray(engine.run_batch([SPEC], lambda s, t: None)[0]).astype(np.float64)
+    image = np.asarray(engine.run_batch([SPEC], lambda event: None)[0]).astype(np.float64)
     assert np.abs(image - baseline).max() <= 2.0  # same math, fused kernels: rounding only
 
 

@@ -30,7 +30,14 @@ from qwen_image_server.engine.options import check_options, prepare_pipeline, ta
 from qwen_image_server.engine.quantize import TEXT_ENCODER_SKIP, ao_config, quantize_module, tensor_bytes
 from qwen_image_server.engine.runner import PipelineEngine, inference_context
 from qwen_image_server.engine.tiny import ensure_tiny_model
-from qwen_image_server.engine.types import BatchAborted, DeviceFailure, DeviceOutOfMemory, GenerationSpec
+from qwen_image_server.engine.types import (
+    BatchAborted,
+    DeviceFailure,
+    DeviceOutOfMemory,
+    GenerationSpec,
+    PreviewPlan,
+    StepEvent,
+)
 from qwen_image_server.errors import ModelLoadError, OptionUnavailable
 from qwen_image_server.presets import ASPECT_RATIOS
 from qwen_image_server.scheduler import Scheduler, SchedulerConfig
@@ -56,7 +63,7 @@ def spec(prompt: str = "a red fox", *, size: int = 64, steps: int = 2, cfg: floa
                           num_inference_steps=steps, true_cfg_scale=cfg, seed=seed)
 
 
-def no_progress(step: int, total: int) -> None:
+def no_progress(event: StepEvent) -> None:
     return None
 
 
@@ -122,6 +129,20 @@ def test_cache_dit_counts_steps_of_a_call_without_cfg(offloaded_cached):
     assert cached_steps(offloaded_cached.pipeline) == ([2, 3, 4, 5, 6, 7], [2, 3, 4, 5, 6, 7])
 
 
+def test_previews_under_model_offload_and_cache_dit_leave_the_image_unchanged(offloaded_cached):
+    # A full preview decodes with the VAE between two transformer steps: under model offload its
+    # hook moves the VAE in and the transformer out, and the next step brings the transformer back.
+    plain = offloaded_cached.run_batch([spec(steps=4, seed=9)], no_progress)[0]
+    events: list[StepEvent] = []
+    for mode in ("full", "latent"):
+        events.clear()
+        previewing = dataclasses.replace(spec(steps=4, seed=9), preview=PreviewPlan(mode, every=2))
+        image = offloaded_cached.run_batch([previewing], events.append)[0]
+        assert image.tobytes() == plain.tobytes(), mode
+        assert [(e.step, e.previews[0].mode) for e in events if e.previews] == [(2, mode), (4, mode)]
+    assert cached_steps(offloaded_cached.pipeline)[0] == [2, 3]  # cache-dit still caches as before
+
+
 # -- 5: an interrupted call under model offload offloads what it left on the GPU ----------------
 
 @pytest.mark.parametrize("interruption", ["cancel", "error"])
@@ -132,7 +153,7 @@ def test_an_interrupted_call_under_model_offload_puts_the_components_back(offloa
     original = pipeline.maybe_free_model_hooks
     monkeypatch.setattr(pipeline, "maybe_free_model_hooks", lambda: (offloads.append(1), original())[1])
 
-    def stop(step: int, total: int) -> None:
+    def stop(event: StepEvent) -> None:
         raise BatchAborted if interruption == "cancel" else RuntimeError("something broke")
 
     with pytest.raises(BatchAborted if interruption == "cancel" else RuntimeError):
@@ -156,19 +177,27 @@ def test_backends_that_cannot_apply_a_padding_mask_are_known_from_diffusers():
 def test_a_backend_without_masks_batches_prompts_of_one_length_per_call(tmp_path, monkeypatch):
     model = load_model(tiny_settings(tmp_path, attention="_native_flash", max_batch_size=4))
     engine = PipelineEngine(model)
-    short, long = spec("a cat", seed=1), spec("a dog running on a beach at dusk", seed=2)
-    same_length = spec("a cow", seed=3)
+    short, same_length = spec("a cat", seed=1), spec("a cow", seed=3)
+    # The long prompt's image also asks for previews: they reach it in its own call.
+    long = dataclasses.replace(spec("a dog running on a beach at dusk", seed=2),
+                               preview=PreviewPlan("latent", every=1))
     # Prompts of different lengths in one call need a padding mask, which this backend refuses.
     with pytest.raises(ValueError, match="attn_mask"):
         engine._call([short, long], no_progress)
     alone = [np.asarray(engine.run_batch([s], no_progress)[0]).astype(np.float64) for s in (short, long, same_length)]
 
-    calls, progress = [], []
+    calls, progress, previews = [], [], []
     original = engine._call
     monkeypatch.setattr(engine, "_call", lambda specs, on_step: (calls.append(len(specs)), original(specs, on_step))[1])
-    images = engine.run_batch([short, long, same_length], lambda step, total: progress.append((step, total)))
+
+    def on_step(event: StepEvent) -> None:
+        progress.append((event.step, event.total))
+        previews.extend((index, preview.step, preview.total) for index, preview in event.previews.items())
+
+    images = engine.run_batch([short, long, same_length], on_step)
     assert calls == [2, 1]  # the two short prompts together, then the long one
     assert progress == [(1, 4), (2, 4), (3, 4), (4, 4)]  # one run of 2 steps x 2 calls, as a client sees it
+    assert previews == [(1, 1, 2), (1, 2, 2)]  # the long prompt's (index 1), at its own steps
     for image, reference in zip(images, alone, strict=True):  # each image where its request is
         assert np.abs(np.asarray(image).astype(np.float64) - reference).max() <= 2.0
 

@@ -356,14 +356,14 @@ def test_switching_adapters_under_compile_compiles_nothing(tmp_path, lora_dir, m
     compiled = load_engine(tiny_settings(tmp_path, compile=True, max_loras_per_request=2,
                                          lora_max_rank=8, **base)).engines["tiny"]
     spec = GenerationSpec("a lighthouse", " ", 256, 256, 2, 4.0, seed=4)
-    compiled.run_batch([spec], lambda step, total: None)  # compiles this size (the warm-up did 512x512)
+    compiled.run_batch([spec], lambda event: None)  # compiles this size (the warm-up did 512x512)
     warmed = compilation.compiled_graphs()
     sets = [(), (("style", 0.8),), (("ink", 1.0), ("style", 0.5)), (("ink", 1.0),), ()]
     images = []
     for loras in sets:
         one = dataclasses.replace(spec, loras=loras)
-        [want] = eager.run_batch([one], lambda step, total: None)
-        [got] = compiled.run_batch([one], lambda step, total: None)
+        [want] = eager.run_batch([one], lambda event: None)
+        [got] = compiled.run_batch([one], lambda event: None)
         want, got = np.asarray(want).astype(int), np.asarray(got).astype(int)
         if loras:
             # The slot holds lora_B * scale: the same sum in another rounding order.

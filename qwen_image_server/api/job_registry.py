@@ -8,12 +8,23 @@ from __future__ import annotations
 import asyncio
 import time
 from collections import OrderedDict
+from collections.abc import Awaitable, Callable
 from dataclasses import dataclass, field
 
 from qwen_image_server import errors
+from qwen_image_server.engine.types import Preview
 from qwen_image_server.job_state import JobEvent, JobState
 from qwen_image_server.scheduler import Job
-from qwen_image_server.schemas import EditParameters, ErrorDetail, GenerateRequest
+from qwen_image_server.schemas import EditParameters, ErrorDetail, GenerateRequest, JobPreview
+
+
+@dataclass(eq=False)
+class Subscriber:
+    """One SSE client of a job: its events in order, with at most one preview notice waiting
+    (when it is read, the record's newest preview is sent; older unread ones are skipped)."""
+
+    queue: asyncio.Queue[tuple[JobEvent, int]] = field(default_factory=asyncio.Queue)
+    preview_waiting: bool = False
 
 
 @dataclass(eq=False)
@@ -28,7 +39,10 @@ class JobRecord:
     inference_time: float | None = None
     error: ErrorDetail | None = None
     finished_monotonic: float | None = None
-    subscribers: set[asyncio.Queue[tuple[JobEvent, int]]] = field(default_factory=set)
+    subscribers: set[Subscriber] = field(default_factory=set)
+    preview: Preview | None = None  # the newest, once the engine made one
+    # The newest preview's encoding, shared by every subscriber and made once.
+    _encoding: tuple[Preview, asyncio.Future[JobPreview]] | None = None
 
     @property
     def status(self) -> JobState:
@@ -45,8 +59,27 @@ class JobRecord:
 
     def publish(self, event: JobEvent, step: int) -> None:
         """Wake every SSE subscriber (called on the event loop)."""
-        for queue in self.subscribers:
-            queue.put_nowait((event, step))
+        for subscriber in self.subscribers:
+            if event is JobEvent.PREVIEW:
+                if subscriber.preview_waiting:
+                    continue  # it will read the newest preview anyway
+                subscriber.preview_waiting = True
+            subscriber.queue.put_nowait((event, step))
+
+    def new_preview(self, preview: Preview) -> None:
+        """Keep the engine's newest preview and tell the subscribers (on the event loop)."""
+        self.preview = preview
+        self.publish(JobEvent.PREVIEW, preview.step)
+
+    async def encoded_preview(self, encode: Callable[[Preview], Awaitable[JobPreview]]) -> JobPreview | None:
+        """The newest preview as sent, encoded once however many subscribers ask."""
+        preview = self.preview
+        if preview is None:
+            return None
+        if self._encoding is None or self._encoding[0] is not preview:
+            self._encoding = (preview, asyncio.ensure_future(encode(preview)))
+        # Shielded: a subscriber leaving must not cancel the encoding the others wait for.
+        return await asyncio.shield(self._encoding[1])
 
 
 class JobRegistry:

@@ -2,14 +2,18 @@
 
 A job outlives the request that created it: a background task awaits the scheduler's result,
 renders the PNG and keeps it in the result store. Every change (queue position, start, each
-denoising step, the end) is pushed to the job's SSE subscribers; a late subscriber gets the
-current state first. Finished jobs are forgotten after QWEN_IMAGE_RESULT_TTL_S, and at most
+denoising step, each preview the job asked for, the end) is pushed to the job's SSE
+subscribers; a late subscriber gets the current state first, then the newest preview. Previews
+are encoded on the CPU pool, once, when a subscriber reads them; one that falls behind skips to
+the newest, so a slow client never holds up the engine or piles up images. Finished jobs are forgotten after QWEN_IMAGE_RESULT_TTL_S, and at most
 QWEN_IMAGE_MAX_STORED_RESULTS of them are kept, so memory stays bounded under load.
 """
 
 from __future__ import annotations
 
 import asyncio
+import base64
+import dataclasses
 import logging
 import time
 from collections.abc import AsyncIterator
@@ -21,17 +25,18 @@ from fastapi.sse import EventSourceResponse, ServerSentEvent
 
 from qwen_image_server import errors
 from qwen_image_server.api.context import Ctx, ServerContext
-from qwen_image_server.api.job_registry import JobRecord
+from qwen_image_server.api.job_registry import JobRecord, Subscriber
 from qwen_image_server.api.uploads import NATIVE_EDIT_BODY, read_native_edit
-from qwen_image_server.engine.types import GenerationSpec
+from qwen_image_server.engine.types import GenerationSpec, Preview
 from qwen_image_server.job_state import JobEvent, JobState
 from qwen_image_server.scheduler import Job
 from qwen_image_server.schemas import (
     ErrorDetail,
     EditParameters,
     ErrorResponse,
-    GenerateRequest,
+    JobPreview,
     JobProgress,
+    JobRequest,
     JobStatus,
 )
 
@@ -62,6 +67,7 @@ def status_of(ctx: ServerContext, record: JobRecord, request: Request) -> JobSta
                      if job.finished_at and record.status.final else None),
         queue_time=round(started - job.submitted_at, 3) if started else None,
         inference_time=record.inference_time,
+        preview_time=round(job.preview_time, 3) if job.spec.preview is not None else None,
         width=job.spec.width,
         height=job.spec.height,
         seed=job.spec.seed,
@@ -94,8 +100,8 @@ async def _complete(ctx: ServerContext, record: JobRecord) -> None:
 
 @router.post("", status_code=202, response_model=JobStatus,
              responses={s: {"model": ErrorResponse} for s in (400, 429, 503)})
-async def create_job(body: GenerateRequest, request: Request, ctx: Ctx) -> JSONResponse:
-    """Queue a generation (same body as /generate) and return at once with its id."""
+async def create_job(body: JobRequest, request: Request, ctx: Ctx) -> JSONResponse:
+    """Queue a generation (/generate's body, plus `preview`) and return at once with its id."""
     generation = ctx.generation
     request_id = generation.next_request_id()
     body = generation.with_defaults(body)
@@ -106,16 +112,17 @@ async def create_job(body: GenerateRequest, request: Request, ctx: Ctx) -> JSONR
 @router.post("/edit", status_code=202, response_model=JobStatus, openapi_extra=NATIVE_EDIT_BODY,
              responses={s: {"model": ErrorResponse} for s in (400, 404, 413, 429, 503)})
 async def create_edit_job(request: Request, ctx: Ctx) -> JSONResponse:
-    """Queue an edit (same body as /edit: image files or base64 images) and return at once with
-    its id; its progress events are a generation's."""
+    """Queue an edit (same body as /edit: image files or base64 images, plus `preview`) and
+    return at once with its id; its progress and preview events are a generation's."""
     body, images, mask = await read_native_edit(request)
     generation = ctx.generation
     request_id = generation.next_request_id()
     body, spec = await generation.native_edit(body, images, mask)
+    spec = dataclasses.replace(spec, preview=body.preview_plan())
     return await _queue(ctx, request, body, spec, request_id)
 
 
-async def _queue(ctx: ServerContext, request: Request, body: GenerateRequest | EditParameters,
+async def _queue(ctx: ServerContext, request: Request, body: JobRequest | EditParameters,
                  spec: GenerationSpec, request_id: int) -> JSONResponse:
     """Submit the job, track it to its end, and answer 202 with its status."""
     [job] = await ctx.generation.submit([spec], request_id)
@@ -124,7 +131,10 @@ async def _queue(ctx: ServerContext, request: Request, body: GenerateRequest | E
     ctx.jobs.add(record)
 
     def on_event(job: Job, event: JobEvent) -> None:  # engine / reaper thread
-        if not event.final:  # the end is announced by _complete, once the PNG exists
+        if event is JobEvent.PREVIEW:
+            if job.preview is not None:
+                loop.call_soon_threadsafe(record.new_preview, job.preview)
+        elif not event.final:  # the end is announced by _complete, once the PNG exists
             loop.call_soon_threadsafe(record.publish, event, job.step)
 
     ctx.scheduler.add_listener(job, on_event)
@@ -172,20 +182,37 @@ async def cancel_job(record: Record, request: Request, ctx: Ctx) -> JobStatus:
 @router.get("/{job_id}/events", response_class=EventSourceResponse,
             responses={404: {"model": ErrorResponse}})
 async def job_events(record: Record, request: Request, ctx: Ctx) -> AsyncIterator[ServerSentEvent]:
-    """Server-Sent Events: queued (position), started, step (each denoising step), then
-    succeeded / failed / cancelled. The first event is the current state."""
-    queue: asyncio.Queue[tuple[JobEvent, int]] = asyncio.Queue()
-    record.subscribers.add(queue)
+    """Server-Sent Events: queued (position), started, step (each denoising step), preview (for
+    jobs that asked: the image so far), then succeeded / failed / cancelled. The first event is
+    the current state, followed by the newest preview if there is one."""
+    subscriber = Subscriber()
+    record.subscribers.add(subscriber)
+
+    async def encode(preview: Preview) -> JobPreview:
+        rendered = await ctx.generation.render_preview(record.job, preview)
+        return JobPreview(id=record.job.id, step=preview.step, total=preview.total, mode=preview.mode,
+                          width=rendered.width, height=rendered.height, media_type=rendered.media_type,
+                          b64_json=base64.b64encode(rendered.data).decode("ascii"))
+
     try:
         current = record.status
         yield ServerSentEvent(event=JobEvent.entering(current).value,
                               data=status_of(ctx, record, request).model_dump(mode="json"))
         if current.final:
             return
+        if record.preview is not None and not subscriber.preview_waiting:
+            subscriber.preview_waiting = True  # a newer one arriving now is sent in its place
+            subscriber.queue.put_nowait((JobEvent.PREVIEW, record.preview.step))
         position = (record.job.step if current is JobState.RUNNING
                     else ctx.scheduler.queue_position(record.job))
         while True:
-            event, step = await queue.get()
+            event, step = await subscriber.queue.get()
+            if event is JobEvent.PREVIEW:
+                subscriber.preview_waiting = False
+                preview = await record.encoded_preview(encode)
+                if preview is not None:
+                    yield ServerSentEvent(event=event.value, data=preview.model_dump(mode="json"))
+                continue
             status = status_of(ctx, record, request)
             if event is JobEvent.STEP:
                 status.progress.step = step  # the step this notice was for, not the latest
@@ -197,4 +224,4 @@ async def job_events(record: Record, request: Request, ctx: Ctx) -> AsyncIterato
             if event.final:
                 return
     finally:
-        record.subscribers.discard(queue)
+        record.subscribers.discard(subscriber)

@@ -25,17 +25,21 @@ from qwen_image_server import errors
 from qwen_image_server.api.context import Ctx, ServerContext, client_gone
 from qwen_image_server.api.errors import ERROR_RESPONSES
 from qwen_image_server.api.uploads import read_files
+from qwen_image_server.engine.types import Preview
 from qwen_image_server.generation import Rendered
 from qwen_image_server.openai_protocol import (
     ImageData,
     ImageEditCompletedEvent,
     ImageEditForm,
+    ImageEditPartialImageEvent,
     ImageGenCompletedEvent,
     ImageGenerationRequest,
+    ImageGenPartialImageEvent,
     ImagesResponse,
     ImageUsage,
     ModelCard,
     ModelList,
+    preview_plan,
 )
 from qwen_image_server.postprocess import MEDIA_TYPES
 from qwen_image_server.scheduler import Job, JobResult
@@ -77,7 +81,7 @@ async def create_images(
              request_id, body.n, width, height, body.num_inference_steps, body.true_cfg_scale,
              base_seed, body.output_format, ", stream" if body.stream else "")
     answer = _Answer(ctx, request, body, model.name or ctx.settings.models[0].name, (),
-                     ImageGenCompletedEvent)
+                     ImageGenCompletedEvent, ImageGenPartialImageEvent)
     return await answer.send(await generation.submit(specs, request_id))  # together: one batch
 
 
@@ -103,18 +107,22 @@ async def edit_images(
     mask = Upload("mask", await body.mask.read()) if body.mask is not None else None
     inputs = await generation.read_edit_inputs(images, mask, model)
     base_seed = body.seed if body.seed is not None else secrets.randbelow(MAX_SEED + 1)
-    specs = generation.edit_specs(body, inputs, model, [(base_seed + i) % (MAX_SEED + 1) for i in range(body.n)], loras)
+    seeds = [(base_seed + i) % (MAX_SEED + 1) for i in range(body.n)]
+    specs = generation.edit_specs(body, inputs, model, seeds, loras,
+                                  preview_plan(body.stream, body.partial_images))
     log.info("request %d (openai edit) received: %d image(s)%s, n=%d, %dx%d, %d steps, cfg %g, seeds "
              "from %d, model %s%s", request_id, len(images), " and a mask" if mask else "", body.n,
              specs[0].width, specs[0].height, body.num_inference_steps, body.true_cfg_scale, base_seed,
              model.name or "(first)", ", stream" if body.stream else "")
     answer = _Answer(ctx, request, body, model.name or ctx.settings.models[0].name,
-                     tuple(image.size for image in inputs.images), ImageEditCompletedEvent)
+                     tuple(image.size for image in inputs.images), ImageEditCompletedEvent,
+                     ImageEditPartialImageEvent)
     return await answer.send(await generation.submit(specs, request_id))
 
 
 ImagesBody = ImageGenerationRequest | ImageEditForm
 CompletedEvent = type[ImageGenCompletedEvent] | type[ImageEditCompletedEvent]
+PartialEvent = type[ImageGenPartialImageEvent] | type[ImageEditPartialImageEvent]
 
 
 @dataclass
@@ -127,6 +135,7 @@ class _Answer:
     model: str
     inputs: tuple[tuple[int, int], ...]  # the input images' sizes (edits)
     event: CompletedEvent
+    partial_event: PartialEvent
 
     async def send(self, jobs: list[Job]) -> Response | ImagesResponse:
         if self.body.stream:
@@ -162,7 +171,8 @@ class _Answer:
                                                 compression=self.body.output_compression)
 
     async def _events(self, jobs: list[Job]) -> AsyncIterator[bytes]:
-        """The SSE body: one completed event per image, as each finishes.
+        """The SSE body: each image's partial images (if `partial_images` asked for them), then
+        its completed event, as each finishes.
 
         Streams always carry base64 (as OpenAI's do). A failure after the 200 has gone out
         becomes an `error` event with the usual error body, which the openai client raises as
@@ -171,14 +181,25 @@ class _Answer:
         generation = self.ctx.generation
         usage: ImageUsage | None = None  # counted once the first image exists (the model is loaded)
         width, height = jobs[0].spec.width, jobs[0].spec.height
+        feed = generation.preview_feed(jobs)
+        partials = [0] * len(jobs)  # partial images sent, per image
+        completed: set[int] = set()  # images whose completed event went out
         try:
-            async with aclosing(generation.finished(jobs, client_gone(self.request),
-                                                    ping_s=PING_INTERVAL_S)) as outcomes:
+            async with aclosing(generation.finished(jobs, client_gone(self.request), ping_s=PING_INTERVAL_S,
+                                                    wake=feed.ready.wait)) as outcomes:
                 async for item in outcomes:
+                    waiting = feed.take()
+                    for index, preview in waiting:
+                        if index in completed:
+                            continue  # too late: its final image went out already
+                        yield await self._partial(jobs[index], preview, partials[index])
+                        partials[index] += 1
                     if item is None:
-                        yield KEEPALIVE_COMMENT
+                        if not waiting:
+                            yield KEEPALIVE_COMMENT
                         continue
                     index, result = item
+                    completed.add(index)
                     rendered = await self._render(jobs[index], result)
                     if usage is None:
                         usage = await self._usage(width, height, images=1)
@@ -197,6 +218,23 @@ class _Answer:
             log.exception("request %d (openai): streaming failed", jobs[0].request_id)
             yield _error_event(ErrorDetail(message="Internal server error; the server logged the details.",
                                            type="server_error"))
+        finally:
+            feed.close()
+
+    async def _partial(self, job: Job, preview: Preview, number: int) -> bytes:
+        """A partial-image event: the preview at the image's size, in the asked format."""
+        rendered = await self.ctx.generation.render_preview(
+            job, preview, output_format=self.body.output_format, compression=self.body.output_compression,
+            full_size=True)
+        event = self.partial_event(
+            b64_json=base64.b64encode(rendered.data).decode("ascii"),
+            created_at=int(time.time()),
+            size=f"{rendered.width}x{rendered.height}",
+            quality=self.body.quality or "auto",
+            output_format=self.body.output_format,
+            partial_image_index=number,
+        )
+        return format_sse_event(data_str=event.model_dump_json(), event=event.type)
 
 
 def _store(ctx: ServerContext, request: Request, rendered: Rendered) -> str:

@@ -94,7 +94,7 @@ class ModelSet:
                                 num_inference_steps=steps, true_cfg_scale=4.0, seed=0,
                                 model=engine.model.name, images=(picture,),
                                 one_prompt_per_call=engine.edits is not None and engine.edits.one_prompt_per_call)
-                engine.run_batch([spec], lambda step, total: None)
+                engine.run_batch([spec], lambda event: None)
             log.info("warm-up of %s done after %.1fs", engine.model.name, time.perf_counter() - start)
         return time.perf_counter() - start
 
@@ -205,6 +205,8 @@ def load_engine(settings: Settings) -> ModelSet:
 
     engine = ModelSet([PipelineEngine(model, adapters(model)) for model in models],
                       library if library.configured else None)
+    for each in engine.engines.values():
+        each.previewer  # noqa: B018 - fit the latent preview projection now, not in a request
     if engine.model.options.warmup:
         engine.warm_up(settings.warmup_aspect_ratios)
     return engine

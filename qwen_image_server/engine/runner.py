@@ -6,7 +6,8 @@ import gc
 import logging
 import time
 from collections.abc import Sequence
-from contextlib import AbstractContextManager
+from contextlib import AbstractContextManager, nullcontext
+from functools import cached_property
 from typing import Any
 
 import torch
@@ -17,13 +18,17 @@ from qwen_image_server.engine.compilation import WARMUP_PROMPT, warmup_prompt_ba
 from qwen_image_server.engine.edit import EditCalls
 from qwen_image_server.engine.loader import LoadedModel
 from qwen_image_server.engine.options import AppliedOptions, takes_padding_mask
+from qwen_image_server.engine.previews import Previewer, StepRecorder
 from qwen_image_server.engine.step_cache import set_cfg_mode
 from qwen_image_server.engine.types import (
     BatchAborted,
     DeviceFailure,
     DeviceOutOfMemory,
     GenerationSpec,
+    Preview,
+    PreviewMode,
     StepCallback,
+    StepEvent,
 )
 from qwen_image_server.errors import LoraUnusable
 from qwen_image_server.presets import ASPECT_RATIOS
@@ -81,6 +86,16 @@ class PipelineEngine:
         self.equal_lengths_only = not takes_padding_mask(model.options.attention)
         self.edits = EditCalls(self.pipeline) if model.task == "edit" else None
 
+    @cached_property
+    def previewer(self) -> Previewer:
+        """Latent and full previews for this model's VAE (the projection is fitted on first use;
+        `load_engine` asks for it at load time, so no request waits for the fit)."""
+        start = time.perf_counter()
+        previewer = Previewer.for_pipeline(self.pipeline, self.pipeline._execution_device)
+        log.info("latent preview projection of %s fitted in %.2fs (correlation with its VAE's decode %.2f)",
+                 self.model.name, time.perf_counter() - start, previewer.projection.correlation)
+        return previewer
+
     def _inputs(self, specs: Sequence[GenerationSpec], use_cfg: bool) -> tuple[Any, dict[str, Any]]:
         """The pipeline to call and what to make: prompts, size, and for edits the inputs."""
         if self.edits is not None:
@@ -110,8 +125,9 @@ class PipelineEngine:
             return self._call(specs, on_step)
         images: list[Image.Image | None] = [None] * len(specs)
         for done, group in enumerate(groups):
-            def progress(step: int, total: int, done: int = done) -> None:
-                on_step(done * total + step, total * len(groups))
+            def progress(event: StepEvent, done: int = done, group: list[int] = group) -> None:
+                on_step(StepEvent(done * event.total + event.step, event.total * len(groups),
+                                  {group[row]: preview for row, preview in event.previews.items()}))
 
             for index, image in zip(group, self._call([specs[i] for i in group], progress), strict=True):
                 images[index] = image
@@ -132,9 +148,19 @@ class PipelineEngine:
     def _call(self, specs: Sequence[GenerationSpec], on_step: StepCallback) -> list[Image.Image]:
         """One pipeline call for `specs`."""
         first = specs[0]
+        # Only a batch with a previewing image records the scheduler's inputs; the others run
+        # exactly as they would without previews anywhere.
+        recorder = StepRecorder() if any(s.preview is not None for s in specs) else None
 
         def step_end(pipe: Any, step: int, timestep: Any, tensors: dict[str, Any]) -> dict[str, Any]:
-            on_step(step + 1, pipe.num_timesteps)  # may raise BatchAborted: stops before the decode
+            done, total = step + 1, pipe.num_timesteps
+            previews: dict[int, Preview] = {}
+            if recorder is not None:
+                wanted: dict[int, PreviewMode] = {row: s.preview.mode for row, s in enumerate(specs)
+                                                  if s.preview is not None and s.preview.due(done, total)}
+                if wanted:
+                    previews = self.previewer.make(recorder, wanted, done, total, first.width, first.height)
+            on_step(StepEvent(done, total, previews))  # may raise BatchAborted: stops before the decode
             return {}
 
         # CPU generators give the same noise on any device, and one per image keeps every
@@ -153,7 +179,8 @@ class PipelineEngine:
             set_cfg_mode(self.pipeline, separate_cfg=use_cfg)
         finished = False
         try:
-            with inference_context(self.model.options):
+            with inference_context(self.model.options), (
+                    recorder.recording(pipeline.scheduler) if recorder is not None else nullcontext()):
                 out = pipeline(
                     **inputs,
                     num_inference_steps=first.num_inference_steps,
@@ -215,7 +242,7 @@ class PipelineEngine:
             specs = [GenerationSpec(prompt=prompt, negative_prompt=" ", width=width, height=height,
                                     num_inference_steps=steps, true_cfg_scale=4.0, seed=0)
                      for prompt in prompts]
-            self.run_batch(specs, lambda step, total: None)
+            self.run_batch(specs, lambda event: None)
 
     def free_memory(self) -> None:
         gc.collect()

@@ -11,9 +11,53 @@ if TYPE_CHECKING:
     from PIL import Image
 
 Task = Literal["generate", "edit"]
+PreviewMode = Literal["latent", "full"]
 
-# on_step(step, total): called by the engine after every denoising step; may raise BatchAborted.
-StepCallback = Callable[[int, int], None]
+
+@dataclass(frozen=True, slots=True)
+class PreviewPlan:
+    """Which steps of one image get a preview, and what kind (see engine/previews.py).
+
+    `every`: each `every`-th step; `count`: that many previews spread evenly over the steps, the
+    last one before the end (OpenAI's partial_images). A preview at the final step would only
+    repeat the finished image, so `count` never asks for it.
+    """
+
+    mode: PreviewMode
+    every: int = 0
+    count: int = 0
+
+    def due(self, step: int, total: int) -> bool:
+        """Whether step `step` (1-based) of `total` gets a preview."""
+        if self.every:
+            return step % self.every == 0
+        return step in {total * i // (self.count + 1) for i in range(1, self.count + 1)} - {0, total}
+
+
+@dataclass(frozen=True, slots=True)
+class Preview:
+    """One preview as it leaves the engine: a small RGB picture on the CPU (never a device
+    tensor), so it crosses threads and processes cheaply; encoding it is the API's job."""
+
+    step: int  # of the image's own steps, 1-based
+    total: int
+    mode: PreviewMode
+    image: Image.Image
+    seconds: float  # engine time spent making it (charged to its own job only)
+
+
+@dataclass(frozen=True, slots=True)
+class StepEvent:
+    """After every denoising step of a batch: progress, and the previews some images asked for
+    at this step (batch index -> preview; empty on most steps)."""
+
+    step: int
+    total: int
+    previews: dict[int, Preview] = field(default_factory=dict)
+
+
+# on_step(event): called by the engine after every denoising step; may raise BatchAborted.
+StepCallback = Callable[[StepEvent], None]
 
 # A request's LoRAs: (library name, scale) pairs, sorted by name, so equal sets batch together.
 LoraSet = tuple[tuple[str, float], ...]
@@ -38,6 +82,9 @@ class GenerationSpec:
     seed: int
     model: str = ""  # the public name of the model to run; "" is the server's first model
     loras: LoraSet = ()  # adapters active for this image (see normalise_loras)
+    # Previews while it forms; not in the batch key (a previewing job batches with any other)
+    # and without effect on the final image.
+    preview: PreviewPlan | None = None
 
     task: ClassVar[Task] = "generate"
 

@@ -500,14 +500,19 @@
     $("result-figure").classList.toggle("stale", busy); // the last image, dimmed while a new one is made
   }
 
-  /** Follow the job's SSE stream to its end; reconnects (the first event is the current state). */
-  async function watch(id, signal, onStatus) {
+  /** Follow the job's SSE stream to its end; reconnects (the first event is the current state,
+   * then the newest preview). `preview` events go to onPreview, the others to onStatus. */
+  async function watch(id, signal, onStatus, onPreview = () => {}) {
     let failures = 0;
     for (;;) {
       try {
         let last = null;
-        for await (const { data } of events(`v1/jobs/${encodeURIComponent(id)}/events`, signal)) {
+        for await (const { event, data } of events(`v1/jobs/${encodeURIComponent(id)}/events`, signal)) {
           failures = 0;
+          if (event === "preview") {
+            onPreview(data);
+            continue;
+          }
           onStatus(data);
           last = data;
           if (FINAL.has(data.status)) return data;
@@ -524,12 +529,37 @@
     }
   }
 
+  // -- live preview: the image as it forms, replaced by the final image --------------------
+  let previewSize = null; // [width, height] of the job's image
+
+  function showPreview(preview) {
+    const image = $("preview-image");
+    image.src = `data:${preview.media_type};base64,${preview.b64_json}`;
+    if (previewSize) [image.width, image.height] = previewSize;
+    $("preview-caption").textContent = `Preview after step ${preview.step} of ${preview.total}`;
+    $("preview-figure").hidden = false;
+    $("result-figure").hidden = true;
+    $("result-empty").hidden = true;
+  }
+
+  function endPreview() {
+    if ($("preview-figure").hidden) return;
+    $("preview-figure").hidden = true;
+    $("preview-image").removeAttribute("src");
+    // No new image (cancelled, failed): the panel shows what it showed before.
+    $("result-figure").hidden = !shown;
+    $("result-empty").hidden = Boolean(shown);
+  }
+
   async function runJob(id, body) {
     current = { id, body, controller: new AbortController() };
     local.set(PENDING_ITEM, JSON.stringify({ id, body }));
     setBusy(true);
     try {
-      const final = await watch(id, current.controller.signal, showJob);
+      const final = await watch(id, current.controller.signal, (status) => {
+        previewSize = [status.width, status.height];
+        showJob(status);
+      }, showPreview);
       if (final.status === "succeeded") await showResult(final, body);
       local.remove(PENDING_ITEM);
     } catch (err) {
@@ -537,6 +567,7 @@
       if (err instanceof ApiError && err.status === 404) local.remove(PENDING_ITEM);
     } finally {
       current = null;
+      endPreview();
       setBusy(false);
     }
   }
@@ -569,7 +600,8 @@
         : await request("v1/jobs", {
           method: "POST",
           headers: { "Content-Type": "application/json" },
-          body: JSON.stringify(body),
+          // Latent previews cost next to nothing: the image fills in at every step.
+          body: JSON.stringify({ ...body, preview: "latent" }),
         });
       job = await response.json();
       if (editing()) body.mode = "edit";
@@ -712,6 +744,7 @@
       if (name === "loras") data.append(name, JSON.stringify(value)); // a list, as JSON text
       else if (name !== "aspect_ratio") data.append(name, String(value));
     }
+    data.append("preview", "latent");
     for (const file of editImages) data.append("image", file, file.name || "image.png");
     if (editImages.length === 1 && maskPainted) data.append("mask", await maskBlob(), "mask.png");
     return data;
