@@ -111,3 +111,8 @@ class ModelLoadError(Exception):
 
 class OptionUnavailable(ModelLoadError):
     """A memory or speed option cannot work here (package, hardware or value); found at startup."""
+
+
+class ConfigurationError(Exception):
+    """A setting that cannot work on this machine: the server does not start (one line, naming
+    the setting)."""

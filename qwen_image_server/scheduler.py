@@ -123,6 +123,7 @@ class SlotStats:
     running_batch_size: int
     batches: int
     restarts: int
+    memory: dict[str, float] | None = None  # GPU memory an engine process reported last
 
 
 @dataclass(frozen=True, slots=True)
@@ -296,6 +297,11 @@ class Scheduler:
     def engine(self) -> Engine | None:
         """The first loaded engine (what the API reads the models' facts from)."""
         return next((slot.engine for slot in self._slots if slot.engine is not None), None)
+
+    @property
+    def engines(self) -> list[Engine]:
+        """Every loaded engine, by slot."""
+        return [slot.engine for slot in self._slots if slot.engine is not None]
 
     @property
     def engine_count(self) -> int:
@@ -476,7 +482,7 @@ class Scheduler:
         return SlotStats(index=slot.index, state=slot.state.value,
                          gpu=getattr(slot.engine, "gpu", None), pid=getattr(slot.engine, "pid", None),
                          running_batch_size=len(slot.running), batches=slot.batches,
-                         restarts=slot.restarts)
+                         restarts=slot.restarts, memory=getattr(slot.engine, "memory", None))
 
     def retry_after(self) -> int:
         """Seconds until a slot is likely free, from recent job times and the work ahead."""

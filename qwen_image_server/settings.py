@@ -49,9 +49,10 @@ class Settings(BaseSettings):
     # -- serving (the seed's names) ---------------------------------------------------------
     host: str = Field("0.0.0.0", validation_alias=_bare("HOST"), description="Address to bind.")
     port: int = Field(5000, ge=1, le=65535, validation_alias=_bare("PORT"), description="Port to bind.")
-    workers: int = Field(
-        1, ge=1, validation_alias=_bare("WORKERS"),
-        description="Worker processes; each loads its own copy of the model.",
+    workers: Annotated[int, Field(ge=1)] | Literal["auto"] = Field(
+        1, validation_alias=_bare("WORKERS"),
+        description="Engine processes behind the one front process, each with its own copy of the model "
+        "on its own GPU; auto: one per visible GPU (one without a GPU).",
     )
     threads: int = Field(
         4, ge=1, validation_alias=_bare("THREADS"),
@@ -131,6 +132,13 @@ class Settings(BaseSettings):
     )
     drain_timeout_s: float = Field(
         120.0, ge=0, description="On SIGTERM, how long queued and running jobs get to finish."
+    )
+    engine_restart_backoff_s: float = Field(
+        1.0, ge=0, description="Wait before restarting an engine process that died; doubled for each "
+        "failure in a row (up to a minute).",
+    )
+    engine_restart_attempts: int = Field(
+        5, ge=1, description="Failed loads in a row after which an engine process is given up.",
     )
 
     # -- results, limits and access ---------------------------------------------------------
