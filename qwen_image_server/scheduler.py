@@ -536,7 +536,7 @@ class Scheduler:
                 lost = self._run_slot(slot, engine)
                 if not lost:
                     return
-                streak = 0 if lost == "after-work" else streak + 1
+                streak = 1 if lost == "after-work" else streak + 1
                 assert self._restart is not None
                 with self._cond:
                     slot.engine, slot.state = None, SlotState.RESTARTING
@@ -544,7 +544,7 @@ class Scheduler:
                     self._cond.notify_all()
                 self._close(engine)
                 self._observe(lambda o: o.engine_restarted(slot.index))
-                delay = self._restart.delay(streak) if streak else 0.0
+                delay = self._restart.delay(streak)
                 log.warning("restarting engine %d (restart %d) in %.1fs", slot.index, slot.restarts, delay)
                 if not self._pause(delay):
                     return
