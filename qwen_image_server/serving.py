@@ -54,8 +54,9 @@ class Lifecycle:
         self.exit_requested = True
 
     def engine_failed(self, exc: BaseException) -> None:
-        """The scheduler's `on_fatal`: a dead device needs a fresh process (the process manager
-        starts one); a model that cannot load needs a person (it must not respawn forever)."""
+        """The scheduler's `on_fatal` (no engine left to serve): a dead device needs a fresh
+        process (the process manager starts one); a model that cannot load needs a person (it
+        must not respawn forever)."""
         self.fail(EXIT_ENGINE_DEAD if isinstance(exc, DeviceFailure) else EXIT_LOAD_FAILED)
 
 

@@ -182,6 +182,19 @@ def test_a_cancel_crosses_to_the_engine_process(front):
         front.open_gate()
 
 
+def test_an_edit_crosses_with_its_input_image(front):
+    import io
+
+    from PIL import Image
+
+    buf = io.BytesIO()
+    Image.new("RGB", (64, 64), (200, 40, 40)).save(buf, "PNG")
+    edited = httpx.post(f"{front.url}/edit", timeout=300, files=[("image", ("a.png", buf.getvalue(), "image/png"))],
+                        data={"prompt": "make it night", "num_inference_steps": "2", "add_overlay": "false"})
+    assert edited.status_code == 200, edited.text
+    assert Image.open(io.BytesIO(edited.content)).size == (256, 256)
+
+
 def test_more_engines_than_gpus_is_an_error_naming_both_numbers(tmp_path):
     settings = tiny_settings(tmp_path, workers=3, device="auto")
     with pytest.raises(ConfigurationError) as refused:

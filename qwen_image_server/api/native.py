@@ -38,7 +38,7 @@ router = APIRouter()
 
 @router.get("/health", response_model=HealthResponse, tags=["server"])
 async def health(ctx: Ctx, response: Response) -> HealthResponse:
-    """Liveness: healthy unless the engine died (then 503 while the worker restarts)."""
+    """Liveness: healthy unless no engine can serve any more (then 503 while the process exits)."""
     dead = ctx.scheduler.dead
     if dead:
         response.status_code = 503
@@ -57,7 +57,7 @@ async def ready(ctx: Ctx) -> JSONResponse:
     """Readiness: 200 only when the model is loaded and the server takes new work."""
     s = ctx.scheduler
     reason = ("engine failed" if s.dead else "shutting down" if s.draining
-              else "model loading" if not s.loaded else None)
+              else "model loading" if not s.serving else None)
     body = ReadyResponse(ready=reason is None, reason=reason)
     return JSONResponse(body.model_dump(), status_code=200 if reason is None else 503)
 
