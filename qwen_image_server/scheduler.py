@@ -525,11 +525,13 @@ class Scheduler:
                         return
                     continue
                 with self._cond:
-                    if self._stopping:
-                        self._close(engine)
-                        return
-                    slot.engine, slot.lost, slot.state = engine, False, SlotState.IDLE
-                    self._cond.notify_all()
+                    stopping = self._stopping
+                    if not stopping:
+                        slot.engine, slot.lost, slot.state = engine, False, SlotState.IDLE
+                        self._cond.notify_all()
+                if stopping:
+                    self._close(engine)
+                    return
                 watch = getattr(engine, "on_exit", None)
                 if watch is not None:
                     watch(lambda: self._engine_exited(slot, engine))
