@@ -21,7 +21,7 @@ import httpx
 import pytest
 
 from qwen_image_server.api.app import create_app
-from qwen_image_server.engine.process import engine_factories
+from qwen_image_server.engine.process import engine_factories, pinned_device
 from qwen_image_server.errors import ConfigurationError
 from qwen_image_server.startup import engine_gpus
 from tests.conftest import LiveServer, free_port, server_env, tiny_settings, wait_until
@@ -206,7 +206,13 @@ def test_more_engines_than_gpus_is_an_error_naming_both_numbers(tmp_path):
     assert engine_gpus(tiny_settings(tmp_path, workers="auto"), gpus=0) == [None]
 
 
-def test_gpu_count_comes_from_torch_and_the_front_starts_no_engine_on_a_busy_gpu(tmp_path, monkeypatch):
+def test_each_engine_is_pinned_to_its_own_gpu_among_those_the_front_sees():
+    assert [pinned_device(i, None) for i in range(2)] == ["0", "1"]
+    assert [pinned_device(i, "2,3") for i in range(2)] == ["2", "3"]
+    assert pinned_device(0, "GPU-8f1c, GPU-77aa") == "GPU-8f1c"
+
+
+def test_the_app_refuses_more_engines_than_the_gpus_torch_counts(tmp_path, monkeypatch):
     import torch
 
     monkeypatch.setattr(torch.cuda, "device_count", lambda: 1)

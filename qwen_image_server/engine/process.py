@@ -111,13 +111,20 @@ def _memory() -> dict[str, float] | None:
         return None
 
 
+def pinned_device(gpu: int, visible: str | None) -> str:
+    """CUDA_VISIBLE_DEVICES for the engine on the front's `gpu`-th visible GPU: the front may
+    itself see only some GPUs (CUDA_VISIBLE_DEVICES=2,3 or GPU UUIDs), counted from 0."""
+    devices = [d.strip() for d in (visible or "").split(",") if d.strip()]
+    return devices[gpu] if gpu < len(devices) else str(gpu)
+
+
 # -- the engine process ------------------------------------------------------------------------
 
 def engine_main(conn: Connection, settings: Settings, gpu: int | None, loader: Loader) -> None:
     """The engine process: pin the GPU, load, then serve the front's commands until "stop" or
     until the front is gone."""
-    if gpu is not None:
-        os.environ["CUDA_VISIBLE_DEVICES"] = str(gpu)  # before anything touches CUDA
+    if gpu is not None:  # before anything touches CUDA
+        os.environ["CUDA_VISIBLE_DEVICES"] = pinned_device(gpu, os.environ.get("CUDA_VISIBLE_DEVICES"))
     signal.signal(signal.SIGINT, signal.SIG_IGN)
     signal.signal(signal.SIGTERM, signal.SIG_IGN)
     from qwen_image_server.logs import configure_logging
