@@ -147,13 +147,15 @@ def engine_main(conn: Connection, settings: Settings, gpu: int | None, loader: L
     threading.Thread(target=read, name="qwen-image-engine-pipe", daemon=True).start()
     try:
         engine = loader(settings)
+        # An engine without models (a test's or a benchmark's fake) has no facts to tell.
+        models = getattr(engine, "models", None) or [m for m in [getattr(engine, "model", None)] if m]
+        facts = [_facts(model) for model in models]
     except BaseException as exc:  # noqa: BLE001 - reported to the front, which decides
         if not isinstance(exc, errors.ModelLoadError):
             log.exception("engine failed to load")
         conn.send(("load_error", _error_kind(exc), _message(exc)))
-        return
-    models = getattr(engine, "models", None) or [getattr(engine, "model")]
-    conn.send(("ready", [_facts(model) for model in models], _memory()))
+        _exit()
+    conn.send(("ready", facts, _memory()))
 
     def on_step(*args: Any, **kwargs: Any) -> None:
         conn.send(("step", args, kwargs))
@@ -163,7 +165,7 @@ def engine_main(conn: Connection, settings: Settings, gpu: int | None, loader: L
     while True:
         command = commands.get()
         if command[0] == "stop":
-            return
+            _exit()
         if command[0] == "free":
             engine.free_memory()
             conn.send(("freed",))
@@ -179,9 +181,16 @@ def engine_main(conn: Connection, settings: Settings, gpu: int | None, loader: L
                 log.exception("batch failed in the engine process")
             conn.send(("error", _error_kind(exc), _message(exc)))
             if isinstance(exc, DeviceFailure):
-                return  # the device is unusable: the front starts a fresh process
+                _exit()  # the device is unusable: the front starts a fresh process
             continue
         conn.send(("done", images, _memory()))
+
+
+def _exit() -> None:
+    # Everything was sent (a send returns once written); a plain interpreter exit could wait on
+    # threads the libraries started.
+    logging.shutdown()
+    os._exit(0)
 
 
 # -- the front's side --------------------------------------------------------------------------
@@ -205,7 +214,8 @@ class EngineProcess:
             self.close()
             raise _rebuild(message[1], message[2])
         _, self.models, self.memory = message
-        self.model = self.models[0]
+        if self.models:  # what the API reads of the models (a fake engine has none)
+            self.model = self.models[0]
         log.info("engine %d ready in process %s%s", index, self.pid,
                  f" on GPU {gpu}" if gpu is not None else "")
 
