@@ -206,6 +206,16 @@ def test_more_engines_than_gpus_is_an_error_naming_both_numbers(tmp_path):
     assert engine_gpus(tiny_settings(tmp_path, workers="auto"), gpus=0) == [None]
 
 
+def test_workers_is_a_count_or_auto_with_one_error_otherwise(tmp_path):
+    from pydantic import ValidationError
+
+    for bad in (0, "two"):
+        with pytest.raises(ValidationError) as refused:
+            tiny_settings(tmp_path, workers=bad)
+        [error] = refused.value.errors()
+        assert error["loc"] == ("workers",) and "'auto'" in error["msg"]
+
+
 def test_each_engine_is_pinned_to_its_own_gpu_among_those_the_front_sees():
     assert [pinned_device(i, None) for i in range(2)] == ["0", "1"]
     assert [pinned_device(i, "2,3") for i in range(2)] == ["2", "3"]
