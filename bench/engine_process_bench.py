@@ -5,6 +5,9 @@ Prints, from one run on this machine:
   (a) end-to-end /generate time through an engine process / through the in-process engine, same
       model, same request (tiny model, 512x512 by default; medians of alternating rounds)
                                                                             (goal <= 1.03)
+      and what the boundary itself costs per call, measured without the model's noise: a fake
+      engine that answers at once with an image of that size, called in this process and
+      through an engine process (the difference of the medians), with the ratio it implies
   (b) the front's CPU seconds per image while eight fake engine processes (instant images of the
       requested size, crossing the pipe like real ones) are kept busy: what one front process
       spends per image on HTTP, the queue, the pipe and the PNG encoding, so that it can feed
@@ -104,9 +107,34 @@ def end_to_end(args: argparse.Namespace) -> dict:
         stop(*process[:2])
         stop(*in_process[:2])
     medians = {name: statistics.median(values) for name, values in times.items()}
+    boundary = boundary_cost(settings, args)
     return {"size": args.size, "steps": args.steps, "rounds": args.rounds,
             "median_s": {k: round(v, 4) for k, v in medians.items()},
-            "ratio": round(medians["engine_process"] / medians["in_process"], 4)}
+            "ratio": round(medians["engine_process"] / medians["in_process"], 4),
+            "boundary_ms": round(boundary * 1000, 2),
+            "implied_ratio": round((medians["in_process"] + boundary) / medians["in_process"], 4)}
+
+
+def boundary_cost(settings: Settings, args: argparse.Namespace, calls: int = 30) -> float:
+    """Seconds one run_batch call spends crossing the process boundary (spec out, step events
+    and the image back), from a fake engine called here and in an engine process."""
+    from qwen_image_server.engine.process import EngineProcess
+    from qwen_image_server.engine.types import GenerationSpec
+    from qwen_image_server.presets import ASPECT_RATIOS
+
+    width, height = ASPECT_RATIOS[args.size]
+    local, remote = _FastEngine(), EngineProcess(settings, 0, None, FakeLoader())
+    times: dict[str, list[float]] = {"local": [], "remote": []}
+    try:
+        for i in range(calls):
+            spec = [GenerationSpec("a lighthouse", " ", width, height, args.steps, 4.0, i)]
+            for name, engine in (("local", local), ("remote", remote)):
+                start = time.perf_counter()
+                engine.run_batch(spec, lambda *a, **k: None)
+                times[name].append(time.perf_counter() - start)
+    finally:
+        remote.close()
+    return statistics.median(times["remote"]) - statistics.median(times["local"])
 
 
 def front_cpu(args: argparse.Namespace) -> dict:
@@ -171,8 +199,10 @@ def main() -> int:
     results = {}
     if not args.front_only:
         results["end_to_end"] = end_to_end(args)
-        print(f"(a) engine process / in-process, {args.size}, {args.steps} steps: "
-              f"{results['end_to_end']['ratio']:.3f}  (medians {results['end_to_end']['median_s']})")
+        e = results["end_to_end"]
+        print(f"(a) engine process / in-process, {args.size}, {args.steps} steps: {e['ratio']:.3f} "
+              f"(medians {e['median_s']}); the boundary itself: {e['boundary_ms']} ms per call, "
+              f"ratio {e['implied_ratio']:.4f}")
     results["front"] = front_cpu(args)
     f = results["front"]
     print(f"(b) front CPU per image with 8 fake engines, {args.size}: {f['front_cpu_s_per_image'] * 1000:.1f} ms "
