@@ -63,7 +63,7 @@ class Settings(BaseSettings):
     )
     threads: int = Field(
         4, ge=1, validation_alias=_bare("THREADS"),
-        description="Threads per worker for CPU work: overlay, PNG encoding, file writes.",
+        description="Threads of the front for CPU work: overlay, PNG encoding, file writes.",
     )
     log_level: Literal["debug", "info", "warning", "error"] = "info"
 
