@@ -19,11 +19,12 @@ from pydantic_settings import BaseSettings, CliApp, CliImplicitFlag, CliPosition
 from qwen_image_server.engine.lora_library import is_valid_name
 from qwen_image_server.engine.lora import looks_like_path
 
-from qwen_image_server.errors import ModelLoadError
+from qwen_image_server.errors import ConfigurationError, ModelLoadError
 from qwen_image_server.logs import configure_logging
 from qwen_image_server.presets import DEFAULT_ASPECT_RATIO, AspectRatio, Language
 from qwen_image_server.schemas import EditParameters, GenerateRequest
 from qwen_image_server.settings import Settings
+from qwen_image_server.startup import check_output_dir, engine_gpus
 from qwen_image_server.uploads import Upload, field_names
 
 if TYPE_CHECKING:
@@ -64,6 +65,12 @@ class ServeCommand(Settings):
             print(problem, file=sys.stderr)
             raise SystemExit(1)
         settings = Settings.model_validate(self.model_dump())
+        try:
+            check_output_dir(settings)
+            engine_gpus(settings)
+        except ConfigurationError as exc:
+            print(f"error: {exc}", file=sys.stderr)
+            raise SystemExit(2) from None
         if os.name == "nt":
             from qwen_image_server.serving import run_uvicorn
 

@@ -31,6 +31,15 @@ class ServerError(Exception):
         self.code = code
         self.retry_after = retry_after
 
+    def __reduce__(self) -> tuple[object, ...]:
+        # Pickled with its fields (it crosses from an engine process to the front as it is).
+        return (_rebuild, (type(self), self.message, self.param, self.code, self.retry_after))
+
+
+def _rebuild(kind: type[ServerError], message: str, param: str | None, code: str | None,
+             retry_after: float | None) -> ServerError:
+    return kind(message, param=param, code=code, retry_after=retry_after)
+
 
 class InvalidRequest(ServerError):
     status_code = 400
@@ -120,3 +129,8 @@ class ModelLoadError(Exception):
 
 class OptionUnavailable(ModelLoadError):
     """A memory or speed option cannot work here (package, hardware or value); found at startup."""
+
+
+class ConfigurationError(Exception):
+    """A setting that cannot work on this machine: the server does not start (one line, naming
+    the setting)."""

@@ -37,7 +37,7 @@ from prometheus_client.process_collector import ProcessCollector
 from qwen_image_server import errors
 from qwen_image_server.engine.device import DeviceInfo
 from qwen_image_server.job_state import JobEvent
-from qwen_image_server.scheduler import Engine, Job
+from qwen_image_server.scheduler import Engine, Job, Scheduler
 
 log = logging.getLogger(__name__)
 
@@ -122,6 +122,18 @@ class ServerMetrics:
         self.gpu_reserved = Gauge(
             "qwen_image_gpu_memory_reserved_bytes", "GPU memory reserved by the allocator (0 without CUDA).",
             multiprocess_mode="livesum", registry=r)
+        self.engine_restarts = Counter(
+            "qwen_image_engine_restarts", "Engines started again after their process died, by engine.",
+            ["engine"], registry=r)
+        self.engine_batches = Counter(
+            "qwen_image_engine_batches", "Pipeline calls finished, by engine.", ["engine"], registry=r)
+        self.engine_busy = Gauge(
+            "qwen_image_engine_busy", "1 while the engine runs a batch.", ["engine", "gpu"],
+            multiprocess_mode="livesum", registry=r)
+        self.engine_up = Gauge(
+            "qwen_image_engine_up", "1 while the engine is loaded and serving.", ["engine", "gpu"],
+            multiprocess_mode="livesum", registry=r)
+        self._scheduler: Scheduler | None = None
         for reason in _REJECTION_REASONS:
             self.rejected.labels(reason)
         for type_ in _FAILURE_TYPES:
@@ -147,8 +159,28 @@ class ServerMetrics:
 
         return load_and_record
 
+    def watch_engines(self, scheduler: Scheduler) -> None:
+        """Read every engine's state (busy, up) and memory from `scheduler` at each scrape."""
+        self._scheduler = scheduler
+        for slot in scheduler.stats().engines:
+            self.engine_restarts.labels(str(slot.index))
+            self.engine_batches.labels(str(slot.index))
+
+    def update_engines(self) -> None:
+        if self._scheduler is None:
+            return
+        for slot in self._scheduler.stats().engines:
+            labels = (str(slot.index), "" if slot.gpu is None else str(slot.gpu))
+            self.engine_busy.labels(*labels).set(1 if slot.state == "busy" else 0)
+            self.engine_up.labels(*labels).set(1 if slot.state in ("busy", "idle") else 0)
+
     def update_gpu_memory(self) -> None:
         if self.device.type != "cuda":
+            return
+        reports = engine_memory(self._scheduler) if self._scheduler is not None else None
+        if reports is not None:  # engine processes: what they reported after their last batch
+            self.gpu_allocated.set(sum(m["allocated"] for m in reports) * 2**20)
+            self.gpu_reserved.set(sum(m["reserved"] for m in reports) * 2**20)
             return
         import torch
 
@@ -163,6 +195,7 @@ class ServerMetrics:
     def render(self, accept: str | None) -> tuple[bytes, str]:
         """The exposition (Prometheus text, or OpenMetrics if asked) and its content type."""
         self.update_gpu_memory()
+        self.update_engines()
         registry = self.registry
         if self.multiprocess:
             # Read afresh on every scrape: the files of every worker, live or gone.
@@ -229,9 +262,22 @@ class SchedulerMetrics:
         self._step_mark = (batch_id, job.step, now)
 
     def batch_finished(self, batch: Sequence[Job], seconds: float) -> None:
+        self.m.engine_batches.labels(str(batch[0].engine or 0)).inc()
         self.m.inference.observe(seconds)
         self.m.batch_size.observe(len(batch))
         self.m.update_gpu_memory()
 
     def rejected(self, error: errors.ServerError) -> None:
         self.m.rejected.labels(error.type).inc()
+
+    def engine_restarted(self, slot: int) -> None:
+        self.m.engine_restarts.labels(str(slot)).inc()
+
+
+def engine_memory(scheduler: Scheduler) -> list[dict[str, float]] | None:
+    """The GPU memory engine processes reported (None for an engine in this process, whose
+    memory is read directly)."""
+    engines = scheduler.engines
+    if not engines or not all(hasattr(engine, "memory") for engine in engines):
+        return None
+    return [engine.memory for engine in engines if engine.memory]

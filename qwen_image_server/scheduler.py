@@ -1,7 +1,9 @@
-"""The scheduler: a bounded queue in front of the one thread that owns the pipeline.
+"""The scheduler: a bounded queue in front of the engines, one thread per engine slot.
 
-Request handlers call `submit()` and await the job's future; they never touch the model. The
-worker thread loads the model, then forms batches and runs them:
+Request handlers call `submit()` and await the job's future; they never touch the model. Each
+engine slot's thread loads its engine (in this process, or a proxy to an engine process), then
+takes the next batch whenever it is idle and runs it. One queue feeds every slot, so the rules
+below hold across engines:
 
 * **Batching.** The oldest waiting job (the head) always runs in the next batch. Jobs behind it
   with the same shape (`GenerationSpec.batch_key`) are pulled forward into that batch, up to
@@ -14,7 +16,11 @@ worker thread loads the model, then forms batches and runs them:
   so the VAE decode is skipped too).
 * **Deadlines.** A job still queued after `queue_timeout_s` fails with `QueueTimeout` (504).
 * **Failure isolation.** An exception fails only its batch. Out of memory: free, retry the jobs
-  one by one, then `OutOfMemory`. A device failure marks the engine dead and calls `on_fatal`.
+  one by one, then `OutOfMemory`. A device failure marks the engine dead and calls `on_fatal`,
+  unless the slots are restartable (`RestartPolicy`, engine processes): then the slot's batch goes
+  back to the head of the queue, each job to run alone on the next idle engine; a job whose
+  engine fails a second time fails with `InferenceFailed` (500). The slot restarts its engine
+  with backoff; the scheduler is dead only when no slot can be restarted.
 """
 
 from __future__ import annotations
@@ -22,6 +28,7 @@ from __future__ import annotations
 import itertools
 import logging
 import math
+from enum import Enum
 import threading
 import time
 import uuid
@@ -59,6 +66,68 @@ class Engine(Protocol):
         ...
 
 
+class Supervised(Protocol):
+    """What an engine in another process adds: a way to hear at once that it ended."""
+
+    def on_exit(self, callback: Callable[[], None]) -> None:
+        """Call `callback` (from any thread) when the engine's process ends."""
+        ...
+
+    def close(self) -> None:
+        """Stop the engine (its process) and release it."""
+        ...
+
+
+@dataclass(frozen=True, slots=True)
+class RestartPolicy:
+    """How slots whose engine failed come back: after `backoff_s`, doubled for each failure in a
+    row (up to `max_backoff_s`); a slot whose engine failed to load `attempts` times in a row is
+    given up."""
+
+    backoff_s: float = 1.0
+    max_backoff_s: float = 60.0
+    attempts: int = 5
+
+    def delay(self, streak: int) -> float:
+        return min(self.max_backoff_s, self.backoff_s * 2 ** max(0, streak - 1))
+
+
+class SlotState(str, Enum):
+    LOADING = "loading"
+    IDLE = "idle"
+    BUSY = "busy"
+    RESTARTING = "restarting"
+    FAILED = "failed"  # given up: its engine could not be restarted
+    STOPPED = "stopped"
+
+
+@dataclass(eq=False)
+class EngineSlot:
+    """One engine and the thread that feeds it. Mutated only under the scheduler's lock."""
+
+    index: int
+    factory: Callable[[], Engine]
+    engine: Engine | None = None
+    state: SlotState = SlotState.LOADING
+    running: list[Job] = field(default_factory=list)
+    batches: int = 0
+    restarts: int = 0
+    lost: bool = False  # its engine process ended while the slot was idle
+    thread: threading.Thread | None = None
+
+
+@dataclass(frozen=True, slots=True)
+class SlotStats:
+    index: int
+    state: str
+    gpu: int | None  # the GPU its engine runs on (None on the CPU or in this process)
+    pid: int | None  # the engine's process, when it has its own
+    running_batch_size: int
+    batches: int
+    restarts: int
+    memory: dict[str, float] | None = None  # GPU memory an engine process reported last
+
+
 @dataclass(frozen=True, slots=True)
 class JobResult:
     image: Image.Image
@@ -67,6 +136,7 @@ class JobResult:
     batch_id: int
     batch_size: int
     preview_time: float = 0.0  # seconds of that call spent on this job's previews
+    engine: int = 0  # the slot whose engine made the image
 
 
 JobListener = Callable[["Job", JobEvent], None]
@@ -88,6 +158,9 @@ class SchedulerObserver(Protocol):
     def rejected(self, error: errors.ServerError) -> None:
         """`submit` refused a job: QueueFull or ShuttingDown."""
 
+    def engine_restarted(self, slot: int) -> None:
+        """The engine of `slot` failed and a new one is being started."""
+
 
 @dataclass(eq=False)
 class Job:
@@ -108,6 +181,8 @@ class Job:
     cancel_requested: bool = False
     preview: Preview | None = None  # the newest preview (previewing jobs, once one was made)
     preview_time: float = 0.0  # engine seconds spent on this job's previews so far
+    engine: int | None = None  # the slot running (or that ran) the job
+    crashes: int = 0  # how many engines failed while running it
     future: Future[JobResult] = field(default_factory=Future)
     listeners: list[JobListener] = field(default_factory=list)
 
@@ -167,31 +242,36 @@ class SchedulerStats:
     batches: int
     mean_inference_time: float | None  # seconds per pipeline call, over all batches
     mean_job_time: float | None  # seconds of device time per image, recent batches
+    engines: tuple[SlotStats, ...] = ()
 
 
 class Scheduler:
-    """Bounded queue + one worker thread that loads and owns the engine."""
+    """Bounded queue + one thread per engine slot; each thread loads and owns its engine."""
 
     def __init__(
         self,
-        engine_factory: Callable[[], Engine],
+        engine_factory: Callable[[], Engine] | Sequence[Callable[[], Engine]],
         config: SchedulerConfig,
         *,
         on_fatal: Callable[[BaseException], None] | None = None,
         clock: Callable[[], float] = time.monotonic,
         observer: SchedulerObserver | None = None,
         id_prefix: str = "",
+        restart: RestartPolicy | None = None,
     ) -> None:
-        self._engine_factory = engine_factory
+        factories = [engine_factory] if callable(engine_factory) else list(engine_factory)
+        if not factories:
+            raise ValueError("a scheduler needs at least one engine")
         self._id_prefix = id_prefix  # starts every job id: the replica's name when scaled out
         self.config = config
         self._on_fatal = on_fatal
         self._observer = observer
         self._clock = clock
+        self._restart = restart
         self._cond = threading.Condition()
         self._queue: deque[Job] = deque()
-        self._running: list[Job] = []
-        self._engine: Engine | None = None
+        self._running: list[Job] = []  # the jobs of every slot's running batch
+        self._slots = [EngineSlot(i, factory) for i, factory in enumerate(factories)]
         self._draining = False
         self._stopping = False
         self._dead: BaseException | None = None
@@ -199,23 +279,38 @@ class Scheduler:
         self._recent_job_times: deque[float] = deque(maxlen=32)
         self._counts = dict(processed=0, failed=0, cancelled=0, rejected=0, timed_out=0, batches=0)
         self._inference_total = 0.0
-        self._worker = threading.Thread(target=self._work, name="qwen-image-engine", daemon=True)
+        for slot in self._slots:
+            name = "qwen-image-engine" if len(self._slots) == 1 else f"qwen-image-engine-{slot.index}"
+            slot.thread = threading.Thread(target=self._serve_slot, args=(slot,), name=name, daemon=True)
         self._reaper = threading.Thread(target=self._reap, name="qwen-image-deadlines", daemon=True)
 
     # -- lifecycle --------------------------------------------------------------------------
 
     def start(self) -> None:
-        """Start the worker (which loads the model first) and the deadline reaper."""
-        self._worker.start()
+        """Start the slots (each loads its engine first) and the deadline reaper."""
+        for slot in self._slots:
+            assert slot.thread is not None
+            slot.thread.start()
         self._reaper.start()
 
     @property
     def loaded(self) -> bool:
-        return self._engine is not None
+        """At least one engine is loaded."""
+        return self.engine is not None
 
     @property
     def engine(self) -> Engine | None:
-        return self._engine
+        """The first loaded engine (what the API reads the models' facts from)."""
+        return next((slot.engine for slot in self._slots if slot.engine is not None), None)
+
+    @property
+    def engines(self) -> list[Engine]:
+        """Every loaded engine, by slot."""
+        return [slot.engine for slot in self._slots if slot.engine is not None]
+
+    @property
+    def engine_count(self) -> int:
+        return len(self._slots)
 
     @property
     def dead(self) -> bool:
@@ -226,9 +321,14 @@ class Scheduler:
         return self._draining
 
     @property
+    def serving(self) -> bool:
+        """At least one engine is loaded and running or ready to run batches."""
+        return any(slot.state in (SlotState.IDLE, SlotState.BUSY) for slot in self._slots)
+
+    @property
     def ready(self) -> bool:
-        """Loaded, alive and taking new work."""
-        return self.loaded and not self.dead and not self._draining
+        """An engine serves, nothing is dead, and new work is taken."""
+        return self.serving and not self.dead and not self._draining
 
     def begin_drain(self) -> None:
         """Refuse new jobs from now on; queued and running ones carry on."""
@@ -250,7 +350,7 @@ class Scheduler:
         return drained
 
     def stop(self) -> None:
-        """Stop now without blocking: fail queued jobs, stop the running batch at its next step."""
+        """Stop now without blocking: fail queued jobs, stop the running batches at their next step."""
         with self._cond:
             self._stopping = True
             leftovers = list(self._queue)
@@ -262,9 +362,10 @@ class Scheduler:
             self._finish_error(job, errors.ShuttingDown("The server shut down before this job could run."))
 
     def join(self, timeout: float) -> None:
-        """Wait for the worker and reaper threads to end (after stop() or a fatal error)."""
-        for thread in (self._worker, self._reaper):
-            if thread.is_alive():
+        """Wait for the slot and reaper threads to end (after stop() or a fatal error); each slot
+        closes its engine (an engine process exits) as its thread ends."""
+        for thread in (*(slot.thread for slot in self._slots), self._reaper):
+            if thread is not None and thread.is_alive():
                 thread.join(timeout)
 
     # -- submitting and cancelling ----------------------------------------------------------
@@ -379,7 +480,14 @@ class Scheduler:
                 batches=c["batches"],
                 mean_inference_time=(self._inference_total / c["batches"]) if c["batches"] else None,
                 mean_job_time=self._mean_job_time_locked(),
+                engines=tuple(self._slot_stats_locked(slot) for slot in self._slots),
             )
+
+    def _slot_stats_locked(self, slot: EngineSlot) -> SlotStats:
+        return SlotStats(index=slot.index, state=slot.state.value,
+                         gpu=getattr(slot.engine, "gpu", None), pid=getattr(slot.engine, "pid", None),
+                         running_batch_size=len(slot.running), batches=slot.batches,
+                         restarts=slot.restarts, memory=getattr(slot.engine, "memory", None))
 
     def retry_after(self) -> int:
         """Seconds until a slot is likely free, from recent job times and the work ahead."""
@@ -398,47 +506,141 @@ class Scheduler:
         ahead = min(ahead, len(self._running) + self.config.max_batch_size) or 1
         return max(1, math.ceil(per_job * ahead))
 
-    # -- worker thread ----------------------------------------------------------------------
+    # -- engine slots ---------------------------------------------------------------------
 
-    def _work(self) -> None:
+    def _serve_slot(self, slot: EngineSlot) -> None:
+        """Load the slot's engine and run batches on it; with a restart policy, start a new
+        engine whenever it fails, until the scheduler stops or the slot is given up."""
+        streak = 0  # failures in a row: loads that failed, engines lost before finishing a batch
         try:
-            engine = self._engine_factory()
-        except BaseException as exc:  # noqa: BLE001 - any load failure ends this worker
-            self._die(exc, errors.EngineDead("The model failed to load."))
-            return
-        with self._cond:
-            self._engine = engine
-            self._cond.notify_all()
+            while True:
+                try:
+                    engine = slot.factory()
+                except BaseException as exc:  # noqa: BLE001 - any load failure ends this engine
+                    if self._restart is None or slot.restarts == 0:
+                        # A model that cannot load at all needs a person, not a restart loop.
+                        self._die(exc, errors.EngineDead("The model failed to load."))
+                        return
+                    streak += 1
+                    log.error("engine %d failed to load again (%d in a row): %s", slot.index, streak, exc)
+                    if streak >= self._restart.attempts:
+                        self._give_up(slot, exc)
+                        return
+                    if not self._pause(self._restart.delay(streak)):
+                        return
+                    continue
+                with self._cond:
+                    stopping = self._stopping
+                    if not stopping:
+                        slot.engine, slot.lost, slot.state = engine, False, SlotState.IDLE
+                        self._cond.notify_all()
+                if stopping:
+                    self._close(engine)
+                    return
+                watch = getattr(engine, "on_exit", None)
+                if watch is not None:
+                    watch(lambda: self._engine_exited(slot, engine))
+                lost = self._run_slot(slot, engine)
+                if not lost:
+                    return
+                streak = 1 if lost == "after-work" else streak + 1
+                assert self._restart is not None
+                with self._cond:
+                    slot.engine, slot.state = None, SlotState.RESTARTING
+                    slot.restarts += 1
+                    self._cond.notify_all()
+                self._close(engine)
+                self._observe(lambda o: o.engine_restarted(slot.index))
+                delay = self._restart.delay(streak)
+                log.warning("restarting engine %d (restart %d) in %.1fs", slot.index, slot.restarts, delay)
+                if not self._pause(delay):
+                    return
+        finally:
+            with self._cond:
+                if slot.state is not SlotState.FAILED:
+                    slot.state = SlotState.STOPPED
+                engine_left, slot.engine = slot.engine, None
+                self._cond.notify_all()
+            if engine_left is not None:
+                self._close(engine_left)
+
+    def _run_slot(self, slot: EngineSlot, engine: Engine) -> str | None:
+        """Run batches until the scheduler stops (None) or the engine is lost: 'after-work' when
+        it had finished a batch first, 'at-once' when it failed before any."""
+        finished_one = False
         while True:
-            batch = self._take_batch()
+            batch = self._take_batch(slot)
             if batch is None:
-                return
+                if slot.lost and self._restart is not None and not self._stopping:
+                    log.error("engine %d ended while idle", slot.index)
+                    return "after-work" if finished_one else "at-once"
+                return None
             self._announce_positions()
-            self._execute(engine, batch)
-            if self._dead is not None:
-                return
+            if not self._execute(slot, engine, batch):
+                if self._dead is not None or self._stopping:
+                    return None
+                return "after-work" if finished_one else "at-once"
+            finished_one = True
+
+    def _engine_exited(self, slot: EngineSlot, engine: Engine) -> None:
+        """An engine process ended: an idle slot hears it at once (a busy one from run_batch)."""
+        with self._cond:
+            if slot.engine is engine:
+                slot.lost = True
+                self._cond.notify_all()
+
+    def _pause(self, seconds: float) -> bool:
+        """Wait `seconds` unless the scheduler stops meanwhile (then False)."""
+        deadline = self._clock() + seconds
+        with self._cond:
+            while not self._stopping and self._dead is None:
+                remaining = deadline - self._clock()
+                if remaining <= 0:
+                    return True
+                self._cond.wait(remaining)
+        return False
+
+    def _give_up(self, slot: EngineSlot, exc: BaseException) -> None:
+        with self._cond:
+            slot.state = SlotState.FAILED
+            others = any(s.state is not SlotState.FAILED for s in self._slots)
+            self._cond.notify_all()
+        log.critical("engine %d could not be restarted; giving it up: %s", slot.index, exc)
+        if not others:
+            self._die(exc, errors.EngineDead("No engine could be restarted."))
+
+    @staticmethod
+    def _close(engine: Engine) -> None:
+        close = getattr(engine, "close", None)
+        if close is not None:
+            try:
+                close()
+            except Exception:  # noqa: BLE001 - a failed close must not stop the others
+                log.exception("closing an engine failed")
 
     def _batch_limit(self, spec: GenerationSpec) -> int:
         by_pixels = self.config.max_batch_pixels // spec.pixels
         return max(1, min(self.config.max_batch_size, by_pixels))
 
-    def _take_batch(self) -> list[Job] | None:
+    def _take_batch(self, slot: EngineSlot) -> list[Job] | None:
         gather_head: Job | None = None
         gather_until = 0.0
         with self._cond:
             while True:
-                if self._stopping or self._dead is not None:
+                if self._stopping or self._dead is not None or slot.lost:
                     return None
                 if not self._queue:
                     self._cond.wait()
                     continue
                 head = self._queue[0]
-                limit = self._batch_limit(head.spec)
+                # A job whose engine failed runs alone: only a job that fails its engine itself
+                # then fails a second time.
+                limit = 1 if head.crashes else self._batch_limit(head.spec)
                 batch = [head]
                 for job in itertools.islice(self._queue, 1, None):
                     if len(batch) == limit:
                         break
-                    if job.spec.batch_key == head.spec.batch_key:
+                    if job.spec.batch_key == head.spec.batch_key and not job.crashes:
                         batch.append(job)
                 wait = self.config.batch_wait_s
                 if len(batch) < limit and wait > 0 and not self._draining:
@@ -448,10 +650,10 @@ class Scheduler:
                     if remaining > 0:
                         self._cond.wait(remaining)
                         continue
-                self._start_locked(batch)
+                self._start_locked(slot, batch)
                 return batch
 
-    def _start_locked(self, batch: list[Job]) -> None:
+    def _start_locked(self, slot: EngineSlot, batch: list[Job]) -> None:
         position = {id(job): pos for pos, job in enumerate(self._queue)}
         chosen = sorted(position[id(job)] for job in batch)
         for pos, job in enumerate(itertools.islice(self._queue, 0, chosen[-1])):
@@ -465,14 +667,19 @@ class Scheduler:
             job.state = JobState.RUNNING
             job.started_at = now
             job.batch_id = batch_id
-        self._running = list(batch)
+            job.engine = slot.index
+        slot.running = list(batch)
+        slot.state = SlotState.BUSY
+        self._running.extend(batch)
         self._cond.notify_all()
 
-    def _execute(self, engine: Engine, batch: list[Job]) -> None:
+    def _execute(self, slot: EngineSlot, engine: Engine, batch: list[Job]) -> bool:
+        """Run one batch on the slot's engine; False when the engine failed (the batch is retried
+        elsewhere or failed, see `_engine_failed`)."""
         batch_id = batch[0].batch_id
         log.info(
-            "batch %s started: size %d, requests %s, %dx%d, %d steps, queue wait %s",
-            batch_id, len(batch), [j.request_id for j in batch], batch[0].spec.width,
+            "batch %s started on engine %d: size %d, requests %s, %dx%d, %d steps, queue wait %s",
+            batch_id, slot.index, len(batch), [j.request_id for j in batch], batch[0].spec.width,
             batch[0].spec.height, batch[0].spec.num_inference_steps,
             [round(j.started_at - j.submitted_at, 3) for j in batch],
         )
@@ -481,12 +688,57 @@ class Scheduler:
         try:
             self._run(engine, batch)
         except DeviceFailure as exc:
-            self._die(exc, errors.EngineDead("The device failed; the worker is restarting."), batch)
-            return
+            if self._restart is None:
+                self._die(exc, errors.EngineDead("The device failed; the worker is restarting."), batch)
+            else:
+                self._engine_failed(slot, batch, exc)
+            return False
         finally:
             with self._cond:
-                self._running = []
+                for job in slot.running:
+                    self._running.remove(job)
+                slot.running = []
+                slot.batches += 1
+                if slot.state is SlotState.BUSY:
+                    slot.state = SlotState.IDLE
                 self._cond.notify_all()
+        return True
+
+    def _engine_failed(self, slot: EngineSlot, batch: list[Job], exc: BaseException) -> None:
+        """The slot's engine died running `batch`: its unfinished jobs go back to the head of the
+        queue, each to run alone, except the ones that already had an engine fail under them."""
+        log.error("engine %d failed running batch %s (requests %s): %s", slot.index, batch[0].batch_id,
+                  [j.request_id for j in batch], exc)
+        again: list[Job] = []
+        doomed: list[Job] = []
+        with self._cond:
+            for job in slot.running:
+                self._running.remove(job)
+            slot.running = []
+            for job in batch:
+                if job.done:
+                    continue
+                if job.cancel_requested or self._stopping:
+                    doomed.append(job)
+                    continue
+                job.crashes += 1
+                if job.crashes > 1:
+                    doomed.append(job)
+                    continue
+                job.state, job.started_at, job.batch_id, job.step = JobState.QUEUED, None, None, 0
+                job.deadline = math.inf  # it was on time; its retry must not be reaped
+                again.append(job)
+            self._queue.extendleft(reversed(again))
+            self._cond.notify_all()
+        for job in doomed:
+            if job.cancel_requested or self._stopping:
+                self._finish_error(job, self._cancel_error())
+            else:
+                self._finish_error(job, errors.InferenceFailed(
+                    "The engine failed twice while generating this image; the server is still serving."))
+        for job in again:
+            self._emit(job, JobEvent.QUEUED)
+        self._announce_positions()
 
     def _run(self, engine: Engine, batch: list[Job]) -> None:
         # Memory is freed and jobs retried only after leaving each `except` block: while it runs,
@@ -568,6 +820,7 @@ class Scheduler:
                 batch_id=job.batch_id or 0,
                 batch_size=len(batch),
                 preview_time=job.preview_time,
+                engine=job.engine or 0,
             )
             self._finish_ok(job, result)
 
@@ -590,6 +843,8 @@ class Scheduler:
             self._cond.notify_all()
         for job in victims:
             self._finish_error(job, error)
+        with self._cond:
+            self._cond.notify_all()
         if self._on_fatal is not None:
             self._on_fatal(exc)
 
@@ -614,7 +869,7 @@ class Scheduler:
                     finally:
                         self._cond.acquire()
                     continue
-                nearest = min((job.deadline for job in self._queue), default=None)
+                nearest = min((job.deadline for job in self._queue if math.isfinite(job.deadline)), default=None)
                 self._cond.wait(None if nearest is None else max(0.0, nearest - now))
 
     # -- completion -------------------------------------------------------------------------

@@ -182,6 +182,19 @@ class SchedulerInfo(BaseModel):
     queue_timeout_s: float
 
 
+class EngineInfo(BaseModel):
+    """One engine: a model copy in its own process (or in the server's, for one in-process engine)."""
+
+    index: int
+    state: str = Field(description="loading, idle, busy, restarting, failed (given up) or stopped.")
+    busy: bool
+    gpu: int | None = Field(description="The GPU it runs on, among the visible ones; null without one.")
+    pid: int | None = Field(description="Its process; null for an engine inside the server process.")
+    batches: int = Field(description="Pipeline calls run.")
+    restarts: int = Field(description="Times it was started again after its process died.")
+    gpu_memory: GpuMemory | None = Field(None, description="As of its last batch (CUDA only).")
+
+
 class EngineOptions(BaseModel):
     """Memory plan and speed options in effect (see README, "Memory plans and speed options")."""
 
@@ -246,6 +259,8 @@ class InfoResponse(BaseModel):
     replica: str | None = Field(
         None, description="The replica that answered, when scaled out on Ray Serve; null otherwise.")
     scheduler: SchedulerInfo
+    engines: list[EngineInfo] = Field(
+        default_factory=list, description="Every engine behind this server's one queue (WORKERS of them).")
     options: EngineOptions | None = Field(None, description="Null while the model loads.")
     defaults: GenerationDefaultsInfo
     job_states: JobStatesInfo = Field(default_factory=JobStatesInfo)
@@ -310,6 +325,7 @@ class JobStatus(BaseModel):
     width: int
     height: int
     seed: int
+    engine: int | None = Field(None, description="The engine that runs or ran the job (see /info's engines).")
     image_url: str | None = Field(None, description="Where the PNG is, once succeeded.")
     file_path: str | None = Field(None, description="Where it was saved, for save_to_file jobs.")
     error: ErrorDetail | None = None

@@ -1,6 +1,10 @@
 """Process-level serving: the lifecycle and exit codes, graceful drain on SIGTERM/Ctrl+C, the
 Gunicorn worker class.
 
+The process model: Gunicorn's one worker is the front (HTTP, validation, the queue, every job's
+state, /metrics); it starts WORKERS engine processes (`engine/process.py`) and restarts any that
+dies. Gunicorn's arbiter restarts the front itself if it dies (its engines exit with it).
+
 Uvicorn closes its listening socket as soon as SIGTERM arrives. A server that drains should
 instead keep answering (new jobs get 503 `shutting_down`, `/ready` turns 503 so load balancers
 stop sending) while queued and running jobs finish, and only then close. `GracefulServer` does
@@ -15,10 +19,7 @@ import math
 import os
 import signal
 import sys
-import tempfile
 import time
-from collections.abc import Iterator
-from contextlib import contextmanager
 from dataclasses import dataclass
 from types import FrameType
 from typing import TYPE_CHECKING, Any
@@ -53,8 +54,9 @@ class Lifecycle:
         self.exit_requested = True
 
     def engine_failed(self, exc: BaseException) -> None:
-        """The scheduler's `on_fatal`: a dead device needs a fresh process (the process manager
-        starts one); a model that cannot load needs a person (it must not respawn forever)."""
+        """The scheduler's `on_fatal` (no engine left to serve): a dead device needs a fresh
+        process (the process manager starts one); a model that cannot load needs a person (it
+        must not respawn forever)."""
         self.fail(EXIT_ENGINE_DEAD if isinstance(exc, DeviceFailure) else EXIT_LOAD_FAILED)
 
 
@@ -138,7 +140,8 @@ def gunicorn_options(settings: Settings) -> dict[str, Any]:
     """Gunicorn settings derived from ours: used by `qwen-image serve` and gunicorn_config.py."""
     return {
         "bind": f"{settings.host}:{settings.port}",
-        "workers": settings.workers,
+        # One front for the machine: it owns the queue and every job; WORKERS counts its engines.
+        "workers": 1,
         "worker_class": "qwen_image_server.serving.QwenImageWorker",
         # A batch of big images can take minutes on small GPUs; the worker's heartbeat runs on
         # the event loop, which never waits for the model, so this only catches real hangs.
@@ -168,31 +171,8 @@ def child_exit(server: Any, worker: Any) -> None:
         multiprocess.mark_process_dead(worker.pid)
 
 
-@contextmanager
-def metrics_multiprocess_dir(workers: int) -> Iterator[None]:
-    """With several workers, a fresh PROMETHEUS_MULTIPROC_DIR for the metrics of them all.
-
-    Set before Gunicorn forks (and before prometheus_client is imported), removed afterwards so
-    the next start begins from zero. A directory the operator set is used as it is.
-    """
-    if workers <= 1 or os.environ.get(MULTIPROC_ENV):
-        yield
-        return
-    with tempfile.TemporaryDirectory(prefix="qwen-image-metrics-") as folder:
-        os.environ[MULTIPROC_ENV] = folder
-        try:
-            yield
-        finally:
-            os.environ.pop(MULTIPROC_ENV, None)
-
-
 def run_gunicorn(settings: Settings) -> int:
-    """Serve with Gunicorn (one process per WORKERS, each with its own model and scheduler)."""
-    with metrics_multiprocess_dir(settings.workers):
-        return _run_gunicorn(settings)
-
-
-def _run_gunicorn(settings: Settings) -> int:
+    """Serve with Gunicorn: one worker, the front, which starts the WORKERS engine processes."""
     from gunicorn.app.base import BaseApplication
     from gunicorn.arbiter import Arbiter
 

@@ -10,7 +10,14 @@ import os
 from pathlib import Path
 from typing import Annotated, Any, Literal
 
-from pydantic import AliasChoices, Field, field_validator, model_validator
+from pydantic import (
+    AliasChoices,
+    Field,
+    ValidationError,
+    ValidatorFunctionWrapHandler,
+    field_validator,
+    model_validator,
+)
 from pydantic_settings import BaseSettings, CliImplicitFlag, NoDecode, SettingsConfigDict
 
 from qwen_image_server.model_list import ModelRef, parse_model_list
@@ -49,13 +56,14 @@ class Settings(BaseSettings):
     # -- serving (the seed's names) ---------------------------------------------------------
     host: str = Field("0.0.0.0", validation_alias=_bare("HOST"), description="Address to bind.")
     port: int = Field(5000, ge=1, le=65535, validation_alias=_bare("PORT"), description="Port to bind.")
-    workers: int = Field(
-        1, ge=1, validation_alias=_bare("WORKERS"),
-        description="Worker processes; each loads its own copy of the model.",
+    workers: Annotated[int, Field(ge=1)] | Literal["auto"] = Field(
+        1, validation_alias=_bare("WORKERS"),
+        description="Engine processes behind the one front process, each with its own copy of the model "
+        "on its own GPU; auto: one per visible GPU (one without a GPU).",
     )
     threads: int = Field(
         4, ge=1, validation_alias=_bare("THREADS"),
-        description="Threads per worker for CPU work: overlay, PNG encoding, file writes.",
+        description="Threads of the front for CPU work: overlay, PNG encoding, file writes.",
     )
     log_level: Literal["debug", "info", "warning", "error"] = "info"
 
@@ -147,6 +155,13 @@ class Settings(BaseSettings):
     drain_timeout_s: float = Field(
         120.0, ge=0, description="On SIGTERM, how long queued and running jobs get to finish."
     )
+    engine_restart_backoff_s: float = Field(
+        1.0, ge=0, description="Wait before restarting an engine process that died; doubled for each "
+        "failure in a row (up to a minute).",
+    )
+    engine_restart_attempts: int = Field(
+        5, ge=1, description="Failed loads in a row after which an engine process is given up.",
+    )
 
     # -- results, limits and access ---------------------------------------------------------
     result_ttl_s: float = Field(
@@ -212,6 +227,14 @@ class Settings(BaseSettings):
         if isinstance(value, str):
             return [part.strip() for part in value.split(",") if part.strip()]
         return value
+
+    @field_validator("workers", mode="wrap")
+    @classmethod
+    def _engine_count(cls, value: object, handler: ValidatorFunctionWrapHandler) -> object:
+        try:
+            return handler(value)
+        except ValidationError:  # one message for the union's two failures
+            raise ValueError("must be a number of engines (1 or more) or 'auto'") from None
 
     @field_validator("ray_max_queued_requests")
     @classmethod

@@ -1,5 +1,6 @@
-"""An app factory for Gunicorn run by hand in tests: the real app, whose engine fails the way a
-broken GPU does (a CUDA error from inside the pipeline) for prompts starting with DIE.
+"""An app factory for Gunicorn run by hand in tests: the real app (its engine in a process of its
+own), whose engine fails the way a broken GPU does (a CUDA error from inside the pipeline) for
+prompts starting with DIE.
 
     gunicorn -c gunicorn_config.py 'tests.dying_app:create_app()'
 """
@@ -11,10 +12,11 @@ from collections.abc import Sequence
 from fastapi import FastAPI
 
 from qwen_image_server.api.app import create_app as create_real_app
-from qwen_image_server.api.app import real_engine_factory
+from qwen_image_server.engine.process import engine_factories
 from qwen_image_server.engine.types import GenerationSpec, StepEvent
 from qwen_image_server.scheduler import Engine, StepCallback
 from qwen_image_server.settings import Settings
+from qwen_image_server.startup import engine_gpus
 
 DIE = "fail the device"
 
@@ -37,7 +39,13 @@ class DyingEngine:
         return self.engine.run_batch(specs, step)
 
 
+def load_dying_engine(settings: Settings) -> Engine:
+    """The engine processes' loader (runs in each of them)."""
+    from qwen_image_server.engine.models import load_engine
+
+    return DyingEngine(load_engine(settings))
+
+
 def create_app() -> FastAPI:
     settings = Settings()
-    load = real_engine_factory(settings)
-    return create_real_app(settings, engine_factory=lambda: DyingEngine(load()))
+    return create_real_app(settings, engines=engine_factories(settings, engine_gpus(settings), load_dying_engine))

@@ -17,7 +17,7 @@ import openai
 import pytest
 from PIL import Image
 
-from qwen_image_server.api.app import create_app
+from qwen_image_server.api.app import create_app, real_engine_factory
 from qwen_image_server.engine.types import EditSpec, GenerationSpec
 from qwen_image_server.scheduler import Scheduler, SchedulerConfig
 from tests.conftest import LiveServer, tiny_settings, wait_until
@@ -41,7 +41,8 @@ def small_working_size():
 
 @pytest.fixture(scope="module")
 def edit_server(tmp_path_factory, small_working_size):
-    live = LiveServer(create_app(tiny_settings(tmp_path_factory.mktemp("edit")))).start()
+    settings = tiny_settings(tmp_path_factory.mktemp("edit"))
+    live = LiveServer(create_app(settings, engine_factory=real_engine_factory(settings))).start()
     yield live
     live.stop()
 

@@ -1,11 +1,9 @@
 """GET /metrics as Prometheus scrapes it: HTTP traffic by route template, the scheduler's numbers,
-job outcomes, and one total across Gunicorn workers."""
+and job outcomes (the front's numbers over every engine: tests/test_engine_process.py)."""
 
 from __future__ import annotations
 
-import tempfile
 from concurrent.futures import ThreadPoolExecutor
-from pathlib import Path
 
 import httpx
 import pytest
@@ -110,24 +108,3 @@ def test_rejections_cancellations_and_failures_are_counted(server):
     assert value(m, "qwen_image_images_generated_total") == 1
     assert value(m, "qwen_image_http_requests_total", method="POST", route="/generate", status="429") == 1
     assert value(m, "qwen_image_http_requests_total", method="POST", route="/generate", status="500") == 1
-
-
-def test_metrics_add_up_across_gunicorn_workers(spawn):
-    server = spawn(WORKERS="2").wait_ready()
-    with httpx.Client(base_url=server.url, timeout=30) as c:
-        def pids() -> set[str]:
-            return {dict(labels)["pid"] for (name, labels) in scrape(c)
-                    if name == "qwen_image_model_load_seconds"}
-
-        # One load-time series per live worker: both processes write to the shared folder.
-        wait_until(lambda: len(pids()) == 2, 180, "both workers to load the model", interval=0.5)
-        for _ in range(12):  # a new connection each time: either worker may take it
-            assert httpx.get(f"{server.url}/health").status_code == 200
-        m = scrape(c)
-        workers = pids()
-    assert total(m, "qwen_image_http_requests_total", route="/health", status="200") == 12
-    folders = {path.parent for pid in workers
-               for path in Path(tempfile.gettempdir()).glob(f"qwen-image-metrics-*/*_{pid}.db")}
-    assert len(folders) == 1  # the workers' files, in the folder `qwen-image serve` made
-    assert server.stop() == 0
-    assert not folders.pop().exists()  # removed when the server stopped

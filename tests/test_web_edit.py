@@ -11,7 +11,7 @@ import numpy as np
 import pytest
 from PIL import Image
 
-from qwen_image_server.api.app import create_app
+from qwen_image_server.api.app import create_app, real_engine_factory
 from tests.conftest import LiveServer, tiny_settings
 from tests.fakes import FakeEngine
 from tests.test_edit import small_working_size  # noqa: F401 - the fixture, shared
@@ -30,7 +30,8 @@ def browser() -> Iterator[Browser]:
 
 @pytest.fixture(scope="module")
 def live(tmp_path_factory, small_working_size) -> Iterator[LiveServer]:  # noqa: F811
-    server = LiveServer(create_app(tiny_settings(tmp_path_factory.mktemp("web-edit")))).start()
+    settings = tiny_settings(tmp_path_factory.mktemp("web-edit"))
+    server = LiveServer(create_app(settings, engine_factory=real_engine_factory(settings))).start()
     yield server
     server.stop()
 

@@ -3,7 +3,7 @@
 from __future__ import annotations
 
 import logging
-from collections.abc import AsyncIterator, Callable
+from collections.abc import AsyncIterator, Callable, Sequence
 from concurrent.futures import ThreadPoolExecutor
 from contextlib import asynccontextmanager
 
@@ -23,13 +23,15 @@ from qwen_image_server.api.replica import ReplicaHeaderMiddleware, id_prefix
 from qwen_image_server.api.web import install_web
 from qwen_image_server.engine.device import resolve_device
 from qwen_image_server.engine.options import batch_config
+from qwen_image_server.engine.process import engine_factories
 from qwen_image_server.generation import Generation
 from qwen_image_server.logs import configure_logging
 from qwen_image_server.metrics import SchedulerMetrics, ServerMetrics
 from qwen_image_server.results import ResultStore
-from qwen_image_server.scheduler import Engine, Scheduler
+from qwen_image_server.scheduler import Engine, RestartPolicy, Scheduler
 from qwen_image_server.serving import Lifecycle
 from qwen_image_server.settings import Settings
+from qwen_image_server.startup import check_output_dir, engine_gpus
 
 log = logging.getLogger(__name__)
 
@@ -49,9 +51,16 @@ def create_app(
     settings: Settings | None = None,
     *,
     engine_factory: Callable[[], Engine] | None = None,
+    engines: Sequence[Callable[[], Engine]] | None = None,
     replica: str | None = None,
 ) -> FastAPI:
-    """Build the ASGI app. The model loads in the background once the server starts.
+    """Build the ASGI app: the front. The models load in the background once the server starts.
+
+    By default the engines are processes, one per `WORKERS` (each on its own GPU), restarted when
+    they die. `engines` gives other engine factories run the same way (restarted when they fail);
+    `engine_factory` gives one engine run in this process, as the CLI, each Ray replica and most
+    tests do (a failed device then ends the process, for its manager to start a fresh one).
+    Raises ConfigurationError (one line) for settings that cannot work on this machine.
 
     `replica` names this app among the replicas of a scaled-out deployment (`ray_serve.py`): it
     shows in /info, in an X-Replica header on every response and on every metric, and it starts
@@ -65,17 +74,27 @@ def create_app(
         device = resolve_device("cpu")  # the loader explains the problem, then the worker exits
     lifecycle = Lifecycle()
     metrics = ServerMetrics(device, replica)
+    restart: RestartPolicy | None = None
+    check_output_dir(settings)
+    if engine_factory is not None:
+        factories = [engine_factory]
+    else:
+        gpus = engine_gpus(settings)
+        factories = list(engines) if engines is not None else engine_factories(settings, gpus)
+        restart = RestartPolicy(settings.engine_restart_backoff_s, attempts=settings.engine_restart_attempts)
 
     def queue_length() -> int:
         return scheduler.stats().queue_length  # bound just below, before any job can exist
 
     scheduler = Scheduler(
-        metrics.measure_load(engine_factory or real_engine_factory(settings)),
+        [metrics.measure_load(factory) for factory in factories],
         batch_config(settings, device),
         on_fatal=lifecycle.engine_failed,
         observer=SchedulerMetrics(metrics, queue_length),
         id_prefix=id_prefix(replica),
+        restart=restart,
     )
+    metrics.watch_engines(scheduler)
 
     @asynccontextmanager
     async def lifespan(app: FastAPI) -> AsyncIterator[None]:
@@ -86,8 +105,9 @@ def create_app(
         generation = Generation(settings, device, scheduler, executor)
         app.state.ctx = ServerContext(generation, lifecycle, results, jobs, replica=replica)
         scheduler.start()
-        log.info("serving on %s (model %s loading in the background); batching: %s",
-                 device.label, settings.model, scheduler.config)
+        log.info("serving on %s with %d engine%s (model %s loading in the background); batching: %s",
+                 device.label, scheduler.engine_count, "s" if scheduler.engine_count > 1 else "",
+                 settings.model, scheduler.config)
         try:
             yield
         finally:

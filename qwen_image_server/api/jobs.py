@@ -71,6 +71,7 @@ def status_of(ctx: ServerContext, record: JobRecord, request: Request) -> JobSta
         width=job.spec.width,
         height=job.spec.height,
         seed=job.spec.seed,
+        engine=job.engine,
         image_url=str(request.url_for("job_image", job_id=job.id)) if record.image_id else None,
         file_path=record.file_path,
         error=record.error,

@@ -15,8 +15,10 @@ from qwen_image_server.api.openai import model_cards
 from qwen_image_server.api.uploads import NATIVE_EDIT_BODY, read_native_edit
 from qwen_image_server.engine.types import GenerationSpec
 from qwen_image_server.engine.device import gpu_memory_mb
+from qwen_image_server.metrics import engine_memory
 from qwen_image_server.presets import ASPECT_RATIOS
 from qwen_image_server.schemas import (
+    EngineInfo,
     EngineOptions,
     ErrorResponse,
     GenerationDefaultsInfo,
@@ -36,7 +38,7 @@ router = APIRouter()
 
 @router.get("/health", response_model=HealthResponse, tags=["server"])
 async def health(ctx: Ctx, response: Response) -> HealthResponse:
-    """Liveness: healthy unless the engine died (then 503 while the worker restarts)."""
+    """Liveness: healthy unless no engine can serve any more (then 503 while the process exits)."""
     dead = ctx.scheduler.dead
     if dead:
         response.status_code = 503
@@ -55,7 +57,7 @@ async def ready(ctx: Ctx) -> JSONResponse:
     """Readiness: 200 only when the model is loaded and the server takes new work."""
     s = ctx.scheduler
     reason = ("engine failed" if s.dead else "shutting down" if s.draining
-              else "model loading" if not s.loaded else None)
+              else "model loading" if not s.serving else None)
     body = ReadyResponse(ready=reason is None, reason=reason)
     return JSONResponse(body.model_dump(), status_code=200 if reason is None else 503)
 
@@ -67,7 +69,11 @@ async def info(ctx: Ctx) -> InfoResponse:
     loaded = {m.name: m for m in ctx.generation.models}
     stats = ctx.scheduler.stats()
     cfg = ctx.scheduler.config
-    memory = gpu_memory_mb(ctx.device) if model is not None else None
+    reports = engine_memory(ctx.scheduler)
+    if reports is not None:  # engine processes: the first engine's, as of its last batch
+        memory = reports[0] if reports else None
+    else:
+        memory = gpu_memory_mb(ctx.device) if model is not None else None
     return InfoResponse(
         model_name=ctx.settings.models[0].name,
         model_source=model.source if model else "loading",
@@ -84,7 +90,7 @@ async def info(ctx: Ctx) -> InfoResponse:
         supported_aspect_ratios=list(ASPECT_RATIOS),
         aspect_ratios=ASPECT_RATIOS,
         total_requests_processed=stats.processed,
-        workers=ctx.settings.workers,
+        workers=ctx.scheduler.engine_count,
         threads=ctx.settings.threads,
         replica=ctx.replica,
         scheduler=SchedulerInfo(
@@ -104,6 +110,10 @@ async def info(ctx: Ctx) -> InfoResponse:
             batch_wait_ms=cfg.batch_wait_s * 1000.0,
             queue_timeout_s=cfg.queue_timeout_s,
         ),
+        engines=[EngineInfo(index=e.index, state=e.state, busy=e.state == "busy", gpu=e.gpu, pid=e.pid,
+                            batches=e.batches, restarts=e.restarts,
+                            gpu_memory=GpuMemory(**e.memory) if e.memory else None)
+                 for e in stats.engines],
         options=EngineOptions(**dataclasses.asdict(model.options)) if model else None,
         defaults=GenerationDefaultsInfo(**dataclasses.asdict(ctx.generation.defaults)),
         models=[ModelInfo(name=card.id, tasks=card.tasks, pipeline=card.pipeline,
@@ -165,6 +175,7 @@ async def _answer(ctx: ServerContext, request: Request, spec: GenerationSpec, re
         "X-Inference-Time": f"{rendered.inference_time}",
         "X-Queue-Time": f"{result.queue_wait:.3f}",
         "X-Batch-Size": str(result.batch_size),
+        "X-Engine": str(result.engine),
     }
     if rendered.file_path is None:
         return Response(rendered.data, media_type=rendered.media_type, headers=headers)

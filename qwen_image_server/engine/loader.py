@@ -75,7 +75,8 @@ class LoadedModel:
 
     @property
     def pipeline_class(self) -> str:
-        return type(self.pipeline).__name__
+        # An engine process's model, seen from the front, carries only facts about its pipeline.
+        return getattr(self.pipeline, "class_name", None) or type(self.pipeline).__name__
 
     @property
     def max_images(self) -> int:

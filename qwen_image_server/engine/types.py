@@ -144,3 +144,7 @@ class DeviceOutOfMemory(Exception):
 
 class DeviceFailure(Exception):
     """The accelerator hit an unrecoverable error; the process must restart to use it again."""
+
+
+class EngineLost(DeviceFailure):
+    """The engine's process ended (killed, crashed, out of host memory) before answering."""

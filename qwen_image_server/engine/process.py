@@ -1,0 +1,329 @@
+"""An engine in its own process: one model copy, pinned to one GPU, fed by the front over a pipe.
+
+The front (HTTP, validation, the queue, every job's state) talks to `EngineProcess`, which is an
+`Engine` like the in-process one: `run_batch(specs, on_step)` and `free_memory()`. Underneath, a
+child process started with multiprocessing's "spawn" context (a fresh interpreter: no CUDA state
+or threads copied from the front) pins itself to its GPU with CUDA_VISIBLE_DEVICES, loads the
+models with the same loader as the in-process engine, and serves batches. What crosses the pipe:
+
+    front -> engine   ("run", specs) ("abort",) ("free",) ("stop",)
+    engine -> front   ("ready", facts) ("load_error", kind, message) ("step", args, kwargs)
+                      ("done", images, memory) ("aborted",) ("error", kind, message) ("freed",)
+
+Specs cross pickled as they are, step callbacks' arguments whatever they are (pickled), images
+as PIL images (their raw pixels). Errors cross as their kind and message, rebuilt in the front as
+the engine error they were (out of memory, device failure, failed load) so the scheduler's rules
+apply unchanged. A cancel (the front's step callback raising) sends "abort": the engine stops at
+its next step.
+
+The front notices a dead engine at once: every wait also watches the process's sentinel
+(`EngineLost`), and `on_exit` watches it while the engine is idle. An engine notices a dead front
+the same way: its end of the pipe reads end-of-file, and it exits, even mid-batch (after a
+kill -9 of the front too). Engines ignore SIGINT and SIGTERM: a Ctrl+C or a SIGTERM to the whole
+process group reaches the front, which drains and then stops its engines.
+"""
+
+from __future__ import annotations
+
+import logging
+import multiprocessing
+import os
+import queue
+import signal
+import threading
+from collections.abc import Callable, Sequence
+from dataclasses import dataclass, replace
+from multiprocessing.connection import Connection, wait
+from typing import TYPE_CHECKING, Any
+
+from qwen_image_server import errors
+from qwen_image_server.engine.types import (
+    BatchAborted,
+    DeviceFailure,
+    DeviceOutOfMemory,
+    EngineLost,
+    GenerationSpec,
+)
+from qwen_image_server.settings import Settings
+
+if TYPE_CHECKING:
+    from PIL import Image
+
+    from qwen_image_server.engine.loader import LoadedModel
+    from qwen_image_server.scheduler import Engine
+
+log = logging.getLogger(__name__)
+
+# A loader runs in the engine process: settings -> an engine (picklable: a module-level function).
+Loader = Callable[[Settings], "Engine"]
+_CONTEXT = multiprocessing.get_context("spawn")
+_STOP_TIMEOUT_S = 10.0
+
+
+@dataclass(frozen=True, slots=True)
+class PipelineFacts:
+    """What the front needs of a pipeline it does not hold: its class and its tokenizer (prompt
+    lengths are checked in the front, before a job is queued)."""
+
+    class_name: str
+    tokenizer: Any
+    tokenizer_max_length: int
+
+
+def _facts(model: LoadedModel) -> LoadedModel:
+    pipeline = model.pipeline
+    return replace(model, pipeline=PipelineFacts(  # type: ignore[arg-type]
+        type(pipeline).__name__, getattr(pipeline, "tokenizer", None),
+        int(getattr(pipeline, "tokenizer_max_length", 1024))))
+
+
+def _error_kind(exc: BaseException) -> str:
+    if isinstance(exc, errors.ServerError):
+        return "server"  # an answer for the client (e.g. a LoRA that cannot load): crosses as it is
+    if isinstance(exc, DeviceOutOfMemory):
+        return "oom"
+    if isinstance(exc, DeviceFailure):
+        return "device"
+    if isinstance(exc, errors.ModelLoadError):
+        return "load"
+    return "other"
+
+
+def _rebuild(kind: str, message: Any) -> BaseException:
+    if kind == "server":
+        return message  # type: ignore[no-any-return]
+    if kind == "oom":
+        return DeviceOutOfMemory(message)
+    if kind == "device":
+        return DeviceFailure(message)
+    if kind == "load":
+        return errors.ModelLoadError(message)
+    return RuntimeError(message)
+
+
+def _message(exc: BaseException) -> str:
+    return str(exc) if isinstance(exc, (errors.ModelLoadError, DeviceFailure, DeviceOutOfMemory)) \
+        else f"{type(exc).__name__}: {exc}"
+
+
+def _memory() -> dict[str, float] | None:
+    from qwen_image_server.engine.device import gpu_memory_mb, resolve_device
+
+    try:
+        return gpu_memory_mb(resolve_device("auto"))
+    except Exception:  # noqa: BLE001 - numbers for /info, never a reason to fail a batch
+        return None
+
+
+def pinned_device(gpu: int, visible: str | None) -> str:
+    """CUDA_VISIBLE_DEVICES for the engine on the front's `gpu`-th visible GPU: the front may
+    itself see only some GPUs (CUDA_VISIBLE_DEVICES=2,3 or GPU UUIDs), counted from 0."""
+    devices = [d.strip() for d in (visible or "").split(",") if d.strip()]
+    return devices[gpu] if gpu < len(devices) else str(gpu)
+
+
+# -- the engine process ------------------------------------------------------------------------
+
+def engine_main(conn: Connection, settings: Settings, gpu: int | None, loader: Loader) -> None:
+    """The engine process: pin the GPU, load, then serve the front's commands until "stop" or
+    until the front is gone."""
+    if gpu is not None:  # before anything touches CUDA
+        os.environ["CUDA_VISIBLE_DEVICES"] = pinned_device(gpu, os.environ.get("CUDA_VISIBLE_DEVICES"))
+    signal.signal(signal.SIGINT, signal.SIG_IGN)
+    signal.signal(signal.SIGTERM, signal.SIG_IGN)
+    from qwen_image_server.logs import configure_logging
+
+    configure_logging(settings.log_level)
+    commands: queue.Queue[tuple[Any, ...]] = queue.Queue()
+    abort = threading.Event()
+
+    def read() -> None:
+        while True:
+            try:
+                command = conn.recv()
+            except (EOFError, OSError):
+                os._exit(0)  # the front is gone: nobody is left to take this engine's images
+            if command[0] == "abort":
+                abort.set()
+            else:
+                commands.put(command)
+
+    threading.Thread(target=read, name="qwen-image-engine-pipe", daemon=True).start()
+    try:
+        engine = loader(settings)
+        # An engine without models (a test's or a benchmark's fake) has no facts to tell.
+        models = getattr(engine, "models", None) or [m for m in [getattr(engine, "model", None)] if m]
+        facts = [_facts(model) for model in models]
+    except BaseException as exc:  # noqa: BLE001 - reported to the front, which decides
+        if not isinstance(exc, errors.ModelLoadError):
+            log.exception("engine failed to load")
+        conn.send(("load_error", _error_kind(exc), _message(exc)))
+        _exit()
+    conn.send(("ready", facts, _memory()))
+
+    def on_step(*args: Any, **kwargs: Any) -> None:
+        conn.send(("step", args, kwargs))
+        if abort.is_set():
+            raise BatchAborted
+
+    while True:
+        command = commands.get()
+        if command[0] == "stop":
+            _exit()
+        if command[0] == "free":
+            engine.free_memory()
+            conn.send(("freed",))
+            continue
+        abort.clear()
+        try:
+            images = engine.run_batch(command[1], on_step)
+        except BatchAborted:
+            conn.send(("aborted",))
+            continue
+        except BaseException as exc:  # noqa: BLE001 - every failure goes back to the front
+            if not isinstance(exc, (DeviceOutOfMemory, DeviceFailure, errors.ServerError)):
+                log.exception("batch failed in the engine process")
+            kind = _error_kind(exc)
+            conn.send(("error", kind, exc if kind == "server" else _message(exc)))
+            if isinstance(exc, DeviceFailure):
+                _exit()  # the device is unusable: the front starts a fresh process
+            continue
+        conn.send(("done", images, _memory()))
+
+
+def _exit() -> None:
+    # Everything was sent (a send returns once written); a plain interpreter exit could wait on
+    # threads the libraries started.
+    logging.shutdown()
+    os._exit(0)
+
+
+# -- the front's side --------------------------------------------------------------------------
+
+class EngineProcess:
+    """The front's handle on one engine process; an `Engine` to the scheduler."""
+
+    def __init__(self, settings: Settings, index: int, gpu: int | None, loader: Loader) -> None:
+        self.index = index
+        self.gpu = gpu
+        self.memory: dict[str, float] | None = None  # as of the engine's last batch
+        self._lock = threading.Lock()  # one command at a time
+        self._conn, child = _CONTEXT.Pipe()
+        self._process = _CONTEXT.Process(target=engine_main, args=(child, settings, gpu, loader),
+                                         name=f"qwen-image-engine-{index}", daemon=True)
+        self._process.start()
+        child.close()  # only the engine holds its end: its death reads as end-of-file here
+        self.pid = self._process.pid
+        message = self._receive()
+        if message[0] == "load_error":
+            self.close()
+            raise _rebuild(message[1], message[2])
+        _, self.models, self.memory = message
+        if self.models:  # what the API reads of the models (a fake engine has none)
+            self.model = self.models[0]
+        log.info("engine %d ready in process %s%s", index, self.pid,
+                 f" on GPU {gpu}" if gpu is not None else "")
+
+    # -- Engine -------------------------------------------------------------------------------
+
+    def run_batch(self, specs: Sequence[GenerationSpec], on_step: Callable[..., None]) -> list[Image.Image]:
+        with self._lock:
+            self._send(("run", list(specs)))
+            failure: BaseException | None = None  # what the front's step callback raised
+            while True:
+                message = self._receive()
+                kind = message[0]
+                if kind == "step":
+                    if failure is None:
+                        try:
+                            on_step(*message[1], **message[2])
+                        except BaseException as exc:  # noqa: BLE001 - a cancel, or a test's fault
+                            failure = exc
+                            self._send(("abort",))
+                    continue
+                if kind == "done":
+                    self.memory = message[2]
+                    if failure is not None:
+                        raise failure
+                    return list(message[1])
+                if kind == "aborted":
+                    raise failure or BatchAborted()
+                if kind == "error":
+                    if failure is not None:
+                        raise failure
+                    raise _rebuild(message[1], message[2])
+                raise RuntimeError(f"engine {self.index} sent {kind!r} during a batch")
+
+    def free_memory(self) -> None:
+        with self._lock:
+            self._send(("free",))
+            while self._receive()[0] != "freed":
+                pass
+
+    # -- supervision ---------------------------------------------------------------------------
+
+    @property
+    def alive(self) -> bool:
+        return self._process.is_alive()
+
+    def on_exit(self, callback: Callable[[], None]) -> None:
+        """Call `callback` as soon as the engine process ends (on a watcher thread)."""
+
+        def watch() -> None:
+            wait([self._process.sentinel])
+            callback()
+
+        threading.Thread(target=watch, name=f"qwen-image-engine-{self.index}-watch", daemon=True).start()
+
+    def close(self) -> None:
+        """Ask the engine to stop; kill it if it does not within a few seconds."""
+        try:
+            self._conn.send(("stop",))
+        except OSError:
+            pass  # already gone
+        self._process.join(_STOP_TIMEOUT_S)
+        if self._process.is_alive():
+            log.warning("engine %d did not stop; killing it", self.index)
+            self._process.kill()
+            self._process.join(_STOP_TIMEOUT_S)
+        self._conn.close()
+
+    # -- the pipe ------------------------------------------------------------------------------
+
+    def _send(self, message: tuple[Any, ...]) -> None:
+        try:
+            self._conn.send(message)
+        except OSError as exc:
+            raise self._lost() from exc
+
+    def _receive(self) -> tuple[Any, ...]:
+        # What the engine sent before it died is still read; only then is its death an error.
+        ready = wait([self._conn, self._process.sentinel])
+        if self._conn in ready or self._conn.poll():
+            try:
+                return self._conn.recv()
+            except (EOFError, OSError) as exc:
+                raise self._lost() from exc
+        raise self._lost()
+
+    def _lost(self) -> EngineLost:
+        self._process.join(1.0)
+        code = self._process.exitcode
+        how = (f"was killed by signal {-code}" if code is not None and code < 0
+               else f"exited with code {code}" if code is not None else "closed its pipe")
+        return EngineLost(f"engine {self.index} (process {self.pid}) {how}")
+
+
+def engine_factories(settings: Settings, gpus: Sequence[int | None],
+                     loader: Loader | None = None) -> list[Callable[[], Engine]]:
+    """One factory per engine: engine i runs on gpus[i] (None: the CPU, or the one device)."""
+    if loader is None:
+        from qwen_image_server.engine.models import load_engine
+
+        loader = load_engine
+    chosen: Loader = loader
+
+    def factory(index: int, gpu: int | None) -> Callable[[], Engine]:
+        return lambda: EngineProcess(settings, index, gpu, chosen)
+
+    return [factory(i, gpu) for i, gpu in enumerate(gpus)]

@@ -1,0 +1,52 @@
+"""Operator mistakes found before the server starts, each as one line naming the setting: more
+engines than GPUs, an output folder that cannot be written."""
+
+from __future__ import annotations
+
+import os
+import tempfile
+
+from qwen_image_server.errors import ConfigurationError
+from qwen_image_server.settings import Settings
+
+
+def visible_gpus(settings: Settings) -> int:
+    """GPUs the engines may use (0 when the device setting or the machine has none)."""
+    if settings.device in ("cpu", "mps"):
+        return 0
+    import torch
+
+    # Counted through NVML where it can be: this process must not initialise CUDA before Gunicorn
+    # forks the front from it.
+    return torch.cuda.device_count()
+
+
+def engine_gpus(settings: Settings, gpus: int | None = None) -> list[int | None]:
+    """The GPU of each engine process, by index among the visible ones (None: no GPU).
+
+    WORKERS=auto is one engine per visible GPU (one without GPUs); WORKERS=N asks for N, which on
+    GPUs must not exceed their number (two model copies on one GPU run out of memory)."""
+    gpus = visible_gpus(settings) if gpus is None else gpus
+    if settings.workers == "auto":
+        return list(range(gpus)) if gpus else [None]
+    if not gpus:
+        return [None] * settings.workers  # the CPU: any number of copies
+    if settings.workers > gpus:
+        raise ConfigurationError(
+            f"WORKERS={settings.workers} asks for {settings.workers} engines, but this machine has "
+            f"{gpus} GPU{'s' if gpus != 1 else ''} visible; set WORKERS={gpus} or WORKERS=auto.")
+    return list(range(settings.workers))
+
+
+def check_output_dir(settings: Settings) -> None:
+    """The folder `save_to_file` images go to exists (it is created) and can be written."""
+    folder = settings.output_dir
+    try:
+        folder.mkdir(parents=True, exist_ok=True)
+        with tempfile.NamedTemporaryFile(dir=folder, prefix=".write-check-"):
+            pass
+    except OSError as exc:
+        reason = exc.strerror or str(exc)
+        raise ConfigurationError(
+            f"QWEN_IMAGE_OUTPUT_DIR={os.fspath(folder)!r} cannot be written ({reason}); choose a "
+            "folder this user can write.") from None

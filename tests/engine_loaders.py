@@ -1,0 +1,57 @@
+"""Loaders for engine processes in tests: the real tiny model, wrapped so a test can hold a batch
+inside the engine process and can make a prompt crash its process.
+
+A loader runs in the engine process, so it is a picklable object (a module-level class), and the
+test talks to it through files: while `gate` exists every denoising step waits, and the engine
+writes `gate.held-<pid>` when a step is waiting (the batch is provably running in that process).
+"""
+
+from __future__ import annotations
+
+import os
+import signal
+import time
+from collections.abc import Sequence
+from dataclasses import dataclass
+from pathlib import Path
+
+from qwen_image_server.engine.types import GenerationSpec
+from qwen_image_server.settings import Settings
+
+CRASH = "crash the engine"  # a prompt starting with this kills its engine process at its first step
+HOLD_LIMIT_S = 120.0
+
+
+class GatedEngine:
+    def __init__(self, engine, gate: Path) -> None:
+        self.engine = engine
+        self.gate = gate
+
+    def __getattr__(self, name: str):
+        if name == "engine":
+            raise AttributeError(name)
+        return getattr(self.engine, name)
+
+    def run_batch(self, specs: Sequence[GenerationSpec], on_step):
+        def step(*args, **kwargs) -> None:
+            if any(spec.prompt.startswith(CRASH) for spec in specs):
+                os.kill(os.getpid(), signal.SIGKILL)  # as a segfault or the OOM killer would
+            held = self.gate.with_name(f"{self.gate.name}.held-{os.getpid()}")
+            deadline = time.monotonic() + HOLD_LIMIT_S
+            while self.gate.exists() and time.monotonic() < deadline:
+                held.touch()
+                time.sleep(0.01)  # another process opens the gate: nothing to wait on but the file
+            held.unlink(missing_ok=True)
+            on_step(*args, **kwargs)
+
+        return self.engine.run_batch(specs, step)
+
+
+@dataclass(frozen=True)
+class GatedLoader:
+    gate: Path
+
+    def __call__(self, settings: Settings):
+        from qwen_image_server.engine.models import load_engine
+
+        return GatedEngine(load_engine(settings), self.gate)
