@@ -56,6 +56,16 @@ def pytest_collection_modifyitems(config: pytest.Config, items: list[pytest.Item
             item.add_marker(pytest.mark.xdist_group(group))
 
 
+def pytest_runtest_setup(item: pytest.Item) -> None:
+    # loadgroup keeps a group on one worker only through the "@group" suffix pytest-xdist adds to
+    # each node id; a pytest that keeps node ids elsewhere drops it silently, and every worker
+    # would then start its own copy of each module's servers and models. Fail instead.
+    if (item.config.getvalue("loadgroup") and any(item.iter_markers("xdist_group"))
+            and "@" not in item.nodeid):
+        pytest.fail("pytest-xdist did not keep this test's xdist_group on one worker: this pytest "
+                    "and pytest-xdist do not work together; install requirements-test.txt's versions.")
+
+
 def pytest_configure(config: pytest.Config) -> None:
     # Under pytest-xdist every worker runs models at once: one torch thread each, or the workers
     # fight over the cores and all run slower than one process would.
