@@ -169,14 +169,15 @@ def engine_main(conn: Connection, settings: Settings, gpu: int | None, loader: L
         _exit()
     library = getattr(engine, "loras", None)
     library = library if isinstance(library, LoraLibrary) else None
-    sent: list[LoraState | None] = [library.export_state() if library is not None else None]
-    conn.send(("ready", facts, _memory(), sent[0]))
+    sent: LoraState | None = library.export_state() if library is not None else None
+    conn.send(("ready", facts, _memory(), sent))
 
     def send_loras() -> None:
-        # Called on the engine thread only (the batch's), like every other send but the reader's.
-        state = library.export_state()  # type: ignore[union-attr]
-        if state is not sent[0]:  # states are immutable: a new one is a change
-            sent[0] = state
+        # Called on the engine thread only (the batch's), as every send is.
+        nonlocal sent
+        state = library.export_state() if library is not None else None
+        if state is not sent:  # states are immutable: a new one is a change
+            sent = state
             conn.send(("loras", state))
 
     if library is not None:
@@ -199,22 +200,19 @@ def engine_main(conn: Connection, settings: Settings, gpu: int | None, loader: L
         try:
             images = engine.run_batch(command[1], on_step)
         except BatchAborted:
-            if library is not None:
-                send_loras()
+            send_loras()
             conn.send(("aborted",))
             continue
         except BaseException as exc:  # noqa: BLE001 - every failure goes back to the front
             if not isinstance(exc, (DeviceOutOfMemory, DeviceFailure, errors.ServerError)):
                 log.exception("batch failed in the engine process")
-            if library is not None:
-                send_loras()  # before the error: the front's next check sees an unusable mark
+            send_loras()  # before the error: the front's next check sees an unusable mark
             kind = _error_kind(exc)
             conn.send(("error", kind, exc if kind == "server" else _message(exc)))
             if isinstance(exc, DeviceFailure):
                 _exit()  # the device is unusable: the front starts a fresh process
             continue
-        if library is not None:
-            send_loras()
+        send_loras()
         conn.send(("done", images, _memory()))
 
 
