@@ -19,7 +19,7 @@ its next step.
 
 The engine's LoRA library state (`LoraState`: the models' layers, what is resident, unusable or
 loading) comes with "ready" and as a "loras" message whenever it changes (a load starts or ends,
-a LoRA is marked unusable, the resident set changes) and after each batch. The front imports it
+a LoRA is marked unusable, the resident set changes), checked again after each batch. The front imports it
 into one `LoraLibrary` shared by all its engines (`EngineProcess.loras`), so LoRAs are checked
 before queueing, listed and reported in job statuses as with the in-process engine.
 
