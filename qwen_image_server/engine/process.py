@@ -19,9 +19,9 @@ its next step.
 
 The engine's LoRA library state (`LoraState`: the models' layers, what is resident, unusable or
 loading) comes with "ready" and as a "loras" message whenever it changes (a load starts or ends,
-a LoRA is marked unusable, the resident set changes), checked again after each batch. The front imports it
-into one `LoraLibrary` shared by all its engines (`EngineProcess.loras`), so LoRAs are checked
-before queueing, listed and reported in job statuses as with the in-process engine.
+a LoRA is marked unusable, the resident set changes), checked again after each batch. The front
+imports it into one `LoraLibrary` shared by all its engines (`EngineProcess.loras`), so LoRAs are
+checked before queueing, listed and reported in job statuses as with the in-process engine.
 
 The front notices a dead engine at once: every wait also watches the process's sentinel
 (`EngineLost`), and `on_exit` watches it while the engine is idle. An engine notices a dead front
