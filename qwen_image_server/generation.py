@@ -297,7 +297,8 @@ class Generation:
 
     def loading_lora(self, job: Job) -> str | None:
         """The LoRA the engine is loading for this running job right now, if any."""
-        loading = getattr(self.scheduler.engine, "loading_loras", None)
+        engine = self.scheduler.engine if job.engine is None else self.scheduler.engine_at(job.engine)
+        loading = getattr(engine, "loading_loras", None)
         if not loading or not job.spec.loras:
             return None
         names = {name for name, _ in job.spec.loras}

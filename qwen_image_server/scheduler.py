@@ -303,6 +303,10 @@ class Scheduler:
         """The first loaded engine (what the API reads the models' facts from)."""
         return next((slot.engine for slot in self._slots if slot.engine is not None), None)
 
+    def engine_at(self, slot: int) -> Engine | None:
+        """The engine of slot `slot` (None while it loads or restarts)."""
+        return self._slots[slot].engine if 0 <= slot < len(self._slots) else None
+
     @property
     def engines(self) -> list[Engine]:
         """Every loaded engine, by slot."""

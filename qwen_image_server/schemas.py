@@ -280,6 +280,9 @@ class LoraInfo(BaseModel):
     fits: list[str] = Field(description="The loaded models it can run on.")
     lightning_steps: int | None = Field(description="A Lightning (step-distilled) LoRA's step count.")
     resident: list[str] = Field(description="The models it is loaded on now (no load wait).")
+    resident_engines: list[int] = Field(default_factory=list, description="The engine processes it is "
+                                        "loaded on now (numbered as in /info's engines; empty with an "
+                                        "in-process engine).")
     usable: bool
     problem: str | None = Field(None, description="Why it is not usable, or why it fits no model.")
 

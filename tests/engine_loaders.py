@@ -1,9 +1,10 @@
 """Loaders for engine processes in tests: the real tiny model, wrapped so a test can hold a batch
-inside the engine process and can make a prompt crash its process.
+or a LoRA load inside the engine process and can make a prompt crash its process.
 
 A loader runs in the engine process, so it is a picklable object (a module-level class), and the
 test talks to it through files: while `gate` exists every denoising step waits, and the engine
-writes `gate.held-<pid>` when a step is waiting (the batch is provably running in that process).
+writes `gate.held-<pid>` when a step is waiting (the batch is provably running in that process);
+`lora_gate` does the same for LoRA loads.
 """
 
 from __future__ import annotations
@@ -36,22 +37,38 @@ class GatedEngine:
         def step(*args, **kwargs) -> None:
             if any(spec.prompt.startswith(CRASH) for spec in specs):
                 os.kill(os.getpid(), signal.SIGKILL)  # as a segfault or the OOM killer would
-            held = self.gate.with_name(f"{self.gate.name}.held-{os.getpid()}")
-            deadline = time.monotonic() + HOLD_LIMIT_S
-            while self.gate.exists() and time.monotonic() < deadline:
-                held.touch()
-                time.sleep(0.01)  # another process opens the gate: nothing to wait on but the file
-            held.unlink(missing_ok=True)
+            _wait_at(self.gate)
             on_step(*args, **kwargs)
 
         return self.engine.run_batch(specs, step)
 
 
+def _wait_at(gate: Path) -> None:
+    """Wait while `gate` exists, saying so in `gate.held-<pid>`."""
+    held = gate.with_name(f"{gate.name}.held-{os.getpid()}")
+    deadline = time.monotonic() + HOLD_LIMIT_S
+    while gate.exists() and time.monotonic() < deadline:
+        held.touch()
+        time.sleep(0.01)  # another process opens the gate: nothing to wait on but the file
+    held.unlink(missing_ok=True)
+
+
 @dataclass(frozen=True)
 class GatedLoader:
     gate: Path
+    lora_gate: Path | None = None  # while it exists, every LoRA load waits before it starts
 
     def __call__(self, settings: Settings):
         from qwen_image_server.engine.models import load_engine
 
+        if self.lora_gate is not None:
+            from qwen_image_server.engine.adapters import ResidentAdapters
+
+            load, gate = ResidentAdapters._load, self.lora_gate
+
+            def held_load(adapters, name, path):
+                _wait_at(gate)
+                return load(adapters, name, path)
+
+            ResidentAdapters._load = held_load  # this engine process's own class
         return GatedEngine(load_engine(settings), self.gate)

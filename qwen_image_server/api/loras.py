@@ -42,6 +42,7 @@ def _info(library: LoraLibrary, entry: LoraEntry, models: list[str]) -> LoraInfo
         fits=fits,
         lightning_steps=entry.lightning_steps,
         resident=library.resident(entry.name),
+        resident_engines=library.resident_engines(entry.name),
         usable=broken is None,
         problem=problem,
     )

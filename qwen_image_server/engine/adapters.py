@@ -43,12 +43,16 @@ class ResidentAdapters:
         self._resident: OrderedDict[str, Any] = OrderedDict()  # name -> adapter name, or state dict
         self._active: LoraSet = ()
         self._ids = itertools.count()
-        self.loading: str | None = None  # the LoRA being loaded now (shown in job status)
         library.add_model(model, task, pipeline.transformer)
 
     @property
     def resident(self) -> list[str]:
         return list(self._resident)
+
+    @property
+    def loading(self) -> str | None:
+        """The LoRA being loaded now (shown in job status)."""
+        return self.library.loading().get(self.model)
 
     def scheduler_for(self, loras: LoraSet, scheduler: Any) -> Any:
         """The sampler of a batch: a Lightning LoRA's own (shift 3), else `scheduler` itself."""
@@ -64,17 +68,19 @@ class ResidentAdapters:
                 self._resident.move_to_end(name)
             return
         names = [name for name, _ in loras]
-        for name in names:
-            self._ensure_resident(name, keep=names)
-        if self.slots is not None:
-            self._swap_into_slots(loras)
-        elif loras:
-            self.pipeline.enable_lora()
-            self.pipeline.set_adapters([self._resident[n] for n in names], [s for _, s in loras])
-        elif self._resident:
-            self.pipeline.disable_lora()
-        self._active = loras
-        self.library.set_resident(self.model, self.resident)
+        try:
+            for name in names:
+                self._ensure_resident(name, keep=names)
+            if self.slots is not None:
+                self._swap_into_slots(loras)
+            elif loras:
+                self.pipeline.enable_lora()
+                self.pipeline.set_adapters([self._resident[n] for n in names], [s for _, s in loras])
+            elif self._resident:
+                self.pipeline.disable_lora()
+            self._active = loras
+        finally:  # a failed load may have evicted or loaded others first
+            self.library.set_resident(self.model, self.resident)
 
     # -- loading and evicting ---------------------------------------------------------------
 
@@ -92,7 +98,7 @@ class ResidentAdapters:
             self._evict(victim)
         entry = self.library.get(name)
         assert entry is not None  # problem() said it exists
-        self.loading = name
+        self.library.set_loading(self.model, name)
         try:
             path = entry.file(download=True)
             assert path is not None
@@ -105,7 +111,7 @@ class ResidentAdapters:
             self.library.mark_unusable(name, reason)
             raise errors.LoraUnusable(f"The LoRA '{name}' is unusable: {reason}.", param="loras") from exc
         finally:
-            self.loading = None
+            self.library.set_loading(self.model, None)
         log.info("LoRA %s loaded on %s (resident: %s)", name, self.model, ", ".join(self._resident))
 
     def _load(self, name: str, path: Path) -> Any:

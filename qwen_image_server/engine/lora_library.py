@@ -3,8 +3,9 @@ in QWEN_IMAGE_LORAS, what each is, and the checks a request's LoRAs pass before 
 
 What a LoRA is comes from its file's header, without loading it into a pipeline: its layers and
 their shapes, its rank, and the base model it says it was trained for. The engine marks a LoRA
-unusable when its first load fails, and reports which are resident (`engine/adapters.py`), so
-that GET /v1/loras shows both.
+unusable when its first load fails, and reports which are resident and which is loading
+(`engine/adapters.py`), so that GET /v1/loras and job statuses show them; an engine process sends
+that state to its front as a `LoraState` (`engine/process.py`).
 """
 
 from __future__ import annotations
@@ -12,8 +13,8 @@ from __future__ import annotations
 import json
 import re
 import threading
-from collections.abc import Sequence
-from dataclasses import dataclass, field
+from collections.abc import Callable, Sequence
+from dataclasses import dataclass, field, replace
 from pathlib import Path
 from typing import Any, Literal
 
@@ -202,24 +203,46 @@ def transformer_linears(transformer: Any) -> dict[str, tuple[int, int]]:
     return out
 
 
-@dataclass
-class _ModelFacts:
+FileKey = tuple[str, float, int]  # a file's path, mtime and size: a mark holds while these do
+
+
+@dataclass(frozen=True, slots=True)
+class ModelFacts:
+    """What the library knows of one loaded model: its task, its layers, the LoRAs resident on it."""
+
     task: Task
     linears: dict[str, tuple[int, int]]
     resident: tuple[str, ...] = ()
 
 
+@dataclass(frozen=True, slots=True)
+class LoraState:
+    """An engine's LoRA state, picklable: what an engine process sends its front (with "ready",
+    after each batch, and when a load starts or ends), so the front checks and lists LoRAs as an
+    in-process engine's library does."""
+
+    models: dict[str, ModelFacts] = field(default_factory=dict)
+    unusable: dict[str, tuple[FileKey | None, str]] = field(default_factory=dict)  # name -> (file, why)
+    loading: dict[str, str] = field(default_factory=dict)  # model -> the LoRA being loaded onto it now
+
+
 @dataclass
 class LoraLibrary:
-    """The LoRAs requests may name, what each is, and which are unusable or resident."""
+    """The LoRAs requests may name, what each is, and which are unusable or resident.
+
+    An engine's library records its own state (`add_model`, `set_resident`, `mark_unusable`,
+    `set_loading`); a front's library imports the states of its engine processes
+    (`import_state`). Every question is answered from all of them together: a LoRA is resident on
+    the models of every engine that holds it, and unusable once any engine found it so."""
 
     folder: Path | None
     hub: dict[str, tuple[str, str | None]]
     max_per_request: int = 3
     max_rank: int | None = None  # compiled models: the slots' rank
-    _facts: dict[tuple[str, float, int], LoraFacts] = field(default_factory=dict)
-    _unusable: dict[str, tuple[tuple[str, float, int] | None, str]] = field(default_factory=dict)
-    _models: dict[str, _ModelFacts] = field(default_factory=dict)
+    on_change: Callable[[], None] | None = None  # an engine process: tell the front (see process.py)
+    _facts: dict[FileKey, LoraFacts] = field(default_factory=dict)
+    _own: LoraState = field(default_factory=LoraState)
+    _engines: dict[int, LoraState] = field(default_factory=dict)  # imported, by engine index
     _lock: threading.Lock = field(default_factory=threading.Lock)
 
     @classmethod
@@ -248,7 +271,7 @@ class LoraLibrary:
     # -- what a file is ---------------------------------------------------------------------
 
     @staticmethod
-    def _key(path: Path) -> tuple[str, float, int] | None:
+    def _key(path: Path) -> FileKey | None:
         try:
             stat = path.stat()
         except OSError:
@@ -269,46 +292,101 @@ class LoraLibrary:
                 self._facts[key] = cached
         return cached
 
-    def unusable(self, name: str) -> str | None:
-        """Why the LoRA failed to load, while its file is unchanged since."""
+    # -- the state: this library's own and the imported ones ----------------------------------
+
+    def _states(self) -> list[LoraState]:
         with self._lock:
-            marked = self._unusable.get(name)
-        if marked is None:
+            return [self._own, *self._engines.values()]
+
+    def _update(self, change: Callable[[LoraState], LoraState]) -> None:
+        with self._lock:
+            before, self._own = self._own, change(self._own)
+        if self._own is not before and self.on_change is not None:
+            self.on_change()
+
+    def export_state(self) -> LoraState:
+        with self._lock:
+            return self._own
+
+    def import_state(self, engine: int, state: LoraState) -> None:
+        """Take engine `engine`'s latest state (replacing what it sent before)."""
+        with self._lock:
+            self._engines[engine] = state
+
+    def forget_engine(self, engine: int) -> None:
+        """An engine process ended: nothing is resident or loading there any more; what it found
+        unusable stays so (its file is as broken for the next engine)."""
+        with self._lock:
+            state = self._engines.get(engine)
+            if state is not None:
+                models = {name: replace(facts, resident=()) for name, facts in state.models.items()}
+                self._engines[engine] = LoraState(models, state.unusable, {})
+
+    def unusable(self, name: str) -> str | None:
+        """Why the LoRA failed to load, while its file is unchanged since (a replaced file is
+        tried again)."""
+        marks = [state.unusable[name] for state in self._states() if name in state.unusable]
+        if not marks:
             return None
-        key, reason = marked
         entry = self.get(name)
-        if entry is not None and entry.source == "folder" and key != self._key(Path(entry.location)):
-            with self._lock:
-                self._unusable.pop(name, None)  # the file was replaced: try it again
-            return None
-        return reason
+        current = (self._key(Path(entry.location))
+                   if entry is not None and entry.source == "folder" else None)
+        return next((reason for key, reason in marks if key is None or key == current), None)
 
     def mark_unusable(self, name: str, reason: str) -> None:
         entry = self.get(name)
         key = self._key(Path(entry.location)) if entry is not None and entry.source == "folder" else None
-        with self._lock:
-            self._unusable[name] = (key, reason)
+        self._update(lambda own: replace(own, unusable={**own.unusable, name: (key, reason)}))
 
     # -- models -----------------------------------------------------------------------------
 
     def add_model(self, name: str, task: Task, transformer: Any) -> None:
         """Remember a loaded model's layers, to check LoRAs against them before queueing."""
-        with self._lock:
-            self._models[name] = _ModelFacts(task, transformer_linears(transformer))
+        facts = ModelFacts(task, transformer_linears(transformer))
+        self._update(lambda own: replace(own, models={**own.models, name: facts}))
 
     def set_resident(self, model: str, names: Sequence[str]) -> None:
-        with self._lock:
-            if model in self._models:
-                self._models[model].resident = tuple(names)
+        def change(own: LoraState) -> LoraState:
+            facts = own.models.get(model)
+            if facts is None or facts.resident == tuple(names):
+                return own
+            return replace(own, models={**own.models, model: replace(facts, resident=tuple(names))})
+
+        self._update(change)
+
+    def set_loading(self, model: str, name: str | None) -> None:
+        """The LoRA being loaded onto `model` now (None: the load ended)."""
+        def change(own: LoraState) -> LoraState:
+            loading = {m: n for m, n in own.loading.items() if m != model}
+            if own.loading.get(model) == name:
+                return own
+            return replace(own, loading=loading if name is None else {**loading, model: name})
+
+        self._update(change)
 
     def resident(self, name: str) -> list[str]:
-        """The models this LoRA is loaded on now."""
+        """The models this LoRA is loaded on now (on any engine)."""
+        return list(dict.fromkeys(model for state in self._states()
+                                  for model, facts in state.models.items() if name in facts.resident))
+
+    def resident_engines(self, name: str) -> list[int]:
+        """The engine processes holding this LoRA now (their numbers in /info)."""
         with self._lock:
-            return [model for model, facts in self._models.items() if name in facts.resident]
+            engines = dict(self._engines)
+        return [index for index, state in sorted(engines.items())
+                if any(name in facts.resident for facts in state.models.values())]
+
+    def loading(self, engine: int | None = None) -> dict[str, str]:
+        """Model -> the LoRA being loaded onto it now: this library's own engine, or engine `engine`."""
+        with self._lock:
+            state = self._own if engine is None else self._engines.get(engine, LoraState())
+        return dict(state.loading)
+
+    def _model(self, model: str) -> ModelFacts | None:
+        return next((state.models[model] for state in self._states() if model in state.models), None)
 
     def model_family(self, model: str) -> str | None:
-        with self._lock:
-            facts = self._models.get(model)
+        facts = self._model(model)
         return FAMILY[facts.task] if facts is not None else None
 
     # -- checks -----------------------------------------------------------------------------
@@ -330,8 +408,7 @@ class LoraLibrary:
             return None
         if facts.problem is not None:
             return f"The LoRA '{name}' is unusable: {facts.problem}."
-        with self._lock:
-            target = self._models.get(model)
+        target = self._model(model)
         if target is None:
             return None
         family = FAMILY[target.task]

@@ -55,8 +55,7 @@ class ModelSet:
     @property
     def loading_loras(self) -> dict[str, str]:
         """Model name -> the LoRA being loaded onto it right now."""
-        return {name: engine.adapters.loading for name, engine in self.engines.items()
-                if engine.adapters is not None and engine.adapters.loading is not None}
+        return self.loras.loading() if self.loras is not None else {}
 
     @property
     def model(self) -> LoadedModel:

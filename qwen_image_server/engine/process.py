@@ -7,14 +7,21 @@ or threads copied from the front) pins itself to its GPU with CUDA_VISIBLE_DEVIC
 models with the same loader as the in-process engine, and serves batches. What crosses the pipe:
 
     front -> engine   ("run", specs) ("abort",) ("free",) ("stop",)
-    engine -> front   ("ready", facts) ("load_error", kind, message) ("step", args, kwargs)
-                      ("done", images, memory) ("aborted",) ("error", kind, message) ("freed",)
+    engine -> front   ("ready", facts, memory, loras) ("load_error", kind, message)
+                      ("step", args, kwargs) ("loras", state) ("done", images, memory)
+                      ("aborted",) ("error", kind, message) ("freed",)
 
 Specs cross pickled as they are, step callbacks' arguments whatever they are (pickled), images
 as PIL images (their raw pixels). Errors cross as their kind and message, rebuilt in the front as
 the engine error they were (out of memory, device failure, failed load) so the scheduler's rules
 apply unchanged. A cancel (the front's step callback raising) sends "abort": the engine stops at
 its next step.
+
+The engine's LoRA library state (`LoraState`: the models' layers, what is resident, unusable or
+loading) comes with "ready" and as a "loras" message whenever it changes (a load starts or ends,
+a LoRA is marked unusable, the resident set changes), checked again after each batch. The front
+imports it into one `LoraLibrary` shared by all its engines (`EngineProcess.loras`), so LoRAs are
+checked before queueing, listed and reported in job statuses as with the in-process engine.
 
 The front notices a dead engine at once: every wait also watches the process's sentinel
 (`EngineLost`), and `on_exit` watches it while the engine is idle. An engine notices a dead front
@@ -37,6 +44,7 @@ from multiprocessing.connection import Connection, wait
 from typing import TYPE_CHECKING, Any
 
 from qwen_image_server import errors
+from qwen_image_server.engine.lora_library import LoraLibrary, LoraState
 from qwen_image_server.engine.types import (
     BatchAborted,
     DeviceFailure,
@@ -159,7 +167,21 @@ def engine_main(conn: Connection, settings: Settings, gpu: int | None, loader: L
             log.exception("engine failed to load")
         conn.send(("load_error", _error_kind(exc), _message(exc)))
         _exit()
-    conn.send(("ready", facts, _memory()))
+    library = getattr(engine, "loras", None)
+    library = library if isinstance(library, LoraLibrary) else None
+    sent: LoraState | None = library.export_state() if library is not None else None
+    conn.send(("ready", facts, _memory(), sent))
+
+    def send_loras() -> None:
+        # Called on the engine thread only (the batch's), as every send is.
+        nonlocal sent
+        state = library.export_state() if library is not None else None
+        if state is not sent:  # states are immutable: a new one is a change
+            sent = state
+            conn.send(("loras", state))
+
+    if library is not None:
+        library.on_change = send_loras
 
     def on_step(*args: Any, **kwargs: Any) -> None:
         conn.send(("step", args, kwargs))
@@ -178,16 +200,19 @@ def engine_main(conn: Connection, settings: Settings, gpu: int | None, loader: L
         try:
             images = engine.run_batch(command[1], on_step)
         except BatchAborted:
+            send_loras()
             conn.send(("aborted",))
             continue
         except BaseException as exc:  # noqa: BLE001 - every failure goes back to the front
             if not isinstance(exc, (DeviceOutOfMemory, DeviceFailure, errors.ServerError)):
                 log.exception("batch failed in the engine process")
+            send_loras()  # before the error: the front's next check sees an unusable mark
             kind = _error_kind(exc)
             conn.send(("error", kind, exc if kind == "server" else _message(exc)))
             if isinstance(exc, DeviceFailure):
                 _exit()  # the device is unusable: the front starts a fresh process
             continue
+        send_loras()
         conn.send(("done", images, _memory()))
 
 
@@ -203,10 +228,15 @@ def _exit() -> None:
 class EngineProcess:
     """The front's handle on one engine process; an `Engine` to the scheduler."""
 
-    def __init__(self, settings: Settings, index: int, gpu: int | None, loader: Loader) -> None:
+    def __init__(self, settings: Settings, index: int, gpu: int | None, loader: Loader,
+                 loras: LoraLibrary | None = None) -> None:
         self.index = index
         self.gpu = gpu
         self.memory: dict[str, float] | None = None  # as of the engine's last batch
+        # The front's library (shared by the front's engines), fed by this engine's state; None
+        # for an engine without one.
+        self.loras: LoraLibrary | None = None
+        self._library = loras if loras is not None else LoraLibrary.from_settings(settings)
         self._lock = threading.Lock()  # one command at a time
         self._conn, child = _CONTEXT.Pipe()
         self._process = _CONTEXT.Process(target=engine_main, args=(child, settings, gpu, loader),
@@ -218,13 +248,21 @@ class EngineProcess:
         if message[0] == "load_error":
             self.close()
             raise _rebuild(message[1], message[2])
-        _, self.models, self.memory = message
+        _, self.models, self.memory, state = message
+        if state is not None:
+            self._library.import_state(index, state)
+            self.loras = self._library
         if self.models:  # what the API reads of the models (a fake engine has none)
             self.model = self.models[0]
         log.info("engine %d ready in process %s%s", index, self.pid,
                  f" on GPU {gpu}" if gpu is not None else "")
 
     # -- Engine -------------------------------------------------------------------------------
+
+    @property
+    def loading_loras(self) -> dict[str, str]:
+        """Model name -> the LoRA this engine is loading onto it right now."""
+        return self.loras.loading(self.index) if self.loras is not None else {}
 
     def run_batch(self, specs: Sequence[GenerationSpec], on_step: Callable[..., None]) -> list[Image.Image]:
         with self._lock:
@@ -277,6 +315,7 @@ class EngineProcess:
 
     def close(self) -> None:
         """Ask the engine to stop; kill it if it does not within a few seconds."""
+        self._library.forget_engine(self.index)
         try:
             self._conn.send(("stop",))
         except OSError:
@@ -297,6 +336,14 @@ class EngineProcess:
             raise self._lost() from exc
 
     def _receive(self) -> tuple[Any, ...]:
+        """The engine's next message; its LoRA states are imported on the way, wherever they come."""
+        while True:
+            message = self._receive_any()
+            if message[0] != "loras":
+                return message
+            self._library.import_state(self.index, message[1])
+
+    def _receive_any(self) -> tuple[Any, ...]:
         # What the engine sent before it died is still read; only then is its death an error.
         ready = wait([self._conn, self._process.sentinel])
         if self._conn in ready or self._conn.poll():
@@ -307,6 +354,7 @@ class EngineProcess:
         raise self._lost()
 
     def _lost(self) -> EngineLost:
+        self._library.forget_engine(self.index)
         self._process.join(1.0)
         code = self._process.exitcode
         how = (f"was killed by signal {-code}" if code is not None and code < 0
@@ -322,8 +370,9 @@ def engine_factories(settings: Settings, gpus: Sequence[int | None],
 
         loader = load_engine
     chosen: Loader = loader
+    loras = LoraLibrary.from_settings(settings)  # one for the front: every engine's state merged
 
     def factory(index: int, gpu: int | None) -> Callable[[], Engine]:
-        return lambda: EngineProcess(settings, index, gpu, chosen)
+        return lambda: EngineProcess(settings, index, gpu, chosen, loras)
 
     return [factory(i, gpu) for i, gpu in enumerate(gpus)]
