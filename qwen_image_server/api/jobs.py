@@ -206,9 +206,16 @@ async def job_events(record: Record, request: Request, ctx: Ctx) -> AsyncIterato
             subscriber.queue.put_nowait((JobEvent.PREVIEW, record.preview.step))
         position = (record.job.step if current is JobState.RUNNING
                     else ctx.scheduler.queue_position(record.job))
+        # The step of the last step event sent. The newest preview may be ahead of it when this
+        # subscriber lags; it is then sent right after the step event it shows, never before.
+        sent_step = record.job.step if current is JobState.RUNNING else 0
+        deferred = False
         while True:
             event, step = await subscriber.queue.get()
             if event is JobEvent.PREVIEW:
+                if record.preview is not None and record.preview.step > sent_step:
+                    deferred = True  # preview_waiting stays set: no second notice piles up
+                    continue
                 subscriber.preview_waiting = False
                 preview = await record.encoded_preview(encode)
                 if preview is not None:
@@ -217,6 +224,7 @@ async def job_events(record: Record, request: Request, ctx: Ctx) -> AsyncIterato
             status = status_of(ctx, record, request)
             if event is JobEvent.STEP:
                 status.progress.step = step  # the step this notice was for, not the latest
+                sent_step = step
             elif event is JobEvent.QUEUED:
                 if status.queue_position is None or status.queue_position == position:
                     continue  # the queue moved but this job's place did not
@@ -224,5 +232,10 @@ async def job_events(record: Record, request: Request, ctx: Ctx) -> AsyncIterato
             yield ServerSentEvent(event=event.value, data=status.model_dump(mode="json"))
             if event.final:
                 return
+            if deferred and record.preview is not None and record.preview.step <= sent_step:
+                deferred = subscriber.preview_waiting = False
+                preview = await record.encoded_preview(encode)
+                if preview is not None:
+                    yield ServerSentEvent(event=JobEvent.PREVIEW.value, data=preview.model_dump(mode="json"))
     finally:
         record.subscribers.discard(subscriber)
