@@ -14,7 +14,7 @@ Without a GPU (or with --smoke) it runs the embedded tiny model on the CPU, so C
     .venv/bin/python bench/gpu.py                        # CUDA: the full matrix; no new work after 420 s
     .venv/bin/python bench/gpu.py --append               # continue a run the time budget cut short
     .venv/bin/python bench/gpu.py --configs baseline,compile+fp8 --sizes 1024x1024 --measure-steps 50
-    .venv/bin/python bench/gpu.py --smoke                # CPU, tiny models, about a minute and a half
+    .venv/bin/python bench/gpu.py --smoke                # CPU, tiny models, about half a minute
 
 Sections: speed (per-step and end-to-end time per configuration and size), batch (throughput
 of batches on the first configuration), memory (peak GPU memory of offload and quantization
@@ -1327,7 +1327,7 @@ def parse_args(argv: Sequence[str] | None) -> argparse.Namespace:
         defaults = {"sizes": [(256, 256)], "steps": [2], "measure_steps": 2, "warmup_steps": 2, "http_repeats": 1,
                     "configs": list(SMOKE_CONFIGS), "memory_configs": [], "batches": [1, 2],
                     "batch_sizes": [(256, 256)], "http_size": (256, 256),
-                    "edit_images": [1, 3], "edit_steps": [2], "edit_size": (256, 256), "edit_warmup": False,
+                    "edit_images": [2], "edit_steps": [2], "edit_size": (256, 256), "edit_warmup": False,
                     "lora_size": (256, 256), "preview_size": (256, 256)}
     else:
         defaults = {"sizes": [(512, 512), (1024, 1024), (1328, 1328), (1664, 928)], "steps": [20, 50],

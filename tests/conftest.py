@@ -60,7 +60,7 @@ def pytest_runtest_setup(item: pytest.Item) -> None:
     # loadgroup keeps a group on one worker only through the "@group" suffix pytest-xdist adds to
     # each node id; a pytest that keeps node ids elsewhere drops it silently, and every worker
     # would then start its own copy of each module's servers and models. Fail instead.
-    if (item.config.getvalue("loadgroup") and any(item.iter_markers("xdist_group"))
+    if (getattr(item.config.option, "loadgroup", False) and any(item.iter_markers("xdist_group"))
             and "@" not in item.nodeid):
         pytest.fail("pytest-xdist did not keep this test's xdist_group on one worker: this pytest "
                     "and pytest-xdist do not work together; install requirements-test.txt's versions.")

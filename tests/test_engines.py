@@ -125,8 +125,9 @@ def test_fairness_bound_holds_across_engines(make):
 def test_a_lost_engine_batch_is_retried_on_another_and_queued_jobs_keep_waiting(make):
     s, engines = make(count=2, max_batch_size=2)
     a, b = engines.wait_made(0, 1), engines.wait_made(1, 1)
-    jobs = [s.submit(spec(i), i) for i in range(2)]
+    jobs = s.submit_many([spec(0), spec(1)], 0)  # queued together: one batch of two
     wait_for(s, lambda: jobs[0].engine is not None, "the batch to start")
+    assert jobs[1].engine == jobs[0].engine
     doomed = a if jobs[0].engine == 0 else b
     doomed.wait_started()
     queued = [s.submit(spec(i), i) for i in range(2, 8)]
