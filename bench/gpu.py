@@ -1264,7 +1264,7 @@ def parse_args(argv: Sequence[str] | None) -> argparse.Namespace:
                                             "offload-model, offload-sequential, attn-<diffusers backend>.")
     parser.add_argument("--smoke", action="store_true",
                         help="CPU, tiny models, 2 steps, CPU-capable configurations: a check that the "
-                             "benchmark works (about a minute and a half on 2 cores)")
+                             "benchmark works (about half a minute on 2 cores)")
     parser.add_argument("--model", choices=("auto", "full", "tiny"), default="auto",
                         help="full: real architecture, random weights (default on CUDA); tiny: the "
                              "embedded test model (default on CPU)")
