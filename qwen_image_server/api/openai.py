@@ -16,7 +16,7 @@ import time
 from collections.abc import AsyncIterator
 from contextlib import aclosing
 from dataclasses import dataclass
-from typing import Annotated
+from typing import Annotated, Any
 
 from fastapi import APIRouter, Form, Request, Response
 from fastapi.sse import KEEPALIVE_COMMENT, EventSourceResponse, format_sse_event
@@ -203,14 +203,7 @@ class _Answer:
                     rendered = await self._render(jobs[index], result)
                     if usage is None:
                         usage = await self._usage(width, height, images=1)
-                    event = self.event(
-                        b64_json=base64.b64encode(rendered.data).decode("ascii"),
-                        created_at=int(time.time()),
-                        size=f"{width}x{height}",
-                        quality=self.body.quality or "auto",
-                        output_format=self.body.output_format,
-                        usage=usage,
-                    )
+                    event = self.event(**self._image_fields(rendered.data, width, height), usage=usage)
                     yield format_sse_event(data_str=event.model_dump_json(), event=event.type)
         except errors.ServerError as exc:
             yield _error_event(ErrorDetail(message=exc.message, type=exc.type, param=exc.param, code=exc.code))
@@ -226,15 +219,15 @@ class _Answer:
         rendered = await self.ctx.generation.render_preview(
             job, preview, output_format=self.body.output_format, compression=self.body.output_compression,
             full_size=True)
-        event = self.partial_event(
-            b64_json=base64.b64encode(rendered.data).decode("ascii"),
-            created_at=int(time.time()),
-            size=f"{rendered.width}x{rendered.height}",
-            quality=self.body.quality or "auto",
-            output_format=self.body.output_format,
-            partial_image_index=number,
-        )
+        event = self.partial_event(**self._image_fields(rendered.data, rendered.width, rendered.height),
+                                   partial_image_index=number)
         return format_sse_event(data_str=event.model_dump_json(), event=event.type)
+
+    def _image_fields(self, data: bytes, width: int, height: int) -> dict[str, Any]:
+        """What OpenAI's partial and completed image events both carry."""
+        return dict(b64_json=base64.b64encode(data).decode("ascii"), created_at=int(time.time()),
+                    size=f"{width}x{height}", quality=self.body.quality or "auto",
+                    output_format=self.body.output_format)
 
 
 def _store(ctx: ServerContext, request: Request, rendered: Rendered) -> str:
