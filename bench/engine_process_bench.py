@@ -38,6 +38,7 @@ from qwen_image_server.api.app import create_app, real_engine_factory  # noqa: E
 from qwen_image_server.engine.process import engine_factories  # noqa: E402
 from qwen_image_server.serving import GracefulServer  # noqa: E402
 from qwen_image_server.settings import Settings  # noqa: E402
+from scheduler_bench import serve_app as serve  # noqa: E402
 
 
 class FakeLoader:
@@ -54,9 +55,11 @@ class _FastEngine:
         import numpy as np
         from PIL import Image
 
+        from qwen_image_server.engine.types import StepEvent
+
         total = specs[0].num_inference_steps
         for step in range(1, total + 1):
-            on_step(step, total)
+            on_step(StepEvent(step, total))
         images = []
         for spec in specs:
             rng = np.random.default_rng(spec.seed)
@@ -68,18 +71,6 @@ class _FastEngine:
 
     def free_memory(self) -> None:
         pass
-
-
-def serve(app) -> tuple[GracefulServer, threading.Thread, str]:
-    server = GracefulServer(uvicorn.Config(app, host="127.0.0.1", port=0, log_level="warning"))
-    thread = threading.Thread(target=server.run, daemon=True)
-    thread.start()
-    while not server.started:
-        time.sleep(0.05)
-    url = f"http://127.0.0.1:{server.servers[0].sockets[0].getsockname()[1]}"
-    while httpx.get(f"{url}/ready").status_code != 200:
-        time.sleep(0.2)
-    return server, thread, url
 
 
 def stop(server: GracefulServer, thread: threading.Thread) -> None:

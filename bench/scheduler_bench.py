@@ -37,7 +37,11 @@ from qwen_image_server.settings import Settings  # noqa: E402
 
 
 def serve(settings: Settings) -> tuple[GracefulServer, threading.Thread, str]:
-    app = create_app(settings)
+    return serve_app(create_app(settings))
+
+
+def serve_app(app) -> tuple[GracefulServer, threading.Thread, str]:
+    """Run `app` on a free port in a thread; return once it answers /ready."""
     server = GracefulServer(uvicorn.Config(app, host="127.0.0.1", port=0, log_level="warning"))
     thread = threading.Thread(target=server.run, daemon=True)
     thread.start()

@@ -15,17 +15,9 @@ from qwen_image_server.api.app import create_app, real_engine_factory
 from tests.conftest import LiveServer, tiny_settings
 from tests.fakes import FakeEngine
 from tests.test_edit import small_working_size  # noqa: F401 - the fixture, shared
-from tests.test_web import CHROMIUM_ARGS, CHROMIUM, SLOW, Watched, screenshot, wait_for_image
+from tests.test_web import SLOW, Watched, browser, screenshot, wait_for_image  # noqa: F401 - browser: the fixture, shared
 
-from playwright.sync_api import Browser, expect, sync_playwright  # noqa: E402
-
-
-@pytest.fixture(scope="module")
-def browser() -> Iterator[Browser]:
-    with sync_playwright() as p:
-        browser = p.chromium.launch(executable_path=str(CHROMIUM), args=CHROMIUM_ARGS)
-        yield browser
-        browser.close()
+from playwright.sync_api import expect  # noqa: E402
 
 
 @pytest.fixture(scope="module")

@@ -11,19 +11,11 @@ import pytest
 
 from tests.conftest import LiveServer, tiny_settings
 from tests.test_loras import lora_dir  # noqa: F401 - the fixture, shared
-from tests.test_web import CHROMIUM, CHROMIUM_ARGS, Watched, screenshot, wait_for_image
+from tests.test_web import Watched, browser, screenshot, wait_for_image  # noqa: F401 - browser: the fixture, shared
 
-from playwright.sync_api import Browser, expect, sync_playwright  # noqa: E402
+from playwright.sync_api import expect  # noqa: E402
 
 pytestmark = pytest.mark.xdist_group("web_loras")
-
-
-@pytest.fixture(scope="module")
-def browser() -> Iterator[Browser]:
-    with sync_playwright() as p:
-        browser = p.chromium.launch(executable_path=str(CHROMIUM), args=CHROMIUM_ARGS)
-        yield browser
-        browser.close()
 
 
 @pytest.fixture(scope="module")
