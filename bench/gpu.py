@@ -366,13 +366,14 @@ def load_tiny_pipeline(cache_dir: Path, dtype: torch.dtype) -> Any:
 
 
 def full_edit_pipeline(pipeline: Any) -> Any:
-    """Qwen-Image-Edit-2509 / -2511 over `pipeline`'s modules (`from_pipe` shares them: nothing
-    is copied), with the Qwen2.5-VL processor that shows the input images to the text encoder."""
+    """Qwen-Image-Edit-2509 / -2511 over `pipeline`'s modules (shared: nothing is copied or
+    cast), with the Qwen2.5-VL processor that shows the input images to the text encoder."""
     from diffusers import QwenImageEditPlusPipeline
 
+    from qwen_image_server.engine.edit import over_same_modules
     from qwen_image_server.engine.processor import build_processor
 
-    return QwenImageEditPlusPipeline.from_pipe(pipeline, processor=build_processor(pipeline.tokenizer))
+    return over_same_modules(QwenImageEditPlusPipeline, pipeline, processor=build_processor(pipeline.tokenizer))
 
 
 # -- measuring ------------------------------------------------------------------------------------
@@ -631,7 +632,9 @@ class Benchmark:
         try:
             options = prepare_pipeline(pipeline, settings, self.device)
         except BaseException:
-            self._drop(pipeline, config.caches)
+            self._unhook(pipeline, config.caches)
+            del pipeline  # before the collection: this frame stays alive in the traceback
+            self._collect()
             raise
         total, size_mb = count_parameters(pipeline)
         model = LoadedModel(pipeline=pipeline, name=settings.model, source="benchmark", device=self.device,
@@ -676,26 +679,29 @@ class Benchmark:
     def release(self, prepared: Prepared) -> None:
         assert prepared.engine is not None
         if prepared.edit_engine is not None:
-            edit_pipeline = prepared.edit_engine.pipeline
+            # The full-size edit pipeline shares the generation modules; let go of it first.
+            self._unhook(prepared.edit_engine.pipeline, prepared.caches)
             prepared.edit_engine = None
-            # The full-size edit pipeline shares the generation modules; dropped first so that
-            # nothing holds them when those are dropped.
-            self._drop(edit_pipeline, prepared.caches)
-        pipeline = prepared.engine.pipeline
+        self._unhook(prepared.engine.pipeline, prepared.caches)
         prepared.engine = None
-        self._drop(pipeline, prepared.caches)
+        self._collect()
 
-    def _drop(self, pipeline: Any, caches: bool) -> None:
+    @staticmethod
+    def _unhook(pipeline: Any, caches: bool) -> None:
+        """Take off what holds the modules besides the pipeline: cache-dit and offload hooks."""
         if caches:
             try:
                 import cache_dit
 
                 cache_dit.disable_cache(pipeline)  # drops cache-dit's references to the blocks
-            except Exception:  # noqa: BLE001 - best effort; the leftover check below reports
+            except Exception:  # noqa: BLE001 - best effort; the leftover check in _collect reports
                 pass
         if hasattr(pipeline, "remove_all_hooks"):
             pipeline.remove_all_hooks()  # offload hooks hold the modules too
-        del pipeline
+
+    def _collect(self) -> None:
+        """Free what the released pipelines held. The caller holds no reference to them any more
+        (a local variable in its frame would keep every weight alive through this check)."""
         torch.compiler.reset()  # compiled graphs hold the old modules' weights
         gc.collect()
         if self.device.type == "cuda":

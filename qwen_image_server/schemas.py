@@ -210,6 +210,10 @@ class EngineOptions(BaseModel):
     lora_scale: float | None
     attention: str
     warmup: bool
+    fp8_fallbacks: dict[str, str] = Field(
+        default_factory=dict,
+        description="fp8 on a GPU: layer shapes ('in x out') running per-tensor or exact-accumulation fp8, or "
+                    "bf16, because this GPU's cuBLASLt has no row-wise fp8 kernel for them.")
 
 
 class GenerationDefaultsInfo(BaseModel):

@@ -179,7 +179,7 @@ def test_server_reports_options_and_a_lightning_lora_sets_the_defaults(server, t
             "offload": "none", "offload_reason": "...", "quantize": "int8", "quantize_text_encoder": False,
             "quantize_skip": ["img_mlp"],
             "compile": False, "cache": "none", "cache_options": {}, "lora": str(lora), "lora_scale": 1.0,
-            "attention": "_native_math", "warmup": True}
+            "attention": "_native_math", "warmup": True, "fp8_fallbacks": {}}
         assert info["defaults"] == {"num_inference_steps": 4, "true_cfg_scale": 1.0,
                                     "reason": "the 4-step Lightning LoRA's card"}
         assert info["scheduler"]["processed"] == 0  # the warm-up is not a user request

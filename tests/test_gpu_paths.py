@@ -27,13 +27,23 @@ from qwen_image_server.engine.loader import LoadedModel, load_model
 from qwen_image_server.engine.memory import GiB, component_bytes
 from qwen_image_server.engine import options as options_module
 from qwen_image_server.engine.options import check_options, prepare_pipeline, takes_padding_mask
-from qwen_image_server.engine.quantize import TEXT_ENCODER_SKIP, ao_config, quantize_module, tensor_bytes
+from qwen_image_server.engine import quantize as quantize_module_
+from qwen_image_server.engine.quantize import (
+    TEXT_ENCODER_SKIP,
+    Fp8Chooser,
+    Fp8Kind,
+    fp8_kinds,
+    probe_fp8,
+    quantize_module,
+    tensor_bytes,
+)
 from qwen_image_server.engine.runner import PipelineEngine, inference_context
 from qwen_image_server.engine.tiny import ensure_tiny_model
 from qwen_image_server.engine.types import (
     BatchAborted,
     DeviceFailure,
     DeviceOutOfMemory,
+    EditSpec,
     GenerationSpec,
     PreviewPlan,
     StepEvent,
@@ -302,9 +312,60 @@ def test_fp8_with_float16_weights_is_refused_before_the_download(tmp_path, gpu_f
     assert check_options(tiny_settings(tmp_path, quantize="fp8"), GPU) is None  # auto is bf16 on CUDA
 
 
-def test_fp8_on_cuda_12_9_avoids_the_cublaslt_path_that_fails():
-    assert ao_config("fp8", dataclasses.replace(GPU, cuda_version="12.9")).mm_config.use_fast_accum is False
-    assert ao_config("fp8", GPU).mm_config.use_fast_accum is True
+def test_an_fp8_probe_passes_a_kind_that_runs_and_says_why_one_fails():
+    from torchao.quantization import Float8WeightOnlyConfig
+
+    assert probe_fp8(Fp8Kind("weight-only", Float8WeightOnlyConfig()), (64, 32, True), CPU) is None
+    # Dynamic fp8 needs an fp8-capable GPU: on the CPU quantizing the scratch layer fails.
+    assert "CUDA" in probe_fp8(fp8_kinds()[0], (64, 32, True), CPU)
+
+
+def test_fp8_layer_shapes_without_a_row_wise_kernel_take_the_next_kind_that_runs(tmp_path, gpu_facts, monkeypatch):
+    """cuBLASLt has no row-wise fp8 kernel for large-K layers at prompt-length row counts
+    (pytorch/ao#4582: every request failed at the text stream's MLP on an H200). Each layer
+    shape is tried once; those shapes take the next kind, the others stay row-wise, and the
+    model still generates. Kinds that run on the CPU stand in for the GPU's, told apart by the
+    tensor type they leave: row-wise -> fp8, per-tensor -> int8."""
+    from torchao.quantization import Float8WeightOnlyConfig, Int8WeightOnlyConfig
+
+    monkeypatch.setattr(quantize_module_, "fp8_kinds", lambda: [
+        Fp8Kind("row-wise", Float8WeightOnlyConfig()), Fp8Kind("per-tensor", Int8WeightOnlyConfig())])
+    probed: list[tuple[str, tuple[int, int, bool]]] = []
+
+    def probe(kind, shape, device):
+        probed.append((kind.name, shape))
+        large_k = shape[0] > shape[1]  # the MLPs' down projections
+        return "CUBLAS_STATUS_NOT_SUPPORTED" if large_k and kind.name == "row-wise" else None
+
+    monkeypatch.setattr(quantize_module_, "probe_fp8", probe)
+    monkeypatch.setattr(options_module, "place", lambda *args: None)
+    settings = tiny_settings(tmp_path, quantize="fp8", quantize_text_encoder=True, offload="none")
+    pipeline = QwenImagePipeline.from_pretrained(ensure_tiny_model(settings.cache_dir), dtype=torch.bfloat16)
+    options = prepare_pipeline(pipeline, settings, GPU)
+
+    assert len(probed) == len(set(probed))  # one try per shape and kind, the text encoder's too
+    down = pipeline.transformer.transformer_blocks[0].txt_mlp.net[2]
+    up = pipeline.transformer.transformer_blocks[0].txt_mlp.net[0].proj
+    assert "Int8" in type(down.weight).__name__ and "Float8" in type(up.weight).__name__
+    large_k = {f"{i}x{o}" for _, (i, o, _) in probed if i > o}
+    assert large_k and options.fp8_fallbacks == dict.fromkeys(large_k, "per-tensor")
+    assert "fp8 fallbacks" in options.summary()
+    image = PipelineEngine(LoadedModel(pipeline=pipeline, name="tiny", source="test", device=CPU,
+                                       dtype=torch.bfloat16, load_time=0, total_parameters=0, size_mb=0,
+                                       options=options)).run_batch([spec()], no_progress)[0]
+    assert np.asarray(image).std() > 0
+
+
+def test_an_fp8_layer_shape_no_kind_runs_stays_in_bf16():
+    layers = torch.nn.ModuleDict({"a": torch.nn.Linear(64, 32), "b": torch.nn.Linear(32, 32)}).to(torch.bfloat16)
+    from torchao.quantization import Float8WeightOnlyConfig
+
+    chooser = Fp8Chooser(GPU, kinds=[Fp8Kind("row-wise", Float8WeightOnlyConfig())],
+                         probe=lambda kind, shape, device: "not supported" if shape[0] == 64 else None)
+    assert quantize_module(layers, "fp8", GPU, (), chooser=chooser) == 1
+    assert layers["a"].weight.dtype == torch.bfloat16 and type(layers["a"].weight) is torch.nn.Parameter
+    assert "Float8" in type(layers["b"].weight).__name__
+    assert chooser.fallbacks() == {"64x32": "bf16"}
 
 
 class FakePipeline:
@@ -469,3 +530,33 @@ def test_images_from_quantized_offloaded_model_stay_close(tmp_path, gpu_facts):
                           tiny_settings(tmp_path, quantize="int8", quantize_text_encoder=True, offload="model"), GPU)
     image = np.asarray(offloaded.run_batch([spec(size=128)], no_progress)[0]).astype(np.float64)
     assert np.abs(image - baseline).mean() < 2.0
+
+
+def test_a_masked_edit_leaves_a_bfloat16_edit_model_in_bfloat16(tmp_path):
+    """A masked edit runs a second pipeline over the edit model's modules. Making it must not
+    cast them: a float32 cast doubles a GPU model's memory and makes every later step of that
+    model run in float32."""
+    from PIL import Image
+
+    from qwen_image_server.engine.tiny import TINY_EDIT_MODEL_NAME
+    from qwen_image_server.model_list import ModelRef
+
+    model = load_model(tiny_settings(tmp_path, dtype="bfloat16"),
+                       ModelRef(TINY_EDIT_MODEL_NAME, TINY_EDIT_MODEL_NAME))
+    pipeline = model.pipeline
+
+    def weights() -> dict[str, tuple[set[torch.dtype], int]]:
+        return {name: ({p.dtype for p in part.parameters()},
+                       sum(p.numel() * p.element_size() for p in part.parameters()))
+                for name, part in pipeline.components.items() if isinstance(part, torch.nn.Module)}
+
+    before = weights()
+    assert before["transformer"][0] == {torch.bfloat16}
+    picture = Image.new("RGB", (64, 64), (120, 80, 40))
+    mask = Image.new("L", (64, 64), 0)
+    mask.paste(255, (0, 0, 32, 32))
+    spec = EditSpec("p", " ", 64, 64, 2, 4.0, 1, model=TINY_EDIT_MODEL_NAME, images=(picture,), mask=mask,
+                    inputs_digest="masked")
+    images = PipelineEngine(model).run_batch([spec], lambda event: None)
+    assert len(images) == 1
+    assert weights() == before

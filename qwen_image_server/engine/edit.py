@@ -5,18 +5,34 @@
 - QwenImageEditPlusPipeline (Edit-2509 / -2511): one to three images, but diffusers runs one
   prompt per call, so a batch is one prompt, its images, and `num_images_per_prompt` seeds
   (`EditSpec.one_prompt_per_call` keeps other prompts out of its batch key).
-- A mask: QwenImageEditInpaintPipeline built from the same components (`from_pipe`, no copy),
-  which reads the mask as white = change, and `strength` as how far to move from the original.
+- A mask: QwenImageEditInpaintPipeline over the same components (`over_same_modules`: no copy,
+  no cast), which reads the mask as white = change, and `strength` as how far to move from the original.
   It always makes ~1 megapixel at the image's aspect ratio; the server resizes the result to
   the requested size when rendering.
 """
 
 from __future__ import annotations
 
+import inspect
 from collections.abc import Sequence
 from typing import Any
 
 from qwen_image_server.engine.types import EditSpec
+
+
+def over_same_modules(pipeline_class: type, pipeline: Any, **overrides: Any) -> Any:
+    """A `pipeline_class` over `pipeline`'s components as they are: the same objects, on the same
+    devices, in the same dtypes (`overrides` replace or add components).
+
+    diffusers' `from_pipe` shares the components too, but then casts the new pipeline to float32
+    unless it is given a dtype, and the cast is in place: a bfloat16 model's weights would double
+    in memory and every pipeline sharing them would step in float32 from then on (about 8x
+    slower on an H200). Quantized or offloaded modules must not be cast at all, so nothing here
+    calls `.to()`.
+    """
+    wanted = set(inspect.signature(pipeline_class.__init__).parameters) - {"self"}
+    components = {name: part for name, part in pipeline.components.items() if name in wanted}
+    return pipeline_class(**{**components, **overrides})
 
 
 class EditCalls:
@@ -33,8 +49,7 @@ class EditCalls:
         if self._inpaint is None:
             from diffusers import QwenImageEditInpaintPipeline
 
-            # from_pipe shares every component: no weights are copied or moved.
-            self._inpaint = QwenImageEditInpaintPipeline.from_pipe(self.pipeline)
+            self._inpaint = over_same_modules(QwenImageEditInpaintPipeline, self.pipeline)
             self._inpaint.set_progress_bar_config(disable=True)
         return self._inpaint
 

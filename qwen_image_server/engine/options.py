@@ -30,7 +30,7 @@ from qwen_image_server.engine.memory import (
     place,
     plan_offload,
 )
-from qwen_image_server.engine.quantize import TEXT_ENCODER_SKIP, fp8_problem, quantize_module
+from qwen_image_server.engine.quantize import TEXT_ENCODER_SKIP, Fp8Chooser, fp8_problem, quantize_module
 from qwen_image_server.engine.step_cache import cache_config, enable_step_cache
 from qwen_image_server.errors import OptionUnavailable
 from qwen_image_server.scheduler import SchedulerConfig
@@ -54,11 +54,16 @@ class AppliedOptions:
     lora_scale: float | None = None
     attention: str = "native"
     warmup: bool = False
+    # fp8 on a GPU: layer shapes ('in x out') that run another fp8 kind than row-wise, or bf16,
+    # because this GPU's cuBLASLt has no row-wise kernel for them.
+    fp8_fallbacks: dict[str, str] = field(default_factory=dict)
 
     def summary(self) -> str:
+        fallbacks = "; ".join(f"{shape}: {kind}" for shape, kind in self.fp8_fallbacks.items())
         parts = [f"offload={self.offload} ({self.offload_reason})", f"quantize={self.quantize}"
                  + ("+text_encoder" if self.quantize_text_encoder else "")
-                 + (f" (kept: {','.join(self.quantize_skip)})" if self.quantize_skip else ""),
+                 + (f" (kept: {','.join(self.quantize_skip)})" if self.quantize_skip else "")
+                 + (f" (fp8 fallbacks: {fallbacks})" if fallbacks else ""),
                  f"compile={int(self.compile)}", f"cache={self.cache}", f"attention={self.attention}",
                  f"warmup={int(self.warmup)}"]
         if self.lora:
@@ -198,17 +203,21 @@ def prepare_pipeline(pipeline: Any, settings: Settings, device: DeviceInfo,
     log.info("memory plan: offload=%s because %s", plan.plan, plan.reason)
     check_plan(settings, device, plan.plan, plan.reason)
 
+    chooser: Fp8Chooser | None = None
     if settings.quantize != "none":
         # Under an offload plan every layer goes back to the CPU once quantized: the plan was
         # made because the components do not all fit on the GPU at once.
         stay = plan.plan == "none"
+        # One chooser for both components: each fp8 layer shape is tried on the GPU once.
+        if settings.quantize == "fp8" and device.type == "cuda":
+            chooser = Fp8Chooser(device)
         count = quantize_module(pipeline.transformer, settings.quantize, device, settings.quantize_skip,
-                                stay_on_device=stay)
+                                stay_on_device=stay, chooser=chooser)
         log.info("quantized %d transformer layers to %s (left unquantized: %s)",
                  count, settings.quantize, ", ".join(settings.quantize_skip) or "none")
         if settings.quantize_text_encoder:
             count = quantize_module(pipeline.text_encoder, settings.quantize, device, TEXT_ENCODER_SKIP,
-                                    stay_on_device=stay)
+                                    stay_on_device=stay, chooser=chooser)
             log.info("quantized %d text encoder layers to %s", count, settings.quantize)
 
     # Always set, "native" included: diffusers also keeps the choice in a process-wide registry,
@@ -236,4 +245,5 @@ def prepare_pipeline(pipeline: Any, settings: Settings, device: DeviceInfo,
         lora_scale=lora.scale if lora else None,
         attention=settings.attention,
         warmup=settings.warmup or settings.compile,
+        fp8_fallbacks=chooser.fallbacks() if chooser else {},
     )
