@@ -213,9 +213,11 @@ class SchedulerConfig:
     ) -> SchedulerConfig:
         """Settings with the per-device defaults filled in (see the README for the measurements)."""
         if device_type == "cuda":
-            # GPUs gain from batching until the transformer is compute-bound: ~2.8x at 4x512x512,
-            # little at 1024x1024. Two megapixels lets 512-768 px batch 4 and 1024 px batch 2.
-            size, pixels, wait = 4, 2 * 1024 * 1024, 10.0
+            # GPUs gain from batching only while the transformer is not yet compute-bound. On an
+            # H200 at 1024x1024 batches of 2 and 4 made 1.00x and 1.04x the images per minute of
+            # single calls, while every job of a batch waits for the last one. One megapixel lets
+            # small images batch (4 at 512x512) and runs 1024x1024 and larger alone.
+            size, pixels, wait = 4, 1024 * 1024, 10.0
         else:
             # On 2 CPU cores a batch of 4 at 512x512 ran 0.95-1.2x as fast as 4 single calls, and
             # 1024x1024 batches were slower than serial: no throughput to win, while every job of
