@@ -17,6 +17,7 @@ import logging
 import os
 import time
 from collections.abc import Callable, Iterator, Sequence
+from typing import get_args
 
 from prometheus_client import (
     CollectorRegistry,
@@ -36,6 +37,7 @@ from prometheus_client.process_collector import ProcessCollector
 
 from qwen_image_server import errors
 from qwen_image_server.engine.device import DeviceInfo
+from qwen_image_server.engine.types import PreviewMode
 from qwen_image_server.job_state import JobEvent
 from qwen_image_server.scheduler import Engine, Job, Scheduler
 
@@ -47,6 +49,8 @@ MULTIPROC_ENV = "PROMETHEUS_MULTIPROC_DIR"
 SECONDS_BUCKETS = (0.01, 0.025, 0.05, 0.1, 0.25, 0.5, 1.0, 2.5, 5.0, 10.0, 25.0, 60.0, 120.0,
                    300.0, 600.0)
 BATCH_SIZE_BUCKETS = (1, 2, 3, 4, 6, 8, 12, 16, 24, 32)
+# A latent preview takes about a millisecond on a GPU, a full one (a VAE decode) tens of them.
+PREVIEW_BUCKETS = (0.0005, 0.001, 0.0025, 0.005, 0.01, 0.025, 0.05, 0.1, 0.25, 0.5, 1.0, 2.5)
 _METHODS = frozenset({"GET", "HEAD", "POST", "PUT", "PATCH", "DELETE", "OPTIONS"})
 # Label values created up front, so rate() and alerts see a 0 series rather than none.
 _REJECTION_REASONS = (errors.QueueFull.type, errors.ShuttingDown.type)
@@ -105,6 +109,11 @@ class ServerMetrics:
             "prompts, is left out).", buckets=SECONDS_BUCKETS, registry=r)
         self.batch_size = Histogram(
             "qwen_image_batch_size", "Jobs per pipeline call.", buckets=BATCH_SIZE_BUCKETS, registry=r)
+        self.preview = Histogram(
+            "qwen_image_preview_seconds",
+            "Engine seconds of one live preview, by mode (latent: a projection of the latents; full: "
+            "a VAE decode). The job that asked for it waits that long; so does its batch.",
+            ["mode"], buckets=PREVIEW_BUCKETS, registry=r)
         self.images = Counter("qwen_image_images_generated", "Images generated and delivered.", registry=r)
         self.cancelled = Counter(
             "qwen_image_jobs_cancelled", "Jobs cancelled by their client or a disconnect.", registry=r)
@@ -138,6 +147,8 @@ class ServerMetrics:
             self.rejected.labels(reason)
         for type_ in _FAILURE_TYPES:
             self.failed.labels(type_)
+        for mode in get_args(PreviewMode):
+            self.preview.labels(mode)
 
     # -- feeding ----------------------------------------------------------------------------
 
@@ -241,6 +252,9 @@ class SchedulerMetrics:
             self._step_mark = (job.batch_id, 0, time.perf_counter())
         elif event is JobEvent.STEP:
             self._step(job)
+        elif event is JobEvent.PREVIEW:
+            if job.preview is not None:
+                self.m.preview.labels(job.preview.mode).observe(job.preview.seconds)
         elif event is JobEvent.SUCCEEDED:
             self.m.images.inc()
         elif event is JobEvent.CANCELLED:

@@ -27,6 +27,7 @@ from qwen_image_server.engine.types import GenerationSpec, Preview, PreviewPlan
 from qwen_image_server.job_state import JobEvent
 from tests.conftest import LiveServer, hold_engine, tiny_settings
 from tests.test_edit import picture, small_working_size  # noqa: F401 - the edit model's fast sizes
+from tests.test_metrics import scrape, value
 
 STEPS = 4
 
@@ -110,12 +111,22 @@ def test_latent_previews_arrive_with_their_step_and_the_final_image_is_unchanged
 
 
 def test_full_previews_are_decodes_of_the_image_so_far_and_their_time_is_reported(live):
-    events, final = run_job(live, job_body(12, num_inference_steps=4, preview="full", preview_every=3))
+    with httpx.Client(base_url=live.url, timeout=30) as client:
+        before = scrape(client)
+        events, final = run_job(live, job_body(12, num_inference_steps=4, preview="full", preview_every=3))
+        after = scrape(client)
     previews = [data for name, data in events if name == "preview"]
     assert [p["step"] for p in previews] == [3]
     last = image_of(previews[-1]["b64_json"])
     assert last.size == (512, 512) and previews[-1]["mode"] == "full"
     assert final["preview_time"] > 0 and final["inference_time"] > final["preview_time"]
+    # /metrics: one full preview more, taking the job's preview time; no latent one.
+    def grew(name: str, mode: str) -> float:
+        return value(after, name, mode=mode) - value(before, name, mode=mode)
+
+    assert grew("qwen_image_preview_seconds_count", "full") == 1
+    assert grew("qwen_image_preview_seconds_sum", "full") == pytest.approx(final["preview_time"], abs=1e-3)
+    assert grew("qwen_image_preview_seconds_count", "latent") == 0
     plain = httpx.post(f"{live.url}/generate", json=job_body(12), timeout=120)
     assert final_png(final) == plain.content
 
