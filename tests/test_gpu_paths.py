@@ -320,6 +320,17 @@ def test_an_fp8_probe_passes_a_kind_that_runs_and_says_why_one_fails():
     assert "CUDA" in probe_fp8(fp8_kinds()[0], (64, 32, True), CPU)
 
 
+def test_running_out_of_memory_while_probing_is_not_taken_for_a_missing_kernel(monkeypatch):
+    import torchao.quantization
+
+    def full(*args, **kwargs):
+        raise torch.OutOfMemoryError("CUDA out of memory. Tried to allocate 150.00 MiB")
+
+    monkeypatch.setattr(torchao.quantization, "quantize_", full)
+    with pytest.raises(torch.OutOfMemoryError):
+        probe_fp8(fp8_kinds()[0], (64, 32, True), CPU)
+
+
 def test_fp8_layer_shapes_without_a_row_wise_kernel_take_the_next_kind_that_runs(tmp_path, gpu_facts, monkeypatch):
     """cuBLASLt has no row-wise fp8 kernel for large-K layers at prompt-length row counts
     (pytorch/ao#4582: every request failed at the text stream's MLP on an H200). Each layer

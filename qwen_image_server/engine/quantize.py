@@ -124,6 +124,8 @@ def probe_fp8(kind: Fp8Kind, shape: LayerShape, device: DeviceInfo) -> str | Non
                 layer(torch.randn(rows, in_features, dtype=torch.bfloat16, device=where))
         if device.type == "cuda":
             torch.cuda.synchronize()
+    except torch.OutOfMemoryError:
+        raise  # says nothing about the kind: the real layers would not fit either
     except (RuntimeError, AssertionError, NotImplementedError) as exc:
         return (str(exc).strip().splitlines() or [type(exc).__name__])[0]
     return None
