@@ -165,9 +165,6 @@ EDIT_ANCHORS: dict[int, str] = {
         "(21.6 s with cache-dit)",
 }
 
-# Steps of the preview rows (enough gaps for a median step time), and rounds of interleaved runs.
-PREVIEW_STEPS, PREVIEW_ROUNDS = 6, 2
-
 log = logging.getLogger("bench.gpu")
 
 # torchao's quantization configs switch these inductor settings on for the whole process
@@ -827,17 +824,17 @@ class Benchmark:
     def preview(self, engine: PipelineEngine, config: BenchConfig, width: int, height: int) -> None:
         """What previews cost per step: runs with a latent preview at every step and with a full
         (VAE decode) preview at every step, against plain runs of the same steps, interleaved
-        (PREVIEW_ROUNDS rounds) so drift in the machine's speed hits all three alike. Each
+        (--preview-rounds rounds) so drift in the machine's speed hits all three alike. Each
         preview's own time is the engine's (the step's kernels finished first); the change in
         step time is what the batch pays."""
-        steps = max(PREVIEW_STEPS, self.args.measure_steps)
+        steps = self.args.preview_steps
         start = time.perf_counter()
         engine.previewer  # noqa: B018 - the projection fit, as the server does it at load time
         fit_s = time.perf_counter() - start
         self.warm(engine, width, height, 1, CFG_SCALE)
         plans = {"plain": None, "latent": PreviewPlan("latent", every=1), "full": PreviewPlan("full", every=1)}
         runs: dict[str, list[Run]] = {name: [] for name in plans}
-        for _ in range(PREVIEW_ROUNDS):
+        for _ in range(self.args.preview_rounds):
             for name, plan in plans.items():
                 specs = [dataclasses.replace(spec, preview=plan)
                          for spec in specs_for(width, height, steps, 1, CFG_SCALE)]
@@ -940,7 +937,7 @@ class Benchmark:
             return
         engine = prepared.engine
         assert engine is not None
-        first_row, graphs = len(self.rows), compiled_graphs()
+        first_row, graphs, start = len(self.rows), compiled_graphs(), time.perf_counter()
         try:
             if section == "speed":
                 self.speed(engine, config, width, height)
@@ -964,6 +961,9 @@ class Benchmark:
             if self.device.type == "cuda":
                 gc.collect()
                 torch.cuda.empty_cache()
+        # Where the time budget goes, for planning the next (time-limited) GPU run.
+        log.info("%s %s %dx%d x%d took %.1fs", section, config.name, width, height, batch,
+                 time.perf_counter() - start)
         if config.settings_overrides.get("compile"):
             # After the server's warm-up nothing should compile (goal 0): each new graph here is
             # one a live request would wait for.
@@ -1311,6 +1311,10 @@ def parse_args(argv: Sequence[str] | None) -> argparse.Namespace:
     parser.add_argument("--lora-switches", type=int, default=5, help="timed adapter switches, each way")
     parser.add_argument("--preview-size", type=parse_size, default=None,
                         help="image size of the preview row (default 1024x1024)")
+    parser.add_argument("--preview-steps", type=int, default=None,
+                        help="steps of each preview run: enough gaps for a median step (default 6)")
+    parser.add_argument("--preview-rounds", type=int, default=None,
+                        help="rounds of interleaved plain/latent/full preview runs (default 2)")
     parser.add_argument("--sections", type=_csv(str), default=list(SECTIONS),
                         help=f"any of {','.join(SECTIONS)}")
     parser.add_argument("--skip-http", action="store_true", help="leave out the http section")
@@ -1334,7 +1338,8 @@ def parse_args(argv: Sequence[str] | None) -> argparse.Namespace:
                     "configs": list(SMOKE_CONFIGS), "memory_configs": [], "batches": [1, 2],
                     "batch_sizes": [(256, 256)], "http_size": (256, 256),
                     "edit_images": [2], "edit_steps": [2], "edit_size": (256, 256), "edit_warmup": False,
-                    "lora_size": (256, 256), "preview_size": (256, 256)}
+                    "lora_size": (256, 256), "preview_size": (256, 256), "preview_steps": 3,
+                    "preview_rounds": 1}
     else:
         defaults = {"sizes": [(512, 512), (1024, 1024), (1328, 1328), (1664, 928)], "steps": [20, 50],
                     "measure_steps": 6, "warmup_steps": 2, "configs": list(DEFAULT_CONFIGS),
@@ -1342,7 +1347,7 @@ def parse_args(argv: Sequence[str] | None) -> argparse.Namespace:
                     "batch_sizes": [(512, 512), (1024, 1024)], "http_size": (1024, 1024), "http_repeats": 2,
                     "edit_images": [1, 3], "edit_steps": [40, 50], "edit_size": (1024, 1024),
                     "edit_warmup": True, "lora_size": (1024, 1024),
-                    "preview_size": (1024, 1024)}
+                    "preview_size": (1024, 1024), "preview_steps": 6, "preview_rounds": 2}
     for name, value in defaults.items():
         if getattr(args, name) is None:
             setattr(args, name, value)
@@ -1356,6 +1361,8 @@ def parse_args(argv: Sequence[str] | None) -> argparse.Namespace:
     unknown = set(args.sections) - set(SECTIONS)
     if unknown:
         parser.error(f"unknown section(s): {', '.join(sorted(unknown))}")
+    if args.preview_steps < 3 or args.preview_rounds < 1:
+        parser.error("--preview-steps must be at least 3 (two gaps for a median step), --preview-rounds at least 1")
     if args.measure_steps < 2:
         parser.error("--measure-steps must be at least 2 (step time is the gap between steps)")
     # One step is not a valid run: Qwen-Image's scheduler config (shift_terminal 0.02) makes the
