@@ -7,10 +7,17 @@
 from __future__ import annotations
 
 from dataclasses import dataclass
+from pathlib import Path
 
 from qwen_image_server.engine.tiny import TINY_EDIT_MODEL_NAME, TINY_MODEL_NAME
 
 EMBEDDED = (TINY_MODEL_NAME, TINY_EDIT_MODEL_NAME)
+
+LOCAL_FOLDER_ADVICE = (
+    "Point QWEN_IMAGE_MODEL at a folder made by `save_pretrained` or downloaded from "
+    "Qwen/Qwen-Image (it holds model_index.json, transformer/, vae/, text_encoder/, "
+    "tokenizer/, scheduler/), or use QWEN_IMAGE_MODEL=tiny for the embedded test model."
+)
 
 
 @dataclass(frozen=True, slots=True)
@@ -43,3 +50,17 @@ def parse_model_list(value: str) -> list[ModelRef]:
         if names.count(name) > 1:
             raise ValueError(f"the model name '{name}' is used twice; give one a name with 'name=source'")
     return refs
+
+
+def looks_local(source: str) -> bool:
+    """Whether a model source names a folder on this machine rather than a hub id."""
+    return source.startswith((".", "/", "~")) or Path(source).expanduser().exists() or "\\" in source
+
+
+def local_folder_problem(folder: Path) -> str | None:
+    """Why `folder` is not a diffusers pipeline folder, or None."""
+    if not folder.is_dir():
+        return f"the folder {folder} does not exist"
+    if not (folder / "model_index.json").is_file():
+        return f"{folder} has no model_index.json, so it is not a diffusers pipeline folder"
+    return None

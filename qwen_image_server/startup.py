@@ -1,12 +1,14 @@
 """Operator mistakes found before the server starts, each as one line naming the setting: more
-engines than GPUs, an output folder that cannot be written."""
+engines than GPUs, an output folder that cannot be written, a model folder that is not there."""
 
 from __future__ import annotations
 
 import os
 import tempfile
+from pathlib import Path
 
 from qwen_image_server.errors import ConfigurationError
+from qwen_image_server.model_list import EMBEDDED, LOCAL_FOLDER_ADVICE, local_folder_problem, looks_local
 from qwen_image_server.settings import Settings
 
 
@@ -50,3 +52,16 @@ def check_output_dir(settings: Settings) -> None:
         raise ConfigurationError(
             f"QWEN_IMAGE_OUTPUT_DIR={os.fspath(folder)!r} cannot be written ({reason}); choose a "
             "folder this user can write.") from None
+
+
+def check_local_models(settings: Settings) -> None:
+    """Every model given as a folder on this machine is a diffusers pipeline folder. A typo in
+    QWEN_IMAGE_MODEL then fails at once, before torch and the pipelines are imported (tens of
+    seconds on a GPU machine) rather than after; the loader checks the same again."""
+    for ref in settings.models:
+        if ref.source in EMBEDDED or not looks_local(ref.source):
+            continue
+        problem = local_folder_problem(Path(ref.source).expanduser())
+        if problem is not None:
+            raise ConfigurationError(f"QWEN_IMAGE_MODEL: could not load the model {ref.source!r}: {problem}. "
+                                     f"{LOCAL_FOLDER_ADVICE}")

@@ -5,6 +5,7 @@ cannot load, and the example clients."""
 from __future__ import annotations
 
 import io
+import json
 import os
 import signal
 import socket
@@ -189,12 +190,27 @@ def test_bad_settings_are_one_line_each_naming_the_variable(tmp_path):
     assert any("QWEN_IMAGE_QUANTIZE" in line and "'fp16'" in line and "'int8'" in line for line in lines)
 
 
-def test_model_that_cannot_load_exits_with_a_paragraph_not_a_traceback(spawn, tmp_path):
+def test_a_model_folder_that_is_not_there_is_one_line_before_anything_loads(tmp_path):
     missing = tmp_path / "no-such-model"
-    server = spawn(QWEN_IMAGE_MODEL=str(missing))
+    env = {**server_env(free_port()), "QWEN_IMAGE_MODEL": f"tiny,edit={missing}"}
+    done = subprocess.run([sys.executable, "-m", "qwen_image_server", "serve"], cwd=tmp_path, env=env,
+                          capture_output=True, text=True, timeout=120)
+    assert done.returncode == 2
+    lines = done.stderr.strip().splitlines()
+    assert len(lines) == 1 and lines[0].startswith("error: QWEN_IMAGE_MODEL: "), done.stderr
+    assert f"'{missing}'" in lines[0] and "does not exist" in lines[0] and "model_index.json" in lines[0]
+
+
+def test_model_that_cannot_load_exits_with_a_paragraph_not_a_traceback(spawn, tmp_path):
+    # A pipeline folder, but of a pipeline this server does not run: found only by the loader,
+    # after the server has started.
+    folder = tmp_path / "controlnet"
+    folder.mkdir()
+    (folder / "model_index.json").write_text(json.dumps({"_class_name": "QwenImageControlNetPipeline"}))
+    server = spawn(QWEN_IMAGE_MODEL=str(folder))
     assert server.proc.wait(180) != 0
     out = server.output()
-    assert f"Could not load the model '{missing}'" in out and "does not exist" in out
+    assert f"Could not load the model '{folder}'" in out and "QwenImageControlNetPipeline" in out
     assert "QWEN_IMAGE_MODEL" in out  # says what to do
     assert "Traceback" not in out
 

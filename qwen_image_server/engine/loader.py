@@ -34,7 +34,7 @@ from qwen_image_server.engine.tiny import (
 )
 from qwen_image_server.engine.types import Task
 from qwen_image_server.errors import ModelLoadError, OptionUnavailable
-from qwen_image_server.model_list import ModelRef
+from qwen_image_server.model_list import LOCAL_FOLDER_ADVICE, ModelRef, local_folder_problem, looks_local
 from qwen_image_server.settings import Settings
 
 log = logging.getLogger(__name__)
@@ -97,18 +97,6 @@ def count_parameters(pipeline: QwenImagePipeline) -> tuple[int, float]:
     return total, round(size / 2**20, 2)
 
 
-def _looks_local(model: str) -> bool:
-    return model.startswith((".", "/", "~")) or Path(model).expanduser().exists() or "\\" in model
-
-
-def _check_local_folder(folder: Path) -> None:
-    index = folder / "model_index.json"
-    if not folder.is_dir():
-        raise ModelLoadError(f"the folder {folder} does not exist")
-    if not index.is_file():
-        raise ModelLoadError(f"{folder} has no model_index.json, so it is not a diffusers pipeline folder")
-
-
 def pipeline_class_name(folder: Path) -> str:
     """The pipeline class a folder's model_index.json names, if this server can drive it."""
     class_name = json.loads((folder / "model_index.json").read_text()).get("_class_name")
@@ -133,11 +121,7 @@ def _advice(settings: Settings, source: str) -> str:
             "its folder; QWEN_IMAGE_MODEL=tiny serves the embedded test model."
         )
     if source == "local":
-        return (
-            "Point QWEN_IMAGE_MODEL at a folder made by `save_pretrained` or downloaded from "
-            "Qwen/Qwen-Image (it holds model_index.json, transformer/, vae/, text_encoder/, "
-            "tokenizer/, scheduler/), or use QWEN_IMAGE_MODEL=tiny for the embedded test model."
-        )
+        return LOCAL_FOLDER_ADVICE
     return f"Delete {settings.cache_dir} so the embedded model is rebuilt, and check free disk space."
 
 
@@ -150,7 +134,7 @@ def _source_of(settings: Settings, ref: ModelRef) -> str:
     """'embedded', 'local', 'modelscope' or 'huggingface'."""
     if ref.source in (TINY_MODEL_NAME, TINY_EDIT_MODEL_NAME):
         return "embedded"
-    if _looks_local(ref.source):
+    if looks_local(ref.source):
         return "local"
     return settings.model_source
 
@@ -164,7 +148,9 @@ def model_folder(settings: Settings, ref: ModelRef, source: str) -> Path:
         return ensure_tiny_model(settings.cache_dir)
     if source == "local":
         folder = Path(ref.source).expanduser()
-        _check_local_folder(folder)
+        problem = local_folder_problem(folder)
+        if problem is not None:
+            raise ModelLoadError(problem)
         return folder
     if source == "modelscope":
         try:
