@@ -55,6 +55,18 @@ class LoraUnusable(InvalidRequest):
         super().__init__(message, param=param, code=code, retry_after=retry_after)
 
 
+class LoraUnavailable(ServerError):
+    """A hub LoRA the request named could not be fetched because the hub or the network is down:
+    nothing is wrong with the request or the LoRA (it is not marked unusable); try again later."""
+
+    status_code = 503
+    type = "lora_unavailable"
+
+    def __init__(self, message: str, *, param: str | None = "loras", code: str | None = "lora_unavailable",
+                 retry_after: float | None = 30.0) -> None:
+        super().__init__(message, param=param, code=code, retry_after=retry_after)
+
+
 class AuthenticationError(ServerError):
     """No API key, or not one of the server's keys."""
 

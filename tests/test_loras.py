@@ -168,6 +168,43 @@ def test_a_broken_lora_is_refused_and_leaves_the_pipeline_as_it_was(live):
     assert r.status_code == 400 and r.json()["error"]["param"] == "loras[0].name", r.text
 
 
+def _unreachable() -> Exception:
+    return ConnectionError("[Errno 101] Network is unreachable")
+
+
+def _no_such_repo() -> Exception:
+    import httpx2
+    from huggingface_hub.errors import RepositoryNotFoundError
+
+    url = "https://huggingface.co/api/models/lightx2v/Qwen-Image-Lightning"
+    return RepositoryNotFoundError(f"404 Client Error. Repository Not Found for url: {url}",
+                                   response=httpx2.Response(404, request=httpx2.Request("GET", url)))
+
+
+@pytest.mark.parametrize(("failure", "status", "code"), [
+    (_unreachable, 503, "lora_unavailable"),  # the network or the hub is down: try again later
+    (_no_such_repo, 400, "lora_unusable"),  # the hub says the repo is not there: the LoRA's fault
+])
+def test_a_hub_lora_that_cannot_be_fetched_is_503_while_the_hub_is_down_400_when_it_is_not_there(
+        live, monkeypatch, failure, status, code):
+    import huggingface_hub
+
+    def fetch(*args, **kwargs):
+        raise failure()
+
+    monkeypatch.setattr(huggingface_hub, "hf_hub_download", fetch)
+    [before] = image(live, 41)
+    r = httpx.post(f"{live.url}/v1/images/generations", timeout=120, json={
+        "prompt": "a lighthouse", "size": SIZE, "seed": 41, "loras": [{"name": "hub-lightning"}]})
+    assert r.status_code == status, r.text
+    error = r.json()["error"]
+    assert error["code"] == code and "'hub-lightning'" in error["message"], error
+    assert ("Retry-After" in r.headers) == (status == 503)
+    listed = loras_listed(live)["hub-lightning"]
+    assert listed["usable"] and listed["resident"] == []  # neither marks it unusable for good
+    assert image(live, 41) == [before]
+
+
 # -- bad input: a clear 400 naming the field, the next request unharmed ----------------------
 
 @pytest.mark.parametrize(("loras", "param", "words"), [

@@ -18,6 +18,7 @@ from dataclasses import dataclass, field, replace
 from pathlib import Path
 from typing import Any, Literal
 
+from qwen_image_server import errors
 from qwen_image_server.engine.lora import lightning_steps_of
 from qwen_image_server.engine.types import LoraSet, Task
 
@@ -184,6 +185,14 @@ def _converted_shapes(path: Path) -> dict[str, tuple[int, ...]]:
     except Exception:  # noqa: BLE001 - unconvertible: it has no LoRA weights diffusers can use
         return {}
     return {key: tuple(value.shape) for key, value in state.items()}
+
+
+def hub_refusals() -> tuple[type[BaseException], ...]:
+    """What a hub fetch raises when the hub answered that the LoRA's repo, revision or file is
+    not there (or its name is malformed): the LoRA's own fault, unlike a network failure."""
+    from huggingface_hub.errors import RemoteEntryNotFoundError, RepositoryNotFoundError, RevisionNotFoundError
+
+    return (ValueError, RepositoryNotFoundError, RevisionNotFoundError, RemoteEntryNotFoundError)
 
 
 def first_line(exc: BaseException) -> str:
@@ -393,7 +402,9 @@ class LoraLibrary:
 
     def problem(self, name: str, model: str, download: bool = False) -> str | None:
         """Why the LoRA cannot run on the model (a sentence naming both), or None. Before the
-        model is loaded, or for a hub file not fetched yet, only what is known is checked."""
+        model is loaded, or for a hub file not fetched yet, only what is known is checked. A hub
+        file that cannot be fetched (`download`) for want of the hub or the network raises
+        LoraUnavailable instead: that says nothing about the LoRA."""
         entry = self.get(name)
         if entry is None:
             return f"There is no LoRA named '{name}'."
@@ -402,8 +413,11 @@ class LoraLibrary:
             return f"The LoRA '{name}' is unusable: {reason}."
         try:
             facts = self.facts(entry, download)
-        except Exception as exc:  # noqa: BLE001 - the hub or the network; not marked unusable
+        except hub_refusals() as exc:  # the hub answered: no such repo, revision or file
             return f"The LoRA '{name}' could not be fetched from {entry.location}: {first_line(exc)}."
+        except Exception as exc:  # noqa: BLE001 - the hub or the network is down: not for good
+            raise errors.LoraUnavailable(f"The LoRA '{name}' could not be fetched from {entry.location} "
+                                         f"right now: {first_line(exc)}.") from exc
         if facts is None:
             return None
         if facts.problem is not None:
