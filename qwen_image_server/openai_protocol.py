@@ -185,29 +185,28 @@ class ImagesResponse(BaseModel):
     usage: ImageUsage | None = None
 
 
-class ImageGenCompletedEvent(BaseModel):
+class ImageStreamEvent(BaseModel):
+    """What every image event of a stream carries, generation or edit, partial or completed."""
+
+    b64_json: str
+    created_at: int
+    size: str
+    quality: str
+    background: Literal["opaque"] = "opaque"
+    output_format: OutputFormat
+
+
+class ImageGenCompletedEvent(ImageStreamEvent):
     """One finished image in a stream (`openai.types.ImageGenCompletedEvent`)."""
 
     type: Literal["image_generation.completed"] = "image_generation.completed"
-    b64_json: str
-    created_at: int
-    size: str
-    quality: str
-    background: Literal["opaque"] = "opaque"
-    output_format: OutputFormat
     usage: ImageUsage
 
 
-class ImageGenPartialImageEvent(BaseModel):
+class ImageGenPartialImageEvent(ImageStreamEvent):
     """One partial image in a stream (`openai.types.ImageGenPartialImageEvent`)."""
 
     type: Literal["image_generation.partial_image"] = "image_generation.partial_image"
-    b64_json: str
-    created_at: int
-    size: str
-    quality: str
-    background: Literal["opaque"] = "opaque"
-    output_format: OutputFormat
     partial_image_index: int = Field(description="0-based, per image.")
 
 
@@ -308,27 +307,15 @@ class ImageEditForm(BaseModel):
         return [*self.image, *self.image_list]
 
 
-class ImageEditCompletedEvent(BaseModel):
+class ImageEditCompletedEvent(ImageStreamEvent):
     """One finished image in an edit stream (`openai.types.ImageEditCompletedEvent`)."""
 
     type: Literal["image_edit.completed"] = "image_edit.completed"
-    b64_json: str
-    created_at: int
-    size: str
-    quality: str
-    background: Literal["opaque"] = "opaque"
-    output_format: OutputFormat
     usage: ImageUsage
 
 
-class ImageEditPartialImageEvent(BaseModel):
+class ImageEditPartialImageEvent(ImageStreamEvent):
     """One partial image in an edit stream (`openai.types.ImageEditPartialImageEvent`)."""
 
     type: Literal["image_edit.partial_image"] = "image_edit.partial_image"
-    b64_json: str
-    created_at: int
-    size: str
-    quality: str
-    background: Literal["opaque"] = "opaque"
-    output_format: OutputFormat
     partial_image_index: int = Field(description="0-based, per image.")
