@@ -9,11 +9,27 @@ from __future__ import annotations
 import threading
 import time
 from collections import deque
-from collections.abc import Callable, Sequence
+from collections.abc import Callable, Iterable, Sequence
+from typing import TYPE_CHECKING, Any
 
 from PIL import Image
 
 from qwen_image_server.engine.types import GenerationSpec, StepEvent
+
+if TYPE_CHECKING:
+    from qwen_image_server.scheduler import Job, Scheduler
+
+WAIT = 5.0  # seconds a fake-engine test waits for anything: nothing real runs, so it never should
+
+
+def result_of(job: Job) -> Any:
+    return job.future.result(timeout=WAIT)
+
+
+def stop_all(schedulers: Iterable[Scheduler]) -> None:
+    for scheduler in schedulers:
+        scheduler.stop()
+        scheduler.join(WAIT)
 
 
 class FakeEngine:

@@ -12,10 +12,9 @@ import pytest
 
 from qwen_image_server import errors
 from qwen_image_server.engine.types import EngineLost
-from qwen_image_server.scheduler import Job, RestartPolicy, Scheduler, SchedulerConfig
-from tests.fakes import FakeEngine
+from qwen_image_server.scheduler import RestartPolicy, Scheduler, SchedulerConfig
+from tests.fakes import WAIT, FakeEngine, result_of, stop_all
 
-WAIT = 5.0
 FAST_RESTARTS = RestartPolicy(backoff_s=0.01, max_backoff_s=0.05, attempts=3)
 
 
@@ -71,13 +70,7 @@ def make() -> Iterator[Callable[..., tuple[Scheduler, Engines]]]:
         return scheduler, engines
 
     yield factory
-    for scheduler in made:
-        scheduler.stop()
-        scheduler.join(WAIT)
-
-
-def result_of(job: Job):
-    return job.future.result(timeout=WAIT)
+    stop_all(made)
 
 
 def wait_for(scheduler: Scheduler, predicate: Callable[[], bool], what: str) -> None:

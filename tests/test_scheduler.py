@@ -12,9 +12,8 @@ import pytest
 from qwen_image_server import errors
 from qwen_image_server.engine.types import DeviceFailure, GenerationSpec
 from qwen_image_server.scheduler import Job, JobState, Scheduler, SchedulerConfig
-from tests.fakes import FakeEngine
+from tests.fakes import WAIT, FakeEngine, result_of, stop_all
 
-WAIT = 5.0
 
 
 def spec(seed: int, size: int = 512, steps: int = 2, cfg: float = 4.0) -> GenerationSpec:
@@ -35,13 +34,7 @@ def make() -> Iterator[Callable[..., tuple[Scheduler, FakeEngine]]]:
         return scheduler, engine
 
     yield factory
-    for scheduler in made:
-        scheduler.stop()
-        scheduler.join(WAIT)
-
-
-def result_of(job: Job):
-    return job.future.result(timeout=WAIT)
+    stop_all(made)
 
 
 def error_of(job: Job) -> BaseException:
