@@ -66,17 +66,18 @@ def fp8_problem(device: DeviceInfo, dtype: torch.dtype) -> str | None:
     return None
 
 
-def ao_config(mode: QuantizeName, device: DeviceInfo) -> Any:
-    """The torchao config for `mode` on `device` (on CUDA, fp8's first choice: see fp8_kinds).
+def ao_config(mode: QuantizeName) -> Any:
+    """The weight-only torchao config for `mode`: int8 anywhere, fp8 off CUDA.
 
-    On CUDA, fp8 quantizes activations too, so matmuls run on fp8 tensor cores: faster and half
-    the weight memory. On CPU only weight-only variants have kernels; they save memory and are
-    exercised by the tests, not made for speed.
+    fp8 on CUDA quantizes activations too, so matmuls run on fp8 tensor cores (faster, and half
+    the weight memory); which fp8 kind each layer gets is the Fp8Chooser's. Off CUDA only
+    weight-only variants have kernels; they save memory and are exercised by the tests, not
+    made for speed.
     """
     from torchao.quantization import Float8WeightOnlyConfig, Int8WeightOnlyConfig
 
     if mode == "fp8":
-        return fp8_kinds()[0].config if device.type == "cuda" else Float8WeightOnlyConfig()
+        return Float8WeightOnlyConfig()
     if mode == "int8":
         return Int8WeightOnlyConfig()
     raise ValueError(f"no quantization config for {mode!r}")
@@ -191,15 +192,16 @@ def quantize_module(module: torch.nn.Module, mode: QuantizeName, device: DeviceI
     """
     from torchao.quantization import quantize_
 
-    config = ao_config(mode, device)
-    if mode == "fp8" and device.type == "cuda" and chooser is None:
+    gpu_fp8 = mode == "fp8" and device.type == "cuda"
+    if gpu_fp8 and chooser is None:
         chooser = Fp8Chooser(device)
+    config = None if gpu_fp8 else ao_config(mode)
     gpu = device.torch_device if device.type != "cpu" else None
     count = 0
     for name, layer in list(module.named_modules()):
         if not quantizable(name, layer, mode, skip):
             continue
-        if mode == "fp8" and device.type == "cuda":
+        if gpu_fp8:
             assert chooser is not None
             kind = chooser.kind_for(layer)
             if kind is None:
