@@ -54,7 +54,8 @@ sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
 
 from qwen_image_server.engine.compilation import compiled_graphs  # noqa: E402
 from qwen_image_server.engine.device import DeviceInfo, resolve_device, resolve_dtype  # noqa: E402
-from qwen_image_server.engine.loader import LoadedModel, count_parameters, load_model  # noqa: E402
+from qwen_image_server.engine.loaded import LoadedModel  # noqa: E402
+from qwen_image_server.engine.loader import count_parameters, load_model  # noqa: E402
 from qwen_image_server.engine.runner import PipelineEngine  # noqa: E402
 from qwen_image_server.engine.tiny import TINY_EDIT_MODEL_NAME, ensure_tiny_model  # noqa: E402
 from qwen_image_server.engine.types import (  # noqa: E402

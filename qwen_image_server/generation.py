@@ -30,7 +30,7 @@ from pydantic import BaseModel
 from qwen_image_server import errors
 from qwen_image_server.defaults import GenerationDefaults
 from qwen_image_server.engine.device import DeviceInfo
-from qwen_image_server.engine.loader import LoadedModel
+from qwen_image_server.engine.loaded import LoadedModel
 from qwen_image_server.engine.lora_library import LoraLibrary
 from qwen_image_server.engine.types import (
     EditSpec,

@@ -28,10 +28,11 @@ class TokenCounter:
     """
 
     def __init__(self, tokenizer: Any) -> None:
-        backend = getattr(tokenizer, "backend_tokenizer", None)
-        if backend is not None:
-            from tokenizers import Tokenizer
+        from tokenizers import Tokenizer
 
+        # A transformers tokenizer, or (from an engine process) its Rust backend alone.
+        backend = tokenizer if isinstance(tokenizer, Tokenizer) else getattr(tokenizer, "backend_tokenizer", None)
+        if backend is not None:
             self._fast = Tokenizer.from_str(backend.to_str())
             self._fast.no_truncation()
             self._fast.no_padding()

@@ -113,7 +113,8 @@ def test_full_size_edit_pipeline_shares_the_generation_modules_and_edits(tmp_pat
     import torch
 
     from qwen_image_server.engine.device import resolve_device
-    from qwen_image_server.engine.loader import LoadedModel, count_parameters
+    from qwen_image_server.engine.loaded import LoadedModel
+    from qwen_image_server.engine.loader import count_parameters
     from qwen_image_server.engine.options import prepare_pipeline
     from qwen_image_server.engine.runner import PipelineEngine
     from qwen_image_server.settings import Settings

@@ -17,7 +17,8 @@ from safetensors.torch import load_file, save_file
 
 from qwen_image_server.engine import options as options_module
 from qwen_image_server.engine.device import DeviceInfo
-from qwen_image_server.engine.loader import LoadedModel, load_model
+from qwen_image_server.engine.loaded import LoadedModel
+from qwen_image_server.engine.loader import load_model
 from qwen_image_server.engine.memory import GiB, component_bytes, plan_offload
 from qwen_image_server.engine.quantize import quantize_module, tensor_bytes
 from qwen_image_server.engine.runner import PipelineEngine

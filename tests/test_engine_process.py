@@ -241,6 +241,39 @@ def test_an_output_folder_that_cannot_be_written_stops_the_server_with_one_line(
     assert len(lines) == 1 and "QWEN_IMAGE_OUTPUT_DIR" in lines[0] and str(blocker) in lines[0], done.stderr
 
 
+FRONT_ONLY = """
+import sys
+from pathlib import Path
+
+import httpx
+
+from qwen_image_server.api.app import create_app
+from qwen_image_server import cli, serving
+from tests.conftest import LiveServer, tiny_settings
+
+live = LiveServer(create_app(tiny_settings(Path(sys.argv[1])))).start()
+fast = {"num_inference_steps": 2, "aspect_ratio": "s1:1"}
+image = httpx.post(f"{live.url}/generate", json={"prompt": "a cat", **fast}, timeout=120)
+too_long = httpx.post(f"{live.url}/generate", json={"prompt": "cat" + " cat" * 1100, **fast}, timeout=60)
+live.stop()
+heavy = sorted({name.split(".")[0] for name in sys.modules}
+               & {"diffusers", "transformers", "peft", "torchao", "cache_dit", "accelerate", "ray"})
+print(image.status_code, image.headers["content-type"], too_long.status_code, too_long.json()["error"]["code"],
+      heavy)
+"""
+
+
+def test_the_front_imports_no_model_library_and_still_counts_prompt_tokens(tmp_path):
+    """A front whose engines are processes (the default) never imports diffusers, transformers,
+    peft or ray: it starts in a second or two, not six, and holds none of their memory. It still
+    refuses a prompt over the model's token limit before queueing it, with the engine's tokenizer
+    (its Rust half crosses the pipe)."""
+    done = subprocess.run([sys.executable, "-c", FRONT_ONLY, str(tmp_path)], cwd=Path(__file__).parents[1],
+                          capture_output=True, text=True, timeout=240)
+    assert done.returncode == 0, done.stderr[-4000:]
+    assert done.stdout.split("\n")[-2] == "200 image/png 400 too_many_tokens []", done.stdout
+
+
 def _parent_of(pid: int) -> int:
     return int(Path(f"/proc/{pid}/stat").read_text().rsplit(")", 1)[1].split()[1])
 

@@ -23,7 +23,8 @@ from diffusers import QwenImagePipeline, QwenImageTransformer2DModel
 from qwen_image_server import errors
 from qwen_image_server.engine import compilation
 from qwen_image_server.engine.device import DeviceInfo
-from qwen_image_server.engine.loader import LoadedModel, load_model
+from qwen_image_server.engine.loaded import LoadedModel
+from qwen_image_server.engine.loader import load_model
 from qwen_image_server.engine.memory import GiB, component_bytes
 from qwen_image_server.engine import options as options_module
 from qwen_image_server.engine.options import check_options, prepare_pipeline, takes_padding_mask

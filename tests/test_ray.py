@@ -169,19 +169,6 @@ def job_finished(client: httpx.Client, job_id: str) -> bool:
 
 # -- without a cluster ------------------------------------------------------------------------
 
-def test_the_plain_server_never_imports_ray() -> None:
-    code = (
-        "import sys\n"
-        "from qwen_image_server.api.app import create_app\n"
-        "from qwen_image_server import cli, serving\n"
-        "from qwen_image_server.settings import Settings\n"
-        "create_app(Settings(_env_file=None))\n"
-        "loaded = sorted(m for m in sys.modules if m == 'ray' or m.startswith('ray.'))\n"
-        "assert not loaded, loaded\n"
-    )
-    subprocess.run([sys.executable, "-c", code], cwd=ROOT, check=True, timeout=180)
-
-
 def test_an_id_names_the_replica_that_owns_it() -> None:
     live = {"abc12345", "zz9"}
     assert owner_in_path("/v1/jobs/abc12345.3f2c/events", live) == "abc12345"

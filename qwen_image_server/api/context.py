@@ -9,7 +9,7 @@ from fastapi import Depends, Request
 
 from qwen_image_server.api.job_registry import JobRegistry
 from qwen_image_server.engine.device import DeviceInfo
-from qwen_image_server.engine.loader import LoadedModel
+from qwen_image_server.engine.loaded import LoadedModel
 from qwen_image_server.generation import ClientGone, Generation
 from qwen_image_server.results import ResultStore
 from qwen_image_server.scheduler import Scheduler

@@ -22,6 +22,7 @@ import transformers
 from diffusers import QwenImagePipeline
 
 from qwen_image_server.engine.device import DeviceInfo, resolve_device, resolve_dtype
+from qwen_image_server.engine.loaded import LoadedModel
 from qwen_image_server.engine.options import AppliedOptions, batch_config, check_options, prepare_pipeline
 from qwen_image_server.engine.quantize import tensor_bytes
 from qwen_image_server.engine.memory import OffloadPlan
@@ -49,41 +50,6 @@ PIPELINE_TASKS: dict[str, Task] = {
     "QwenImageEditPipeline": "edit",  # Qwen-Image-Edit: one input image
     "QwenImageEditPlusPipeline": "edit",  # Qwen-Image-Edit-2509 / -2511: one to three
 }
-
-
-@dataclass(frozen=True, slots=True)
-class LoadedModel:
-    pipeline: QwenImagePipeline  # or an edit pipeline: see `task`
-    name: str  # the public name (/info, /v1/models, requests' `model`): by default the source
-    source: str  # "huggingface", "modelscope", "local" or "embedded"
-    device: DeviceInfo
-    dtype: torch.dtype
-    load_time: float  # seconds
-    total_parameters: int
-    size_mb: float  # bytes of all weights / 2**20 (as stored: quantized layers count their bytes)
-    options: AppliedOptions
-    # The scheduler's batch limits on this device: what a compile warm-up must cover.
-    max_batch_size: int = 1
-    max_batch_pixels: int = 512 * 512
-    task: Task = "generate"
-    # Components loaded once and shared with an earlier model (same weights), by component name.
-    shared: tuple[str, ...] = ()
-
-    @property
-    def max_prompt_tokens(self) -> int:
-        return int(self.pipeline.tokenizer_max_length)
-
-    @property
-    def pipeline_class(self) -> str:
-        # An engine process's model, seen from the front, carries only facts about its pipeline.
-        return getattr(self.pipeline, "class_name", None) or type(self.pipeline).__name__
-
-    @property
-    def max_images(self) -> int:
-        """Input images one edit takes (0 for a generation model)."""
-        if self.task != "edit":
-            return 0
-        return 1 if self.pipeline_class == "QwenImageEditPipeline" else 3
 
 
 def count_parameters(pipeline: QwenImagePipeline) -> tuple[int, float]:

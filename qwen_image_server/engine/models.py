@@ -22,8 +22,8 @@ from PIL import Image
 from qwen_image_server.engine.adapters import ResidentAdapters
 from qwen_image_server.engine.lora_library import LoraLibrary
 from qwen_image_server.engine.device import DeviceInfo
+from qwen_image_server.engine.loaded import LoadedModel
 from qwen_image_server.engine.loader import (
-    LoadedModel,
     LoadingModel,
     finish_model,
     read_model,

@@ -57,7 +57,7 @@ from qwen_image_server.settings import Settings
 if TYPE_CHECKING:
     from PIL import Image
 
-    from qwen_image_server.engine.loader import LoadedModel
+    from qwen_image_server.engine.loaded import LoadedModel
     from qwen_image_server.scheduler import Engine
 
 log = logging.getLogger(__name__)
@@ -71,7 +71,11 @@ _STOP_TIMEOUT_S = 10.0
 @dataclass(frozen=True, slots=True)
 class PipelineFacts:
     """What the front needs of a pipeline it does not hold: its class and its tokenizer (prompt
-    lengths are checked in the front, before a job is queued)."""
+    lengths are checked in the front, before a job is queued).
+
+    The tokenizer crosses as its Rust `tokenizers.Tokenizer` when it has one (all the front
+    counts with, see prompt_tokens.py), so the front need not import transformers to read it.
+    """
 
     class_name: str
     tokenizer: Any
@@ -80,8 +84,9 @@ class PipelineFacts:
 
 def _facts(model: LoadedModel) -> LoadedModel:
     pipeline = model.pipeline
+    tokenizer = getattr(pipeline, "tokenizer", None)
     return replace(model, pipeline=PipelineFacts(  # type: ignore[arg-type]
-        type(pipeline).__name__, getattr(pipeline, "tokenizer", None),
+        type(pipeline).__name__, getattr(tokenizer, "backend_tokenizer", tokenizer),
         int(getattr(pipeline, "tokenizer_max_length", 1024))))
 
 
@@ -362,14 +367,18 @@ class EngineProcess:
         return EngineLost(f"engine {self.index} (process {self.pid}) {how}")
 
 
+def load_server_engine(settings: Settings) -> Engine:
+    """The engines' default loader: the configured models. Imported in the engine process only,
+    so that the front never imports diffusers or transformers (seconds of start-up, and memory)."""
+    from qwen_image_server.engine.models import load_engine
+
+    return load_engine(settings)
+
+
 def engine_factories(settings: Settings, gpus: Sequence[int | None],
                      loader: Loader | None = None) -> list[Callable[[], Engine]]:
     """One factory per engine: engine i runs on gpus[i] (None: the CPU, or the one device)."""
-    if loader is None:
-        from qwen_image_server.engine.models import load_engine
-
-        loader = load_engine
-    chosen: Loader = loader
+    chosen: Loader = loader or load_server_engine
     loras = LoraLibrary.from_settings(settings)  # one for the front: every engine's state merged
 
     def factory(index: int, gpu: int | None) -> Callable[[], Engine]:

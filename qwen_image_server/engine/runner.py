@@ -16,7 +16,7 @@ from PIL import Image
 from qwen_image_server.engine.adapters import ResidentAdapters
 from qwen_image_server.engine.compilation import WARMUP_PROMPT, warmup_prompt_batches
 from qwen_image_server.engine.edit import EditCalls
-from qwen_image_server.engine.loader import LoadedModel
+from qwen_image_server.engine.loaded import LoadedModel
 from qwen_image_server.engine.options import AppliedOptions, takes_padding_mask
 from qwen_image_server.engine.previews import Previewer, StepRecorder
 from qwen_image_server.engine.step_cache import set_cfg_mode
