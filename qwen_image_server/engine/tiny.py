@@ -7,6 +7,7 @@ built locally once, saved with `save_pretrained`, and loaded like any other pipe
 from __future__ import annotations
 
 import base64
+import json
 import logging
 import os
 import shutil
@@ -23,11 +24,11 @@ if TYPE_CHECKING:  # heavy imports stay lazy: importing this module must not pul
 log = logging.getLogger(__name__)
 
 TINY_MODEL_NAME = "tiny"
-TINY_MODEL_VERSION = 1
+TINY_MODEL_VERSION = 2
 # The embedded multi-image edit model (QwenImageEditPlusPipeline), built from the tiny model's
 # own text encoder, VAE and transformer: `QWEN_IMAGE_MODEL=tiny` serves both.
 TINY_EDIT_MODEL_NAME = "tiny-edit"
-TINY_EDIT_MODEL_VERSION = 1
+TINY_EDIT_MODEL_VERSION = 2
 
 # One seed per component, so a build is reproducible whatever order or subset gets rebuilt.
 _SEED = 1234
@@ -168,6 +169,33 @@ def build_tiny_model(target: Path) -> None:
     with torch.random.fork_rng(devices=[]):
         pipe = _build_pipeline()
     pipe.save_pretrained(target, safe_serialization=True)
+    save_as_vocab_and_merges(target / "tokenizer")
+
+
+def save_as_vocab_and_merges(folder: Path) -> None:
+    """Turn a saved Qwen2Tokenizer's tokenizer.json into the files Qwen/Qwen-Image's tokenizer
+    folder holds: vocab.json, merges.txt, and the added tokens in tokenizer_config.json.
+
+    Qwen2Tokenizer builds its BPE from those either way; from tokenizer.json it first re-reads the
+    whole file in Python, which takes 0.9 s on one core against 0.25 s from vocab and merges (every
+    test server and engine process loads a tiny model: tens of seconds over the test suite).
+    """
+    saved = folder / "tokenizer.json"
+    data = json.loads(saved.read_text(encoding="utf-8"))
+    model = data["model"]
+    (folder / "vocab.json").write_text(json.dumps(model["vocab"], ensure_ascii=False), encoding="utf-8")
+    merges = [merge if isinstance(merge, str) else " ".join(merge) for merge in model["merges"]]
+    (folder / "merges.txt").write_text("#version: 0.2\n" + "\n".join(merges) + "\n", encoding="utf-8")
+    config_path = folder / "tokenizer_config.json"
+    config = json.loads(config_path.read_text(encoding="utf-8"))
+    for key in ("is_local", "local_files_only"):  # where it was loaded from, not what it is
+        config.pop(key, None)
+    config["added_tokens_decoder"] = {
+        str(token["id"]): {key: token[key] for key in ("content", "lstrip", "normalized", "rstrip",
+                                                        "single_word", "special")}
+        for token in data["added_tokens"]}
+    config_path.write_text(json.dumps(config, indent=2, ensure_ascii=False), encoding="utf-8")
+    saved.unlink()
 
 
 def build_tiny_edit_model(source: Path, target: Path) -> None:
@@ -188,6 +216,8 @@ def build_tiny_edit_model(source: Path, target: Path) -> None:
     QwenImageEditPlusPipeline.from_pipe(base, transformer=transformer, processor=processor).save_pretrained(
         target, safe_serialization=True)
     make_stock_loadable(target)
+    for folder in ("tokenizer", "processor"):
+        save_as_vocab_and_merges(target / folder)
 
 
 def _build_pipeline() -> QwenImagePipeline:
