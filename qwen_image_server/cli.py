@@ -24,7 +24,7 @@ from qwen_image_server.logs import configure_logging
 from qwen_image_server.presets import DEFAULT_ASPECT_RATIO, AspectRatio, Language
 from qwen_image_server.schemas import EditParameters, GenerateRequest
 from qwen_image_server.settings import Settings
-from qwen_image_server.startup import check_local_models, check_output_dir, engine_gpus
+from qwen_image_server.startup import check_local_lora, check_local_models, check_output_dir, engine_gpus
 from qwen_image_server.uploads import Upload, field_names
 
 if TYPE_CHECKING:
@@ -68,6 +68,7 @@ class ServeCommand(Settings):
         try:
             check_output_dir(settings)
             check_local_models(settings)
+            check_local_lora(settings)
             engine_gpus(settings)
         except ConfigurationError as exc:
             print(f"error: {exc}", file=sys.stderr)

@@ -1,5 +1,6 @@
 """Operator mistakes found before the server starts, each as one line naming the setting: more
-engines than GPUs, an output folder that cannot be written, a model folder that is not there."""
+engines than GPUs, an output folder that cannot be written, a model folder or a LoRA file that is
+not there."""
 
 from __future__ import annotations
 
@@ -7,6 +8,7 @@ import os
 import tempfile
 from pathlib import Path
 
+from qwen_image_server.engine.lora import looks_like_path, parse_lora
 from qwen_image_server.errors import ConfigurationError
 from qwen_image_server.model_list import EMBEDDED, LOCAL_FOLDER_ADVICE, local_folder_problem, looks_local
 from qwen_image_server.settings import Settings
@@ -65,3 +67,20 @@ def check_local_models(settings: Settings) -> None:
         if problem is not None:
             raise ConfigurationError(f"QWEN_IMAGE_MODEL: could not load the model {ref.source!r}: {problem}. "
                                      f"{LOCAL_FOLDER_ADVICE}")
+
+
+def check_local_lora(settings: Settings) -> None:
+    """A QWEN_IMAGE_LORA given as a path is there, and its scale is a number: found at once, as
+    for a model folder, rather than once an engine has imported the pipelines (the loader checks
+    the same again)."""
+    if not settings.lora:
+        return
+    try:
+        spec = parse_lora(settings.lora)
+    except ValueError as exc:
+        raise ConfigurationError(f"QWEN_IMAGE_LORA={settings.lora!r}: {exc}.") from None
+    local = Path(spec.source).expanduser()
+    if looks_like_path(spec.source) and not local.exists():
+        raise ConfigurationError(
+            f"QWEN_IMAGE_LORA={settings.lora!r}: no such file or folder: {local.absolute()}; give a .safetensors "
+            "file, a folder holding one, or a hub id (owner/name:file.safetensors).")

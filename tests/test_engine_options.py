@@ -194,11 +194,27 @@ def test_server_reports_options_and_a_lightning_lora_sets_the_defaults(server, t
 
 def test_an_option_that_cannot_work_stops_the_server_with_one_sentence(tmp_path):
     done = subprocess.run([sys.executable, "-m", "qwen_image_server", "serve"], cwd=tmp_path,
-                          env=server_env(free_port(), QWEN_IMAGE_LORA="./missing-lora.safetensors"),
+                          env=server_env(free_port(), QWEN_IMAGE_ATTENTION="flash"),
                           capture_output=True, text=True, timeout=240)
     assert done.returncode != 0
-    assert "Could not start with these options" in done.stderr and "no such file or folder" in done.stderr
+    assert "Could not start with these options" in done.stderr
+    assert "QWEN_IMAGE_ATTENTION=flash runs on NVIDIA GPUs only" in done.stderr
     assert "Traceback" not in done.stderr
+
+
+@pytest.mark.parametrize(("lora", "problem"), [
+    ("./missing-lora.safetensors", "no such file or folder: {tmp}/missing-lora.safetensors; give a .safetensors "
+                                   "file, a folder holding one, or a hub id (owner/name:file.safetensors)."),
+    ("owner/repo:file.safetensors,strong", "the LoRA scale 'strong' is not a number."),
+], ids=["missing-file", "bad-scale"])
+def test_a_lora_that_is_not_there_stops_serve_at_once_with_one_line(tmp_path, lora, problem):
+    # Found before torch is imported: no engine starts.
+    done = subprocess.run([sys.executable, "-m", "qwen_image_server", "serve"], cwd=tmp_path,
+                          env=server_env(free_port(), QWEN_IMAGE_LORA=lora),
+                          capture_output=True, text=True, timeout=60)
+    assert done.returncode == 2
+    expected = f"error: QWEN_IMAGE_LORA={lora!r}: {problem.format(tmp=tmp_path)}"
+    assert done.stderr.splitlines() == [expected], done.stderr
 
 
 @pytest.mark.parametrize(("settings", "message"), [
