@@ -8,7 +8,7 @@ import os
 import tempfile
 from pathlib import Path
 
-from qwen_image_server.engine.lora import looks_like_path, parse_lora
+from qwen_image_server.engine.lora import missing_path, parse_lora
 from qwen_image_server.errors import ConfigurationError
 from qwen_image_server.model_list import EMBEDDED, LOCAL_FOLDER_ADVICE, local_folder_problem, looks_local
 from qwen_image_server.settings import Settings
@@ -79,8 +79,7 @@ def check_local_lora(settings: Settings) -> None:
         spec = parse_lora(settings.lora)
     except ValueError as exc:
         raise ConfigurationError(f"QWEN_IMAGE_LORA={settings.lora!r}: {exc}.") from None
-    local = Path(spec.source).expanduser()
-    if looks_like_path(spec.source) and not local.exists():
+    if (missing := missing_path(spec.source)) is not None:
         raise ConfigurationError(
-            f"QWEN_IMAGE_LORA={settings.lora!r}: no such file or folder: {local.absolute()}; give a .safetensors "
+            f"QWEN_IMAGE_LORA={settings.lora!r}: no such file or folder: {missing.absolute()}; give a .safetensors "
             "file, a folder holding one, or a hub id (owner/name:file.safetensors).")

@@ -222,7 +222,8 @@ def test_a_lora_that_is_not_there_stops_serve_at_once_with_one_line(tmp_path, lo
     ({"offload": "sequential"}, "QWEN_IMAGE_OFFLOAD=sequential moves weights between CPU and a GPU"),
     ({"cache": "cache-dit", "cache_options": {"Fn_blocks": 2}}, "Fn_blocks"),
     ({"cache": "cache-dit", "cache_options": {"Fn_compute_blocks": 8}}, "must not exceed the transformer's 2 blocks"),
-], ids=["attention", "offload", "cache-knob", "cache-blocks"])
+    ({"lora": "./missing-lora.safetensors"}, "no such file or folder: missing-lora.safetensors"),
+], ids=["attention", "offload", "cache-knob", "cache-blocks", "missing-lora"])
 def test_the_loader_refuses_an_option_that_cannot_work(tmp_path, settings, message):
     # The same message the server prints before exiting (shown end to end just above).
     with pytest.raises(ModelLoadError, match="Could not start with these options") as refused:

@@ -72,6 +72,13 @@ def looks_like_path(text: str) -> bool:
         re.match(r"^[A-Za-z]:[\\/]", text))
 
 
+def missing_path(source: str) -> Path | None:
+    """The local path `source` names when it looks like a path that is not there (else None: a
+    file or folder that exists, or a hub id)."""
+    local = Path(source).expanduser()
+    return local if looks_like_path(source) and not local.exists() else None
+
+
 def fuse_lora(pipeline: Any, spec: LoraSpec) -> None:
     """Load, fuse and unload the adapter, leaving plain (merged) weights in the transformer."""
     from diffusers import FlowMatchEulerDiscreteScheduler
@@ -83,8 +90,8 @@ def fuse_lora(pipeline: Any, spec: LoraSpec) -> None:
     local = Path(source).expanduser()
     if local.is_file():  # diffusers takes a folder plus a weight_name
         source, kwargs["weight_name"] = str(local.parent), local.name
-    elif looks_like_path(source) and not local.exists():
-        raise FileNotFoundError(f"no such file or folder: {local}")
+    elif (missing := missing_path(source)) is not None:
+        raise FileNotFoundError(f"no such file or folder: {missing}")
     pipeline.load_lora_weights(source, **kwargs)
     pipeline.fuse_lora(components=["transformer"], lora_scale=spec.scale)
     pipeline.unload_lora_weights()
