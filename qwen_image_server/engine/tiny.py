@@ -173,8 +173,8 @@ def build_tiny_model(target: Path) -> None:
 
 
 def save_as_vocab_and_merges(folder: Path) -> None:
-    """Turn a saved Qwen2Tokenizer's tokenizer.json into the files Qwen/Qwen-Image's tokenizer
-    folder holds: vocab.json, merges.txt, and the added tokens in tokenizer_config.json.
+    """Turn a saved Qwen2Tokenizer's tokenizer.json into the slow-tokenizer files Qwen tokenizers
+    are also published as: vocab.json, merges.txt, and the added tokens in tokenizer_config.json.
 
     Qwen2Tokenizer builds its BPE from those either way; from tokenizer.json it first re-reads the
     whole file in Python, which takes 0.9 s on one core against 0.25 s from vocab and merges (every
