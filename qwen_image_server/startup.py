@@ -4,6 +4,7 @@ not there."""
 
 from __future__ import annotations
 
+import logging
 import os
 import tempfile
 from pathlib import Path
@@ -12,6 +13,8 @@ from qwen_image_server.engine.lora import missing_path, parse_lora
 from qwen_image_server.errors import ConfigurationError
 from qwen_image_server.model_list import EMBEDDED, LOCAL_FOLDER_ADVICE, local_folder_problem, looks_local
 from qwen_image_server.settings import Settings
+
+log = logging.getLogger(__name__)
 
 
 def visible_gpus(settings: Settings) -> int:
@@ -83,3 +86,13 @@ def check_local_lora(settings: Settings) -> None:
         raise ConfigurationError(
             f"QWEN_IMAGE_LORA={settings.lora!r}: no such file or folder: {missing.absolute()}; give a .safetensors "
             "file, a folder holding one, or a hub id (owner/name:file.safetensors).")
+
+
+def warn_missing_lora_dir(settings: Settings) -> None:
+    """A QWEN_IMAGE_LORA_DIR that is not a folder is not an error (the folder is read at every
+    request, so one mounted later is served), but a typo would otherwise show only as 400
+    unknown LoRA on every request that names one."""
+    folder = settings.lora_dir
+    if folder is not None and not folder.is_dir():
+        log.warning("QWEN_IMAGE_LORA_DIR=%s is not a folder (yet): no LoRAs from it until it is",
+                    os.fspath(folder))

@@ -424,3 +424,18 @@ def test_a_lora_above_the_slot_rank_is_refused_before_it_is_queued(lora_dir):
     library.add_model("tiny", "generate", transformer)
     assert library.problem("style", "tiny") is None  # rank 4
     assert "has rank 8; this compiled server takes LoRAs up to rank 4" in library.problem("ink", "tiny")
+
+
+def test_a_lora_folder_that_is_not_there_is_named_in_a_warning_at_start(tmp_path, caplog):
+    from qwen_image_server.api.app import create_app
+
+    typo = tmp_path / "lroas"
+    with caplog.at_level("WARNING", logger="qwen_image_server"):
+        create_app(tiny_settings(tmp_path, lora_dir=typo))
+    assert f"QWEN_IMAGE_LORA_DIR={typo} is not a folder (yet)" in caplog.text
+
+    caplog.clear()
+    typo.mkdir()
+    with caplog.at_level("WARNING", logger="qwen_image_server"):
+        create_app(tiny_settings(tmp_path, lora_dir=typo))
+    assert "QWEN_IMAGE_LORA_DIR" not in caplog.text

@@ -31,7 +31,7 @@ from qwen_image_server.results import ResultStore
 from qwen_image_server.scheduler import Engine, RestartPolicy, Scheduler
 from qwen_image_server.serving import Lifecycle
 from qwen_image_server.settings import Settings
-from qwen_image_server.startup import check_output_dir, engine_gpus
+from qwen_image_server.startup import check_output_dir, engine_gpus, warn_missing_lora_dir
 
 log = logging.getLogger(__name__)
 
@@ -76,6 +76,7 @@ def create_app(
     metrics = ServerMetrics(device, replica)
     restart: RestartPolicy | None = None
     check_output_dir(settings)
+    warn_missing_lora_dir(settings)
     if engine_factory is not None:
         factories = [engine_factory]
     else:
