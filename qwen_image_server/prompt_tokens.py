@@ -30,16 +30,18 @@ class TokenCounter:
     def __init__(self, tokenizer: Any) -> None:
         from tokenizers import Tokenizer
 
-        # A transformers tokenizer, or (from an engine process) its Rust backend alone.
-        backend = tokenizer if isinstance(tokenizer, Tokenizer) else getattr(tokenizer, "backend_tokenizer", None)
-        if backend is not None:
+        if isinstance(tokenizer, Tokenizer):
+            # The Rust backend an engine process sent: already the front's own copy.
+            self._fast = tokenizer
+        elif (backend := getattr(tokenizer, "backend_tokenizer", None)) is not None:
             self._fast = Tokenizer.from_str(backend.to_str())
-            self._fast.no_truncation()
-            self._fast.no_padding()
         else:  # a pure-Python tokenizer: a copy, used by one thread at a time
             self._fast = None
             self._slow = copy.deepcopy(tokenizer)
             self._lock = threading.Lock()
+        if self._fast is not None:
+            self._fast.no_truncation()
+            self._fast.no_padding()
 
     def count(self, text: str) -> int:
         """Tokens of `text` alone (the template around it adds the same tokens to every prompt)."""

@@ -23,7 +23,7 @@ from diffusers import QwenImagePipeline
 
 from qwen_image_server.engine.device import DeviceInfo, resolve_device, resolve_dtype
 from qwen_image_server.engine.loaded import LoadedModel
-from qwen_image_server.engine.options import AppliedOptions, batch_config, check_options, prepare_pipeline
+from qwen_image_server.engine.options import batch_config, check_options, prepare_pipeline
 from qwen_image_server.engine.quantize import tensor_bytes
 from qwen_image_server.engine.memory import OffloadPlan
 from qwen_image_server.engine.processor import load_processor
