@@ -11,7 +11,6 @@ import asyncio
 import base64
 import os
 import secrets
-import sys
 import tempfile
 import threading
 from collections.abc import Iterator
