@@ -6,7 +6,7 @@
 comes from the server's settings (WORKERS, PORT, HOST, QWEN_IMAGE_*), so both ways agree.
 """
 
-from qwen_image_server.serving import gunicorn_options
-from qwen_image_server.settings import Settings
+from qwen_image_server.config.settings import Settings
+from qwen_image_server.launch.http import gunicorn_options
 
 globals().update(gunicorn_options(Settings()))

@@ -30,8 +30,8 @@ sys.path.insert(0, str(Path(__file__).resolve().parent))
 
 from scheduler_bench import serve  # noqa: E402
 
-from qwen_image_server.serving import find_fastapi  # noqa: E402
-from qwen_image_server.settings import Settings  # noqa: E402
+from qwen_image_server.config.settings import Settings  # noqa: E402
+from qwen_image_server.launch.http import find_fastapi  # noqa: E402
 
 PROMPT = "make it a night scene with a full moon"
 

@@ -29,16 +29,16 @@ from concurrent.futures import ThreadPoolExecutor
 from pathlib import Path
 
 import httpx
-import uvicorn
 
 ROOT = Path(__file__).resolve().parents[1]
 sys.path.insert(0, str(ROOT))
 
-from qwen_image_server.api.app import create_app, real_engine_factory  # noqa: E402
-from qwen_image_server.engine.process import engine_factories  # noqa: E402
-from qwen_image_server.serving import GracefulServer  # noqa: E402
-from qwen_image_server.settings import Settings  # noqa: E402
 from scheduler_bench import serve_app as serve  # noqa: E402
+
+from qwen_image_server.api.app import create_app, real_engine_factory  # noqa: E402
+from qwen_image_server.config.settings import Settings  # noqa: E402
+from qwen_image_server.engine.process import engine_factories  # noqa: E402
+from qwen_image_server.launch.http import GracefulServer  # noqa: E402
 
 
 class FakeLoader:
@@ -109,9 +109,9 @@ def end_to_end(args: argparse.Namespace) -> dict:
 def boundary_cost(settings: Settings, args: argparse.Namespace, calls: int = 30) -> float:
     """Seconds one run_batch call spends crossing the process boundary (spec out, step events
     and the image back), from a fake engine called here and in an engine process."""
+    from qwen_image_server.config.presets import ASPECT_RATIOS
     from qwen_image_server.engine.process import EngineProcess
     from qwen_image_server.engine.types import GenerationSpec
-    from qwen_image_server.presets import ASPECT_RATIOS
 
     width, height = ASPECT_RATIOS[args.size]
     local, remote = _FastEngine(), EngineProcess(settings, 0, None, FakeLoader())

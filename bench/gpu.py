@@ -52,12 +52,18 @@ from PIL import Image
 
 sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
 
+from qwen_image_server.config.model_list import (
+    TINY_EDIT_MODEL_NAME,  # noqa: E402
+    ModelRef,  # noqa: E402
+)
+from qwen_image_server.config.presets import ASPECT_RATIOS, with_suffix  # noqa: E402
+from qwen_image_server.config.settings import Settings  # noqa: E402
 from qwen_image_server.engine.compilation import compiled_graphs  # noqa: E402
 from qwen_image_server.engine.device import DeviceInfo, resolve_device, resolve_dtype  # noqa: E402
 from qwen_image_server.engine.loaded import LoadedModel  # noqa: E402
 from qwen_image_server.engine.loader import count_parameters, load_model  # noqa: E402
 from qwen_image_server.engine.runner import PipelineEngine  # noqa: E402
-from qwen_image_server.engine.tiny import TINY_EDIT_MODEL_NAME, ensure_tiny_model  # noqa: E402
+from qwen_image_server.engine.tiny import ensure_tiny_model  # noqa: E402
 from qwen_image_server.engine.types import (  # noqa: E402
     EditSpec,
     GenerationSpec,
@@ -65,9 +71,6 @@ from qwen_image_server.engine.types import (  # noqa: E402
     StepEvent,
     digest_images,
 )
-from qwen_image_server.model_list import ModelRef  # noqa: E402
-from qwen_image_server.presets import ASPECT_RATIOS, with_suffix  # noqa: E402
-from qwen_image_server.settings import Settings  # noqa: E402
 
 ROOT = Path(__file__).resolve().parents[1]
 GiB = 2**30
@@ -327,7 +330,11 @@ def build_full_pipeline(target: torch.device, cache_dir: Path, depth: int | None
         QwenImagePipeline,
         QwenImageTransformer2DModel,
     )
-    from transformers import Qwen2_5_VLConfig, Qwen2_5_VLForConditionalGeneration, Qwen2Tokenizer
+    from transformers import (
+        Qwen2_5_VLConfig,
+        Qwen2_5_VLForConditionalGeneration,
+        Qwen2Tokenizer,
+    )
 
     transformer_config = dict(QWEN_IMAGE_TRANSFORMER)
     text_config = dict(QWEN25_VL_7B_TEXT)
@@ -1123,11 +1130,11 @@ def http_request(width: int, height: int, steps: int) -> tuple[dict[str, Any], s
     common = {"prompt": "A cute cat sitting on a windowsill", "num_inference_steps": steps,
               "true_cfg_scale": CFG_SCALE, "seed": 42}
     if preset is not None:
-        from qwen_image_server.schemas import GenerateRequest
+        from qwen_image_server.protocol.native import GenerateRequest
 
         body = {**common, "aspect_ratio": preset}
         return body, "/generate", GenerateRequest(**body).to_spec()
-    from qwen_image_server.openai_protocol import ImageGenerationRequest
+    from qwen_image_server.protocol.openai import ImageGenerationRequest
 
     body = {**common, "size": size_label(width, height), "n": 1}
     return body, "/v1/images/generations", ImageGenerationRequest(**body).to_specs(42)[0]
@@ -1140,7 +1147,7 @@ def serve(engine: PipelineEngine, base: dict[str, Any]) -> Iterator[str]:
     import uvicorn
 
     from qwen_image_server.api.app import create_app
-    from qwen_image_server.serving import GracefulServer
+    from qwen_image_server.launch.http import GracefulServer
 
     with tempfile.TemporaryDirectory(prefix="qwen-bench-") as tmp:
         settings = Settings(_env_file=None, **{**base, "output_dir": Path(tmp), "threads": 2,

@@ -89,8 +89,8 @@ def table(headrooms_gb: Sequence[float]) -> str:
 
 def pair_table(headrooms_gb: Sequence[float]) -> str:
     """Generation + edit model on one card: two transformers, one text encoder, one VAE."""
+    from qwen_image_server.config.settings import Settings
     from qwen_image_server.engine.models import shared_component_bytes
-    from qwen_image_server.settings import Settings
 
     generate, edit = MetaPipeline(), MetaPipeline()
     for name in ("text_encoder", "vae"):  # the same weights: loaded once

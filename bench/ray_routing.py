@@ -45,8 +45,8 @@ from starlette.responses import Response  # noqa: E402
 
 from bench.ray_cluster import TwoNodeCluster, tiny_config  # noqa: E402
 from qwen_image_server.api.replica import REPLICA_HEADER  # noqa: E402
-from qwen_image_server.ray_router import BACKLOG_STAT, ReplicaAffinityRouter  # noqa: E402
-from qwen_image_server.ray_serve import DEPLOYMENT_NAME, ROUTING_STATS_PERIOD_S  # noqa: E402
+from qwen_image_server.launch.ray_app import DEPLOYMENT_NAME, ROUTING_STATS_PERIOD_S  # noqa: E402
+from qwen_image_server.launch.ray_router import BACKLOG_STAT, ReplicaAffinityRouter  # noqa: E402
 
 POLICIES = {
     # Ray Serve's default router; the server's router used to apply the same locality first.

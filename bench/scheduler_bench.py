@@ -30,10 +30,10 @@ import uvicorn
 sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
 
 from qwen_image_server.api.app import create_app  # noqa: E402
+from qwen_image_server.config.settings import Settings  # noqa: E402
 from qwen_image_server.engine.runner import PipelineEngine  # noqa: E402
-from qwen_image_server.schemas import GenerateRequest  # noqa: E402
-from qwen_image_server.serving import GracefulServer, find_fastapi  # noqa: E402
-from qwen_image_server.settings import Settings  # noqa: E402
+from qwen_image_server.launch.http import GracefulServer, find_fastapi  # noqa: E402
+from qwen_image_server.protocol.native import GenerateRequest  # noqa: E402
 
 
 def serve(settings: Settings) -> tuple[GracefulServer, threading.Thread, str]:

@@ -14,23 +14,33 @@ from pathlib import Path
 from typing import TYPE_CHECKING, Annotated, Any, ClassVar
 
 from pydantic import AliasChoices, Field, ValidationError, field_validator
-from pydantic_settings import BaseSettings, CliApp, CliImplicitFlag, CliPositionalArg, CliSubCommand, NoDecode
+from pydantic_settings import (
+    BaseSettings,
+    CliApp,
+    CliImplicitFlag,
+    CliPositionalArg,
+    CliSubCommand,
+    NoDecode,
+)
 
-from qwen_image_server.engine.lora_library import is_valid_name
-from qwen_image_server.engine.lora import looks_like_path
-
+from qwen_image_server.config.checks import (
+    check_local_lora,
+    check_local_models,
+    check_output_dir,
+    engine_gpus,
+)
+from qwen_image_server.config.logs import configure_logging
+from qwen_image_server.config.lora_refs import is_valid_name, looks_like_path
+from qwen_image_server.config.presets import DEFAULT_ASPECT_RATIO, AspectRatio, Language
+from qwen_image_server.config.settings import Settings
 from qwen_image_server.errors import ConfigurationError, ModelLoadError
-from qwen_image_server.logs import configure_logging
-from qwen_image_server.presets import DEFAULT_ASPECT_RATIO, AspectRatio, Language
-from qwen_image_server.schemas import EditParameters, GenerateRequest
-from qwen_image_server.settings import Settings
-from qwen_image_server.startup import check_local_lora, check_local_models, check_output_dir, engine_gpus
-from qwen_image_server.uploads import Upload, field_names
+from qwen_image_server.protocol.native import EditParameters, GenerateRequest
+from qwen_image_server.serving.uploads import Upload, field_names
 
 if TYPE_CHECKING:
     from qwen_image_server.engine.models import ModelSet
     from qwen_image_server.engine.types import GenerationSpec
-    from qwen_image_server.generation import Generation
+    from qwen_image_server.serving.generation import Generation
 
 log = logging.getLogger("qwen_image_server.cli")
 
@@ -74,10 +84,10 @@ class ServeCommand(Settings):
             print(f"error: {exc}", file=sys.stderr)
             raise SystemExit(2) from None
         if os.name == "nt":
-            from qwen_image_server.serving import run_uvicorn
+            from qwen_image_server.launch.http import run_uvicorn
 
             raise SystemExit(run_uvicorn(settings))
-        from qwen_image_server.serving import run_gunicorn
+        from qwen_image_server.launch.http import run_gunicorn
 
         raise SystemExit(run_gunicorn(settings))
 
@@ -85,7 +95,7 @@ class ServeCommand(Settings):
 def serve_on_ray(settings: Settings) -> int:
     """`serve --ray`: Ray's proxies bind host:port (on every node), so no local port check here."""
     try:
-        from qwen_image_server.ray_serve import run_ray
+        from qwen_image_server.launch.ray_app import run_ray
     except ImportError as exc:
         print(f"error: --ray needs Ray Serve ({exc}); install it with: pip install 'qwen-image-server[ray]'",
               file=sys.stderr)
@@ -285,7 +295,7 @@ def run_remote_job(cmd: GenerateCommand | EditCommand, path: str, request: dict[
             print(f"error: job {final['status']}: {final['error']['message']}", file=sys.stderr)
             return 1
         image = client.get(f"/v1/jobs/{job['id']}/image")
-    from qwen_image_server.postprocess import save_atomically
+    from qwen_image_server.serving.render import save_atomically
 
     out = cmd.out.expanduser()
     save_atomically(image.content, out.parent, out.name, overwrite=True)
@@ -314,10 +324,10 @@ async def _generate_locally(cmd: GenerateCommand | EditCommand, settings: Settin
     from tqdm import tqdm
 
     from qwen_image_server.errors import ServerError
-    from qwen_image_server.generation import Generation
     from qwen_image_server.job_state import JobEvent
-    from qwen_image_server.postprocess import save_atomically
     from qwen_image_server.scheduler import Job, Scheduler, SchedulerConfig
+    from qwen_image_server.serving.generation import Generation
+    from qwen_image_server.serving.render import save_atomically
 
     scheduler = Scheduler(lambda: engine, SchedulerConfig(max_queue=1, max_batch_size=1))
     device = engine.model.device

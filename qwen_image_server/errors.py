@@ -1,4 +1,4 @@
-"""Errors the server answers with, as values. `api/errors.py` maps them to HTTP in one place.
+"""Errors the server answers with, as values. `api/error_mapping.py` maps them to HTTP in one place.
 
 Each carries its HTTP status, an OpenAI-style `type`, and optionally the `param` it concerns,
 so the wire shape `{"error": {"message", "type", "param", "code"}}` is the same everywhere.

@@ -26,11 +26,10 @@ import uvicorn
 from fastapi import FastAPI
 
 from qwen_image_server.api.app import create_app, real_engine_factory
-from qwen_image_server.engine.types import GenerationSpec
-from qwen_image_server.engine.types import StepEvent
-from qwen_image_server.scheduler import Engine, StepCallback
-from qwen_image_server.serving import GracefulServer
-from qwen_image_server.settings import Settings
+from qwen_image_server.config.settings import Settings
+from qwen_image_server.engine.contract import Engine
+from qwen_image_server.engine.types import GenerationSpec, StepCallback, StepEvent
+from qwen_image_server.launch.http import GracefulServer
 
 ROOT = Path(__file__).resolve().parents[1]
 READY_TIMEOUT = 180.0

@@ -12,11 +12,11 @@ from collections.abc import Sequence
 from fastapi import FastAPI
 
 from qwen_image_server.api.app import create_app as create_real_app
+from qwen_image_server.config.checks import engine_gpus
+from qwen_image_server.config.settings import Settings
+from qwen_image_server.engine.contract import Engine
 from qwen_image_server.engine.process import engine_factories
-from qwen_image_server.engine.types import GenerationSpec, StepEvent
-from qwen_image_server.scheduler import Engine, StepCallback
-from qwen_image_server.settings import Settings
-from qwen_image_server.startup import engine_gpus
+from qwen_image_server.engine.types import GenerationSpec, StepCallback, StepEvent
 
 DIE = "fail the device"
 

@@ -16,8 +16,8 @@ from collections.abc import Sequence
 from dataclasses import dataclass
 from pathlib import Path
 
+from qwen_image_server.config.settings import Settings
 from qwen_image_server.engine.types import GenerationSpec
-from qwen_image_server.settings import Settings
 
 CRASH = "crash the engine"  # a prompt starting with this kills its engine process at its first step
 HOLD_LIMIT_S = 120.0

@@ -10,9 +10,9 @@ from pathlib import Path
 import pytest
 from PIL import Image
 
+from qwen_image_server.config.presets import ASPECT_RATIOS, PROMPT_SUFFIX
 from qwen_image_server.engine.types import GenerationSpec
-from qwen_image_server.presets import ASPECT_RATIOS, PROMPT_SUFFIX
-from qwen_image_server.schemas import GenerateRequest
+from qwen_image_server.protocol.native import GenerateRequest
 from tests.conftest import hold_engine, open_request
 
 FAST = {"num_inference_steps": 2, "add_overlay": False}

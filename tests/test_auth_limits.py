@@ -13,7 +13,7 @@ import httpx
 import pytest
 from PIL import Image
 
-from qwen_image_server.presets import PROMPT_SUFFIX
+from qwen_image_server.config.presets import PROMPT_SUFFIX
 from tests.conftest import LiveServer, tiny_settings
 
 FAST = {"num_inference_steps": 2, "add_overlay": False, "aspect_ratio": "s1:1"}

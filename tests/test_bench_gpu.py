@@ -112,12 +112,12 @@ def test_full_size_edit_pipeline_shares_the_generation_modules_and_edits(tmp_pat
 
     import torch
 
+    from qwen_image_server.config.settings import Settings
     from qwen_image_server.engine.device import resolve_device
     from qwen_image_server.engine.loaded import LoadedModel
     from qwen_image_server.engine.loader import count_parameters
     from qwen_image_server.engine.options import prepare_pipeline
     from qwen_image_server.engine.runner import PipelineEngine
-    from qwen_image_server.settings import Settings
 
     gpu = _bench_gpu()
     settings = Settings(_env_file=None, model="tiny", device="cpu", output_dir=tmp_path)

@@ -21,9 +21,9 @@ import httpx
 import pytest
 
 from qwen_image_server.api.app import create_app
+from qwen_image_server.config.checks import engine_gpus
 from qwen_image_server.engine.process import engine_factories, pinned_device
 from qwen_image_server.errors import ConfigurationError
-from qwen_image_server.startup import engine_gpus
 from tests.conftest import LiveServer, free_port, server_env, tiny_settings, wait_until
 from tests.engine_loaders import CRASH, GatedLoader
 from tests.test_metrics import scrape, value
@@ -248,7 +248,8 @@ from pathlib import Path
 import httpx
 
 from qwen_image_server.api.app import create_app
-from qwen_image_server import cli, serving
+from qwen_image_server import cli
+from qwen_image_server.launch import http
 from tests.conftest import LiveServer, tiny_settings
 
 live = LiveServer(create_app(tiny_settings(Path(sys.argv[1])))).start()

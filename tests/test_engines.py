@@ -164,8 +164,9 @@ def test_idle_loss_restarts_the_slot_without_waiting_for_work():
     loaded = threading.Condition()
 
     def load() -> FakeEngine:
-        engine = FakeEngine()
+        engine = FakeEngine()  # supervised, as an engine process is: it can be watched and closed
         engine.on_exit = hooks.append  # type: ignore[attr-defined]
+        engine.close = lambda: None  # type: ignore[attr-defined]
         with loaded:
             engines.append(engine)
             loaded.notify_all()

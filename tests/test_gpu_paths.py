@@ -21,14 +21,19 @@ import torch
 from diffusers import QwenImagePipeline, QwenImageTransformer2DModel
 
 from qwen_image_server import errors
+from qwen_image_server.config.presets import ASPECT_RATIOS
 from qwen_image_server.engine import compilation
+from qwen_image_server.engine import options as options_module
+from qwen_image_server.engine import quantize as quantize_module_
 from qwen_image_server.engine.device import DeviceInfo
 from qwen_image_server.engine.loaded import LoadedModel
 from qwen_image_server.engine.loader import load_model
 from qwen_image_server.engine.memory import GiB, component_bytes
-from qwen_image_server.engine import options as options_module
-from qwen_image_server.engine.options import check_options, prepare_pipeline, takes_padding_mask
-from qwen_image_server.engine import quantize as quantize_module_
+from qwen_image_server.engine.options import (
+    check_options,
+    prepare_pipeline,
+    takes_padding_mask,
+)
 from qwen_image_server.engine.quantize import (
     TEXT_ENCODER_SKIP,
     Fp8Chooser,
@@ -49,8 +54,7 @@ from qwen_image_server.engine.types import (
     PreviewPlan,
     StepEvent,
 )
-from qwen_image_server.errors import ModelLoadError, OptionUnavailable
-from qwen_image_server.presets import ASPECT_RATIOS
+from qwen_image_server.errors import OptionUnavailable
 from qwen_image_server.scheduler import Scheduler, SchedulerConfig
 from tests.conftest import tiny_settings
 
@@ -550,8 +554,7 @@ def test_a_masked_edit_leaves_a_bfloat16_edit_model_in_bfloat16(tmp_path):
     model run in float32."""
     from PIL import Image
 
-    from qwen_image_server.engine.tiny import TINY_EDIT_MODEL_NAME
-    from qwen_image_server.model_list import ModelRef
+    from qwen_image_server.config.model_list import TINY_EDIT_MODEL_NAME, ModelRef
 
     model = load_model(tiny_settings(tmp_path, dtype="bfloat16"),
                        ModelRef(TINY_EDIT_MODEL_NAME, TINY_EDIT_MODEL_NAME))

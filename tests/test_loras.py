@@ -25,10 +25,21 @@ import torch
 from PIL import Image
 from safetensors.torch import load_file, save_file
 
-from qwen_image_server.engine.tiny import build_lora, ensure_tiny_edit_model, ensure_tiny_model
+from qwen_image_server.engine.tiny import (
+    build_lora,
+    ensure_tiny_edit_model,
+    ensure_tiny_model,
+)
 from qwen_image_server.engine.types import GenerationSpec
 from qwen_image_server.scheduler import Scheduler, SchedulerConfig
-from tests.conftest import LiveServer, free_port, hold_engine, server_env, tiny_settings, wait_until
+from tests.conftest import (
+    LiveServer,
+    free_port,
+    hold_engine,
+    server_env,
+    tiny_settings,
+    wait_until,
+)
 from tests.fakes import FakeEngine
 
 pytestmark = pytest.mark.xdist_group("loras")  # one LoRA server for the module

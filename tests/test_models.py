@@ -9,13 +9,17 @@ from pathlib import Path
 
 import pytest
 
+from qwen_image_server.config.model_list import ModelRef, parse_model_list
+from qwen_image_server.config.settings import Settings
 from qwen_image_server.engine import models as models_module
 from qwen_image_server.engine.device import DeviceInfo
-from qwen_image_server.engine.models import load_models, plan_for, shared_component_bytes
+from qwen_image_server.engine.models import (
+    load_models,
+    plan_for,
+    shared_component_bytes,
+)
 from qwen_image_server.engine.tiny import ensure_tiny_edit_model, ensure_tiny_model
 from qwen_image_server.errors import ModelLoadError
-from qwen_image_server.model_list import ModelRef, parse_model_list
-from qwen_image_server.settings import Settings
 from tests.conftest import tiny_settings
 
 GiB = 2**30

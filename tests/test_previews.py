@@ -21,10 +21,10 @@ import torch
 from httpx_sse import connect_sse
 from PIL import Image
 
-from qwen_image_server.api.job_registry import JobRecord, Subscriber
 from qwen_image_server.engine.previews import decode
 from qwen_image_server.engine.types import GenerationSpec, Preview, PreviewPlan
 from qwen_image_server.job_state import JobEvent
+from qwen_image_server.serving.job_registry import JobRecord, Subscriber
 from tests.conftest import LiveServer, hold_engine, tiny_settings
 from tests.test_edit import picture, small_working_size  # noqa: F401 - the edit model's fast sizes
 from tests.test_metrics import scrape, value

@@ -20,7 +20,15 @@ import httpx
 import pytest
 from PIL import Image
 
-from tests.conftest import ROOT, ServerProcess, free_port, hold_engine, server_env, start_process, wait_until
+from tests.conftest import (
+    ROOT,
+    ServerProcess,
+    free_port,
+    hold_engine,
+    server_env,
+    start_process,
+    wait_until,
+)
 from tests.dying_app import DIE
 
 PNG_MAGIC = b"\x89PNG\r\n\x1a\n"

@@ -24,15 +24,19 @@ import yaml
 
 ray = pytest.importorskip("ray", reason="Ray Serve is an optional extra: pip install .[ray]")
 from ray import serve  # noqa: E402
-from ray.serve._private.common import DeploymentHandleSource, DeploymentID, RequestMetadata  # noqa: E402
+from ray.serve._private.common import (  # noqa: E402
+    DeploymentHandleSource,
+    DeploymentID,
+    RequestMetadata,
+)
 from ray.serve.deployment import Application  # noqa: E402
 from ray.serve.request_router import PendingRequest, ReplicaID  # noqa: E402
 from ray.serve.schema import ServeDeploySchema  # noqa: E402
 
 from qwen_image_server.api.replica import owner_in_path  # noqa: E402
+from qwen_image_server.config.settings import Settings  # noqa: E402
 from qwen_image_server.errors import ModelLoadError  # noqa: E402
-from qwen_image_server.ray_router import BACKLOG_STAT, ReplicaAffinityRouter  # noqa: E402
-from qwen_image_server.ray_serve import (  # noqa: E402
+from qwen_image_server.launch.ray_app import (  # noqa: E402
     APP_NAME,
     DEPLOYMENT_NAME,
     ClusterChoice,
@@ -44,7 +48,7 @@ from qwen_image_server.ray_serve import (  # noqa: E402
     deploy_failure,
     deployment_options,
 )
-from qwen_image_server.settings import Settings  # noqa: E402
+from qwen_image_server.launch.ray_router import BACKLOG_STAT, ReplicaAffinityRouter  # noqa: E402
 from tests.conftest import ROOT, free_port, tiny_settings, wait_until  # noqa: E402
 
 pytestmark = pytest.mark.slow
@@ -234,7 +238,7 @@ def test_the_serve_config_file_deploys_the_same_app() -> None:
     config = yaml.safe_load((ROOT / "serve_config.yaml").read_text())
     ServeDeploySchema.model_validate(config)  # what `serve deploy` checks
     [app] = config["applications"]
-    assert app["import_path"] == "qwen_image_server.ray_serve:app_builder"
+    assert app["import_path"] == "qwen_image_server.launch.ray_app:app_builder"
     assert isinstance(app_builder(app["args"]), Application)
     assert Settings(**app["args"]).model == app["args"]["model"]
 

@@ -21,7 +21,7 @@ import pytest
 pytest.importorskip("ray", reason="Ray Serve is an optional extra: pip install .[ray]")
 
 from bench.ray_cluster import TwoNodeCluster, tiny_config  # noqa: E402
-from qwen_image_server.ray_serve import choose_cluster  # noqa: E402
+from qwen_image_server.launch.ray_app import choose_cluster  # noqa: E402
 from tests.conftest import ROOT, tiny_settings, wait_until  # noqa: E402
 
 pytestmark = pytest.mark.slow

@@ -11,9 +11,9 @@ import pytest
 
 from qwen_image_server import errors
 from qwen_image_server.engine.types import DeviceFailure, GenerationSpec
-from qwen_image_server.scheduler import Job, JobState, Scheduler, SchedulerConfig
+from qwen_image_server.job_state import JobState
+from qwen_image_server.scheduler import Job, Scheduler, SchedulerConfig
 from tests.fakes import WAIT, FakeEngine, result_of, stop_all
-
 
 
 def spec(seed: int, size: int = 512, steps: int = 2, cfg: float = 4.0) -> GenerationSpec:

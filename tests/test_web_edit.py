@@ -10,14 +10,13 @@ from collections.abc import Iterator
 import numpy as np
 import pytest
 from PIL import Image
+from playwright.sync_api import expect  # noqa: E402
 
 from qwen_image_server.api.app import create_app, real_engine_factory
 from tests.conftest import LiveServer, tiny_settings
 from tests.fakes import FakeEngine
 from tests.test_edit import small_working_size  # noqa: F401 - the fixture, shared
 from tests.test_web import SLOW, Watched, browser, screenshot, wait_for_image  # noqa: F401 - browser: the fixture, shared
-
-from playwright.sync_api import expect  # noqa: E402
 
 
 @pytest.fixture(scope="module")

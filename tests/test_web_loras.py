@@ -8,12 +8,11 @@ from __future__ import annotations
 from collections.abc import Iterator
 
 import pytest
+from playwright.sync_api import expect  # noqa: E402
 
 from tests.conftest import LiveServer, tiny_settings
 from tests.test_loras import lora_dir  # noqa: F401 - the fixture, shared
 from tests.test_web import Watched, browser, screenshot, wait_for_image  # noqa: F401 - browser: the fixture, shared
-
-from playwright.sync_api import expect  # noqa: E402
 
 pytestmark = pytest.mark.xdist_group("web_loras")
 

@@ -11,27 +11,36 @@ import anyio
 from fastapi import FastAPI
 
 from qwen_image_server import __version__
-from qwen_image_server.api import files, jobs, loras, native
-from qwen_image_server.api import metrics as metrics_api
-from qwen_image_server.api import openai as openai_api
+from qwen_image_server.api import (
+    file_routes,
+    http_metrics,
+    job_routes,
+    lora_routes,
+    native_routes,
+    openai_routes,
+)
 from qwen_image_server.api.auth import ApiKeyMiddleware
 from qwen_image_server.api.body_limit import add_body_limit
 from qwen_image_server.api.context import ServerContext
-from qwen_image_server.api.errors import install_error_handlers
-from qwen_image_server.api.job_registry import JobRegistry
+from qwen_image_server.api.error_mapping import install_error_handlers
 from qwen_image_server.api.replica import ReplicaHeaderMiddleware, id_prefix
 from qwen_image_server.api.web import install_web
+from qwen_image_server.config.checks import (
+    check_output_dir,
+    engine_gpus,
+    warn_missing_lora_dir,
+)
+from qwen_image_server.config.logs import configure_logging
+from qwen_image_server.config.settings import Settings
+from qwen_image_server.engine.contract import Engine
 from qwen_image_server.engine.device import resolve_device
-from qwen_image_server.engine.options import batch_config
 from qwen_image_server.engine.process import engine_factories
-from qwen_image_server.generation import Generation
-from qwen_image_server.logs import configure_logging
-from qwen_image_server.metrics import SchedulerMetrics, ServerMetrics
-from qwen_image_server.results import ResultStore
-from qwen_image_server.scheduler import Engine, RestartPolicy, Scheduler
-from qwen_image_server.serving import Lifecycle
-from qwen_image_server.settings import Settings
-from qwen_image_server.startup import check_output_dir, engine_gpus, warn_missing_lora_dir
+from qwen_image_server.scheduler import RestartPolicy, Scheduler, SchedulerConfig
+from qwen_image_server.serving.generation import Generation
+from qwen_image_server.serving.job_registry import JobRegistry
+from qwen_image_server.serving.lifecycle import Lifecycle
+from qwen_image_server.serving.metrics import SchedulerMetrics, ServerMetrics
+from qwen_image_server.serving.results import ResultStore
 
 log = logging.getLogger(__name__)
 
@@ -62,7 +71,7 @@ def create_app(
     tests do (a failed device then ends the process, for its manager to start a fresh one).
     Raises ConfigurationError (one line) for settings that cannot work on this machine.
 
-    `replica` names this app among the replicas of a scaled-out deployment (`ray_serve.py`): it
+    `replica` names this app among the replicas of a scaled-out deployment (`launch/ray_app.py`): it
     shows in /info, in an X-Replica header on every response and on every metric, and it starts
     every job and image id, so that requests naming an id can be routed to the replica owning it.
     """
@@ -89,7 +98,7 @@ def create_app(
 
     scheduler = Scheduler(
         [metrics.measure_load(factory) for factory in factories],
-        batch_config(settings, device),
+        SchedulerConfig.from_settings(settings, device.type),
         on_fatal=lifecycle.engine_failed,
         observer=SchedulerMetrics(metrics, queue_length),
         id_prefix=id_prefix(replica),
@@ -131,14 +140,14 @@ def create_app(
     add_body_limit(app, settings.max_body_bytes, settings.max_upload_bytes)
     if settings.api_keys:
         app.add_middleware(ApiKeyMiddleware, api_keys=settings.api_keys)
-    app.add_middleware(metrics_api.HttpMetricsMiddleware, metrics=metrics)
+    app.add_middleware(http_metrics.HttpMetricsMiddleware, metrics=metrics)
     if replica:
         app.add_middleware(ReplicaHeaderMiddleware, replica=replica)
-    app.include_router(metrics_api.router)
-    app.include_router(files.router)
-    app.include_router(native.router)
-    app.include_router(jobs.router)
-    app.include_router(openai_api.router)
-    app.include_router(loras.router)
+    app.include_router(http_metrics.router)
+    app.include_router(file_routes.router)
+    app.include_router(native_routes.router)
+    app.include_router(job_routes.router)
+    app.include_router(openai_routes.router)
+    app.include_router(lora_routes.router)
     install_web(app)
     return app

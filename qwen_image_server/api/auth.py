@@ -16,7 +16,7 @@ from starlette.datastructures import Headers
 from starlette.types import ASGIApp, Receive, Scope, Send
 
 from qwen_image_server import errors
-from qwen_image_server.api.errors import server_error_response
+from qwen_image_server.api.error_mapping import server_error_response
 
 log = logging.getLogger(__name__)
 

@@ -16,7 +16,7 @@ from starlette.exceptions import HTTPException
 from starlette.types import ASGIApp, Message, Receive, Scope, Send
 
 from qwen_image_server import errors
-from qwen_image_server.api.errors import server_error_response
+from qwen_image_server.api.error_mapping import server_error_response
 
 # The routes whose bodies carry images.
 UPLOAD_PATHS = ("/edit", "/v1/images/edits", "/v1/jobs/edit")

@@ -7,14 +7,14 @@ from typing import Annotated
 
 from fastapi import Depends, Request
 
-from qwen_image_server.api.job_registry import JobRegistry
+from qwen_image_server.config.settings import Settings
 from qwen_image_server.engine.device import DeviceInfo
 from qwen_image_server.engine.loaded import LoadedModel
-from qwen_image_server.generation import ClientGone, Generation
-from qwen_image_server.results import ResultStore
 from qwen_image_server.scheduler import Scheduler
-from qwen_image_server.serving import Lifecycle
-from qwen_image_server.settings import Settings
+from qwen_image_server.serving.generation import ClientGone, Generation
+from qwen_image_server.serving.job_registry import JobRegistry
+from qwen_image_server.serving.lifecycle import Lifecycle
+from qwen_image_server.serving.results import ResultStore
 
 
 @dataclass

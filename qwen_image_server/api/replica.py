@@ -1,4 +1,4 @@
-"""One app among several replicas (Ray Serve, `ray_serve.py`): its name on responses and in ids.
+"""One app among several replicas (Ray Serve, `launch/ray_app.py`): its name on responses and in ids.
 
 Jobs and `url` images live in the memory of the replica that made them, so a request that names
 one (`GET /v1/jobs/<id>`, its events, image and cancel; `GET /v1/images/<id>`) must reach that

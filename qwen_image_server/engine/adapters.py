@@ -24,7 +24,12 @@ from typing import Any
 
 from qwen_image_server import errors
 from qwen_image_server.engine.lora import LIGHTNING_SCHEDULER_OVERRIDES
-from qwen_image_server.engine.lora_library import LoraLibrary, adapter_config, first_line, transformer_linears
+from qwen_image_server.engine.lora_library import (
+    LoraLibrary,
+    adapter_config,
+    first_line,
+    transformer_linears,
+)
 from qwen_image_server.engine.types import LoraSet, Task
 
 log = logging.getLogger(__name__)

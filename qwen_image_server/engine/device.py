@@ -6,7 +6,7 @@ from dataclasses import dataclass
 
 import torch
 
-from qwen_image_server.settings import DeviceName, DtypeName
+from qwen_image_server.config.settings import DeviceName, DtypeName
 
 _DTYPES: dict[str, torch.dtype] = {
     "bfloat16": torch.bfloat16,

@@ -21,22 +21,25 @@ import torch
 import transformers
 from diffusers import QwenImagePipeline
 
-from qwen_image_server.engine.device import DeviceInfo, resolve_device, resolve_dtype
-from qwen_image_server.engine.loaded import LoadedModel
-from qwen_image_server.engine.options import batch_config, check_options, prepare_pipeline
-from qwen_image_server.engine.quantize import tensor_bytes
-from qwen_image_server.engine.memory import OffloadPlan
-from qwen_image_server.engine.processor import load_processor
-from qwen_image_server.engine.tiny import (
+from qwen_image_server.config.model_list import (
+    LOCAL_FOLDER_ADVICE,
     TINY_EDIT_MODEL_NAME,
     TINY_MODEL_NAME,
-    ensure_tiny_edit_model,
-    ensure_tiny_model,
+    ModelRef,
+    local_folder_problem,
+    looks_local,
 )
+from qwen_image_server.config.settings import Settings
+from qwen_image_server.engine.contract import settings_batch_limits
+from qwen_image_server.engine.device import DeviceInfo, resolve_device, resolve_dtype
+from qwen_image_server.engine.loaded import LoadedModel
+from qwen_image_server.engine.memory import OffloadPlan
+from qwen_image_server.engine.options import check_options, prepare_pipeline
+from qwen_image_server.engine.processor import load_processor
+from qwen_image_server.engine.quantize import tensor_bytes
+from qwen_image_server.engine.tiny import ensure_tiny_edit_model, ensure_tiny_model
 from qwen_image_server.engine.types import Task
 from qwen_image_server.errors import ModelLoadError, OptionUnavailable
-from qwen_image_server.model_list import LOCAL_FOLDER_ADVICE, ModelRef, local_folder_problem, looks_local
-from qwen_image_server.settings import Settings
 
 log = logging.getLogger(__name__)
 
@@ -192,7 +195,7 @@ def finish_model(settings: Settings, loading: LoadingModel, device: DeviceInfo, 
         raise _load_error(settings, ref, f"preparing {type(pipeline).__name__} on {device.type}",
                           loading.source, exc) from exc
     total, size_mb = count_parameters(pipeline)
-    batches = batch_config(settings, device)
+    batches = settings_batch_limits(settings, device.type)
     load_time = time.perf_counter() - loading.started
     log.info("loaded %s (%s, %s) on %s in %.2fs: %s parameters, %.1f MB, %s; shared: %s; options: %s",
              ref.name, type(pipeline).__name__, loading.source, device.label, load_time, f"{total:,}",

@@ -1,4 +1,4 @@
-"""`QWEN_IMAGE_LORA`: parse '<path or hub id>[,scale]', fuse the LoRA into the transformer at start.
+"""`QWEN_IMAGE_LORA`: fuse the LoRA into the transformer at start (`config/lora_refs.py` parses it).
 
 A fused LoRA costs nothing per step (the adapter is merged into the weights and the PEFT layers
 are removed), and it must happen before quantization and compilation, which both need plain
@@ -9,15 +9,12 @@ from __future__ import annotations
 
 import logging
 import math
-import re
-from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
 
-log = logging.getLogger(__name__)
+from qwen_image_server.config.lora_refs import LoraSpec, missing_path
 
-# lightx2v/Qwen-Image-Lightning files are named "...-Lightning-8steps-V1.1...safetensors".
-_LIGHTNING = re.compile(r"lightning[-_]?(\d+)[-_]?steps?", re.IGNORECASE)
+log = logging.getLogger(__name__)
 
 # The Lightning LoRAs were distilled with shift 3 and no terminal stretch (the Qwen-Image-Lightning
 # repository's generate_with_diffusers.py); the rest of Qwen-Image's scheduler config is unchanged.
@@ -27,56 +24,6 @@ LIGHTNING_SCHEDULER_OVERRIDES: dict[str, Any] = {
     "max_shift": math.log(3),
     "shift_terminal": None,
 }
-
-
-@dataclass(frozen=True, slots=True)
-class LoraSpec:
-    """Where the LoRA is and how strongly it is fused."""
-
-    source: str  # a local file or folder, or a hub repo id
-    weight_name: str | None  # the file inside a hub repo or folder, when it holds several
-    scale: float
-    lightning_steps: int | None  # set for a Lightning (step-distilled) LoRA
-
-    @property
-    def label(self) -> str:
-        return f"{self.source}:{self.weight_name}" if self.weight_name else self.source
-
-
-def parse_lora(text: str) -> LoraSpec:
-    """'<path or hub id>[:file.safetensors][,scale]' -> LoraSpec; ValueError names the problem."""
-    source, _, scale_text = text.strip().partition(",")
-    source = source.strip()
-    try:
-        scale = float(scale_text) if scale_text.strip() else 1.0
-    except ValueError:
-        raise ValueError(f"the LoRA scale {scale_text.strip()!r} is not a number") from None
-    if not source:
-        raise ValueError("no LoRA path or hub id before the comma")
-    weight_name = None
-    local = Path(source).expanduser()
-    if not local.exists() and ":" in source and not re.match(r"^[A-Za-z]:[\\/]", source):
-        source, weight_name = source.split(":", 1)  # hub form: repo/id:file.safetensors
-    return LoraSpec(source, weight_name, scale, lightning_steps_of(weight_name or source))
-
-
-def lightning_steps_of(file_name: str) -> int | None:
-    """The step count a Lightning LoRA was distilled for, read from its file name."""
-    match = _LIGHTNING.search(file_name)
-    return int(match.group(1)) if match else None
-
-
-def looks_like_path(text: str) -> bool:
-    """A local path rather than a hub id (hub ids are 'owner/name', never absolute or dotted)."""
-    return text.startswith((".", "/", "~", "\\")) or text.endswith(".safetensors") or bool(
-        re.match(r"^[A-Za-z]:[\\/]", text))
-
-
-def missing_path(source: str) -> Path | None:
-    """The local path `source` names when it looks like a path that is not there (else None: a
-    file or folder that exists, or a hub id)."""
-    local = Path(source).expanduser()
-    return local if looks_like_path(source) and not local.exists() else None
 
 
 def fuse_lora(pipeline: Any, spec: LoraSpec) -> None:

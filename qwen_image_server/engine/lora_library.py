@@ -19,12 +19,12 @@ from pathlib import Path
 from typing import Any, Literal
 
 from qwen_image_server import errors
-from qwen_image_server.engine.lora import lightning_steps_of
+from qwen_image_server.config.lora_refs import (
+    is_valid_name,
+    lightning_steps_of,
+    parse_hub_loras,
+)
 from qwen_image_server.engine.types import LoraSet, Task
-
-# A LoRA's name: a file stem or a name given in QWEN_IMAGE_LORAS; never a path.
-NAME_PATTERN = r"^[A-Za-z0-9][A-Za-z0-9._-]{0,127}$"
-_NAME = re.compile(NAME_PATTERN)
 
 # The base model family of each task's pipelines (Qwen-Image-Edit-2509/2511 LoRAs are Edit LoRAs).
 FAMILY: dict[Task, str] = {"generate": "Qwen-Image", "edit": "Qwen-Image-Edit"}
@@ -36,34 +36,6 @@ _BASE_KEYS = ("base_model", "modelspec.architecture", "ss_base_model_version", "
 
 # diffusers/PEFT key forms: "<prefix>.<module>.lora_A.weight" (A: rank x in, B: out x rank).
 _PEFT_KEY = re.compile(r"^(?:transformer\.|base_model\.model\.|diffusion_model\.)?(.+)\.lora_([AB])(?:\.default)?\.weight$")
-
-
-_REPO = re.compile(r"^[A-Za-z0-9][\w.-]*/[A-Za-z0-9][\w.-]*$")  # a hub repo id: owner/name
-
-
-def is_valid_name(name: str) -> bool:
-    return bool(_NAME.match(name)) and ".." not in name
-
-
-def parse_hub_loras(text: str) -> dict[str, tuple[str, str | None]]:
-    """'name=owner/repo:file.safetensors,...' -> {name: (repo, file)}; ValueError names the part."""
-    out: dict[str, tuple[str, str | None]] = {}
-    for part in (p.strip() for p in text.split(",")):
-        if not part:
-            continue
-        name, sep, source = part.partition("=")
-        name, source = name.strip(), source.strip()
-        if not sep or not source:
-            raise ValueError(f"{part!r} is not 'name=owner/repo:file.safetensors'")
-        if not is_valid_name(name):
-            raise ValueError(f"the LoRA name {name!r} may hold only letters, digits, '.', '_' and '-'")
-        if name in out:
-            raise ValueError(f"the LoRA name {name!r} is given twice")
-        repo, _, weight_name = source.partition(":")
-        if not _REPO.match(repo):
-            raise ValueError(f"{source!r} is not a hub repo id 'owner/repo' (local files go in QWEN_IMAGE_LORA_DIR)")
-        out[name] = (repo, weight_name or None)
-    return out
 
 
 @dataclass(frozen=True, slots=True)
@@ -190,7 +162,11 @@ def _converted_shapes(path: Path) -> dict[str, tuple[int, ...]]:
 def hub_refusals() -> tuple[type[BaseException], ...]:
     """What a hub fetch raises when the hub answered that the LoRA's repo, revision or file is
     not there (or its name is malformed): the LoRA's own fault, unlike a network failure."""
-    from huggingface_hub.errors import RemoteEntryNotFoundError, RepositoryNotFoundError, RevisionNotFoundError
+    from huggingface_hub.errors import (
+        RemoteEntryNotFoundError,
+        RepositoryNotFoundError,
+        RevisionNotFoundError,
+    )
 
     return (ValueError, RepositoryNotFoundError, RevisionNotFoundError, RemoteEntryNotFoundError)
 

@@ -15,9 +15,14 @@ from typing import Any
 
 import torch
 
+from qwen_image_server.config.settings import OffloadName, QuantizeName
 from qwen_image_server.engine.device import DeviceInfo
-from qwen_image_server.engine.quantize import DEFAULT_SKIP, TEXT_ENCODER_SKIP, quantizable, tensor_bytes
-from qwen_image_server.settings import OffloadName, QuantizeName
+from qwen_image_server.engine.quantize import (
+    DEFAULT_SKIP,
+    TEXT_ENCODER_SKIP,
+    quantizable,
+    tensor_bytes,
+)
 
 GiB = 2**30
 

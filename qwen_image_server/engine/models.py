@@ -19,8 +19,9 @@ from pathlib import Path
 
 from PIL import Image
 
+from qwen_image_server.config.presets import ASPECT_RATIOS
+from qwen_image_server.config.settings import Settings
 from qwen_image_server.engine.adapters import ResidentAdapters
-from qwen_image_server.engine.lora_library import LoraLibrary
 from qwen_image_server.engine.device import DeviceInfo
 from qwen_image_server.engine.loaded import LoadedModel
 from qwen_image_server.engine.loader import (
@@ -29,11 +30,16 @@ from qwen_image_server.engine.loader import (
     read_model,
     start_loading,
 )
-from qwen_image_server.engine.memory import GiB, OffloadPlan, component_bytes, free_gpu_bytes, plan_offload
+from qwen_image_server.engine.lora_library import LoraLibrary
+from qwen_image_server.engine.memory import (
+    GiB,
+    OffloadPlan,
+    component_bytes,
+    free_gpu_bytes,
+    plan_offload,
+)
 from qwen_image_server.engine.runner import PipelineEngine
 from qwen_image_server.engine.types import EditSpec, GenerationSpec, StepCallback
-from qwen_image_server.presets import ASPECT_RATIOS
-from qwen_image_server.settings import Settings
 
 log = logging.getLogger(__name__)
 

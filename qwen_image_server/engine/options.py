@@ -18,10 +18,12 @@ import re
 from dataclasses import dataclass, field
 from typing import Any
 
+from qwen_image_server.config.lora_refs import LoraSpec, parse_lora
+from qwen_image_server.config.settings import OffloadName, Settings
+from qwen_image_server.engine.adapters import prepare_hotswap_slots
 from qwen_image_server.engine.compilation import compile_blocks
 from qwen_image_server.engine.device import DeviceInfo, resolve_dtype
-from qwen_image_server.engine.adapters import prepare_hotswap_slots
-from qwen_image_server.engine.lora import LoraSpec, fuse_lora, parse_lora
+from qwen_image_server.engine.lora import fuse_lora
 from qwen_image_server.engine.memory import (
     GiB,
     OffloadPlan,
@@ -30,11 +32,14 @@ from qwen_image_server.engine.memory import (
     place,
     plan_offload,
 )
-from qwen_image_server.engine.quantize import TEXT_ENCODER_SKIP, Fp8Chooser, fp8_problem, quantize_module
+from qwen_image_server.engine.quantize import (
+    TEXT_ENCODER_SKIP,
+    Fp8Chooser,
+    fp8_problem,
+    quantize_module,
+)
 from qwen_image_server.engine.step_cache import cache_config, enable_step_cache
 from qwen_image_server.errors import OptionUnavailable
-from qwen_image_server.scheduler import SchedulerConfig
-from qwen_image_server.settings import OffloadName, Settings
 
 log = logging.getLogger(__name__)
 
@@ -73,18 +78,6 @@ class AppliedOptions:
 
 def _missing(module: str) -> bool:
     return importlib.util.find_spec(module) is None
-
-
-def batch_config(settings: Settings, device: DeviceInfo) -> SchedulerConfig:
-    """The scheduler's batch limits for these settings on this device (defaults filled in)."""
-    return SchedulerConfig.for_device(
-        device.type,
-        max_queue=settings.max_queue,
-        queue_timeout_s=settings.queue_timeout_s,
-        max_batch_size=settings.max_batch_size,
-        max_batch_pixels=settings.max_batch_pixels,
-        batch_wait_ms=settings.batch_wait_ms,
-    )
 
 
 def check_options(settings: Settings, device: DeviceInfo) -> LoraSpec | None:
@@ -148,7 +141,10 @@ def takes_padding_mask(name: str) -> bool:
     sequence's first N keys, which here would attend to the padding and drop image tokens. Both
     are read from the backend's source.
     """
-    from diffusers.models.attention_dispatch import AttentionBackendName, _AttentionBackendRegistry
+    from diffusers.models.attention_dispatch import (
+        AttentionBackendName,
+        _AttentionBackendRegistry,
+    )
 
     function = _AttentionBackendRegistry._backends.get(AttentionBackendName(name))
     if function is None:

@@ -44,6 +44,7 @@ from multiprocessing.connection import Connection, wait
 from typing import TYPE_CHECKING, Any
 
 from qwen_image_server import errors
+from qwen_image_server.config.settings import Settings
 from qwen_image_server.engine.lora_library import LoraLibrary, LoraState
 from qwen_image_server.engine.types import (
     BatchAborted,
@@ -52,13 +53,12 @@ from qwen_image_server.engine.types import (
     EngineLost,
     GenerationSpec,
 )
-from qwen_image_server.settings import Settings
 
 if TYPE_CHECKING:
     from PIL import Image
 
+    from qwen_image_server.engine.contract import Engine
     from qwen_image_server.engine.loaded import LoadedModel
-    from qwen_image_server.scheduler import Engine
 
 log = logging.getLogger(__name__)
 
@@ -74,7 +74,7 @@ class PipelineFacts:
     lengths are checked in the front, before a job is queued).
 
     The tokenizer crosses as its Rust `tokenizers.Tokenizer` when it has one (all the front
-    counts with, see prompt_tokens.py), so the front need not import transformers to read it.
+    counts with, see serving/prompt_tokens.py), so the front need not import transformers to read it.
     """
 
     class_name: str
@@ -144,7 +144,7 @@ def engine_main(conn: Connection, settings: Settings, gpu: int | None, loader: L
         os.environ["CUDA_VISIBLE_DEVICES"] = pinned_device(gpu, os.environ.get("CUDA_VISIBLE_DEVICES"))
     signal.signal(signal.SIGINT, signal.SIG_IGN)
     signal.signal(signal.SIGTERM, signal.SIG_IGN)
-    from qwen_image_server.logs import configure_logging
+    from qwen_image_server.config.logs import configure_logging
 
     configure_logging(settings.log_level)
     commands: queue.Queue[tuple[Any, ...]] = queue.Queue()

@@ -66,12 +66,18 @@ def image_only_processor_class() -> type:
 def build_processor(tokenizer: Any) -> Any:
     """A processor with Qwen2.5-VL's values around `tokenizer` (for the embedded tiny edit model)."""
     if has_torchvision():
-        from transformers import Qwen2VLImageProcessor, Qwen2VLProcessor, Qwen2VLVideoProcessor
+        from transformers import (
+            Qwen2VLImageProcessor,
+            Qwen2VLProcessor,
+            Qwen2VLVideoProcessor,
+        )
 
         return Qwen2VLProcessor(image_processor=Qwen2VLImageProcessor(**QWEN25VL_IMAGE_PROCESSOR),
                                 tokenizer=tokenizer,
                                 video_processor=Qwen2VLVideoProcessor(**_VIDEO_PROCESSOR))
-    from transformers.models.qwen2_vl.image_processing_pil_qwen2_vl import Qwen2VLImageProcessorPil
+    from transformers.models.qwen2_vl.image_processing_pil_qwen2_vl import (
+        Qwen2VLImageProcessorPil,
+    )
 
     return image_only_processor_class()(image_processor=Qwen2VLImageProcessorPil(**QWEN25VL_IMAGE_PROCESSOR),
                                         tokenizer=tokenizer)
@@ -87,7 +93,9 @@ def load_processor(folder: Path, tokenizer: Any = None) -> Any:
         return Qwen2VLProcessor.from_pretrained(folder)
     if tokenizer is None:
         return image_only_processor_class().from_pretrained(folder)
-    from transformers.models.qwen2_vl.image_processing_pil_qwen2_vl import Qwen2VLImageProcessorPil
+    from transformers.models.qwen2_vl.image_processing_pil_qwen2_vl import (
+        Qwen2VLImageProcessorPil,
+    )
 
     return image_only_processor_class()(image_processor=Qwen2VLImageProcessorPil.from_pretrained(folder),
                                         tokenizer=tokenizer)

@@ -18,8 +18,8 @@ from typing import Any
 
 import torch
 
+from qwen_image_server.config.settings import QuantizeName
 from qwen_image_server.engine.device import DeviceInfo
-from qwen_image_server.settings import QuantizeName
 
 log = logging.getLogger(__name__)
 
@@ -95,7 +95,12 @@ def fp8_kinds() -> list[Fp8Kind]:
     """The fp8 kinds for a GPU, best first: per-row scales with fast accumulation; per-row
     without it (a different cuBLASLt kernel family, which covers some shapes the first lacks);
     one scale per tensor (coarser, but cuBLASLt has kernels for every shape)."""
-    from torchao.quantization import Float8DynamicActivationFloat8WeightConfig, Float8MMConfig, PerRow, PerTensor
+    from torchao.quantization import (
+        Float8DynamicActivationFloat8WeightConfig,
+        Float8MMConfig,
+        PerRow,
+        PerTensor,
+    )
 
     return [
         Fp8Kind("row-wise", Float8DynamicActivationFloat8WeightConfig(granularity=PerRow())),

@@ -13,6 +13,7 @@ from typing import Any
 import torch
 from PIL import Image
 
+from qwen_image_server.config.presets import ASPECT_RATIOS
 from qwen_image_server.engine.adapters import ResidentAdapters
 from qwen_image_server.engine.compilation import WARMUP_PROMPT, warmup_prompt_batches
 from qwen_image_server.engine.edit import EditCalls
@@ -31,7 +32,6 @@ from qwen_image_server.engine.types import (
     StepEvent,
 )
 from qwen_image_server.errors import LoraUnusable
-from qwen_image_server.presets import ASPECT_RATIOS
 
 log = logging.getLogger(__name__)
 

@@ -23,11 +23,9 @@ if TYPE_CHECKING:  # heavy imports stay lazy: importing this module must not pul
 
 log = logging.getLogger(__name__)
 
-TINY_MODEL_NAME = "tiny"
 TINY_MODEL_VERSION = 2
 # The embedded multi-image edit model (QwenImageEditPlusPipeline), built from the tiny model's
 # own text encoder, VAE and transformer: `QWEN_IMAGE_MODEL=tiny` serves both.
-TINY_EDIT_MODEL_NAME = "tiny-edit"
 TINY_EDIT_MODEL_VERSION = 2
 
 # One seed per component, so a build is reproducible whatever order or subset gets rebuilt.
@@ -204,7 +202,11 @@ def build_tiny_edit_model(source: Path, target: Path) -> None:
     encoder), and a Qwen2.5-VL processor built offline from the tokenizer. Saved so that it loads
     like Qwen-Image-Edit-2509's folder."""
     import torch
-    from diffusers import QwenImageEditPlusPipeline, QwenImagePipeline, QwenImageTransformer2DModel
+    from diffusers import (
+        QwenImageEditPlusPipeline,
+        QwenImagePipeline,
+        QwenImageTransformer2DModel,
+    )
 
     from qwen_image_server.engine.processor import build_processor, make_stock_loadable
 

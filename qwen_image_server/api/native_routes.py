@@ -9,21 +9,20 @@ from fastapi import APIRouter, Request, Response
 from fastapi.responses import JSONResponse
 
 from qwen_image_server import __version__
+from qwen_image_server.api.bodies import NATIVE_EDIT_BODY, read_native_edit
 from qwen_image_server.api.context import Ctx, ServerContext, client_gone
-from qwen_image_server.api.errors import ERROR_RESPONSES
-from qwen_image_server.api.openai import model_cards
-from qwen_image_server.api.uploads import NATIVE_EDIT_BODY, read_native_edit
-from qwen_image_server.engine.types import GenerationSpec
+from qwen_image_server.api.error_mapping import ERROR_RESPONSES
+from qwen_image_server.api.openai_routes import model_cards
+from qwen_image_server.config.presets import ASPECT_RATIOS
 from qwen_image_server.engine.device import gpu_memory_mb
-from qwen_image_server.metrics import engine_memory
-from qwen_image_server.presets import ASPECT_RATIOS
-from qwen_image_server.schemas import (
+from qwen_image_server.engine.types import GenerationSpec
+from qwen_image_server.protocol.common import ErrorResponse
+from qwen_image_server.protocol.native import (
     EngineInfo,
     EngineOptions,
-    ErrorResponse,
-    GenerationDefaultsInfo,
     GenerateFileResponse,
     GenerateRequest,
+    GenerationDefaultsInfo,
     GpuMemory,
     HealthResponse,
     InfoResponse,
@@ -31,6 +30,7 @@ from qwen_image_server.schemas import (
     ReadyResponse,
     SchedulerInfo,
 )
+from qwen_image_server.serving.metrics import engine_memory
 
 log = logging.getLogger(__name__)
 router = APIRouter()

@@ -3,66 +3,29 @@
 from __future__ import annotations
 
 import dataclasses
-import json
 from typing import Literal
 
 from fastapi import UploadFile
 from pydantic import BaseModel, ConfigDict, Field, field_validator
 
-from qwen_image_server.engine.lora_library import is_valid_name
-from qwen_image_server.engine.types import GenerationSpec, PreviewMode, PreviewPlan
-from qwen_image_server.job_state import FINAL_STATES, JobState
-from qwen_image_server.presets import (
+from qwen_image_server.config.presets import (
     ASPECT_RATIOS,
     DEFAULT_ASPECT_RATIO,
     AspectRatio,
     Language,
     with_suffix,
 )
-
-MAX_SEED = 2**32 - 1
-MIN_LORA_SCALE, MAX_LORA_SCALE = -4.0, 4.0
-
-
-def not_blank(value: str) -> str:
-    """Validator: a prompt of only whitespace is as empty as no prompt."""
-    if not value.strip():
-        raise ValueError("prompt must contain some text")
-    return value
-
-
-class LoraChoice(BaseModel):
-    """One LoRA a request applies: a name from GET /v1/loras and its strength."""
-
-    model_config = ConfigDict(strict=True, extra="forbid")
-
-    name: str = Field(min_length=1, max_length=128, description="A LoRA's name, as GET /v1/loras lists it.")
-    scale: float = Field(1.0, ge=MIN_LORA_SCALE, le=MAX_LORA_SCALE,
-                         description="How strongly it applies (1.0: as trained; 0: not at all).")
-
-    @field_validator("name")
-    @classmethod
-    def _a_name_not_a_path(cls, value: str) -> str:
-        if not is_valid_name(value):
-            raise ValueError("a LoRA is named as GET /v1/loras lists it (letters, digits, '.', '_', '-'), "
-                             "never by a path")
-        return value
-
-
-def json_list(value: object) -> object:
-    """Validator: a form field carries a list as JSON text (`loras='[{"name": "x"}]'`)."""
-    if isinstance(value, str):
-        try:
-            return json.loads(value) if value.strip() else []
-        except ValueError:
-            raise ValueError('must be a JSON list, like [{"name": "watercolor", "scale": 0.8}]') from None
-    return value
-
-
-LORAS = Field(default_factory=list, description=(
-    "LoRAs to apply, e.g. [{\"name\": \"watercolor\", \"scale\": 0.8}] (see GET /v1/loras; at most "
-    "QWEN_IMAGE_MAX_LORAS_PER_REQUEST). A Lightning LoRA also sets its own sampler, and the default "
-    "steps and CFG."))
+from qwen_image_server.engine.types import GenerationSpec, PreviewMode, PreviewPlan
+from qwen_image_server.job_state import FINAL_STATES, JobState
+from qwen_image_server.protocol.common import (
+    LORAS,
+    MAX_SEED,
+    ErrorDetail,
+    LoraChoice,
+    json_list,
+    not_blank,
+    parse_edit_size,
+)
 
 
 class GenerateRequest(BaseModel):
@@ -298,17 +261,6 @@ class LoraList(BaseModel):
     max_resident: int
 
 
-class ErrorDetail(BaseModel):
-    message: str
-    type: str
-    param: str | None = None
-    code: str | None = None
-
-
-class ErrorResponse(BaseModel):
-    error: ErrorDetail
-
-
 class JobProgress(BaseModel):
     step: int
     total: int
@@ -376,8 +328,6 @@ class EditParameters(PreviewOptions):
     @field_validator("size")
     @classmethod
     def _valid_size(cls, value: str | None) -> str | None:
-        from qwen_image_server.openai_protocol import parse_edit_size
-
         parse_edit_size(value)
         return value
 

@@ -1,12 +1,12 @@
 """Prometheus metrics: HTTP traffic, the scheduler's queue and batches, job outcomes, the model.
 
 One `ServerMetrics` per app (so servers in one test process do not mix their numbers), fed by
-the HTTP middleware (`api/metrics.py`), the scheduler's observer hook (`SchedulerMetrics`) and
+the HTTP middleware (`api/http_metrics.py`), the scheduler's observer hook (`SchedulerMetrics`) and
 the model loader. `GET /metrics` renders it.
 
 With several Gunicorn workers each process has its own numbers, and a scrape reaches only one
 of them. prometheus-client's multiprocess mode solves that: every process writes its values to
-files under `PROMETHEUS_MULTIPROC_DIR` and a scrape sums them all (`serving.run_gunicorn` makes
+files under `PROMETHEUS_MULTIPROC_DIR` and a scrape sums them all (`launch/http.run_gunicorn` makes
 a fresh folder when WORKERS > 1; its `child_exit` hook drops dead workers' gauges). The mode is
 chosen when prometheus_client is first imported, so the variable must be set before that.
 """
@@ -29,17 +29,18 @@ from prometheus_client import (
     values,
 )
 from prometheus_client.exposition import choose_encoder
-from prometheus_client.metrics_core import Metric
-from prometheus_client.registry import Collector
 from prometheus_client.gc_collector import GCCollector
+from prometheus_client.metrics_core import Metric
 from prometheus_client.platform_collector import PlatformCollector
 from prometheus_client.process_collector import ProcessCollector
+from prometheus_client.registry import Collector
 
 from qwen_image_server import errors
+from qwen_image_server.engine.contract import Engine
 from qwen_image_server.engine.device import DeviceInfo
 from qwen_image_server.engine.types import PreviewMode
 from qwen_image_server.job_state import JobEvent
-from qwen_image_server.scheduler import Engine, Job, Scheduler
+from qwen_image_server.scheduler import Job, Scheduler
 
 log = logging.getLogger(__name__)
 

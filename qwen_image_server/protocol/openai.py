@@ -7,25 +7,33 @@ body fields and reuse `GenerateRequest`'s definitions, so both APIs validate the
 
 from __future__ import annotations
 
-import re
 from collections.abc import Sequence
 from typing import Any, Literal
 
 from fastapi import UploadFile
 from pydantic import BaseModel, ConfigDict, Field, field_validator, model_validator
-from pydantic_core import PydanticCustomError
 
+from qwen_image_server.config.presets import (
+    ASPECT_RATIOS,
+    AspectRatio,
+    Language,
+    with_suffix,
+)
 from qwen_image_server.engine.types import GenerationSpec, PreviewPlan
-from qwen_image_server.postprocess import OutputFormat
-from qwen_image_server.presets import ASPECT_RATIOS, AspectRatio, Language, with_suffix
-from qwen_image_server.schemas import LORAS, MAX_SEED, GenerateRequest, LoraChoice, json_list, not_blank
+from qwen_image_server.protocol.common import (
+    LORAS,
+    MAX_SEED,
+    SIDE_MULTIPLE,
+    LoraChoice,
+    OutputFormat,
+    json_list,
+    not_blank,
+    parse_edit_size,
+    parse_size,
+)
+from qwen_image_server.protocol.native import GenerateRequest
 
-
-AUTO_SIZE = (1328, 1328)  # Qwen-Image's native square, the model card's 1:1
-MIN_SIDE, MAX_SIDE, SIDE_MULTIPLE = 256, 2048, 16  # 16: 8x VAE downsampling, 2x2 patches
 MAX_IMAGES = 10  # OpenAI's bound on n
-_SIZE = re.compile(r"(\d{1,5})x(\d{1,5})", re.ASCII)
-
 _NATIVE = GenerateRequest.model_fields
 MAX_PARTIAL_IMAGES = 3  # OpenAI's bound
 PARTIAL_IMAGES = Field(None, ge=0, le=MAX_PARTIAL_IMAGES, description=(
@@ -39,23 +47,6 @@ def preview_plan(stream: bool, partial_images: int | None) -> PreviewPlan | None
     if not stream or not partial_images:
         return None
     return PreviewPlan("full", count=partial_images)
-
-
-def parse_size(value: str) -> tuple[int, int]:
-    """'auto' or 'WxH' -> (width, height); PydanticCustomError (-> 400, param 'size') otherwise."""
-    if value == "auto":
-        return AUTO_SIZE
-    match = _SIZE.fullmatch(value.lower())
-    if match is None:
-        raise PydanticCustomError("invalid_size", "size must be 'auto' or 'WIDTHxHEIGHT', like '1024x1024'")
-    w, h = int(match[1]), int(match[2])
-    if not all(MIN_SIDE <= side <= MAX_SIDE and side % SIDE_MULTIPLE == 0 for side in (w, h)):
-        raise PydanticCustomError(
-            "invalid_size",
-            "width and height must each be a multiple of {multiple} between {low} and {high}, got {size}",
-            {"multiple": SIDE_MULTIPLE, "low": MIN_SIDE, "high": MAX_SIDE, "size": value},
-        )
-    return w, h
 
 
 class ImageGenerationRequest(BaseModel):
@@ -226,13 +217,6 @@ class ModelList(BaseModel):
 
 
 # -- /v1/images/edits -----------------------------------------------------------------------
-
-def parse_edit_size(value: str | None) -> tuple[int, int] | None:
-    """An edit's size: None for 'auto' or none (the first image's size), else as `parse_size`."""
-    if value is None or value == "auto":
-        return None
-    return parse_size(value)
-
 
 class ImageEditForm(BaseModel):
     """multipart/form-data body of POST /v1/images/edits: OpenAI's fields plus Qwen-Image's extras

@@ -9,8 +9,9 @@ from __future__ import annotations
 from dataclasses import dataclass
 from pathlib import Path
 
-from qwen_image_server.engine.tiny import TINY_EDIT_MODEL_NAME, TINY_MODEL_NAME
-
+# The embedded test models' names, as QWEN_IMAGE_MODEL gives them (built by engine/tiny.py).
+TINY_MODEL_NAME = "tiny"
+TINY_EDIT_MODEL_NAME = "tiny-edit"
 EMBEDDED = (TINY_MODEL_NAME, TINY_EDIT_MODEL_NAME)
 
 LOCAL_FOLDER_ADVICE = (

@@ -14,8 +14,8 @@ from fastapi.exceptions import RequestValidationError
 from pydantic import BaseModel, ValidationError
 
 from qwen_image_server import errors
-from qwen_image_server.schemas import EditForm, EditParameters, EditRequest
-from qwen_image_server.uploads import Upload, field_names
+from qwen_image_server.protocol.native import EditForm, EditParameters, EditRequest
+from qwen_image_server.serving.uploads import Upload, field_names
 
 FORM = "multipart/form-data"
 JSON = "application/json"

@@ -22,12 +22,12 @@ from fastapi import APIRouter, Form, Request, Response
 from fastapi.sse import KEEPALIVE_COMMENT, EventSourceResponse, format_sse_event
 
 from qwen_image_server import errors
+from qwen_image_server.api.bodies import read_files
 from qwen_image_server.api.context import Ctx, ServerContext, client_gone
-from qwen_image_server.api.errors import ERROR_RESPONSES
-from qwen_image_server.api.uploads import read_files
+from qwen_image_server.api.error_mapping import ERROR_RESPONSES
 from qwen_image_server.engine.types import Preview
-from qwen_image_server.generation import Rendered
-from qwen_image_server.openai_protocol import (
+from qwen_image_server.protocol.common import MAX_SEED, ErrorDetail, ErrorResponse
+from qwen_image_server.protocol.openai import (
     ImageData,
     ImageEditCompletedEvent,
     ImageEditForm,
@@ -41,10 +41,10 @@ from qwen_image_server.openai_protocol import (
     ModelList,
     preview_plan,
 )
-from qwen_image_server.postprocess import MEDIA_TYPES
 from qwen_image_server.scheduler import Job, JobResult
-from qwen_image_server.schemas import MAX_SEED, ErrorDetail, ErrorResponse
-from qwen_image_server.uploads import Upload
+from qwen_image_server.serving.generation import Rendered
+from qwen_image_server.serving.render import MEDIA_TYPES
+from qwen_image_server.serving.uploads import Upload
 
 log = logging.getLogger(__name__)
 router = APIRouter(prefix="/v1", tags=["openai"])

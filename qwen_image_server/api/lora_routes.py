@@ -6,7 +6,7 @@ from fastapi import APIRouter
 
 from qwen_image_server.api.context import Ctx
 from qwen_image_server.engine.lora_library import LoraEntry, LoraLibrary
-from qwen_image_server.schemas import LoraInfo, LoraList
+from qwen_image_server.protocol.native import LoraInfo, LoraList
 
 router = APIRouter(prefix="/v1", tags=["loras"])
 

@@ -18,10 +18,16 @@ from pydantic import (
     field_validator,
     model_validator,
 )
-from pydantic_settings import BaseSettings, CliImplicitFlag, NoDecode, SettingsConfigDict
+from pydantic_settings import (
+    BaseSettings,
+    CliImplicitFlag,
+    NoDecode,
+    SettingsConfigDict,
+)
 
-from qwen_image_server.model_list import ModelRef, parse_model_list
-from qwen_image_server.presets import DEFAULT_ASPECT_RATIO, AspectRatio
+from qwen_image_server.config.lora_refs import parse_hub_loras
+from qwen_image_server.config.model_list import ModelRef, parse_model_list
+from qwen_image_server.config.presets import DEFAULT_ASPECT_RATIO, AspectRatio
 
 DeviceName = Literal["auto", "cuda", "cpu", "mps"]
 DtypeName = Literal["auto", "bfloat16", "float16", "float32"]
@@ -252,8 +258,6 @@ class Settings(BaseSettings):
     @field_validator("loras")
     @classmethod
     def _lora_list(cls, value: str) -> str:
-        from qwen_image_server.engine.lora_library import parse_hub_loras
-
         parse_hub_loras(value)  # ValueError -> one line naming QWEN_IMAGE_LORAS
         return value.strip()
 

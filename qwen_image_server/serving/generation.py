@@ -28,7 +28,8 @@ from PIL import Image
 from pydantic import BaseModel
 
 from qwen_image_server import errors
-from qwen_image_server.defaults import GenerationDefaults
+from qwen_image_server.config.model_list import EMBEDDED
+from qwen_image_server.config.settings import Settings
 from qwen_image_server.engine.device import DeviceInfo
 from qwen_image_server.engine.loaded import LoadedModel
 from qwen_image_server.engine.lora_library import LoraLibrary
@@ -42,12 +43,26 @@ from qwen_image_server.engine.types import (
     normalise_loras,
 )
 from qwen_image_server.job_state import JobEvent
-from qwen_image_server.model_list import EMBEDDED
-from qwen_image_server.postprocess import (
+from qwen_image_server.protocol.common import (
+    MAX_SIDE,
+    MIN_SIDE,
+    SIDE_MULTIPLE,
+    LoraChoice,
+    OutputFormat,
+    parse_edit_size,
+)
+from qwen_image_server.protocol.native import EditRequest, GenerateRequest
+from qwen_image_server.scheduler import Job, JobResult, Scheduler
+from qwen_image_server.serving.defaults import GenerationDefaults
+from qwen_image_server.serving.prompt_tokens import (
+    check_prompt_tokens,
+    might_exceed,
+    token_counter,
+)
+from qwen_image_server.serving.render import (
     MEDIA_TYPES,
     PREVIEW_FORMAT,
     PREVIEW_QUALITY,
-    OutputFormat,
     OverlayInfo,
     output_filename,
     preview_size,
@@ -55,12 +70,12 @@ from qwen_image_server.postprocess import (
     render_preview,
     save_atomically,
 )
-from qwen_image_server.prompt_tokens import check_prompt_tokens, might_exceed, token_counter
-from qwen_image_server.scheduler import Job, JobResult, Scheduler
-from qwen_image_server.settings import Settings
-from qwen_image_server.schemas import EditRequest, GenerateRequest, LoraChoice
-from qwen_image_server.openai_protocol import MAX_SIDE, MIN_SIDE, SIDE_MULTIPLE, parse_edit_size
-from qwen_image_server.uploads import EditInputs, Upload, default_output_size, read_edit_inputs
+from qwen_image_server.serving.uploads import (
+    EditInputs,
+    Upload,
+    default_output_size,
+    read_edit_inputs,
+)
 
 log = logging.getLogger(__name__)
 T = TypeVar("T")
@@ -441,7 +456,7 @@ class Generation:
     async def render_preview(self, job: Job, preview: Preview, *, output_format: OutputFormat = PREVIEW_FORMAT,
                              compression: int | None = PREVIEW_QUALITY, full_size: bool = False) -> Rendered:
         """Encode a preview on the CPU pool: at the image's size when `full_size`, else small
-        (see `postprocess.preview_size`); `inference_time` is the engine's time making it."""
+        (see `render.preview_size`); `inference_time` is the engine's time making it."""
         size = (job.spec.width, job.spec.height)
         if not full_size:
             size = preview_size(preview.image, size)

@@ -28,7 +28,6 @@ from __future__ import annotations
 import itertools
 import logging
 import math
-from enum import Enum
 import threading
 import time
 import uuid
@@ -36,47 +35,27 @@ from collections import deque
 from collections.abc import Callable, Sequence
 from concurrent.futures import Future
 from dataclasses import dataclass, field
-from typing import Protocol
+from enum import Enum
+from typing import TYPE_CHECKING, Protocol
 
 from PIL import Image
 
 from qwen_image_server import errors
+from qwen_image_server.engine.contract import Engine, Supervised, settings_batch_limits
 from qwen_image_server.engine.types import (
     BatchAborted,
     DeviceFailure,
     DeviceOutOfMemory,
     GenerationSpec,
     Preview,
-    StepCallback,
     StepEvent,
 )
 from qwen_image_server.job_state import JobEvent, JobState
 
+if TYPE_CHECKING:
+    from qwen_image_server.config.settings import Settings
+
 log = logging.getLogger(__name__)
-
-class Engine(Protocol):
-    """What the scheduler needs from the model side."""
-
-    def run_batch(self, specs: Sequence[GenerationSpec], on_step: StepCallback) -> list[Image.Image]:
-        """Generate one image per spec in one pipeline call; call on_step(StepEvent) per step."""
-        ...
-
-    def free_memory(self) -> None:
-        """Release cached device memory after an out-of-memory error."""
-        ...
-
-
-class Supervised(Protocol):
-    """What an engine in another process adds: a way to hear at once that it ended."""
-
-    def on_exit(self, callback: Callable[[], None]) -> None:
-        """Call `callback` (from any thread) when the engine's process ends."""
-        ...
-
-    def close(self) -> None:
-        """Stop the engine (its process) and release it."""
-        ...
-
 
 @dataclass(frozen=True, slots=True)
 class RestartPolicy:
@@ -199,36 +178,16 @@ class SchedulerConfig:
     batch_wait_s: float = 0.0
     queue_timeout_s: float = 600.0
 
-
     @classmethod
-    def for_device(
-        cls,
-        device_type: str,
-        *,
-        max_queue: int,
-        queue_timeout_s: float,
-        max_batch_size: int | None = None,
-        max_batch_pixels: int | None = None,
-        batch_wait_ms: float | None = None,
-    ) -> SchedulerConfig:
-        """Settings with the per-device defaults filled in (see the README for the measurements)."""
-        if device_type == "cuda":
-            # GPUs gain from batching only while the transformer is not yet compute-bound. On an
-            # H200 at 1024x1024 batches of 2 and 4 made 1.00x and 1.04x the images per minute of
-            # single calls, while every job of a batch waits for the last one. One megapixel lets
-            # small images batch (4 at 512x512) and runs 1024x1024 and larger alone.
-            size, pixels, wait = 4, 1024 * 1024, 10.0
-        else:
-            # On 2 CPU cores a batch of 4 at 512x512 ran 0.95-1.2x as fast as 4 single calls, and
-            # 1024x1024 batches were slower than serial: no throughput to win, while every job of
-            # a batch waits for the last one. So CPUs run one job per call unless told otherwise.
-            size, pixels, wait = 1, 4 * 512 * 512, 0.0
+    def from_settings(cls, settings: Settings, device_type: str) -> SchedulerConfig:
+        """The settings' queue and batch limits on a device (unset ones: the device's defaults)."""
+        limits = settings_batch_limits(settings, device_type)
         return cls(
-            max_queue=max_queue,
-            max_batch_size=max_batch_size or size,
-            max_batch_pixels=max_batch_pixels or pixels,
-            batch_wait_s=(wait if batch_wait_ms is None else batch_wait_ms) / 1000.0,
-            queue_timeout_s=queue_timeout_s,
+            max_queue=settings.max_queue,
+            max_batch_size=limits.max_batch_size,
+            max_batch_pixels=limits.max_batch_pixels,
+            batch_wait_s=limits.batch_wait_s,
+            queue_timeout_s=settings.queue_timeout_s,
         )
 
 
@@ -543,9 +502,8 @@ class Scheduler:
                 if stopping:
                     self._close(engine)
                     return
-                watch = getattr(engine, "on_exit", None)
-                if watch is not None:
-                    watch(lambda: self._engine_exited(slot, engine))
+                if isinstance(engine, Supervised):
+                    engine.on_exit(lambda: self._engine_exited(slot, engine))
                 lost = self._run_slot(slot, engine)
                 if not lost:
                     return
@@ -617,10 +575,9 @@ class Scheduler:
 
     @staticmethod
     def _close(engine: Engine) -> None:
-        close = getattr(engine, "close", None)
-        if close is not None:
+        if isinstance(engine, Supervised):
             try:
-                close()
+                engine.close()
             except Exception:  # noqa: BLE001 - a failed close must not stop the others
                 log.exception("closing an engine failed")
 

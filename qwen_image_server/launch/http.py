@@ -1,4 +1,4 @@
-"""Process-level serving: the lifecycle and exit codes, graceful drain on SIGTERM/Ctrl+C, the
+"""Running the app as a process: graceful drain on SIGTERM/Ctrl+C, uvicorn and Gunicorn runners, the
 Gunicorn worker class.
 
 The process model: Gunicorn's one worker is the front (HTTP, validation, the queue, every job's
@@ -20,44 +20,19 @@ import os
 import signal
 import sys
 import time
-from dataclasses import dataclass
 from types import FrameType
 from typing import TYPE_CHECKING, Any
 
 import uvicorn
 from fastapi import FastAPI
 
-from qwen_image_server.engine.types import DeviceFailure
-from qwen_image_server.settings import Settings
+from qwen_image_server.config.settings import Settings
+from qwen_image_server.serving.lifecycle import Lifecycle
 
 if TYPE_CHECKING:
     from qwen_image_server.api.context import ServerContext
 
 log = logging.getLogger(__name__)
-
-# Exit codes the serving layer hands to its process manager.
-EXIT_LOAD_FAILED = 3  # Gunicorn's "worker failed to boot": it stops instead of respawning forever
-EXIT_ENGINE_DEAD = 1  # any other exit: Gunicorn (or the orchestrator) starts a fresh worker
-
-
-@dataclass
-class Lifecycle:
-    """What the server process should do next; read by the serving layer on every tick."""
-
-    drain_requested: bool = False
-    exit_requested: bool = False
-    exit_code: int = 0
-
-    def fail(self, exit_code: int) -> None:
-        """Ask the server to exit with `exit_code` as soon as in-flight responses are sent."""
-        self.exit_code = exit_code
-        self.exit_requested = True
-
-    def engine_failed(self, exc: BaseException) -> None:
-        """The scheduler's `on_fatal` (no engine left to serve): a dead device needs a fresh
-        process (the process manager starts one); a model that cannot load needs a person (it
-        must not respawn forever)."""
-        self.fail(EXIT_ENGINE_DEAD if isinstance(exc, DeviceFailure) else EXIT_LOAD_FAILED)
 
 
 def find_fastapi(app: Any) -> FastAPI | None:
@@ -127,6 +102,8 @@ class GracefulServer(uvicorn.Server):
 
 def run_uvicorn(settings: Settings) -> int:
     """Serve in this process with GracefulServer (Windows, or WORKERS=1 without Gunicorn)."""
+    # Imported when called: the CLI checks its settings, and Gunicorn's arbiter reads
+    # gunicorn_options, before the app and the libraries it needs are imported.
     from qwen_image_server.api.app import create_app
 
     config = uvicorn.Config(create_app(settings), host=settings.host, port=settings.port,
@@ -142,7 +119,7 @@ def gunicorn_options(settings: Settings) -> dict[str, Any]:
         "bind": f"{settings.host}:{settings.port}",
         # One front for the machine: it owns the queue and every job; WORKERS counts its engines.
         "workers": 1,
-        "worker_class": "qwen_image_server.serving.QwenImageWorker",
+        "worker_class": "qwen_image_server.launch.http.QwenImageWorker",
         # A batch of big images can take minutes on small GPUs; the worker's heartbeat runs on
         # the event loop, which never waits for the model, so this only catches real hangs.
         "timeout": 300,
@@ -158,7 +135,7 @@ def gunicorn_options(settings: Settings) -> dict[str, Any]:
     }
 
 
-# Not imported from qwen_image_server.metrics: that imports prometheus_client, which picks its
+# Not imported from qwen_image_server.serving.metrics: that imports prometheus_client, which picks its
 # multiprocess mode once, at import, from this variable; so it must be set before.
 MULTIPROC_ENV = "PROMETHEUS_MULTIPROC_DIR"
 

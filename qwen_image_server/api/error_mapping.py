@@ -11,7 +11,7 @@ from fastapi.responses import JSONResponse
 from starlette.exceptions import HTTPException as StarletteHTTPException
 
 from qwen_image_server.errors import ServerError
-from qwen_image_server.schemas import ErrorDetail, ErrorResponse
+from qwen_image_server.protocol.common import ErrorDetail, ErrorResponse
 
 log = logging.getLogger(__name__)
 

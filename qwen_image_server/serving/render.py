@@ -13,9 +13,10 @@ import textwrap
 from dataclasses import dataclass
 from datetime import datetime
 from pathlib import Path
-from typing import Literal
 
 from PIL import Image, ImageDraw, ImageFont, features
+
+from qwen_image_server.protocol.common import OutputFormat
 
 
 @dataclass(frozen=True, slots=True)
@@ -66,7 +67,6 @@ def encode_png(image: Image.Image) -> bytes:
     return buf.getvalue()
 
 
-OutputFormat = Literal["png", "jpeg", "webp"]
 MEDIA_TYPES: dict[str, str] = {"png": "image/png", "jpeg": "image/jpeg", "webp": "image/webp"}
 
 

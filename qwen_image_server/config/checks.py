@@ -9,10 +9,15 @@ import os
 import tempfile
 from pathlib import Path
 
-from qwen_image_server.engine.lora import missing_path, parse_lora
+from qwen_image_server.config.lora_refs import missing_path, parse_lora
+from qwen_image_server.config.model_list import (
+    EMBEDDED,
+    LOCAL_FOLDER_ADVICE,
+    local_folder_problem,
+    looks_local,
+)
+from qwen_image_server.config.settings import Settings
 from qwen_image_server.errors import ConfigurationError
-from qwen_image_server.model_list import EMBEDDED, LOCAL_FOLDER_ADVICE, local_folder_problem, looks_local
-from qwen_image_server.settings import Settings
 
 log = logging.getLogger(__name__)
 

@@ -9,8 +9,8 @@ from __future__ import annotations
 
 from dataclasses import dataclass
 
-from qwen_image_server.engine.lora import parse_lora
-from qwen_image_server.settings import Settings
+from qwen_image_server.config.lora_refs import parse_lora
+from qwen_image_server.config.settings import Settings
 
 SEED_STEPS = 20
 SEED_CFG_SCALE = 4.0

@@ -24,21 +24,20 @@ from fastapi.responses import JSONResponse
 from fastapi.sse import EventSourceResponse, ServerSentEvent
 
 from qwen_image_server import errors
+from qwen_image_server.api.bodies import NATIVE_EDIT_BODY, read_native_edit
 from qwen_image_server.api.context import Ctx, ServerContext
-from qwen_image_server.api.job_registry import JobRecord, Subscriber
-from qwen_image_server.api.uploads import NATIVE_EDIT_BODY, read_native_edit
 from qwen_image_server.engine.types import GenerationSpec, Preview
 from qwen_image_server.job_state import JobEvent, JobState
-from qwen_image_server.scheduler import Job
-from qwen_image_server.schemas import (
-    ErrorDetail,
+from qwen_image_server.protocol.common import ErrorDetail, ErrorResponse
+from qwen_image_server.protocol.native import (
     EditParameters,
-    ErrorResponse,
     JobPreview,
     JobProgress,
     JobRequest,
     JobStatus,
 )
+from qwen_image_server.scheduler import Job
+from qwen_image_server.serving.job_registry import JobRecord, Subscriber
 
 log = logging.getLogger(__name__)
 router = APIRouter(prefix="/v1/jobs", tags=["jobs"])

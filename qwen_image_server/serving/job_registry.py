@@ -14,8 +14,13 @@ from dataclasses import dataclass, field
 from qwen_image_server import errors
 from qwen_image_server.engine.types import Preview
 from qwen_image_server.job_state import JobEvent, JobState
+from qwen_image_server.protocol.common import ErrorDetail
+from qwen_image_server.protocol.native import (
+    EditParameters,
+    GenerateRequest,
+    JobPreview,
+)
 from qwen_image_server.scheduler import Job
-from qwen_image_server.schemas import EditParameters, ErrorDetail, GenerateRequest, JobPreview
 
 
 @dataclass(eq=False)

@@ -16,11 +16,11 @@ from fastapi import APIRouter, Response
 
 from qwen_image_server import errors
 from qwen_image_server.api.context import Ctx
-from qwen_image_server.schemas import ErrorResponse
+from qwen_image_server.protocol.common import ErrorResponse
 
 router = APIRouter()
 
-# postprocess.output_filename, plus the "-<pid>-<hex>" save_atomically adds on a name clash.
+# serving/render.output_filename, plus the "-<pid>-<hex>" save_atomically adds on a name clash.
 SAVED_NAME = re.compile(r"Qwen-Image-\d{8}_\d{6}-req\d+(?:-[0-9A-Za-z]+)*\.png")
 
 # No following a symlink as the last component; no blocking on a planted FIFO.

@@ -7,7 +7,7 @@ import time
 from fastapi import APIRouter, Request, Response
 from starlette.types import ASGIApp, Message, Receive, Scope, Send
 
-from qwen_image_server.metrics import ServerMetrics
+from qwen_image_server.serving.metrics import ServerMetrics
 
 router = APIRouter()
 

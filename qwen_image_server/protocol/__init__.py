@@ -1,0 +1,1 @@
+"""Wire models: what clients send and get back. Validation lives here, nowhere else."""
