@@ -12,7 +12,7 @@ import pytest
 
 from qwen_image_server import errors
 from qwen_image_server.engine.types import EngineLost
-from qwen_image_server.scheduler import RestartPolicy, Scheduler, SchedulerConfig
+from qwen_image_server.scheduler import RestartPolicy, Scheduler, SchedulerConfig, SlotState
 from tests.fakes import WAIT, FakeEngine, result_of, stop_all
 
 FAST_RESTARTS = RestartPolicy(backoff_s=0.01, max_backoff_s=0.05, attempts=3)
@@ -74,8 +74,7 @@ def make() -> Iterator[Callable[..., tuple[Scheduler, Engines]]]:
 
 
 def wait_for(scheduler: Scheduler, predicate: Callable[[], bool], what: str) -> None:
-    with scheduler._cond:  # the scheduler notifies its condition on every change of state
-        assert scheduler._cond.wait_for(predicate, WAIT), what
+    assert scheduler.wait_until(predicate, WAIT), what
 
 
 def test_each_idle_engine_takes_the_next_batch(make):
@@ -196,7 +195,7 @@ def test_an_engine_that_cannot_be_restarted_is_given_up_and_the_others_serve(mak
     on_a = next(job for job in jobs if job.engine == 0)
     a.faults.append(EngineLost("fake: the GPU fell off the bus"))
     a.run_freely()
-    wait_for(s, lambda: s.stats().engines[0].state == "failed", "engine 0 to be given up")
+    wait_for(s, lambda: s.stats().engines[0].state is SlotState.FAILED, "engine 0 to be given up")
     b.run_freely()
     assert result_of(on_a).engine == 1  # retried on the engine that is left
     assert s.ready and not s.dead

@@ -30,6 +30,7 @@ from qwen_image_server.protocol.native import (
     ReadyResponse,
     SchedulerInfo,
 )
+from qwen_image_server.scheduler import SlotState
 from qwen_image_server.serving.metrics import engine_memory
 
 log = logging.getLogger(__name__)
@@ -110,7 +111,7 @@ async def info(ctx: Ctx) -> InfoResponse:
             batch_wait_ms=cfg.batch_wait_s * 1000.0,
             queue_timeout_s=cfg.queue_timeout_s,
         ),
-        engines=[EngineInfo(index=e.index, state=e.state, busy=e.state == "busy", gpu=e.gpu, pid=e.pid,
+        engines=[EngineInfo(index=e.index, state=e.state.value, busy=e.state is SlotState.BUSY, gpu=e.gpu, pid=e.pid,
                             batches=e.batches, restarts=e.restarts,
                             gpu_memory=GpuMemory(**e.memory) if e.memory else None)
                  for e in stats.engines],

@@ -14,14 +14,16 @@ Nothing here imports torch or the model libraries: the front imports it.
 
 from __future__ import annotations
 
-from collections.abc import Callable, Sequence
-from dataclasses import dataclass
+from collections.abc import Callable, Mapping, Sequence
+from dataclasses import dataclass, field
 from typing import TYPE_CHECKING, Protocol, runtime_checkable
 
 if TYPE_CHECKING:
     from PIL import Image
 
     from qwen_image_server.config.settings import Settings
+    from qwen_image_server.engine.loaded import LoadedModel
+    from qwen_image_server.engine.lora_library import LoraLibrary
     from qwen_image_server.engine.types import GenerationSpec, StepCallback
 
 
@@ -48,6 +50,38 @@ class Supervised(Protocol):
     def close(self) -> None:
         """Stop the engine (its process) and release it."""
         ...
+
+
+@dataclass(frozen=True, slots=True)
+class EngineFacts:
+    """What the front reads of a loaded engine, as of now (memory and LoRA loads change)."""
+
+    models: tuple[LoadedModel, ...] = ()  # every model it serves, the first first
+    loras: LoraLibrary | None = None  # the LoRA library requests may name (None: none configured)
+    gpu: int | None = None  # the GPU it runs on, among the visible ones (None: the CPU, or this process's)
+    pid: int | None = None  # its process, when it has its own (None: inside this process)
+    memory: dict[str, float] | None = None  # GPU memory (MiB) an engine process reported after its last batch
+    loading_loras: Mapping[str, str] = field(default_factory=dict)  # model name -> LoRA being loaded now
+
+    @property
+    def model(self) -> LoadedModel | None:
+        """The first model (/info's seed fields, the prompt-length check's tokenizer)."""
+        return self.models[0] if self.models else None
+
+    @property
+    def in_process(self) -> bool:
+        """The engine runs in this process (its GPU memory is read here, not reported)."""
+        return self.pid is None
+
+
+NO_FACTS = EngineFacts()
+
+
+def facts_of(engine: object) -> EngineFacts:
+    """The facts an engine offers as its `facts` property; an engine without them (a test's fake,
+    one still loading: None) has none. The one place the front reads an engine's optional parts."""
+    facts = getattr(engine, "facts", None)
+    return facts if isinstance(facts, EngineFacts) else NO_FACTS
 
 
 @dataclass(frozen=True, slots=True)

@@ -22,6 +22,7 @@ from PIL import Image
 from qwen_image_server.config.presets import ASPECT_RATIOS
 from qwen_image_server.config.settings import Settings
 from qwen_image_server.engine.adapters import ResidentAdapters
+from qwen_image_server.engine.contract import EngineFacts
 from qwen_image_server.engine.device import DeviceInfo
 from qwen_image_server.engine.loaded import LoadedModel
 from qwen_image_server.engine.loader import (
@@ -59,9 +60,10 @@ class ModelSet:
         self.loras = loras  # the LoRA library requests may name (None: none configured)
 
     @property
-    def loading_loras(self) -> dict[str, str]:
-        """Model name -> the LoRA being loaded onto it right now."""
-        return self.loras.loading() if self.loras is not None else {}
+    def facts(self) -> EngineFacts:
+        """What the front reads of this engine (it runs in the front's process: no GPU or pid)."""
+        return EngineFacts(models=tuple(self.models), loras=self.loras,
+                           loading_loras=self.loras.loading() if self.loras is not None else {})
 
     @property
     def model(self) -> LoadedModel:

@@ -4,21 +4,13 @@ The front (HTTP, validation, the queue, every job's state) talks to `EngineProce
 `Engine` like the in-process one: `run_batch(specs, on_step)` and `free_memory()`. Underneath, a
 child process started with multiprocessing's "spawn" context (a fresh interpreter: no CUDA state
 or threads copied from the front) pins itself to its GPU with CUDA_VISIBLE_DEVICES, loads the
-models with the same loader as the in-process engine, and serves batches. What crosses the pipe:
-
-    front -> engine   ("run", specs) ("abort",) ("free",) ("stop",)
-    engine -> front   ("ready", facts, memory, loras) ("load_error", kind, message)
-                      ("step", args, kwargs) ("loras", state) ("done", images, memory)
-                      ("aborted",) ("error", kind, message) ("freed",)
-
-Specs cross pickled as they are, step callbacks' arguments whatever they are (pickled), images
-as PIL images (their raw pixels). Errors cross as their kind and message, rebuilt in the front as
-the engine error they were (out of memory, device failure, failed load) so the scheduler's rules
-apply unchanged. A cancel (the front's step callback raising) sends "abort": the engine stops at
-its next step.
+models with the same loader as the in-process engine, and serves batches. The messages that cross
+the pipe are the small types of `engine/messages.py`: specs out, step events, images and errors
+back. A cancel (the front's step callback raising) sends `Abort`: the engine stops at its next
+step.
 
 The engine's LoRA library state (`LoraState`: the models' layers, what is resident, unusable or
-loading) comes with "ready" and as a "loras" message whenever it changes (a load starts or ends,
+loading) comes with `Ready` and as `LorasChanged` whenever it changes (a load starts or ends,
 a LoRA is marked unusable, the resident set changes), checked again after each batch. The front
 imports it into one `LoraLibrary` shared by all its engines (`EngineProcess.loras`), so LoRAs are
 checked before queueing, listed and reported in job statuses as with the in-process engine.
@@ -45,13 +37,34 @@ from typing import TYPE_CHECKING, Any
 
 from qwen_image_server import errors
 from qwen_image_server.config.settings import Settings
+from qwen_image_server.engine.contract import EngineFacts, facts_of
 from qwen_image_server.engine.lora_library import LoraLibrary, LoraState
+from qwen_image_server.engine.messages import (
+    Abort,
+    Aborted,
+    Done,
+    Failed,
+    Failure,
+    Free,
+    Freed,
+    FromEngine,
+    LoadFailed,
+    LorasChanged,
+    Ready,
+    Run,
+    Step,
+    Stop,
+    ToEngine,
+    describe,
+)
 from qwen_image_server.engine.types import (
     BatchAborted,
     DeviceFailure,
     DeviceOutOfMemory,
     EngineLost,
     GenerationSpec,
+    StepCallback,
+    StepEvent,
 )
 
 if TYPE_CHECKING:
@@ -90,35 +103,6 @@ def _facts(model: LoadedModel) -> LoadedModel:
         int(getattr(pipeline, "tokenizer_max_length", 1024))))
 
 
-def _error_kind(exc: BaseException) -> str:
-    if isinstance(exc, errors.ServerError):
-        return "server"  # an answer for the client (e.g. a LoRA that cannot load): crosses as it is
-    if isinstance(exc, DeviceOutOfMemory):
-        return "oom"
-    if isinstance(exc, DeviceFailure):
-        return "device"
-    if isinstance(exc, errors.ModelLoadError):
-        return "load"
-    return "other"
-
-
-def _rebuild(kind: str, message: Any) -> BaseException:
-    if kind == "server":
-        return message  # type: ignore[no-any-return]
-    if kind == "oom":
-        return DeviceOutOfMemory(message)
-    if kind == "device":
-        return DeviceFailure(message)
-    if kind == "load":
-        return errors.ModelLoadError(message)
-    return RuntimeError(message)
-
-
-def _message(exc: BaseException) -> str:
-    return str(exc) if isinstance(exc, (errors.ModelLoadError, DeviceFailure, DeviceOutOfMemory)) \
-        else f"{type(exc).__name__}: {exc}"
-
-
 def _memory() -> dict[str, float] | None:
     from qwen_image_server.engine.device import gpu_memory_mb, resolve_device
 
@@ -138,7 +122,7 @@ def pinned_device(gpu: int, visible: str | None) -> str:
 # -- the engine process ------------------------------------------------------------------------
 
 def engine_main(conn: Connection, settings: Settings, gpu: int | None, loader: Loader) -> None:
-    """The engine process: pin the GPU, load, then serve the front's commands until "stop" or
+    """The engine process: pin the GPU, load, then serve the front's commands until `Stop` or
     until the front is gone."""
     if gpu is not None:  # before anything touches CUDA
         os.environ["CUDA_VISIBLE_DEVICES"] = pinned_device(gpu, os.environ.get("CUDA_VISIBLE_DEVICES"))
@@ -147,16 +131,16 @@ def engine_main(conn: Connection, settings: Settings, gpu: int | None, loader: L
     from qwen_image_server.config.logs import configure_logging
 
     configure_logging(settings.log_level)
-    commands: queue.Queue[tuple[Any, ...]] = queue.Queue()
+    commands: queue.Queue[ToEngine] = queue.Queue()
     abort = threading.Event()
 
     def read() -> None:
         while True:
             try:
-                command = conn.recv()
+                command: ToEngine = conn.recv()
             except (EOFError, OSError):
                 os._exit(0)  # the front is gone: nobody is left to take this engine's images
-            if command[0] == "abort":
+            if isinstance(command, Abort):
                 abort.set()
             else:
                 commands.put(command)
@@ -164,61 +148,59 @@ def engine_main(conn: Connection, settings: Settings, gpu: int | None, loader: L
     threading.Thread(target=read, name="qwen-image-engine-pipe", daemon=True).start()
     try:
         engine = loader(settings)
-        # An engine without models (a test's or a benchmark's fake) has no facts to tell.
-        models = getattr(engine, "models", None) or [m for m in [getattr(engine, "model", None)] if m]
-        facts = [_facts(model) for model in models]
+        facts = facts_of(engine)  # an engine without models (a test's fake) has none to tell
+        models = [_facts(model) for model in facts.models]
     except BaseException as exc:  # noqa: BLE001 - reported to the front, which decides
         if not isinstance(exc, errors.ModelLoadError):
             log.exception("engine failed to load")
-        conn.send(("load_error", _error_kind(exc), _message(exc)))
+        conn.send(LoadFailed(Failure.of(exc)))
         _exit()
-    library = getattr(engine, "loras", None)
-    library = library if isinstance(library, LoraLibrary) else None
+    library = facts.loras
     sent: LoraState | None = library.export_state() if library is not None else None
-    conn.send(("ready", facts, _memory(), sent))
+    conn.send(Ready(models, _memory(), sent))
 
     def send_loras() -> None:
         # Called on the engine thread only (the batch's), as every send is.
         nonlocal sent
         state = library.export_state() if library is not None else None
-        if state is not sent:  # states are immutable: a new one is a change
+        if state is not None and state is not sent:  # states are immutable: a new one is a change
             sent = state
-            conn.send(("loras", state))
+            conn.send(LorasChanged(state))
 
     if library is not None:
         library.on_change = send_loras
 
-    def on_step(*args: Any, **kwargs: Any) -> None:
-        conn.send(("step", args, kwargs))
+    def on_step(event: StepEvent) -> None:
+        conn.send(Step(event))
         if abort.is_set():
             raise BatchAborted
 
     while True:
         command = commands.get()
-        if command[0] == "stop":
+        if isinstance(command, Stop):
             _exit()
-        if command[0] == "free":
+        if isinstance(command, Free):
             engine.free_memory()
-            conn.send(("freed",))
+            conn.send(Freed())
             continue
+        assert isinstance(command, Run)
         abort.clear()
         try:
-            images = engine.run_batch(command[1], on_step)
+            images = engine.run_batch(command.specs, on_step)
         except BatchAborted:
             send_loras()
-            conn.send(("aborted",))
+            conn.send(Aborted())
             continue
         except BaseException as exc:  # noqa: BLE001 - every failure goes back to the front
             if not isinstance(exc, (DeviceOutOfMemory, DeviceFailure, errors.ServerError)):
                 log.exception("batch failed in the engine process")
             send_loras()  # before the error: the front's next check sees an unusable mark
-            kind = _error_kind(exc)
-            conn.send(("error", kind, exc if kind == "server" else _message(exc)))
+            conn.send(Failed(Failure.of(exc)))
             if isinstance(exc, DeviceFailure):
                 _exit()  # the device is unusable: the front starts a fresh process
             continue
         send_loras()
-        conn.send(("done", images, _memory()))
+        conn.send(Done(images, _memory()))
 
 
 def _exit() -> None:
@@ -237,11 +219,10 @@ class EngineProcess:
                  loras: LoraLibrary | None = None) -> None:
         self.index = index
         self.gpu = gpu
-        self.memory: dict[str, float] | None = None  # as of the engine's last batch
-        # The front's library (shared by the front's engines), fed by this engine's state; None
-        # for an engine without one.
-        self.loras: LoraLibrary | None = None
+        self._memory: dict[str, float] | None = None  # as of the engine's last batch
+        # The front's library (shared by the front's engines), fed by this engine's state.
         self._library = loras if loras is not None else LoraLibrary.from_settings(settings)
+        self._has_loras = False  # the engine has a library (else it serves no LoRAs)
         self._lock = threading.Lock()  # one command at a time
         self._conn, child = _CONTEXT.Pipe()
         self._process = _CONTEXT.Process(target=engine_main, args=(child, settings, gpu, loader),
@@ -250,57 +231,61 @@ class EngineProcess:
         child.close()  # only the engine holds its end: its death reads as end-of-file here
         self.pid = self._process.pid
         message = self._receive()
-        if message[0] == "load_error":
+        if isinstance(message, LoadFailed):
             self.close()
-            raise _rebuild(message[1], message[2])
-        _, self.models, self.memory, state = message
-        if state is not None:
-            self._library.import_state(index, state)
-            self.loras = self._library
-        if self.models:  # what the API reads of the models (a fake engine has none)
-            self.model = self.models[0]
+            raise message.failure.rebuild()
+        if not isinstance(message, Ready):
+            raise RuntimeError(f"engine {index} sent {describe(message)} instead of Ready")
+        self._models = tuple(message.models)
+        self._memory = message.memory
+        if message.loras is not None:
+            self._library.import_state(index, message.loras)
+            self._has_loras = True
         log.info("engine %d ready in process %s%s", index, self.pid,
                  f" on GPU {gpu}" if gpu is not None else "")
 
+    @property
+    def facts(self) -> EngineFacts:
+        """Its models (as facts about their pipelines), the front's LoRA library fed by it, its
+        GPU and process, the memory it reported last and the LoRAs it is loading now."""
+        library = self._library if self._has_loras else None
+        return EngineFacts(models=self._models, loras=library, gpu=self.gpu, pid=self.pid,
+                           memory=self._memory,
+                           loading_loras=library.loading(self.index) if library is not None else {})
+
     # -- Engine -------------------------------------------------------------------------------
 
-    @property
-    def loading_loras(self) -> dict[str, str]:
-        """Model name -> the LoRA this engine is loading onto it right now."""
-        return self.loras.loading(self.index) if self.loras is not None else {}
-
-    def run_batch(self, specs: Sequence[GenerationSpec], on_step: Callable[..., None]) -> list[Image.Image]:
+    def run_batch(self, specs: Sequence[GenerationSpec], on_step: StepCallback) -> list[Image.Image]:
         with self._lock:
-            self._send(("run", list(specs)))
+            self._send(Run(list(specs)))
             failure: BaseException | None = None  # what the front's step callback raised
             while True:
                 message = self._receive()
-                kind = message[0]
-                if kind == "step":
+                if isinstance(message, Step):
                     if failure is None:
                         try:
-                            on_step(*message[1], **message[2])
+                            on_step(message.event)
                         except BaseException as exc:  # noqa: BLE001 - a cancel, or a test's fault
                             failure = exc
-                            self._send(("abort",))
+                            self._send(Abort())
                     continue
-                if kind == "done":
-                    self.memory = message[2]
+                if isinstance(message, Done):
+                    self._memory = message.memory
                     if failure is not None:
                         raise failure
-                    return list(message[1])
-                if kind == "aborted":
+                    return list(message.images)
+                if isinstance(message, Aborted):
                     raise failure or BatchAborted()
-                if kind == "error":
+                if isinstance(message, Failed):
                     if failure is not None:
                         raise failure
-                    raise _rebuild(message[1], message[2])
-                raise RuntimeError(f"engine {self.index} sent {kind!r} during a batch")
+                    raise message.failure.rebuild()
+                raise RuntimeError(f"engine {self.index} sent {describe(message)} during a batch")
 
     def free_memory(self) -> None:
         with self._lock:
-            self._send(("free",))
-            while self._receive()[0] != "freed":
+            self._send(Free())
+            while not isinstance(self._receive(), Freed):
                 pass
 
     # -- supervision ---------------------------------------------------------------------------
@@ -322,7 +307,7 @@ class EngineProcess:
         """Ask the engine to stop; kill it if it does not within a few seconds."""
         self._library.forget_engine(self.index)
         try:
-            self._conn.send(("stop",))
+            self._conn.send(Stop())
         except OSError:
             pass  # already gone
         self._process.join(_STOP_TIMEOUT_S)
@@ -334,28 +319,29 @@ class EngineProcess:
 
     # -- the pipe ------------------------------------------------------------------------------
 
-    def _send(self, message: tuple[Any, ...]) -> None:
+    def _send(self, message: ToEngine) -> None:
         try:
             self._conn.send(message)
         except OSError as exc:
             raise self._lost() from exc
 
-    def _receive(self) -> tuple[Any, ...]:
+    def _receive(self) -> FromEngine:
         """The engine's next message; its LoRA states are imported on the way, wherever they come."""
         while True:
             message = self._receive_any()
-            if message[0] != "loras":
+            if not isinstance(message, LorasChanged):
                 return message
-            self._library.import_state(self.index, message[1])
+            self._library.import_state(self.index, message.state)
 
-    def _receive_any(self) -> tuple[Any, ...]:
+    def _receive_any(self) -> FromEngine:
         # What the engine sent before it died is still read; only then is its death an error.
         ready = wait([self._conn, self._process.sentinel])
         if self._conn in ready or self._conn.poll():
             try:
-                return self._conn.recv()
+                message: FromEngine = self._conn.recv()
             except (EOFError, OSError) as exc:
                 raise self._lost() from exc
+            return message
         raise self._lost()
 
     def _lost(self) -> EngineLost:

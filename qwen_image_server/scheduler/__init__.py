@@ -1,16 +1,18 @@
-"""The scheduler: one bounded queue in front of the engines (see `core.py` for its rules)."""
+"""The scheduler: one bounded queue in front of the engines (`core.py` states its rules).
 
-from qwen_image_server.scheduler.core import (
-    Job,
-    JobResult,
-    RestartPolicy,
-    Scheduler,
-    SchedulerConfig,
-    SchedulerObserver,
-    SchedulerStats,
-    SlotState,
-    SlotStats,
+`queue.py` is the batching policy, `execute.py` runs a batch, `slots.py` supervises the engines,
+`jobs.py` keeps the books; `Scheduler` is the face the rest of the server uses.
+"""
+
+from qwen_image_server.scheduler.core import Scheduler, SchedulerStats
+from qwen_image_server.scheduler.jobs import (
+           Job,
+           JobListener,
+           JobResult,
+           SchedulerObserver,
 )
+from qwen_image_server.scheduler.queue import BatchQueue, SchedulerConfig
+from qwen_image_server.scheduler.slots import RestartPolicy, SlotState, SlotStats
 
-__all__ = ["Job", "JobResult", "RestartPolicy", "Scheduler", "SchedulerConfig", "SchedulerObserver",
-           "SchedulerStats", "SlotState", "SlotStats"]
+__all__ = ["BatchQueue", "Job", "JobListener", "JobResult", "RestartPolicy", "Scheduler", "SchedulerConfig",
+           "SchedulerObserver", "SchedulerStats", "SlotState", "SlotStats"]

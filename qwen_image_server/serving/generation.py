@@ -30,6 +30,7 @@ from pydantic import BaseModel
 from qwen_image_server import errors
 from qwen_image_server.config.model_list import EMBEDDED
 from qwen_image_server.config.settings import Settings
+from qwen_image_server.engine.contract import facts_of
 from qwen_image_server.engine.device import DeviceInfo
 from qwen_image_server.engine.loaded import LoadedModel
 from qwen_image_server.engine.lora_library import LoraLibrary
@@ -144,22 +145,17 @@ class Generation:
     @property
     def loras(self) -> LoraLibrary:
         """The LoRA library: the engine's once loaded (it knows what is resident and unusable)."""
-        library = getattr(self.scheduler.engine, "loras", None)
-        return library if isinstance(library, LoraLibrary) else self._loras
+        return facts_of(self.scheduler.engine).loras or self._loras
 
     @property
     def model(self) -> LoadedModel | None:
         """The loaded model (None while it loads, or with an engine that has none)."""
-        return getattr(self.scheduler.engine, "model", None)
+        return facts_of(self.scheduler.engine).model
 
     @property
     def models(self) -> list[LoadedModel]:
         """Every loaded model, the first first (empty while they load)."""
-        engine = self.scheduler.engine
-        models = getattr(engine, "models", None)
-        if models is not None:
-            return list(models)
-        return [self.model] if self.model is not None else []
+        return list(facts_of(self.scheduler.engine).models)
 
     def model_tasks(self) -> dict[str, Task | None]:
         """Public name -> task of every configured model (None: not known until it loads)."""
@@ -313,7 +309,7 @@ class Generation:
     def loading_lora(self, job: Job) -> str | None:
         """The LoRA the engine is loading for this running job right now, if any."""
         engine = self.scheduler.engine if job.engine is None else self.scheduler.engine_at(job.engine)
-        loading = getattr(engine, "loading_loras", None)
+        loading = facts_of(engine).loading_loras
         if not loading or not job.spec.loras:
             return None
         names = {name for name, _ in job.spec.loras}

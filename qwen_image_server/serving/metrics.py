@@ -36,11 +36,11 @@ from prometheus_client.process_collector import ProcessCollector
 from prometheus_client.registry import Collector
 
 from qwen_image_server import errors
-from qwen_image_server.engine.contract import Engine
+from qwen_image_server.engine.contract import Engine, facts_of
 from qwen_image_server.engine.device import DeviceInfo
 from qwen_image_server.engine.types import PreviewMode
 from qwen_image_server.job_state import JobEvent
-from qwen_image_server.scheduler import Job, Scheduler
+from qwen_image_server.scheduler import Job, Scheduler, SlotState
 
 log = logging.getLogger(__name__)
 
@@ -163,7 +163,7 @@ class ServerMetrics:
 
         def load_and_record() -> Engine:
             engine = load()
-            model = getattr(engine, "model", None)  # test engines have none
+            model = facts_of(engine).model  # test engines have none
             if model is not None:
                 self.model_load.set(model.load_time)
             self.update_gpu_memory()
@@ -183,8 +183,8 @@ class ServerMetrics:
             return
         for slot in self._scheduler.stats().engines:
             labels = (str(slot.index), "" if slot.gpu is None else str(slot.gpu))
-            self.engine_busy.labels(*labels).set(1 if slot.state == "busy" else 0)
-            self.engine_up.labels(*labels).set(1 if slot.state in ("busy", "idle") else 0)
+            self.engine_busy.labels(*labels).set(1 if slot.state is SlotState.BUSY else 0)
+            self.engine_up.labels(*labels).set(1 if slot.state.serving else 0)
 
     def update_gpu_memory(self) -> None:
         if self.device.type != "cuda":
@@ -292,7 +292,7 @@ class SchedulerMetrics:
 def engine_memory(scheduler: Scheduler) -> list[dict[str, float]] | None:
     """The GPU memory engine processes reported (None for an engine in this process, whose
     memory is read directly)."""
-    engines = scheduler.engines
-    if not engines or not all(hasattr(engine, "memory") for engine in engines):
+    facts = [facts_of(engine) for engine in scheduler.engines]
+    if not facts or any(f.in_process for f in facts):
         return None
-    return [engine.memory for engine in engines if engine.memory]
+    return [f.memory for f in facts if f.memory]
