@@ -47,7 +47,7 @@ def main() -> int:
     settings = Settings(log_level="warning", output_dir=Path("bench/results/tmp"))
     server, thread, url = serve(settings)
     ctx = find_fastapi(server.config.loaded_app).state.ctx
-    edit_model = next(m for m in ctx.generation.models if m.task == "edit")
+    edit_model = next(m for m in ctx.generation.models.models if m.task == "edit")
     pipeline = edit_model.pipeline
     side = args.size
     pixels = np.random.default_rng(0).integers(0, 256, (side, side, 3), dtype=np.uint8)

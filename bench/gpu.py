@@ -1126,6 +1126,9 @@ def _first_line(exc: BaseException) -> str:
 def http_request(width: int, height: int, steps: int) -> tuple[dict[str, Any], str, GenerationSpec]:
     """The body, route and the spec the server makes of it: /generate for a preset size (the
     native API only takes presets), else the OpenAI route, which takes any WxH."""
+    from qwen_image_server.serving.model_registry import ANY_MODEL
+    from qwen_image_server.serving.specs import build_specs
+
     preset = next((name for name, wh in ASPECT_RATIOS.items() if wh == (width, height)), None)
     common = {"prompt": "A cute cat sitting on a windowsill", "num_inference_steps": steps,
               "true_cfg_scale": CFG_SCALE, "seed": 42}
@@ -1133,11 +1136,12 @@ def http_request(width: int, height: int, steps: int) -> tuple[dict[str, Any], s
         from qwen_image_server.protocol.native import GenerateRequest
 
         body = {**common, "aspect_ratio": preset}
-        return body, "/generate", GenerateRequest(**body).to_spec()
+        return body, "/generate", build_specs(GenerateRequest(**body), model=ANY_MODEL, loras=(), seeds=[42])[0]
     from qwen_image_server.protocol.openai import ImageGenerationRequest
 
     body = {**common, "size": size_label(width, height), "n": 1}
-    return body, "/v1/images/generations", ImageGenerationRequest(**body).to_specs(42)[0]
+    return body, "/v1/images/generations", build_specs(ImageGenerationRequest(**body), model=ANY_MODEL, loras=(),
+                                                       seeds=[42])[0]
 
 
 @contextmanager

@@ -34,6 +34,8 @@ from qwen_image_server.config.settings import Settings  # noqa: E402
 from qwen_image_server.engine.runner import PipelineEngine  # noqa: E402
 from qwen_image_server.launch.http import GracefulServer, find_fastapi  # noqa: E402
 from qwen_image_server.protocol.native import GenerateRequest  # noqa: E402
+from qwen_image_server.serving.model_registry import ANY_MODEL  # noqa: E402
+from qwen_image_server.serving.specs import build_specs  # noqa: E402
 
 
 def serve(settings: Settings) -> tuple[GracefulServer, threading.Thread, str]:
@@ -74,7 +76,7 @@ def main() -> int:
     engine: PipelineEngine = ctx.scheduler.engine
     body = {"prompt": "A cute cat sitting on a windowsill", "aspect_ratio": "s1:1",
             "num_inference_steps": args.steps}
-    spec = GenerateRequest(**body).to_spec()
+    spec = build_specs(GenerateRequest(**body), model=ANY_MODEL, loras=(), seeds=[42])[0]
     client = httpx.Client(base_url=url, timeout=3600)
 
     def raw_once() -> float:

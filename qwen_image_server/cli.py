@@ -11,7 +11,7 @@ import os
 import socket
 import sys
 from pathlib import Path
-from typing import TYPE_CHECKING, Annotated, Any, ClassVar
+from typing import TYPE_CHECKING, Annotated, Any, ClassVar, TypeVar
 
 from pydantic import AliasChoices, Field, ValidationError, field_validator
 from pydantic_settings import (
@@ -34,13 +34,18 @@ from qwen_image_server.config.lora_refs import is_valid_name, looks_like_path
 from qwen_image_server.config.presets import DEFAULT_ASPECT_RATIO, AspectRatio, Language
 from qwen_image_server.config.settings import Settings
 from qwen_image_server.errors import ConfigurationError, ModelLoadError
+from qwen_image_server.protocol.common import (
+    MASK_DESCRIPTION,
+    EditFields,
+    NativeImageFields,
+    PromptFields,
+)
 from qwen_image_server.protocol.native import EditParameters, GenerateRequest
 from qwen_image_server.serving.uploads import Upload, field_names
 
 if TYPE_CHECKING:
     from qwen_image_server.engine.models import ModelSet
-    from qwen_image_server.engine.types import GenerationSpec
-    from qwen_image_server.serving.generation import Generation
+    from qwen_image_server.serving.generation import Generation, Prepared
 
 log = logging.getLogger("qwen_image_server.cli")
 
@@ -103,18 +108,42 @@ def serve_on_ray(settings: Settings) -> int:
     return run_ray(settings)
 
 
-_defaults = GenerateRequest.model_fields
-_edit_defaults = EditParameters.model_fields
+_PROMPT = PromptFields.model_fields
+_NATIVE = NativeImageFields.model_fields
+B = TypeVar("B", bound=PromptFields)
 
 
 class OneImageCommand(Settings):
-    """What `generate` and `edit` share: `--lora` names a LoRA of the library for this image."""
+    """What `generate` and `edit` share: the request's knobs (steps and CFG left out: the server's
+    defaults), a server to run on instead of here, and `--lora` naming a LoRA for this image."""
 
+    negative_prompt: str = Field(_PROMPT["negative_prompt"].default, description="Concepts to avoid.")
+    num_inference_steps: int | None = Field(
+        None, description="Denoising steps (default: the server's, 20 unless a Lightning LoRA says otherwise).")
+    true_cfg_scale: float | None = Field(
+        None, description="CFG scale (default: the server's, 4.0 unless a Lightning LoRA says otherwise).")
+    seed: int = Field(_NATIVE["seed"].default, description="Random seed for reproducibility.")
+    language: Language = Field(_PROMPT["language"].default, description="Adds the model card's quality suffix.")
+    add_overlay: CliImplicitFlag[bool] = Field(False, description="Draw the info strip (off by default here).")
+    url: str | None = Field(
+        None, description="A running server (http://host:port) to run on instead of loading the model(s) here.")
     lora: Annotated[list[str], NoDecode] = Field(  # type: ignore[assignment]
         default_factory=list,
         description="A LoRA for this image, 'name[:scale]' from QWEN_IMAGE_LORA_DIR / QWEN_IMAGE_LORAS "
         "(repeat it for several); a path or hub id ('path[,scale]') is fused at load as QWEN_IMAGE_LORA.",
     )
+
+    doing: ClassVar[str] = "making"
+
+    def body(self, body_type: type[B], **fields: Any) -> B:
+        """This command's request, validated like a request body of `body_type`: the shared
+        knobs, `fields` (those given), its LoRAs; steps and CFG left out stay unset, so whoever
+        runs the model fills in its defaults."""
+        shared = ("negative_prompt", "num_inference_steps", "true_cfg_scale", "seed", "language", "add_overlay")
+        values = {name: getattr(self, name) for name in shared} | fields
+        if self.lora_choices():
+            values["loras"] = self.lora_choices()
+        return body_type.model_validate({k: v for k, v in values.items() if v is not None}, strict=False)
 
     @field_validator("lora", mode="before")
     @classmethod
@@ -156,33 +185,17 @@ class GenerateCommand(OneImageCommand):
     prompt: CliPositionalArg[str]
     out: Path = Field(Path("qwen-image.png"), description="Where to write the PNG.")
     aspect_ratio: AspectRatio = DEFAULT_ASPECT_RATIO
-    negative_prompt: str = _defaults["negative_prompt"].default
-    num_inference_steps: int | None = Field(
-        None, description="Denoising steps (default: the server's, 20 unless a Lightning LoRA says otherwise).")
-    true_cfg_scale: float | None = Field(
-        None, description="CFG scale (default: the server's, 4.0 unless a Lightning LoRA says otherwise).")
-    seed: int = _defaults["seed"].default
-    language: Language = _defaults["language"].default
-    add_overlay: CliImplicitFlag[bool] = Field(False, description="Draw the info strip (off by default here).")
-    url: str | None = Field(
-        None, description="A running server (http://host:port) to generate on instead of loading the model here.")
+
+    doing: ClassVar[str] = "generating"
 
     def cli_cmd(self) -> None:
         raise SystemExit(generate_remote(self) if self.url else generate_one(self))
 
-    doing: ClassVar[str] = "generating"
-
     def request(self) -> GenerateRequest:
-        """This command's generation parameters, validated like a request body; steps and CFG
-        left out stay unset, so whoever runs the model fills in its defaults."""
-        values = {name: getattr(self, name) for name in GenerateRequest.model_fields
-                  if name != "loras" and getattr(self, name, None) is not None}
-        if self.lora_choices():
-            values["loras"] = self.lora_choices()
-        return GenerateRequest.model_validate(values, strict=False)
+        return self.body(GenerateRequest, prompt=self.prompt, aspect_ratio=self.aspect_ratio)
 
-    async def spec(self, generation: Generation, body: GenerateRequest) -> GenerationSpec:
-        return await generation.generate_spec(body)
+    async def prepare(self, generation: Generation) -> Prepared[GenerateRequest]:
+        return await generation.prepare(self.request(), "generate")
 
 
 class EditCommand(OneImageCommand):
@@ -190,21 +203,10 @@ class EditCommand(OneImageCommand):
 
     inputs: CliPositionalArg[list[str]] = Field(description="The image file(s), then the prompt.")
     out: Path = Field(Path("qwen-image-edit.png"), description="Where to write the PNG.")
-    mask: Path | None = Field(None, description="PNG the size of the first image; its transparent pixels "
-                              "are the area to change.")
+    mask: Path | None = Field(None, description=MASK_DESCRIPTION)
     edit_model: str | None = Field(None, description="The edit model to use (default: the first one).")
-    size: str | None = _edit_defaults["size"]
-    strength: float = _edit_defaults["strength"].default
-    negative_prompt: str = _defaults["negative_prompt"].default
-    num_inference_steps: int | None = Field(
-        None, description="Denoising steps (default: the server's, 20 unless a Lightning LoRA says otherwise).")
-    true_cfg_scale: float | None = Field(
-        None, description="CFG scale (default: the server's, 4.0 unless a Lightning LoRA says otherwise).")
-    seed: int = _defaults["seed"].default
-    language: Language = _defaults["language"].default
-    add_overlay: CliImplicitFlag[bool] = Field(False, description="Draw the info strip (off by default here).")
-    url: str | None = Field(
-        None, description="A running server (http://host:port) to edit on instead of loading the models here.")
+    size: str | None = EditFields.model_fields["size"]
+    strength: float = EditFields.model_fields["strength"]
 
     doing: ClassVar[str] = "editing"
 
@@ -225,25 +227,18 @@ class EditCommand(OneImageCommand):
 
     def request(self) -> EditParameters:
         """The edit's parameters, validated like /edit's form fields."""
-        values = {"prompt": self.inputs[-1], "model": self.edit_model}
-        values |= {name: getattr(self, name) for name in EditParameters.model_fields
-                   if name not in ("prompt", "model", "loras") and getattr(self, name, None) is not None}
-        if self.lora_choices():
-            values["loras"] = self.lora_choices()
-        return EditParameters.model_validate({k: v for k, v in values.items() if v is not None})
+        return self.body(EditParameters, prompt=self.inputs[-1], model=self.edit_model, size=self.size,
+                         strength=self.strength)
 
     def uploads(self) -> tuple[list[Upload], Upload | None]:
         names = field_names(len(self.images), "image")
         images = [Upload(name, path.read_bytes()) for name, path in zip(names, self.images, strict=True)]
         return images, Upload("mask", self.mask.read_bytes()) if self.mask is not None else None
 
-    async def spec(self, generation: Generation, body: EditParameters) -> GenerationSpec:
-        model = generation.pick_model(body.model, "edit")
+    async def prepare(self, generation: Generation) -> Prepared[EditParameters]:
+        body = self.request()
         images, mask = self.uploads()
-        loras = await generation.check_loras(body.loras, model)
-        inputs = await generation.read_edit_inputs(images, mask, model)
-        [spec] = generation.edit_specs(body, inputs, model, [body.seed], loras)
-        return spec
+        return await generation.prepare(body, "edit", model=body.model, images=images, mask=mask)
 
     def edit_remote(self) -> int:
         """Edit on a running server through the jobs API, with a progress bar from its events."""
@@ -333,20 +328,19 @@ async def _generate_locally(cmd: GenerateCommand | EditCommand, settings: Settin
     device = engine.model.device
     with ThreadPoolExecutor(cmd.threads, thread_name_prefix="qwen-image-cpu") as executor:
         generation = Generation(settings, device, scheduler, executor)
-        body = generation.with_defaults(cmd.request())
         scheduler.start()
         try:
-            spec = await cmd.spec(generation, body)
-            with tqdm(total=body.num_inference_steps, unit="step", desc=cmd.doing) as bar:
+            prepared = await cmd.prepare(generation)
+            with tqdm(total=prepared.specs[0].num_inference_steps, unit="step", desc=cmd.doing) as bar:
 
                 def on_event(job: Job, event: JobEvent) -> None:
                     if event is JobEvent.STEP:
                         bar.update(job.step - bar.n)
 
-                [job] = await generation.submit([spec], generation.next_request_id())
+                [job] = await generation.submit(prepared)
                 scheduler.add_listener(job, on_event)
                 result = await generation.wait(job)
-            rendered = await generation.render(job, result, overlay=body.add_overlay)
+            rendered = await generation.render(job, result, overlay=prepared.body.add_overlay)
         except ServerError as exc:
             print(f"error: {exc.message}", file=sys.stderr)
             return 1

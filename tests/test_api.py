@@ -13,6 +13,8 @@ from PIL import Image
 from qwen_image_server.config.presets import ASPECT_RATIOS, PROMPT_SUFFIX
 from qwen_image_server.engine.types import GenerationSpec
 from qwen_image_server.protocol.native import GenerateRequest
+from qwen_image_server.serving.model_registry import ANY_MODEL
+from qwen_image_server.serving.specs import build_specs
 from tests.conftest import hold_engine, open_request
 
 FAST = {"num_inference_steps": 2, "add_overlay": False}
@@ -141,8 +143,11 @@ def test_a_single_step_gives_a_real_image_not_black(client):
 
 
 def test_language_appends_the_model_card_suffix():
-    en = GenerateRequest(prompt="a cat").to_spec()
-    zh = GenerateRequest(prompt="一只猫", language="zh").to_spec()
+    def spec(body: GenerateRequest) -> GenerationSpec:
+        return build_specs(body, model=ANY_MODEL, loras=(), seeds=[body.seed])[0]
+
+    en = spec(GenerateRequest(prompt="a cat"))
+    zh = spec(GenerateRequest(prompt="一只猫", language="zh"))
     assert en.prompt == "a cat" + PROMPT_SUFFIX["en"] == "a cat, Ultra HD, 4K, cinematic composition."
     assert zh.prompt == "一只猫, 超清，4K，电影级构图."
 

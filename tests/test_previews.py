@@ -160,12 +160,13 @@ def test_a_late_subscriber_gets_the_newest_preview_at_once(live):
 
 def test_a_subscriber_that_falls_behind_gets_the_newest_preview_not_a_backlog():
     async def scenario() -> None:
-        record = JobRecord(job=None, body=None, created_at=0.0)  # type: ignore[arg-type]
+        record = JobRecord.create(job=None, body=None, loop=asyncio.get_running_loop())  # type: ignore[arg-type]
         subscriber = Subscriber()
         record.subscribers.add(subscriber)
         image = Image.new("RGB", (8, 8))
-        for step in (1, 2, 3):  # three previews while the client reads nothing
-            record.new_preview(Preview(step, 3, "latent", image, 0.0))
+        for step in (1, 2, 3):  # three previews from the engine's thread while the client reads nothing
+            record.previews.offer(0, Preview(step, 3, "latent", image, 0.0))
+        await asyncio.sleep(0)  # the loop takes them in
         assert subscriber.queue.qsize() == 1  # one notice waiting, not three images
         encoded: list[int] = []
 

@@ -111,8 +111,8 @@ def create_app(
         executor = ThreadPoolExecutor(settings.threads, thread_name_prefix="qwen-image-cpu")
         results = ResultStore(settings.result_ttl_s, settings.max_stored_results,
                               id_prefix=id_prefix(replica))
-        jobs = JobRegistry(settings.result_ttl_s, settings.max_stored_results)
         generation = Generation(settings, device, scheduler, executor)
+        jobs = JobRegistry(generation, results, settings.result_ttl_s, settings.max_stored_results)
         app.state.ctx = ServerContext(generation, lifecycle, results, jobs, replica=replica)
         scheduler.start()
         log.info("serving on %s with %d engine%s (model %s loading in the background); batching: %s",

@@ -6,29 +6,36 @@ decodes and checks them on the CPU pool.
 
 from __future__ import annotations
 
-from collections.abc import Sequence
-from typing import Any
+from typing import Any, TypeVar
 
-from fastapi import Request, UploadFile
+from fastapi import Request
 from fastapi.exceptions import RequestValidationError
 from pydantic import BaseModel, ValidationError
 
 from qwen_image_server import errors
+from qwen_image_server.protocol.common import UploadFields
 from qwen_image_server.protocol.native import EditForm, EditParameters, EditRequest
 from qwen_image_server.serving.uploads import Upload, field_names
 
 FORM = "multipart/form-data"
 JSON = "application/json"
+M = TypeVar("M", bound=BaseModel)
 
 
-async def read_files(files: Sequence[UploadFile], name: str) -> list[Upload]:
-    return [Upload(field, await file.read()) for field, file in zip(field_names(len(files), name), files, strict=True)]
+async def read_uploads(form: UploadFields) -> tuple[list[Upload], Upload | None]:
+    """A multipart form's images and mask, read (no decoding here: the CPU pool does that)."""
+    files = form.images
+    names = field_names(len(files), "image")
+    images = [Upload(name, await file.read()) for name, file in zip(names, files, strict=True)]
+    mask = Upload("mask", await form.mask.read()) if form.mask is not None else None
+    return images, mask
 
 
-def validated(model: type[BaseModel], data: Any) -> Any:
-    """`model` validated from `data`; a failure answers 400 naming the field, like FastAPI's."""
+def validated(model: type[M], data: dict[str, Any] | bytes) -> M:
+    """`model` validated from form fields or JSON bytes; a failure answers 400 naming the field,
+    as FastAPI's own body validation does."""
     try:
-        return model.model_validate(data)
+        return model.model_validate_json(data) if isinstance(data, bytes) else model.model_validate(data)
     except ValidationError as exc:
         raise RequestValidationError(
             [{**e, "loc": ("body", *e["loc"])} for e in exc.errors(include_url=False)]) from exc
@@ -43,16 +50,11 @@ async def read_native_edit(request: Request) -> tuple[EditParameters, list[Uploa
                                 if key not in ("image", "image[]")}
         data["image"] = form.getlist("image")
         data["image[]"] = form.getlist("image[]")
-        body: EditForm = validated(EditForm, data)
-        files = [*body.image, *body.image_list]
-        mask = Upload("mask", await body.mask.read()) if body.mask is not None else None
-        return body, await read_files(files, "image"), mask
+        form_body = validated(EditForm, data)
+        images, mask = await read_uploads(form_body)
+        return form_body, images, mask
     if media_type == JSON or media_type.endswith("+json"):
-        try:
-            json_body = EditRequest.model_validate_json(await request.body())
-        except ValidationError as exc:
-            raise RequestValidationError(
-                [{**e, "loc": ("body", *e["loc"])} for e in exc.errors(include_url=False)]) from exc
+        json_body = validated(EditRequest, await request.body())
         names = field_names(len(json_body.images), "images")
         images = [Upload(name, text) for name, text in zip(names, json_body.images, strict=True)]
         mask = Upload("mask", json_body.mask) if json_body.mask is not None else None

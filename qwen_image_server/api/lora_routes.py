@@ -17,7 +17,7 @@ async def list_loras(ctx: Ctx) -> LoraList:
     is for, the loaded models it fits, where it is resident, and whether it is usable."""
     generation = ctx.generation
     library = generation.loras
-    models = [model.name for model in generation.models]
+    models = [model.name for model in generation.models.models]
     entries = list(library.entries().values())
     data = [await generation.in_pool(_info, library, entry, models) for entry in entries]
     return LoraList(data=data, max_per_request=ctx.settings.max_loras_per_request,

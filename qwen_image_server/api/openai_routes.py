@@ -8,10 +8,7 @@
 from __future__ import annotations
 
 import asyncio
-import base64
-import dataclasses
 import logging
-import secrets
 import time
 from collections.abc import AsyncIterator
 from contextlib import aclosing
@@ -22,11 +19,11 @@ from fastapi import APIRouter, Form, Request, Response
 from fastapi.sse import KEEPALIVE_COMMENT, EventSourceResponse, format_sse_event
 
 from qwen_image_server import errors
-from qwen_image_server.api.bodies import read_files
+from qwen_image_server.api.bodies import read_uploads
 from qwen_image_server.api.context import Ctx, ServerContext, client_gone
 from qwen_image_server.api.error_mapping import ERROR_RESPONSES
 from qwen_image_server.engine.types import Preview
-from qwen_image_server.protocol.common import MAX_SEED, ErrorDetail, ErrorResponse
+from qwen_image_server.protocol.common import ErrorDetail, ErrorResponse
 from qwen_image_server.protocol.openai import (
     ImageData,
     ImageEditCompletedEvent,
@@ -39,20 +36,16 @@ from qwen_image_server.protocol.openai import (
     ImageUsage,
     ModelCard,
     ModelList,
-    preview_plan,
 )
 from qwen_image_server.scheduler import Job, JobResult
 from qwen_image_server.serving.generation import Rendered
-from qwen_image_server.serving.render import MEDIA_TYPES
-from qwen_image_server.serving.uploads import Upload
+from qwen_image_server.serving.render import MEDIA_TYPES, b64
 
 log = logging.getLogger(__name__)
 router = APIRouter(prefix="/v1", tags=["openai"])
 
 # Idle streams get an SSE comment this often, so proxies do not close them during a long image.
 PING_INTERVAL_S = 15.0
-# /v1/models' "created": when this server process started serving the model.
-_STARTED = int(time.time())
 
 
 # -- routes ---------------------------------------------------------------------------------
@@ -69,20 +62,15 @@ async def create_images(
     body: ImageGenerationRequest, request: Request, ctx: Ctx
 ) -> Response | ImagesResponse:
     """Generate `n` images (OpenAI's Images API), as base64, URLs or a stream of events."""
-    generation = ctx.generation
-    request_id = generation.next_request_id()
-    body = generation.with_defaults(body)
-    model = generation.pick_model(body.model, "generate")
-    base_seed = body.seed if body.seed is not None else secrets.randbelow(MAX_SEED + 1)
-    loras = await generation.check_loras(body.loras, model)
-    specs = [dataclasses.replace(spec, model=model.name, loras=loras) for spec in body.to_specs(base_seed)]
-    width, height = specs[0].width, specs[0].height
+    prepared = await ctx.generation.prepare(body, "generate", model=body.model, n=body.n,
+                                            preview=body.preview_plan())
+    body, spec = prepared.body, prepared.specs[0]
     log.info("request %d (openai) received: n=%d, %dx%d, %d steps, cfg %g, seeds from %d, %s%s",
-             request_id, body.n, width, height, body.num_inference_steps, body.true_cfg_scale,
-             base_seed, body.output_format, ", stream" if body.stream else "")
-    answer = _Answer(ctx, request, body, model.name or ctx.settings.models[0].name, (),
+             prepared.request_id, body.n, spec.width, spec.height, body.num_inference_steps,
+             body.true_cfg_scale, spec.seed, body.output_format, ", stream" if body.stream else "")
+    answer = _Answer(ctx, request, body, prepared.model.name or ctx.settings.models[0].name, (),
                      ImageGenCompletedEvent, ImageGenPartialImageEvent)
-    return await answer.send(await generation.submit(specs, request_id))  # together: one batch
+    return await answer.send(await ctx.generation.submit(prepared))  # together: one batch
 
 
 @router.post(
@@ -98,26 +86,19 @@ async def edit_images(
 ) -> Response | ImagesResponse:
     """Edit images (OpenAI's Images API, multipart): `image` (or `image[]`, up to 3), an optional
     `mask` whose transparent pixels are the area to change, `n` results."""
-    generation = ctx.generation
-    request_id = generation.next_request_id()
-    body = generation.with_defaults(body)
-    model = generation.pick_model(body.model, "edit")
-    loras = await generation.check_loras(body.loras, model)
-    images = await read_files(body.images, "image")
-    mask = Upload("mask", await body.mask.read()) if body.mask is not None else None
-    inputs = await generation.read_edit_inputs(images, mask, model)
-    base_seed = body.seed if body.seed is not None else secrets.randbelow(MAX_SEED + 1)
-    seeds = [(base_seed + i) % (MAX_SEED + 1) for i in range(body.n)]
-    specs = generation.edit_specs(body, inputs, model, seeds, loras,
-                                  preview_plan(body.stream, body.partial_images))
+    images, mask = await read_uploads(body)
+    prepared = await ctx.generation.prepare(body, "edit", model=body.model, images=images, mask=mask, n=body.n,
+                                            preview=body.preview_plan())
+    body, spec, inputs = prepared.body, prepared.specs[0], prepared.inputs
+    assert inputs is not None
     log.info("request %d (openai edit) received: %d image(s)%s, n=%d, %dx%d, %d steps, cfg %g, seeds "
-             "from %d, model %s%s", request_id, len(images), " and a mask" if mask else "", body.n,
-             specs[0].width, specs[0].height, body.num_inference_steps, body.true_cfg_scale, base_seed,
-             model.name or "(first)", ", stream" if body.stream else "")
-    answer = _Answer(ctx, request, body, model.name or ctx.settings.models[0].name,
+             "from %d, model %s%s", prepared.request_id, len(images), " and a mask" if mask else "", body.n,
+             spec.width, spec.height, body.num_inference_steps, body.true_cfg_scale, spec.seed,
+             prepared.model.name or "(first)", ", stream" if body.stream else "")
+    answer = _Answer(ctx, request, body, prepared.model.name or ctx.settings.models[0].name,
                      tuple(image.size for image in inputs.images), ImageEditCompletedEvent,
                      ImageEditPartialImageEvent)
-    return await answer.send(await generation.submit(specs, request_id))
+    return await answer.send(await ctx.generation.submit(prepared))
 
 
 ImagesBody = ImageGenerationRequest | ImageEditForm
@@ -149,7 +130,7 @@ class _Answer:
             data = [ImageData(url=_store(self.ctx, self.request, item), revised_prompt=revised)
                     for item in rendered]
         else:
-            data = [ImageData(b64_json=base64.b64encode(item.data).decode("ascii"), revised_prompt=revised)
+            data = [ImageData(b64_json=b64(item.data), revised_prompt=revised)
                     for item in rendered]
         width, height = jobs[0].spec.width, jobs[0].spec.height
         return ImagesResponse(
@@ -181,14 +162,15 @@ class _Answer:
         generation = self.ctx.generation
         usage: ImageUsage | None = None  # counted once the first image exists (the model is loaded)
         width, height = jobs[0].spec.width, jobs[0].spec.height
-        feed = generation.preview_feed(jobs)
+        feed = generation.watch_previews(jobs)
+        previews = feed.mailbox
         partials = [0] * len(jobs)  # partial images sent, per image
         completed: set[int] = set()  # images whose completed event went out
         try:
             async with aclosing(generation.finished(jobs, client_gone(self.request), ping_s=PING_INTERVAL_S,
-                                                    wake=feed.ready.wait)) as outcomes:
+                                                    wake=previews.ready.wait)) as outcomes:
                 async for item in outcomes:
-                    waiting = feed.take()
+                    waiting = previews.take()
                     for index, preview in waiting:
                         if index in completed:
                             continue  # too late: its final image went out already
@@ -206,7 +188,7 @@ class _Answer:
                     event = self.event(**self._image_fields(rendered.data, width, height), usage=usage)
                     yield format_sse_event(data_str=event.model_dump_json(), event=event.type)
         except errors.ServerError as exc:
-            yield _error_event(ErrorDetail(message=exc.message, type=exc.type, param=exc.param, code=exc.code))
+            yield _error_event(ErrorDetail.of(exc))
         except Exception:  # noqa: BLE001 - the status is sent; the client still needs to hear it failed
             log.exception("request %d (openai): streaming failed", jobs[0].request_id)
             yield _error_event(ErrorDetail(message="Internal server error; the server logged the details.",
@@ -225,7 +207,7 @@ class _Answer:
 
     def _image_fields(self, data: bytes, width: int, height: int) -> dict[str, Any]:
         """What OpenAI's partial and completed image events both carry."""
-        return dict(b64_json=base64.b64encode(data).decode("ascii"), created_at=int(time.time()),
+        return dict(b64_json=b64(data), created_at=int(time.time()),
                     size=f"{width}x{height}", quality=self.body.quality or "auto",
                     output_format=self.body.output_format)
 
@@ -256,25 +238,9 @@ async def get_image(image_id: str, ctx: Ctx) -> Response:
 @router.get("/models", response_model=ModelList)
 async def list_models(ctx: Ctx) -> ModelList:
     """Every model this server serves, with what each can do."""
-    return ModelList(data=model_cards(ctx))
+    return ModelList(data=ctx.generation.models.cards())
 
 
 @router.get("/models/{model_id:path}", response_model=ModelCard, responses={404: {"model": ErrorResponse}})
 async def get_model(model_id: str, ctx: Ctx) -> ModelCard:
-    cards = {card.id: card for card in model_cards(ctx)}
-    if model_id not in cards:
-        raise errors.NotFound(f"The model '{model_id}' does not exist; this server serves "
-                              f"{', '.join(repr(name) for name in cards)}.", param="model",
-                              code="model_not_found")
-    return cards[model_id]
-
-
-def model_cards(ctx: ServerContext) -> list[ModelCard]:
-    loaded = {model.name: model for model in ctx.generation.models}
-    cards = []
-    for name, task in ctx.generation.model_tasks().items():
-        model = loaded.get(name)
-        cards.append(ModelCard(id=name, created=_STARTED, tasks=[task] if task else [],
-                               max_input_images=model.max_images if model else 0,
-                               pipeline=model.pipeline_class if model else None))
-    return cards
+    return ctx.generation.models.card(model_id)

@@ -1,17 +1,30 @@
 """What the wire models of every API share: seeds, sizes, output formats, LoRA choices, the error
-body, and the validators they all use. The native and OpenAI models import from here, never from
-each other."""
+body, the validators they all use, and the field bases every request is made of.
+
+A field is declared once, in a base: `PromptFields` (what to make: prompt, negative prompt, steps,
+CFG, language, LoRAs), `NativeImageFields` (the seed API's seed 42, overlay and file save),
+`EditFields` (the edit model, size and mask strength), `UploadFields` (image files and a mask) and
+`OpenAIImageFields` (OpenAI's output options). The native and OpenAI bodies are made of them and
+import from here, never from each other; a knob added to a base reaches every API at once.
+"""
 
 from __future__ import annotations
 
 import json
 import re
-from typing import Literal
+import secrets
+from typing import TYPE_CHECKING, Any, Literal
 
+from fastapi import UploadFile
 from pydantic import BaseModel, ConfigDict, Field, field_validator
 from pydantic_core import PydanticCustomError
 
 from qwen_image_server.config.lora_refs import is_valid_name
+from qwen_image_server.config.presets import Language, with_suffix
+from qwen_image_server.engine.types import PreviewPlan
+
+if TYPE_CHECKING:
+    from qwen_image_server import errors
 
 OutputFormat = Literal["png", "jpeg", "webp"]
 
@@ -64,6 +77,7 @@ AUTO_SIZE = (1328, 1328)  # Qwen-Image's native square, the model card's 1:1
 MIN_SIDE, MAX_SIDE, SIDE_MULTIPLE = 256, 2048, 16  # 16: 8x VAE downsampling, 2x2 patches
 _SIZE = re.compile(r"(\d{1,5})x(\d{1,5})", re.ASCII)
 
+
 def parse_size(value: str) -> tuple[int, int]:
     """'auto' or 'WxH' -> (width, height); PydanticCustomError (-> 400, param 'size') otherwise."""
     if value == "auto":
@@ -88,14 +102,156 @@ def parse_edit_size(value: str | None) -> tuple[int, int] | None:
     return parse_size(value)
 
 
+def default_output_size(size: tuple[int, int], low: int = MIN_SIDE, high: int = MAX_SIDE,
+                        multiple: int = SIDE_MULTIPLE) -> tuple[int, int]:
+    """The first image's size, scaled (aspect kept) into [low, high] per side where it can be,
+    each side snapped to a multiple of `multiple`: what an edit makes when no size is asked."""
+    width, height = size
+    scale = min(1.0, high / max(width, height))
+    scale = max(scale, min(low / min(width, height), high / max(width, height)))
+    snapped = [min(high, max(low, round(side * scale / multiple) * multiple)) for side in (width, height)]
+    return snapped[0], snapped[1]
+
+
+def seeds(base: int, count: int) -> list[int]:
+    """The seeds of `count` images: base, base + 1, ... (wrapping within the seed range)."""
+    return [(base + i) % (MAX_SEED + 1) for i in range(count)]
+
+
+def random_seed() -> int:
+    """A seed for a request that gave none (OpenAI clients expect new images each time)."""
+    return secrets.randbelow(MAX_SEED + 1)
+
+
 class ErrorDetail(BaseModel):
     message: str
     type: str
     param: str | None = None
     code: str | None = None
 
+    @classmethod
+    def of(cls, exc: errors.ServerError) -> ErrorDetail:
+        """The wire form of one of the server's error values."""
+        return cls(message=exc.message, type=exc.type, param=exc.param, code=exc.code)
+
 
 class ErrorResponse(BaseModel):
     error: ErrorDetail
 
 
+
+
+# -- the field bases requests are made of -----------------------------------------------------
+
+SEED_DESCRIPTION = "Random seed for reproducibility."
+
+
+class PromptFields(BaseModel):
+    """What every request that makes an image says about it."""
+
+    prompt: str = Field(min_length=1, description="Image description.")
+    negative_prompt: str = Field(" ", description="Concepts to avoid.")
+    num_inference_steps: int = Field(20, ge=1, le=100, description="Denoising steps.")
+    true_cfg_scale: float = Field(4.0, ge=0.0, le=50.0, description="Classifier-free guidance scale.")
+    language: Language = Field("en", description="Adds the model card's quality suffix for en or zh.")
+    loras: list[LoraChoice] = LORAS
+    # No seed means a random one (OpenAI clients expect new images); the seed API's is 42.
+    seed: int | None = Field(None, ge=0, le=MAX_SEED, description=SEED_DESCRIPTION)
+
+    _not_blank = field_validator("prompt")(not_blank)
+
+    @property
+    def model_prompt(self) -> str:
+        """The prompt as the model sees it (language suffix included): OpenAI's revised_prompt."""
+        return with_suffix(self.prompt, self.language)
+
+    def output_size(self, first_input: tuple[int, int] | None = None) -> tuple[int, int]:
+        """(width, height) of the images: each kind of request has its rule (a preset, a size, an
+        edit's first input image)."""
+        raise NotImplementedError
+
+
+class NativeImageFields(BaseModel):
+    """The seed API's own image options: a fixed default seed, the info strip, a saved file."""
+
+    seed: int = Field(42, ge=0, le=MAX_SEED, description=SEED_DESCRIPTION)
+    save_to_file: bool = Field(False, description="Save under the output folder and answer JSON.")
+    add_overlay: bool = Field(True, description="Draw the info strip onto the image.")
+
+
+class EditFields(BaseModel):
+    """What an edit says besides its images and prompt."""
+
+    model: str | None = Field(None, description=(
+        "The model to edit with (see /v1/models); default: the first edit model."))
+    size: str | None = Field(None, description=(
+        "'WxH' (multiples of 16, 256-2048 per side) or 'auto'; default: the first image's size, "
+        "snapped to multiples of 16 within those bounds."))
+    strength: float = Field(1.0, gt=0.0, le=1.0, description=(
+        "Masked edits: how far the masked area may move from the original (1.0 repaints it; "
+        "lower keeps more of it). Ignored without a mask."))
+
+    @field_validator("size")
+    @classmethod
+    def _valid_size(cls, value: str | None) -> str | None:
+        parse_edit_size(value)
+        return value
+
+    def output_size(self, first_input: tuple[int, int] | None = None) -> tuple[int, int]:
+        """The size asked for, or the first input image's (snapped to what the models take)."""
+        asked = parse_edit_size(self.size)
+        if asked is not None:
+            return asked
+        assert first_input is not None, "an edit without a size takes the first image's"
+        return default_output_size(first_input)
+
+
+MASK_DESCRIPTION = "PNG the size of the first image; its transparent pixels are the area to change."
+
+
+class UploadFields(BaseModel):
+    """An edit's images as multipart files: `image` (repeated) or `image[]`, and a mask."""
+
+    image: list[UploadFile] = Field(default_factory=list, description="The image(s) to edit.")
+    image_list: list[UploadFile] = Field(default_factory=list, alias="image[]",
+                                         description="The images to edit, the array form (up to 3).")
+    mask: UploadFile | None = Field(None, description=MASK_DESCRIPTION)
+
+    @property
+    def images(self) -> list[UploadFile]:
+        return [*self.image, *self.image_list]
+
+
+MAX_IMAGES = 10  # OpenAI's bound on n
+MAX_PARTIAL_IMAGES = 3  # OpenAI's bound
+
+
+class OpenAIImageFields(BaseModel):
+    """OpenAI's output options, generations and edits alike. Those that steer OpenAI's own models
+    (quality, background, user) are accepted and echoed or ignored."""
+
+    n: int = Field(1, ge=1, le=MAX_IMAGES, description="Images to make, seeds seed, seed+1, ...")
+    response_format: Literal["b64_json", "url"] = "b64_json"
+    output_format: OutputFormat = "png"
+    output_compression: int | None = Field(None, ge=0, le=100, description="jpeg/webp quality; default 100.")
+    stream: bool = Field(False, description="Answer with Server-Sent Events, one per finished image.")
+    partial_images: int | None = Field(None, ge=0, le=MAX_PARTIAL_IMAGES, description=(
+        "With stream: true, partial images (full VAE decodes of the image so far) sent before each "
+        "image's completed event, spread over the steps; fewer when there are too few steps. "
+        "Without stream it is accepted and ignored, as OpenAI does."))
+    quality: str | None = None
+    background: str | None = None
+    user: str | None = None
+
+    def preview_plan(self) -> PreviewPlan | None:
+        """What `partial_images` asks of the engine: full decodes at that many steps, streams only."""
+        if not self.stream or not self.partial_images:
+            return None
+        return PreviewPlan("full", count=self.partial_images)
+
+
+def null_means_default(data: Any) -> Any:
+    """Validator (mode "before"): OpenAI's API treats an explicit null like an omitted parameter."""
+    if isinstance(data, dict):
+        return {key: value for key, value in data.items() if value is not None}
+    return data

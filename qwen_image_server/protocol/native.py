@@ -1,63 +1,37 @@
-"""Wire models: what clients send and get back. Validation lives here, nowhere else."""
+"""Wire models of the native API (the seed's /health, /info, /generate; /edit, jobs, LoRAs): what
+clients send and get back. Validation lives here and in `common.py`, nowhere else."""
 
 from __future__ import annotations
 
-import dataclasses
 from typing import Literal
 
-from fastapi import UploadFile
 from pydantic import BaseModel, ConfigDict, Field, field_validator
 
-from qwen_image_server.config.presets import (
-    ASPECT_RATIOS,
-    DEFAULT_ASPECT_RATIO,
-    AspectRatio,
-    Language,
-    with_suffix,
-)
-from qwen_image_server.engine.types import GenerationSpec, PreviewMode, PreviewPlan
+from qwen_image_server.config.presets import ASPECT_RATIOS, DEFAULT_ASPECT_RATIO, AspectRatio
+from qwen_image_server.engine.types import PreviewMode, PreviewPlan
 from qwen_image_server.job_state import FINAL_STATES, JobState
 from qwen_image_server.protocol.common import (
-    LORAS,
-    MAX_SEED,
+    MASK_DESCRIPTION,
+    EditFields,
     ErrorDetail,
-    LoraChoice,
+    NativeImageFields,
+    PromptFields,
+    UploadFields,
     json_list,
-    not_blank,
-    parse_edit_size,
 )
 
 
-class GenerateRequest(BaseModel):
+class GenerateRequest(NativeImageFields, PromptFields):
     """Body of POST /generate: the seed's parameters and defaults, exactly."""
 
     # strict: "20" is not a number of steps and 1 is not a boolean; ints are still fine as floats.
     model_config = ConfigDict(strict=True, extra="ignore")
 
-    prompt: str = Field(min_length=1, description="Image description.")
-    negative_prompt: str = Field(" ", description="Concepts to avoid.")
     aspect_ratio: AspectRatio = Field(DEFAULT_ASPECT_RATIO, description="Size preset, see /info.")
-    num_inference_steps: int = Field(20, ge=1, le=100, description="Denoising steps.")
-    true_cfg_scale: float = Field(4.0, ge=0.0, le=50.0, description="Classifier-free guidance scale.")
-    seed: int = Field(42, ge=0, le=MAX_SEED, description="Random seed for reproducibility.")
-    language: Language = Field("en", description="Adds the model card's quality suffix for en or zh.")
-    save_to_file: bool = Field(False, description="Save under the output folder and answer JSON.")
-    add_overlay: bool = Field(True, description="Draw the info strip onto the image.")
-    loras: list[LoraChoice] = LORAS
 
-    _not_blank = field_validator("prompt")(not_blank)
-
-    def to_spec(self) -> GenerationSpec:
-        width, height = ASPECT_RATIOS[self.aspect_ratio]
-        return GenerationSpec(
-            prompt=with_suffix(self.prompt, self.language),
-            negative_prompt=self.negative_prompt,
-            width=width,
-            height=height,
-            num_inference_steps=self.num_inference_steps,
-            true_cfg_scale=self.true_cfg_scale,
-            seed=self.seed,
-        )
+    def output_size(self, first_input: tuple[int, int] | None = None) -> tuple[int, int]:
+        """The aspect ratio preset's size."""
+        return ASPECT_RATIOS[self.aspect_ratio]
 
 
 # Steps between previews when a job asks for one without `preview_every`: latent previews cost
@@ -82,9 +56,6 @@ class PreviewOptions(BaseModel):
 
 class JobRequest(GenerateRequest, PreviewOptions):
     """Body of POST /v1/jobs: /generate's, plus live previews."""
-
-    def to_spec(self) -> GenerationSpec:
-        return dataclasses.replace(super().to_spec(), preview=self.preview_plan())
 
 
 class JobPreview(BaseModel):
@@ -294,46 +265,12 @@ class JobStatus(BaseModel):
 
 # -- editing (/edit, /v1/jobs/edit) ---------------------------------------------------------
 
-_GEN = GenerateRequest.model_fields
-EDIT_STRENGTH = Field(1.0, gt=0.0, le=1.0, description=(
-    "Masked edits: how far the masked area may move from the original (1.0 repaints it; "
-    "lower keeps more of it). Ignored without a mask."))
-EDIT_SIZE = Field(None, description=(
-    "'WxH' (multiples of 16, 256-2048 per side) or 'auto'; default: the first image's size, "
-    "snapped to multiples of 16 within those bounds."))
-EDIT_MODEL = Field(None, description="The model to edit with (see /v1/models); default: the first edit model.")
-
-
-class EditParameters(PreviewOptions):
+class EditParameters(PreviewOptions, EditFields, NativeImageFields, PromptFields):
     """/edit's parameters besides the images: /generate's (no aspect_ratio: the size follows the
     first image), plus model, size and strength; and for /v1/jobs/edit, previews (/edit, which
     answers with the finished image, ignores them)."""
 
-    prompt: str = _GEN["prompt"]
-    negative_prompt: str = _GEN["negative_prompt"]
-    num_inference_steps: int = _GEN["num_inference_steps"]
-    true_cfg_scale: float = _GEN["true_cfg_scale"]
-    seed: int = _GEN["seed"]
-    language: Language = _GEN["language"]
-    save_to_file: bool = _GEN["save_to_file"]
-    add_overlay: bool = _GEN["add_overlay"]
-    model: str | None = EDIT_MODEL
-    size: str | None = EDIT_SIZE
-    strength: float = EDIT_STRENGTH
-    loras: list[LoraChoice] = LORAS
-
-    _not_blank = field_validator("prompt")(not_blank)
     _loras_as_json = field_validator("loras", mode="before")(json_list)
-
-    @field_validator("size")
-    @classmethod
-    def _valid_size(cls, value: str | None) -> str | None:
-        parse_edit_size(value)
-        return value
-
-    @property
-    def model_prompt(self) -> str:
-        return with_suffix(self.prompt, self.language)
 
 
 class EditRequest(EditParameters):
@@ -343,16 +280,10 @@ class EditRequest(EditParameters):
 
     images: list[str] = Field(min_length=1, description="Input images as base64 (PNG, JPEG, WebP, ...); "
                               "1 for Qwen-Image-Edit, up to 3 for Edit-2509/2511.")
-    mask: str | None = Field(None, description="Base64 PNG the size of the first image; its transparent "
-                             "pixels are the area to change.")
+    mask: str | None = Field(None, description="Base64 " + MASK_DESCRIPTION)
 
 
-class EditForm(EditParameters):
+class EditForm(UploadFields, EditParameters):
     """multipart/form-data body of POST /edit: the images as files (`image`, repeated, or `image[]`)."""
 
     model_config = ConfigDict(extra="ignore")
-
-    image: list[UploadFile] = Field(default_factory=list, description="Input image file(s).")
-    image_list: list[UploadFile] = Field(default_factory=list, alias="image[]",
-                                         description="Input image files, the array form.")
-    mask: UploadFile | None = Field(None, description="PNG mask: transparent pixels are the area to change.")

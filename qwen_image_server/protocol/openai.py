@@ -2,96 +2,46 @@
 
 Field names and shapes follow OpenAI's Images API (and the `openai` package's types), so the
 official clients work unchanged. Qwen-Image's own knobs (steps, CFG, seed, ...) come in as extra
-body fields and reuse `GenerateRequest`'s definitions, so both APIs validate them the same way.
+body fields, declared once in `common.py` for both APIs, so both validate them the same way.
 """
 
 from __future__ import annotations
 
 from collections.abc import Sequence
-from typing import Any, Literal
+from typing import Literal
 
-from fastapi import UploadFile
 from pydantic import BaseModel, ConfigDict, Field, field_validator, model_validator
 
-from qwen_image_server.config.presets import (
-    ASPECT_RATIOS,
-    AspectRatio,
-    Language,
-    with_suffix,
-)
-from qwen_image_server.engine.types import GenerationSpec, PreviewPlan
+from qwen_image_server.config.presets import ASPECT_RATIOS, AspectRatio
 from qwen_image_server.protocol.common import (
-    LORAS,
-    MAX_SEED,
     SIDE_MULTIPLE,
+    EditFields,
     LoraChoice,
+    OpenAIImageFields,
     OutputFormat,
+    PromptFields,
+    UploadFields,
     json_list,
-    not_blank,
-    parse_edit_size,
+    null_means_default,
     parse_size,
 )
-from qwen_image_server.protocol.native import GenerateRequest
 
-MAX_IMAGES = 10  # OpenAI's bound on n
-_NATIVE = GenerateRequest.model_fields
-MAX_PARTIAL_IMAGES = 3  # OpenAI's bound
-PARTIAL_IMAGES = Field(None, ge=0, le=MAX_PARTIAL_IMAGES, description=(
-    "With stream: true, partial images (full VAE decodes of the image so far) sent before each "
-    "image's completed event, spread over the steps; fewer when there are too few steps. "
-    "Without stream it is accepted and ignored, as OpenAI does."))
-
-
-def preview_plan(stream: bool, partial_images: int | None) -> PreviewPlan | None:
-    """What `partial_images` asks of the engine: full decodes at that many steps, streams only."""
-    if not stream or not partial_images:
-        return None
-    return PreviewPlan("full", count=partial_images)
-
-
-class ImageGenerationRequest(BaseModel):
-    """Body of POST /v1/images/generations: OpenAI's fields plus Qwen-Image's extras."""
+class ImageGenerationRequest(OpenAIImageFields, PromptFields):
+    """Body of POST /v1/images/generations: OpenAI's fields plus Qwen-Image's extras (`extra_body`),
+    which are /generate's and validated the same way."""
 
     # Strict like /generate ("2" is not a number); unknown fields are ignored, as OpenAI clients
     # send parameters (svg, safety_identifier, ...) that mean nothing for this model.
     model_config = ConfigDict(strict=True, extra="ignore")
 
-    # -- OpenAI's parameters ----------------------------------------------------------------
-    prompt: str = _NATIVE["prompt"]
     model: str | None = Field(None, description="Accepted for compatibility; the served model answers.")
-    n: int = Field(1, ge=1, le=MAX_IMAGES, description="Images to generate, seeds seed, seed+1, ...")
     size: str = Field("auto", description="'WxH' (multiples of 16, 256-2048 per side) or 'auto' (1328x1328).")
-    response_format: Literal["b64_json", "url"] = "b64_json"
-    output_format: OutputFormat = "png"
-    output_compression: int | None = Field(None, ge=0, le=100, description="jpeg/webp quality; default 100.")
-    stream: bool = Field(False, description="Answer with Server-Sent Events, one per finished image.")
-    partial_images: int | None = PARTIAL_IMAGES
     # Accepted and ignored: they steer OpenAI's own models and have no Qwen-Image equivalent.
-    quality: str | None = None
     style: str | None = None
-    user: str | None = None
-    background: str | None = None
     moderation: str | None = None
-
-    # -- Qwen-Image's extras (extra_body), validated exactly as /generate does ---------------
-    negative_prompt: str = _NATIVE["negative_prompt"]
-    num_inference_steps: int = _NATIVE["num_inference_steps"]
-    true_cfg_scale: float = _NATIVE["true_cfg_scale"]
-    # Unlike /generate (seed 42), no seed means a random one: OpenAI clients expect new images.
-    seed: int | None = Field(None, ge=0, le=MAX_SEED, description=_NATIVE["seed"].description)
-    language: Language = _NATIVE["language"]
     aspect_ratio: AspectRatio | None = Field(None, description="A size preset (see /info); overrides size.")
-    loras: list[LoraChoice] = LORAS
 
-    @model_validator(mode="before")
-    @classmethod
-    def _null_means_default(cls, data: Any) -> Any:
-        # OpenAI's API treats an explicit null like an omitted parameter; so do we.
-        if isinstance(data, dict):
-            return {key: value for key, value in data.items() if value is not None}
-        return data
-
-    _not_blank = field_validator("prompt")(not_blank)
+    _null_means_default = model_validator(mode="before")(null_means_default)
 
     @field_validator("size")
     @classmethod
@@ -99,37 +49,11 @@ class ImageGenerationRequest(BaseModel):
         parse_size(value)
         return value
 
-    @property
-    def dimensions(self) -> tuple[int, int]:
+    def output_size(self, first_input: tuple[int, int] | None = None) -> tuple[int, int]:
         """(width, height) to generate: the aspect_ratio preset if given, else size."""
         if self.aspect_ratio is not None:
             return ASPECT_RATIOS[self.aspect_ratio]
         return parse_size(self.size)
-
-    @property
-    def model_prompt(self) -> str:
-        """The prompt as the model sees it (language suffix included): OpenAI's revised_prompt."""
-        return with_suffix(self.prompt, self.language)
-
-    def to_specs(self, base_seed: int) -> list[GenerationSpec]:
-        """One spec per image; image i gets seed base_seed + i (wrapping within the seed range).
-
-        The specs differ only in seed, so they share a batch key and the scheduler batches them.
-        """
-        width, height = self.dimensions
-        return [
-            GenerationSpec(
-                prompt=self.model_prompt,
-                negative_prompt=self.negative_prompt,
-                width=width,
-                height=height,
-                num_inference_steps=self.num_inference_steps,
-                true_cfg_scale=self.true_cfg_scale,
-                seed=(base_seed + i) % (MAX_SEED + 1),
-                preview=preview_plan(self.stream, self.partial_images),
-            )
-            for i in range(self.n)
-        ]
 
 
 class ImageData(BaseModel):
@@ -218,41 +142,13 @@ class ModelList(BaseModel):
 
 # -- /v1/images/edits -----------------------------------------------------------------------
 
-class ImageEditForm(BaseModel):
+class ImageEditForm(UploadFields, OpenAIImageFields, EditFields, PromptFields):
     """multipart/form-data body of POST /v1/images/edits: OpenAI's fields plus Qwen-Image's extras
     (form fields, as `extra_body` sends them)."""
 
     model_config = ConfigDict(extra="ignore")
 
-    # -- OpenAI's parameters ----------------------------------------------------------------
-    image: list[UploadFile] = Field(default_factory=list, description="The image(s) to edit.")
-    image_list: list[UploadFile] = Field(default_factory=list, alias="image[]",
-                                         description="The images to edit, the array form (up to 3).")
-    mask: UploadFile | None = Field(None, description="PNG the size of the first image; transparent pixels "
-                                    "are the area to change.")
-    prompt: str = _NATIVE["prompt"]
-    model: str | None = Field(None, description="The model to edit with; default: the first edit model.")
-    n: int = Field(1, ge=1, le=MAX_IMAGES, description="Images to make, seeds seed, seed+1, ...")
-    size: str | None = Field(None, description="'WxH' (multiples of 16, 256-2048 per side) or 'auto' "
-                             "(the first image's size, snapped to multiples of 16).")
-    response_format: Literal["b64_json", "url"] = "b64_json"
-    output_format: OutputFormat = "png"
-    output_compression: int | None = Field(None, ge=0, le=100, description="jpeg/webp quality; default 100.")
-    stream: bool = Field(False, description="Answer with Server-Sent Events, one per finished image.")
-    partial_images: int | None = PARTIAL_IMAGES
-    quality: str | None = None
-    background: str | None = None
-    input_fidelity: str | None = None
-    user: str | None = None
-
-    # -- Qwen-Image's extras ----------------------------------------------------------------
-    negative_prompt: str = _NATIVE["negative_prompt"]
-    num_inference_steps: int = _NATIVE["num_inference_steps"]
-    true_cfg_scale: float = _NATIVE["true_cfg_scale"]
-    seed: int | None = Field(None, ge=0, le=MAX_SEED, description=_NATIVE["seed"].description)
-    language: Language = _NATIVE["language"]
-    strength: float = Field(1.0, gt=0.0, le=1.0, description="Masked edits: 1.0 repaints the masked area, "
-                            "lower keeps more of it.")
+    input_fidelity: str | None = None  # accepted and ignored, as quality and background are
     loras: list[LoraChoice] = Field(default_factory=list, description=(
         'LoRAs to apply, as JSON text ([{"name": "watercolor", "scale": 0.8}]); the openai client\'s '
         "extra_body={'loras': [...]} sends the loras[][name] / loras[][scale] fields instead."))
@@ -260,7 +156,6 @@ class ImageEditForm(BaseModel):
     lora_names: list[str] = Field(default_factory=list, alias="loras[][name]", exclude=True)
     lora_scales: list[float] = Field(default_factory=list, alias="loras[][scale]", exclude=True)
 
-    _not_blank = field_validator("prompt")(not_blank)
     _loras_as_json = field_validator("loras", mode="before")(json_list)
 
     @model_validator(mode="after")
@@ -275,20 +170,6 @@ class ImageEditForm(BaseModel):
         self.loras = [LoraChoice.model_validate({"name": name, "scale": scale}, strict=False)
                       for name, scale in zip(self.lora_names, scales, strict=True)]
         return self
-
-    @field_validator("size")
-    @classmethod
-    def _valid_size(cls, value: str | None) -> str | None:
-        parse_edit_size(value)
-        return value
-
-    @property
-    def model_prompt(self) -> str:
-        return with_suffix(self.prompt, self.language)
-
-    @property
-    def images(self) -> list[UploadFile]:
-        return [*self.image, *self.image_list]
 
 
 class ImageEditCompletedEvent(ImageStreamEvent):

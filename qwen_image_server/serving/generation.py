@@ -1,18 +1,17 @@
 """One request's path, the same for every API and the CLI: defaults, checks, submit, wait, render.
 
-`/generate`, `/edit`, the OpenAI routes, the jobs API and `qwen-image generate|edit` all turn their
-request into `GenerationSpec`s (or `EditSpec`s) and go through `Generation`: the model is picked by
-name or task, uploads are decoded and checked on the CPU pool, the server's defaults fill what the
-client left out,
-prompts longer than the model reads are refused, the specs are queued together (or not at all),
-their results awaited (cancelling them when the client leaves) and rendered on the CPU pool.
-Nothing here knows about HTTP: a caller that can notice its client leaving passes `gone`.
+`/generate`, `/edit`, the OpenAI routes, the jobs API and `qwen-image generate|edit` all parse
+their request, then `prepare` it (the server's defaults fill what the client left out, the model
+is picked by name or task, LoRAs and uploads are checked on the CPU pool, one spec per image),
+`submit` it (prompts longer than the model reads are refused; the specs are queued together, or
+not at all), `wait` for its results (cancelling them when the client leaves) and `render` them on
+the CPU pool. Nothing here knows about HTTP: a caller that can notice its client leaving passes
+`gone`.
 """
 
 from __future__ import annotations
 
 import asyncio
-import dataclasses
 import functools
 import itertools
 import logging
@@ -22,15 +21,12 @@ from contextlib import aclosing
 from dataclasses import dataclass
 from datetime import datetime
 from pathlib import Path
-from typing import Any, Protocol, TypeVar
+from typing import Any, Generic, TypeVar
 
 from PIL import Image
-from pydantic import BaseModel
 
 from qwen_image_server import errors
-from qwen_image_server.config.model_list import EMBEDDED
 from qwen_image_server.config.settings import Settings
-from qwen_image_server.engine.contract import facts_of
 from qwen_image_server.engine.device import DeviceInfo
 from qwen_image_server.engine.loaded import LoadedModel
 from qwen_image_server.engine.lora_library import LoraLibrary
@@ -43,18 +39,17 @@ from qwen_image_server.engine.types import (
     Task,
     normalise_loras,
 )
-from qwen_image_server.job_state import JobEvent
 from qwen_image_server.protocol.common import (
-    MAX_SIDE,
-    MIN_SIDE,
-    SIDE_MULTIPLE,
     LoraChoice,
     OutputFormat,
-    parse_edit_size,
+    PromptFields,
+    random_seed,
+    seeds,
 )
-from qwen_image_server.protocol.native import EditRequest, GenerateRequest
 from qwen_image_server.scheduler import Job, JobResult, Scheduler
 from qwen_image_server.serving.defaults import GenerationDefaults
+from qwen_image_server.serving.model_registry import ModelChoice, ModelRegistry
+from qwen_image_server.serving.preview_mailbox import LatestPreviews, PreviewWatch
 from qwen_image_server.serving.prompt_tokens import (
     check_prompt_tokens,
     might_exceed,
@@ -71,10 +66,10 @@ from qwen_image_server.serving.render import (
     render_preview,
     save_atomically,
 )
+from qwen_image_server.serving.specs import build_specs
 from qwen_image_server.serving.uploads import (
     EditInputs,
     Upload,
-    default_output_size,
     read_edit_inputs,
 )
 
@@ -85,36 +80,18 @@ T = TypeVar("T")
 ClientGone = Callable[[], Awaitable[None]]
 
 
-B = TypeVar("B", bound=BaseModel)  # a request body with num_inference_steps and true_cfg_scale
-
-
-# OpenAI's own model names: code written for OpenAI sends them; they mean "the server's model for
-# this task" rather than a 404.
-_OPENAI_MODEL_PREFIXES = ("gpt-image", "dall-e")
-# Tasks of the embedded models, known before they load.
-_EMBEDDED_TASKS: dict[str, Task] = dict(zip(EMBEDDED, ("generate", "edit"), strict=True))
-
-
-class EditParams(Protocol):
-    """What an edit request says besides its images (/edit's and OpenAI's bodies both do)."""
-
-    negative_prompt: str
-    num_inference_steps: int
-    true_cfg_scale: float
-    strength: float
-    size: str | None
-
-    @property
-    def model_prompt(self) -> str: ...
+B = TypeVar("B", bound=PromptFields)  # a request body: what to make, and its size rule
 
 
 @dataclass(frozen=True, slots=True)
-class ModelChoice:
-    """The model a request runs on."""
+class Prepared(Generic[B]):
+    """A request ready to queue: its id, its body with the server's defaults, its model, its specs."""
 
-    name: str  # "" while the models load and the request named none: the first for its task
-    max_images: int  # input images it takes (edits)
-    one_prompt_per_call: bool  # QwenImageEditPlusPipeline: batches only one prompt's seeds
+    request_id: int
+    body: B
+    model: ModelChoice
+    specs: list[GenerationSpec]
+    inputs: EditInputs | None = None  # an edit's decoded images
 
 
 @dataclass(frozen=True, slots=True)
@@ -139,100 +116,33 @@ class Generation:
         self.scheduler = scheduler
         self.executor = executor
         self.defaults = GenerationDefaults.from_settings(settings)
+        self.models = ModelRegistry(settings, scheduler)
         self._request_ids = itertools.count(1)
-        self._loras = LoraLibrary.from_settings(settings)  # until the engine's own is loaded
 
     @property
     def loras(self) -> LoraLibrary:
-        """The LoRA library: the engine's once loaded (it knows what is resident and unusable)."""
-        return facts_of(self.scheduler.engine).loras or self._loras
+        """The LoRA library requests name their LoRAs from (see ModelRegistry.loras)."""
+        return self.models.loras
 
     @property
     def model(self) -> LoadedModel | None:
-        """The loaded model (None while it loads, or with an engine that has none)."""
-        return facts_of(self.scheduler.engine).model
+        """The first loaded model (None while it loads, or with an engine that has none)."""
+        return self.models.model
 
-    @property
-    def models(self) -> list[LoadedModel]:
-        """Every loaded model, the first first (empty while they load)."""
-        return list(facts_of(self.scheduler.engine).models)
-
-    def model_tasks(self) -> dict[str, Task | None]:
-        """Public name -> task of every configured model (None: not known until it loads)."""
-        loaded = {model.name: model.task for model in self.models}
-        if loaded:
-            return dict(loaded)
-        return {ref.name: _EMBEDDED_TASKS.get(ref.source) for ref in self.settings.models}
-
-    def pick_model(self, requested: str | None, task: Task) -> ModelChoice:
-        """The model named (404 `model_not_found` for a name this server does not serve; 400 when
-        it cannot do `task`), or the first that can; 400 naming `model` when none can."""
-        tasks = self.model_tasks()
-        if requested is not None and requested.startswith(_OPENAI_MODEL_PREFIXES):
-            requested = None
-        if requested is not None and requested not in tasks:
-            raise errors.NotFound(
-                f"The model '{requested}' does not exist; this server serves {_listing(tasks)}.",
-                param="model", code="model_not_found")
-        able = [name for name, can in tasks.items() if can == task]
-        if requested is None:
-            if not able and None in tasks.values():
-                return ModelChoice("", 3, True)  # still loading: the engine picks
-            if not able:
-                raise errors.InvalidRequest(
-                    f"This server has no {_TASK_MODELS[task]}; it serves {_listing(tasks)}. Start it "
-                    f"with one in QWEN_IMAGE_MODEL (e.g. {_EXAMPLES[task]}).",
-                    param="model", code="model_cannot_do_task")
-            requested = able[0]
-        elif tasks[requested] not in (task, None):
-            others = f"use one of: {', '.join(able)}" if able else f"this server has no {_TASK_MODELS[task]}"
-            raise errors.InvalidRequest(
-                f"The model '{requested}' {_DOES[tasks[requested]]}, it cannot {task}; {others}.",
-                param="model", code="model_cannot_do_task")
-        loaded = {model.name: model for model in self.models}.get(requested)
-        if loaded is None:
-            return ModelChoice(requested, 3, True)
-        return ModelChoice(requested, loaded.max_images,
-                           loaded.pipeline_class == "QwenImageEditPlusPipeline")
-
-    def edit_specs(self, body: EditParams, inputs: EditInputs, model: ModelChoice,
-                   seeds: Sequence[int], loras: LoraSet = (),
-                   preview: PreviewPlan | None = None) -> list[EditSpec]:
-        """One EditSpec per seed: the body's parameters on the decoded inputs, at the asked size
-        or the first image's (snapped to what the models take), with `preview`'s previews."""
-        width, height = parse_edit_size(body.size) or default_output_size(
-            inputs.first_size, MIN_SIDE, MAX_SIDE, SIDE_MULTIPLE)
-        return [
-            EditSpec(
-                prompt=body.model_prompt,
-                negative_prompt=body.negative_prompt,
-                width=width,
-                height=height,
-                num_inference_steps=body.num_inference_steps,
-                true_cfg_scale=body.true_cfg_scale,
-                seed=seed,
-                model=model.name,
-                images=inputs.images,
-                mask=inputs.mask,
-                strength=body.strength if inputs.mask is not None else 1.0,
-                inputs_digest=inputs.digest,
-                one_prompt_per_call=model.one_prompt_per_call,
-                loras=loras,
-                preview=preview,
-            )
-            for seed in seeds
-        ]
-
-    async def native_edit(self, body: EditRequest, images: Sequence[Upload],
-                          mask: Upload | None) -> tuple[EditRequest, EditSpec]:
-        """The one spec of a native edit (/edit, /v1/jobs/edit): defaults filled in, the model
-        picked, the uploads read; returns the completed body too."""
+    async def prepare(self, body: B, task: Task, *, model: str | None = None, images: Sequence[Upload] = (),
+                      mask: Upload | None = None, n: int = 1, preview: PreviewPlan | None = None) -> Prepared[B]:
+        """Every route's and the CLI's one way from a parsed body to specs: a request id, the
+        server's defaults, the model (`model` named, or the first for `task`), the LoRAs checked,
+        an edit's uploads decoded and checked, one spec per image (`n`, seeds from the body's
+        seed or a random one) with `preview`'s previews. Raises the request's 4xx error."""
+        request_id = self.next_request_id()
         body = self.with_defaults(body)
-        model = self.pick_model(body.model, "edit")
-        loras = await self.check_loras(body.loras, model)
-        inputs = await self.read_edit_inputs(images, mask, model)
-        [spec] = self.edit_specs(body, inputs, model, [body.seed], loras)
-        return body, spec
+        choice = self.models.pick(model, task)
+        loras = await self.check_loras(body.loras, choice)
+        inputs = await self.read_edit_inputs(images, mask, choice) if task == "edit" else None
+        base = body.seed if body.seed is not None else random_seed()
+        specs = build_specs(body, model=choice, loras=loras, seeds=seeds(base, n), inputs=inputs, preview=preview)
+        return Prepared(request_id, body, choice, specs, inputs)
 
     async def read_edit_inputs(self, images: Sequence[Upload], mask: Upload | None,
                                model: ModelChoice) -> EditInputs:
@@ -261,7 +171,7 @@ class Generation:
         (they differ from the API's 20 / 4.0 only with a Lightning LoRA or explicit settings). A
         Lightning LoRA named in the request sets them for this request: its step count, no CFG."""
         steps, cfg = self.defaults.num_inference_steps, self.defaults.true_cfg_scale
-        named = normalise_loras((choice.name, choice.scale) for choice in getattr(body, "loras", ()))
+        named = normalise_loras((choice.name, choice.scale) for choice in body.loras)
         lightning = self.loras.lightning_steps(named) if named else None
         if lightning is not None:
             steps, cfg = lightning, 1.0
@@ -299,29 +209,14 @@ class Generation:
                 raise errors.LoraUnusable(problem, param=param)
         return normalise_loras((choice.name, choice.scale) for choice in choices)
 
-    async def generate_spec(self, body: GenerateRequest) -> GenerationSpec:
-        """The spec of a native generation (/generate, /v1/jobs, `qwen-image generate`): the
-        body (defaults already filled in) on the first generation model, its LoRAs checked."""
-        model = self.pick_model(None, "generate")
-        return dataclasses.replace(body.to_spec(), model=model.name,
-                                   loras=await self.check_loras(body.loras, model))
-
-    def loading_lora(self, job: Job) -> str | None:
-        """The LoRA the engine is loading for this running job right now, if any."""
-        engine = self.scheduler.engine if job.engine is None else self.scheduler.engine_at(job.engine)
-        loading = facts_of(engine).loading_loras
-        if not loading or not job.spec.loras:
-            return None
-        names = {name for name, _ in job.spec.loras}
-        return next((name for name in loading.values() if name in names), None)
-
     # -- checks and submitting --------------------------------------------------------------
 
-    async def submit(self, specs: Sequence[GenerationSpec], request_id: int) -> list[Job]:
+    async def submit(self, prepared: Prepared[Any]) -> list[Job]:
         """Check the prompts' length, then queue every spec of one request together (or none)."""
+        specs = prepared.specs
         for spec in {(s.prompt, s.negative_prompt): s for s in specs}.values():
             await self.check_prompt_length(spec)
-        return self.scheduler.submit_many(specs, request_id)
+        return self.scheduler.submit_many(specs, prepared.request_id)
 
     async def check_prompt_length(self, spec: GenerationSpec) -> None:
         """400 `invalid_request_error` (param prompt / negative_prompt) when either is longer than
@@ -459,52 +354,9 @@ class Generation:
         data = await self.in_pool(render_preview, preview.image, size, output_format, compression, _kept(job))
         return Rendered(data, MEDIA_TYPES[output_format], size[0], size[1], round(preview.seconds, 3), None)
 
-    def preview_feed(self, jobs: Sequence[Job]) -> PreviewFeed:
-        """The previews of `jobs` as they come (close it when done)."""
-        return PreviewFeed(self.scheduler, jobs, asyncio.get_running_loop())
-
-
-class PreviewFeed:
-    """The newest unread preview of each of some jobs: the engine thread drops them in, the event
-    loop takes them. A reader that falls behind gets the newest, never a backlog."""
-
-    def __init__(self, scheduler: Scheduler, jobs: Sequence[Job], loop: asyncio.AbstractEventLoop) -> None:
-        self._scheduler = scheduler
-        self._loop = loop
-        self._latest: dict[int, Preview] = {}
-        self.ready = asyncio.Event()
-        self._listeners = [(job, functools.partial(self._heard, index)) for index, job in enumerate(jobs)]
-        for job, listener in self._listeners:
-            scheduler.add_listener(job, listener)
-
-    def _heard(self, index: int, job: Job, event: JobEvent) -> None:  # engine thread
-        if event is JobEvent.PREVIEW and job.preview is not None:
-            self._loop.call_soon_threadsafe(self._put, index, job.preview)
-
-    def _put(self, index: int, preview: Preview) -> None:
-        self._latest[index] = preview
-        self.ready.set()
-
-    def take(self) -> list[tuple[int, Preview]]:
-        """The unread previews, by job index; none are unread afterwards."""
-        taken = sorted(self._latest.items(), key=lambda item: item[0])
-        self._latest.clear()
-        self.ready.clear()
-        return taken
-
-    def close(self) -> None:
-        for job, listener in self._listeners:
-            self._scheduler.remove_listener(job, listener)
-
-
-_TASK_MODELS = {"generate": "generation model", "edit": "edit model"}
-_DOES = {"generate": "generates images", "edit": "edits images", None: "is loading"}
-_EXAMPLES = {"generate": "QWEN_IMAGE_MODEL=Qwen/Qwen-Image,Qwen/Qwen-Image-Edit-2509",
-             "edit": "QWEN_IMAGE_MODEL=Qwen/Qwen-Image,Qwen/Qwen-Image-Edit-2509"}
-
-
-def _listing(tasks: dict[str, Task | None]) -> str:
-    return ", ".join(f"'{name}' ({task or 'loading'})" for name, task in tasks.items())
+    def watch_previews(self, jobs: Sequence[Job]) -> PreviewWatch:
+        """The previews of `jobs` as they come, newest only (close it when done)."""
+        return PreviewWatch(self.scheduler, jobs, LatestPreviews(asyncio.get_running_loop()))
 
 
 def _lora_listing(known: dict[str, object]) -> str:

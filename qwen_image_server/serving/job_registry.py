@@ -1,32 +1,46 @@
-"""The jobs API's records: each accepted async job, its result id or error, its SSE subscribers.
+"""Async jobs: each accepted job, from queued to its stored image or its error, and the events its
+subscribers hear. HTTP-free: the jobs routes parse, call this, and format what it answers.
 
-Lives on the event loop (only `publish` is reached from other threads, via call_soon_threadsafe).
+A job outlives the request that created it: a background task awaits the scheduler's result,
+renders the image and keeps it in the result store. Every change (queue position, start, each
+denoising step, each preview the job asked for, the end) is pushed to the job's subscribers; a
+late subscriber gets the current state first, then the newest preview. Previews are encoded on
+the CPU pool, once, when a subscriber reads them; one that falls behind skips to the newest, so
+a slow client never holds up the engine or piles up images. Finished jobs are forgotten after
+`ttl_s`, and at most `max_finished` of them are kept, so memory stays bounded under load.
+
+Lives on the event loop; the scheduler's threads reach it only through `call_soon_threadsafe`.
 """
 
 from __future__ import annotations
 
 import asyncio
+import logging
 import time
 from collections import OrderedDict
-from collections.abc import Awaitable, Callable
+from collections.abc import AsyncIterator, Awaitable, Callable
 from dataclasses import dataclass, field
+from typing import Any
 
 from qwen_image_server import errors
 from qwen_image_server.engine.types import Preview
 from qwen_image_server.job_state import JobEvent, JobState
-from qwen_image_server.protocol.common import ErrorDetail
-from qwen_image_server.protocol.native import (
-    EditParameters,
-    GenerateRequest,
-    JobPreview,
-)
+from qwen_image_server.protocol.common import ErrorDetail, NativeImageFields
+from qwen_image_server.protocol.native import JobPreview, JobProgress, JobStatus
 from qwen_image_server.scheduler import Job
+from qwen_image_server.scheduler.jobs import final_state
+from qwen_image_server.serving.generation import Generation, Prepared
+from qwen_image_server.serving.preview_mailbox import LatestPreviews
+from qwen_image_server.serving.render import b64
+from qwen_image_server.serving.results import ResultStore, StoredImage
+
+log = logging.getLogger(__name__)
 
 
 @dataclass(eq=False)
 class Subscriber:
-    """One SSE client of a job: its events in order, with at most one preview notice waiting
-    (when it is read, the record's newest preview is sent; older unread ones are skipped)."""
+    """One client of a job's events: in order, with at most one preview notice waiting (when it
+    is read, the job's newest preview is sent; older unread ones are skipped)."""
 
     queue: asyncio.Queue[tuple[JobEvent, int]] = field(default_factory=asyncio.Queue)
     preview_waiting: bool = False
@@ -34,47 +48,69 @@ class Subscriber:
 
 @dataclass(eq=False)
 class JobRecord:
-    """The API's view of one job: the scheduler job plus what the client will fetch."""
+    """One job as its clients see it: the scheduler's job, plus its stored image or its error."""
 
     job: Job
-    body: GenerateRequest | EditParameters  # what it was asked with (add_overlay, save_to_file)
+    body: NativeImageFields  # what it was asked with (add_overlay, save_to_file)
     created_at: float  # unix time
-    image_id: str | None = None
+    previews: LatestPreviews
+    image_id: str | None = None  # in the result store, once rendered
     file_path: str | None = None
     inference_time: float | None = None
-    error: ErrorDetail | None = None
+    render_error: ErrorDetail | None = None  # the image was made but could not be rendered
     finished_monotonic: float | None = None
     subscribers: set[Subscriber] = field(default_factory=set)
-    preview: Preview | None = None  # the newest, once the engine made one
     # The newest preview's encoding, shared by every subscriber and made once.
     _encoding: tuple[Preview, asyncio.Future[JobPreview]] | None = None
 
+    @classmethod
+    def create(cls, job: Job, body: NativeImageFields, loop: asyncio.AbstractEventLoop) -> JobRecord:
+        """A record for a job just queued; its previews wake its subscribers as they come."""
+        previews = LatestPreviews(loop)
+        record = cls(job=job, body=body, created_at=time.time(), previews=previews)
+        previews.on_new = lambda _, preview: record.publish(JobEvent.PREVIEW, preview.step)
+        return record
+
     @property
     def status(self) -> JobState:
-        # Final only once the PNG is stored (or the error recorded), so GET .../image never races
-        # the event: the scheduler's job is done a moment before the API's record is.
+        """The scheduler's state of the job, except that a job whose image is made is still
+        running until the image is stored, so GET .../image never races the final event."""
+        if self.render_error is not None:
+            return JobState.FAILED
         if self.image_id is not None:
             return JobState.SUCCEEDED
-        if self.error is not None:
-            return JobState.CANCELLED if self.error.type == errors.JobCancelled.type else JobState.FAILED
+        failure = self._failure()
+        if failure is not None:
+            return final_state(failure)
         return JobState.QUEUED if self.job.state is JobState.QUEUED else JobState.RUNNING
 
-    def fail(self, exc: errors.ServerError) -> None:
-        self.error = ErrorDetail(message=exc.message, type=exc.type, param=exc.param, code=exc.code)
+    @property
+    def error(self) -> ErrorDetail | None:
+        if self.render_error is not None:
+            return self.render_error
+        failure = self._failure()
+        return ErrorDetail.of(failure) if failure is not None else None
+
+    def _failure(self) -> errors.ServerError | None:
+        future = self.job.future
+        if not future.done():
+            return None
+        failure = future.exception()
+        return failure if isinstance(failure, errors.ServerError) else None
+
+    @property
+    def preview(self) -> Preview | None:
+        """The newest preview, once the engine made one."""
+        return self.previews.newest()
 
     def publish(self, event: JobEvent, step: int) -> None:
-        """Wake every SSE subscriber (called on the event loop)."""
+        """Wake every subscriber (on the event loop)."""
         for subscriber in self.subscribers:
             if event is JobEvent.PREVIEW:
                 if subscriber.preview_waiting:
                     continue  # it will read the newest preview anyway
                 subscriber.preview_waiting = True
             subscriber.queue.put_nowait((event, step))
-
-    def new_preview(self, preview: Preview) -> None:
-        """Keep the engine's newest preview and tell the subscribers (on the event loop)."""
-        self.preview = preview
-        self.publish(JobEvent.PREVIEW, preview.step)
 
     async def encoded_preview(self, encode: Callable[[Preview], Awaitable[JobPreview]]) -> JobPreview | None:
         """The newest preview as sent, encoded once however many subscribers ask."""
@@ -86,19 +122,143 @@ class JobRecord:
         # Shielded: a subscriber leaving must not cancel the encoding the others wait for.
         return await asyncio.shield(self._encoding[1])
 
+    async def events(self, status: Callable[[], JobStatus], encode: Callable[[Preview], Awaitable[JobPreview]],
+                     ) -> AsyncIterator[tuple[JobEvent, JobStatus | JobPreview]]:
+        """What one subscriber hears, in order: the current state (and the newest preview), then
+        queued (when its place moves), started, step, preview, and the end. `status()` is the
+        job's status as the client sees it now; `encode` makes a preview's wire form."""
+        subscriber = Subscriber()
+        self.subscribers.add(subscriber)
+        try:
+            current = self.status
+            first = status()
+            yield JobEvent.entering(current), first
+            if current.final:
+                return
+            if self.preview is not None and not subscriber.preview_waiting:
+                subscriber.preview_waiting = True  # a newer one arriving now is sent in its place
+                subscriber.queue.put_nowait((JobEvent.PREVIEW, self.preview.step))
+            position = self.job.step if current is JobState.RUNNING else first.queue_position
+            # The step of the last step event sent. The newest preview may be ahead of it when this
+            # subscriber lags; it is then sent right after the step event it shows, never before.
+            sent_step = self.job.step if current is JobState.RUNNING else 0
+            deferred = False
+            while True:
+                event, step = await subscriber.queue.get()
+                if event is JobEvent.PREVIEW:
+                    if self.preview is not None and self.preview.step > sent_step:
+                        deferred = True  # preview_waiting stays set: no second notice piles up
+                        continue
+                    subscriber.preview_waiting = False
+                    preview = await self.encoded_preview(encode)
+                    if preview is not None:
+                        yield event, preview
+                    continue
+                now = status()
+                if event is JobEvent.STEP:
+                    now.progress.step = step  # the step this notice was for, not the latest
+                    sent_step = step
+                elif event is JobEvent.QUEUED:
+                    if now.queue_position is None or now.queue_position == position:
+                        continue  # the queue moved but this job's place did not
+                    position = now.queue_position
+                yield event, now
+                if event.final:
+                    return
+                if deferred and self.preview is not None and self.preview.step <= sent_step:
+                    deferred = subscriber.preview_waiting = False
+                    preview = await self.encoded_preview(encode)
+                    if preview is not None:
+                        yield JobEvent.PREVIEW, preview
+        finally:
+            self.subscribers.discard(subscriber)
+
 
 class JobRegistry:
     """Jobs by id, with TTL and a bound on finished ones (unfinished ones are bounded by the queue)."""
 
-    def __init__(self, ttl_s: float, max_finished: int) -> None:
+    def __init__(self, generation: Generation, results: ResultStore, ttl_s: float, max_finished: int) -> None:
+        self.generation = generation
+        self.results = results
         self.ttl_s = ttl_s
         self.max_finished = max_finished
         self._records: OrderedDict[str, JobRecord] = OrderedDict()
         self._tasks: set[asyncio.Task[None]] = set()
 
-    def add(self, record: JobRecord) -> None:
+    async def start(self, prepared: Prepared[Any]) -> JobRecord:
+        """Queue the request's job and follow it to its end (a stored image, or an error)."""
+        body = prepared.body
+        assert isinstance(body, NativeImageFields), "a job's body says whether to overlay and save"
+        [job] = await self.generation.submit(prepared)
+        loop = asyncio.get_running_loop()
+        record = JobRecord.create(job, body, loop)
         self._prune()
-        self._records[record.job.id] = record
+        self._records[job.id] = record
+
+        def on_event(job: Job, event: JobEvent) -> None:  # engine / reaper thread
+            if event is JobEvent.PREVIEW:
+                if job.preview is not None:
+                    record.previews.offer(0, job.preview)
+            elif not event.final:  # the end is announced by _complete, once the image is stored
+                loop.call_soon_threadsafe(record.publish, event, job.step)
+
+        self.generation.scheduler.add_listener(job, on_event)
+        task = asyncio.create_task(self._complete(record))
+        self._tasks.add(task)
+        task.add_done_callback(self._tasks.discard)
+        log.info("request %d: job %s queued", prepared.request_id, job.id)
+        return record
+
+    def status(self, record: JobRecord, image_url: str) -> JobStatus:
+        """The job's status as its clients see it now (`image_url`: where its image will be)."""
+        job = record.job
+        started = job.started_at
+        status = record.status
+        return JobStatus(
+            id=job.id,
+            status=status,
+            queue_position=self.generation.scheduler.queue_position(job),
+            progress=JobProgress(step=job.step, total=job.total_steps),
+            request_id=job.request_id,
+            created_at=record.created_at,
+            started_at=record.created_at + (started - job.submitted_at) if started else None,
+            finished_at=(record.created_at + (job.finished_at - job.submitted_at)
+                         if job.finished_at and status.final else None),
+            queue_time=round(started - job.submitted_at, 3) if started else None,
+            inference_time=record.inference_time,
+            preview_time=round(job.preview_time, 3) if job.spec.preview is not None else None,
+            width=job.spec.width,
+            height=job.spec.height,
+            seed=job.spec.seed,
+            engine=job.engine,
+            image_url=image_url if record.image_id else None,
+            file_path=record.file_path,
+            error=record.error,
+            loading_lora=self.generation.models.loading_lora(job) if status is JobState.RUNNING else None,
+        )
+
+    async def events(self, record: JobRecord, image_url: str) -> AsyncIterator[tuple[JobEvent, JobStatus | JobPreview]]:
+        """What one subscriber of the job hears (see JobRecord.events), previews as sent."""
+
+        async def encode(preview: Preview) -> JobPreview:
+            rendered = await self.generation.render_preview(record.job, preview)
+            return JobPreview(id=record.job.id, step=preview.step, total=preview.total, mode=preview.mode,
+                              width=rendered.width, height=rendered.height, media_type=rendered.media_type,
+                              b64_json=b64(rendered.data))
+
+        async for item in record.events(lambda: self.status(record, image_url), encode):
+            yield item
+
+    def image(self, record: JobRecord) -> StoredImage:
+        """The image of a succeeded job (409 while it is not done, or if it failed; 404 once it
+        is no longer kept)."""
+        job_id = record.job.id
+        if record.image_id is None:
+            raise errors.JobNotReady(f"Job {job_id} is {record.status}; it has no image.", param="id")
+        stored = self.results.get(record.image_id)
+        if stored is None:
+            raise errors.NotFound(f"The image of job {job_id} is no longer kept.", param="id")
+        return stored
 
     def get(self, job_id: str) -> JobRecord:
         self._prune()
@@ -108,15 +268,40 @@ class JobRegistry:
                                   f"{self.ttl_s:g} s ago).", param="id")
         return record
 
-    def track(self, task: asyncio.Task[None]) -> None:
-        self._tasks.add(task)
-        task.add_done_callback(self._tasks.discard)
+    def cancel(self, record: JobRecord) -> bool:
+        """Cancel: a queued job never runs (and is cancelled at once); a running one stops at its
+        next denoising step."""
+        job = record.job
+        if not self.generation.cancel(job):
+            return False
+        log.info("request %d: job %s cancelled by the client", job.request_id, job.id)
+        return True
+
+    async def _complete(self, record: JobRecord) -> None:
+        """Await the scheduler's result, render and store it, then announce the end."""
+        job = record.job
+        generation = self.generation
+        try:
+            result = await generation.wait(job)
+            rendered = await generation.render(job, result, overlay=record.body.add_overlay,
+                                               save_to_file=record.body.save_to_file)
+            record.file_path = rendered.file_path
+            record.inference_time = rendered.inference_time
+            record.image_id = self.results.put(rendered.data, rendered.media_type, id=f"job-{job.id}").id
+        except errors.ServerError:
+            pass  # the job's own error: its status says it
+        except Exception:  # noqa: BLE001 - rendering failed; the job must still end
+            log.exception("job %s: rendering failed", job.id)
+            record.render_error = ErrorDetail(message="Rendering the image failed; the server logged the details.",
+                                              type=errors.InferenceFailed.type)
+        record.finished_monotonic = time.monotonic()
+        record.publish(JobEvent.entering(record.status), job.step)
 
     def _prune(self) -> None:
         now = time.monotonic()
         finished = [r for r in self._records.values() if r.finished_monotonic is not None]
         excess = len(finished) - self.max_finished
         for record in finished:
-            if excess > 0 or now - record.finished_monotonic >= self.ttl_s:
+            if excess > 0 or now - record.finished_monotonic >= self.ttl_s:  # type: ignore[operator]
                 del self._records[record.job.id]
                 excess -= 1

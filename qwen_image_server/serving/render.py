@@ -6,6 +6,7 @@ All of it is CPU work that runs off the engine thread (the THREADS pool).
 
 from __future__ import annotations
 
+import base64
 import io
 import os
 import secrets
@@ -68,6 +69,11 @@ def encode_png(image: Image.Image) -> bytes:
 
 
 MEDIA_TYPES: dict[str, str] = {"png": "image/png", "jpeg": "image/jpeg", "webp": "image/webp"}
+
+
+def b64(data: bytes) -> str:
+    """Encoded bytes as the JSON APIs carry them (b64_json)."""
+    return base64.b64encode(data).decode("ascii")
 
 
 def encode_image(image: Image.Image, output_format: OutputFormat = "png",
