@@ -28,10 +28,10 @@ from PIL import Image
 sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
 sys.path.insert(0, str(Path(__file__).resolve().parent))
 
-from scheduler_bench import serve  # noqa: E402
+from scheduler_bench import serve
 
-from qwen_image_server.config.settings import Settings  # noqa: E402
-from qwen_image_server.launch.http import find_fastapi  # noqa: E402
+from qwen_image_server.config.settings import Settings
+from qwen_image_server.launch.http import find_fastapi
 
 PROMPT = "make it a night scene with a full moon"
 

@@ -64,7 +64,8 @@ class _FastEngine:
         for spec in specs:
             rng = np.random.default_rng(spec.seed)
             y, x = np.mgrid[0:spec.height, 0:spec.width]
-            base = np.stack([x * 255 // spec.width, y * 255 // spec.height, (x + y) * 127 // (spec.width + spec.height)], -1)
+            base = np.stack([x * 255 // spec.width, y * 255 // spec.height,
+                             (x + y) * 127 // (spec.width + spec.height)], -1)
             pixels = np.clip(base + rng.integers(-6, 7, base.shape), 0, 255).astype("uint8")
             images.append(Image.fromarray(pixels, "RGB"))
         return images

@@ -32,6 +32,7 @@ import argparse
 import dataclasses
 import datetime as dt
 import gc
+import itertools
 import json
 import logging
 import re
@@ -53,18 +54,18 @@ from PIL import Image
 sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
 
 from qwen_image_server.config.model_list import (
-    TINY_EDIT_MODEL_NAME,  # noqa: E402
-    ModelRef,  # noqa: E402
+    TINY_EDIT_MODEL_NAME,
+    ModelRef,
 )
-from qwen_image_server.config.presets import ASPECT_RATIOS, with_suffix  # noqa: E402
-from qwen_image_server.config.settings import Settings  # noqa: E402
-from qwen_image_server.engine.compilation import compiled_graphs  # noqa: E402
-from qwen_image_server.engine.device import DeviceInfo, resolve_device, resolve_dtype  # noqa: E402
-from qwen_image_server.engine.loaded import LoadedModel  # noqa: E402
-from qwen_image_server.engine.loader import count_parameters, load_model  # noqa: E402
-from qwen_image_server.engine.runner import PipelineEngine  # noqa: E402
-from qwen_image_server.engine.tiny import ensure_tiny_model  # noqa: E402
-from qwen_image_server.engine.types import (  # noqa: E402
+from qwen_image_server.config.presets import ASPECT_RATIOS, with_suffix
+from qwen_image_server.config.settings import Settings
+from qwen_image_server.engine.compilation import compiled_graphs
+from qwen_image_server.engine.device import DeviceInfo, resolve_device, resolve_dtype
+from qwen_image_server.engine.loaded import LoadedModel
+from qwen_image_server.engine.loader import count_parameters, load_model
+from qwen_image_server.engine.runner import PipelineEngine
+from qwen_image_server.engine.tiny import ensure_tiny_model
+from qwen_image_server.engine.types import (
     EditSpec,
     GenerationSpec,
     PreviewPlan,
@@ -230,11 +231,13 @@ class BenchConfig:
 
 def parse_config(name: str, cache_options: dict[str, Any]) -> BenchConfig:
     """'compile+fp8+cache' -> BenchConfig. Tokens: baseline, compile, fp8, int8, qte (quantize
-    the text encoder too), all (no layer kept in bf16), cache, lightning[N], offload-model, offload-sequential, attn-<backend>."""
+    the text encoder too), all (no layer kept in bf16), cache, lightning[N], offload-model,
+    offload-sequential, attn-<backend>."""
     # Every option explicit, so QWEN_IMAGE_* variables in the environment change nothing, and
     # offload is `none` rather than `auto`, which could pick differently from run to run.
     options: dict[str, Any] = {"offload": "none", "quantize": "none", "quantize_text_encoder": False,
-                               "quantize_skip": ("img_mlp",), "compile": False, "cache": "none", "cache_options": {}, "lora": None,
+                               "quantize_skip": ("img_mlp",), "compile": False, "cache": "none", "cache_options": {},
+                               "lora": None,
                                "attention": "native", "warmup": False}
     lightning = None
     for token in name.split("+"):
@@ -452,7 +455,7 @@ def timed_run(engine: PipelineEngine, device: DeviceInfo, specs: Sequence[Genera
     engine.run_batch(list(specs), on_step)
     _sync(device)
     e2e = time.perf_counter() - start
-    gaps = [b - a for a, b in zip(stamps, stamps[1:])]
+    gaps = [b - a for a, b in itertools.pairwise(stamps)]
     if not gaps:  # one step: no gap between callbacks; the whole call is the only bound
         gaps = [e2e]
     peak_alloc = peak_reserved = None
@@ -567,7 +570,8 @@ class Benchmark:
         architecture = None
         if self.full:
             architecture = {
-                "transformer": {**QWEN_IMAGE_TRANSFORMER, "axes_dims_rope": list(QWEN_IMAGE_TRANSFORMER["axes_dims_rope"])},
+                "transformer": {**QWEN_IMAGE_TRANSFORMER,
+                                "axes_dims_rope": list(QWEN_IMAGE_TRANSFORMER["axes_dims_rope"])},
                 "vae": QWEN_IMAGE_VAE,
                 "text_encoder": {"text": QWEN25_VL_7B_TEXT, "vision": QWEN25_VL_7B_VISION},
                 "depth_override": self.args.depth,
@@ -983,7 +987,8 @@ class Benchmark:
                                                           "compiled after the server's warm-up"]))
             self.save()
 
-    def server_warm_up(self, prepared: Prepared, config: BenchConfig, units: Sequence[tuple[str, int, int, int]]) -> None:
+    def server_warm_up(self, prepared: Prepared, config: BenchConfig,
+                       units: Sequence[tuple[str, int, int, int]]) -> None:
         """The server's compile warm-up (`PipelineEngine.warm_up_size`) for every size and batch
         the units will run, so each row can count what live traffic would still compile."""
         engine = prepared.engine
@@ -1306,7 +1311,8 @@ def parse_args(argv: Sequence[str] | None) -> argparse.Namespace:
     parser.add_argument("--batches", type=_csv(int), default=None, help="batch sizes (default 1,2,4)")
     parser.add_argument("--batch-sizes", type=_csv(parse_size), default=None,
                         help="image sizes of the batch section (default 512x512,1024x1024)")
-    parser.add_argument("--http-size", type=parse_size, default=None, help="size of the HTTP request (default 1024x1024)")
+    parser.add_argument("--http-size", type=parse_size, default=None,
+                        help="size of the HTTP request (default 1024x1024)")
     parser.add_argument("--http-repeats", type=int, default=None, help="timed HTTP requests (default 2)")
     parser.add_argument("--edit-images", type=_csv(int), default=None,
                         help="input images per edit, one row set each (default 1,3; at most 3)")
@@ -1339,7 +1345,8 @@ def parse_args(argv: Sequence[str] | None) -> argparse.Namespace:
                              "run ends inside a 10-minute limit; --append continues it)")
     parser.add_argument("--append", action="store_true",
                         help="merge into --out, skipping units it already has without error")
-    parser.add_argument("--out", type=Path, default=None, help="JSON path (default bench/results/gpu-<device>-<date>.json)")
+    parser.add_argument("--out", type=Path, default=None,
+                        help="JSON path (default bench/results/gpu-<device>-<date>.json)")
     args = parser.parse_args(argv)
 
     cuda = torch.cuda.is_available() and not args.smoke

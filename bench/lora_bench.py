@@ -27,8 +27,8 @@ from pathlib import Path
 
 sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
 
-from qwen_image_server.config.settings import Settings  # noqa: E402
-from qwen_image_server.engine.types import GenerationSpec  # noqa: E402
+from qwen_image_server.config.settings import Settings
+from qwen_image_server.engine.types import GenerationSpec
 
 
 def measure(settings: Settings, args: argparse.Namespace, folder: Path) -> dict[str, object]:

@@ -28,10 +28,10 @@ import torch
 sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
 sys.path.insert(0, str(Path(__file__).resolve().parent))
 
-import gpu  # noqa: E402  (bench/gpu.py: the published configs)
+import gpu  # bench/gpu.py: the published configs
 
-from qwen_image_server.engine.device import DeviceInfo  # noqa: E402
-from qwen_image_server.engine.memory import GiB, component_bytes, plan_offload  # noqa: E402
+from qwen_image_server.engine.device import DeviceInfo
+from qwen_image_server.engine.memory import GiB, component_bytes, plan_offload
 
 CUDA_CONTEXT_GIB = 0.6  # what a CUDA context and the allocator's first blocks take before any weight
 

@@ -19,6 +19,7 @@ other clusters' too.) Whatever is still running afterwards is reported and kille
 
 from __future__ import annotations
 
+import contextlib
 import json
 import os
 import secrets
@@ -169,7 +170,8 @@ class TwoNodeCluster:
 
     # -- what an operator would run ----------------------------------------------------------
 
-    def serve(self, *args: str, check: bool = True, env: dict[str, str] | None = None) -> subprocess.CompletedProcess[str]:
+    def serve(self, *args: str, check: bool = True,
+              env: dict[str, str] | None = None) -> subprocess.CompletedProcess[str]:
         """`serve <args> --address <dashboard>` with the cluster's token (or `env`'s)."""
         return subprocess.run([str(BIN / "serve"), *args, f"--address={self.dashboard}"],
                               env=env or self.env, capture_output=True, text=True, check=check, timeout=120)
@@ -234,7 +236,5 @@ if __name__ == "__main__":  # start one by hand, e.g. to try the README's steps 
     with TwoNodeCluster(Path(tempfile.mkdtemp(prefix="ray-cluster-"))) as cluster:
         print(json.dumps({"address": cluster.address, "dashboard": cluster.dashboard,
                           "proxies": cluster.proxy_urls, "RAY_AUTH_TOKEN": cluster.token}))
-        try:
+        with contextlib.suppress(KeyboardInterrupt):
             signal.pause()
-        except KeyboardInterrupt:
-            pass

@@ -29,13 +29,13 @@ import uvicorn
 
 sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
 
-from qwen_image_server.api.app import create_app  # noqa: E402
-from qwen_image_server.config.settings import Settings  # noqa: E402
-from qwen_image_server.engine.runner import PipelineEngine  # noqa: E402
-from qwen_image_server.launch.http import GracefulServer, find_fastapi  # noqa: E402
-from qwen_image_server.protocol.native import GenerateRequest  # noqa: E402
-from qwen_image_server.serving.model_registry import ANY_MODEL  # noqa: E402
-from qwen_image_server.serving.specs import build_specs  # noqa: E402
+from qwen_image_server.api.app import create_app
+from qwen_image_server.config.settings import Settings
+from qwen_image_server.engine.runner import PipelineEngine
+from qwen_image_server.launch.http import GracefulServer, find_fastapi
+from qwen_image_server.protocol.native import GenerateRequest
+from qwen_image_server.serving.model_registry import ANY_MODEL
+from qwen_image_server.serving.specs import build_specs
 
 
 def serve(settings: Settings) -> tuple[GracefulServer, threading.Thread, str]:
@@ -106,7 +106,7 @@ def main() -> int:
             e2e.append(http_once(body))
         raw_med, e2e_med = statistics.median(raw), statistics.median(e2e)
         # What the server adds around its own pipeline call (queue hand-off, overlay, PNG, HTTP).
-        overhead = statistics.median(t - i for t, i in zip(e2e, server_inference[1:]))
+        overhead = statistics.median(t - i for t, i in zip(e2e, server_inference[1:], strict=False))
 
         seq_raw = sum(raw_once() for _ in range(n))
         bodies = [{**body, "seed": 100 + i, "prompt": f"{body['prompt']} #{i}"} for i in range(n)]

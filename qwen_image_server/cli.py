@@ -60,7 +60,8 @@ def port_problem(host: str, port: int) -> str | None:
             sock.bind((host, port))
         except OSError as exc:
             if exc.errno in (errno.EADDRINUSE, getattr(errno, "WSAEADDRINUSE", -1)):
-                return f"error: port {port} is already in use on {host}; choose another with PORT=... (e.g. PORT={port + 1})"
+                return (f"error: port {port} is already in use on {host}; choose another with PORT=... "
+                        f"(e.g. PORT={port + 1})")
             return f"error: cannot listen on {host}:{port}: {exc.strerror or exc}"
     return None
 
@@ -205,8 +206,8 @@ class EditCommand(OneImageCommand):
     out: Path = Field(Path("qwen-image-edit.png"), description="Where to write the PNG.")
     mask: Path | None = Field(None, description=MASK_DESCRIPTION)
     edit_model: str | None = Field(None, description="The edit model to use (default: the first one).")
-    size: str | None = EditFields.model_fields["size"]
-    strength: float = EditFields.model_fields["strength"]
+    size: str | None = Field(None, description=EditFields.model_fields["size"].description)
+    strength: float = Field(1.0, description=EditFields.model_fields["strength"].description)
 
     doing: ClassVar[str] = "editing"
 
@@ -215,9 +216,9 @@ class EditCommand(OneImageCommand):
             print("error: give the image file(s), then the prompt: qwen-image edit photo.png \"make it night\"",
                   file=sys.stderr)
             raise SystemExit(2)
-        missing = [name for name in self.images if not name.is_file()]
-        if missing or (self.mask is not None and not self.mask.is_file()):
-            print(f"error: no such file: {(missing or [self.mask])[0]}", file=sys.stderr)
+        missing = [path for path in [*self.images, *([self.mask] if self.mask else [])] if not path.is_file()]
+        if missing:
+            print(f"error: no such file: {missing[0]}", file=sys.stderr)
             raise SystemExit(1)
         raise SystemExit(self.edit_remote() if self.url else generate_one(self))
 

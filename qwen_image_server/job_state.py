@@ -12,8 +12,11 @@ from enum import Enum
 class _Name(str, Enum):
     """A str enum that prints as its value (Python 3.11 changed `format()` of mixed-in enums)."""
 
-    __str__ = str.__str__
-    __format__ = str.__format__
+    def __str__(self) -> str:
+        return str.__str__(self)
+
+    def __format__(self, format_spec: str) -> str:
+        return str.__format__(self, format_spec)
 
 
 class JobState(_Name):

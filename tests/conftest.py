@@ -289,6 +289,74 @@ def server(tmp_path: Path) -> Iterator:
         live.stop()
 
 
+@pytest.fixture(scope="module")
+def small_working_size():
+    """The edit pipelines at a 128x128 working size instead of a megapixel: the tiny edit model's
+    VAE then decodes in a second, not minutes (bfloat16 3-D convolutions on a CPU without AVX-512
+    take several minutes at a megapixel)."""
+    import diffusers.pipelines.qwenimage.pipeline_qwenimage_edit_inpaint as inpaint
+    import diffusers.pipelines.qwenimage.pipeline_qwenimage_edit_plus as plus
+
+    real = inpaint.calculate_dimensions
+    with pytest.MonkeyPatch.context() as patch:
+        patch.setattr(plus, "VAE_IMAGE_SIZE", 128 * 128)
+        patch.setattr(plus, "CONDITION_IMAGE_SIZE", 64 * 64)
+        patch.setattr(inpaint, "calculate_dimensions", lambda area, ratio: real(128 * 128, ratio))
+        yield
+
+
+@pytest.fixture(scope="session")
+def lora_dir(tmp_path_factory) -> Path:
+    """A LoRA folder: tiny LoRAs for the generation and the edit model, a Lightning one, and three
+    broken ones (not a file of tensors, a LoRA for another model, one PEFT cannot load)."""
+    import torch
+    from diffusers import QwenImageTransformer2DModel
+    from safetensors.torch import load_file, save_file
+
+    from qwen_image_server.engine.tiny import build_lora, ensure_tiny_edit_model, ensure_tiny_model
+
+    folder = tmp_path_factory.mktemp("loras")
+    cache = tiny_settings(folder).cache_dir
+    tiny = QwenImageTransformer2DModel.from_pretrained(ensure_tiny_model(cache) / "transformer")
+    edit = QwenImageTransformer2DModel.from_pretrained(ensure_tiny_edit_model(cache) / "transformer")
+    build_lora(folder / "style.safetensors", tiny, base="Qwen-Image", seed=1)
+    build_lora(folder / "ink.safetensors", tiny, base="Qwen-Image", rank=8, seed=2, targets=("to_q", "to_v"))
+    build_lora(folder / "tiny-Lightning-4steps.safetensors", tiny, base="Qwen-Image", seed=3)
+    build_lora(folder / "edit-style.safetensors", edit, base="Qwen-Image-Edit", seed=4)
+    (folder / "notalora.safetensors").write_bytes(b"\x00" * 64)
+    save_file({"transformer.transformer_blocks.0.attn.to_q.lora_A.weight": torch.zeros(4, 99),
+               "transformer.transformer_blocks.0.attn.to_q.lora_B.weight": torch.zeros(64, 4)},
+              str(folder / "foreign.safetensors"))
+    # Its last layer has rank 0: the header is a LoRA's, PEFT refuses it halfway through loading.
+    weights = load_file(folder / "style.safetensors")
+    last = sorted(key for key in weights if ".lora_A." in key)[-1]
+    weights[last] = torch.zeros(0, weights[last].shape[1])
+    partner = last.replace(".lora_A.", ".lora_B.")
+    weights[partner] = torch.zeros(weights[partner].shape[0], 0)
+    save_file(weights, str(folder / "broken.safetensors"))
+    return folder
+
+
+CHROMIUM = Path("/usr/bin/chromium")
+CHROMIUM_ARGS = ["--headless", "--no-sandbox", "--disable-background-networking", "--disable-gpu",
+                 "--no-first-run", "--disable-component-update", "--disable-sync"]
+
+
+@pytest.fixture(scope="module")
+def browser() -> Iterator:
+    """Debian's Chromium, headless, driven by Playwright (no browser download); the web tests skip
+    with the reason where /usr/bin/chromium is missing (CI installs it)."""
+    from playwright.sync_api import sync_playwright
+
+    if not CHROMIUM.exists():
+        pytest.skip(f"{CHROMIUM} is missing: install Debian's chromium (apt-get install -y chromium)")
+    with sync_playwright() as p:
+        # launch() gives every context a fresh, throwaway profile.
+        browser = p.chromium.launch(executable_path=str(CHROMIUM), args=CHROMIUM_ARGS)
+        yield browser
+        browser.close()
+
+
 @pytest.fixture
 def client(tiny_server: LiveServer) -> Iterator[httpx.Client]:
     with tiny_server.client() as c:
@@ -320,7 +388,7 @@ class ServerProcess(SchedulerView):
         self.port = port
         self.url = f"http://127.0.0.1:{port}"
         self.log_path = cwd / "server.log"
-        self._log = open(self.log_path, "wb")
+        self._log = open(self.log_path, "wb")  # noqa: SIM115 - the server's output, until stop()
         self.proc = subprocess.Popen(cmd, cwd=cwd, env=env, stdout=self._log, stderr=subprocess.STDOUT,
                                      start_new_session=True)
 

@@ -65,7 +65,7 @@ def test_smoke_run_times_every_configuration_and_prints_the_table(tmp_path: Path
     assert not lora.get("error"), lora
     assert lora["lora_rank"] == 64 and lora["config"] == "baseline", lora
     assert lora["step_s"] > 0 and lora["step_s_none"] > 0 and lora["step_ratio"] > 0, lora
-    assert 0 < lora["switch_ms"] and 0 < lora["first_load_ms"], lora
+    assert lora["switch_ms"] > 0 and lora["first_load_ms"] > 0, lora
 
     # Edits on the tiny edit model: one row per number of input images, timed like the speed rows
     # (the smoke run edits two images: the multi-image path; one image is edited below).

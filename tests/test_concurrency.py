@@ -89,10 +89,10 @@ def test_batched_images_equal_solo_images(tiny_server, tiny_hook):
     assert [r.headers["X-Batch-Size"] for r in batched] == ["2", "2"]
     solo = [post(tiny_server.url, b) for b in bodies]
     assert [r.headers["X-Batch-Size"] for r in solo] == ["1", "1"]
-    for one, alone in zip(batched, solo):
+    for one, alone in zip(batched, solo, strict=True):
         a = Image.open(io.BytesIO(one.content)).convert("RGB")
         b = Image.open(io.BytesIO(alone.content)).convert("RGB")
-        worst = max(abs(x - y) for x, y in zip(a.tobytes(), b.tobytes()))
+        worst = max(abs(x - y) for x, y in zip(a.tobytes(), b.tobytes(), strict=True))
         # fp32 matmuls of a different batch shape may round differently; never visibly.
         assert worst <= 1, f"batched image differs from solo by {worst} levels"
 

@@ -27,19 +27,6 @@ STEPS = 2
 
 
 @pytest.fixture(scope="module")
-def small_working_size():
-    import diffusers.pipelines.qwenimage.pipeline_qwenimage_edit_inpaint as inpaint
-    import diffusers.pipelines.qwenimage.pipeline_qwenimage_edit_plus as plus
-
-    real = inpaint.calculate_dimensions
-    with pytest.MonkeyPatch.context() as patch:
-        patch.setattr(plus, "VAE_IMAGE_SIZE", 128 * 128)
-        patch.setattr(plus, "CONDITION_IMAGE_SIZE", 64 * 64)
-        patch.setattr(inpaint, "calculate_dimensions", lambda area, ratio: real(128 * 128, ratio))
-        yield
-
-
-@pytest.fixture(scope="module")
 def edit_server(tmp_path_factory, small_working_size):
     settings = tiny_settings(tmp_path_factory.mktemp("edit"))
     live = LiveServer(create_app(settings, engine_factory=real_engine_factory(settings))).start()

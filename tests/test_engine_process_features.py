@@ -26,7 +26,6 @@ from qwen_image_server.engine.lora_library import LoraLibrary, LoraState, ModelF
 from qwen_image_server.engine.process import engine_factories
 from tests.conftest import LiveServer, tiny_settings, wait_until
 from tests.engine_loaders import GatedLoader
-from tests.test_loras import lora_dir  # noqa: F401 - the tiny LoRAs, good and broken
 
 pytestmark = pytest.mark.xdist_group("engine-process-features")
 SIZE = "256x256"
@@ -66,7 +65,7 @@ class Front:
 
 
 @pytest.fixture(scope="module")
-def front(tmp_path_factory, lora_dir) -> Iterator[Front]:  # noqa: F811
+def front(tmp_path_factory, lora_dir) -> Iterator[Front]:
     tmp = tmp_path_factory.mktemp("engine-process-features")
     gate, lora_gate = tmp / "gate", tmp / "lora-gate"
     settings = tiny_settings(tmp, lora_dir=lora_dir, max_loras_per_request=2, max_resident_loras=4)
@@ -120,7 +119,7 @@ def test_a_broken_lora_is_refused_listed_unusable_and_the_next_image_is_unchange
     assert front.batches() == batches
 
 
-def test_a_job_says_while_its_engine_loads_its_lora(front, lora_dir):  # noqa: F811
+def test_a_job_says_while_its_engine_loads_its_lora(front, lora_dir):
     fresh = lora_dir / "arrived-late.safetensors"
     fresh.write_bytes((lora_dir / "ink.safetensors").read_bytes())
     front.lora_gate.touch()

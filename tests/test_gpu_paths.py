@@ -478,8 +478,9 @@ class RaisingPipeline:
 
 def raising_engine(error: BaseException) -> PipelineEngine:
     model = type("Model", (), {"pipeline": RaisingPipeline(error), "max_prompt_tokens": 1024,
-                               "device": GPU, "task": "generate", "options": type("Options", (), {"cache": "none", "offload": "none",
-                                                                               "attention": "native"})()})()
+                               "device": GPU, "task": "generate",
+                               "options": type("Options", (), {"cache": "none", "offload": "none",
+                                                               "attention": "native"})()})()
     return PipelineEngine(model)  # type: ignore[arg-type]
 
 
@@ -526,7 +527,7 @@ def test_compile_warm_up_leaves_nothing_to_compile_for_live_batches(tmp_path, mo
     warmed = compilation.compiled_graphs()
     assert warmed > 0
 
-    words = "cat dog sun red blue house tree car sky on in with a the".split()
+    words = ["cat", "dog", "sun", "red", "blue", "house", "tree", "car", "sky", "on", "in", "with", "a", "the"]
     rng = random.Random(0)
     for batch in (1, 2, 3, 2):
         prompts = [" ".join(rng.choices(words, k=rng.randint(1, 40))) for _ in range(batch)]

@@ -15,7 +15,6 @@ import subprocess
 import sys
 import threading
 from collections.abc import Iterator
-from pathlib import Path
 
 import httpx
 import numpy as np
@@ -23,11 +22,8 @@ import openai
 import pytest
 import torch
 from PIL import Image
-from safetensors.torch import load_file, save_file
 
 from qwen_image_server.engine.tiny import (
-    build_lora,
-    ensure_tiny_edit_model,
     ensure_tiny_model,
 )
 from qwen_image_server.engine.types import GenerationSpec
@@ -45,33 +41,6 @@ from tests.fakes import FakeEngine
 pytestmark = pytest.mark.xdist_group("loras")  # one LoRA server for the module
 SIZE = "256x256"
 HUB_LIGHTNING = "lightx2v/Qwen-Image-Lightning:Qwen-Image-Lightning-8steps-V1.1.safetensors"
-
-
-@pytest.fixture(scope="session")
-def lora_dir(tmp_path_factory) -> Path:
-    """A LoRA folder: tiny LoRAs for the generation and the edit model, a Lightning one, and three
-    broken ones (not a file of tensors, a LoRA for another model, one PEFT cannot load)."""
-    from diffusers import QwenImageTransformer2DModel
-
-    folder = tmp_path_factory.mktemp("loras")
-    cache = tiny_settings(folder).cache_dir
-    tiny = QwenImageTransformer2DModel.from_pretrained(ensure_tiny_model(cache) / "transformer")
-    edit = QwenImageTransformer2DModel.from_pretrained(ensure_tiny_edit_model(cache) / "transformer")
-    build_lora(folder / "style.safetensors", tiny, base="Qwen-Image", seed=1)
-    build_lora(folder / "ink.safetensors", tiny, base="Qwen-Image", rank=8, seed=2, targets=("to_q", "to_v"))
-    build_lora(folder / "tiny-Lightning-4steps.safetensors", tiny, base="Qwen-Image", seed=3)
-    build_lora(folder / "edit-style.safetensors", edit, base="Qwen-Image-Edit", seed=4)
-    (folder / "notalora.safetensors").write_bytes(b"\x00" * 64)
-    save_file({"transformer.transformer_blocks.0.attn.to_q.lora_A.weight": torch.zeros(4, 99),
-               "transformer.transformer_blocks.0.attn.to_q.lora_B.weight": torch.zeros(64, 4)},
-              str(folder / "foreign.safetensors"))
-    # Its last layer has rank 0: the header is a LoRA's, PEFT refuses it halfway through loading.
-    weights = load_file(folder / "style.safetensors")
-    last = sorted(key for key in weights if ".lora_A." in key)[-1]
-    weights[last] = torch.zeros(0, weights[last].shape[1])
-    weights[last.replace(".lora_A.", ".lora_B.")] = torch.zeros(weights[last.replace(".lora_A.", ".lora_B.")].shape[0], 0)
-    save_file(weights, str(folder / "broken.safetensors"))
-    return folder
 
 
 @pytest.fixture(scope="module")

@@ -34,7 +34,7 @@ def decode(b64: str) -> tuple[bytes, Image.Image]:
 def same_image(a: bytes, b: bytes) -> bool:
     """Equal up to one level per channel: fp32 matmuls of another batch shape may round differently."""
     pa, pb = (Image.open(io.BytesIO(x)).convert("RGB") for x in (a, b))
-    return pa.size == pb.size and max(abs(x - y) for x, y in zip(pa.tobytes(), pb.tobytes())) <= 1
+    return pa.size == pb.size and max(abs(x - y) for x, y in zip(pa.tobytes(), pb.tobytes(), strict=True)) <= 1
 
 
 def generate_b64(client: openai.OpenAI, seed: int) -> bytes:

@@ -357,7 +357,7 @@ def test_a_jobs_requests_reach_the_replica_that_owns_it(deployment: Deployment) 
                      if line.startswith("event: ")]
         assert names[-1] == "succeeded" and "step" in names
         for job_id, owner in jobs.items():
-            wait_until(lambda: job_finished(client, job_id), ANSWER_TIMEOUT, f"job {job_id}")
+            wait_until(lambda job_id=job_id: job_finished(client, job_id), ANSWER_TIMEOUT, f"job {job_id}")
             for _ in range(3):  # never a replica that does not know the job
                 status = client.get(f"/v1/jobs/{job_id}")
                 assert status.status_code == 200 and status.headers["x-replica"] == owner
@@ -405,7 +405,7 @@ def test_a_full_replica_queue_answers_429_with_retry_after(deployment: Deploymen
         for job_id in accepted:  # reaches the owner, or it would be 404
             assert client.delete(f"/v1/jobs/{job_id}").status_code == 200
         for job_id in accepted:
-            wait_until(lambda: job_finished(client, job_id), ANSWER_TIMEOUT, f"job {job_id} to end")
+            wait_until(lambda job_id=job_id: job_finished(client, job_id), ANSWER_TIMEOUT, f"job {job_id} to end")
 
 
 def test_a_full_proxy_queue_answers_429_with_retry_after(deployment: Deployment) -> None:

@@ -20,9 +20,9 @@ import pytest
 
 pytest.importorskip("ray", reason="Ray Serve is an optional extra: pip install .[ray]")
 
-from bench.ray_cluster import TwoNodeCluster, tiny_config  # noqa: E402
-from qwen_image_server.launch.ray_app import choose_cluster  # noqa: E402
-from tests.conftest import ROOT, tiny_settings, wait_until  # noqa: E402
+from bench.ray_cluster import TwoNodeCluster, tiny_config
+from qwen_image_server.launch.ray_app import choose_cluster
+from tests.conftest import ROOT, tiny_settings, wait_until
 
 pytestmark = pytest.mark.slow
 
@@ -94,7 +94,7 @@ def test_a_job_is_found_through_the_other_nodes_proxy(cluster: TwoNodeCluster) -
     assert set(owners.values()) == set(cluster.replica_nodes())  # both nodes hold some
     with httpx.Client(base_url=cluster.proxy_urls[1], timeout=ANSWER_TIMEOUT) as client:
         for job_id, owner in owners.items():
-            def finished() -> bool:
+            def finished(job_id: str = job_id, owner: str = owner) -> bool:
                 status = client.get(f"/v1/jobs/{job_id}")
                 assert status.status_code == 200 and status.headers["x-replica"] == owner
                 return status.json()["status"] == "succeeded"

@@ -178,7 +178,7 @@ def test_out_of_memory_retries_jobs_one_by_one(make):
     engine.run_freely()
     for job in [first, *jobs]:
         assert result_of(job).batch_size == 1
-    assert [1, 2, 3] in engine.batches and [[1], [2], [3]] == engine.finished[1:]
+    assert [1, 2, 3] in engine.batches and engine.finished[1:] == [[1], [2], [3]]
     assert engine.freed == 1
 
 

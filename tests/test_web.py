@@ -17,31 +17,19 @@ import httpx
 import pytest
 
 from qwen_image_server.job_state import JobEvent
-from tests.conftest import ROOT, LiveServer, hold_engine, tiny_settings
+from tests.conftest import CHROMIUM, ROOT, LiveServer, hold_engine, tiny_settings
 
 pytestmark = pytest.mark.xdist_group("web")  # one browser and one server for the module
-CHROMIUM = Path("/usr/bin/chromium")
 if not CHROMIUM.exists():
     pytest.skip(f"{CHROMIUM} is missing: install Debian's chromium (apt-get install -y chromium) "
                 "to run the browser tests", allow_module_level=True)
 
 # Not optional once Chromium is there: CI installs it from requirements-test.txt.
-from playwright.sync_api import Browser, Page, expect, sync_playwright  # noqa: E402
+from playwright.sync_api import Browser, Page, expect  # noqa: E402
 
 ARTIFACTS = ROOT / "test-artifacts"
-CHROMIUM_ARGS = ["--headless", "--no-sandbox", "--disable-background-networking", "--disable-gpu",
-                 "--no-first-run", "--disable-component-update", "--disable-sync"]
 KEY = "playground-test-key"
 SLOW = 60_000  # ms: a 4-step tiny-model job takes ~6 s on 2 CPU cores; leave room for slow CI
-
-
-@pytest.fixture(scope="module")
-def browser() -> Iterator[Browser]:
-    with sync_playwright() as p:
-        # launch() gives every context a fresh, throwaway profile.
-        browser = p.chromium.launch(executable_path=str(CHROMIUM), args=CHROMIUM_ARGS)
-        yield browser
-        browser.close()
 
 
 @pytest.fixture(scope="module")

@@ -10,17 +10,16 @@ from collections.abc import Iterator
 import numpy as np
 import pytest
 from PIL import Image
-from playwright.sync_api import expect  # noqa: E402
+from playwright.sync_api import expect
 
 from qwen_image_server.api.app import create_app, real_engine_factory
 from tests.conftest import LiveServer, tiny_settings
 from tests.fakes import FakeEngine
-from tests.test_edit import small_working_size  # noqa: F401 - the fixture, shared
-from tests.test_web import SLOW, Watched, browser, screenshot, wait_for_image  # noqa: F401 - browser: the fixture, shared
+from tests.test_web import SLOW, Watched, screenshot, wait_for_image
 
 
 @pytest.fixture(scope="module")
-def live(tmp_path_factory, small_working_size) -> Iterator[LiveServer]:  # noqa: F811
+def live(tmp_path_factory, small_working_size) -> Iterator[LiveServer]:
     settings = tiny_settings(tmp_path_factory.mktemp("web-edit"))
     server = LiveServer(create_app(settings, engine_factory=real_engine_factory(settings))).start()
     yield server

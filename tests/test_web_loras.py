@@ -8,17 +8,16 @@ from __future__ import annotations
 from collections.abc import Iterator
 
 import pytest
-from playwright.sync_api import expect  # noqa: E402
+from playwright.sync_api import expect
 
 from tests.conftest import LiveServer, tiny_settings
-from tests.test_loras import lora_dir  # noqa: F401 - the fixture, shared
-from tests.test_web import Watched, browser, screenshot, wait_for_image  # noqa: F401 - browser: the fixture, shared
+from tests.test_web import Watched, screenshot, wait_for_image
 
 pytestmark = pytest.mark.xdist_group("web_loras")
 
 
 @pytest.fixture(scope="module")
-def live(tmp_path_factory, lora_dir) -> Iterator[LiveServer]:  # noqa: F811
+def live(tmp_path_factory, lora_dir) -> Iterator[LiveServer]:
     server = LiveServer(tiny_settings(tmp_path_factory.mktemp("web-loras"), lora_dir=lora_dir)).start()
     yield server
     server.stop()

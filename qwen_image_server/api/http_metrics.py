@@ -28,9 +28,9 @@ def route_template(scope: Scope, root_path: str) -> str:
     parameters is its own template. Everything else is "unmatched": unknown paths, and requests
     refused before routing (401 without a key, 413 for a declared size), which may name any path.
     """
-    route = scope.get("route")
-    if getattr(route, "path", None):
-        return route.path
+    path = getattr(scope.get("route"), "path", None)
+    if path:
+        return str(path)
     if "endpoint" in scope:  # routed, to something FastAPI does not name
         mount = scope.get("root_path", "")[len(root_path):]
         if mount:

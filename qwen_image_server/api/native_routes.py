@@ -24,6 +24,9 @@ from qwen_image_server.serving.info import server_info
 
 log = logging.getLogger(__name__)
 router = APIRouter()
+# What /generate and /edit answer with: the image, or JSON naming the saved file.
+IMAGE_OR_FILE = {"content": {"image/png": {}, "application/json": {"schema": GenerateFileResponse.model_json_schema()}},
+                 "description": "PNG bytes, or JSON when save_to_file is true."}
 
 
 @router.get("/health", response_model=HealthResponse, tags=["server"])
@@ -61,8 +64,7 @@ async def info(ctx: Ctx) -> InfoResponse:
 @router.post(
     "/generate",
     tags=["generate"],
-    responses={200: {"content": {"image/png": {}, "application/json": {"schema": GenerateFileResponse.model_json_schema()}},
-                     "description": "PNG bytes, or JSON when save_to_file is true."}, **ERROR_RESPONSES},
+    responses={200: IMAGE_OR_FILE, **ERROR_RESPONSES},
 )
 async def generate(body: GenerateRequest, request: Request, ctx: Ctx) -> Response:
     """Generate one image: PNG bytes, or (save_to_file) JSON naming the saved file."""
@@ -78,9 +80,7 @@ async def generate(body: GenerateRequest, request: Request, ctx: Ctx) -> Respons
     "/edit",
     tags=["edit"],
     openapi_extra=NATIVE_EDIT_BODY,
-    responses={200: {"content": {"image/png": {}, "application/json": {"schema": GenerateFileResponse.model_json_schema()}},
-                     "description": "PNG bytes, or JSON when save_to_file is true."},
-               404: {"model": ErrorResponse}, 413: {"model": ErrorResponse}, **ERROR_RESPONSES},
+    responses={200: IMAGE_OR_FILE, 404: {"model": ErrorResponse}, 413: {"model": ErrorResponse}, **ERROR_RESPONSES},
 )
 async def edit(request: Request, ctx: Ctx) -> Response:
     """Edit one to three images (multipart files `image`, or base64 `images` in JSON), optionally

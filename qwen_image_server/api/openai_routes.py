@@ -124,7 +124,7 @@ class _Answer:
             return EventSourceResponse(self._events(jobs))
         generation = self.ctx.generation
         results = await generation.wait_all(jobs, client_gone(self.request))
-        rendered = await asyncio.gather(*(self._render(job, result) for job, result in zip(jobs, results)))
+        rendered = await asyncio.gather(*(self._render(job, result) for job, result in zip(jobs, results, strict=True)))
         revised = self.body.model_prompt
         if self.body.response_format == "url":
             data = [ImageData(url=_store(self.ctx, self.request, item), revised_prompt=revised)
@@ -189,7 +189,7 @@ class _Answer:
                     yield format_sse_event(data_str=event.model_dump_json(), event=event.type)
         except errors.ServerError as exc:
             yield _error_event(ErrorDetail.of(exc))
-        except Exception:  # noqa: BLE001 - the status is sent; the client still needs to hear it failed
+        except Exception:  # the status is sent; the client still needs to hear it failed
             log.exception("request %d (openai): streaming failed", jobs[0].request_id)
             yield _error_event(ErrorDetail(message="Internal server error; the server logged the details.",
                                            type="server_error"))

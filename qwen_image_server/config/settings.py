@@ -104,17 +104,21 @@ class Settings(BaseSettings):
         default_factory=lambda: ["img_mlp"],
         description="Comma-separated transformer layer names kept unquantized (empty: quantize all).",
     )
-    compile: CliImplicitFlag[bool] = Field(False, description="torch.compile the transformer blocks (regional), warmed up at start.")
+    compile: CliImplicitFlag[bool] = Field(
+        False, description="torch.compile the transformer blocks (regional), warmed up at start.")
     cache: CacheName = Field("none", description="Step caching: none or cache-dit (DBCache).")
     cache_options: dict[str, float | int | bool | str] = Field(
         default_factory=dict,
-        description='cache-dit DBCacheConfig knobs as JSON, e.g. {"Fn_compute_blocks": 8, "residual_diff_threshold": 0.12}.',
+        description='cache-dit DBCacheConfig knobs as JSON, e.g. {"Fn_compute_blocks": 8, '
+        '"residual_diff_threshold": 0.12}.',
     )
     lora: str | None = Field(
-        None, description="A LoRA fused at startup: '<path or hub id>[,scale]' (hub files as 'repo/id:file.safetensors').",
+        None, description="A LoRA fused at startup: '<path or hub id>[,scale]' (hub files as "
+        "'repo/id:file.safetensors').",
     )
     lora_dir: Path | None = Field(
-        None, description="A folder of LoRA files (*.safetensors) requests may name in `loras`; a LoRA's name is its file's stem.",
+        None, description="A folder of LoRA files (*.safetensors) requests may name in `loras`; a LoRA's name "
+        "is its file's stem.",
     )
     loras: str = Field(
         "", description="Hub LoRAs requests may name: comma-separated 'name=owner/repo:file.safetensors' "
@@ -128,7 +132,8 @@ class Settings(BaseSettings):
         128, ge=1, description="With QWEN_IMAGE_COMPILE: the highest LoRA rank a request may use (adapters are "
         "hot-swapped into slots of this rank, so switching them compiles nothing).",
     )
-    attention: str = Field("native", description="diffusers attention backend: native (SDPA), flash, _flash_3, sage, ...")
+    attention: str = Field(
+        "native", description="diffusers attention backend: native (SDPA), flash, _flash_3, sage, ...")
     warmup: CliImplicitFlag[bool] = Field(False, description="Run one small generation before /ready turns 200.")
     warmup_aspect_ratios: Annotated[list[AspectRatio], NoDecode] = Field(
         default_factory=lambda: [DEFAULT_ASPECT_RATIO],
@@ -205,7 +210,8 @@ class Settings(BaseSettings):
         '{"min_replicas": 1, "max_replicas": 8}.',
     )
     ray_num_gpus: float | None = Field(
-        None, ge=0, description="GPUs per replica; default 1 when the cluster has GPUs (and device is not cpu), else 0.",
+        None, ge=0,
+        description="GPUs per replica; default 1 when the cluster has GPUs (and device is not cpu), else 0.",
     )
     ray_max_ongoing_requests: int | None = Field(
         None, ge=1, description="Requests one replica takes at once (default: max_queue plus one batch).",

@@ -110,7 +110,7 @@ class ResidentAdapters:
             self._resident[name] = self._load(name, path)
         except errors.ServerError:
             raise
-        except Exception as exc:  # noqa: BLE001 - a broken file must not break the server
+        except Exception as exc:  # a broken file must not break the server
             reason = f"loading it failed ({first_line(exc)})"
             log.warning("LoRA %s on %s: %s; marked unusable", name, self.model, reason)
             self.library.mark_unusable(name, reason)
@@ -172,7 +172,7 @@ class ResidentAdapters:
                 else:
                     state = _zero_state_dict(self.pipeline.transformer)
                 self.pipeline.load_lora_weights(state, adapter_name=f"slot{index}", hotswap=True)
-        except Exception as exc:  # noqa: BLE001 - the slots must not keep half a set
+        except Exception as exc:  # the slots must not keep half a set
             for index in range(self.slots):
                 self.pipeline.load_lora_weights(_zero_state_dict(self.pipeline.transformer),
                                                 adapter_name=f"slot{index}", hotswap=True)

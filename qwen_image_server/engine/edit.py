@@ -30,7 +30,7 @@ def over_same_modules(pipeline_class: type, pipeline: Any, **overrides: Any) -> 
     slower on an H200). Quantized or offloaded modules must not be cast at all, so nothing here
     calls `.to()`.
     """
-    wanted = set(inspect.signature(pipeline_class.__init__).parameters) - {"self"}
+    wanted = set(inspect.signature(pipeline_class).parameters)
     components = {name: part for name, part in pipeline.components.items() if name in wanted}
     return pipeline_class(**{**components, **overrides})
 

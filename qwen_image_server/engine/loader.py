@@ -2,8 +2,9 @@
 
 Every source ends in a folder on disk and the same `<class>.from_pretrained(folder)` call, the
 class read from the folder's own model_index.json (generation: QwenImagePipeline; editing:
-QwenImageEditPipeline, QwenImageEditPlusPipeline); the tiny models are only folders built once. A failure becomes `ModelLoadError` with one paragraph saying
-what was tried and what to do, which the caller prints instead of a traceback.
+QwenImageEditPipeline, QwenImageEditPlusPipeline); the tiny models are only folders built once.
+A failure becomes `ModelLoadError` with one paragraph saying what was tried and what to do, which
+the caller prints instead of a traceback.
 """
 
 from __future__ import annotations
@@ -177,7 +178,7 @@ def read_model(settings: Settings, ref: ModelRef, device: DeviceInfo, dtype: tor
             # Read here so that no torchvision is needed (see engine/processor.py).
             components["processor"] = load_processor(folder / "processor", components.get("tokenizer"))
         pipeline = getattr(diffusers, class_name).from_pretrained(folder, dtype=dtype, **components)
-    except Exception as exc:  # noqa: BLE001 - every failure becomes the one-paragraph message
+    except Exception as exc:  # every failure becomes the one-paragraph message
         raise _load_error(settings, ref, where, source, exc) from exc
     return LoadingModel(ref, source, folder, pipeline,
                         tuple(name for name in components if name not in ("processor", "tokenizer")), start)
@@ -191,7 +192,7 @@ def finish_model(settings: Settings, loading: LoadingModel, device: DeviceInfo, 
         options = prepare_pipeline(pipeline, settings, device, plan)
     except OptionUnavailable as exc:
         raise ModelLoadError(f"Could not start with these options: {str(exc).rstrip('. ')}.") from exc
-    except Exception as exc:  # noqa: BLE001
+    except Exception as exc:
         raise _load_error(settings, ref, f"preparing {type(pipeline).__name__} on {device.type}",
                           loading.source, exc) from exc
     total, size_mb = count_parameters(pipeline)

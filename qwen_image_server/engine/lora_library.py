@@ -35,7 +35,8 @@ FAMILY: dict[Task, str] = {"generate": "Qwen-Image", "edit": "Qwen-Image-Edit"}
 _BASE_KEYS = ("base_model", "modelspec.architecture", "ss_base_model_version", "base_model_name_or_path")
 
 # diffusers/PEFT key forms: "<prefix>.<module>.lora_A.weight" (A: rank x in, B: out x rank).
-_PEFT_KEY = re.compile(r"^(?:transformer\.|base_model\.model\.|diffusion_model\.)?(.+)\.lora_([AB])(?:\.default)?\.weight$")
+_PEFT_KEY = re.compile(
+    r"^(?:transformer\.|base_model\.model\.|diffusion_model\.)?(.+)\.lora_([AB])(?:\.default)?\.weight$")
 
 
 @dataclass(frozen=True, slots=True)
@@ -68,7 +69,7 @@ class LoraEntry:
                                      "as 'owner/repo:file.safetensors'")
                 weight_name = files[0]
             return Path(hf_hub_download(self.location, weight_name, local_files_only=not download))
-        except Exception:  # noqa: BLE001 - not cached yet (listing) or not reachable
+        except Exception:  # not cached yet (listing) or not reachable
             if download:
                 raise
             return None
@@ -124,7 +125,7 @@ def inspect_lora(path: Path) -> LoraFacts:
     try:
         with safe_open(str(path), framework="pt") as f:
             metadata = f.metadata() or {}
-            shapes = {key: tuple(f.get_slice(key).get_shape()) for key in f.keys()}
+            shapes = {key: tuple(f.get_slice(key).get_shape()) for key in f.keys()}  # noqa: SIM118 - a safetensors file, not a dict
     except Exception as exc:  # noqa: BLE001 - any unreadable file is "not a LoRA"
         return LoraFacts({}, None, None, problem=f"it is not a readable safetensors file ({first_line(exc)})")
     base = _stated_base(metadata, path.name)
@@ -391,7 +392,7 @@ class LoraLibrary:
             facts = self.facts(entry, download)
         except hub_refusals() as exc:  # the hub answered: no such repo, revision or file
             return f"The LoRA '{name}' could not be fetched from {entry.location}: {first_line(exc)}."
-        except Exception as exc:  # noqa: BLE001 - the hub or the network is down: not for good
+        except Exception as exc:  # the hub or the network is down: not for good
             raise errors.LoraUnavailable(f"The LoRA '{name}' could not be fetched from {entry.location} "
                                          f"right now: {first_line(exc)}.") from exc
         if facts is None:

@@ -187,7 +187,7 @@ def prepare_pipeline(pipeline: Any, settings: Settings, device: DeviceInfo,
     if lora is not None:
         try:
             fuse_lora(pipeline, lora)
-        except Exception as exc:  # noqa: BLE001 - a bad LoRA is a startup problem, said in one line
+        except Exception as exc:  # a bad LoRA is a startup problem, said in one line
             first = (str(exc).strip().splitlines() or [type(exc).__name__])[0]
             raise OptionUnavailable(f"the LoRA {lora.label} could not be loaded and fused: {first}") from exc
 

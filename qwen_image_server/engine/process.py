@@ -24,6 +24,7 @@ process group reaches the front, which drains and then stops its engines.
 
 from __future__ import annotations
 
+import contextlib
 import logging
 import multiprocessing
 import os
@@ -98,7 +99,7 @@ class PipelineFacts:
 def _facts(model: LoadedModel) -> LoadedModel:
     pipeline = model.pipeline
     tokenizer = getattr(pipeline, "tokenizer", None)
-    return replace(model, pipeline=PipelineFacts(  # type: ignore[arg-type]
+    return replace(model, pipeline=PipelineFacts(
         type(pipeline).__name__, getattr(tokenizer, "backend_tokenizer", tokenizer),
         int(getattr(pipeline, "tokenizer_max_length", 1024))))
 
@@ -150,7 +151,7 @@ def engine_main(conn: Connection, settings: Settings, gpu: int | None, loader: L
         engine = loader(settings)
         facts = facts_of(engine)  # an engine without models (a test's fake) has none to tell
         models = [_facts(model) for model in facts.models]
-    except BaseException as exc:  # noqa: BLE001 - reported to the front, which decides
+    except BaseException as exc:  # reported to the front, which decides
         if not isinstance(exc, errors.ModelLoadError):
             log.exception("engine failed to load")
         conn.send(LoadFailed(Failure.of(exc)))
@@ -191,7 +192,7 @@ def engine_main(conn: Connection, settings: Settings, gpu: int | None, loader: L
             send_loras()
             conn.send(Aborted())
             continue
-        except BaseException as exc:  # noqa: BLE001 - every failure goes back to the front
+        except BaseException as exc:  # every failure goes back to the front
             if not isinstance(exc, (DeviceOutOfMemory, DeviceFailure, errors.ServerError)):
                 log.exception("batch failed in the engine process")
             send_loras()  # before the error: the front's next check sees an unusable mark
@@ -306,10 +307,8 @@ class EngineProcess:
     def close(self) -> None:
         """Ask the engine to stop; kill it if it does not within a few seconds."""
         self._library.forget_engine(self.index)
-        try:
+        with contextlib.suppress(OSError):  # already gone
             self._conn.send(Stop())
-        except OSError:
-            pass  # already gone
         self._process.join(_STOP_TIMEOUT_S)
         if self._process.is_alive():
             log.warning("engine %d did not stop; killing it", self.index)

@@ -39,11 +39,11 @@ def has_torchvision() -> bool:
 
 
 @functools.cache
-def image_only_processor_class() -> type:
+def image_only_processor_class() -> Any:
     from transformers import Qwen2VLProcessor
     from transformers.processing_utils import ProcessorMixin
 
-    class ImageOnlyQwen2VLProcessor(Qwen2VLProcessor):  # type: ignore[misc]
+    class ImageOnlyQwen2VLProcessor(Qwen2VLProcessor):
         """Qwen2VLProcessor without the video processor.
 
         ProcessorMixin derives its sub-processors from __init__'s signature, so leaving

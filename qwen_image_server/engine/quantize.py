@@ -23,8 +23,9 @@ from qwen_image_server.engine.device import DeviceInfo
 
 log = logging.getLogger(__name__)
 
-# Layers kept in bf16 by default (QWEN_IMAGE_QUANTIZE_SKIP). The image-stream MLPs see latents whose range shifts across timesteps
-# and have no normalization to absorb rounding; over 60 residual blocks their error compounds
+# Layers kept in bf16 by default (QWEN_IMAGE_QUANTIZE_SKIP). The image-stream MLPs see latents
+# whose range shifts across timesteps and have no normalization to absorb rounding; over 60
+# residual blocks their error compounds
 # (vLLM-Omni's fp8 guide keeps `img_mlp` in bf16 for Qwen-Image for this reason).
 DEFAULT_SKIP: tuple[str, ...] = ("img_mlp",)
 

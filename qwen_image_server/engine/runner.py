@@ -120,7 +120,8 @@ class PipelineEngine:
             self.adapters.activate(first.loras)
         elif first.loras:
             raise LoraUnusable("This server has no LoRA library (QWEN_IMAGE_LORA_DIR, QWEN_IMAGE_LORAS).")
-        groups = self._equal_length_groups(specs) if self.equal_lengths_only and len(specs) > 1 else [list(range(len(specs)))]
+        one_group = [list(range(len(specs)))]
+        groups = self._equal_length_groups(specs) if self.equal_lengths_only and len(specs) > 1 else one_group
         if len(groups) == 1:
             return self._call(specs, on_step)
         images: list[Image.Image | None] = [None] * len(specs)
@@ -208,7 +209,7 @@ class PipelineEngine:
                 # load the text encoder beside it.
                 try:
                     pipeline.maybe_free_model_hooks()
-                except Exception:  # noqa: BLE001 - the error that ended the call is the one to report
+                except Exception:  # the error that ended the call is the one to report
                     log.exception("offloading after an interrupted call failed")
         return list(out.images)
 

@@ -7,6 +7,7 @@ built locally once, saved with `save_pretrained`, and loaded like any other pipe
 from __future__ import annotations
 
 import base64
+import contextlib
 import json
 import logging
 import os
@@ -152,10 +153,8 @@ def _ensure_built(target: Path, build: Callable[[Path], None], what: str) -> Pat
 def _discard(folder: Path) -> None:
     """Move `folder` out of the way (atomically) and delete it; fine if someone else already did."""
     trash = Path(tempfile.mkdtemp(prefix=f".{folder.name}.old-", dir=folder.parent))
-    try:
+    with contextlib.suppress(FileNotFoundError):
         os.replace(folder, trash / folder.name)
-    except FileNotFoundError:
-        pass
     shutil.rmtree(trash, ignore_errors=True)
 
 

@@ -155,12 +155,12 @@ def run_gunicorn(settings: Settings) -> int:
 
     from qwen_image_server.api.app import create_app
 
-    class DrainingArbiter(Arbiter):  # type: ignore[misc]
+    class DrainingArbiter(Arbiter):
         def handle_int(self) -> None:
             # Ctrl+C drains like SIGTERM (the seed's documented way to stop the server).
             self.handle_term()
 
-    class Application(BaseApplication):  # type: ignore[misc]
+    class Application(BaseApplication):
         def load_config(self) -> None:
             for key, value in gunicorn_options(settings).items():
                 if key in self.cfg.settings:  # older Gunicorns lack some options
@@ -180,11 +180,11 @@ try:  # Gunicorn and its uvicorn worker exist on POSIX only (Windows runs run_uv
     from gunicorn.arbiter import Arbiter as _Arbiter
     from uvicorn_worker import UvicornWorker
 except ImportError:  # pragma: no cover - Windows
-    UvicornWorker = None  # type: ignore[assignment,misc]
+    UvicornWorker = None
 
 if UvicornWorker is not None:
 
-    class QwenImageWorker(UvicornWorker):  # type: ignore[misc,valid-type]
+    class QwenImageWorker(UvicornWorker):
         """Gunicorn worker serving through GracefulServer and exiting with the app's exit code."""
 
         async def _serve(self) -> None:

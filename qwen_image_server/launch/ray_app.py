@@ -198,7 +198,9 @@ def deployment_options(settings: Settings, cluster_gpus: float) -> dict[str, Any
 def build_app(settings: Settings) -> Application:
     """The Ray Serve application: QwenImageDeployment with options from `settings`."""
     options = deployment_options(settings, _cluster_gpus())
-    return QwenImageDeployment.options(**options).bind(settings.model_dump(mode="json"))
+    # serve.deployment made the class a Deployment (which has `options`); mypy still sees the class.
+    deployment = QwenImageDeployment.options(**options)  # type: ignore[attr-defined]
+    return deployment.bind(settings.model_dump(mode="json"))
 
 
 def app_builder(args: dict[str, Any]) -> Application:
@@ -262,7 +264,7 @@ def token_refusal(address: str) -> str | None:
     """
     if address == "auto" or address.startswith("ray://"):
         return None
-    from ray._raylet import GcsClient  # what `ray start --address` asks first, too
+    from ray._raylet import GcsClient  # type: ignore[attr-defined]  # what `ray start --address` asks first
 
     with held_stderr() as held:  # the core's warning about the refusal, superseded by the reason
         try:

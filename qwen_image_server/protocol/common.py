@@ -67,7 +67,7 @@ def json_list(value: object) -> object:
     return value
 
 
-LORAS = Field(default_factory=list, description=(
+LORAS: list[LoraChoice] = Field(default_factory=list, description=(
     "LoRAs to apply, e.g. [{\"name\": \"watercolor\", \"scale\": 0.8}] (see GET /v1/loras; at most "
     "QWEN_IMAGE_MAX_LORAS_PER_REQUEST). A Lightning LoRA also sets its own sampler, and the default "
     "steps and CFG."))

@@ -26,6 +26,7 @@ from qwen_image_server.protocol.common import (
     parse_size,
 )
 
+
 class ImageGenerationRequest(OpenAIImageFields, PromptFields):
     """Body of POST /v1/images/generations: OpenAI's fields plus Qwen-Image's extras (`extra_body`),
     which are /generate's and validated the same way."""

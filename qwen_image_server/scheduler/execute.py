@@ -105,7 +105,7 @@ class BatchRunner:
             for job in batch:
                 book.finish_error(job, exc)
             return
-        except Exception:  # noqa: BLE001 - isolate the failure to this batch
+        except Exception:  # isolate the failure to this batch
             log.exception("batch %s failed (requests %s)", batch[0].batch_id, [j.request_id for j in batch])
             for job in batch:
                 book.finish_error(job, errors.InferenceFailed(

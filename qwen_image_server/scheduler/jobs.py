@@ -167,7 +167,7 @@ class JobBook:
         for listener in list(job.listeners):
             try:
                 listener(job, event)
-            except Exception:  # noqa: BLE001 - a broken listener must not break the engine
+            except Exception:  # a broken listener must not break the engine
                 log.exception("job listener failed on %s", event)
         self.observe(lambda o: o.job_event(job, event))
 
@@ -181,5 +181,5 @@ class JobBook:
             return
         try:
             call(self._observer)
-        except Exception:  # noqa: BLE001 - numbers must never break the engine
+        except Exception:  # numbers must never break the engine
             log.exception("scheduler observer failed")

@@ -9,6 +9,7 @@ load `attempts` times in a row is given up, and the scheduler dies only when eve
 
 from __future__ import annotations
 
+import functools
 import logging
 import threading
 from collections.abc import Callable
@@ -141,7 +142,7 @@ class SlotSupervisor:
                     close(engine)
                     return
                 if isinstance(engine, Supervised):
-                    engine.on_exit(lambda: self.engine_exited(slot, engine))
+                    engine.on_exit(functools.partial(self.engine_exited, slot, engine))
                 loss = self._run(slot, engine)
                 if loss is None:
                     return
@@ -213,5 +214,5 @@ def close(engine: Engine) -> None:
     if isinstance(engine, Supervised):
         try:
             engine.close()
-        except Exception:  # noqa: BLE001 - a failed close must not stop the others
+        except Exception:  # a failed close must not stop the others
             log.exception("closing an engine failed")

@@ -15,7 +15,7 @@ import asyncio
 import functools
 import itertools
 import logging
-from collections.abc import AsyncIterator, Awaitable, Callable, Sequence
+from collections.abc import AsyncGenerator, Awaitable, Callable, Mapping, Sequence
 from concurrent.futures import ThreadPoolExecutor
 from contextlib import aclosing
 from dataclasses import dataclass
@@ -253,9 +253,10 @@ class Generation:
         result = asyncio.wrap_future(job.future)
         if gone is None:
             return await result
-        left = asyncio.ensure_future(gone())
+        left: asyncio.Future[None] = asyncio.ensure_future(gone())
         try:
-            await asyncio.wait({result, left}, return_when=asyncio.FIRST_COMPLETED)
+            waiting: list[asyncio.Future[Any]] = [result, left]
+            await asyncio.wait(waiting, return_when=asyncio.FIRST_COMPLETED)
         except asyncio.CancelledError:
             # The request itself was cancelled: Ray Serve's way of saying its client went away.
             self._abandon(job, result)
@@ -276,17 +277,18 @@ class Generation:
 
     async def finished(self, jobs: Sequence[Job], gone: ClientGone | None = None,
                        ping_s: float | None = None, wake: Callable[[], Awaitable[Any]] | None = None,
-                       ) -> AsyncIterator[tuple[int, JobResult] | None]:
+                       ) -> AsyncGenerator[tuple[int, JobResult] | None, None]:
         """Yield (index, result) as the jobs finish, and None after every `ping_s` without one
         and whenever `wake()` completes (it is then called again: e.g. a preview is waiting).
 
         The first failure is raised; it, the client leaving, or the caller stopping early
         cancels every job not finished yet.
         """
-        index = {asyncio.ensure_future(self.wait(job, gone)): i for i, job in enumerate(jobs)}
+        index: dict[asyncio.Future[Any], int] = {
+            asyncio.ensure_future(self.wait(job, gone)): i for i, job in enumerate(jobs)}
         for task in index:
             task.add_done_callback(_mark_read)
-        pending = set(index)
+        pending: set[asyncio.Future[Any]] = set(index)
         waker: asyncio.Future[Any] | None = None
         try:
             while pending:
@@ -359,7 +361,7 @@ class Generation:
         return PreviewWatch(self.scheduler, jobs, LatestPreviews(asyncio.get_running_loop()))
 
 
-def _lora_listing(known: dict[str, object]) -> str:
+def _lora_listing(known: Mapping[str, object]) -> str:
     if not known:
         return "this server has none (QWEN_IMAGE_LORA_DIR, QWEN_IMAGE_LORAS)"
     names = sorted(known)

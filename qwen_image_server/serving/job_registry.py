@@ -290,7 +290,7 @@ class JobRegistry:
             record.image_id = self.results.put(rendered.data, rendered.media_type, id=f"job-{job.id}").id
         except errors.ServerError:
             pass  # the job's own error: its status says it
-        except Exception:  # noqa: BLE001 - rendering failed; the job must still end
+        except Exception:  # rendering failed; the job must still end
             log.exception("job %s: rendering failed", job.id)
             record.render_error = ErrorDetail(message="Rendering the image failed; the server logged the details.",
                                               type=errors.InferenceFailed.type)

@@ -76,7 +76,7 @@ class ModelRegistry:
 
     def tasks(self) -> dict[str, Task | None]:
         """Public name -> task of every configured model (None: not known until it loads)."""
-        loaded = {model.name: model.task for model in self.models}
+        loaded: dict[str, Task | None] = {model.name: model.task for model in self.models}
         if loaded:
             return loaded
         return {ref.name: _EMBEDDED_TASKS.get(ref.source) for ref in self.settings.models}

@@ -30,6 +30,7 @@ class TokenCounter:
     def __init__(self, tokenizer: Any) -> None:
         from tokenizers import Tokenizer
 
+        self._fast: Tokenizer | None
         if isinstance(tokenizer, Tokenizer):
             # The Rust backend an engine process sent: already the front's own copy.
             self._fast = tokenizer

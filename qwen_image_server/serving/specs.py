@@ -41,8 +41,7 @@ def build_specs(body: PromptFields, *, model: ModelChoice, loras: LoraSet, seeds
     if inputs is None:
         return [GenerationSpec(seed=seed, **shared) for seed in seeds]
     # Strength moves a masked area only; without a mask the whole image is the edit's.
-    masked = isinstance(body, EditFields) and inputs.mask is not None
-    strength = body.strength if masked else 1.0
+    strength = body.strength if isinstance(body, EditFields) and inputs.mask is not None else 1.0
     return [EditSpec(seed=seed, images=inputs.images, mask=inputs.mask, strength=strength,
                      inputs_digest=inputs.digest, one_prompt_per_call=model.one_prompt_per_call, **shared)
             for seed in seeds]
