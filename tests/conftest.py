@@ -99,6 +99,9 @@ class EngineHook:
         self.engine: Engine | None = None
         self.calls: list[list[int]] = []  # the seeds of every pipeline call, retries included
         self.specs: list[GenerationSpec] = []  # every image the engine was asked for, in order
+        self.steps: list[StepEvent] = []  # every step event the engine reported, previews included
+        self.previewed = threading.Event()  # set when hold_after_next_preview has held the engine
+        self._hold_after_preview = False
         self._open = threading.Event()
         self._open.set()
         self._faults: deque[BaseException | None] = deque()
@@ -122,16 +125,32 @@ class EngineHook:
         fault = self._faults.popleft() if self._faults else None
 
         def step(event: StepEvent) -> None:
-            if not self._open.wait(HOLD_LIMIT):
-                raise AssertionError("the test held the engine and never released it")
+            self._wait_open()
             if fault is not None:
                 raise fault
+            self.steps.append(event)
             on_step(event)
+            if event.previews and self._hold_after_preview:
+                # The server has the preview; the engine waits right after the step that made it.
+                self._hold_after_preview = False
+                self.hold()
+                self.previewed.set()
+                self._wait_open()
 
         return self.engine.run_batch(specs, step)
 
+    def _wait_open(self) -> None:
+        if not self._open.wait(HOLD_LIMIT):
+            raise AssertionError("the test held the engine and never released it")
+
     def hold(self) -> None:
         self._open.clear()
+
+    def hold_after_next_preview(self) -> None:
+        """The engine waits (until `release()`) right after the next step that made a preview,
+        once the server has that preview; `previewed` is set then."""
+        self.previewed.clear()
+        self._hold_after_preview = True
 
     def release(self) -> None:
         self._open.set()
@@ -142,6 +161,7 @@ class EngineHook:
 
     def reset(self) -> None:
         self._faults.clear()
+        self._hold_after_preview = False
         self.release()
 
 
@@ -185,9 +205,11 @@ class LiveServer(SchedulerView):
 
     def __init__(self, serve: Settings | FastAPI, engine_factory: Callable[[], Engine] | None = None) -> None:
         self.hook: EngineHook | None = None
+        self.settings: Settings | None = None  # what the test started it with (None: an app built elsewhere)
         if isinstance(serve, FastAPI):
             self.app = serve
         else:
+            self.settings = serve
             self.hook = EngineHook()
             self.app = create_app(serve, engine_factory=self.hook.wrap(engine_factory or real_engine_factory(serve)))
         config = uvicorn.Config(self.app, host="127.0.0.1", port=0, log_level="warning", lifespan="on")
@@ -210,10 +232,6 @@ class LiveServer(SchedulerView):
             # While the model loads, this process is busy building it: a slow answer on a
             # loaded machine means "not yet", not a failure.
             return False
-
-    @property
-    def ctx(self):
-        return self.app.state.ctx
 
     def client(self, **kwargs) -> httpx.Client:
         return httpx.Client(base_url=self.url, timeout=120, **kwargs)
@@ -264,6 +282,18 @@ def fake_server(tmp_path_factory) -> Iterator[LiveServer]:
     server = LiveServer(tiny_settings(tmp_path_factory.mktemp("fake-server")), FakeEngine).start()
     yield server
     server.stop()
+
+
+@pytest.fixture(scope="session")
+def tiny_pipeline(tmp_path_factory):
+    """The embedded tiny model, loaded straight with diffusers (not through the server): what
+    tests compare the server's answers with."""
+    from diffusers import QwenImagePipeline
+
+    from qwen_image_server.engine.tiny import ensure_tiny_model
+
+    cache = tiny_settings(tmp_path_factory.mktemp("tiny-pipeline")).cache_dir
+    return QwenImagePipeline.from_pretrained(ensure_tiny_model(cache))
 
 
 @pytest.fixture

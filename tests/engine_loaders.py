@@ -2,9 +2,10 @@
 or a LoRA load inside the engine process and can make a prompt crash its process.
 
 A loader runs in the engine process, so it is a picklable object (a module-level class), and the
-test talks to it through files: while `gate` exists every denoising step waits, and the engine
-writes `gate.held-<pid>` when a step is waiting (the batch is provably running in that process);
-`lora_gate` does the same for LoRA loads.
+test talks to it through files: while `gate` exists every denoising step waits (when the gate
+names process ids, only those engines' steps wait), and the engine writes `gate.held-<pid>` when
+a step is waiting (the batch is provably running in that process); `lora_gate` does the same for
+LoRA loads.
 """
 
 from __future__ import annotations
@@ -43,11 +44,20 @@ class GatedEngine:
         return self.engine.run_batch(specs, step)
 
 
+def _closed_for_me(gate: Path) -> bool:
+    """The gate exists and holds every engine (empty) or names this one's process id."""
+    try:
+        named = gate.read_text().split()
+    except FileNotFoundError:
+        return False
+    return not named or str(os.getpid()) in named
+
+
 def _wait_at(gate: Path) -> None:
-    """Wait while `gate` exists, saying so in `gate.held-<pid>`."""
+    """Wait while `gate` is closed for this engine, saying so in `gate.held-<pid>`."""
     held = gate.with_name(f"{gate.name}.held-{os.getpid()}")
     deadline = time.monotonic() + HOLD_LIMIT_S
-    while gate.exists() and time.monotonic() < deadline:
+    while _closed_for_me(gate) and time.monotonic() < deadline:
         held.touch()
         time.sleep(0.01)  # another process opens the gate: nothing to wait on but the file
     held.unlink(missing_ok=True)

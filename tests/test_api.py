@@ -38,9 +38,9 @@ def test_ready_is_200_once_loaded(client):
     assert client.get("/ready").json() == {"ready": True, "reason": None}
 
 
-def test_info_reports_true_model_facts(client, tiny_server):
+def test_info_reports_true_model_facts(client, tiny_pipeline):
     info = client.get("/info").json()
-    pipeline = tiny_server.ctx.model.pipeline
+    pipeline = tiny_pipeline
     params = sum(p.numel() for m in (pipeline.transformer, pipeline.vae, pipeline.text_encoder)
                  for p in m.parameters())
     assert info["total_parameters"] == params
@@ -95,7 +95,7 @@ def test_save_to_file_answers_json_and_writes_the_png(client, tiny_server):
     assert body["status"] == "success" and (body["width"], body["height"]) == (512, 512)
     assert re.fullmatch(rf"Qwen-Image-\d{{8}}_\d{{6}}-req{body['request_id']}\.png", Path(body["file_path"]).name)
     saved = Path(body["file_path"])
-    assert saved.parent == tiny_server.ctx.settings.output_dir
+    assert saved.parent == tiny_server.settings.output_dir
     assert Image.open(saved).size == (512, 512)
     assert not [p for p in saved.parent.iterdir() if p.name.startswith(".")]  # no temp files left
 

@@ -77,7 +77,7 @@ def test_no_keys_configured_means_open(client):
 
 
 def test_a_body_over_the_limit_is_a_413_in_the_common_shape(client, tiny_server):
-    limit = tiny_server.ctx.settings.max_body_bytes
+    limit = tiny_server.settings.max_body_bytes
     assert limit == 1024 * 1024  # the default
     big = b'{"prompt": "' + b"a" * limit + b'"}'
     error = assert_error(client.post("/generate", content=big, headers={"Content-Type": "application/json"}),
@@ -106,8 +106,8 @@ def accepted_jobs(live: LiveServer) -> int:
     return s["queue_length"] + s["running_batch_size"] + s["processed"] + s["failed"] + s["cancelled"]
 
 
-def test_a_prompt_over_the_token_limit_is_refused_before_queueing(client, tiny_server):
-    pipeline = tiny_server.ctx.model.pipeline
+def test_a_prompt_over_the_token_limit_is_refused_before_queueing(client, tiny_server, tiny_pipeline):
+    pipeline = tiny_pipeline
     limit = pipeline.tokenizer_max_length
     assert limit == 1024
 
@@ -154,7 +154,7 @@ def test_saved_files_are_served_by_name(client):
 
 
 def test_files_never_leave_the_output_folder(client, tiny_server, tmp_path):
-    out = tiny_server.ctx.settings.output_dir
+    out = tiny_server.settings.output_dir
     out.mkdir(parents=True, exist_ok=True)
     secret = tmp_path / "secret.png"
     secret.write_bytes(b"\x89PNG not yours")

@@ -105,7 +105,7 @@ def _bench_gpu():
 
 
 @pytest.mark.timeout(120)
-def test_full_size_edit_pipeline_shares_the_generation_modules_and_edits(tmp_path: Path) -> None:
+def test_full_size_edit_pipeline_shares_the_generation_modules_and_edits(tmp_path: Path, small_working_size) -> None:
     """The GPU run's edit model: the generation pipeline's modules in a QwenImageEditPlusPipeline,
     through the server's engine (here over the tiny modules, which have the same layout)."""
     import dataclasses

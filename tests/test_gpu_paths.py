@@ -10,10 +10,8 @@ compute capability).
 from __future__ import annotations
 
 import dataclasses
-import gc
 import random
 import weakref
-from collections.abc import Sequence
 
 import numpy as np
 import pytest
@@ -417,38 +415,35 @@ def test_fp8_size_estimate_counts_what_fp8_really_quantizes():
 
 # -- 4: the OOM retry frees the failed batch's memory first -------------------------------------
 
-class OomOnceEngine:
-    """Runs like the real engine's failure path: the pipeline allocates activations, then runs
-    out of memory; records whether those activations were still alive when memory was freed."""
+class AllocatingPipeline:
+    """A pipeline whose calls hold activations (a tensor in the call's frame) and run out of
+    memory for batches over one image: what the real engine's error path and the scheduler's
+    retry get from a device that is full."""
 
     def __init__(self) -> None:
-        self.activations: list[weakref.ref] = []
-        self.alive_at_free: list[bool] = []
+        self.scheduler = type("Scheduler", (), {"config": {}})()
+        self.activations: list[weakref.ref] = []  # each call's tensor
+        self.earlier_alive: list[bool] = []  # at each call: whether an earlier call's tensor lived on
         self.batches: list[int] = []
 
-    def _pipeline(self, batch: int) -> None:
-        activations = torch.empty(1_000_000)  # the failing call's device tensors
-        self.activations.append(weakref.ref(activations))
-        if batch > 1:
-            raise torch.OutOfMemoryError("CUDA out of memory. Tried to allocate 2.00 GiB")
+    def set_progress_bar_config(self, **kwargs) -> None:
+        pass
 
-    def run_batch(self, specs: Sequence[GenerationSpec], on_step) -> list:
+    def __call__(self, prompt, width, height, **kwargs):
         from PIL import Image
 
-        self.batches.append(len(specs))
-        try:
-            self._pipeline(len(specs))
-        except torch.OutOfMemoryError as exc:
-            raise DeviceOutOfMemory(str(exc)) from exc
-        return [Image.new("RGB", (8, 8)) for _ in specs]
-
-    def free_memory(self) -> None:
-        gc.collect()  # what PipelineEngine.free_memory does before torch.cuda.empty_cache()
-        self.alive_at_free.append(self.activations[0]() is not None)
+        self.earlier_alive.append(any(ref() is not None for ref in self.activations))
+        self.batches.append(len(prompt))
+        activations = torch.empty(1_000_000)  # the call's device tensors
+        self.activations.append(weakref.ref(activations))
+        if len(prompt) > 1:
+            raise torch.OutOfMemoryError("CUDA out of memory. Tried to allocate 2.00 GiB")
+        return type("Output", (), {"images": [Image.new("RGB", (width, height)) for _ in prompt]})()
 
 
 def test_out_of_memory_retry_frees_the_failed_batch_before_retrying():
-    engine = OomOnceEngine()
+    pipeline = AllocatingPipeline()
+    engine = pipeline_engine(pipeline)  # the real engine's error mapping and free_memory
     scheduler = Scheduler(lambda: engine, SchedulerConfig(max_batch_size=2))
     scheduler.start()
     try:
@@ -458,8 +453,9 @@ def test_out_of_memory_retry_frees_the_failed_batch_before_retrying():
     finally:
         scheduler.stop()
         scheduler.join(5)
-    assert engine.batches == [2, 1, 1]
-    assert engine.alive_at_free == [False]  # freed before the retry, so the retry has the memory
+    assert pipeline.batches == [2, 1, 1]
+    # The failed call's tensors were gone when each retry started: the retry had the memory.
+    assert pipeline.earlier_alive == [False, False, False]
 
 
 # -- 10: cuBLAS errors that are not fatal -------------------------------------------------------
@@ -476,12 +472,17 @@ class RaisingPipeline:
         raise self.error
 
 
-def raising_engine(error: BaseException) -> PipelineEngine:
-    model = type("Model", (), {"pipeline": RaisingPipeline(error), "max_prompt_tokens": 1024,
+def pipeline_engine(pipeline: object) -> PipelineEngine:
+    """The real PipelineEngine over a stand-in pipeline, as a GPU model."""
+    model = type("Model", (), {"pipeline": pipeline, "max_prompt_tokens": 1024,
                                "device": GPU, "task": "generate",
                                "options": type("Options", (), {"cache": "none", "offload": "none",
                                                                "attention": "native"})()})()
     return PipelineEngine(model)  # type: ignore[arg-type]
+
+
+def raising_engine(error: BaseException) -> PipelineEngine:
+    return pipeline_engine(RaisingPipeline(error))
 
 
 @pytest.mark.parametrize(("message", "becomes"), [
@@ -549,7 +550,7 @@ def test_images_from_quantized_offloaded_model_stay_close(tmp_path, gpu_facts):
     assert np.abs(image - baseline).mean() < 2.0
 
 
-def test_a_masked_edit_leaves_a_bfloat16_edit_model_in_bfloat16(tmp_path):
+def test_a_masked_edit_leaves_a_bfloat16_edit_model_in_bfloat16(tmp_path, small_working_size):
     """A masked edit runs a second pipeline over the edit model's modules. Making it must not
     cast them: a float32 cast doubles a GPU model's memory and makes every later step of that
     model run in float32."""

@@ -25,8 +25,13 @@ def scrape(client: httpx.Client) -> Samples:
 
 
 def value(samples: Samples, name: str, **labels: str) -> float:
-    """The sample with exactly these labels (0 when absent, as Prometheus treats a new series)."""
-    return samples.get((name, frozenset(labels.items())), 0.0)
+    """The sample with exactly these labels; a series the server does not export fails the test
+    (the server creates its label series up front, so a 0 is a real 0)."""
+    key = (name, frozenset(labels.items()))
+    if key not in samples:
+        exported = sorted({f"{n}{dict(ls)}" for n, ls in samples if n == name}) or "none of that name"
+        raise AssertionError(f"/metrics has no sample {name}{labels}; it has {exported}")
+    return samples[key]
 
 
 def total(samples: Samples, name: str, **labels: str) -> float:

@@ -61,7 +61,7 @@ def test_b64_json_is_a_png_of_the_requested_size(oai, tiny_server):
     assert response.size == "256x512" and response.output_format == "png"
     assert before <= response.created <= time.time() + 1
     assert response.data[0].revised_prompt == "a lighthouse, Ultra HD, 4K, cinematic composition."
-    assert response.model_extra["model"] == tiny_server.ctx.settings.model  # whatever model was asked for
+    assert response.model_extra["model"] == tiny_server.settings.model  # whatever model was asked for
     assert response.usage.output_tokens == (256 // 16) * (512 // 16)
     assert response.usage.input_tokens == response.usage.input_tokens_details.text_tokens > 0
 
@@ -149,14 +149,14 @@ def test_streaming_sends_one_completed_event_per_image(oai, reference):
 
 
 def test_models_lists_the_served_models(oai, tiny_server):
-    served = [ref.name for ref in tiny_server.ctx.settings.models]  # tiny: generation and edit
+    served = [ref.name for ref in tiny_server.settings.models]  # tiny: generation and edit
     assert [m.id for m in oai.models.list()] == served
     assert oai.models.retrieve(served[0]).owned_by == "qwen-image-server"
     with pytest.raises(openai.NotFoundError):
         oai.models.retrieve("dall-e-3")
 
 
-def test_auto_size_is_the_large_square(server):
+def test_auto_size_is_the_large_square_and_the_side_limits_are_accepted(server):
     # On a fake engine: what is at stake is the size asked of the engine and answered; the tiny
     # model makes a large image end to end in test_process.py.
     live = server(engine=FakeEngine)
@@ -165,6 +165,10 @@ def test_auto_size_is_the_large_square(server):
                          client.images.generate(prompt="a lighthouse", extra_body=FAST)):  # the default
             assert response.size == "1328x1328"
             assert decode(response.data[0].b64_json)[1].size == (1328, 1328)
+        for size in ("2048x256", "256x2048"):  # the largest and the smallest side, both allowed
+            response = client.images.generate(prompt="a lighthouse", size=size, extra_body=FAST)
+            width, height = map(int, size.split("x"))
+            assert response.size == size and decode(response.data[0].b64_json)[1].size == (width, height)
 
 
 @pytest.mark.parametrize(("kwargs", "param"), [

@@ -9,7 +9,6 @@ import asyncio
 import base64
 import io
 import json
-import threading
 from collections.abc import Iterator
 from contextlib import contextmanager
 
@@ -21,15 +20,15 @@ import torch
 from httpx_sse import connect_sse
 from PIL import Image
 
-from qwen_image_server.engine.previews import decode
-from qwen_image_server.engine.types import GenerationSpec, Preview, PreviewPlan
-from qwen_image_server.job_state import JobEvent
+from qwen_image_server.engine.previews import Previewer, decode
+from qwen_image_server.engine.types import Preview, PreviewPlan
 from qwen_image_server.serving.job_registry import JobRecord, Subscriber
 from tests.conftest import LiveServer, hold_engine, tiny_settings
 from tests.test_edit import picture
 from tests.test_metrics import scrape, value
 
 STEPS = 4
+pytestmark = pytest.mark.xdist_group("previews")  # the module's server, and the edit sizes it sets
 
 
 @pytest.fixture(scope="module")
@@ -132,29 +131,21 @@ def test_full_previews_are_decodes_of_the_image_so_far_and_their_time_is_reporte
 
 
 def test_a_late_subscriber_gets_the_newest_preview_at_once(live):
-    previewed, proceed = threading.Event(), threading.Event()
-
-    def pause_after_first_preview(job, event) -> None:  # on the engine thread: holds the batch
-        if event is JobEvent.PREVIEW and not proceed.is_set():
-            previewed.set()
-            assert proceed.wait(120), "the test never let the engine go on"
-
-    with hold_engine(live):
-        created = httpx.post(f"{live.url}/v1/jobs", json=job_body(13, preview="latent"), timeout=60).json()
-        job = live.ctx.jobs.get(created["id"]).job
-        live.ctx.scheduler.add_listener(job, pause_after_first_preview)
+    hook = live.hook
+    hook.hold_after_next_preview()
     try:
-        assert previewed.wait(120), "no preview was made"
+        created = httpx.post(f"{live.url}/v1/jobs", json=job_body(13, preview="latent"), timeout=60).json()
+        assert hook.previewed.wait(120), "no preview was made"
         # The engine now waits after step 1; a client that only now subscribes...
         with event_stream(live.url, created["id"]) as stream:
             assert next(stream)[0] == "started"
             name, data = next(stream)
             # ...sees the image so far at once, before any further step.
             assert (name, data["step"]) == ("preview", 1)
-            proceed.set()
+            hook.release()
             rest = list(stream)
     finally:
-        proceed.set()
+        hook.reset()
     assert rest[-1][0] == "succeeded"
 
 
@@ -226,11 +217,13 @@ def test_a_batch_with_one_previewing_job_gives_every_image_byte_identical(live):
 
 # -- OpenAI partial images -----------------------------------------------------------------------
 
-def test_partial_images_stream_before_each_completed_image(oai):
+def test_partial_images_stream_before_each_completed_image(oai, live):
     extra = {"num_inference_steps": 6, "seed": 31}
+    seen = len(live.hook.steps)
     stream = oai.images.generate(prompt="a paper boat", size="256x256", n=2, stream=True, partial_images=2,
                                  output_format="jpeg", extra_body=extra)
     events = list(stream)
+    made = [p for event in live.hook.steps[seen:] for p in event.previews.values()]  # as the engine made them
     types = [event.type for event in events]
     assert types.count("image_generation.completed") == 2
     assert types.count("image_generation.partial_image") == 4  # 2 per image, at steps 2 and 4 of 6
@@ -247,7 +240,19 @@ def test_partial_images_stream_before_each_completed_image(oai):
             completed_seen += 1
             assert event.usage.output_tokens == (256 // 16) ** 2
     assert sorted(partial_indexes) == [0, 0, 1, 1]
-    assert types[-1] == "image_generation.completed" and types[0] == "image_generation.partial_image"
+    # One batch: every partial image comes before the first completed one.
+    assert types == ["image_generation.partial_image"] * 4 + ["image_generation.completed"] * 2
+    # Each partial image is one of the engine's previews (steps 2 and 4 of each image), each sent
+    # once, at the image's size.
+    assert sorted(p.step for p in made) == [2, 2, 4, 4]
+    partials = [pixels(image_of(e.b64_json)) for e in events if e.type == "image_generation.partial_image"]
+
+    def distance(made_index: int, part: np.ndarray) -> float:
+        return float(np.abs(pixels(made[made_index].image) - part).mean())
+
+    matches = [min(range(len(made)), key=lambda i, part=part: distance(i, part)) for part in partials]
+    assert sorted(matches) == [0, 1, 2, 3], matches
+    assert all(distance(i, part) < 3 for i, part in zip(matches, partials, strict=True))  # JPEG at quality 100
 
     # The same request without a stream: the same images, byte for byte.
     plain = oai.images.generate(prompt="a paper boat", size="256x256", n=2, output_format="jpeg", extra_body=extra)
@@ -308,22 +313,18 @@ def test_partial_images_outside_0_to_3_are_400_naming_the_field(oai, value):
 def test_the_clean_estimate_at_the_last_step_is_the_final_image(live):
     """x0 = x_t - sigma_t * v with the scheduler's own sigma and the velocity after CFG: at the
     last step (sigma_next = 0) it is exactly the latents the pipeline decodes."""
-    spec = GenerationSpec(prompt="a paper boat", negative_prompt="blurry", width=64, height=96,
-                          num_inference_steps=3, true_cfg_scale=4.0, seed=5, model="tiny",
-                          preview=PreviewPlan("full", every=1))
-    previews: dict[int, Preview] = {}
-    with hold_engine(live):
-        job = live.ctx.scheduler.submit(spec, request_id=0)
-        live.ctx.scheduler.add_listener(job, lambda job, event: event is JobEvent.PREVIEW and previews.update(
-            {job.preview.step: job.preview}))
-    result = job.future.result(timeout=120)
+    body = {**job_body(5, preview="full"), "preview_every": 1, "num_inference_steps": 3, "negative_prompt": "blurry"}
+    seen = len(live.hook.steps)
+    _, final = run_job(live, body)
+    # The previews as the engine made them (the seam sees them before any encoding).
+    previews = {p.step: p for event in live.hook.steps[seen:] for p in event.previews.values()}
     assert sorted(previews) == [1, 2, 3]
-    final = pixels(result.image)
-    assert previews[3].image.size == result.image.size == (64, 96)
-    assert np.abs(pixels(previews[3].image) - final).max() <= 1
+    image = pixels(Image.open(io.BytesIO(final_png(final))))
+    assert previews[3].image.size == (final["width"], final["height"])
+    assert np.abs(pixels(previews[3].image) - image).max() <= 1
     # Earlier estimates are of the same picture, less finished.
-    assert np.abs(pixels(previews[2].image) - final).mean() > 0
-    assert result.preview_time >= sum(p.seconds for p in previews.values())
+    assert np.abs(pixels(previews[2].image) - image).mean() > 0
+    assert final["preview_time"] >= round(sum(p.seconds for p in previews.values()), 3) - 0.001
 
 
 def test_partial_image_steps_are_spread_before_the_end():
@@ -332,9 +333,9 @@ def test_partial_image_steps_are_spread_before_the_end():
     assert [s for s in range(1, 7) if PreviewPlan("latent", every=2).due(s, 6)] == [2, 4, 6]
 
 
-def test_the_latent_projection_follows_the_vae_decode(live):
+def test_the_latent_projection_follows_the_vae_decode(tiny_pipeline):
     """On latents it was not fitted to, the projection's colours go with the VAE's decode."""
-    previewer = live.hook.engine.engines["tiny"].previewer
+    previewer = Previewer.for_pipeline(tiny_pipeline, torch.device("cpu"))  # as the engine makes its own
     generator = torch.Generator().manual_seed(99)
     coarse = torch.randn(3, 16, 6, 6, generator=generator)
     latents = torch.nn.functional.interpolate(coarse, size=(24, 24), mode="bilinear") + \

@@ -485,7 +485,9 @@ def test_killing_a_replica_mid_load_leaves_no_request_unanswered(deployment: Dep
     # The load is flowing: every replica holds requests and more wait in the proxy.
     victim = next(a.headers["x-replica"] for a in answers
                   if isinstance(a, httpx.Response) and a.status_code == 200)
+    pending_at_kill = len(bodies) - len(answers)
     ray.kill(ray.get_actor(replica_actors()[victim], namespace="serve"), no_restart=True)
+    assert pending_at_kill > 0, "every request was answered before the kill: nothing was at stake"
     sender.join(ANSWER_TIMEOUT + 30)
     assert not sender.is_alive(), "a request was never answered"
 

@@ -9,14 +9,12 @@ and a server with API keys where the page asks for the key. Screenshots go to te
 from __future__ import annotations
 
 import re
-import threading
 from collections.abc import Iterator
 from pathlib import Path
 
 import httpx
 import pytest
 
-from qwen_image_server.job_state import JobEvent
 from tests.conftest import CHROMIUM, ROOT, LiveServer, hold_engine, tiny_settings
 
 pytestmark = pytest.mark.xdist_group("web")  # one browser and one server for the module
@@ -201,26 +199,18 @@ def test_generate_cancel_errors_and_gallery(browser, live):
 
 
 def test_the_image_fills_in_live_then_the_final_image_replaces_it(browser, live):
-    previewed, proceed = threading.Event(), threading.Event()
-
-    def pause_after_first_preview(job, event) -> None:  # on the engine thread: holds the batch
-        if event is JobEvent.PREVIEW and not proceed.is_set():
-            previewed.set()
-            assert proceed.wait(SLOW / 1000), "the test never let the engine go on"
-
+    hook = live.hook
     watched = Watched(browser, live.url, viewport={"width": 1280, "height": 800})
     page = watched.page
     page.goto(live.url + "/")
     page.fill("#num_inference_steps", "3")
     page.fill("#prompt", "a lighthouse in fog")
+    hook.hold_after_next_preview()
     try:
-        with hold_engine(live):
-            with page.expect_response(lambda r: r.url.endswith("/v1/jobs") and r.request.method == "POST") as sent:
-                page.click("#generate")
-            assert sent.value.request.post_data_json["preview"] == "latent"
-            job = live.ctx.jobs.get(sent.value.json()["id"]).job
-            live.ctx.scheduler.add_listener(job, pause_after_first_preview)
-        assert previewed.wait(SLOW / 1000), "no preview was made"
+        with page.expect_response(lambda r: r.url.endswith("/v1/jobs") and r.request.method == "POST") as sent:
+            page.click("#generate")
+        assert sent.value.request.post_data_json["preview"] == "latent"
+        assert hook.previewed.wait(SLOW / 1000), "no preview was made"
         # The engine waits after step 1: what the page shows is the image so far.
         preview = page.locator("#preview-image")
         expect(preview).to_be_visible()
@@ -229,10 +219,10 @@ def test_the_image_fills_in_live_then_the_final_image_replaces_it(browser, live)
         expect(page.locator("#preview-caption")).to_have_text("Preview after step 1 of 3")
         expect(page.locator("#result-empty")).to_be_hidden()
         screenshot(page, "web-playground-preview.png")
-        proceed.set()
+        hook.release()
         wait_for_image(page)
     finally:
-        proceed.set()
+        hook.reset()
     expect(preview).to_be_hidden()
     assert page.eval_on_selector("#result-image", "i => i.naturalWidth") == 512
     watched.close()

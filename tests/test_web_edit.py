@@ -4,6 +4,7 @@ result in the same gallery, and a server without an edit model."""
 
 from __future__ import annotations
 
+import base64
 import io
 from collections.abc import Iterator
 
@@ -47,18 +48,43 @@ def drop_file(page, selector: str, name: str, data: bytes) -> None:
     )
 
 
-def test_edit_with_dropped_images_and_a_painted_mask(browser, live, monkeypatch):
+# In the page: every multipart body fetch() sends is recorded as [name, base64 content] pairs.
+RECORD_FORMS = """
+(() => {
+    const sent = window.__sentForms = [];
+    const fetch = window.fetch;
+    window.fetch = async (url, options = {}) => {
+        if (options.body instanceof FormData) {
+            const parts = [];
+            for (const [name, value] of options.body.entries()) {
+                const bytes = value instanceof Blob ? new Uint8Array(await value.arrayBuffer())
+                                                    : new TextEncoder().encode(value);
+                parts.push([name, btoa(Array.from(bytes, (b) => String.fromCharCode(b)).join(""))]);
+            }
+            sent.push({url: String(url), parts});
+        }
+        return fetch(url, options);
+    };
+})();
+"""
+
+
+def sent_edits(page) -> list[tuple[list[bytes], bytes | None]]:
+    """(images, mask) of every edit the page has sent, as uploaded."""
+    edits = []
+    for form in page.evaluate("window.__sentForms"):
+        if not form["url"].endswith("v1/jobs/edit"):  # as the page writes it, relative
+            continue
+        parts = [(name, base64.b64decode(data)) for name, data in form["parts"]]
+        images = [data for name, data in parts if name in ("image", "image[]")]
+        edits.append((images, next((data for name, data in parts if name == "mask"), None)))
+    return edits
+
+
+def test_edit_with_dropped_images_and_a_painted_mask(browser, live):
     watched = Watched(browser, live.url, viewport={"width": 1280, "height": 900})
     page = watched.page
-    sent: list[tuple[list, object]] = []  # what the server received: (images, mask) uploads
-    generation = live.ctx.generation
-    real = generation.read_edit_inputs
-
-    async def recording(images, mask, model):
-        sent.append((list(images), mask))
-        return await real(images, mask, model)
-
-    monkeypatch.setattr(generation, "read_edit_inputs", recording)
+    page.add_init_script(RECORD_FORMS)  # what the page uploads, seen from the page
     page.goto(live.url + "/")
     page.click("label[for='mode-edit']")
     expect(page.locator("#mode-edit")).to_be_checked()
@@ -70,7 +96,7 @@ def test_edit_with_dropped_images_and_a_painted_mask(browser, live, monkeypatch)
     page.fill("#num_inference_steps", "2")
     page.click("#generate")
     expect(page.locator("#image-error")).to_contain_text("Add the image to edit first")
-    assert not sent
+    assert not sent_edits(page)
 
     # Two images (one dropped, one chosen): no mask editor, both uploaded.
     drop_file(page, "#drop-zone", "first.png", png(1))
@@ -82,9 +108,8 @@ def test_edit_with_dropped_images_and_a_painted_mask(browser, live, monkeypatch)
     assert page.eval_on_selector("#result-image", "i => i.naturalWidth") == 384  # 96x64 snapped
     assert page.eval_on_selector("#result-image", "i => i.naturalHeight") == 256
     expect(page.locator("#result-meta")).to_contain_text("Edit · 384 × 256")
-    images, mask = sent[-1]
-    assert [upload.field for upload in images] == ["image[0]", "image[1]"] and mask is None
-    assert images[0].data == png(1) and images[1].data == png(2)  # dropped first, chosen second
+    images, mask = sent_edits(page)[-1]
+    assert images == [png(1), png(2)] and mask is None  # dropped first, chosen second
 
     # One image, a stroke of the brush: the mask goes along, transparent where painted.
     page.click("#edit-images li:nth-child(2) button")
@@ -100,9 +125,9 @@ def test_edit_with_dropped_images_and_a_painted_mask(browser, live, monkeypatch)
     page.click("#generate")
     expect(page.locator("#gallery li")).to_have_count(2, timeout=SLOW)
     wait_for_image(page)
-    images, upload = sent[-1]
-    assert len(images) == 1 and upload is not None and upload.field == "mask"
-    mask = Image.open(io.BytesIO(upload.data)).convert("RGBA")
+    images, upload = sent_edits(page)[-1]
+    assert len(images) == 1 and upload is not None
+    mask = Image.open(io.BytesIO(upload)).convert("RGBA")
     alpha = np.asarray(mask.getchannel("A"))
     assert mask.size == (96, 64) and alpha[32, 48] == 0 and alpha[2, 2] == 255  # painted: change
     screenshot(page, "web-playground-edit.png")
