@@ -10,6 +10,7 @@ One front with two engine processes is shared by the module (each engine costs a
 from __future__ import annotations
 
 import os
+import re
 import signal
 import subprocess
 import sys
@@ -279,6 +280,33 @@ print(image.status_code, image.headers["content-type"], too_long.status_code, to
 """
 
 
+PRELOAD_CHECK = """
+import threading
+
+import torch
+
+# CUDA made to look present, and its one way to start recorded: what the preload would do on a GPU.
+started = []
+torch.cuda.is_available = lambda: True
+torch.cuda.device_count = lambda: 1
+torch.cuda._lazy_init = lambda: started.append("cuda")
+
+import qwen_image_server.engine.preload
+
+print(started, threading.active_count(), "diffusers" in __import__("sys").modules)
+"""
+
+
+def test_the_engines_fork_server_imports_the_model_libraries_without_starting_cuda():
+    """Engines are forked from a server that imported torch and diffusers once. A process forked
+    after CUDA started could not use its GPU, nor pin one: so the preload must never start CUDA,
+    even where CUDA is present, and must leave no thread running that a fork would cut."""
+    done = subprocess.run([sys.executable, "-c", PRELOAD_CHECK], cwd=Path(__file__).parents[1],
+                          capture_output=True, text=True, timeout=240)
+    assert done.returncode == 0, done.stderr[-4000:]
+    assert done.stdout.split("\n")[-2] == "[] 1 True", done.stdout
+
+
 def test_the_front_imports_no_model_library_and_still_counts_prompt_tokens(tmp_path):
     """A front whose engines are processes (the default) never imports diffusers, transformers,
     peft or ray: it starts in a second or two, not six, and holds none of their memory. It still
@@ -288,10 +316,6 @@ def test_the_front_imports_no_model_library_and_still_counts_prompt_tokens(tmp_p
                           capture_output=True, text=True, timeout=240)
     assert done.returncode == 0, done.stderr[-4000:]
     assert done.stdout.split("\n")[-2] == "200 image/png 400 too_many_tokens []", done.stdout
-
-
-def _parent_of(pid: int) -> int:
-    return int(Path(f"/proc/{pid}/stat").read_text().rsplit(")", 1)[1].split()[1])
 
 
 def _running(pid: int) -> bool:
@@ -331,9 +355,9 @@ def test_workers_2_is_one_front_two_engines_and_the_engines_die_with_the_front(s
         assert value(m, "qwen_image_engine_batches_total", engine=str(engine["index"])) == engine["batches"]
 
     engines = [e["pid"] for e in info["engines"]]
-    front = {_parent_of(pid) for pid in engines}
-    assert len(front) == 1 and server.proc.pid not in engines
-    os.kill(front.pop(), signal.SIGKILL)
+    [front] = re.findall(r"Booting worker with pid: (\d+)", server.output())  # Gunicorn's one worker
+    assert server.proc.pid not in engines and int(front) not in engines
+    os.kill(int(front), signal.SIGKILL)
     wait_until(lambda: not any(_running(pid) for pid in engines), 10, "the engines to exit after their front")
 
     def fronts_booted() -> int:

@@ -2,9 +2,12 @@
 
 The front (HTTP, validation, the queue, every job's state) talks to `EngineProcess`, which is an
 `Engine` like the in-process one: `run_batch(specs, on_step)` and `free_memory()`. Underneath, a
-child process started with multiprocessing's "spawn" context (a fresh interpreter: no CUDA state
-or threads copied from the front) pins itself to its GPU with CUDA_VISIBLE_DEVICES, loads the
-models with the same loader as the in-process engine, and serves batches. The messages that cross
+child process pins itself to its GPU with CUDA_VISIBLE_DEVICES, loads the models with the same
+loader as the in-process engine, and serves batches. It is forked from a fork server that
+imported the model libraries once (`engine/preload.py`), so an engine (a restart, the second of
+WORKERS) starts in the time of its model load; nothing of the front is copied (no threads, no
+CUDA state), and the fork server never starts CUDA. Where there is no fork server (Windows) each
+engine is a fresh interpreter ("spawn"). The messages that cross
 the pipe are the small types of `engine/messages.py`: specs out, step events, images and errors
 back. A cancel (the front's step callback raising) sends `Abort`: the engine stops at its next
 step.
@@ -30,6 +33,7 @@ import multiprocessing
 import os
 import queue
 import signal
+import sys
 import threading
 from collections.abc import Callable, Sequence
 from dataclasses import dataclass, replace
@@ -46,6 +50,7 @@ from qwen_image_server.engine.messages import (
     Done,
     Failed,
     Failure,
+    FailureKind,
     Free,
     Freed,
     FromEngine,
@@ -78,7 +83,18 @@ log = logging.getLogger(__name__)
 
 # A loader runs in the engine process: settings -> an engine (picklable: a module-level function).
 Loader = Callable[[Settings], "Engine"]
-_CONTEXT = multiprocessing.get_context("spawn")
+PRELOAD = "qwen_image_server.engine.preload"
+
+
+def _engine_context() -> multiprocessing.context.ForkServerContext | multiprocessing.context.SpawnContext:
+    if "forkserver" not in multiprocessing.get_all_start_methods():
+        return multiprocessing.get_context("spawn")
+    context = multiprocessing.get_context("forkserver")
+    context.set_forkserver_preload([PRELOAD])
+    return context
+
+
+_CONTEXT = _engine_context()
 _STOP_TIMEOUT_S = 10.0
 
 
@@ -104,6 +120,12 @@ def _facts(model: LoadedModel) -> LoadedModel:
         int(getattr(pipeline, "tokenizer_max_length", 1024))))
 
 
+def cuda_started() -> bool:
+    """This process (or the one it was forked from) has started CUDA: torch is imported and says so."""
+    torch = sys.modules.get("torch")
+    return bool(torch is not None and torch.cuda.is_initialized())
+
+
 def _memory() -> dict[str, float] | None:
     from qwen_image_server.engine.device import gpu_memory_mb, resolve_device
 
@@ -125,6 +147,11 @@ def pinned_device(gpu: int, visible: str | None) -> str:
 def engine_main(conn: Connection, settings: Settings, gpu: int | None, loader: Loader) -> None:
     """The engine process: pin the GPU, load, then serve the front's commands until `Stop` or
     until the front is gone."""
+    if cuda_started():
+        # Forked after CUDA started: this process can neither use that context nor pin its GPU.
+        conn.send(LoadFailed(Failure(FailureKind.LOAD, "CUDA was started before this engine process could "
+                                     "pin its GPU; the server cannot give each engine its own GPU.")))
+        _exit()
     if gpu is not None:  # before anything touches CUDA
         os.environ["CUDA_VISIBLE_DEVICES"] = pinned_device(gpu, os.environ.get("CUDA_VISIBLE_DEVICES"))
     signal.signal(signal.SIGINT, signal.SIG_IGN)
