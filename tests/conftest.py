@@ -72,7 +72,10 @@ def pytest_configure(config: pytest.Config) -> None:
     if workers > 1:
         import torch
 
-        torch.set_num_threads(max(1, (os.cpu_count() or 1) // workers))
+        share = max(1, (os.cpu_count() or 1) // workers)
+        torch.set_num_threads(share)
+        # The engine processes a worker's fronts start read it from the environment.
+        os.environ.setdefault("OMP_NUM_THREADS", str(share))
 
 
 def wait_until(predicate, timeout: float, what: str, interval: float = 0.05) -> None:
@@ -391,6 +394,16 @@ def browser() -> Iterator:
 def client(tiny_server: LiveServer) -> Iterator[httpx.Client]:
     with tiny_server.client() as c:
         yield c
+
+
+def run_cli(*args: str) -> int:
+    """`qwen-image <args>` in this process (where the subject is what the command does, not the
+    process it runs in); its exit code."""
+    from qwen_image_server.cli import main
+
+    with pytest.raises(SystemExit) as done:
+        main(list(args))
+    return int(done.value.code or 0)
 
 
 def open_request(url: str, path: str, body: dict, headers: dict[str, str] | None = None) -> socket.socket:

@@ -20,7 +20,7 @@ from PIL import Image
 from qwen_image_server.api.app import create_app, real_engine_factory
 from qwen_image_server.engine.types import EditSpec, GenerationSpec
 from qwen_image_server.scheduler import Scheduler, SchedulerConfig
-from tests.conftest import LiveServer, tiny_settings, wait_until
+from tests.conftest import LiveServer, run_cli, tiny_settings, wait_until
 from tests.fakes import FakeEngine
 
 STEPS = 2
@@ -178,14 +178,6 @@ def test_edits_batch_only_with_compatible_edits_never_with_generations():
 
 
 # -- the command line --------------------------------------------------------------------------
-
-
-def run_cli(*args: str) -> int:
-    from qwen_image_server.cli import main
-
-    with pytest.raises(SystemExit) as done:
-        main(list(args))
-    return done.value.code
 
 
 def test_cli_edits_locally_and_on_a_running_server(edit_server, small_working_size, tmp_path, capsys):

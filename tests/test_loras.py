@@ -11,8 +11,6 @@ import dataclasses
 import io
 import json
 import math
-import subprocess
-import sys
 import threading
 from collections.abc import Iterator
 
@@ -30,9 +28,8 @@ from qwen_image_server.engine.types import GenerationSpec
 from qwen_image_server.scheduler import Scheduler, SchedulerConfig
 from tests.conftest import (
     LiveServer,
-    free_port,
     hold_engine,
-    server_env,
+    run_cli,
     tiny_settings,
     wait_until,
 )
@@ -272,23 +269,16 @@ def test_a_job_says_while_it_waits_for_its_lora_to_load(live, lora_dir, monkeypa
         fresh.unlink()
 
 
-def test_cli_lora_flag_locally_and_on_a_server(live, lora_dir, tmp_path):
-    env = server_env(free_port(), QWEN_IMAGE_LORA_DIR=str(lora_dir))
-    common = ["a lighthouse", "--num-inference-steps", "2", "--seed", "8", "--lora", "style:0.8"]
-    remote = subprocess.run([sys.executable, "-m", "qwen_image_server", "generate", *common,
-                             "--url", live.url, "--out", str(tmp_path / "remote.png")],
-                            cwd=tmp_path, env=env, capture_output=True, text=True, timeout=300)
-    assert remote.returncode == 0, remote.stderr[-3000:]
+def test_cli_lora_flag_locally_and_on_a_server(live, lora_dir, tmp_path, capsys):
+    common = ["a lighthouse", "--num-inference-steps", "2", "--seed", "8", "--lora", "style:0.8",
+              "--lora-dir", str(lora_dir), "--output-dir", str(tmp_path)]
+    assert run_cli("generate", *common, "--url", live.url, "--out", str(tmp_path / "remote.png")) == 0
     assert live.hook.specs[-1].loras == (("style", 0.8),)
-    local = subprocess.run([sys.executable, "-m", "qwen_image_server", "generate", *common,
-                            "--out", str(tmp_path / "local.png")],
-                           cwd=tmp_path, env=env, capture_output=True, text=True, timeout=300)
-    assert local.returncode == 0, local.stderr[-3000:]
+    assert run_cli("generate", *common, "--out", str(tmp_path / "local.png")) == 0
     assert (tmp_path / "local.png").read_bytes() == (tmp_path / "remote.png").read_bytes()
-    unknown = subprocess.run([sys.executable, "-m", "qwen_image_server", "generate", "x", "--url", live.url,
-                              "--lora", "nope"], cwd=tmp_path, env=env, capture_output=True, text=True,
-                             timeout=120)
-    assert unknown.returncode == 1 and "no LoRA named 'nope'" in unknown.stderr
+    capsys.readouterr()
+    assert run_cli("generate", "x", "--url", live.url, "--lora", "nope") == 1
+    assert "no LoRA named 'nope'" in capsys.readouterr().err
 
 
 # -- Lightning: its sampler and defaults for its batch only ----------------------------------

@@ -25,6 +25,7 @@ from tests.conftest import (
     ServerProcess,
     free_port,
     hold_engine,
+    run_cli,
     server_env,
     start_process,
     wait_until,
@@ -227,15 +228,13 @@ def test_model_that_cannot_load_exits_with_a_paragraph_not_a_traceback(spawn, tm
     assert "Traceback" not in out
 
 
-def test_generate_cli_writes_one_image_without_a_server(tmp_path):
-    done = subprocess.run(
-        [sys.executable, "-m", "qwen_image_server", "generate", "a cat", "--aspect-ratio", "s1:1",
-         "--out", "cat.png", "--num-inference-steps", "2", "--add-overlay"],
-        cwd=tmp_path, env=server_env(free_port()), capture_output=True, text=True, timeout=300)
-    assert done.returncode == 0, done.stderr
+def test_generate_cli_writes_one_image_without_a_server(tmp_path, capsys):
+    out = tmp_path / "cat.png"
+    assert run_cli("generate", "a cat", "--aspect-ratio", "s1:1", "--out", str(out), "--num-inference-steps", "2",
+                   "--add-overlay", "--output-dir", str(tmp_path)) == 0
     # The large presets are made end to end once (the start script test); here the CLI's own flags.
-    assert Image.open(tmp_path / "cat.png").size == (512, 512)
-    assert "saved cat.png (512x512" in done.stdout
+    assert Image.open(out).size == (512, 512)
+    assert f"saved {out} (512x512" in capsys.readouterr().out
 
 
 @pytest.mark.xdist_group("start-script")
@@ -250,13 +249,10 @@ def test_example_clients_run_against_a_server(script_server, tmp_path):
     assert Image.open(io.BytesIO((tmp_path / "t.png").read_bytes())).size == (512, 512)
 
 
-def test_generate_cli_talks_to_a_running_server_with_a_progress_bar(tiny_server, tmp_path):
-    done = subprocess.run(
-        [sys.executable, "-m", "qwen_image_server", "generate", "a cat", "--url", tiny_server.url,
-         "--out", "remote.png", "--num-inference-steps", "3", "--seed", "5"],
-        cwd=tmp_path, env=server_env(free_port()), capture_output=True, text=True, timeout=300)
-    assert done.returncode == 0, done.stderr
-    assert "3/3" in done.stderr  # the progress bar reached the last step
+def test_generate_cli_talks_to_a_running_server_with_a_progress_bar(tiny_server, tmp_path, capsys):
+    assert run_cli("generate", "a cat", "--url", tiny_server.url, "--out", str(tmp_path / "remote.png"),
+                   "--num-inference-steps", "3", "--seed", "5") == 0
+    assert "3/3" in capsys.readouterr().err  # the progress bar reached the last step
     local = httpx.post(f"{tiny_server.url}/generate", timeout=120, json={
         "prompt": "a cat", "num_inference_steps": 3, "seed": 5, "add_overlay": False})
     assert (tmp_path / "remote.png").read_bytes() == local.content
