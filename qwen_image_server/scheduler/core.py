@@ -23,16 +23,15 @@ below hold across engines:
   with backoff; the scheduler is dead only when no slot can be restarted.
 
 Who does what: `queue.py` is the batching policy (which jobs run next, who may join, who waited
-too long), `execute.py` runs one batch and ends its jobs, `slots.py` loads, feeds and restarts the
+too long), `dispatch.py` gives idle slots their batches and handles an engine that fails under
+one, `execute.py` runs one batch and ends its jobs, `slots.py` loads, feeds and restarts the
 engines, `jobs.py` keeps the books (how jobs end, who hears it). This module holds the one lock
 they all work under, and the public face: submit, cancel, listen, stats, drain and stop.
 """
 
 from __future__ import annotations
 
-import itertools
 import logging
-import math
 import threading
 import time
 import uuid
@@ -41,8 +40,9 @@ from dataclasses import dataclass
 
 from qwen_image_server import errors
 from qwen_image_server.engine.contract import Engine, facts_of
-from qwen_image_server.engine.types import DeviceFailure, GenerationSpec
+from qwen_image_server.engine.types import GenerationSpec
 from qwen_image_server.job_state import JobEvent, JobState
+from qwen_image_server.scheduler.dispatch import Dispatcher, RunState
 from qwen_image_server.scheduler.execute import BatchRunner
 from qwen_image_server.scheduler.jobs import (
     Job,
@@ -54,7 +54,6 @@ from qwen_image_server.scheduler.queue import BatchQueue, SchedulerConfig
 from qwen_image_server.scheduler.slots import (
     EngineSlot,
     RestartPolicy,
-    SlotState,
     SlotStats,
     SlotSupervisor,
 )
@@ -100,20 +99,19 @@ class Scheduler:
         self._clock = clock
         self._restart = restart
         self._cond = threading.Condition()  # one lock for the queue, the slots and the books
+        self._state = RunState()
         self._queue = BatchQueue(config)
         self._book = JobBook(self._cond, clock, observer)
-        self._runner = BatchRunner(self._book, stopping=lambda: self._stopping, retry_after=self.retry_after,
-                                   clock=clock)
-        self._running: list[Job] = []  # the jobs of every slot's running batch
+        runner = BatchRunner(self._book, stopping=lambda: self._state.stopping, retry_after=self.retry_after,
+                             clock=clock)
+        dispatcher = Dispatcher(self._cond, self._queue, self._book, runner, self._state, clock, restart,
+                                die=self._die, announce=self._announce_positions)
         self._slots = [EngineSlot(i, factory) for i, factory in enumerate(factories)]
         self._supervisor = SlotSupervisor(
-            self._slots, self._cond, restart, clock, ended=lambda: self._stopping or self._dead is not None,
-            take_batch=self._take_batch, execute=self._execute, die=self._die,
+            self._slots, self._cond, restart, clock, ended=lambda: self._state.ended,
+            take_batch=dispatcher.take_batch, execute=dispatcher.execute,
+            die=self._die,
             restarted=lambda slot: self._book.observe(lambda o: o.engine_restarted(slot.index)))
-        self._draining = False
-        self._stopping = False
-        self._dead: BaseException | None = None
-        self._batch_ids = itertools.count(1)
         for slot in self._slots:
             name = "qwen-image-engine" if len(self._slots) == 1 else f"qwen-image-engine-{slot.index}"
             slot.thread = threading.Thread(target=self._supervisor.serve, args=(slot,), name=name, daemon=True)
@@ -153,11 +151,11 @@ class Scheduler:
 
     @property
     def dead(self) -> bool:
-        return self._dead is not None
+        return self._state.dead is not None
 
     @property
     def draining(self) -> bool:
-        return self._draining
+        return self._state.draining
 
     @property
     def serving(self) -> bool:
@@ -167,12 +165,12 @@ class Scheduler:
     @property
     def ready(self) -> bool:
         """An engine serves, nothing is dead, and new work is taken."""
-        return self.serving and not self.dead and not self._draining
+        return self.serving and not self.dead and not self._state.draining
 
     def begin_drain(self) -> None:
         """Refuse new jobs from now on; queued and running ones carry on."""
         with self._cond:
-            self._draining = True
+            self._state.draining = True
             self._cond.notify_all()
 
     def wait_until(self, predicate: Callable[[], bool], timeout: float | None = None) -> bool:
@@ -183,7 +181,7 @@ class Scheduler:
 
     def wait_idle(self, timeout: float | None = None) -> bool:
         """Block until nothing is queued or running (or timeout). True when idle."""
-        return self.wait_until(lambda: not self._queue and not self._running, timeout)
+        return self.wait_until(lambda: not self._queue and not self._state.running, timeout)
 
     def shutdown(self, timeout: float) -> bool:
         """Drain for up to `timeout` seconds, then fail what is left and stop the threads."""
@@ -196,9 +194,9 @@ class Scheduler:
     def stop(self) -> None:
         """Stop now without blocking: fail queued jobs, stop the running batches at their next step."""
         with self._cond:
-            self._stopping = True
+            self._state.stopping = True
             leftovers = self._queue.clear()
-            for job in self._running:
+            for job in self._state.running:
                 job.cancel_requested = True  # stop the batch at its next step
             self._cond.notify_all()
         for job in leftovers:
@@ -236,10 +234,10 @@ class Scheduler:
     def _enqueue(self, specs: Sequence[GenerationSpec], request_id: int) -> list[Job]:
         now = self._clock()
         with self._cond:
-            if self._dead is not None:
+            if self._state.dead is not None:
                 raise errors.EngineDead("The model engine failed and the worker is restarting.")
             try:
-                if self._draining or self._stopping:
+                if self._state.draining or self._state.stopping:
                     raise errors.ShuttingDown("The server is shutting down and takes no new jobs.")
                 self._queue.admit(len(specs), self._retry_after_locked)
             except errors.ServerError:
@@ -297,7 +295,7 @@ class Scheduler:
             c = self._book.counts
             return SchedulerStats(
                 queue_length=len(self._queue),
-                running_batch_size=len(self._running),
+                running_batch_size=len(self._state.running),
                 processed=c["processed"],
                 failed=c["failed"],
                 cancelled=c["cancelled"],
@@ -321,111 +319,12 @@ class Scheduler:
             return self._retry_after_locked()
 
     def _retry_after_locked(self) -> int:
-        return self._queue.retry_after(self._book.mean_job_time_locked(), len(self._running))
-
-    # -- what the slots ask of the queue ----------------------------------------------------
-
-    def _take_batch(self, slot: EngineSlot) -> list[Job] | None:
-        """The slot's next batch, started on it (None when the slot should stop). A batch that
-        is not full may wait up to `batch_wait_s` for compatible jobs, unless draining."""
-        gather_head: Job | None = None
-        gather_until = 0.0
-        with self._cond:
-            while True:
-                if self._stopping or self._dead is not None or slot.lost:
-                    return None
-                batch = self._queue.next_batch()
-                if not batch:
-                    self._cond.wait()
-                    continue
-                wait = self.config.batch_wait_s
-                if not self._queue.full(batch) and wait > 0 and not self._draining:
-                    if gather_head is not batch[0]:
-                        gather_head, gather_until = batch[0], self._clock() + wait
-                    remaining = gather_until - self._clock()
-                    if remaining > 0:
-                        self._cond.wait(remaining)
-                        continue
-                self._queue.start(batch, slot.index, next(self._batch_ids), self._clock())
-                slot.running = list(batch)
-                slot.state = SlotState.BUSY
-                self._running.extend(batch)
-                self._cond.notify_all()
-                break
-        self._announce_positions()
-        return batch
-
-    def _execute(self, slot: EngineSlot, engine: Engine, batch: list[Job]) -> bool:
-        """Run one batch on the slot's engine; False when the engine failed (the batch is retried
-        elsewhere or failed, see `_engine_failed`)."""
-        batch_id = batch[0].batch_id
-        log.info(
-            "batch %s started on engine %d: size %d, requests %s, %dx%d, %d steps, queue wait %s",
-            batch_id, slot.index, len(batch), [j.request_id for j in batch], batch[0].spec.width,
-            batch[0].spec.height, batch[0].spec.num_inference_steps,
-            [round((j.started_at or 0.0) - j.submitted_at, 3) for j in batch],
-        )
-        for job in batch:
-            self._book.emit(job, JobEvent.STARTED)
-        try:
-            self._runner.run(engine, batch)
-        except DeviceFailure as exc:
-            if self._restart is None:
-                self._die(exc, errors.EngineDead("The device failed; the worker is restarting."), batch)
-            else:
-                self._engine_failed(slot, batch, exc)
-            return False
-        finally:
-            with self._cond:
-                for job in slot.running:
-                    self._running.remove(job)
-                slot.running = []
-                slot.batches += 1
-                if slot.state is SlotState.BUSY:
-                    slot.state = SlotState.IDLE
-                self._cond.notify_all()
-        return True
-
-    def _engine_failed(self, slot: EngineSlot, batch: list[Job], exc: BaseException) -> None:
-        """The slot's engine died running `batch`: its unfinished jobs go back to the head of the
-        queue, each to run alone, except the ones that already had an engine fail under them."""
-        log.error("engine %d failed running batch %s (requests %s): %s", slot.index, batch[0].batch_id,
-                  [j.request_id for j in batch], exc)
-        again: list[Job] = []
-        doomed: list[Job] = []
-        with self._cond:
-            for job in slot.running:
-                self._running.remove(job)
-            slot.running = []
-            for job in batch:
-                if job.done:
-                    continue
-                if job.cancel_requested or self._stopping:
-                    doomed.append(job)
-                    continue
-                job.crashes += 1
-                if job.crashes > 1:
-                    doomed.append(job)
-                    continue
-                job.state, job.started_at, job.batch_id, job.step = JobState.QUEUED, None, None, 0
-                job.deadline = math.inf  # it was on time; its retry must not be reaped
-                again.append(job)
-            self._queue.push_front(again)
-            self._cond.notify_all()
-        for job in doomed:
-            if job.cancel_requested or self._stopping:
-                self._book.finish_error(job, self._runner.cancel_error())
-            else:
-                self._book.finish_error(job, errors.InferenceFailed(
-                    "The engine failed twice while generating this image; the server is still serving."))
-        for job in again:
-            self._book.emit(job, JobEvent.QUEUED)
-        self._announce_positions()
+        return self._queue.retry_after(self._book.mean_job_time_locked(), len(self._state.running))
 
     def _die(self, exc: BaseException, error: errors.ServerError, batch: Sequence[Job] = ()) -> None:
         log.critical("engine is dead: %s", exc, exc_info=not isinstance(exc, errors.ModelLoadError))
         with self._cond:
-            self._dead = exc
+            self._state.dead = exc
             victims = list(batch) + self._queue.clear()
             self._cond.notify_all()
         for job in victims:
@@ -439,7 +338,7 @@ class Scheduler:
 
     def _reap(self) -> None:
         with self._cond:
-            while not self._stopping and self._dead is None:
+            while not self._state.stopping and self._state.dead is None:
                 expired = self._queue.expired(self._clock())
                 if expired:
                     self._book.counts["timed_out"] += len(expired)
