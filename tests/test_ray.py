@@ -241,6 +241,10 @@ def test_the_serve_config_file_deploys_the_same_app() -> None:
     assert app["import_path"] == "qwen_image_server.launch.ray_app:app_builder"
     assert isinstance(app_builder(app["args"]), Application)
     assert Settings(**app["args"]).model == app["args"]["model"]
+    # Config files written for earlier versions name the old import path; it still builds the app.
+    from ray.serve._private.utils import import_attr
+
+    assert import_attr("qwen_image_server.ray_serve:app_builder") is app_builder
 
 
 def test_a_setting_the_config_leaves_out_comes_from_the_environment(monkeypatch) -> None:
