@@ -9,7 +9,6 @@ from fastapi import Depends, Request
 
 from qwen_image_server.config.settings import Settings
 from qwen_image_server.engine.device import DeviceInfo
-from qwen_image_server.engine.loaded import LoadedModel
 from qwen_image_server.scheduler import Scheduler
 from qwen_image_server.serving.generation import ClientGone, Generation
 from qwen_image_server.serving.job_registry import JobRegistry
@@ -36,10 +35,6 @@ class ServerContext:
     @property
     def scheduler(self) -> Scheduler:
         return self.generation.scheduler
-
-    @property
-    def model(self) -> LoadedModel | None:
-        return self.generation.model
 
 
 def client_gone(request: Request) -> ClientGone:

@@ -318,10 +318,6 @@ class EngineProcess:
 
     # -- supervision ---------------------------------------------------------------------------
 
-    @property
-    def alive(self) -> bool:
-        return self._process.is_alive()
-
     def on_exit(self, callback: Callable[[], None]) -> None:
         """Call `callback` as soon as the engine process ends (on a watcher thread)."""
 
