@@ -266,7 +266,7 @@ def run_remote_job(cmd: GenerateCommand | EditCommand, path: str, request: dict[
     from tqdm import tqdm
 
     assert cmd.url is not None
-    headers = {"Authorization": f"Bearer {cmd.api_keys[0]}"} if cmd.api_keys else {}
+    headers = {"Authorization": f"Bearer {cmd.api_keys[0].get_secret_value()}"} if cmd.api_keys else {}
     with httpx.Client(base_url=cmd.url.rstrip("/"), headers=headers, timeout=None) as client:
         try:
             created = client.post(path, **request)

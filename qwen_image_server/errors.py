@@ -97,6 +97,13 @@ class QueueFull(ServerError):
     type = "queue_full"
 
 
+class RateLimited(ServerError):
+    """An API key is over one of its limits (jobs in flight, requests per minute, subscribers)."""
+
+    status_code = 429
+    type = "rate_limit_exceeded"
+
+
 class InferenceFailed(ServerError):
     """The pipeline raised for this batch; the server itself is fine."""
 

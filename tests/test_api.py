@@ -91,13 +91,14 @@ def test_save_to_file_answers_json_and_writes_the_png(client, tiny_server):
                                        "save_to_file": True, **FAST})
     assert r.status_code == 200 and r.headers["content-type"] == "application/json"
     body = r.json()
-    assert set(body) == {"status", "request_id", "inference_time", "file_path", "width", "height"}
+    # The seed's fields, plus the signed link that downloads the file.
+    assert set(body) == {"status", "request_id", "inference_time", "file_path", "file_url", "width", "height"}
     assert body["status"] == "success" and (body["width"], body["height"]) == (512, 512)
     assert re.fullmatch(rf"Qwen-Image-\d{{8}}_\d{{6}}-req{body['request_id']}\.png", Path(body["file_path"]).name)
     saved = Path(body["file_path"])
     assert saved.parent == tiny_server.settings.output_dir
     assert Image.open(saved).size == (512, 512)
-    assert not [p for p in saved.parent.iterdir() if p.name.startswith(".")]  # no temp files left
+    assert not [p for p in saved.parent.iterdir() if p.name.endswith(".tmp")]  # no temp files left
 
 
 README_SIZES = {"s1:1": (512, 512), "m1:1": (512, 512), "1:1": (1328, 1328), "16:9": (1664, 928),

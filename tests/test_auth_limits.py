@@ -7,13 +7,14 @@ import http.client
 import io
 import logging
 from pathlib import Path
-from urllib.parse import urlsplit
+from urllib.parse import unquote, urlsplit
 
 import httpx
 import pytest
 from PIL import Image
 
 from qwen_image_server.config.presets import PROMPT_SUFFIX
+from qwen_image_server.serving.file_links import SECRET_FILE, FileLinks
 from tests.conftest import LiveServer, tiny_settings
 
 FAST = {"num_inference_steps": 2, "add_overlay": False, "aspect_ratio": "s1:1"}
@@ -144,18 +145,25 @@ def raw_get(url: str, path: str) -> tuple[int, dict]:
         conn.close()
 
 
-def test_saved_files_are_served_by_name(client):
+def test_saved_files_are_served_through_their_link(client):
     body = client.post("/generate", json={"prompt": "a lighthouse", "save_to_file": True, **FAST}).json()
-    name = Path(body["file_path"]).name
-    r = client.get(f"/files/{name}")
+    assert Path(body["file_path"]).name in body["file_url"]
+    r = client.get(body["file_url"])
     assert r.status_code == 200 and r.headers["content-type"] == "image/png"
     assert r.content == Path(body["file_path"]).read_bytes()
     assert Image.open(io.BytesIO(r.content)).size == (512, 512)
 
 
 def test_files_never_leave_the_output_folder(client, tiny_server, tmp_path):
+    """Even with a valid signature (made here with the server's own key), nothing outside the
+    server's saved images is served."""
     out = tiny_server.settings.output_dir
     out.mkdir(parents=True, exist_ok=True)
+    links = FileLinks((out / SECRET_FILE).read_bytes().strip(), ttl_s=600)
+
+    def signed(path: str) -> str:
+        return f"{path}?{links.query(unquote(path.removeprefix('/files/')), None)}"
+
     secret = tmp_path / "secret.png"
     secret.write_bytes(b"\x89PNG not yours")
     planted = out / "Qwen-Image-20240101_000000-req9001.png"  # the server's own pattern...
@@ -164,12 +172,12 @@ def test_files_never_leave_the_output_folder(client, tiny_server, tmp_path):
     try:
         for name in (planted.name, "Qwen-Image-20240101_000000-req9002.png",
                      "Qwen-Image-20240101_000000-req9003.png", "secret.png", "notes.txt"):
-            assert_error(client.get(f"/files/{name}"), 404, "not_found")
+            assert_error(client.get(signed(f"/files/{name}")), 404, "not_found")
         for path in ("/files/../secret.png", "/files/..", "/files/%2e%2e", "/files/%2e%2e%2fsecret.png",
                      "/files/..%2Fsecret.png", "/files/..%2F..%2Fetc%2Fpasswd", "/files//etc/passwd",
                      f"/files/%2F{str(secret).lstrip('/')}", f"/files/{secret}",
                      "/files/%2e%2e%2fout%2fQwen-Image-20240101_000000-req9001.png"):
-            status, body = raw_get(tiny_server.url, path)
+            status, body = raw_get(tiny_server.url, signed(path))
             assert status == 404 and body["error"]["type"] == "not_found", path
     finally:
         planted.unlink()

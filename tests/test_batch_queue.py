@@ -132,3 +132,48 @@ def test_edits_batch_only_with_edits_of_the_same_inputs_shape():
 
     q = queue(edit(0, one), job(1), edit(2, two), edit(3, one))
     assert seeds(q.next_batch()) == [0, 3]
+
+
+def owned(owner: str, seed: int, size: int = 512) -> Job:
+    made = job(seed, size)
+    made.owner = owner
+    return made
+
+
+def run_batches(q: BatchQueue, count: int) -> list[list[str | None]]:
+    """Start `count` batches in turn; the owners of each."""
+    started = []
+    for batch_id in range(count):
+        batch = q.next_batch()
+        q.start(batch, engine=0, batch_id=batch_id, now=0.0)
+        started.append([j.owner for j in batch])
+    return started
+
+
+def test_one_key_with_a_full_queue_delays_another_keys_job_by_one_batch_not_by_its_backlog():
+    q = queue(max_batch_size=1)
+    q.push([owned("a", i) for i in range(30)])
+    late = owned("b", 100)
+    q.push([late])
+    assert q.position(late) == 1  # behind a's first job only
+    assert run_batches(q, 2) == [["a"], ["b"]]
+
+
+def test_keys_take_turns_and_a_key_that_returns_joins_the_round_being_served():
+    q = queue(max_batch_size=1)
+    q.push([owned("a", i) for i in range(6)])
+    q.push([owned("b", 10 + i) for i in range(2)])
+    assert run_batches(q, 4) == [["a"], ["b"], ["a"], ["b"]]
+    # b, back after its jobs ran, neither jumps ahead of a's waiting round nor waits behind all of a's jobs.
+    q.push([owned("b", 20)])
+    assert run_batches(q, 3) == [["a"], ["b"], ["a"]]
+
+
+def test_without_keys_the_order_is_arrival_and_batches_still_pull_forward_across_keys():
+    q = queue(*(job(i) for i in range(5)))
+    assert seeds(q.next_batch()) == [0, 1, 2, 3]
+    mixed = queue(max_batch_size=4)
+    mixed.push([owned("a", 0), owned("a", 1, size=1024), owned("a", 2)])
+    mixed.push([owned("b", 3)])
+    # One shape: b's job rides along in the head's batch, whatever its round.
+    assert seeds(mixed.next_batch()) == [0, 3, 2]

@@ -36,6 +36,7 @@ from qwen_image_server.engine.contract import Engine
 from qwen_image_server.engine.device import resolve_device
 from qwen_image_server.engine.process import engine_factories
 from qwen_image_server.scheduler import RestartPolicy, Scheduler, SchedulerConfig
+from qwen_image_server.serving.file_links import FileLinks, load_secret
 from qwen_image_server.serving.generation import Generation
 from qwen_image_server.serving.job_registry import JobRegistry
 from qwen_image_server.serving.lifecycle import Lifecycle
@@ -109,11 +110,15 @@ def create_app(
     @asynccontextmanager
     async def lifespan(app: FastAPI) -> AsyncIterator[None]:
         executor = ThreadPoolExecutor(settings.threads, thread_name_prefix="qwen-image-cpu")
-        results = ResultStore(settings.result_ttl_s, settings.max_stored_results,
+        results = ResultStore(settings.result_ttl_s, settings.max_stored_results, settings.results_max_bytes,
                               id_prefix=id_prefix(replica))
         generation = Generation(settings, device, scheduler, executor)
-        jobs = JobRegistry(generation, results, settings.result_ttl_s, settings.max_stored_results)
-        app.state.ctx = ServerContext(generation, lifecycle, results, jobs, replica=replica)
+        jobs = JobRegistry(generation, results, settings.result_ttl_s, settings.max_stored_results,
+                           settings.max_subscribers_per_job)
+        secret = (settings.files_secret.get_secret_value().encode("utf-8") if settings.files_secret
+                  else await anyio.to_thread.run_sync(load_secret, settings.output_dir))
+        files = FileLinks(secret, settings.file_link_ttl_s)
+        app.state.ctx = ServerContext(generation, lifecycle, results, jobs, files, replica=replica)
         scheduler.start()
         log.info("serving on %s with %d engine%s (model %s loading in the background); batching: %s",
                  device.label, scheduler.engine_count, "s" if scheduler.engine_count > 1 else "",
@@ -138,8 +143,9 @@ def create_app(
     # The last middleware added runs first: metrics see every answer, keys are checked before
     # any body is read.
     add_body_limit(app, settings.max_body_bytes, settings.max_upload_bytes)
-    if settings.api_keys:
-        app.add_middleware(ApiKeyMiddleware, api_keys=settings.api_keys)
+    keys = settings.accepted_keys
+    if keys:
+        app.add_middleware(ApiKeyMiddleware, api_keys=keys)
     app.add_middleware(http_metrics.HttpMetricsMiddleware, metrics=metrics)
     if replica:
         app.add_middleware(ReplicaHeaderMiddleware, replica=replica)

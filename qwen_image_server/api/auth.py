@@ -3,7 +3,8 @@
 A middleware rather than a route dependency, so it guards whatever is added later (routers,
 mounted apps, unknown paths alike) and refuses before a body is read. Clients send the key as
 `Authorization: Bearer <key>` (what OpenAI clients send) or `X-API-Key: <key>`. Keys are never
-logged.
+logged. A request with a valid key acts as that key's `Caller` (`request.state.caller`): its jobs,
+images and files are its own, and its limits apply.
 """
 
 from __future__ import annotations
@@ -17,6 +18,7 @@ from starlette.types import ASGIApp, Receive, Scope, Send
 
 from qwen_image_server import errors
 from qwen_image_server.api.error_mapping import server_error_response
+from qwen_image_server.config.api_keys import ApiKey, Caller
 
 log = logging.getLogger(__name__)
 
@@ -44,21 +46,24 @@ def presented_keys(headers: Headers) -> list[bytes]:
     return keys
 
 
-def key_matches(presented: Sequence[bytes], keys: Sequence[bytes]) -> bool:
-    """Constant-time comparison against every key (no early exit that would time which one)."""
-    matched = False
+def matching_key(presented: Sequence[bytes], keys: Sequence[ApiKey]) -> ApiKey | None:
+    """The key presented, compared in constant time against every key (no early exit that would
+    time which one matched)."""
+    found: ApiKey | None = None
     for candidate in presented:
         for key in keys:
-            matched |= hmac.compare_digest(candidate, key)
-    return matched
+            if hmac.compare_digest(candidate, key.secret) and found is None:
+                found = key
+    return found
 
 
 class ApiKeyMiddleware:
-    """Refuse requests without a valid key with 401 `authentication_error` (common shape)."""
+    """Refuse requests without a valid key with 401 `authentication_error` (common shape); a valid
+    one's caller goes into the request's state."""
 
-    def __init__(self, app: ASGIApp, api_keys: Sequence[str]) -> None:
+    def __init__(self, app: ASGIApp, api_keys: Sequence[ApiKey]) -> None:
         self.app = app
-        self.keys = [key.encode("utf-8") for key in api_keys]
+        self.keys = list(api_keys)
 
     async def __call__(self, scope: Scope, receive: Receive, send: Send) -> None:
         if scope["type"] not in ("http", "websocket") or not self.keys:
@@ -70,7 +75,9 @@ class ApiKeyMiddleware:
             await self.app(scope, receive, send)
             return
         presented = presented_keys(Headers(scope=scope))
-        if key_matches(presented, self.keys):
+        key = matching_key(presented, self.keys)
+        if key is not None:
+            scope.setdefault("state", {})["caller"] = key.caller
             await self.app(scope, receive, send)
             return
         reason = "invalid" if presented else "missing"
@@ -95,3 +102,10 @@ def _route_path(scope: Scope) -> str:
     if root and path.startswith(root):
         return path[len(root):] or "/"
     return path
+
+
+def caller_of(scope: Scope) -> Caller | None:
+    """The caller the key middleware found for this request (None without keys)."""
+    state = scope.get("state") or {}
+    caller = state.get("caller")
+    return caller if isinstance(caller, Caller) else None

@@ -7,9 +7,12 @@ from typing import Annotated
 
 from fastapi import Depends, Request
 
+from qwen_image_server.api.auth import caller_of
+from qwen_image_server.config.api_keys import ANONYMOUS, Caller
 from qwen_image_server.config.settings import Settings
 from qwen_image_server.engine.device import DeviceInfo
 from qwen_image_server.scheduler import Scheduler
+from qwen_image_server.serving.file_links import FileLinks
 from qwen_image_server.serving.generation import ClientGone, Generation
 from qwen_image_server.serving.job_registry import JobRegistry
 from qwen_image_server.serving.lifecycle import Lifecycle
@@ -22,6 +25,7 @@ class ServerContext:
     lifecycle: Lifecycle
     results: ResultStore
     jobs: JobRegistry
+    files: FileLinks
     replica: str | None = None  # this app's name among the replicas of a scaled-out deployment
 
     @property
@@ -57,3 +61,12 @@ def get_context(request: Request) -> ServerContext:
 
 # The type routes declare to receive the context: `ctx: Ctx`.
 Ctx = Annotated[ServerContext, Depends(get_context)]
+
+
+def get_caller(request: Request) -> Caller:
+    """FastAPI dependency: whose request this is (the API key's caller; anonymous without keys)."""
+    return caller_of(request.scope) or ANONYMOUS
+
+
+# The type routes declare to know their caller: `caller: Who`.
+Who = Annotated[Caller, Depends(get_caller)]

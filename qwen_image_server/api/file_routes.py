@@ -1,5 +1,7 @@
 """`GET /files/{name}`: a PNG this server saved (`save_to_file`), read from the output folder.
 
+Only through the signed, expiring link the save's answer gave (`file_url`, see
+`serving/file_links.py`), asked for by the API key that saved it: a name alone is guessable.
 Only what the server itself writes is served: names of its own pattern, regular files directly
 inside `output_dir`, never through a symlink (someone may plant one there pointing elsewhere).
 Every other case is the same 404, so the answer says nothing about what else is on the disk.
@@ -12,10 +14,10 @@ import re
 import stat
 from pathlib import Path
 
-from fastapi import APIRouter, Response
+from fastapi import APIRouter, Request, Response
 
 from qwen_image_server import errors
-from qwen_image_server.api.context import Ctx
+from qwen_image_server.api.context import Ctx, ServerContext, Who
 from qwen_image_server.protocol.common import ErrorResponse
 
 router = APIRouter()
@@ -30,15 +32,30 @@ _OPEN_FLAGS = os.O_RDONLY | getattr(os, "O_NOFOLLOW", 0) | getattr(os, "O_NONBLO
 @router.get("/files/{name}", tags=["files"], response_class=Response,
             responses={200: {"content": {"image/png": {}}, "description": "The saved PNG."},
                        404: {"model": ErrorResponse}})
-async def get_file(name: str, ctx: Ctx) -> Response:
-    """A PNG saved by `save_to_file`, by the file name its response gave."""
+async def get_file(name: str, ctx: Ctx, caller: Who, expires: int | None = None,
+                   signature: str | None = None) -> Response:
+    """A PNG saved by `save_to_file`, through the link (`file_url`) its answer gave."""
+    if not ctx.files.valid(name, expires, signature, caller.id):
+        raise _missing(name)
     data = await ctx.generation.in_pool(read_saved_png, ctx.settings.output_dir, name)
     return Response(data, media_type="image/png")
 
 
+def file_url(ctx: ServerContext, request: Request, file_path: str | None, owner: str | None) -> str | None:
+    """The signed link to a saved file for its owner (None when nothing was saved)."""
+    if file_path is None:
+        return None
+    name = Path(file_path).name
+    return f"{request.url_for('get_file', name=name)}?{ctx.files.query(name, owner)}"
+
+
+def _missing(name: str) -> errors.NotFound:
+    return errors.NotFound(f"No saved image named {name!r}, or the link is not valid (any more).", param="name")
+
+
 def read_saved_png(folder: Path, name: str) -> bytes:
     """The bytes of `folder/name` if it is a PNG this server saved there; NotFound otherwise."""
-    missing = errors.NotFound(f"No saved image named {name!r}.", param="name")
+    missing = _missing(name)
     if not SAVED_NAME.fullmatch(name):
         raise missing
     base = folder.resolve()

@@ -15,7 +15,8 @@ from fastapi.responses import JSONResponse
 from fastapi.sse import EventSourceResponse, ServerSentEvent
 
 from qwen_image_server.api.bodies import NATIVE_EDIT_BODY, read_native_edit
-from qwen_image_server.api.context import Ctx, ServerContext
+from qwen_image_server.api.context import Ctx, ServerContext, Who
+from qwen_image_server.api.file_routes import file_url
 from qwen_image_server.protocol.common import ErrorResponse
 from qwen_image_server.protocol.native import (
     JobRequest,
@@ -27,16 +28,25 @@ log = logging.getLogger(__name__)
 router = APIRouter(prefix="/v1/jobs", tags=["jobs"])
 
 
-def job_record(job_id: str, ctx: Ctx) -> JobRecord:
-    """Dependency: the job named in the path (404 before any response starts, SSE included)."""
-    return ctx.jobs.get(job_id)
+def job_record(job_id: str, ctx: Ctx, caller: Who) -> JobRecord:
+    """Dependency: the caller's job named in the path (404 before any response starts, SSE
+    included; another API key's job is 404 too)."""
+    return ctx.jobs.get(job_id, caller.id)
 
 
 Record = Annotated[JobRecord, Depends(job_record)]
 
 
+def followed_record(record: Record, ctx: Ctx) -> JobRecord:
+    """Dependency: the job, if it may take one more events client (429 before the stream starts)."""
+    ctx.jobs.check_subscribers(record)
+    return record
+
+
 def status_of(ctx: ServerContext, record: JobRecord, request: Request) -> JobStatus:
-    return ctx.jobs.status(record, image_url(record, request))
+    status = ctx.jobs.status(record, image_url(record, request))
+    status.file_url = file_url(ctx, request, status.file_path, record.owner)
+    return status
 
 
 def image_url(record: JobRecord, request: Request) -> str:
@@ -45,20 +55,20 @@ def image_url(record: JobRecord, request: Request) -> str:
 
 @router.post("", status_code=202, response_model=JobStatus,
              responses={s: {"model": ErrorResponse} for s in (400, 429, 503)})
-async def create_job(body: JobRequest, request: Request, ctx: Ctx) -> JSONResponse:
+async def create_job(body: JobRequest, request: Request, ctx: Ctx, caller: Who) -> JSONResponse:
     """Queue a generation (/generate's body, plus `preview`) and return at once with its id."""
-    prepared = await ctx.generation.prepare(body, "generate", preview=body.preview_plan())
+    prepared = await ctx.generation.prepare(body, "generate", preview=body.preview_plan(), caller=caller)
     return _accepted(ctx, request, await ctx.jobs.start(prepared))
 
 
 @router.post("/edit", status_code=202, response_model=JobStatus, openapi_extra=NATIVE_EDIT_BODY,
              responses={s: {"model": ErrorResponse} for s in (400, 404, 413, 429, 503)})
-async def create_edit_job(request: Request, ctx: Ctx) -> JSONResponse:
+async def create_edit_job(request: Request, ctx: Ctx, caller: Who) -> JSONResponse:
     """Queue an edit (same body as /edit: image files or base64 images, plus `preview`) and
     return at once with its id; its progress and preview events are a generation's."""
     body, images, mask = await read_native_edit(request)
     prepared = await ctx.generation.prepare(body, "edit", model=body.model, images=images, mask=mask,
-                                            preview=body.preview_plan())
+                                            preview=body.preview_plan(), caller=caller)
     return _accepted(ctx, request, await ctx.jobs.start(prepared))
 
 
@@ -94,8 +104,9 @@ async def cancel_job(record: Record, request: Request, ctx: Ctx) -> JobStatus:
 
 
 @router.get("/{job_id}/events", response_class=EventSourceResponse,
-            responses={404: {"model": ErrorResponse}})
-async def job_events(record: Record, request: Request, ctx: Ctx) -> AsyncIterator[ServerSentEvent]:
+            responses={404: {"model": ErrorResponse}, 429: {"model": ErrorResponse}})
+async def job_events(record: Annotated[JobRecord, Depends(followed_record)], request: Request,
+                     ctx: Ctx) -> AsyncIterator[ServerSentEvent]:
     """Server-Sent Events: queued (position), started, step (each denoising step), preview (for
     jobs that asked: the image so far), then succeeded / failed / cancelled. The first event is
     the current state, followed by the newest preview if there is one."""

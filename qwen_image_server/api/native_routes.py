@@ -8,8 +8,9 @@ from fastapi import APIRouter, Request, Response
 from fastapi.responses import JSONResponse
 
 from qwen_image_server.api.bodies import NATIVE_EDIT_BODY, read_native_edit
-from qwen_image_server.api.context import Ctx, ServerContext, client_gone
+from qwen_image_server.api.context import Ctx, ServerContext, Who, client_gone
 from qwen_image_server.api.error_mapping import ERROR_RESPONSES
+from qwen_image_server.api.file_routes import file_url
 from qwen_image_server.protocol.common import ErrorResponse
 from qwen_image_server.protocol.native import (
     EditParameters,
@@ -66,9 +67,9 @@ async def info(ctx: Ctx) -> InfoResponse:
     tags=["generate"],
     responses={200: IMAGE_OR_FILE, **ERROR_RESPONSES},
 )
-async def generate(body: GenerateRequest, request: Request, ctx: Ctx) -> Response:
+async def generate(body: GenerateRequest, request: Request, ctx: Ctx, caller: Who) -> Response:
     """Generate one image: PNG bytes, or (save_to_file) JSON naming the saved file."""
-    prepared = await ctx.generation.prepare(body, "generate")
+    prepared = await ctx.generation.prepare(body, "generate", caller=caller)
     spec = prepared.specs[0]
     log.info("request %d received: %dx%d, %d steps, cfg %g, seed %d, save_to_file=%s",
              prepared.request_id, spec.width, spec.height, spec.num_inference_steps,
@@ -82,11 +83,12 @@ async def generate(body: GenerateRequest, request: Request, ctx: Ctx) -> Respons
     openapi_extra=NATIVE_EDIT_BODY,
     responses={200: IMAGE_OR_FILE, 404: {"model": ErrorResponse}, 413: {"model": ErrorResponse}, **ERROR_RESPONSES},
 )
-async def edit(request: Request, ctx: Ctx) -> Response:
+async def edit(request: Request, ctx: Ctx, caller: Who) -> Response:
     """Edit one to three images (multipart files `image`, or base64 `images` in JSON), optionally
     inside a mask: PNG bytes, or (save_to_file) JSON naming the saved file."""
     body, images, mask = await read_native_edit(request)
-    prepared = await ctx.generation.prepare(body, "edit", model=body.model, images=images, mask=mask)
+    prepared = await ctx.generation.prepare(body, "edit", model=body.model, images=images, mask=mask,
+                                            caller=caller)
     spec = prepared.specs[0]
     log.info("request %d (edit) received: %d image(s)%s, %dx%d, %d steps, cfg %g, seed %d, model %s",
              prepared.request_id, len(images), " and a mask" if mask else "", spec.width, spec.height,
@@ -116,6 +118,7 @@ async def _answer(ctx: ServerContext, request: Request,
         request_id=request_id,
         inference_time=rendered.inference_time,
         file_path=rendered.file_path,
+        file_url=file_url(ctx, request, rendered.file_path, prepared.caller.id),
         width=rendered.width,
         height=rendered.height,
     ).model_dump(), headers=headers)

@@ -20,7 +20,7 @@ from fastapi.sse import KEEPALIVE_COMMENT, EventSourceResponse, format_sse_event
 
 from qwen_image_server import errors
 from qwen_image_server.api.bodies import read_uploads
-from qwen_image_server.api.context import Ctx, ServerContext, client_gone
+from qwen_image_server.api.context import Ctx, ServerContext, Who, client_gone
 from qwen_image_server.api.error_mapping import ERROR_RESPONSES
 from qwen_image_server.engine.types import Preview
 from qwen_image_server.protocol.common import ErrorDetail, ErrorResponse
@@ -59,11 +59,11 @@ PING_INTERVAL_S = 15.0
                **ERROR_RESPONSES},
 )
 async def create_images(
-    body: ImageGenerationRequest, request: Request, ctx: Ctx
+    body: ImageGenerationRequest, request: Request, ctx: Ctx, caller: Who
 ) -> Response | ImagesResponse:
     """Generate `n` images (OpenAI's Images API), as base64, URLs or a stream of events."""
     prepared = await ctx.generation.prepare(body, "generate", model=body.model, n=body.n,
-                                            preview=body.preview_plan())
+                                            preview=body.preview_plan(), caller=caller)
     body, spec = prepared.body, prepared.specs[0]
     log.info("request %d (openai) received: n=%d, %dx%d, %d steps, cfg %g, seeds from %d, %s%s",
              prepared.request_id, body.n, spec.width, spec.height, body.num_inference_steps,
@@ -82,13 +82,14 @@ async def create_images(
                404: {"model": ErrorResponse}, 413: {"model": ErrorResponse}, **ERROR_RESPONSES},
 )
 async def edit_images(
-    body: Annotated[ImageEditForm, Form(media_type="multipart/form-data")], request: Request, ctx: Ctx
+    body: Annotated[ImageEditForm, Form(media_type="multipart/form-data")], request: Request, ctx: Ctx,
+    caller: Who,
 ) -> Response | ImagesResponse:
     """Edit images (OpenAI's Images API, multipart): `image` (or `image[]`, up to 3), an optional
     `mask` whose transparent pixels are the area to change, `n` results."""
     images, mask = await read_uploads(body)
     prepared = await ctx.generation.prepare(body, "edit", model=body.model, images=images, mask=mask, n=body.n,
-                                            preview=body.preview_plan())
+                                            preview=body.preview_plan(), caller=caller)
     body, spec, inputs = prepared.body, prepared.specs[0], prepared.inputs
     assert inputs is not None
     log.info("request %d (openai edit) received: %d image(s)%s, n=%d, %dx%d, %d steps, cfg %g, seeds "
@@ -127,7 +128,8 @@ class _Answer:
         rendered = await asyncio.gather(*(self._render(job, result) for job, result in zip(jobs, results, strict=True)))
         revised = self.body.model_prompt
         if self.body.response_format == "url":
-            data = [ImageData(url=_store(self.ctx, self.request, item), revised_prompt=revised)
+            owner = jobs[0].owner
+            data = [ImageData(url=_store(self.ctx, self.request, item, owner), revised_prompt=revised)
                     for item in rendered]
         else:
             data = [ImageData(b64_json=b64(item.data), revised_prompt=revised)
@@ -212,9 +214,9 @@ class _Answer:
                     output_format=self.body.output_format)
 
 
-def _store(ctx: ServerContext, request: Request, rendered: Rendered) -> str:
-    """Keep the image for QWEN_IMAGE_RESULT_TTL_S and return its absolute URL."""
-    item = ctx.results.put(rendered.data, rendered.media_type)
+def _store(ctx: ServerContext, request: Request, rendered: Rendered, owner: str | None) -> str:
+    """Keep the image for its owner for QWEN_IMAGE_RESULT_TTL_S and return its absolute URL."""
+    item = ctx.results.put(rendered.data, rendered.media_type, owner=owner)
     return str(request.url_for("openai_image", image_id=item.id))
 
 
@@ -226,9 +228,9 @@ def _error_event(detail: ErrorDetail) -> bytes:
 @router.get("/images/{image_id}", name="openai_image",
             responses={200: {"content": {media: {} for media in MEDIA_TYPES.values()}},
                        404: {"model": ErrorResponse}})
-async def get_image(image_id: str, ctx: Ctx) -> Response:
-    """An image returned earlier as a `url`, until QWEN_IMAGE_RESULT_TTL_S has passed."""
-    stored = ctx.results.get(image_id)
+async def get_image(image_id: str, ctx: Ctx, caller: Who) -> Response:
+    """An image returned earlier as a `url` to this API key, until QWEN_IMAGE_RESULT_TTL_S has passed."""
+    stored = ctx.results.get(image_id, caller.id)
     if stored is None:
         raise errors.NotFound(f"No image with id '{image_id}': unknown, or expired "
                               f"(images are kept {ctx.settings.result_ttl_s:g} s).", param="image_id")

@@ -13,6 +13,7 @@ from typing import Annotated, Any, Literal
 from pydantic import (
     AliasChoices,
     Field,
+    SecretStr,
     ValidationError,
     ValidatorFunctionWrapHandler,
     field_validator,
@@ -25,6 +26,7 @@ from pydantic_settings import (
     SettingsConfigDict,
 )
 
+from qwen_image_server.config.api_keys import ApiKey, KeyLimits, build_keys, read_key_file
 from qwen_image_server.config.lora_refs import parse_hub_loras
 from qwen_image_server.config.model_list import ModelRef, parse_model_list
 from qwen_image_server.config.presets import DEFAULT_ASPECT_RATIO, AspectRatio
@@ -181,10 +183,37 @@ class Settings(BaseSettings):
     max_stored_results: int = Field(
         256, ge=1, description="Most finished images kept in memory (oldest dropped first)."
     )
-    api_keys: Annotated[list[str], NoDecode] = Field(
+    api_keys: Annotated[list[SecretStr], NoDecode] = Field(
         default_factory=list,
         validation_alias=AliasChoices("api_keys", "api_key"),
         description="Comma-separated keys; when set, every route but /health, /ready, /metrics needs one.",
+    )
+    api_keys_file: Path | None = Field(
+        None, description="A TOML file of API keys ([[keys]] with key, and optionally name, max_jobs, "
+        "requests_per_minute): keys out of the environment and `ps`, with limits per key.",
+    )
+    key_max_jobs: int | None = Field(
+        None, ge=1, description="Images one API key may have queued or running at once (429 beyond); "
+        "default half of QWEN_IMAGE_MAX_QUEUE, so one key never fills the queue. Only with keys.",
+    )
+    key_requests_per_minute: int | None = Field(
+        None, ge=1, description="Image requests one API key may make per minute (429 beyond); default no "
+        "limit. Only with keys.",
+    )
+    max_subscribers_per_job: int = Field(
+        16, ge=1, description="Clients that may follow one job's events at once (429 beyond).",
+    )
+    results_max_bytes: int = Field(
+        1024 ** 3, ge=1024 * 1024,
+        description="Bytes of finished images (job and url results) kept in memory; past it the key holding "
+        "the most loses its oldest first.",
+    )
+    files_secret: SecretStr | None = Field(
+        None, description="Key that signs /files links; unset: a random one kept in the output folder "
+        "(.files-secret), so links survive restarts.",
+    )
+    file_link_ttl_s: float = Field(
+        86400.0, gt=0, description="How long a /files link in a save_to_file answer stays valid.",
     )
     max_body_bytes: int = Field(1024 * 1024, ge=1024, description="Largest request body accepted (413 beyond).")
     max_upload_bytes: int = Field(
@@ -224,13 +253,21 @@ class Settings(BaseSettings):
         5.0, ge=0, description="Retry-After of the Ray proxy's 429 when ray_max_queued_requests is reached.",
     )
 
+    @property
+    def accepted_keys(self) -> list[ApiKey]:
+        """Every API key the server accepts, with its owner id and limits (empty: no keys)."""
+        file = read_key_file(self.api_keys_file) if self.api_keys_file is not None else None
+        default_jobs = self.key_max_jobs if self.key_max_jobs is not None else max(1, self.max_queue // 2)
+        return build_keys(self.api_keys, file, KeyLimits(default_jobs, self.key_requests_per_minute))
+
     @field_validator("api_keys", mode="before")
     @classmethod
     def _split_keys(cls, value: object) -> object:
         if isinstance(value, str):
             return [key.strip() for key in value.split(",") if key.strip()]
         if isinstance(value, list):  # repeated --api-key flags, each possibly comma-separated
-            return [k.strip() for item in value for k in str(item).split(",") if k.strip()]
+            return [part for item in value for part in (
+                [item] if isinstance(item, SecretStr) else [k.strip() for k in str(item).split(",") if k.strip()])]
         return value
 
     @field_validator("warmup_aspect_ratios", "quantize_skip", mode="before")
@@ -284,4 +321,12 @@ class Settings(BaseSettings):
         self.output_dir = self.output_dir.expanduser()
         if self.lora_dir is not None:
             self.lora_dir = self.lora_dir.expanduser()
+        if self.api_keys_file is not None:
+            self.api_keys_file = self.api_keys_file.expanduser()
+        return self
+
+    @model_validator(mode="after")
+    def _readable_keys_file(self) -> Settings:
+        if self.api_keys_file is not None:
+            _ = self.accepted_keys  # ValueError (one line naming the file) at start, not at the first request
         return self

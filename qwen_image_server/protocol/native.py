@@ -76,6 +76,8 @@ class GenerateFileResponse(BaseModel):
     request_id: int
     inference_time: float = Field(description="Seconds the pipeline call took.")
     file_path: str = Field(description="Where the PNG was saved, relative to the server's cwd.")
+    file_url: str | None = Field(None, description="A link that downloads the saved PNG (GET /files/...), "
+                                 "signed for the API key that saved it and valid for QWEN_IMAGE_FILE_LINK_TTL_S.")
     width: int
     height: int
 
@@ -258,6 +260,7 @@ class JobStatus(BaseModel):
     engine: int | None = Field(None, description="The engine that runs or ran the job (see /info's engines).")
     image_url: str | None = Field(None, description="Where the PNG is, once succeeded.")
     file_path: str | None = Field(None, description="Where it was saved, for save_to_file jobs.")
+    file_url: str | None = Field(None, description="A signed link that downloads the saved PNG (GET /files/...).")
     error: ErrorDetail | None = None
     loading_lora: str | None = Field(None, description="The LoRA being loaded for this job right now "
                                      "(a first use; it then stays resident).")

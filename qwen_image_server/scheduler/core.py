@@ -9,8 +9,13 @@ below hold across engines:
   with the same shape (`GenerationSpec.batch_key`) are pulled forward into that batch, up to
   `max_batch_size` jobs and `max_batch_pixels` pixels. If the batch is not full, the worker may
   wait up to `batch_wait_s` for more compatible jobs.
+* **Fair order across API keys.** Waiting jobs are ordered by round, not only by arrival: each
+  owner's (API key's) k-th waiting job comes after every owner's (k-1)-th, and an owner that
+  arrives to find others waiting joins the round being served (`queue.BatchQueue.push`). One key
+  with 30 jobs waiting delays another key's first job by one batch, not 30. Without keys every
+  job has the same owner and the order is arrival order.
 * **Fairness bound.** Because the head always runs next, a job with `p` jobs ahead of it starts in
-  one of the next `p + 1` batches: never later, counted in batches, than strict FIFO.
+  one of the next `p + 1` batches: never later, counted in batches, than that order.
 * **Cancellation.** A queued job leaves the queue at once and never runs. A running batch stops
   at the next step boundary when every job in it is cancelled (raising from the step callback,
   so the VAE decode is skipped too).
@@ -211,18 +216,19 @@ class Scheduler:
 
     # -- submitting and cancelling ----------------------------------------------------------
 
-    def submit(self, spec: GenerationSpec, request_id: int) -> Job:
+    def submit(self, spec: GenerationSpec, request_id: int, owner: str | None = None) -> Job:
         """Queue a job or raise QueueFull / ShuttingDown / EngineDead. Never blocks."""
-        return self.submit_many([spec], request_id)[0]
+        return self.submit_many([spec], request_id, owner)[0]
 
-    def submit_many(self, specs: Sequence[GenerationSpec], request_id: int) -> list[Job]:
+    def submit_many(self, specs: Sequence[GenerationSpec], request_id: int,
+                    owner: str | None = None) -> list[Job]:
         """Queue all of `specs` at once, or none (QueueFull unless all fit). Never blocks.
 
         Being queued in one step, jobs of one request that share a shape (OpenAI's n images)
         always run as one batch, even when the engine was idle.
         """
         try:
-            jobs = self._enqueue(specs, request_id)
+            jobs = self._enqueue(specs, request_id, owner)
         except (errors.QueueFull, errors.ShuttingDown) as exc:
             refusal = exc  # `exc` itself is unbound when the except block ends
             self._book.observe(lambda o: o.rejected(refusal))
@@ -231,7 +237,7 @@ class Scheduler:
             self._book.emit(job, JobEvent.QUEUED)
         return jobs
 
-    def _enqueue(self, specs: Sequence[GenerationSpec], request_id: int) -> list[Job]:
+    def _enqueue(self, specs: Sequence[GenerationSpec], request_id: int, owner: str | None) -> list[Job]:
         now = self._clock()
         with self._cond:
             if self._state.dead is not None:
@@ -251,6 +257,7 @@ class Scheduler:
                     deadline=now + self.config.queue_timeout_s,
                     total_steps=spec.num_inference_steps,
                     id=f"{self._id_prefix}{uuid.uuid4().hex}",
+                    owner=owner,
                 )
                 for spec in specs
             ]

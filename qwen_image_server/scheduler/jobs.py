@@ -64,6 +64,8 @@ class Job:
     submitted_at: float
     deadline: float
     id: str = field(default_factory=lambda: uuid.uuid4().hex)
+    owner: str | None = None  # the API key's id that asked for it (None: a server without keys)
+    fair_tag: float = 0.0  # its place in the owners' round-robin (see queue.BatchQueue.push)
     state: JobState = JobState.QUEUED
     started_at: float | None = None
     finished_at: float | None = None

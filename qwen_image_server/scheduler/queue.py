@@ -4,7 +4,10 @@ with its lock held, and tests call it directly (`tests/test_batch_queue.py`).
 
 The rules (the scheduler's, see `core.py`):
 
-* The oldest waiting job (the head) always runs in the next batch. Jobs behind it with the same
+* Waiting jobs are kept in fair order across owners (API keys): by round, each owner's k-th
+  waiting job after every owner's (k-1)-th, then by arrival (see `push`). With one owner (a
+  server without keys) that is arrival order.
+* The first waiting job (the head) always runs in the next batch. Jobs behind it with the same
   `batch_key` join it, up to `max_batch_size` jobs and `max_batch_pixels` pixels; a job whose
   engine failed under it (`crashes`) runs alone and joins no batch.
 * So a job with `p` jobs ahead of it starts in one of the next `p + 1` batches; `overtaken`
@@ -58,6 +61,11 @@ class BatchQueue:
     def __init__(self, config: SchedulerConfig) -> None:
         self.config = config
         self._jobs: deque[Job] = deque()
+        # Start-time fair queueing: a job's tag is its owner's previous tag plus one, or the
+        # round being served plus one if that is later (an owner that had nothing waiting joins
+        # the current round instead of going ahead of it, or behind everyone).
+        self._served = 0.0  # the tag of the last batch's head
+        self._last_tag: dict[str | None, float] = {}
 
     def __len__(self) -> int:
         return len(self._jobs)
@@ -87,8 +95,15 @@ class BatchQueue:
             )
 
     def push(self, jobs: Iterable[Job]) -> None:
-        """Queue `jobs` at the back, in order."""
-        self._jobs.extend(jobs)
+        """Queue `jobs`, in order, each at its owner's next round: behind every waiting job of
+        that round or an earlier one, ahead of the later rounds."""
+        for job in jobs:
+            job.fair_tag = max(self._served, self._last_tag.get(job.owner, 0.0)) + 1
+            self._last_tag[job.owner] = job.fair_tag
+            place = len(self._jobs)
+            while place > 0 and self._jobs[place - 1].fair_tag > job.fair_tag:
+                place -= 1
+            self._jobs.insert(place, job)
 
     def push_front(self, jobs: Iterable[Job]) -> None:
         """Put `jobs` back at the head, in order (jobs whose engine failed under them)."""
@@ -153,6 +168,8 @@ class BatchQueue:
         for pos, job in enumerate(itertools.islice(self._jobs, 0, positions[-1])):
             if id(job) not in chosen:
                 job.overtaken += sum(1 for c in positions if c > pos)
+        self._served = max(self._served, batch[0].fair_tag)
+        self._last_tag = {owner: tag for owner, tag in self._last_tag.items() if tag > self._served}
         for job in batch:
             self._jobs.remove(job)
             job.state = JobState.RUNNING

@@ -26,6 +26,7 @@ from typing import Any, Generic, TypeVar
 from PIL import Image
 
 from qwen_image_server import errors
+from qwen_image_server.config.api_keys import ANONYMOUS, Caller
 from qwen_image_server.config.settings import Settings
 from qwen_image_server.engine.device import DeviceInfo
 from qwen_image_server.engine.loaded import LoadedModel
@@ -55,6 +56,7 @@ from qwen_image_server.serving.prompt_tokens import (
     might_exceed,
     token_counter,
 )
+from qwen_image_server.serving.quotas import KeyQuotas
 from qwen_image_server.serving.render import (
     MEDIA_TYPES,
     PREVIEW_FORMAT,
@@ -92,6 +94,7 @@ class Prepared(Generic[B]):
     model: ModelChoice
     specs: list[GenerationSpec]
     inputs: EditInputs | None = None  # an edit's decoded images
+    caller: Caller = ANONYMOUS  # whose jobs these are, and whose limits apply
 
 
 @dataclass(frozen=True, slots=True)
@@ -117,6 +120,7 @@ class Generation:
         self.executor = executor
         self.defaults = GenerationDefaults.from_settings(settings)
         self.models = ModelRegistry(settings, scheduler)
+        self.quotas = KeyQuotas()
         self._request_ids = itertools.count(1)
 
     @property
@@ -130,11 +134,14 @@ class Generation:
         return self.models.model
 
     async def prepare(self, body: B, task: Task, *, model: str | None = None, images: Sequence[Upload] = (),
-                      mask: Upload | None = None, n: int = 1, preview: PreviewPlan | None = None) -> Prepared[B]:
-        """Every route's and the CLI's one way from a parsed body to specs: a request id, the
-        server's defaults, the model (`model` named, or the first for `task`), the LoRAs checked,
-        an edit's uploads decoded and checked, one spec per image (`n`, seeds from the body's
-        seed or a random one) with `preview`'s previews. Raises the request's 4xx error."""
+                      mask: Upload | None = None, n: int = 1, preview: PreviewPlan | None = None,
+                      caller: Caller = ANONYMOUS) -> Prepared[B]:
+        """Every route's and the CLI's one way from a parsed body to specs: `caller`'s limits
+        checked (before any costly work), a request id, the server's defaults, the model (`model`
+        named, or the first for `task`), the LoRAs checked, an edit's uploads decoded and checked,
+        one spec per image (`n`, seeds from the body's seed or a random one) with `preview`'s
+        previews. Raises the request's 4xx error."""
+        self.quotas.admit(caller, n, self.scheduler.retry_after)
         request_id = self.next_request_id()
         body = self.with_defaults(body)
         choice = self.models.pick(model, task)
@@ -142,7 +149,7 @@ class Generation:
         inputs = await self.read_edit_inputs(images, mask, choice) if task == "edit" else None
         base = body.seed if body.seed is not None else random_seed()
         specs = build_specs(body, model=choice, loras=loras, seeds=seeds(base, n), inputs=inputs, preview=preview)
-        return Prepared(request_id, body, choice, specs, inputs)
+        return Prepared(request_id, body, choice, specs, inputs, caller)
 
     async def read_edit_inputs(self, images: Sequence[Upload], mask: Upload | None,
                                model: ModelChoice) -> EditInputs:
@@ -212,11 +219,16 @@ class Generation:
     # -- checks and submitting --------------------------------------------------------------
 
     async def submit(self, prepared: Prepared[Any]) -> list[Job]:
-        """Check the prompts' length, then queue every spec of one request together (or none)."""
-        specs = prepared.specs
+        """Check the prompts' length, then queue every spec of one request together (or none),
+        as its caller's jobs (within the caller's limit of jobs in flight)."""
+        specs, caller = prepared.specs, prepared.caller
         for spec in {(s.prompt, s.negative_prompt): s for s in specs}.values():
             await self.check_prompt_length(spec)
-        return self.scheduler.submit_many(specs, prepared.request_id)
+        # No await between the check and the queueing: the count cannot change in between.
+        self.quotas.check_jobs(caller, len(specs), self.scheduler.retry_after)
+        jobs = self.scheduler.submit_many(specs, prepared.request_id, owner=caller.id)
+        self.quotas.track(caller, jobs)
+        return jobs
 
     async def check_prompt_length(self, spec: GenerationSpec) -> None:
         """400 `invalid_request_error` (param prompt / negative_prompt) when either is longer than

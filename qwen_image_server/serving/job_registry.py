@@ -7,7 +7,10 @@ denoising step, each preview the job asked for, the end) is pushed to the job's 
 late subscriber gets the current state first, then the newest preview. Previews are encoded on
 the CPU pool, once, when a subscriber reads them; one that falls behind skips to the newest, so
 a slow client never holds up the engine or piles up images. Finished jobs are forgotten after
-`ttl_s`, and at most `max_finished` of them are kept, so memory stays bounded under load.
+`ttl_s`, and at most `max_finished` of them are kept (past it, the owner with the most loses its
+oldest), each without its pixels once its image is stored, so memory stays bounded under load.
+
+A job belongs to the API key that created it: any other key is told it does not exist.
 
 Lives on the event loop; the scheduler's threads reach it only through `call_soon_threadsafe`.
 """
@@ -15,19 +18,21 @@ Lives on the event loop; the scheduler's threads reach it only through `call_soo
 from __future__ import annotations
 
 import asyncio
+import dataclasses
 import logging
 import time
-from collections import OrderedDict
+from collections import Counter, OrderedDict
 from collections.abc import AsyncIterator, Awaitable, Callable
+from concurrent.futures import Future
 from dataclasses import dataclass, field
 from typing import Any
 
 from qwen_image_server import errors
-from qwen_image_server.engine.types import Preview
+from qwen_image_server.engine.types import EditSpec, Preview
 from qwen_image_server.job_state import JobEvent, JobState
 from qwen_image_server.protocol.common import ErrorDetail, NativeImageFields
 from qwen_image_server.protocol.native import JobPreview, JobProgress, JobStatus
-from qwen_image_server.scheduler import Job
+from qwen_image_server.scheduler import Job, JobResult
 from qwen_image_server.scheduler.jobs import final_state
 from qwen_image_server.serving.generation import Generation, Prepared
 from qwen_image_server.serving.preview_mailbox import LatestPreviews
@@ -54,6 +59,7 @@ class JobRecord:
     body: NativeImageFields  # what it was asked with (add_overlay, save_to_file)
     created_at: float  # unix time
     previews: LatestPreviews
+    owner: str | None = None  # the API key's id that created it
     image_id: str | None = None  # in the result store, once rendered
     file_path: str | None = None
     inference_time: float | None = None
@@ -67,7 +73,7 @@ class JobRecord:
     def create(cls, job: Job, body: NativeImageFields, loop: asyncio.AbstractEventLoop) -> JobRecord:
         """A record for a job just queued; its previews wake its subscribers as they come."""
         previews = LatestPreviews(loop)
-        record = cls(job=job, body=body, created_at=time.time(), previews=previews)
+        record = cls(job=job, body=body, created_at=time.time(), previews=previews, owner=job.owner)
         previews.on_new = lambda _, preview: record.publish(JobEvent.PREVIEW, preview.step)
         return record
 
@@ -90,6 +96,21 @@ class JobRecord:
             return self.render_error
         failure = self._failure()
         return ErrorDetail.of(failure) if failure is not None else None
+
+    def settle(self) -> None:
+        """Once the image is stored (or the job failed): keep what its status shows, drop the
+        pixels (the result, an edit's inputs and mask, the previews) that only running needed."""
+        job = self.job
+        spec = job.spec
+        if isinstance(spec, EditSpec):
+            spec = dataclasses.replace(spec, images=(), mask=None)
+        ended: Future[JobResult] = Future()
+        failure = self._failure()
+        if failure is not None:
+            ended.set_exception(failure)
+        self.job = dataclasses.replace(job, spec=spec, future=ended, preview=None, listeners=[])
+        self.previews.clear()
+        self._encoding = None
 
     def _failure(self) -> errors.ServerError | None:
         future = self.job.future
@@ -177,11 +198,13 @@ class JobRecord:
 class JobRegistry:
     """Jobs by id, with TTL and a bound on finished ones (unfinished ones are bounded by the queue)."""
 
-    def __init__(self, generation: Generation, results: ResultStore, ttl_s: float, max_finished: int) -> None:
+    def __init__(self, generation: Generation, results: ResultStore, ttl_s: float, max_finished: int,
+                 max_subscribers: int = 16) -> None:
         self.generation = generation
         self.results = results
         self.ttl_s = ttl_s
         self.max_finished = max_finished
+        self.max_subscribers = max_subscribers
         self._records: OrderedDict[str, JobRecord] = OrderedDict()
         self._tasks: set[asyncio.Task[None]] = set()
 
@@ -237,6 +260,15 @@ class JobRegistry:
             loading_lora=self.generation.models.loading_lora(job) if status is JobState.RUNNING else None,
         )
 
+    def check_subscribers(self, record: JobRecord) -> None:
+        """429 when the job already has as many subscribers as one job may (each costs a status
+        and a send at every step)."""
+        if len(record.subscribers) >= self.max_subscribers:
+            raise errors.RateLimited(
+                f"Job {record.job.id} already has {len(record.subscribers)} clients following its events, "
+                f"the most one job may have; follow it from one, or poll its status.",
+                code="too_many_subscribers", retry_after=5)
+
     async def events(self, record: JobRecord, image_url: str) -> AsyncIterator[tuple[JobEvent, JobStatus | JobPreview]]:
         """What one subscriber of the job hears (see JobRecord.events), previews as sent."""
 
@@ -255,15 +287,17 @@ class JobRegistry:
         job_id = record.job.id
         if record.image_id is None:
             raise errors.JobNotReady(f"Job {job_id} is {record.status}; it has no image.", param="id")
-        stored = self.results.get(record.image_id)
+        stored = self.results.get(record.image_id, record.owner)
         if stored is None:
             raise errors.NotFound(f"The image of job {job_id} is no longer kept.", param="id")
         return stored
 
-    def get(self, job_id: str) -> JobRecord:
+    def get(self, job_id: str, owner: str | None = None) -> JobRecord:
+        """The job `owner` (an API key's id) created; NotFound for an unknown id, an expired job,
+        and another key's job alike."""
         self._prune()
         record = self._records.get(job_id)
-        if record is None:
+        if record is None or record.owner != owner:
             raise errors.NotFound(f"No job {job_id!r} (unknown, or finished more than "
                                   f"{self.ttl_s:g} s ago).", param="id")
         return record
@@ -287,7 +321,8 @@ class JobRegistry:
                                                save_to_file=record.body.save_to_file)
             record.file_path = rendered.file_path
             record.inference_time = rendered.inference_time
-            record.image_id = self.results.put(rendered.data, rendered.media_type, id=f"job-{job.id}").id
+            record.image_id = self.results.put(rendered.data, rendered.media_type, id=f"job-{job.id}",
+                                               owner=record.owner).id
         except errors.ServerError:
             pass  # the job's own error: its status says it
         except Exception:  # rendering failed; the job must still end
@@ -295,13 +330,24 @@ class JobRegistry:
             record.render_error = ErrorDetail(message="Rendering the image failed; the server logged the details.",
                                               type=errors.InferenceFailed.type)
         record.finished_monotonic = time.monotonic()
+        record.settle()
         record.publish(JobEvent.entering(record.status), job.step)
 
     def _prune(self) -> None:
+        """Forget finished jobs past the TTL, then past `max_finished`: the owner with the most
+        finished jobs loses its oldest first (a flood of one key's jobs evicts its own)."""
         now = time.monotonic()
         finished = [r for r in self._records.values() if r.finished_monotonic is not None]
-        excess = len(finished) - self.max_finished
         for record in finished:
-            if excess > 0 or now - record.finished_monotonic >= self.ttl_s:  # type: ignore[operator]
+            if now - record.finished_monotonic >= self.ttl_s:  # type: ignore[operator]
                 del self._records[record.job.id]
-                excess -= 1
+        finished = [r for r in finished if r.job.id in self._records]
+        excess = len(finished) - self.max_finished
+        if excess <= 0:
+            return
+        held = Counter(record.owner for record in finished)
+        for _ in range(excess):
+            heaviest = max(held, key=held.__getitem__)
+            oldest = next(r for r in finished if r.owner == heaviest and r.job.id in self._records)
+            del self._records[oldest.job.id]
+            held[heaviest] -= 1

@@ -48,6 +48,12 @@ class LatestPreviews:
         """The newest preview of job `index`, read or not (None before the first)."""
         return self._latest.get(index)
 
+    def clear(self) -> None:
+        """Forget every preview (their jobs ended: nobody will read them)."""
+        self._latest.clear()
+        self._unread.clear()
+        self.ready.clear()
+
     def take(self) -> list[tuple[int, Preview]]:
         """The unread previews, by job index; none are unread afterwards."""
         taken = [(index, self._latest[index]) for index in sorted(self._unread)]
