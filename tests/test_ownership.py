@@ -217,3 +217,14 @@ def test_a_key_flooding_the_result_store_evicts_its_own_images_not_anothers(keye
         assert victim.get(kept).status_code == 200
         assert flooder.get(flood[0]).status_code == 404  # the flooder's oldest went instead
         assert flooder.get(flood[-1]).status_code == 200
+
+
+def test_keys_never_show_in_the_settings_repr_or_dump(tmp_path):
+    keys_file = tmp_path / "keys.toml"
+    keys_file.write_text(KEYS_FILE)
+    settings = tiny_settings(tmp_path, api_keys=["plain-key-0123456789"], api_keys_file=keys_file,
+                             files_secret="files-secret-0123456789")
+    shown = repr(settings) + str(settings.model_dump()) + settings.model_dump_json() + repr(settings.accepted_keys)
+    for secret in ("plain-key-0123456789", "files-secret-0123456789", *KEYS.values()):
+        assert secret not in shown
+    assert {key.caller.id for key in settings.accepted_keys} >= {"alice", "bob", "carol"}
