@@ -16,6 +16,7 @@ from fastapi.sse import EventSourceResponse, ServerSentEvent
 
 from qwen_image_server.api.bodies import NATIVE_EDIT_BODY, read_native_edit
 from qwen_image_server.api.context import Ctx, ServerContext
+from qwen_image_server.api.error_mapping import SAVE_ERROR_RESPONSES
 from qwen_image_server.protocol.common import ErrorResponse
 from qwen_image_server.protocol.native import (
     JobRequest,
@@ -44,7 +45,7 @@ def image_url(record: JobRecord, request: Request) -> str:
 
 
 @router.post("", status_code=202, response_model=JobStatus,
-             responses={s: {"model": ErrorResponse} for s in (400, 429, 503)})
+             responses={**{s: {"model": ErrorResponse} for s in (400, 429, 503)}, **SAVE_ERROR_RESPONSES})
 async def create_job(body: JobRequest, request: Request, ctx: Ctx) -> JSONResponse:
     """Queue a generation (/generate's body, plus `preview`) and return at once with its id."""
     prepared = await ctx.generation.prepare(body, "generate", preview=body.preview_plan())
@@ -52,7 +53,7 @@ async def create_job(body: JobRequest, request: Request, ctx: Ctx) -> JSONRespon
 
 
 @router.post("/edit", status_code=202, response_model=JobStatus, openapi_extra=NATIVE_EDIT_BODY,
-             responses={s: {"model": ErrorResponse} for s in (400, 404, 413, 429, 503)})
+             responses={**{s: {"model": ErrorResponse} for s in (400, 404, 413, 429, 503)}, **SAVE_ERROR_RESPONSES})
 async def create_edit_job(request: Request, ctx: Ctx) -> JSONResponse:
     """Queue an edit (same body as /edit: image files or base64 images, plus `preview`) and
     return at once with its id; its progress and preview events are a generation's."""
