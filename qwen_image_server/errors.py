@@ -104,6 +104,32 @@ class RateLimited(ServerError):
     type = "rate_limit_exceeded"
 
 
+class InsufficientStorage(ServerError):
+    """The output folder's disk is below its free-space floor (QWEN_IMAGE_MIN_FREE_DISK_MB): a
+    request that asked to save its image is refused before any work. Requests that save nothing
+    are still served."""
+
+    status_code = 507
+    type = "insufficient_storage"
+
+    def __init__(self, message: str, *, param: str | None = "save_to_file", code: str | None = "low_disk_space",
+                 retry_after: float | None = None) -> None:
+        super().__init__(message, param=param, code=code, retry_after=retry_after)
+
+
+class SaveFailed(ServerError):
+    """Writing a finished image to the output folder failed (disk full, folder unwritable, ...).
+    Never answered as an error: the image is still delivered, and this names why no file was
+    made (`save_error` of /generate's JSON and of a job's status)."""
+
+    status_code = 507
+    type = "save_failed"
+
+    def __init__(self, message: str, *, param: str | None = "save_to_file", code: str | None = None,
+                 retry_after: float | None = None) -> None:
+        super().__init__(message, param=param, code=code, retry_after=retry_after)
+
+
 class InferenceFailed(ServerError):
     """The pipeline raised for this batch; the server itself is fine."""
 

@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import asyncio
 import logging
 from collections.abc import AsyncIterator, Callable, Sequence
 from concurrent.futures import ThreadPoolExecutor
@@ -41,6 +42,7 @@ from qwen_image_server.serving.generation import Generation
 from qwen_image_server.serving.job_registry import JobRegistry
 from qwen_image_server.serving.lifecycle import Lifecycle
 from qwen_image_server.serving.metrics import SchedulerMetrics, ServerMetrics
+from qwen_image_server.serving.output_folder import sweep_periodically
 from qwen_image_server.serving.results import ResultStore
 
 log = logging.getLogger(__name__)
@@ -106,6 +108,7 @@ def create_app(
         restart=restart,
     )
     metrics.watch_engines(scheduler)
+    metrics.watch_output_disk(settings.output_dir)
 
     @asynccontextmanager
     async def lifespan(app: FastAPI) -> AsyncIterator[None]:
@@ -120,12 +123,20 @@ def create_app(
         files = FileLinks(secret, settings.file_link_ttl_s)
         app.state.ctx = ServerContext(generation, lifecycle, results, jobs, files, replica=replica)
         scheduler.start()
-        log.info("serving on %s with %d engine%s (model %s loading in the background); batching: %s",
-                 device.label, scheduler.engine_count, "s" if scheduler.engine_count > 1 else "",
-                 settings.model, scheduler.config)
+        sweeper: asyncio.Task[None] | None = None
         try:
+            # The output folder's upkeep, while the model loads: once before serving (what a crash
+            # left, images past the retention limits while the server was down), then periodically.
+            await generation.in_pool(generation.output.sweep)
+            sweeper = asyncio.create_task(sweep_periodically(
+                generation.output, settings.output_sweep_interval_s, generation.in_pool))
+            log.info("serving on %s with %d engine%s (model %s loading in the background); batching: %s",
+                     device.label, scheduler.engine_count, "s" if scheduler.engine_count > 1 else "",
+                     settings.model, scheduler.config)
             yield
         finally:
+            if sweeper is not None:
+                sweeper.cancel()
             # By now the server has answered every in-flight request (or the drain timed out).
             await anyio.to_thread.run_sync(scheduler.shutdown, settings.drain_timeout_s)
             executor.shutdown(wait=True)

@@ -19,6 +19,9 @@ log = logging.getLogger(__name__)
 ERROR_RESPONSES: dict[int | str, dict] = {
     status: {"model": ErrorResponse} for status in (400, 429, 500, 503, 504)
 }
+# ... and for those that can save their image (save_to_file): 507 insufficient_storage while the
+# output disk is below its free-space floor.
+SAVE_ERROR_RESPONSES: dict[int | str, dict] = {507: {"model": ErrorResponse}}
 
 _HTTP_TYPES = {
     401: "authentication_error",

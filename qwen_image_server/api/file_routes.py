@@ -10,7 +10,6 @@ Every other case is the same 404, so the answer says nothing about what else is 
 from __future__ import annotations
 
 import os
-import re
 import stat
 from pathlib import Path
 
@@ -19,11 +18,9 @@ from fastapi import APIRouter, Request, Response
 from qwen_image_server import errors
 from qwen_image_server.api.context import Ctx, ServerContext, Who
 from qwen_image_server.protocol.common import ErrorResponse
+from qwen_image_server.serving.render import SAVED_NAME
 
 router = APIRouter()
-
-# serving/render.output_filename, plus the "-<pid>-<hex>" save_atomically adds on a name clash.
-SAVED_NAME = re.compile(r"Qwen-Image-\d{8}_\d{6}-req\d+(?:-[0-9A-Za-z]+)*\.png")
 
 # No following a symlink as the last component; no blocking on a planted FIFO.
 _OPEN_FLAGS = os.O_RDONLY | getattr(os, "O_NOFOLLOW", 0) | getattr(os, "O_NONBLOCK", 0)

@@ -16,6 +16,7 @@ from fastapi.sse import EventSourceResponse, ServerSentEvent
 
 from qwen_image_server.api.bodies import NATIVE_EDIT_BODY, read_native_edit
 from qwen_image_server.api.context import Ctx, ServerContext, Who
+from qwen_image_server.api.error_mapping import SAVE_ERROR_RESPONSES
 from qwen_image_server.api.file_routes import file_url
 from qwen_image_server.protocol.common import ErrorResponse
 from qwen_image_server.protocol.native import (
@@ -54,7 +55,7 @@ def image_url(record: JobRecord, request: Request) -> str:
 
 
 @router.post("", status_code=202, response_model=JobStatus,
-             responses={s: {"model": ErrorResponse} for s in (400, 429, 503)})
+             responses={**{s: {"model": ErrorResponse} for s in (400, 429, 503)}, **SAVE_ERROR_RESPONSES})
 async def create_job(body: JobRequest, request: Request, ctx: Ctx, caller: Who) -> JSONResponse:
     """Queue a generation (/generate's body, plus `preview`) and return at once with its id."""
     prepared = await ctx.generation.prepare(body, "generate", preview=body.preview_plan(), caller=caller)
@@ -62,7 +63,7 @@ async def create_job(body: JobRequest, request: Request, ctx: Ctx, caller: Who) 
 
 
 @router.post("/edit", status_code=202, response_model=JobStatus, openapi_extra=NATIVE_EDIT_BODY,
-             responses={s: {"model": ErrorResponse} for s in (400, 404, 413, 429, 503)})
+             responses={**{s: {"model": ErrorResponse} for s in (400, 404, 413, 429, 503)}, **SAVE_ERROR_RESPONSES})
 async def create_edit_job(request: Request, ctx: Ctx, caller: Who) -> JSONResponse:
     """Queue an edit (same body as /edit: image files or base64 images, plus `preview`) and
     return at once with its id; its progress and preview events are a generation's."""

@@ -4,12 +4,13 @@ from __future__ import annotations
 
 import logging
 
+import anyio
 from fastapi import APIRouter, Request, Response
 from fastapi.responses import JSONResponse
 
 from qwen_image_server.api.bodies import NATIVE_EDIT_BODY, read_native_edit
 from qwen_image_server.api.context import Ctx, ServerContext, Who, client_gone
-from qwen_image_server.api.error_mapping import ERROR_RESPONSES
+from qwen_image_server.api.error_mapping import ERROR_RESPONSES, SAVE_ERROR_RESPONSES
 from qwen_image_server.api.file_routes import file_url
 from qwen_image_server.protocol.common import ErrorResponse
 from qwen_image_server.protocol.native import (
@@ -22,12 +23,22 @@ from qwen_image_server.protocol.native import (
 )
 from qwen_image_server.serving.generation import Prepared
 from qwen_image_server.serving.info import server_info
+from qwen_image_server.serving.render import b64
 
 log = logging.getLogger(__name__)
 router = APIRouter()
-# What /generate and /edit answer with: the image, or JSON naming the saved file.
-IMAGE_OR_FILE = {"content": {"image/png": {}, "application/json": {"schema": GenerateFileResponse.model_json_schema()}},
-                 "description": "PNG bytes, or JSON when save_to_file is true."}
+# What /generate and /edit answer with: the image, or JSON naming the saved file. Its nested
+# models (ErrorDetail) refer to the document's own schemas, which the error responses put there.
+_FILE_SCHEMA = {key: value for key, value in GenerateFileResponse.model_json_schema(
+    ref_template="#/components/schemas/{model}").items() if key != "$defs"}
+IMAGE_OR_FILE = {"content": {"image/png": {}, "application/json": {"schema": _FILE_SCHEMA}},
+                 "description": "PNG bytes, or JSON when save_to_file is true (with the image itself in "
+                                "b64_json when saving it failed)."}
+# /ready's reasons for 503, in the order they are checked.
+ENGINE_FAILED = "engine failed"
+SHUTTING_DOWN = "shutting down"
+MODEL_LOADING = "model loading"
+LOW_DISK = "low disk space"  # the output folder's disk is below QWEN_IMAGE_MIN_FREE_DISK_MB
 
 
 @router.get("/health", response_model=HealthResponse, tags=["server"])
@@ -48,10 +59,14 @@ async def health(ctx: Ctx, response: Response) -> HealthResponse:
 @router.get("/ready", response_model=ReadyResponse, responses={503: {"model": ReadyResponse}},
             tags=["server"])
 async def ready(ctx: Ctx) -> JSONResponse:
-    """Readiness: 200 only when the model is loaded and the server takes new work."""
+    """Readiness: 200 only when the model is loaded, the server takes new work, and the output
+    folder's disk has its reserve of free space."""
     s = ctx.scheduler
-    reason = ("engine failed" if s.dead else "shutting down" if s.draining
-              else "model loading" if not s.serving else None)
+    reason = (ENGINE_FAILED if s.dead else SHUTTING_DOWN if s.draining
+              else MODEL_LOADING if not s.serving else None)
+    # On a worker thread, not the CPU pool: a probe must not wait behind image encoding.
+    if reason is None and await anyio.to_thread.run_sync(ctx.generation.output.low_on_space):
+        reason = LOW_DISK
     body = ReadyResponse(ready=reason is None, reason=reason)
     return JSONResponse(body.model_dump(), status_code=200 if reason is None else 503)
 
@@ -65,7 +80,7 @@ async def info(ctx: Ctx) -> InfoResponse:
 @router.post(
     "/generate",
     tags=["generate"],
-    responses={200: IMAGE_OR_FILE, **ERROR_RESPONSES},
+    responses={200: IMAGE_OR_FILE, **ERROR_RESPONSES, **SAVE_ERROR_RESPONSES},
 )
 async def generate(body: GenerateRequest, request: Request, ctx: Ctx, caller: Who) -> Response:
     """Generate one image: PNG bytes, or (save_to_file) JSON naming the saved file."""
@@ -81,7 +96,8 @@ async def generate(body: GenerateRequest, request: Request, ctx: Ctx, caller: Wh
     "/edit",
     tags=["edit"],
     openapi_extra=NATIVE_EDIT_BODY,
-    responses={200: IMAGE_OR_FILE, 404: {"model": ErrorResponse}, 413: {"model": ErrorResponse}, **ERROR_RESPONSES},
+    responses={200: IMAGE_OR_FILE, 404: {"model": ErrorResponse}, 413: {"model": ErrorResponse}, **ERROR_RESPONSES,
+               **SAVE_ERROR_RESPONSES},
 )
 async def edit(request: Request, ctx: Ctx, caller: Who) -> Response:
     """Edit one to three images (multipart files `image`, or base64 `images` in JSON), optionally
@@ -112,13 +128,22 @@ async def _answer(ctx: ServerContext, request: Request,
         "X-Batch-Size": str(result.batch_size),
         "X-Engine": str(result.engine),
     }
-    if rendered.file_path is None:
+    if not body.save_to_file:
         return Response(rendered.data, media_type=rendered.media_type, headers=headers)
-    return JSONResponse(GenerateFileResponse(
+    answer = GenerateFileResponse(
         request_id=request_id,
         inference_time=rendered.inference_time,
         file_path=rendered.file_path,
         file_url=file_url(ctx, request, rendered.file_path, prepared.caller.id),
         width=rendered.width,
         height=rendered.height,
-    ).model_dump(), headers=headers)
+    )
+    if rendered.save_error is None:
+        # The seed's JSON, key for key: the fields for a failed save are left out.
+        return JSONResponse(answer.model_dump(exclude={"save_error", "b64_json"}), headers=headers)
+    # Saving failed. The client asked for JSON, so it gets JSON (not PNG bytes its JSON parser
+    # would choke on), with file_path null, the reason, and the image itself inline, as the
+    # OpenAI API's b64_json: the image the GPU made is never lost, and needs no second request.
+    answer.save_error = rendered.save_error
+    answer.b64_json = b64(rendered.data)
+    return JSONResponse(answer.model_dump(), headers=headers)

@@ -150,6 +150,20 @@ class Settings(BaseSettings):
 
     # -- output -----------------------------------------------------------------------------
     output_dir: Path = Field(Path("tmp"), description="Folder for save_to_file images, relative to the cwd.")
+    min_free_disk_mb: int = Field(
+        1024, ge=0, description="Free space (MiB) kept on the output folder's disk: below it /ready answers "
+        "503 and save_to_file requests 507 before any work (0: no floor).",
+    )
+    output_retention_s: float | None = Field(
+        None, gt=0, description="Saved images older than this are deleted (unset: kept forever).",
+    )
+    output_max_bytes: int | None = Field(
+        None, ge=1, description="Most bytes of saved images kept; the oldest are deleted beyond it (unset: no limit).",
+    )
+    output_sweep_interval_s: float = Field(
+        60.0, gt=0, description="How often the output folder is swept: images past the retention limits, "
+        "and temp files a crashed save left.",
+    )
 
     # -- scheduler --------------------------------------------------------------------------
     max_queue: int = Field(32, ge=1, description="Jobs allowed to wait; beyond it requests get 429.")

@@ -72,14 +72,21 @@ class JobPreview(BaseModel):
 
 
 class GenerateFileResponse(BaseModel):
+    """What a save_to_file request gets: the saved file's path; or, when saving failed, why,
+    and the image itself (so the GPU's work is never lost)."""
+
     status: Literal["success"] = "success"
     request_id: int
     inference_time: float = Field(description="Seconds the pipeline call took.")
-    file_path: str = Field(description="Where the PNG was saved, relative to the server's cwd.")
+    file_path: str | None = Field(description="Where the PNG was saved, relative to the server's cwd; null "
+                                  "when saving failed (see save_error).")
     file_url: str | None = Field(None, description="A link that downloads the saved PNG (GET /files/...), "
                                  "signed for the API key that saved it and valid for QWEN_IMAGE_FILE_LINK_TTL_S.")
     width: int
     height: int
+    save_error: ErrorDetail | None = Field(None, description="Only when saving failed: why (code: the OS "
+                                           "error, e.g. ENOSPC).")
+    b64_json: str | None = Field(None, description="Only when saving failed: the PNG, base64.")
 
 
 class HealthResponse(BaseModel):
@@ -261,6 +268,9 @@ class JobStatus(BaseModel):
     image_url: str | None = Field(None, description="Where the PNG is, once succeeded.")
     file_path: str | None = Field(None, description="Where it was saved, for save_to_file jobs.")
     file_url: str | None = Field(None, description="A signed link that downloads the saved PNG (GET /files/...).")
+    save_error: ErrorDetail | None = Field(None, description=(
+        "A save_to_file job whose image could not be saved: why (code: the OS error, e.g. ENOSPC). The "
+        "job still succeeds, and its image is at image_url."))
     error: ErrorDetail | None = None
     loading_lora: str | None = Field(None, description="The LoRA being loaded for this job right now "
                                      "(a first use; it then stays resident).")

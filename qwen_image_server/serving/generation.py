@@ -12,6 +12,7 @@ the CPU pool. Nothing here knows about HTTP: a caller that can notice its client
 from __future__ import annotations
 
 import asyncio
+import errno
 import functools
 import itertools
 import logging
@@ -41,7 +42,9 @@ from qwen_image_server.engine.types import (
     normalise_loras,
 )
 from qwen_image_server.protocol.common import (
+    ErrorDetail,
     LoraChoice,
+    NativeImageFields,
     OutputFormat,
     PromptFields,
     random_seed,
@@ -50,6 +53,7 @@ from qwen_image_server.protocol.common import (
 from qwen_image_server.scheduler import Job, JobResult, Scheduler
 from qwen_image_server.serving.defaults import GenerationDefaults
 from qwen_image_server.serving.model_registry import ModelChoice, ModelRegistry
+from qwen_image_server.serving.output_folder import OutputFolder
 from qwen_image_server.serving.preview_mailbox import LatestPreviews, PreviewWatch
 from qwen_image_server.serving.prompt_tokens import (
     check_prompt_tokens,
@@ -106,7 +110,8 @@ class Rendered:
     width: int
     height: int
     inference_time: float  # seconds, rounded for the wire
-    file_path: str | None  # set when the request asked for save_to_file
+    file_path: str | None  # set when the request asked for save_to_file and the file was saved
+    save_error: ErrorDetail | None = None  # why a save_to_file request's file could not be saved
 
 
 class Generation:
@@ -121,6 +126,7 @@ class Generation:
         self.defaults = GenerationDefaults.from_settings(settings)
         self.models = ModelRegistry(settings, scheduler)
         self.quotas = KeyQuotas()
+        self.output = OutputFolder.from_settings(settings)
         self._request_ids = itertools.count(1)
 
     @property
@@ -140,8 +146,11 @@ class Generation:
         checked (before any costly work), a request id, the server's defaults, the model (`model`
         named, or the first for `task`), the LoRAs checked, an edit's uploads decoded and checked,
         one spec per image (`n`, seeds from the body's seed or a random one) with `preview`'s
-        previews. Raises the request's 4xx error."""
+        previews. Raises the request's 4xx error, and 507 for a request that asks to save its
+        image while the output disk is low (before any work)."""
         self.quotas.admit(caller, n, self.scheduler.retry_after)
+        if isinstance(body, NativeImageFields) and body.save_to_file:
+            await self.in_pool(self.output.check_space)
         request_id = self.next_request_id()
         body = self.with_defaults(body)
         choice = self.models.pick(model, task)
@@ -338,7 +347,11 @@ class Generation:
     async def render(self, job: Job, result: JobResult, *, overlay: bool = False,
                      save_to_file: bool = False, output_format: OutputFormat = "png",
                      compression: int | None = None) -> Rendered:
-        """Overlay (if asked), encode and (for save_to_file) save atomically, on the CPU pool."""
+        """Overlay (if asked), encode and (for save_to_file) save atomically, on the CPU pool.
+
+        A save that fails (disk full, folder unwritable, ...) loses nothing but the file: the
+        image made with GPU time is still delivered, with `save_error` saying why there is no
+        file, and the failure is logged."""
         info = OverlayInfo(
             device=self.device.label,
             inference_time=result.inference_time,
@@ -350,13 +363,17 @@ class Generation:
         ) if overlay else None
         size = (job.spec.width, job.spec.height)
         data = await self.in_pool(render, result.image, info, output_format, compression, size, _kept(job))
-        file_path = None
+        file_path = save_error = None
         if save_to_file:
             name = output_filename(job.request_id, datetime.now())
-            path = await self.in_pool(save_atomically, data, self.settings.output_dir, name)
-            file_path = display_path(path)
+            try:
+                path = await self.in_pool(save_atomically, data, self.settings.output_dir, name)
+            except OSError as exc:
+                save_error = _save_failed(job, exc)
+            else:
+                file_path = display_path(path)
         return Rendered(data, MEDIA_TYPES[output_format], size[0], size[1],
-                        round(result.inference_time, 3), file_path)
+                        round(result.inference_time, 3), file_path, save_error)
 
     async def render_preview(self, job: Job, preview: Preview, *, output_format: OutputFormat = PREVIEW_FORMAT,
                              compression: int | None = PREVIEW_QUALITY, full_size: bool = False) -> Rendered:
@@ -379,6 +396,16 @@ def _lora_listing(known: Mapping[str, object]) -> str:
     names = sorted(known)
     more = f" and {len(names) - 8} more (GET /v1/loras)" if len(names) > 8 else ""
     return f"available: {', '.join(names[:8])}{more}"
+
+
+def _save_failed(job: Job, exc: OSError) -> ErrorDetail:
+    """Log a failed save once, with its cause, and say it to the client without server paths."""
+    log.error("request %d: saving its image failed (%s); it is delivered without a file", job.request_id, exc)
+    reason = exc.strerror or type(exc).__name__
+    return ErrorDetail.of(errors.SaveFailed(
+        f"The image was made, but saving it on the server failed ({reason}), so there is no file; the "
+        "image itself is delivered all the same (in b64_json, or at a job's image_url).",
+        code=errno.errorcode.get(exc.errno or 0)))
 
 
 def _kept(job: Job) -> tuple[Image.Image, Image.Image] | None:

@@ -62,6 +62,7 @@ class JobRecord:
     owner: str | None = None  # the API key's id that created it
     image_id: str | None = None  # in the result store, once rendered
     file_path: str | None = None
+    save_error: ErrorDetail | None = None  # a save_to_file job whose image could not be saved
     inference_time: float | None = None
     render_error: ErrorDetail | None = None  # the image was made but could not be rendered
     finished_monotonic: float | None = None
@@ -256,6 +257,7 @@ class JobRegistry:
             engine=job.engine,
             image_url=image_url if record.image_id else None,
             file_path=record.file_path,
+            save_error=record.save_error,
             error=record.error,
             loading_lora=self.generation.models.loading_lora(job) if status is JobState.RUNNING else None,
         )
@@ -320,6 +322,7 @@ class JobRegistry:
             rendered = await generation.render(job, result, overlay=record.body.add_overlay,
                                                save_to_file=record.body.save_to_file)
             record.file_path = rendered.file_path
+            record.save_error = rendered.save_error  # the job still succeeds: its image is stored
             record.inference_time = rendered.inference_time
             record.image_id = self.results.put(rendered.data, rendered.media_type, id=f"job-{job.id}",
                                                owner=record.owner).id

@@ -17,6 +17,7 @@ import logging
 import os
 import time
 from collections.abc import Callable, Iterator, Sequence
+from pathlib import Path
 from typing import get_args
 
 from prometheus_client import (
@@ -41,6 +42,7 @@ from qwen_image_server.engine.device import DeviceInfo
 from qwen_image_server.engine.types import PreviewMode
 from qwen_image_server.job_state import JobEvent
 from qwen_image_server.scheduler import Job, Scheduler, SlotState
+from qwen_image_server.serving.output_folder import free_bytes
 
 log = logging.getLogger(__name__)
 
@@ -143,7 +145,14 @@ class ServerMetrics:
         self.engine_up = Gauge(
             "qwen_image_engine_up", "1 while the engine is loaded and serving.", ["engine", "gpu"],
             multiprocess_mode="livesum", registry=r)
+        # Every front on a machine sees the same disk: a scrape shows the freshest reading.
+        self.output_disk_free = Gauge(
+            "qwen_image_output_disk_free_bytes",
+            "Bytes free for the server on the output folder's disk (NaN when unreadable); below "
+            "QWEN_IMAGE_MIN_FREE_DISK_MB, /ready is 503 and save_to_file requests get 507.",
+            multiprocess_mode="livemostrecent", registry=r)
         self._scheduler: Scheduler | None = None
+        self._output_dir: Path | None = None
         for reason in _REJECTION_REASONS:
             self.rejected.labels(reason)
         for type_ in _FAILURE_TYPES:
@@ -178,6 +187,16 @@ class ServerMetrics:
             self.engine_restarts.labels(str(slot.index))
             self.engine_batches.labels(str(slot.index))
 
+    def watch_output_disk(self, folder: Path) -> None:
+        """Read the free space of `folder`'s disk at each scrape."""
+        self._output_dir = folder
+
+    def update_output_disk(self) -> None:
+        if self._output_dir is None:
+            return
+        free = free_bytes(self._output_dir)
+        self.output_disk_free.set(float("nan") if free is None else free)
+
     def update_engines(self) -> None:
         if self._scheduler is None:
             return
@@ -208,6 +227,7 @@ class ServerMetrics:
         """The exposition (Prometheus text, or OpenMetrics if asked) and its content type."""
         self.update_gpu_memory()
         self.update_engines()
+        self.update_output_disk()
         registry = self.registry
         if self.multiprocess:
             # Read afresh on every scrape: the files of every worker, live or gone.

@@ -7,8 +7,10 @@ All of it is CPU work that runs off the engine thread (the THREADS pool).
 from __future__ import annotations
 
 import base64
+import errno
 import io
 import os
+import re
 import secrets
 import textwrap
 from dataclasses import dataclass
@@ -133,36 +135,111 @@ def render_preview(image: Image.Image, size: tuple[int, int], output_format: Out
     return render(image, None, output_format, compression, size, keep)
 
 
+# The name `output_filename` gives, plus the "-<pid>-<hex>" `save_atomically` adds on a clash:
+# what /files serves and what the output folder's sweep may delete (never anything else).
+SAVED_NAME = re.compile(r"Qwen-Image-\d{8}_\d{6}-req\d+(?:-[0-9A-Za-z]+)*\.png")
+# A temp file of `save_atomically` for one of those names (8 hex digits: older versions' names).
+TEMP_NAME = re.compile(r"\.Qwen-Image-.*\.[0-9a-f]{8,}\.tmp", re.DOTALL)
+
+# Names tried for one image before giving up: its own, then with a random suffix (a clash with
+# another process that picked the same name in the same second, then a clash of the suffix).
+_NAME_ATTEMPTS = 8
+# errno of os.link on a filesystem without hard links (FAT, exFAT, some FUSE and SMB mounts).
+_NO_HARD_LINKS = frozenset({errno.EPERM, errno.ENOTSUP, errno.EOPNOTSUPP, errno.ENOSYS, errno.EXDEV})
+# Created only if absent, never through a symlink, not inherited by engine processes.
+_CREATE_FLAGS = os.O_WRONLY | os.O_CREAT | os.O_EXCL | getattr(os, "O_NOFOLLOW", 0) | getattr(os, "O_CLOEXEC", 0)
+
+
 def output_filename(request_id: int, when: datetime) -> str:
     """The seed's name: Qwen-Image-YYYYmmdd_HHMMSS-reqN.png."""
     return f"Qwen-Image-{when:%Y%m%d_%H%M%S}-req{request_id}.png"
 
 
 def save_atomically(data: bytes, folder: Path, name: str, *, overwrite: bool = False) -> Path:
-    """Write `data` as folder/name without ever exposing a partial file.
+    """Write `data` as folder/name without ever exposing a partial file, and return its path.
 
-    Unless `overwrite`, never replace another file: several worker processes count requests
-    independently, so two may pick the same name in the same second; the hard link fails
-    instead of overwriting, and the later one gets a suffix.
+    The data goes to a temp file with a random name only this call can have created (O_EXCL, so
+    a file or symlink planted under that name is never written through), is fsynced, then
+    published under its name, and the folder is fsynced so the name survives a power loss. On any
+    error the temp file is removed and nothing is published.
+
+    Unless `overwrite`, never replace another file: several processes count requests
+    independently, so two may pick the same name in the same second; the later one then gets a
+    suffix (another one if that clashes too).
     """
     folder.mkdir(parents=True, exist_ok=True)
-    tmp = folder / f".{name}.{secrets.token_hex(4)}.tmp"
-    with open(tmp, "wb") as fh:
-        fh.write(data)
-        fh.flush()
-        os.fsync(fh.fileno())
-    target = folder / name
-    if overwrite:
-        os.replace(tmp, target)
-        return target
+    # 128 random bits: a name nobody can guess to plant something there first. The name is cut
+    # short so that a long one (the CLI saves under any name) stays within the OS's limit.
+    tmp = folder / f".{name[:100]}.{secrets.token_hex(16)}.tmp"
+    fd = os.open(tmp, _CREATE_FLAGS, 0o644)
     try:
         try:
-            os.link(tmp, target)
-        except FileExistsError:
-            target = folder / f"{Path(name).stem}-{os.getpid()}-{secrets.token_hex(2)}.png"
-            os.link(tmp, target)
-        except OSError:  # a filesystem without hard links: rename is still atomic
+            _write_all(fd, data)
+            os.fsync(fd)
+        finally:
+            os.close(fd)
+        if overwrite:
+            target = folder / name
             os.replace(tmp, target)
+        else:
+            target = _publish(tmp, folder, name)
+        _fsync_folder(folder)
     finally:
-        tmp.unlink(missing_ok=True)
+        tmp.unlink(missing_ok=True)  # gone already once renamed
     return target
+
+
+def _write_all(fd: int, data: bytes) -> None:
+    view = memoryview(data)
+    while view:
+        view = view[os.write(fd, view):]
+
+
+def _publish(tmp: Path, folder: Path, name: str) -> Path:
+    """Give `tmp` the first free name of `name`, then `name` with suffixes; raise FileExistsError
+    when every attempt clashed."""
+    stem, suffix = os.path.splitext(name)
+    for attempt in range(_NAME_ATTEMPTS):
+        target = folder / (name if attempt == 0 else f"{stem}-{os.getpid()}-{secrets.token_hex(4)}{suffix}")
+        if _place(tmp, target):
+            return target
+    raise FileExistsError(errno.EEXIST, f"{_NAME_ATTEMPTS} names for the image were all taken", str(folder / name))
+
+
+def _place(tmp: Path, target: Path) -> bool:
+    """Make the file `tmp` appear as `target` at once, unless `target` exists (False then)."""
+    try:
+        os.link(tmp, target)  # fails rather than replace what is there
+        return True
+    except FileExistsError:
+        return False
+    except OSError as exc:
+        if exc.errno not in _NO_HARD_LINKS:
+            raise
+    # No hard links here. Claim the name with an empty file only this call can create, then
+    # rename the full file over its own claim: rename is atomic, and replaces nobody else's file.
+    try:
+        os.close(os.open(target, _CREATE_FLAGS, 0o644))
+    except FileExistsError:
+        return False
+    try:
+        os.replace(tmp, target)
+    except BaseException:
+        target.unlink(missing_ok=True)
+        raise
+    return True
+
+
+def _fsync_folder(folder: Path) -> None:
+    """Make the folder's new entry durable (a file fsynced is not enough: its name is in the folder)."""
+    try:
+        fd = os.open(folder, os.O_RDONLY | getattr(os, "O_DIRECTORY", 0))
+    except OSError:  # a platform where folders cannot be opened: nothing more it can do
+        return
+    try:
+        os.fsync(fd)
+    except OSError as exc:
+        if exc.errno not in (errno.EINVAL, errno.ENOTSUP, errno.EOPNOTSUPP):  # not supported there
+            raise
+    finally:
+        os.close(fd)
