@@ -134,8 +134,10 @@ class Generation:
         """Every route's and the CLI's one way from a parsed body to specs: a request id, the
         server's defaults, the model (`model` named, or the first for `task`), the LoRAs checked,
         an edit's uploads decoded and checked, one spec per image (`n`, seeds from the body's
-        seed or a random one) with `preview`'s previews. Raises the request's 4xx error."""
+        seed or a random one) with `preview`'s previews. Raises the request's 4xx error; `admit`
+        comes first, so a full queue answers 429 before any of that work is done."""
         request_id = self.next_request_id()
+        self.admit(n)
         body = self.with_defaults(body)
         choice = self.models.pick(model, task)
         loras = await self.check_loras(body.loras, choice)
@@ -143,6 +145,15 @@ class Generation:
         base = body.seed if body.seed is not None else random_seed()
         specs = build_specs(body, model=choice, loras=loras, seeds=seeds(base, n), inputs=inputs, preview=preview)
         return Prepared(request_id, body, choice, specs, inputs)
+
+    def admit(self, n: int) -> None:
+        """Admission, the first thing `prepare` does: refuse a request of `n` images that could
+        not be queued now (QueueFull with Retry-After, ShuttingDown, EngineDead) before its
+        uploads are decoded, its LoRAs checked or its prompt tokenized. That work runs on the
+        shared CPU pool, and a request refused anyway must not take it from accepted ones. Every
+        rule that can refuse a request from its size alone belongs here (limits per client
+        too). `submit` still decides: the queue may fill up between the two."""
+        self.scheduler.check_room(n)
 
     async def read_edit_inputs(self, images: Sequence[Upload], mask: Upload | None,
                                model: ModelChoice) -> EditInputs:

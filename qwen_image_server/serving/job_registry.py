@@ -51,7 +51,10 @@ class JobRecord:
     """One job as its clients see it: the scheduler's job, plus its stored image or its error."""
 
     job: Job
-    body: NativeImageFields  # what it was asked with (add_overlay, save_to_file)
+    # What rendering reads of the request; the request's body itself is not kept (its uploads,
+    # its base64 images), so a record that lives for the TTL holds no more than it needs.
+    add_overlay: bool
+    save_to_file: bool
     created_at: float  # unix time
     previews: LatestPreviews
     image_id: str | None = None  # in the result store, once rendered
@@ -65,9 +68,11 @@ class JobRecord:
 
     @classmethod
     def create(cls, job: Job, body: NativeImageFields, loop: asyncio.AbstractEventLoop) -> JobRecord:
-        """A record for a job just queued; its previews wake its subscribers as they come."""
+        """A record for a job just queued (`body`: what it was asked with); its previews wake its
+        subscribers as they come."""
         previews = LatestPreviews(loop)
-        record = cls(job=job, body=body, created_at=time.time(), previews=previews)
+        record = cls(job=job, add_overlay=body.add_overlay, save_to_file=body.save_to_file,
+                     created_at=time.time(), previews=previews)
         previews.on_new = lambda _, preview: record.publish(JobEvent.PREVIEW, preview.step)
         return record
 
@@ -283,8 +288,8 @@ class JobRegistry:
         generation = self.generation
         try:
             result = await generation.wait(job)
-            rendered = await generation.render(job, result, overlay=record.body.add_overlay,
-                                               save_to_file=record.body.save_to_file)
+            rendered = await generation.render(job, result, overlay=record.add_overlay,
+                                               save_to_file=record.save_to_file)
             record.file_path = rendered.file_path
             record.inference_time = rendered.inference_time
             record.image_id = self.results.put(rendered.data, rendered.media_type, id=f"job-{job.id}").id
