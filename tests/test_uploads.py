@@ -7,10 +7,14 @@ client sees for its uploads, not the model.
 
 from __future__ import annotations
 
+import base64
 import io
+import os
 import struct
 import threading
 import zlib
+from concurrent.futures import ThreadPoolExecutor
+from pathlib import Path
 
 import httpx
 import numpy as np
@@ -19,8 +23,9 @@ from PIL import Image
 
 from qwen_image_server import errors
 from qwen_image_server.api.app import create_app
+from qwen_image_server.protocol.common import MAX_PROMPT_CHARS
 from qwen_image_server.serving.uploads import WORKING_PIXELS, Upload, read_edit_inputs
-from tests.conftest import LiveServer, tiny_settings
+from tests.conftest import LiveServer, hold_engine, tiny_settings, wait_until
 from tests.fakes import FakeEngine
 
 MAX_PIXELS = 40_000_000
@@ -79,6 +84,19 @@ def test_sixteen_bit_images_are_scaled_not_clipped():
     [out] = decoded(encode(source)).images
     row = np.asarray(out)[0, :, 0].astype(int)
     assert row[0] == 0 and row[-1] == 255 and abs(row[32] - 130) <= 2  # a ramp, not a white bar
+
+
+def test_every_deep_greyscale_mode_is_scaled_like_sixteen_bit_png():
+    # 16-bit TIFF in either byte order, 32-bit integer TIFF (clipped above 65535), float TIFF
+    # (scaled from its brightest pixel).
+    values = np.array([[0, 257 * 64, 65535]])
+    cases = [(Image.frombytes("I;16B", (3, 1), values.astype(">u2").tobytes()), [0, 64, 255]),
+             (Image.frombytes("I;16L", (3, 1), values.astype("<u2").tobytes()), [0, 64, 255]),
+             (Image.fromarray(np.array([[-5, 257 * 64, 10**6]], dtype=np.int32), "I"), [0, 64, 255]),
+             (Image.fromarray(np.array([[0.0, 1.0, 4.0]], dtype=np.float32), "F"), [0, 64, 255])]
+    for source, want in cases:
+        [out] = decoded(encode(source, "TIFF")).images
+        assert np.asarray(out)[0, :, 0].tolist() == want, source.mode
 
 
 def test_exif_orientation_is_applied_so_the_edit_sees_the_photo_upright():
@@ -224,3 +242,151 @@ def test_uploads_are_decoded_on_the_cpu_pool(fake_server, monkeypatch):
     with fake_server.client() as client:
         assert edit(client, [("image", ("a.png", png()))]).status_code == 200
     assert threads and all(name.startswith("qwen-image-cpu") for name in threads), threads
+
+
+# -- what an edit costs the front: descriptors, memory, work before admission ----------------
+
+
+@pytest.fixture(scope="module")
+def roomy_server(tmp_path_factory):
+    """The default upload limit (50 MB), and room for hundreds of jobs, queued and finished."""
+    settings = tiny_settings(tmp_path_factory.mktemp("roomy"), max_queue=512, max_stored_results=512)
+    live = LiveServer(settings, engine_factory=FakeEngine).start()
+    yield live
+    live.stop()
+
+
+def noise_png(nbytes: int) -> bytes:
+    """An RGB PNG of random pixels, about `nbytes` long (noise does not compress): a photo's size."""
+    side = int((nbytes / 3) ** 0.5)
+    pixels = np.random.default_rng(7).integers(0, 256, (side, side, 3), dtype=np.uint8)
+    return encode(Image.fromarray(pixels), compress_level=1)
+
+
+def open_descriptors() -> int:
+    """File descriptors open in this process, where the in-process server runs."""
+    return len(os.listdir("/proc/self/fd"))
+
+
+def test_edit_jobs_keep_no_upload_open_for_their_records_lifetime(roomy_server):
+    # Starlette keeps each part over 1 MiB (its spool size) in a temporary file, whatever its size
+    # beyond that. A job's record lives for the result TTL (an hour): were the uploads kept open
+    # in it, 300 photo edits would hold 300 descriptors, and a front with the usual limit of 1024
+    # would soon fail to accept() connections.
+    photo = noise_png(int(1.2 * 1024 * 1024))
+    assert len(photo) > 1024 * 1024
+    fields = {"prompt": "make it night", "size": "256x256", "num_inference_steps": "1", "add_overlay": "false"}
+    clients = [roomy_server.client() for _ in range(4)]
+
+    def edit_job(index: int) -> str:
+        r = clients[index % 4].post("/v1/jobs/edit", data=fields, files=[("image", ("photo.png", photo, "image/png"))])
+        assert r.status_code == 202, r.text
+        return r.json()["id"]
+
+    try:
+        [edit_job(i) for i in range(4)]  # each client's connection, the pool threads: open from now on
+        processed = roomy_server.wait_scheduler("the first jobs", queue_length=0, running_batch_size=0)["processed"]
+        before = open_descriptors()
+        with ThreadPoolExecutor(4) as senders:  # four at a time: the two cores both work
+            ids = list(senders.map(edit_job, range(300)))
+        roomy_server.wait_scheduler("all 300 jobs to finish", processed=processed + 300)
+        status = clients[0].get
+        wait_until(lambda: all(status(f"/v1/jobs/{id_}").json()["status"] == "succeeded" for id_ in ids[-4:]),
+                   30, "the last jobs' images to be stored")
+        after = open_descriptors()
+        # Every record is still kept (the TTL is an hour): the count is flat although none was dropped.
+        assert status(f"/v1/jobs/{ids[0]}").json()["status"] == "succeeded"
+    finally:
+        for client in clients:
+            client.close()
+    assert after - before < 20, f"{after - before} more descriptors open after 300 edit jobs"
+
+
+def deep_png(width: int, height: int, *, cut: int = 0) -> bytes:
+    """A 16-bit greyscale PNG, a ramp from black to white in every row: width x height pixels in a
+    few hundred KB. With `cut`, its pixel stream ends that many bytes early: decoding it does
+    nearly all the work, then fails."""
+
+    def chunk(kind: bytes, payload: bytes) -> bytes:
+        return struct.pack(">I", len(payload)) + kind + payload + struct.pack(">I", zlib.crc32(kind + payload))
+
+    row = np.linspace(0, 65535, width).astype(">u2").tobytes()
+    pixels = zlib.compress((b"\0" + row) * height, 1)
+    return (b"\x89PNG\r\n\x1a\n" + chunk(b"IHDR", struct.pack(">IIBBBBB", width, height, 16, 0, 0, 0, 0))
+            + chunk(b"IDAT", pixels[:len(pixels) - cut]) + chunk(b"IEND", b""))
+
+
+def test_a_full_queue_refuses_an_edit_before_decoding_its_upload(server):
+    # Decoding runs on the CPU pool that also encodes every client's results: a request the queue
+    # refuses anyway must not take it. The upload here is a 9-megapixel 16-bit image whose data is
+    # cut short: decoding it ends in a 400 (shown below, once there is room), so a 429 for it
+    # means the server answered without decoding it.
+    live = server(engine=FakeEngine, max_queue=1)
+    upload = deep_png(3000, 3000, cut=64)
+    form = {"prompt": "make it night", "size": "256x256", "num_inference_steps": "1"}
+    with hold_engine(live), live.client() as client:
+        assert client.post("/v1/jobs", json={"prompt": "a", "num_inference_steps": 1}).status_code == 202
+        live.wait_running()
+        assert client.post("/v1/jobs", json={"prompt": "b", "num_inference_steps": 1}).status_code == 202
+        live.wait_scheduler("the queue to be full", queue_length=1)
+        refusals = [
+            client.post("/v1/jobs/edit", data=form, files=[("image", ("deep.png", upload, "image/png"))]),
+            client.post("/v1/images/edits", data=form, files=[("image", ("deep.png", upload, "image/png"))]),
+            client.post("/edit", json={**form, "num_inference_steps": 1,
+                                       "images": [base64.b64encode(upload).decode()]}),
+        ]
+        for r in refusals:
+            assert r.status_code == 429 and r.json()["error"]["type"] == "queue_full", r.text
+            assert int(r.headers["Retry-After"]) >= 1
+    live.wait_scheduler("the held jobs to finish", queue_length=0, running_batch_size=0)
+    with live.client() as client:
+        r = client.post("/v1/jobs/edit", data=form, files=[("image", ("deep.png", upload, "image/png"))])
+        assert_error(r, 400, "image", "corrupt_image")
+    assert live.scheduler()["processed"] == 2  # the refused edits never reached the engine
+
+
+def test_a_sixteen_bit_edit_works_in_a_few_bytes_a_pixel(roomy_server):
+    # A 16-megapixel 16-bit PNG is a quarter of a megabyte on the wire; decoded through float64
+    # arrays it took about 28 bytes a pixel (450 MB here; 1 GB at the 40-megapixel cap). The
+    # front's peak memory while it serves the edit is measured: /proc's high-water mark, reset.
+    width = height = 4000
+    upload = deep_png(width, height)
+    assert len(upload) < 512 * 1024
+    try:
+        Path("/proc/self/clear_refs").write_text("5")
+    except OSError as exc:
+        pytest.skip(f"this kernel does not let a process reset its peak memory: {exc}")
+    base = memory_kib("VmRSS")
+    with roomy_server.client() as client:
+        r = client.post("/v1/images/edits", data={"prompt": "make it night", "size": "256x256"},
+                        files=[("image", ("deep.png", upload, "image/png"))])
+    peak = (memory_kib("VmHWM") - base) * 1024
+    assert r.status_code == 200 and r.json()["data"][0]["b64_json"], r.text
+    # Pillow's own images: 16-bit (2 bytes), scaled (2), 8-bit (1), RGB (4), not all at once.
+    assert peak < 12 * width * height, f"{peak / 2**20:.0f} MiB at peak, {peak / (width * height):.1f} B/px"
+
+
+def memory_kib(field: str) -> int:
+    """VmRSS (now) or VmHWM (the peak since the last reset) of this process, in KiB."""
+    for line in Path("/proc/self/status").read_text().splitlines():
+        if line.startswith(field + ":"):
+            return int(line.split()[1])
+    raise AssertionError(f"no {field} in /proc/self/status")
+
+
+def test_an_over_long_prompt_is_a_400_naming_it_before_anything_reads_it(roomy_server):
+    # A JSON edit may be as large as the upload limit (50 MB), nearly all of it prompt. Counting
+    # its tokens would take about a minute of the CPU pool; the model reads 1024 of them.
+    image = base64.b64encode(png()).decode()
+    huge = "a cat on a red chair " * (2 * 1024 * 1024)  # 44 MB
+    too_long, longest = "x" * (MAX_PROMPT_CHARS + 1), "x" * MAX_PROMPT_CHARS
+    with roomy_server.client() as client:
+        r = client.post("/v1/jobs/edit", json={"prompt": huge, "images": [image]})
+        error = assert_error(r, 400, "prompt", "string_too_long")
+        assert f"{MAX_PROMPT_CHARS}" in error["message"]
+        generate = {"prompt": "a cat", "num_inference_steps": 1, "size": "256x256"}
+        assert_error(client.post("/v1/images/generations", json={**generate, "negative_prompt": too_long}),
+                     400, "negative_prompt", "string_too_long")
+        assert_error(edit(client, [("image", ("a.png", png()))], prompt=too_long), 400, "prompt", "string_too_long")
+        # OpenAI's own bound for gpt-image prompts is the same: what it takes, the schema takes.
+        assert client.post("/v1/images/generations", json={**generate, "prompt": longest}).status_code == 200

@@ -23,11 +23,18 @@ M = TypeVar("M", bound=BaseModel)
 
 
 async def read_uploads(form: UploadFields) -> tuple[list[Upload], Upload | None]:
-    """A multipart form's images and mask, read (no decoding here: the CPU pool does that)."""
-    files = form.images
-    names = field_names(len(files), "image")
-    images = [Upload(name, await file.read()) for name, file in zip(names, files, strict=True)]
-    mask = Upload("mask", await form.mask.read()) if form.mask is not None else None
+    """A multipart form's images and mask, read and then closed (no decoding here: the CPU pool
+    does that). Starlette keeps a part over 1 MiB in a temporary file: closing it now frees its
+    descriptor and its disk space while the request goes on (an OpenAI stream lasts as long as
+    its images take)."""
+    files = [*form.images, *([form.mask] if form.mask is not None else [])]
+    try:
+        names = field_names(len(form.images), "image")
+        images = [Upload(name, await file.read()) for name, file in zip(names, form.images, strict=True)]
+        mask = Upload("mask", await form.mask.read()) if form.mask is not None else None
+    finally:
+        for file in files:
+            await file.close()
     return images, mask
 
 
@@ -42,23 +49,29 @@ def validated(model: type[M], data: dict[str, Any] | bytes) -> M:
 
 
 async def read_native_edit(request: Request) -> tuple[EditParameters, list[Upload], Upload | None]:
-    """/edit's body, whichever way it came: the parameters, the images and the mask."""
+    """/edit's body, whichever way it came: the parameters (without the images), the images'
+    bytes and the mask's."""
     media_type = request.headers.get("content-type", "").split(";")[0].strip().lower()
     if media_type == FORM:
+        # Every file part (those of unknown fields too) is closed before the request goes on:
+        # nothing that outlives it (a job's record) may hold a temporary file open.
         form = await request.form()
-        data: dict[str, Any] = {key: value for key, value in form.multi_items()
-                                if key not in ("image", "image[]")}
-        data["image"] = form.getlist("image")
-        data["image[]"] = form.getlist("image[]")
-        form_body = validated(EditForm, data)
-        images, mask = await read_uploads(form_body)
-        return form_body, images, mask
+        try:
+            data: dict[str, Any] = {key: value for key, value in form.multi_items()
+                                    if key not in ("image", "image[]")}
+            data["image"] = form.getlist("image")
+            data["image[]"] = form.getlist("image[]")
+            form_body = validated(EditForm, data)
+            images, mask = await read_uploads(form_body)
+        finally:
+            await form.close()
+        return form_body.parameters(), images, mask
     if media_type == JSON or media_type.endswith("+json"):
         json_body = validated(EditRequest, await request.body())
         names = field_names(len(json_body.images), "images")
         images = [Upload(name, text) for name, text in zip(names, json_body.images, strict=True)]
         mask = Upload("mask", json_body.mask) if json_body.mask is not None else None
-        return json_body, images, mask
+        return json_body.parameters(), images, mask
     raise errors.InvalidRequest(
         f"Send the edit as {FORM} (image files) or {JSON} (base64 images); it came as "
         f"{media_type or 'no Content-Type'}.", param="body", code="unsupported_media_type")

@@ -145,12 +145,23 @@ class ErrorResponse(BaseModel):
 
 SEED_DESCRIPTION = "Random seed for reproducibility."
 
+# The longest prompt or negative prompt, in characters, refused at validation (400 naming the
+# field) before anything tokenizes it. The model reads at most 1024 tokens; the token check after
+# admission refuses longer prompts with their count. Natural text runs at about 4-5 characters a
+# token in English and under 2 in Chinese, so a prompt the model can read fits many times over;
+# only runs of one repeated character (the vocabulary's longest token is 128 spaces) could pack
+# 1024 tokens into more. 32,000 is OpenAI's own limit for gpt-image prompts, so an OpenAI
+# client meets the same bound here as there, and one bound serves both APIs (the field is
+# declared once). Counting the tokens of 32,000 characters takes about 30 ms of CPU; of a 50 MB
+# body's prompt, about a minute.
+MAX_PROMPT_CHARS = 32_000
+
 
 class PromptFields(BaseModel):
     """What every request that makes an image says about it."""
 
-    prompt: str = Field(min_length=1, description="Image description.")
-    negative_prompt: str = Field(" ", description="Concepts to avoid.")
+    prompt: str = Field(min_length=1, max_length=MAX_PROMPT_CHARS, description="Image description.")
+    negative_prompt: str = Field(" ", max_length=MAX_PROMPT_CHARS, description="Concepts to avoid.")
     num_inference_steps: int = Field(20, ge=1, le=100, description="Denoising steps.")
     true_cfg_scale: float = Field(4.0, ge=0.0, le=50.0, description="Classifier-free guidance scale.")
     language: Language = Field("en", description="Adds the model card's quality suffix for en or zh.")

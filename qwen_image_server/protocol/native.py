@@ -285,6 +285,12 @@ class EditParameters(PreviewOptions, EditFields, NativeImageFields, PromptFields
 
     _loras_as_json = field_validator("loras", mode="before")(json_list)
 
+    def parameters(self) -> EditParameters:
+        """These parameters alone, as the client set them, without a subclass's images (a form's
+        files, a JSON body's base64): what a request keeps once its images are read."""
+        fields = set(EditParameters.model_fields)
+        return EditParameters.model_validate(self.model_dump(include=fields, exclude_unset=True))
+
 
 class EditRequest(EditParameters):
     """JSON body of POST /edit: the images as base64 (no URLs: the server fetches nothing)."""

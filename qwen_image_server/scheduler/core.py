@@ -31,7 +31,8 @@ Who does what: `queue.py` is the batching policy (which jobs run next, who may j
 too long), `dispatch.py` gives idle slots their batches and handles an engine that fails under
 one, `execute.py` runs one batch and ends its jobs, `slots.py` loads, feeds and restarts the
 engines, `jobs.py` keeps the books (how jobs end, who hears it). This module holds the one lock
-they all work under, and the public face: submit, cancel, listen, stats, drain and stop.
+they all work under, and the public face: check_room, submit, cancel, listen, stats, drain and
+stop.
 """
 
 from __future__ import annotations
@@ -40,7 +41,8 @@ import logging
 import threading
 import time
 import uuid
-from collections.abc import Callable, Sequence
+from collections.abc import Callable, Iterator, Sequence
+from contextlib import contextmanager
 from dataclasses import dataclass
 
 from qwen_image_server import errors
@@ -227,28 +229,47 @@ class Scheduler:
         Being queued in one step, jobs of one request that share a shape (OpenAI's n images)
         always run as one batch, even when the engine was idle.
         """
-        try:
+        with self._refusals_observed():
             jobs = self._enqueue(specs, request_id, owner)
-        except (errors.QueueFull, errors.ShuttingDown) as exc:
-            refusal = exc  # `exc` itself is unbound when the except block ends
-            self._book.observe(lambda o: o.rejected(refusal))
-            raise
         for job in jobs:
             self._book.emit(job, JobEvent.QUEUED)
         return jobs
 
+    def check_room(self, count: int) -> None:
+        """Raise now what `submit_many` of `count` jobs would raise if it were called now
+        (QueueFull with its Retry-After, ShuttingDown, EngineDead, InvalidRequest for more than the
+        whole queue), counted as a rejection the same way. Reserves nothing: a request checks this
+        before its costly preparation (decoding uploads, tokenizing), and `submit_many` still
+        decides when it queues."""
+        with self._refusals_observed(), self._cond:
+            self._admit_locked(count)
+
+    @contextmanager
+    def _refusals_observed(self) -> Iterator[None]:
+        """Tell the observer (metrics) about a QueueFull or ShuttingDown raised inside."""
+        try:
+            yield
+        except (errors.QueueFull, errors.ShuttingDown) as exc:
+            refusal = exc  # `exc` itself is unbound when the except block ends
+            self._book.observe(lambda o: o.rejected(refusal))
+            raise
+
+    def _admit_locked(self, count: int) -> None:
+        """Raise unless `count` more jobs may be queued now (the lock held)."""
+        if self._state.dead is not None:
+            raise errors.EngineDead("The model engine failed and the worker is restarting.")
+        try:
+            if self._state.draining or self._state.stopping:
+                raise errors.ShuttingDown("The server is shutting down and takes no new jobs.")
+            self._queue.admit(count, self._retry_after_locked)
+        except errors.ServerError:
+            self._book.counts["rejected"] += 1
+            raise
+
     def _enqueue(self, specs: Sequence[GenerationSpec], request_id: int, owner: str | None) -> list[Job]:
         now = self._clock()
         with self._cond:
-            if self._state.dead is not None:
-                raise errors.EngineDead("The model engine failed and the worker is restarting.")
-            try:
-                if self._state.draining or self._state.stopping:
-                    raise errors.ShuttingDown("The server is shutting down and takes no new jobs.")
-                self._queue.admit(len(specs), self._retry_after_locked)
-            except errors.ServerError:
-                self._book.counts["rejected"] += 1
-                raise
+            self._admit_locked(len(specs))
             jobs = [
                 Job(
                     spec=spec,

@@ -142,16 +142,14 @@ class Generation:
     async def prepare(self, body: B, task: Task, *, model: str | None = None, images: Sequence[Upload] = (),
                       mask: Upload | None = None, n: int = 1, preview: PreviewPlan | None = None,
                       caller: Caller = ANONYMOUS) -> Prepared[B]:
-        """Every route's and the CLI's one way from a parsed body to specs: `caller`'s limits
-        checked (before any costly work), a request id, the server's defaults, the model (`model`
-        named, or the first for `task`), the LoRAs checked, an edit's uploads decoded and checked,
-        one spec per image (`n`, seeds from the body's seed or a random one) with `preview`'s
-        previews. Raises the request's 4xx error, and 507 for a request that asks to save its
-        image while the output disk is low (before any work)."""
-        self.quotas.admit(caller, n, self.scheduler.retry_after)
-        if isinstance(body, NativeImageFields) and body.save_to_file:
-            await self.in_pool(self.output.check_space)
+        """Every route's and the CLI's one way from a parsed body to specs: a request id, the
+        server's defaults, the model (`model` named, or the first for `task`), the LoRAs checked,
+        an edit's uploads decoded and checked, one spec per image (`n`, seeds from the body's
+        seed or a random one) with `preview`'s previews. Raises the request's 4xx error. `admit`
+        comes first (the queue's room, `caller`'s limits, the disk for a save), so a refused
+        request costs none of that work."""
         request_id = self.next_request_id()
+        await self.admit(body, n, caller)
         body = self.with_defaults(body)
         choice = self.models.pick(model, task)
         loras = await self.check_loras(body.loras, choice)
@@ -159,6 +157,19 @@ class Generation:
         base = body.seed if body.seed is not None else random_seed()
         specs = build_specs(body, model=choice, loras=loras, seeds=seeds(base, n), inputs=inputs, preview=preview)
         return Prepared(request_id, body, choice, specs, inputs, caller)
+
+    async def admit(self, body: PromptFields, n: int, caller: Caller) -> None:
+        """Admission, the first thing `prepare` does: refuse a request of `n` images that could
+        not be queued now (QueueFull with Retry-After, ShuttingDown, EngineDead), that is over
+        `caller`'s limits (RateLimited), or that asks to save while the output disk is low
+        (InsufficientStorage), before its uploads are decoded, its LoRAs checked or its prompt
+        tokenized. That work runs on the shared CPU pool, and a request refused anyway must not
+        take it from accepted ones. Every rule that can refuse a request from its size alone
+        belongs here. `submit` still decides: the queue may fill up between the two."""
+        self.scheduler.check_room(n)
+        self.quotas.admit(caller, n, self.scheduler.retry_after)  # after the queue: a 429 there costs no quota
+        if isinstance(body, NativeImageFields) and body.save_to_file:
+            await self.in_pool(self.output.check_space)
 
     async def read_edit_inputs(self, images: Sequence[Upload], mask: Upload | None,
                                model: ModelChoice) -> EditInputs:

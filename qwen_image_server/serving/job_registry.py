@@ -56,7 +56,10 @@ class JobRecord:
     """One job as its clients see it: the scheduler's job, plus its stored image or its error."""
 
     job: Job
-    body: NativeImageFields  # what it was asked with (add_overlay, save_to_file)
+    # What rendering reads of the request; the request's body itself is not kept (its uploads,
+    # its base64 images), so a record that lives for the TTL holds no more than it needs.
+    add_overlay: bool
+    save_to_file: bool
     created_at: float  # unix time
     previews: LatestPreviews
     owner: str | None = None  # the API key's id that created it
@@ -72,9 +75,11 @@ class JobRecord:
 
     @classmethod
     def create(cls, job: Job, body: NativeImageFields, loop: asyncio.AbstractEventLoop) -> JobRecord:
-        """A record for a job just queued; its previews wake its subscribers as they come."""
+        """A record for a job just queued (`body`: what it was asked with); its previews wake its
+        subscribers as they come."""
         previews = LatestPreviews(loop)
-        record = cls(job=job, body=body, created_at=time.time(), previews=previews, owner=job.owner)
+        record = cls(job=job, add_overlay=body.add_overlay, save_to_file=body.save_to_file,
+                     created_at=time.time(), previews=previews, owner=job.owner)
         previews.on_new = lambda _, preview: record.publish(JobEvent.PREVIEW, preview.step)
         return record
 
@@ -319,8 +324,8 @@ class JobRegistry:
         generation = self.generation
         try:
             result = await generation.wait(job)
-            rendered = await generation.render(job, result, overlay=record.body.add_overlay,
-                                               save_to_file=record.body.save_to_file)
+            rendered = await generation.render(job, result, overlay=record.add_overlay,
+                                               save_to_file=record.save_to_file)
             record.file_path = rendered.file_path
             record.save_error = rendered.save_error  # the job still succeeds: its image is stored
             record.inference_time = rendered.inference_time

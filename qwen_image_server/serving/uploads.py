@@ -7,8 +7,9 @@ form field (`image`, `image[1]`, `mask`, ...).
 - The size is read from the header first: a small file claiming 30000x30000 is refused before a
   pixel is decoded (QWEN_IMAGE_MAX_INPUT_PIXELS).
 - EXIF orientation is applied, so a phone photo is edited the way it is seen.
-- Every colour mode becomes RGB: CMYK, palette, greyscale, 16-bit (scaled, not clipped),
-  and transparency (flattened onto white: the model sees no alpha).
+- Every colour mode becomes RGB: CMYK, palette, greyscale, 16-bit (scaled, not clipped, in
+  Pillow's own code: a few bytes a pixel, never a float64 copy), and transparency (flattened onto
+  white: the model sees no alpha).
 - Images larger than the edit models' working size (about one megapixel, where the pipelines
   resize everything to anyway) are scaled down here, not on the engine thread.
 - A mask follows OpenAI's meaning: a PNG the size of the first image whose transparent pixels
@@ -25,7 +26,6 @@ import warnings
 from collections.abc import Sequence
 from dataclasses import dataclass
 
-import numpy as np
 from PIL import Image, ImageOps, UnidentifiedImageError
 
 from qwen_image_server import errors
@@ -35,7 +35,8 @@ from qwen_image_server.engine.types import digest_images
 # calculate_dimensions target): anything larger is only scaled down inside the pipeline.
 WORKING_PIXELS = 1024 * 1024
 ACCEPTED_FORMATS = ("PNG", "JPEG", "WEBP", "GIF", "BMP", "TIFF")
-_SIXTEEN_BIT = ("I;16", "I;16B", "I;16L", "I;16N", "I")
+# Greyscale deeper than 8 bits: 16-bit PNG and TIFF, 32-bit integer and float TIFF.
+_DEEP_GREY = ("I;16", "I;16B", "I;16L", "I;16N", "I", "F")
 
 
 @dataclass(frozen=True, slots=True)
@@ -113,7 +114,8 @@ def _open(upload: Upload, max_pixels: int) -> Image.Image:
         with warnings.catch_warnings():
             warnings.simplefilter("error", Image.DecompressionBombWarning)
             image.load()
-            return ImageOps.exif_transpose(image)
+            ImageOps.exif_transpose(image, in_place=True)  # not a copy: one image of this size at a time
+            return image
     except (Image.DecompressionBombError, Image.DecompressionBombWarning) as exc:
         raise _too_large(field, image.size, max_pixels) from exc
     except (OSError, ValueError, SyntaxError, EOFError) as exc:
@@ -131,10 +133,8 @@ def _too_large(field: str, size: tuple[int, int] | None, max_pixels: int) -> err
 
 def _to_rgb(image: Image.Image) -> Image.Image:
     """Any mode to RGB; transparency flattened onto white, 16-bit scaled down to 8."""
-    if image.mode in _SIXTEEN_BIT or image.mode == "F":
-        values = np.asarray(image, dtype=np.float64)
-        peak = 65535.0 if image.mode != "F" else max(float(values.max()), 1.0)
-        image = Image.fromarray(np.clip(values / peak * 255.0 + 0.5, 0, 255).astype(np.uint8), "L")
+    if image.mode in _DEEP_GREY:
+        image = _to_eight_bit(image)
     if image.mode == "P" or image.mode == "1":
         image = image.convert("RGBA")
     if image.mode in ("RGBA", "LA", "PA", "La", "RGBa"):
@@ -142,6 +142,22 @@ def _to_rgb(image: Image.Image) -> Image.Image:
         background = Image.new("RGBA", image.size, (255, 255, 255, 255))
         return Image.alpha_composite(background, image).convert("RGB")
     return image.convert("RGB")
+
+
+def _to_eight_bit(image: Image.Image) -> Image.Image:
+    """Deep greyscale as "L": 16-bit (and 32-bit integer) scaled from 0-65535, float from 0 to its
+    brightest pixel (at least 1.0), rounded, then clipped to 0-255. Pillow's point() applies the
+    linear map in C: a 40-megapixel 16-bit image needs about 120 MB more (the scaled copy and the
+    8-bit one), where float64 arrays took about 1 GB."""
+    if image.mode == "F":
+        brightest = image.getextrema()[1]
+        assert isinstance(brightest, float), "a float image's extrema are floats"
+        scale = 255.0 / max(brightest, 1.0)
+    else:
+        if image.mode != "I;16":
+            image = image.convert("I")  # point() takes "I;16" and "I", not the byte-order variants
+        scale = 255.0 / 65535.0
+    return image.point(lambda value: value * scale + 0.5).convert("L")
 
 
 def _working_size(image: Image.Image) -> Image.Image:
