@@ -74,13 +74,15 @@ class ServeCommand(Settings):
         "cluster (see the ray_* settings; needs pip install .[ray]).")
 
     def cli_cmd(self) -> None:
+        # Only what was set (flags, variables, .env) counts as set: Ray replicas get those and
+        # work out the rest themselves.
+        settings = Settings.model_validate(self.model_dump(exclude_unset=True))
         if self.ray:
-            raise SystemExit(serve_on_ray(Settings.model_validate(self.model_dump())))
+            raise SystemExit(serve_on_ray(settings))
         problem = port_problem(self.host, self.port)
         if problem:
             print(problem, file=sys.stderr)
             raise SystemExit(1)
-        settings = Settings.model_validate(self.model_dump())
         try:
             check_output_dir(settings)
             check_local_models(settings)

@@ -75,6 +75,27 @@ class AuthenticationError(ServerError):
     headers = {"WWW-Authenticate": "Bearer"}
 
 
+class CrossOriginRefused(ServerError):
+    """A state-changing request sent by a page of another site (its Origin or Referer), which the
+    server does not allow: a browser would otherwise let any web page its user visits drive it."""
+
+    status_code = 403
+    type = "permission_error"
+
+    def __init__(self, message: str, *, param: str | None = None, code: str | None = "cross_origin_request",
+                 retry_after: float | None = None) -> None:
+        super().__init__(message, param=param, code=code, retry_after=retry_after)
+
+
+class HostNotAllowed(InvalidRequest):
+    """The Host header is none of the names the server answers to (DNS rebinding sends the
+    attacker's own name)."""
+
+    def __init__(self, message: str, *, param: str | None = None, code: str | None = "host_not_allowed",
+                 retry_after: float | None = None) -> None:
+        super().__init__(message, param=param, code=code, retry_after=retry_after)
+
+
 class NotFound(ServerError):
     status_code = 404
     type = "not_found"

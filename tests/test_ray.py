@@ -23,7 +23,8 @@ import pytest
 import yaml
 
 ray = pytest.importorskip("ray", reason="Ray Serve is an optional extra: pip install .[ray]")
-from ray import serve  # noqa: E402
+from ray import cloudpickle, serve  # noqa: E402
+from ray.serve._private.build_app import build_app as ray_build_app  # noqa: E402
 from ray.serve._private.common import (  # noqa: E402
     DeploymentHandleSource,
     DeploymentID,
@@ -34,7 +35,7 @@ from ray.serve.request_router import PendingRequest, ReplicaID  # noqa: E402
 from ray.serve.schema import ServeDeploySchema  # noqa: E402
 
 from qwen_image_server.api.replica import owner_in_path  # noqa: E402
-from qwen_image_server.config.settings import Settings  # noqa: E402
+from qwen_image_server.config.settings import SECRET_SETTINGS, Settings  # noqa: E402
 from qwen_image_server.errors import ModelLoadError  # noqa: E402
 from qwen_image_server.launch.ray_app import (  # noqa: E402
     APP_NAME,
@@ -47,9 +48,11 @@ from qwen_image_server.launch.ray_app import (  # noqa: E402
     choose_cluster,
     deploy_failure,
     deployment_options,
+    replica_settings,
+    run_ray,
 )
 from qwen_image_server.launch.ray_router import BACKLOG_STAT, ReplicaAffinityRouter  # noqa: E402
-from tests.conftest import ROOT, free_port, tiny_settings, wait_until  # noqa: E402
+from tests.conftest import ROOT, free_port, run_cli, tiny_settings, wait_until  # noqa: E402
 
 pytestmark = pytest.mark.slow
 
@@ -64,6 +67,8 @@ ANSWER_TIMEOUT = 240.0  # no request may take longer than this to get an answer
 PNG = b"\x89PNG\r\n\x1a\n"
 DEPLOYMENT_ID = DeploymentID(name=DEPLOYMENT_NAME, app_name=APP_NAME)
 AUTH_VARIABLES = ("RAY_AUTH_MODE", "RAY_AUTH_TOKEN", "RAY_AUTH_TOKEN_PATH")
+API_KEY = "replica-key-4c9e1b7d"
+METRICS_KEY = "metrics-key-0a3f58e2"
 
 
 @dataclass
@@ -257,6 +262,54 @@ def test_a_setting_the_config_leaves_out_comes_from_the_environment(monkeypatch)
     assert replica_settings["ray_num_gpus"] == args["ray_num_gpus"]
 
 
+def test_replicas_get_the_settings_chosen_and_never_a_secret(monkeypatch) -> None:
+    # Where the application is built (`serve deploy`'s build task, or `qwen-image serve --ray`):
+    # keys and a setting in its environment, others in args, the rest left to the defaults.
+    monkeypatch.setenv("QWEN_IMAGE_API_KEYS", API_KEY)
+    monkeypatch.setenv("QWEN_IMAGE_METRICS_KEY", METRICS_KEY)
+    monkeypatch.setenv("QWEN_IMAGE_MAX_QUEUE", "9")
+    app = app_builder({"model": "tiny", "ray_num_gpus": 0})
+    shipped = cloudpickle.dumps(ray_build_app(app, name=APP_NAME))  # what serve.run hands to Ray
+    assert API_KEY.encode() not in shipped and METRICS_KEY.encode() not in shipped
+    settings, expected_secrets = app._bound_deployment.init_args
+    assert (settings["model"], settings["ray_num_gpus"], settings["max_queue"]) == ("tiny", 0, 9)
+    assert not SECRET_SETTINGS & settings.keys()
+    assert "cache_dir" not in settings  # each replica's own home, not this machine's
+    assert expected_secrets == ["api_keys", "metrics_key"]  # names, for the replicas' warnings
+    # In args, a key would be kept and shown by Ray with the config: refused, naming the variable.
+    for name, variable in (("api_keys", "QWEN_IMAGE_API_KEYS"), ("api_key", "QWEN_IMAGE_API_KEYS"),
+                           ("metrics_key", "QWEN_IMAGE_METRICS_KEY")):
+        with pytest.raises(ValueError, match=variable):
+            app_builder({"model": "tiny", name: "k"})
+
+
+def test_serve_ray_passes_replicas_what_its_flags_and_environment_set(monkeypatch) -> None:
+    monkeypatch.setenv("QWEN_IMAGE_MODEL", "tiny")
+    deployed: list[Settings] = []
+    monkeypatch.setattr("qwen_image_server.cli.serve_on_ray", lambda settings: deployed.append(settings) or 0)
+    assert run_cli("serve", "--ray", "--max-queue", "5") == 0
+    settings = replica_settings(deployed[0])
+    assert (settings["model"], settings["max_queue"]) == ("tiny", 5)
+    assert "cache_dir" not in settings and "port" not in settings  # defaults: the replica's own
+
+
+def test_serve_ray_hands_its_keys_to_a_cluster_it_starts_only(tmp_path: Path, monkeypatch) -> None:
+    # Processes of a cluster that `serve --ray` starts inherit its environment; one it joins does not.
+    for name in ("QWEN_IMAGE_API_KEYS", "QWEN_IMAGE_METRICS_KEY", "RAY_ADDRESS"):
+        monkeypatch.setenv(name, "placeholder")  # so that the test's end restores the absence
+        monkeypatch.delenv(name)
+    environ_at_connect: list[tuple[str | None, str | None]] = []
+
+    def connect(choice: ClusterChoice) -> str:
+        environ_at_connect.append((os.environ.get("QWEN_IMAGE_API_KEYS"), os.environ.get("QWEN_IMAGE_METRICS_KEY")))
+        return "stopped here by the test"
+
+    monkeypatch.setattr("qwen_image_server.launch.ray_app.connect", connect)
+    for address in ("head:6379", "local"):  # as --api-key and --metrics-key give them
+        assert run_ray(tiny_settings(tmp_path, ray_address=address, api_keys=API_KEY, metrics_key=METRICS_KEY)) == 1
+    assert environ_at_connect == [(None, None), (API_KEY, METRICS_KEY)]
+
+
 def test_serve_ray_never_joins_a_cluster_that_is_gone(tmp_path: Path, monkeypatch) -> None:
     # A cluster stopped by killing its processes leaves its address behind.
     (tmp_path / "ray_current_cluster").write_text("127.0.0.1:1")
@@ -445,13 +498,34 @@ def test_a_full_proxy_queue_answers_429_with_retry_after(deployment: Deployment)
     assert sum(info["scheduler"]["cancelled"] for info in infos.values()) > cancelled_before
 
 
+def test_a_replica_reads_its_keys_from_its_own_environment(deployment: Deployment, tmp_path: Path) -> None:
+    # The application built without keys (its builder's environment has none); the replica's node
+    # has them (Ray's runtime_env sets a replica's environment, as `ray start` under a
+    # Kubernetes Secret would).
+    settings = tiny_settings(tmp_path, threads=1, max_batch_size=1, ray_replicas=1)
+    options = deployment_options(settings, cluster_gpus=0)
+    options["ray_actor_options"] = {**options["ray_actor_options"],
+                                    "runtime_env": {"env_vars": {"QWEN_IMAGE_API_KEYS": API_KEY}}}
+    keyed = QwenImageDeployment.options(**options).bind(*build_app(settings)._bound_deployment.init_args)
+    try:
+        serve.run(keyed, name="keyed", route_prefix="/keyed")
+        with deployment.client() as client:
+            refused = client.get("/keyed/info")
+            assert refused.status_code == 401, refused.text
+            assert refused.json()["error"]["type"] == "authentication_error"
+            assert client.get("/keyed/info", headers={"Authorization": f"Bearer {API_KEY}"}).status_code == 200
+            assert client.get("/keyed/health").status_code == 200
+    finally:
+        serve.delete("keyed")
+
+
 def test_a_model_that_cannot_load_fails_the_deployment_with_its_reason(
     deployment: Deployment, tmp_path: Path
 ) -> None:
     settings = tiny_settings(tmp_path, model=str(tmp_path / "no-such-model"), ray_replicas=1)
     broken = QwenImageDeployment.options(
         **deployment_options(settings, cluster_gpus=0), max_constructor_retry_count=1,
-    ).bind(settings.model_dump(mode="json"))
+    ).bind(replica_settings(settings))
     try:
         with pytest.raises(RuntimeError):
             serve.run(broken, name="broken", route_prefix="/broken")

@@ -24,11 +24,14 @@ from qwen_image_server.api.auth import ApiKeyMiddleware
 from qwen_image_server.api.body_limit import add_body_limit
 from qwen_image_server.api.context import ServerContext
 from qwen_image_server.api.error_mapping import install_error_handlers
+from qwen_image_server.api.hosts import HostAllowlist
+from qwen_image_server.api.origin import CrossOriginGuard
 from qwen_image_server.api.replica import ReplicaHeaderMiddleware, id_prefix
 from qwen_image_server.api.web import install_web
 from qwen_image_server.config.checks import (
     check_output_dir,
     engine_gpus,
+    warn_if_open,
     warn_missing_lora_dir,
 )
 from qwen_image_server.config.logs import configure_logging
@@ -89,6 +92,8 @@ def create_app(
     restart: RestartPolicy | None = None
     check_output_dir(settings)
     warn_missing_lora_dir(settings)
+    if replica is None:  # a replica says so itself (launch/ray_app.py): Ray's proxies listen, not it
+        warn_if_open(settings)
     if engine_factory is not None:
         factories = [engine_factory]
     else:
@@ -151,12 +156,19 @@ def create_app(
     app.state.lifecycle = lifecycle
     install_error_handlers(app)
     app.state.metrics = metrics
-    # The last middleware added runs first: metrics see every answer, keys are checked before
-    # any body is read.
+    app.state.metrics_key = settings.metrics_key
+    # The last middleware added runs first, so requests meet them in this order: the replica's
+    # name and the metrics (they see every answer, refusals included); the Host allowlist (a
+    # request for another name is not for this server at all, and the origin check below trusts
+    # the Host it compares with only once this has); the origin check; the API keys; the body
+    # limit. Every refusal comes from the headers alone, before a byte of the body is read.
     add_body_limit(app, settings.max_body_bytes, settings.max_upload_bytes)
     keys = settings.accepted_keys
     if keys:
         app.add_middleware(ApiKeyMiddleware, api_keys=keys)
+    app.add_middleware(CrossOriginGuard, allowed_origins=settings.allowed_origins)
+    if "*" not in settings.allowed_hosts:
+        app.add_middleware(HostAllowlist, allowed_hosts=settings.allowed_hosts)
     app.add_middleware(http_metrics.HttpMetricsMiddleware, metrics=metrics)
     if replica:
         app.add_middleware(ReplicaHeaderMiddleware, replica=replica)

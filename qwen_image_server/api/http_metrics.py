@@ -2,17 +2,43 @@
 
 from __future__ import annotations
 
+import hmac
 import time
+from typing import Annotated
 
-from fastapi import APIRouter, Request, Response
+from fastapi import APIRouter, Depends, Request, Response
+from fastapi.security import HTTPAuthorizationCredentials, HTTPBearer
+from pydantic import SecretStr
 from starlette.types import ASGIApp, Message, Receive, Scope, Send
 
+from qwen_image_server import errors
 from qwen_image_server.serving.metrics import ServerMetrics
 
 router = APIRouter()
 
+# The metrics key's only form: Prometheus' scrape config sends `authorization: {credentials: ...}`
+# (or `bearer_token`) as `Authorization: Bearer <key>`.
+_bearer = HTTPBearer(auto_error=False)
 
-@router.get("/metrics", include_in_schema=False)
+
+def metrics_access(
+    request: Request, credentials: Annotated[HTTPAuthorizationCredentials | None, Depends(_bearer)]
+) -> None:
+    """With `metrics_key` set, /metrics needs it (401 `authentication_error` otherwise); the API
+    keys do not open it, nor does it open anything else. Compared in constant time."""
+    key: SecretStr | None = request.app.state.metrics_key
+    if key is None:
+        return
+    if credentials is None:
+        raise errors.AuthenticationError(
+            "/metrics needs the metrics key: send 'Authorization: Bearer <key>' (QWEN_IMAGE_METRICS_KEY).",
+            code="missing_metrics_key")
+    # Header values are latin-1 on the wire: compare the bytes the client sent.
+    if not hmac.compare_digest(credentials.credentials.encode("latin-1"), key.get_secret_value().encode()):
+        raise errors.AuthenticationError("The metrics key is not valid.", code="invalid_metrics_key")
+
+
+@router.get("/metrics", include_in_schema=False, dependencies=[Depends(metrics_access)])
 def metrics(request: Request) -> Response:
     """Prometheus exposition (OpenMetrics when the scraper asks for it). Sync: reads files in
     multiprocess mode, so it runs on the threadpool."""

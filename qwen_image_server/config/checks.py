@@ -1,9 +1,10 @@
 """Operator mistakes found before the server starts, each as one line naming the setting: more
 engines than GPUs, an output folder that cannot be written, a model folder or a LoRA file that is
-not there."""
+not there, a server open to the network."""
 
 from __future__ import annotations
 
+import ipaddress
 import logging
 import os
 import tempfile
@@ -101,3 +102,24 @@ def warn_missing_lora_dir(settings: Settings) -> None:
     if folder is not None and not folder.is_dir():
         log.warning("QWEN_IMAGE_LORA_DIR=%s is not a folder (yet): no LoRAs from it until it is",
                     os.fspath(folder))
+
+
+def is_loopback(host: str) -> bool:
+    """True for an address only this machine reaches (127.0.0.0/8, ::1, localhost)."""
+    if host.lower() == "localhost":
+        return True
+    try:
+        return ipaddress.ip_address(host.strip("[]")).is_loopback
+    except ValueError:  # a host name, or "" (every address)
+        return False
+
+
+def warn_if_open(settings: Settings) -> None:
+    """One line when anyone on the network may use the server: no API keys and an address other
+    than loopback. That is the default (0.0.0.0, no keys, as the seed served), so not an error."""
+    if settings.api_keys or settings.api_keys_file or is_loopback(settings.host):
+        return
+    log.warning("the server is open: no API keys (QWEN_IMAGE_API_KEYS) and it listens on %s:%d, reachable "
+                "from the network, so anyone who reaches it can run jobs and fetch images; set "
+                "QWEN_IMAGE_API_KEYS, or HOST=127.0.0.1 to serve this machine only",
+                settings.host, settings.port)

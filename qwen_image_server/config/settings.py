@@ -8,11 +8,12 @@ from __future__ import annotations
 
 import os
 from pathlib import Path
-from typing import Annotated, Any, Literal
+from typing import Annotated, Any, Literal, get_args
 
 from pydantic import (
     AliasChoices,
     Field,
+    SecretBytes,
     SecretStr,
     ValidationError,
     ValidatorFunctionWrapHandler,
@@ -29,6 +30,7 @@ from pydantic_settings import (
 from qwen_image_server.config.api_keys import ApiKey, KeyLimits, build_keys, read_key_file
 from qwen_image_server.config.lora_refs import parse_hub_loras
 from qwen_image_server.config.model_list import ModelRef, parse_model_list
+from qwen_image_server.config.origins import canonical_origin, check_host_pattern
 from qwen_image_server.config.presets import DEFAULT_ASPECT_RATIO, AspectRatio
 
 DeviceName = Literal["auto", "cuda", "cpu", "mps"]
@@ -229,6 +231,21 @@ class Settings(BaseSettings):
     file_link_ttl_s: float = Field(
         86400.0, gt=0, description="How long a /files link in a save_to_file answer stays valid.",
     )
+    metrics_key: SecretStr | None = Field(
+        None, description="When set, GET /metrics needs 'Authorization: Bearer <metrics_key>' (a key of its "
+        "own, for the scraper); unset: /metrics is open.",
+    )
+    allowed_origins: Annotated[list[str], NoDecode] = Field(
+        default_factory=list,
+        description="Comma-separated web origins (https://app.example.com) whose pages may send POST, PUT, "
+        "PATCH and DELETE requests besides the server's own; '*': any. Requests without an Origin "
+        "(curl, SDKs) are never refused.",
+    )
+    allowed_hosts: Annotated[list[str], NoDecode] = Field(
+        default_factory=lambda: ["*"],
+        description="Comma-separated host names clients may reach the server by (the Host header; "
+        "'*.example.com' for subdomains); others get 400. '*': any.",
+    )
     max_body_bytes: int = Field(1024 * 1024, ge=1024, description="Largest request body accepted (413 beyond).")
     max_upload_bytes: int = Field(
         50 * 1024 * 1024, ge=1024,
@@ -284,12 +301,35 @@ class Settings(BaseSettings):
                 [item] if isinstance(item, SecretStr) else [k.strip() for k in str(item).split(",") if k.strip()])]
         return value
 
-    @field_validator("warmup_aspect_ratios", "quantize_skip", mode="before")
+    @field_validator("warmup_aspect_ratios", "quantize_skip", "allowed_origins", "allowed_hosts", mode="before")
     @classmethod
-    def _split_ratios(cls, value: object) -> object:
+    def _split_lists(cls, value: object) -> object:
         if isinstance(value, str):
             return [part.strip() for part in value.split(",") if part.strip()]
         return value
+
+    @field_validator("metrics_key", mode="before")
+    @classmethod
+    def _no_empty_key(cls, value: object) -> object:
+        if isinstance(value, str):  # as a header carries it: no surrounding spaces; an empty variable: unset
+            return value.strip() or None
+        return value
+
+    @field_validator("allowed_origins")
+    @classmethod
+    def _origins(cls, value: list[str]) -> list[str]:
+        origins = []
+        for entry in value:
+            origin = "*" if entry.strip() == "*" else canonical_origin(entry)
+            if origin is None:
+                raise ValueError(f"{entry!r} is not an origin: write 'https://host' or 'http://host:port', or '*'")
+            origins.append(origin)
+        return origins
+
+    @field_validator("allowed_hosts")
+    @classmethod
+    def _hosts(cls, value: list[str]) -> list[str]:
+        return [check_host_pattern(entry) for entry in value]
 
     @field_validator("workers", mode="wrap")
     @classmethod
@@ -330,17 +370,32 @@ class Settings(BaseSettings):
         return self
 
     @model_validator(mode="after")
-    def _normalise_paths(self) -> Settings:
-        self.cache_dir = self.cache_dir.expanduser()
-        self.output_dir = self.output_dir.expanduser()
-        if self.lora_dir is not None:
-            self.lora_dir = self.lora_dir.expanduser()
-        if self.api_keys_file is not None:
-            self.api_keys_file = self.api_keys_file.expanduser()
-        return self
-
-    @model_validator(mode="after")
     def _readable_keys_file(self) -> Settings:
         if self.api_keys_file is not None:
             _ = self.accepted_keys  # ValueError (one line naming the file) at start, not at the first request
         return self
+
+    # A validator of the values, not an assignment after validation: an assignment would count
+    # the field as set, and a default then looks like a choice (a Ray replica's cache_dir would
+    # be pinned to the home of the machine that built the application).
+    @field_validator("cache_dir", "output_dir", "lora_dir", "api_keys_file")
+    @classmethod
+    def _expand_user(cls, value: Path | None) -> Path | None:
+        return value.expanduser() if value is not None else None
+
+
+def _holds_secret(annotation: object) -> bool:
+    return annotation in (SecretStr, SecretBytes) or any(_holds_secret(arg) for arg in get_args(annotation))
+
+
+# Settings that are credentials: never copied into what Ray stores and shows (a deployment's
+# arguments), each process reads them from its own environment. Every SecretStr setting is one.
+SECRET_SETTINGS = frozenset(
+    {"api_keys"} | {name for name, field in Settings.model_fields.items() if _holds_secret(field.annotation)})
+
+
+def setting_names(field: str) -> frozenset[str]:
+    """Every name a setting may be given by as an argument (its field name and aliases)."""
+    alias = Settings.model_fields[field].validation_alias
+    choices = alias.choices if isinstance(alias, AliasChoices) else [alias] if isinstance(alias, str) else []
+    return frozenset({field, *(choice for choice in choices if isinstance(choice, str))})

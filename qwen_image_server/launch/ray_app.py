@@ -21,6 +21,12 @@ and bring replicas, autoscaling, backpressure, health checks and multi-node clus
   this machine, or starts its own, and says which; a token the cluster refuses is one line.
 * **Metrics.** Each replica's `/metrics` labels every sample with `replica`; Ray exports its own
   per-replica metrics (`ray_serve_*`) from every node.
+* **Settings and secrets.** Replicas get the settings chosen where the application is built
+  (flags, QWEN_IMAGE_* variables, .env, serve_config.yaml `args`) and read every other one from
+  their own environment, defaults included (their own cache folder). Secrets (API keys, the
+  metrics key) never travel with the deployment, which Ray stores and shows: each replica reads
+  them from its environment, and says so in a warning when it serves without keys. A cluster
+  that `qwen-image serve --ray` starts itself inherits its environment, keys included.
 
 Only this module and `ray_router.py` import Ray (an optional extra); the plain server never does.
 """
@@ -34,7 +40,7 @@ import signal
 import sys
 import tempfile
 import threading
-from collections.abc import Iterator
+from collections.abc import Iterator, Sequence
 from contextlib import contextmanager
 from dataclasses import dataclass
 from typing import TYPE_CHECKING, Any
@@ -49,7 +55,7 @@ from ray.serve.config import BackpressureConfig, RequestRouterConfig
 from ray.serve.deployment import Application
 
 from qwen_image_server.config.logs import configure_logging
-from qwen_image_server.config.settings import Settings
+from qwen_image_server.config.settings import SECRET_SETTINGS, Settings, setting_names
 from qwen_image_server.engine.contract import Engine, settings_batch_limits
 from qwen_image_server.errors import ModelLoadError
 from qwen_image_server.launch.ray_router import BACKLOG_STAT, ReplicaAffinityRouter
@@ -75,12 +81,16 @@ ROUTING_STATS_PERIOD_S = 2.0
 class QwenImageDeployment:
     """One replica: the usual app (`create_app`), named after Ray's replica tag."""
 
-    def __init__(self, settings: dict[str, Any]) -> None:
+    def __init__(self, settings: dict[str, Any], expected_secrets: Sequence[str] = ()) -> None:
+        """`settings`: those chosen where the application was built (`replica_settings`); the
+        rest, secrets included, come from this replica's own environment. `expected_secrets`:
+        the secret settings the builder had (names only), to warn about those missing here."""
         # Imported here: the model code loads in replicas only, not in the driver or proxies.
         from qwen_image_server.api.app import create_app, real_engine_factory
 
         self.settings = Settings(_env_file=None, **settings)
         self.replica: str = serve.get_replica_context().replica_tag
+        warn_missing_secrets(self.settings, expected_secrets, self.replica)
         self._load_done = threading.Event()
         self._load_error: BaseException | None = None
         self._load = real_engine_factory(self.settings)
@@ -123,6 +133,22 @@ class QwenImageDeployment:
         if ctx.scheduler.dead:
             raise ReplicaUnfit(f"Replica {self.replica}: the model engine failed (a device error); "
                                "it needs a fresh process.")
+
+
+def warn_missing_secrets(settings: Settings, expected: Sequence[str], replica: str) -> None:
+    """A replica without API keys serves anyone who reaches Ray's proxies: say so, and say why
+    when the application was built with keys (they are never sent to replicas)."""
+    if not settings.accepted_keys:
+        why = ("the application was built with API keys, but replicas read theirs from their own "
+               "environment" if "api_keys" in expected else "its environment has none")
+        log.warning("replica %s serves without API keys (%s): anyone who reaches Ray's proxies can run jobs "
+                    "and fetch images; set QWEN_IMAGE_API_KEYS where `ray start` runs on its node",
+                    replica, why)
+    for name in expected:
+        if name != "api_keys" and not getattr(settings, name):
+            log.warning("replica %s has no %s (the application was built with one; replicas read it from "
+                        "their own environment): set QWEN_IMAGE_%s where `ray start` runs on its node",
+                        replica, name, name.upper())
 
 
 class ReplicaUnfit(RuntimeError):
@@ -195,16 +221,51 @@ def deployment_options(settings: Settings, cluster_gpus: float) -> dict[str, Any
     return options
 
 
+def replica_settings(settings: Settings) -> dict[str, Any]:
+    """What every replica is built from (as JSON): the settings chosen where the application is
+    built, from flags, QWEN_IMAGE_* variables, .env or serve_config.yaml `args`. Left out, for
+    each replica to work out in its own environment: the defaults (a replica reads its own
+    QWEN_IMAGE_* for those, and its cache folder is in its own home), and the secrets, which
+    Ray would store and show with the deployment's arguments."""
+    return settings.model_dump(mode="json", exclude_unset=True, exclude=set(SECRET_SETTINGS))
+
+
+def expected_secrets(settings: Settings) -> list[str]:
+    """The names (never the values) of the secret settings the application was built with."""
+    return sorted(name for name in SECRET_SETTINGS if getattr(settings, name))
+
+
+def secret_environment(settings: Settings) -> dict[str, str]:
+    """The secret settings as the variables replicas read them from."""
+    env = {}
+    if settings.api_keys:
+        env["QWEN_IMAGE_API_KEYS"] = ",".join(key.get_secret_value() for key in settings.api_keys)
+    if settings.metrics_key is not None:
+        env["QWEN_IMAGE_METRICS_KEY"] = settings.metrics_key.get_secret_value()
+    if settings.files_secret is not None:
+        env["QWEN_IMAGE_FILES_SECRET"] = settings.files_secret.get_secret_value()
+    return env
+
+
 def build_app(settings: Settings) -> Application:
     """The Ray Serve application: QwenImageDeployment with options from `settings`."""
     options = deployment_options(settings, _cluster_gpus())
     # serve.deployment made the class a Deployment (which has `options`); mypy still sees the class.
     deployment = QwenImageDeployment.options(**options)  # type: ignore[attr-defined]
-    return deployment.bind(settings.model_dump(mode="json"))
+    return deployment.bind(replica_settings(settings), expected_secrets(settings))
 
 
 def app_builder(args: dict[str, Any]) -> Application:
-    """`import_path` of serve_config.yaml: `args` are settings (QWEN_IMAGE_* fill in the rest)."""
+    """`import_path` of serve_config.yaml: `args` are settings (QWEN_IMAGE_* fill in the rest).
+
+    Secrets are refused there: Ray keeps the config and shows it in plain text (`serve config`,
+    the dashboard, a KubeRay RayService), and replicas read them from their own environment."""
+    for name in sorted(SECRET_SETTINGS):
+        if given := sorted(setting_names(name) & args.keys()):
+            raise ValueError(
+                f"{given[0]!r} in serve_config.yaml's args would be kept and shown in plain text by Ray; "
+                f"set QWEN_IMAGE_{name.upper()} in the environment of the nodes that run replicas instead "
+                "(where `ray start` runs, e.g. from a Kubernetes Secret)")
     return build_app(Settings(**args))
 
 
@@ -326,6 +387,14 @@ def run_ray(settings: Settings) -> int:
     """Deploy on Ray Serve (joining or starting a cluster) and serve until SIGINT / SIGTERM."""
     configure_logging(settings.log_level)
     choice = choose_cluster(settings)
+    if not choice.joins:
+        # The cluster's processes start from this one and inherit its environment: so its
+        # replicas get keys given as flags or in .env too, without Ray ever holding them.
+        os.environ.update(secret_environment(settings))
+    elif expected_secrets(settings):
+        log.warning("replicas on a cluster this command did not start read their API keys and metrics key "
+                    "from their own environment, never from here: set QWEN_IMAGE_API_KEYS (and "
+                    "QWEN_IMAGE_METRICS_KEY) where `ray start` runs on every node")
     problem = connect(choice)
     if problem:
         print(f"error: {problem}", file=sys.stderr)
