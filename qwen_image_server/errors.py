@@ -106,6 +106,13 @@ class RequestTooLarge(ServerError):
     type = "request_too_large"
 
 
+class RequestTimeout(ServerError):
+    """The client did not send its whole request body in time (`request_read_timeout_s`)."""
+
+    status_code = 408
+    type = "request_timeout"
+
+
 class JobNotReady(ServerError):
     """The job has no image (yet, or ever)."""
 

@@ -29,7 +29,8 @@ from qwen_image_server.api.app import create_app, real_engine_factory
 from qwen_image_server.config.settings import Settings
 from qwen_image_server.engine.contract import Engine
 from qwen_image_server.engine.types import GenerationSpec, StepCallback, StepEvent
-from qwen_image_server.launch.http import GracefulServer
+from qwen_image_server.launch.connection_limits import bound_connections
+from qwen_image_server.launch.http import GracefulServer, app_settings
 
 ROOT = Path(__file__).resolve().parents[1]
 READY_TIMEOUT = 180.0
@@ -203,10 +204,12 @@ class LiveServer(SchedulerView):
 
     Given settings, it builds the app with its engine (the tiny model unless `engine_factory`
     says otherwise) wrapped in `self.hook`. Given an app built elsewhere, it serves that app as
-    it is, and `self.hook` is None.
+    it is, and `self.hook` is None. Its connections are bounded as the real server's are (read
+    deadline, connection cap); `http` picks uvicorn's HTTP parser ("auto", "h11", "httptools").
     """
 
-    def __init__(self, serve: Settings | FastAPI, engine_factory: Callable[[], Engine] | None = None) -> None:
+    def __init__(self, serve: Settings | FastAPI, engine_factory: Callable[[], Engine] | None = None,
+                 http: str = "auto") -> None:
         self.hook: EngineHook | None = None
         self.settings: Settings | None = None  # what the test started it with (None: an app built elsewhere)
         if isinstance(serve, FastAPI):
@@ -215,7 +218,8 @@ class LiveServer(SchedulerView):
             self.settings = serve
             self.hook = EngineHook()
             self.app = create_app(serve, engine_factory=self.hook.wrap(engine_factory or real_engine_factory(serve)))
-        config = uvicorn.Config(self.app, host="127.0.0.1", port=0, log_level="warning", lifespan="on")
+        config = uvicorn.Config(self.app, host="127.0.0.1", port=0, log_level="warning", lifespan="on", http=http)
+        bound_connections(config, app_settings(self.app))
         self.server = GracefulServer(config)
         self.thread = threading.Thread(target=self.server.run, name="live-server", daemon=True)
 

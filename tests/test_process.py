@@ -35,6 +35,17 @@ from tests.dying_app import DIE
 PNG_MAGIC = b"\x89PNG\r\n\x1a\n"
 
 
+def assert_silent_client_cut(server: ServerProcess, deadline: float) -> None:
+    """A client that sends one byte of a request and nothing more is closed at the read deadline
+    (tests/test_slow_clients.py attacks it in depth); the front logged its open-file limit."""
+    with socket.create_connection(("127.0.0.1", server.port), timeout=deadline + 10) as sock:
+        sock.sendall(b"G")
+        sent = time.monotonic()
+        assert sock.recv(100) == b""
+        assert deadline - 0.1 <= time.monotonic() - sent <= deadline + 5
+    assert "open-file limit: " in server.output()
+
+
 @pytest.fixture(scope="module")
 def script_server(tmp_path_factory) -> Iterator[tuple[ServerProcess, Path]]:
     """`bash start_server.sh` as the README starts it, shared by the tests that only use it; it
@@ -128,8 +139,9 @@ def test_settings_from_flags_variables_and_dotenv_then_a_second_ctrl_c_exits_at_
     key = "cli-key-2b7c"
     (tmp_path / ".env").write_text(
         "QWEN_IMAGE_DEFAULT_STEPS=3\nQWEN_IMAGE_MAX_QUEUE=9\nQWEN_IMAGE_QUEUE_TIMEOUT_S=111\n")
-    server = spawn("--api-key", key, "--max-queue", "7", QWEN_IMAGE_MAX_QUEUE="5",
+    server = spawn("--api-key", key, "--max-queue", "7", "--request-read-timeout-s", "1", QWEN_IMAGE_MAX_QUEUE="5",
                    QWEN_IMAGE_QUEUE_TIMEOUT_S="321").wait_ready()
+    assert_silent_client_cut(server, 1.0)
     assert httpx.get(f"{server.url}/info").status_code == 401
     auth = server.headers = {"Authorization": f"Bearer {key}"}
     info = httpx.get(f"{server.url}/info", headers=auth).json()
@@ -164,7 +176,9 @@ def test_settings_from_flags_variables_and_dotenv_then_a_second_ctrl_c_exits_at_
 def test_gunicorn_by_hand_runs_the_front_which_restarts_an_engine_whose_device_died(spawn):
     gunicorn = str(Path(sys.executable).parent / "gunicorn")
     server = spawn(cmd=[gunicorn, "-c", str(ROOT / "gunicorn_config.py"), "tests.dying_app:create_app()"],
-                   PYTHONPATH=str(ROOT), QWEN_IMAGE_ENGINE_RESTART_BACKOFF_S="0.1").wait_ready()
+                   PYTHONPATH=str(ROOT), QWEN_IMAGE_ENGINE_RESTART_BACKOFF_S="0.1",
+                   QWEN_IMAGE_REQUEST_READ_TIMEOUT_S="1").wait_ready()
+    assert_silent_client_cut(server, 1.0)  # the worker class applies the settings too
     fast = {"num_inference_steps": 2, "add_overlay": False}
     assert httpx.post(f"{server.url}/generate", json={"prompt": "a cat", **fast}, timeout=120).status_code == 200
     first_engine = httpx.get(f"{server.url}/info").json()["engines"][0]["pid"]

@@ -153,6 +153,7 @@ def create_app(
         description="Qwen-Image text-to-image server: the seed API, batching scheduler, and more.",
         lifespan=lifespan,
     )
+    app.state.settings = settings  # for the server that runs the app (connection limits)
     app.state.lifecycle = lifecycle
     install_error_handlers(app)
     app.state.metrics = metrics

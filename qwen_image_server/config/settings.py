@@ -256,6 +256,18 @@ class Settings(BaseSettings):
         description="Largest uploaded image, width*height, read from its header before decoding.",
     )
     max_input_images: int = Field(3, ge=1, description="Most input images of one multi-image edit.")
+    request_read_timeout_s: float = Field(
+        30.0, gt=0,
+        description="A client must send its request line and headers within this many seconds of connecting "
+        "(or of its next request's first byte), and its body within this many seconds after the headers; "
+        "else the connection is closed (a late body gets 408). Responses, streams included, are not limited.",
+    )
+    max_connections: int | None = Field(
+        None, ge=1,
+        description="Most connections the front holds at once: at the limit requests get 503, and connections "
+        "beyond it are closed at once. Default: three quarters of the open-file limit (raised to its hard limit "
+        "at start), at most 10000, so that engines and files keep descriptors.",
+    )
 
     # -- Ray Serve: `serve --ray`, serve_config.yaml (pip install .[ray]; README "Scale-out") --
     ray_address: str | None = Field(

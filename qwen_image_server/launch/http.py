@@ -27,6 +27,7 @@ import uvicorn
 from fastapi import FastAPI
 
 from qwen_image_server.config.settings import Settings
+from qwen_image_server.launch.connection_limits import bound_connections, raise_open_file_limit
 from qwen_image_server.serving.lifecycle import Lifecycle
 
 if TYPE_CHECKING:
@@ -40,6 +41,13 @@ def find_fastapi(app: Any) -> FastAPI | None:
     while app is not None and not isinstance(app, FastAPI):
         app = getattr(app, "app", None)
     return app
+
+
+def app_settings(app: Any) -> Settings:
+    """The settings the app was built with (`create_app` keeps them), else those of the environment."""
+    fastapi_app = find_fastapi(app)
+    settings = getattr(fastapi_app.state, "settings", None) if fastapi_app is not None else None
+    return settings if isinstance(settings, Settings) else Settings()
 
 
 class GracefulServer(uvicorn.Server):
@@ -108,6 +116,8 @@ def run_uvicorn(settings: Settings) -> int:
 
     config = uvicorn.Config(create_app(settings), host=settings.host, port=settings.port,
                             log_level=settings.log_level, workers=1)
+    raise_open_file_limit()
+    bound_connections(config, settings)
     server = GracefulServer(config)
     server.run()
     return server.exit_code()
@@ -189,6 +199,8 @@ if UvicornWorker is not None:
 
         async def _serve(self) -> None:
             self.config.app = self.wsgi
+            raise_open_file_limit()
+            bound_connections(self.config, app_settings(self.wsgi))
             server = GracefulServer(config=self.config)
             self._install_sigquit_handler()
             await server.serve(sockets=self.sockets)
