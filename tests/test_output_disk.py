@@ -79,7 +79,7 @@ def test_below_the_disk_floor_ready_is_503_and_saves_are_refused_before_any_work
         assert live.hook.calls == []  # nothing reached the engine
         assert value(scrape(c), "qwen_image_images_generated_total") == value(
             before, "qwen_image_images_generated_total")
-        assert not list(live.settings.output_dir.iterdir())
+        assert not list(live.settings.output_dir.glob("*.png"))  # no image saved
 
         # What saves nothing is still served.
         plain = c.post("/generate", json=FAST)
@@ -162,7 +162,7 @@ def test_a_save_cut_short_leaves_no_temp_file_and_no_partial_image(saving_server
         assert len(base64.b64decode(body["b64_json"])) > 64 * 1024  # the whole image, not the cut one
         job = finished_job(c, {**FAST, "save_to_file": True})
         assert job["status"] == "succeeded" and job["save_error"]["code"] == "EFBIG"
-    assert temp_files(out) == [] and list(out.iterdir()) == []
+    assert temp_files(out) == [] and list(out.glob("*.png")) == []
 
 
 # -- retention ----------------------------------------------------------------------------------
