@@ -21,7 +21,9 @@ from httpx_sse import connect_sse
 from PIL import Image
 
 from qwen_image_server.engine.previews import Previewer, decode
-from qwen_image_server.engine.types import Preview, PreviewPlan
+from qwen_image_server.engine.types import GenerationSpec, Preview, PreviewPlan
+from qwen_image_server.protocol.native import JobRequest
+from qwen_image_server.scheduler import Job
 from qwen_image_server.serving.job_registry import JobRecord, Subscriber
 from tests.conftest import LiveServer, hold_engine, tiny_settings
 from tests.test_edit import picture
@@ -151,7 +153,8 @@ def test_a_late_subscriber_gets_the_newest_preview_at_once(live):
 
 def test_a_subscriber_that_falls_behind_gets_the_newest_preview_not_a_backlog():
     async def scenario() -> None:
-        record = JobRecord.create(job=None, body=None, loop=asyncio.get_running_loop())  # type: ignore[arg-type]
+        job = Job(spec=GenerationSpec("a cat", " ", 256, 256, 3, 4.0, 1), request_id=1, submitted_at=0.0, deadline=1e9)
+        record = JobRecord.create(job=job, body=JobRequest(prompt="a cat"), loop=asyncio.get_running_loop())
         subscriber = Subscriber()
         record.subscribers.add(subscriber)
         image = Image.new("RGB", (8, 8))

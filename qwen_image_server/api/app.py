@@ -43,12 +43,14 @@ from qwen_image_server.scheduler import RestartPolicy, Scheduler, SchedulerConfi
 from qwen_image_server.serving.file_links import FileLinks, load_secret
 from qwen_image_server.serving.generation import Generation
 from qwen_image_server.serving.job_registry import JobRegistry
+from qwen_image_server.serving.job_store import AsyncJobStore, SqliteJobStore
 from qwen_image_server.serving.lifecycle import Lifecycle
 from qwen_image_server.serving.metrics import SchedulerMetrics, ServerMetrics
 from qwen_image_server.serving.output_folder import sweep_periodically
 from qwen_image_server.serving.results import ResultStore
 
 log = logging.getLogger(__name__)
+STORE_SWEEP_INTERVAL_S = 60.0  # how often jobs past their TTL leave the job store
 
 
 def real_engine_factory(settings: Settings) -> Callable[[], Engine]:
@@ -121,15 +123,21 @@ def create_app(
         results = ResultStore(settings.result_ttl_s, settings.max_stored_results, settings.results_max_bytes,
                               id_prefix=id_prefix(replica))
         generation = Generation(settings, device, scheduler, executor)
+        store = (AsyncJobStore(await anyio.to_thread.run_sync(SqliteJobStore, settings.data_dir))
+                 if settings.store == "sqlite" else None)
         jobs = JobRegistry(generation, results, settings.result_ttl_s, settings.max_stored_results,
-                           settings.max_subscribers_per_job)
+                           settings.max_subscribers_per_job, store=store)
         secret = (settings.files_secret.get_secret_value().encode("utf-8") if settings.files_secret
                   else await anyio.to_thread.run_sync(load_secret, settings.output_dir))
         files = FileLinks(secret, settings.file_link_ttl_s)
         app.state.ctx = ServerContext(generation, lifecycle, results, jobs, files, replica=replica)
         scheduler.start()
         sweeper: asyncio.Task[None] | None = None
+        expiry: asyncio.Task[None] | None = None
         try:
+            # Jobs accepted before a restart run again, ahead of any new request.
+            await jobs.recover()
+            expiry = asyncio.create_task(jobs.expire_periodically(STORE_SWEEP_INTERVAL_S))
             # The output folder's upkeep, while the model loads: once before serving (what a crash
             # left, images past the retention limits while the server was down), then periodically.
             await generation.in_pool(generation.output.sweep)
@@ -140,10 +148,14 @@ def create_app(
                      settings.model, scheduler.config)
             yield
         finally:
-            if sweeper is not None:
-                sweeper.cancel()
+            for task in (sweeper, expiry):
+                if task is not None:
+                    task.cancel()
             # By now the server has answered every in-flight request (or the drain timed out).
             await anyio.to_thread.run_sync(scheduler.shutdown, settings.drain_timeout_s)
+            await jobs.settled()  # every job's end is in the job store before it closes
+            if store is not None:
+                await anyio.to_thread.run_sync(store.close)
             executor.shutdown(wait=True)
             log.info("stopped")
 

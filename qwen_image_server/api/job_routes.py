@@ -29,10 +29,10 @@ log = logging.getLogger(__name__)
 router = APIRouter(prefix="/v1/jobs", tags=["jobs"])
 
 
-def job_record(job_id: str, ctx: Ctx, caller: Who) -> JobRecord:
+async def job_record(job_id: str, ctx: Ctx, caller: Who) -> JobRecord:
     """Dependency: the caller's job named in the path (404 before any response starts, SSE
     included; another API key's job is 404 too)."""
-    return ctx.jobs.get(job_id, caller.id)
+    return await ctx.jobs.get(job_id, caller.id)
 
 
 Record = Annotated[JobRecord, Depends(job_record)]
@@ -92,7 +92,7 @@ async def get_job(record: Record, request: Request, ctx: Ctx) -> JobStatus:
                        409: {"model": ErrorResponse}})
 async def job_image(record: Record, ctx: Ctx) -> Response:
     """The PNG of a succeeded job (409 while it is not done, or if it failed)."""
-    stored = ctx.jobs.image(record)
+    stored = await ctx.jobs.image(record)
     return Response(stored.data, media_type=stored.media_type,
                     headers={"X-Request-ID": str(record.job.request_id)})
 

@@ -231,6 +231,11 @@ def _error_event(detail: ErrorDetail) -> bytes:
 async def get_image(image_id: str, ctx: Ctx, caller: Who) -> Response:
     """An image returned earlier as a `url` to this API key, until QWEN_IMAGE_RESULT_TTL_S has passed."""
     stored = ctx.results.get(image_id, caller.id)
+    if stored is None and image_id.startswith("job-"):  # a job's image, kept by the job store
+        try:
+            stored = await ctx.jobs.image(await ctx.jobs.get(image_id.removeprefix("job-"), caller.id))
+        except errors.ServerError:
+            stored = None
     if stored is None:
         raise errors.NotFound(f"No image with id '{image_id}': unknown, or expired "
                               f"(images are kept {ctx.settings.result_ttl_s:g} s).", param="image_id")

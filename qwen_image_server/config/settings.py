@@ -152,6 +152,12 @@ class Settings(BaseSettings):
 
     # -- output -----------------------------------------------------------------------------
     output_dir: Path = Field(Path("tmp"), description="Folder for save_to_file images, relative to the cwd.")
+    data_dir: Path = Field(Path("data"), description="Folder for the server's state: the job store, webhook "
+                           "deliveries, stored results.")
+    store: Literal["sqlite", "memory"] = Field(
+        "sqlite", description="Where async jobs are kept: sqlite (a file in data_dir: jobs and their images "
+        "survive a restart, unfinished ones run again) or memory (lost with the process).",
+    )
     min_free_disk_mb: int = Field(
         1024, ge=0, description="Free space (MiB) kept on the output folder's disk: below it /ready answers "
         "503 and save_to_file requests 507 before any work (0: no floor).",
@@ -390,7 +396,7 @@ class Settings(BaseSettings):
     # A validator of the values, not an assignment after validation: an assignment would count
     # the field as set, and a default then looks like a choice (a Ray replica's cache_dir would
     # be pinned to the home of the machine that built the application).
-    @field_validator("cache_dir", "output_dir", "lora_dir", "api_keys_file")
+    @field_validator("cache_dir", "output_dir", "lora_dir", "api_keys_file", "data_dir")
     @classmethod
     def _expand_user(cls, value: Path | None) -> Path | None:
         return value.expanduser() if value is not None else None

@@ -89,6 +89,11 @@ class QwenImageDeployment:
         from qwen_image_server.api.app import create_app, real_engine_factory
 
         self.settings = Settings(_env_file=None, **settings)
+        if "store" not in self.settings.model_fields_set:
+            # A replica's own SQLite file would run its jobs again only if the same replica came
+            # back, which Ray never does (a new replica has a new name and folder): each replica
+            # keeps its jobs in memory unless a store is chosen.
+            self.settings.store = "memory"
         self.replica: str = serve.get_replica_context().replica_tag
         warn_missing_secrets(self.settings, expected_secrets, self.replica)
         self._load_done = threading.Event()

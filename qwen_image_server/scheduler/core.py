@@ -222,15 +222,17 @@ class Scheduler:
         """Queue a job or raise QueueFull / ShuttingDown / EngineDead. Never blocks."""
         return self.submit_many([spec], request_id, owner)[0]
 
-    def submit_many(self, specs: Sequence[GenerationSpec], request_id: int,
-                    owner: str | None = None) -> list[Job]:
+    def submit_many(self, specs: Sequence[GenerationSpec], request_id: int, owner: str | None = None,
+                    ids: Sequence[str] | None = None, readmit: bool = False) -> list[Job]:
         """Queue all of `specs` at once, or none (QueueFull unless all fit). Never blocks.
 
         Being queued in one step, jobs of one request that share a shape (OpenAI's n images)
-        always run as one batch, even when the engine was idle.
+        always run as one batch, even when the engine was idle. `ids` gives the jobs ids made
+        beforehand (`new_job_id`); `readmit` queues jobs accepted before a restart whatever the
+        queue's room (they were admitted once already).
         """
         with self._refusals_observed():
-            jobs = self._enqueue(specs, request_id, owner)
+            jobs = self._enqueue(specs, request_id, owner, ids, readmit)
         for job in jobs:
             self._book.emit(job, JobEvent.QUEUED)
         return jobs
@@ -254,22 +256,29 @@ class Scheduler:
             self._book.observe(lambda o: o.rejected(refusal))
             raise
 
-    def _admit_locked(self, count: int) -> None:
-        """Raise unless `count` more jobs may be queued now (the lock held)."""
+    def _admit_locked(self, count: int, room: bool = True) -> None:
+        """Raise unless `count` more jobs may be queued now (the lock held); `room`: whether the
+        queue's bound applies."""
         if self._state.dead is not None:
             raise errors.EngineDead("The model engine failed and the worker is restarting.")
         try:
             if self._state.draining or self._state.stopping:
                 raise errors.ShuttingDown("The server is shutting down and takes no new jobs.")
-            self._queue.admit(count, self._retry_after_locked)
+            if room:
+                self._queue.admit(count, self._retry_after_locked)
         except errors.ServerError:
             self._book.counts["rejected"] += 1
             raise
 
-    def _enqueue(self, specs: Sequence[GenerationSpec], request_id: int, owner: str | None) -> list[Job]:
+    def new_job_id(self) -> str:
+        """A fresh job id (starting with this replica's prefix when scaled out)."""
+        return f"{self._id_prefix}{uuid.uuid4().hex}"
+
+    def _enqueue(self, specs: Sequence[GenerationSpec], request_id: int, owner: str | None,
+                 ids: Sequence[str] | None, readmit: bool) -> list[Job]:
         now = self._clock()
         with self._cond:
-            self._admit_locked(len(specs))
+            self._admit_locked(len(specs), room=not readmit)
             jobs = [
                 Job(
                     spec=spec,
@@ -277,10 +286,10 @@ class Scheduler:
                     submitted_at=now,
                     deadline=now + self.config.queue_timeout_s,
                     total_steps=spec.num_inference_steps,
-                    id=f"{self._id_prefix}{uuid.uuid4().hex}",
+                    id=job_id,
                     owner=owner,
                 )
-                for spec in specs
+                for spec, job_id in zip(specs, ids or [self.new_job_id() for _ in specs], strict=True)
             ]
             for job in jobs:
                 # A running future cannot be cancelled by whoever awaits it, so only the

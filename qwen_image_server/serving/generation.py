@@ -99,6 +99,8 @@ class Prepared(Generic[B]):
     specs: list[GenerationSpec]
     inputs: EditInputs | None = None  # an edit's decoded images
     caller: Caller = ANONYMOUS  # whose jobs these are, and whose limits apply
+    uploads: tuple[Upload, ...] = ()  # an edit's images as sent (what a job store keeps to run it again)
+    mask_upload: Upload | None = None
 
 
 @dataclass(frozen=True, slots=True)
@@ -141,22 +143,24 @@ class Generation:
 
     async def prepare(self, body: B, task: Task, *, model: str | None = None, images: Sequence[Upload] = (),
                       mask: Upload | None = None, n: int = 1, preview: PreviewPlan | None = None,
-                      caller: Caller = ANONYMOUS) -> Prepared[B]:
+                      caller: Caller = ANONYMOUS, readmit: bool = False) -> Prepared[B]:
         """Every route's and the CLI's one way from a parsed body to specs: a request id, the
         server's defaults, the model (`model` named, or the first for `task`), the LoRAs checked,
         an edit's uploads decoded and checked, one spec per image (`n`, seeds from the body's
         seed or a random one) with `preview`'s previews. Raises the request's 4xx error. `admit`
         comes first (the queue's room, `caller`'s limits, the disk for a save), so a refused
-        request costs none of that work."""
+        request costs none of that work; `readmit`: a job accepted before a restart, admitted
+        then."""
         request_id = self.next_request_id()
-        await self.admit(body, n, caller)
+        if not readmit:
+            await self.admit(body, n, caller)
         body = self.with_defaults(body)
         choice = self.models.pick(model, task)
         loras = await self.check_loras(body.loras, choice)
         inputs = await self.read_edit_inputs(images, mask, choice) if task == "edit" else None
         base = body.seed if body.seed is not None else random_seed()
         specs = build_specs(body, model=choice, loras=loras, seeds=seeds(base, n), inputs=inputs, preview=preview)
-        return Prepared(request_id, body, choice, specs, inputs, caller)
+        return Prepared(request_id, body, choice, specs, inputs, caller, tuple(images), mask)
 
     async def admit(self, body: PromptFields, n: int, caller: Caller) -> None:
         """Admission, the first thing `prepare` does: refuse a request of `n` images that could
@@ -190,8 +194,12 @@ class Generation:
         return await self.in_pool(read_edit_inputs, images, mask, self.settings.max_input_pixels)
 
     def next_request_id(self) -> int:
-        """The seed's per-process request counter (1, 2, 3, ...)."""
+        """The seed's request counter (1, 2, 3, ...; with a job store, it goes on after a restart)."""
         return next(self._request_ids)
+
+    def continue_request_ids(self, last: int) -> None:
+        """Count on from `last` (the highest request id a job store kept)."""
+        self._request_ids = itertools.count(last + 1)
 
     def with_defaults(self, body: B) -> B:
         """The body with the server's defaults for steps and CFG where the client left them out
@@ -238,15 +246,18 @@ class Generation:
 
     # -- checks and submitting --------------------------------------------------------------
 
-    async def submit(self, prepared: Prepared[Any]) -> list[Job]:
+    async def submit(self, prepared: Prepared[Any], ids: Sequence[str] | None = None,
+                     readmit: bool = False) -> list[Job]:
         """Check the prompts' length, then queue every spec of one request together (or none),
-        as its caller's jobs (within the caller's limit of jobs in flight)."""
+        as its caller's jobs (within the caller's limit of jobs in flight). `ids`: the jobs' ids,
+        made beforehand; `readmit`: jobs accepted before a restart (no limit applies again)."""
         specs, caller = prepared.specs, prepared.caller
         for spec in {(s.prompt, s.negative_prompt): s for s in specs}.values():
             await self.check_prompt_length(spec)
         # No await between the check and the queueing: the count cannot change in between.
-        self.quotas.check_jobs(caller, len(specs), self.scheduler.retry_after)
-        jobs = self.scheduler.submit_many(specs, prepared.request_id, owner=caller.id)
+        if not readmit:
+            self.quotas.check_jobs(caller, len(specs), self.scheduler.retry_after)
+        jobs = self.scheduler.submit_many(specs, prepared.request_id, owner=caller.id, ids=ids, readmit=readmit)
         self.quotas.track(caller, jobs)
         return jobs
 

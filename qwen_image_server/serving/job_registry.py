@@ -12,6 +12,11 @@ oldest), each without its pixels once its image is stored, so memory stays bound
 
 A job belongs to the API key that created it: any other key is told it does not exist.
 
+With a job store (`serving/job_store.py`, SQLite by default) every job is written there before
+its client hears "accepted", and its end (status and image) when it ends: memory is then a cache.
+A job no longer in memory is read back from the store; after a restart, `recover` queues again the
+jobs that had not ended.
+
 Lives on the event loop; the scheduler's threads reach it only through `call_soon_threadsafe`.
 """
 
@@ -28,13 +33,15 @@ from dataclasses import dataclass, field
 from typing import Any
 
 from qwen_image_server import errors
-from qwen_image_server.engine.types import EditSpec, Preview
+from qwen_image_server.config.api_keys import ANONYMOUS, Caller
+from qwen_image_server.engine.types import EditSpec, GenerationSpec, Preview
 from qwen_image_server.job_state import JobEvent, JobState
 from qwen_image_server.protocol.common import ErrorDetail, NativeImageFields
-from qwen_image_server.protocol.native import JobPreview, JobProgress, JobStatus
+from qwen_image_server.protocol.native import EditParameters, JobPreview, JobProgress, JobRequest, JobStatus
 from qwen_image_server.scheduler import Job, JobResult
 from qwen_image_server.scheduler.jobs import final_state
 from qwen_image_server.serving.generation import Generation, Prepared
+from qwen_image_server.serving.job_store import AsyncJobStore, StoredJob
 from qwen_image_server.serving.preview_mailbox import LatestPreviews
 from qwen_image_server.serving.render import b64
 from qwen_image_server.serving.results import ResultStore, StoredImage
@@ -69,6 +76,8 @@ class JobRecord:
     inference_time: float | None = None
     render_error: ErrorDetail | None = None  # the image was made but could not be rendered
     finished_monotonic: float | None = None
+    final: JobStatus | None = None  # a finished job read back from the job store: its status then
+    final_media_type: str | None = None  # and its image's
     subscribers: set[Subscriber] = field(default_factory=set)
     # The newest preview's encoding, shared by every subscriber and made once.
     _encoding: tuple[Preview, asyncio.Future[JobPreview]] | None = None
@@ -83,10 +92,29 @@ class JobRecord:
         previews.on_new = lambda _, preview: record.publish(JobEvent.PREVIEW, preview.step)
         return record
 
+    @classmethod
+    def restored(cls, stored: StoredJob, loop: asyncio.AbstractEventLoop) -> JobRecord:
+        """A finished job read back from the job store: its final status is all there is."""
+        assert stored.status is not None
+        final = JobStatus.model_validate_json(stored.status)
+        # The scheduler's side of a job long gone: only what the routes read of it is real.
+        spec = GenerationSpec("", "", final.width, final.height, final.progress.total, 0.0, final.seed)
+        job = Job(spec=spec, request_id=final.request_id, submitted_at=0.0, deadline=0.0, id=stored.id,
+                  owner=stored.owner, state=final.status, step=final.progress.step,
+                  total_steps=final.progress.total)
+        ended = time.time() - (final.finished_at or final.created_at)
+        return cls(job=job, add_overlay=False, save_to_file=False, created_at=final.created_at,
+                   previews=LatestPreviews(loop), owner=stored.owner, final=final,
+                   image_id=stored.id if final.status is JobState.SUCCEEDED else None,
+                   final_media_type=stored.media_type,
+                   finished_monotonic=time.monotonic() - max(0.0, ended))
+
     @property
     def status(self) -> JobState:
         """The scheduler's state of the job, except that a job whose image is made is still
         running until the image is stored, so GET .../image never races the final event."""
+        if self.final is not None:
+            return self.final.status
         if self.render_error is not None:
             return JobState.FAILED
         if self.image_id is not None:
@@ -98,6 +126,8 @@ class JobRecord:
 
     @property
     def error(self) -> ErrorDetail | None:
+        if self.final is not None:
+            return self.final.error
         if self.render_error is not None:
             return self.render_error
         failure = self._failure()
@@ -205,9 +235,10 @@ class JobRegistry:
     """Jobs by id, with TTL and a bound on finished ones (unfinished ones are bounded by the queue)."""
 
     def __init__(self, generation: Generation, results: ResultStore, ttl_s: float, max_finished: int,
-                 max_subscribers: int = 16) -> None:
+                 max_subscribers: int = 16, store: AsyncJobStore | None = None) -> None:
         self.generation = generation
         self.results = results
+        self.store = store
         self.ttl_s = ttl_s
         self.max_finished = max_finished
         self.max_subscribers = max_subscribers
@@ -215,14 +246,34 @@ class JobRegistry:
         self._tasks: set[asyncio.Task[None]] = set()
 
     async def start(self, prepared: Prepared[Any]) -> JobRecord:
-        """Queue the request's job and follow it to its end (a stored image, or an error)."""
+        """Queue the request's job and follow it to its end (a stored image, or an error). With a
+        job store, the job is written there first: once this returns, a restart cannot lose it."""
         body = prepared.body
         assert isinstance(body, NativeImageFields), "a job's body says whether to overlay and save"
-        [job] = await self.generation.submit(prepared)
+        job_id = self.generation.scheduler.new_job_id()
+        if self.store is None:
+            [job] = await self.generation.submit(prepared, ids=[job_id])
+            return self._follow(job, body, time.time(), prepared.request_id)
+        created_at = time.time()
+        stored = StoredJob(id=job_id, owner=prepared.caller.id, task="edit" if prepared.inputs else "generate",
+                           body=body.model_dump_json(), request_id=prepared.request_id, created_at=created_at,
+                           state=JobState.QUEUED, runs=0)
+        await self.store.call(self.store.store.add, stored, prepared.uploads, prepared.mask_upload)
+        try:
+            [job] = await self.generation.submit(prepared, ids=[job_id])
+        except BaseException:
+            await self.store.call(self.store.store.remove, job_id)
+            raise
+        return self._follow(job, body, created_at, prepared.request_id)
+
+    def _follow(self, job: Job, body: NativeImageFields, created_at: float, request_id: int) -> JobRecord:
+        """Keep the record of a job just queued, and follow it to its end."""
         loop = asyncio.get_running_loop()
         record = JobRecord.create(job, body, loop)
+        record.created_at = created_at
         self._prune()
         self._records[job.id] = record
+        store = self.store
 
         def on_event(job: Job, event: JobEvent) -> None:  # engine / reaper thread
             if event is JobEvent.PREVIEW:
@@ -230,16 +281,70 @@ class JobRegistry:
                     record.previews.offer(0, job.preview)
             elif not event.final:  # the end is announced by _complete, once the image is stored
                 loop.call_soon_threadsafe(record.publish, event, job.step)
+                if event is JobEvent.STARTED and store is not None:
+                    loop.call_soon_threadsafe(store.call, store.store.started, job.id)
 
         self.generation.scheduler.add_listener(job, on_event)
         task = asyncio.create_task(self._complete(record))
         self._tasks.add(task)
         task.add_done_callback(self._tasks.discard)
-        log.info("request %d: job %s queued", prepared.request_id, job.id)
+        log.info("request %d: job %s queued", request_id, job.id)
         return record
+
+    async def recover(self) -> int:
+        """After a restart: queue again every job the store kept that had not ended (a job that
+        was running starts from the beginning; one that already started twice fails instead),
+        oldest first. Returns how many were queued."""
+        if self.store is None:
+            return 0
+        store = self.store
+        self.generation.continue_request_ids(await store.call(store.store.last_request_id))
+        queued = 0
+        for stored in await store.call(store.store.unfinished):
+            try:
+                prepared = await self._prepare_again(stored)
+            except errors.ServerError as exc:  # it cannot run here any more (a LoRA or model gone)
+                log.warning("job %s from before the restart cannot run again: %s", stored.id, exc.message)
+                await store.call(store.store.finished, stored.id, JobState.FAILED,
+                                 _lost_status(stored, ErrorDetail.of(exc)), time.time() + self.ttl_s, None, None)
+                continue
+            body = prepared.body
+            if stored.runs >= 2:  # it was running at two restarts: do not try a third time
+                self._fail_again(stored, prepared, errors.InferenceFailed(
+                    "The server restarted twice while this job was running; it is not run again."))
+                continue
+            [job] = await self.generation.submit(prepared, ids=[stored.id], readmit=True)
+            self._follow(job, body, stored.created_at, stored.request_id)
+            queued += 1
+        if queued:
+            log.info("%d job%s from before the restart queued again", queued, "" if queued == 1 else "s")
+        return queued
+
+    async def _prepare_again(self, stored: StoredJob) -> Prepared[Any]:
+        """A stored job's request, prepared as it was (same parameters, seed, uploads, owner)."""
+        caller = Caller(stored.owner) if stored.owner else ANONYMOUS
+        if stored.task == "edit":
+            edit = EditParameters.model_validate_json(stored.body)
+            assert self.store is not None
+            images, mask = await self.store.call(self.store.store.uploads, stored.id)
+            return await self.generation.prepare(edit, "edit", model=edit.model, images=images, mask=mask,
+                                                 preview=edit.preview_plan(), caller=caller, readmit=True)
+        body = JobRequest.model_validate_json(stored.body)
+        return await self.generation.prepare(body, "generate", preview=body.preview_plan(), caller=caller,
+                                             readmit=True)
+
+    def _fail_again(self, stored: StoredJob, prepared: Prepared[Any], error: errors.ServerError) -> None:
+        """End a stored job with `error` through the usual path (its status and the store say it)."""
+        job = Job(spec=prepared.specs[0], request_id=stored.request_id, submitted_at=0.0, deadline=0.0,
+                  id=stored.id, owner=stored.owner, state=JobState.FAILED,
+                  total_steps=prepared.specs[0].num_inference_steps)
+        job.future.set_exception(error)
+        self._follow(job, prepared.body, stored.created_at, stored.request_id)
 
     def status(self, record: JobRecord, image_url: str) -> JobStatus:
         """The job's status as its clients see it now (`image_url`: where its image will be)."""
+        if record.final is not None:
+            return record.final.model_copy(update={"image_url": image_url if record.image_id else None})
         job = record.job
         started = job.started_at
         status = record.status
@@ -288,25 +393,41 @@ class JobRegistry:
         async for item in record.events(lambda: self.status(record, image_url), encode):
             yield item
 
-    def image(self, record: JobRecord) -> StoredImage:
+    async def image(self, record: JobRecord) -> StoredImage:
         """The image of a succeeded job (409 while it is not done, or if it failed; 404 once it
         is no longer kept)."""
         job_id = record.job.id
         if record.image_id is None:
             raise errors.JobNotReady(f"Job {job_id} is {record.status}; it has no image.", param="id")
         stored = self.results.get(record.image_id, record.owner)
+        if stored is None and self.store is not None:
+            data = await self.store.call(self.store.store.image, job_id)
+            if data is not None:
+                media_type = record.final_media_type or "image/png"
+                stored = StoredImage(record.image_id, data, media_type, created=record.created_at,
+                                     expires_at=float("inf"), owner=record.owner)
         if stored is None:
-            raise errors.NotFound(f"The image of job {job_id} is no longer kept.", param="id")
+            raise errors.NotFound(f"The image of job {job_id} is no longer kept.", param="id", code="job_expired")
         return stored
 
-    def get(self, job_id: str, owner: str | None = None) -> JobRecord:
-        """The job `owner` (an API key's id) created; NotFound for an unknown id, an expired job,
-        and another key's job alike."""
+    async def get(self, job_id: str, owner: str | None = None) -> JobRecord:
+        """The job `owner` (an API key's id) created: from memory, else from the job store.
+        NotFound for an unknown id and another key's job alike (code `job_not_found`), and for
+        a job past its TTL (code `job_expired`)."""
         self._prune()
         record = self._records.get(job_id)
+        if record is None and self.store is not None:
+            stored = await self.store.call(self.store.store.get, job_id)
+            if stored is not None and stored.owner == owner:
+                if stored.expired or (stored.expires_at is not None and stored.expires_at <= time.time()):
+                    raise errors.NotFound(f"Job {job_id} finished more than {self.ttl_s:g} s ago; it is no "
+                                          "longer kept.", param="id", code="job_expired")
+                if stored.status is not None:
+                    record = JobRecord.restored(stored, asyncio.get_running_loop())
+                    self._records[job_id] = record
         if record is None or record.owner != owner:
             raise errors.NotFound(f"No job {job_id!r} (unknown, or finished more than "
-                                  f"{self.ttl_s:g} s ago).", param="id")
+                                  f"{self.ttl_s:g} s ago).", param="id", code="job_not_found")
         return record
 
     def cancel(self, record: JobRecord) -> bool:
@@ -338,8 +459,33 @@ class JobRegistry:
             record.render_error = ErrorDetail(message="Rendering the image failed; the server logged the details.",
                                               type=errors.InferenceFailed.type)
         record.finished_monotonic = time.monotonic()
+        if self.store is not None and not _interrupted(record):
+            stored_image = self.results.get(record.image_id, record.owner) if record.image_id else None
+            try:
+                await self.store.call(
+                    self.store.store.finished, job.id, record.status,
+                    self.status(record, "").model_dump_json(), time.time() + self.ttl_s,
+                    stored_image.data if stored_image else None, stored_image.media_type if stored_image else None)
+            except Exception:  # the client still hears the end; only a restart would not know it
+                log.exception("job %s: writing its end to the job store failed", job.id)
         record.settle()
         record.publish(JobEvent.entering(record.status), job.step)
+
+    async def settled(self) -> None:
+        """Wait until every job followed here has ended and its end was stored (at shutdown)."""
+        if self._tasks:
+            await asyncio.gather(*self._tasks, return_exceptions=True)
+
+    async def expire_periodically(self, interval_s: float) -> None:
+        """Drop jobs past their TTL from the job store, now and every `interval_s`."""
+        if self.store is None:
+            return
+        while True:
+            try:
+                await self.store.call(self.store.store.sweep, time.time())
+            except Exception:  # the next sweep tries again; serving goes on
+                log.exception("sweeping the job store failed")
+            await asyncio.sleep(interval_s)
 
     def _prune(self) -> None:
         """Forget finished jobs past the TTL, then past `max_finished`: the owner with the most
@@ -359,3 +505,17 @@ class JobRegistry:
             oldest = next(r for r in finished if r.owner == heaviest and r.job.id in self._records)
             del self._records[oldest.job.id]
             held[heaviest] -= 1
+
+
+def _interrupted(record: JobRecord) -> bool:
+    """The job ended only because the server shut down before it could run or finish: the job
+    store keeps it unfinished, so the next start runs it."""
+    future = record.job.future
+    return future.done() and isinstance(future.exception(), errors.ShuttingDown)
+
+
+def _lost_status(stored: StoredJob, error: ErrorDetail) -> str:
+    """The final status of a stored job that could not even be prepared again."""
+    return JobStatus(id=stored.id, status=JobState.FAILED, queue_position=None, progress=JobProgress(step=0, total=0),
+                     request_id=stored.request_id, created_at=stored.created_at, finished_at=time.time(),
+                     width=0, height=0, seed=0, error=error).model_dump_json()
