@@ -13,6 +13,7 @@ import os
 import secrets
 import tempfile
 import threading
+import time
 from collections.abc import Iterator
 from dataclasses import dataclass
 from pathlib import Path
@@ -30,6 +31,8 @@ from ray.serve._private.common import (  # noqa: E402
     DeploymentID,
     RequestMetadata,
 )
+from ray.serve.autoscaling_policy import replica_queue_length_autoscaling_policy  # noqa: E402
+from ray.serve.config import AutoscalingConfig, AutoscalingContext  # noqa: E402
 from ray.serve.deployment import Application  # noqa: E402
 from ray.serve.request_router import PendingRequest, ReplicaID  # noqa: E402
 from ray.serve.schema import ServeDeploySchema  # noqa: E402
@@ -51,6 +54,8 @@ from qwen_image_server.launch.ray_app import (  # noqa: E402
     replica_settings,
     run_ray,
 )
+from qwen_image_server.launch.ray_autoscaling import ASYNC_JOBS_STAT, backlog_policy  # noqa: E402
+from qwen_image_server.launch.ray_autoscaling import POLICY as AUTOSCALING_POLICY  # noqa: E402
 from qwen_image_server.launch.ray_router import BACKLOG_STAT, ReplicaAffinityRouter  # noqa: E402
 from tests.conftest import ROOT, free_port, run_cli, tiny_settings, wait_until  # noqa: E402
 
@@ -199,7 +204,29 @@ def test_the_deployment_gets_one_gpu_per_replica_and_room_to_batch(tmp_path: Pat
     assert on_cpu["max_ongoing_requests"] == settings.max_queue + 1
     scaled = deployment_options(tiny_settings(tmp_path, ray_autoscaling={"max_replicas": 6}), 8)
     assert "num_replicas" not in scaled
-    assert scaled["autoscaling_config"] == {"target_ongoing_requests": 8, "max_replicas": 6}
+    assert scaled["autoscaling_config"] == {"target_ongoing_requests": 8, "max_replicas": 6,
+                                            "policy": {"policy_function": AUTOSCALING_POLICY}}
+
+
+def test_the_autoscaler_counts_a_replicas_async_jobs_as_load() -> None:
+    """Ray's own policy and context: 30 jobs answered with 202 hold no request open, yet they are
+    the replica's load; without them Ray would call it idle."""
+    config = AutoscalingConfig(min_replicas=1, max_replicas=4, target_ongoing_requests=4,
+                               upscale_delay_s=0, downscale_delay_s=0,
+                               policy={"policy_function": AUTOSCALING_POLICY})
+    replica = ReplicaID("r1", DeploymentID("QwenImage", "qwen-image"))
+
+    def context(async_jobs: float, policy_state: dict) -> AutoscalingContext:
+        return AutoscalingContext(
+            deployment_id=replica.deployment_id, deployment_name="QwenImage", app_name="qwen-image",
+            current_num_replicas=1, target_num_replicas=1, running_replicas=[replica], total_num_requests=0.0,
+            total_queued_requests=0.0, aggregated_metrics={ASYNC_JOBS_STAT: {replica: async_jobs}}, raw_metrics={},
+            capacity_adjusted_min_replicas=1, capacity_adjusted_max_replicas=4, policy_state=policy_state,
+            last_scale_up_time=None, last_scale_down_time=None, current_time=time.time(), config=config)
+
+    assert replica_queue_length_autoscaling_policy(context(30, {}))[0] <= 1  # Ray alone: idle
+    assert backlog_policy(context(30, {}))[0] >= 4  # 30 jobs at 4 per replica: up (Ray caps it at 4)
+    assert backlog_policy(context(4, {}))[0] <= 1  # a replica's worth: stays as it is
 
 
 class WatchedEvent(threading.Event):

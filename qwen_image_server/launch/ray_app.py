@@ -58,6 +58,8 @@ from qwen_image_server.config.logs import configure_logging
 from qwen_image_server.config.settings import SECRET_SETTINGS, Settings, setting_names
 from qwen_image_server.engine.contract import Engine, settings_batch_limits
 from qwen_image_server.errors import ModelLoadError
+from qwen_image_server.launch.ray_autoscaling import ASYNC_JOBS_STAT
+from qwen_image_server.launch.ray_autoscaling import POLICY as AUTOSCALING_POLICY
 from qwen_image_server.launch.ray_router import BACKLOG_STAT, ReplicaAffinityRouter
 
 if TYPE_CHECKING:
@@ -119,6 +121,12 @@ class QwenImageDeployment:
         ctx: ServerContext | None = getattr(self._server_app.state, "ctx", None)
         stats = ctx.scheduler.stats() if ctx else None
         return {BACKLOG_STAT: stats.queue_length + stats.running_batch_size if stats else 0}
+
+    async def record_autoscaling_stats(self) -> dict[str, int]:
+        """Polled by Ray for the autoscaler: this replica's async jobs queued or running, which
+        hold no HTTP request open (see ray_autoscaling.py)."""
+        ctx: ServerContext | None = getattr(self._server_app.state, "ctx", None)
+        return {ASYNC_JOBS_STAT: ctx.jobs.unfinished_count() if ctx else 0}
 
     async def check_health(self) -> None:
         """Raise (so Ray fails the start, or replaces the replica) when the engine cannot serve.
@@ -217,8 +225,11 @@ def deployment_options(settings: Settings, cluster_gpus: float) -> dict[str, Any
         ),
     }
     if settings.ray_autoscaling is not None:
-        # Aim at one batch running and one waiting per replica unless told otherwise.
-        options["autoscaling_config"] = {"target_ongoing_requests": 2 * batch, **settings.ray_autoscaling}
+        # Aim at one batch running and one waiting per replica unless told otherwise; count the
+        # async jobs replicas hold as requests (ray_autoscaling.py), unless told another policy.
+        options["autoscaling_config"] = {"target_ongoing_requests": 2 * batch,
+                                         "policy": {"policy_function": AUTOSCALING_POLICY},
+                                         **settings.ray_autoscaling}
     elif settings.ray_replicas is not None:
         options["num_replicas"] = settings.ray_replicas
     else:

@@ -471,6 +471,10 @@ class JobRegistry:
         record.settle()
         record.publish(JobEvent.entering(record.status), job.step)
 
+    def unfinished_count(self) -> int:
+        """Jobs followed here that have not ended (queued, running, or rendering)."""
+        return len(self._tasks)
+
     async def settled(self) -> None:
         """Wait until every job followed here has ended and its end was stored (at shutdown)."""
         if self._tasks:
