@@ -31,7 +31,9 @@ IMAGE_OR_FILE = {"content": {"image/png": {}, "application/json": {"schema": Gen
 
 @router.get("/health", response_model=HealthResponse, tags=["server"])
 async def health(ctx: Ctx, response: Response) -> HealthResponse:
-    """Liveness: healthy unless no engine can serve any more (then 503 while the process exits)."""
+    """Liveness: healthy unless no engine can serve any more (then 503 while the process exits).
+    An engine restarting (after a hung batch or a crash) leaves it healthy, with the reason: the
+    server recovers by itself, and a restart of the whole process would not be quicker."""
     dead = ctx.scheduler.dead
     if dead:
         response.status_code = 503
@@ -41,16 +43,18 @@ async def health(ctx: Ctx, response: Response) -> HealthResponse:
         device=ctx.device.type,
         gpu=ctx.device.gpu,
         cuda_version=ctx.device.cuda_version,
+        reason=ctx.scheduler.trouble,
     )
 
 
 @router.get("/ready", response_model=ReadyResponse, responses={503: {"model": ReadyResponse}},
             tags=["server"])
 async def ready(ctx: Ctx) -> JSONResponse:
-    """Readiness: 200 only when the model is loaded and the server takes new work."""
+    """Readiness: 200 only when the model is loaded and the server takes new work; else 503 with
+    the reason (an engine restarting after a hung batch, for one)."""
     s = ctx.scheduler
-    reason = ("engine failed" if s.dead else "shutting down" if s.draining
-              else "model loading" if not s.serving else None)
+    reason = (s.trouble if s.dead else "shutting down" if s.draining
+              else (s.trouble or "model loading") if not s.serving else None)
     body = ReadyResponse(ready=reason is None, reason=reason)
     return JSONResponse(body.model_dump(), status_code=200 if reason is None else 503)
 

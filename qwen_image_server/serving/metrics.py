@@ -135,6 +135,9 @@ class ServerMetrics:
         self.engine_restarts = Counter(
             "qwen_image_engine_restarts", "Engines started again after their process died, by engine.",
             ["engine"], registry=r)
+        self.engine_timeouts = Counter(
+            "qwen_image_engine_timeouts", "Batches that ran past their deadline, by engine: its engine "
+            "was killed (a process) or given up (in this process) as hung.", ["engine"], registry=r)
         self.engine_batches = Counter(
             "qwen_image_engine_batches", "Pipeline calls finished, by engine.", ["engine"], registry=r)
         self.engine_busy = Gauge(
@@ -176,6 +179,7 @@ class ServerMetrics:
         self._scheduler = scheduler
         for slot in scheduler.stats().engines:
             self.engine_restarts.labels(str(slot.index))
+            self.engine_timeouts.labels(str(slot.index))
             self.engine_batches.labels(str(slot.index))
 
     def update_engines(self) -> None:
@@ -287,6 +291,9 @@ class SchedulerMetrics:
 
     def engine_restarted(self, slot: int) -> None:
         self.m.engine_restarts.labels(str(slot)).inc()
+
+    def engine_hung(self, slot: int) -> None:
+        self.m.engine_timeouts.labels(str(slot)).inc()
 
 
 def engine_memory(scheduler: Scheduler) -> list[dict[str, float]] | None:
