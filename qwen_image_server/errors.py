@@ -165,6 +165,19 @@ class InferenceFailed(ServerError):
     type = "inference_error"
 
 
+ENGINE_TIMEOUT = "engine_timeout"  # the code of every error an engine hung past its batch deadline causes
+
+
+class EngineTimeout(InferenceFailed):
+    """The engine hung past its batch deadline (QWEN_IMAGE_BATCH_TIMEOUT_S) on this job, after
+    failing on it once already: it was killed and restarted twice, and the job is the likely
+    cause, so it fails rather than being retried a third time (500: retrying it is no cure)."""
+
+    def __init__(self, message: str, *, param: str | None = None, code: str | None = ENGINE_TIMEOUT,
+                 retry_after: float | None = None) -> None:
+        super().__init__(message, param=param, code=code, retry_after=retry_after)
+
+
 class ShuttingDown(ServerError):
     status_code = 503
     type = "shutting_down"

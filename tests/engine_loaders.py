@@ -1,5 +1,6 @@
 """Loaders for engine processes in tests: the real tiny model, wrapped so a test can hold a batch
-or a LoRA load inside the engine process and can make a prompt crash its process.
+or a LoRA load inside the engine process, make a prompt crash its process, or make a prompt send
+the front a message it cannot read.
 
 A loader runs in the engine process, so it is a picklable object (a module-level class), and the
 test talks to it through files: while `gate` exists every denoising step waits (when the gate
@@ -18,10 +19,24 @@ from dataclasses import dataclass
 from pathlib import Path
 
 from qwen_image_server.config.settings import Settings
-from qwen_image_server.engine.types import GenerationSpec
+from qwen_image_server.engine.types import GenerationSpec, StepEvent
 
 CRASH = "crash the engine"  # a prompt starting with this kills its engine process at its first step
+# A prompt starting with this sends, at its first step, a step event the front cannot unpickle (as
+# from another version of the code), then carries on with its batch.
+GARBLE = "garble the pipe"
 HOLD_LIMIT_S = 120.0
+
+
+def _unreadable() -> None:
+    raise ImportError("this message comes from another version of the server")
+
+
+class Unreadable:
+    """Pickles in the engine process; unpickling it raises, in the front."""
+
+    def __reduce__(self):
+        return (_unreadable, ())
 
 
 class GatedEngine:
@@ -35,11 +50,13 @@ class GatedEngine:
         return getattr(self.engine, name)
 
     def run_batch(self, specs: Sequence[GenerationSpec], on_step):
-        def step(*args, **kwargs) -> None:
+        def step(event: StepEvent) -> None:
             if any(spec.prompt.startswith(CRASH) for spec in specs):
                 os.kill(os.getpid(), signal.SIGKILL)  # as a segfault or the OOM killer would
+            if event.step == 1 and any(spec.prompt.startswith(GARBLE) for spec in specs):
+                on_step(StepEvent(event.step, event.total, {0: Unreadable()}))  # type: ignore[dict-item]
             _wait_at(self.gate)
-            on_step(*args, **kwargs)
+            on_step(event)
 
         return self.engine.run_batch(specs, step)
 

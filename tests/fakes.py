@@ -42,6 +42,7 @@ class FakeEngine:
         self.freed = 0
         self._started = threading.Semaphore(0)
         self._permits = threading.Semaphore(0)
+        self._killed = threading.Event()  # see ProcessLikeEngine.kill
         self._free_running = threading.Event()
         if not held:
             self._free_running.set()
@@ -63,7 +64,7 @@ class FakeEngine:
     # -- Engine protocol --------------------------------------------------------------------
 
     def run_batch(self, specs: Sequence[GenerationSpec], on_step: Callable[[StepEvent], None]) -> list[Image.Image]:
-        from qwen_image_server.engine.types import DeviceOutOfMemory
+        from qwen_image_server.engine.types import DeviceOutOfMemory, EngineLost
 
         self.batches.append([s.seed for s in specs])
         self._started.release()
@@ -73,6 +74,8 @@ class FakeEngine:
         for step in range(1, total + 1):
             if not self._free_running.is_set():
                 assert self._permits.acquire(timeout=10), "test never allowed the step"
+            if self._killed.is_set():
+                raise EngineLost("fake: the engine's process was killed")
             time.sleep(self.step_seconds)
             on_step(StepEvent(step, total))
         if self.faults:
@@ -82,3 +85,33 @@ class FakeEngine:
 
     def free_memory(self) -> None:
         self.freed += 1
+
+
+class ProcessLikeEngine(FakeEngine):
+    """A fake engine as an engine process is to the scheduler (`Supervised`): it can be watched,
+    closed and killed. Killed, its running batch raises EngineLost at its waiting step, and the
+    exit hooks run, as an engine process's would."""
+
+    def __init__(self, **kwargs: Any) -> None:
+        super().__init__(**kwargs)
+        self.exit_hooks: list[Callable[[], None]] = []
+        self.kills = 0
+        self.closed = False
+
+    def on_exit(self, callback: Callable[[], None]) -> None:
+        self.exit_hooks.append(callback)
+
+    def close(self) -> None:
+        self.closed = True
+
+    def kill(self) -> None:
+        self.kills += 1
+        self._killed.set()
+        self._permits.release()  # wake the step that waits
+        for hook in self.exit_hooks:
+            hook()
+
+    def exit(self) -> None:
+        """The process ends by itself (nothing running)."""
+        for hook in self.exit_hooks:
+            hook()

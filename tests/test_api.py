@@ -31,7 +31,7 @@ def test_health_reports_device_and_loaded_model(client):
     assert r.status_code == 200
     body = r.json()
     assert body == {"status": "healthy", "model_loaded": True, "device": "cpu", "gpu": None,
-                    "cuda_version": None}
+                    "cuda_version": None, "reason": None}
 
 
 def test_ready_is_200_once_loaded(client):

@@ -13,7 +13,7 @@ import pytest
 from qwen_image_server import errors
 from qwen_image_server.engine.types import EngineLost
 from qwen_image_server.scheduler import RestartPolicy, Scheduler, SchedulerConfig, SlotState
-from tests.fakes import WAIT, FakeEngine, result_of, stop_all
+from tests.fakes import WAIT, FakeEngine, ProcessLikeEngine, result_of, stop_all
 
 FAST_RESTARTS = RestartPolicy(backoff_s=0.01, max_backoff_s=0.05, attempts=3)
 
@@ -158,14 +158,11 @@ def test_a_job_that_fails_two_engines_fails_alone_with_500(make):
 
 
 def test_idle_loss_restarts_the_slot_without_waiting_for_work():
-    engines: list[FakeEngine] = []
-    hooks: list[Callable[[], None]] = []
+    engines: list[ProcessLikeEngine] = []
     loaded = threading.Condition()
 
-    def load() -> FakeEngine:
-        engine = FakeEngine()  # supervised, as an engine process is: it can be watched and closed
-        engine.on_exit = hooks.append  # type: ignore[attr-defined]
-        engine.close = lambda: None  # type: ignore[attr-defined]
+    def load() -> ProcessLikeEngine:
+        engine = ProcessLikeEngine()  # supervised, as an engine process is: it can be watched and closed
         with loaded:
             engines.append(engine)
             loaded.notify_all()
@@ -175,8 +172,8 @@ def test_idle_loss_restarts_the_slot_without_waiting_for_work():
     s.start()
     try:
         with loaded:
-            assert loaded.wait_for(lambda: hooks, WAIT)
-        hooks[0]()  # the engine's process ended while nothing ran
+            assert loaded.wait_for(lambda: engines and engines[0].exit_hooks, WAIT)
+        engines[0].exit()  # the engine's process ended while nothing ran
         with loaded:
             assert loaded.wait_for(lambda: len(engines) == 2, WAIT), "no new engine was started"
         wait_for(s, lambda: s.serving, "the new engine to serve")

@@ -43,3 +43,21 @@ def test_dead_engine_turns_health_and_ready_503(tmp_path):
         refused = client.post("/generate", json={"prompt": "again"})
         assert refused.status_code == 503
         assert app.state.lifecycle.exit_requested and app.state.lifecycle.exit_code == 1
+
+
+def test_a_hung_engine_in_this_process_fails_its_batch_and_asks_for_a_fresh_process(tmp_path):
+    engine = FakeEngine(held=True)  # its steps never come until the test lets them
+    app = create_app(tiny_settings(tmp_path, batch_timeout_s=0.5), engine_factory=lambda: engine)
+    with TestClient(app) as client:
+        try:
+            r = client.post("/generate", json={"prompt": "x", "num_inference_steps": 1})
+            assert r.status_code == 503, r.text
+            assert (r.json()["error"]["type"], r.json()["error"]["code"]) == ("engine_unavailable", "engine_timeout")
+            health = client.get("/health")
+            reason = "engine failed: a batch hung past its deadline"
+            assert (health.status_code, health.json()["reason"]) == (503, reason)
+            assert client.get("/ready").json() == {"ready": False, "reason": reason}
+            # It cannot be killed in this process: the process manager starts a fresh one.
+            assert app.state.lifecycle.exit_requested and app.state.lifecycle.exit_code == 1
+        finally:
+            engine.run_freely()

@@ -39,7 +39,7 @@ from qwen_image_server.config.settings import Settings
 from qwen_image_server.engine.contract import Engine
 from qwen_image_server.engine.device import resolve_device
 from qwen_image_server.engine.process import engine_factories
-from qwen_image_server.scheduler import RestartPolicy, Scheduler, SchedulerConfig
+from qwen_image_server.scheduler import RestartPolicy, Scheduler, SchedulerConfig, WatchdogConfig
 from qwen_image_server.serving.file_links import FileLinks, load_secret
 from qwen_image_server.serving.generation import Generation
 from qwen_image_server.serving.job_registry import JobRegistry
@@ -74,9 +74,10 @@ def create_app(
     """Build the ASGI app: the front. The models load in the background once the server starts.
 
     By default the engines are processes, one per `WORKERS` (each on its own GPU), restarted when
-    they die. `engines` gives other engine factories run the same way (restarted when they fail);
-    `engine_factory` gives one engine run in this process, as the CLI, each Ray replica and most
-    tests do (a failed device then ends the process, for its manager to start a fresh one).
+    they die or hang past a batch deadline. `engines` gives other engine factories run the same
+    way (restarted when they fail); `engine_factory` gives one engine run in this process, as each
+    Ray replica and most tests do (a failed device or a hung batch then ends the process, for its
+    manager to start a fresh one).
     Raises ConfigurationError (one line) for settings that cannot work on this machine.
 
     `replica` names this app among the replicas of a scaled-out deployment (`launch/ray_app.py`): it
@@ -113,6 +114,7 @@ def create_app(
         observer=SchedulerMetrics(metrics, queue_length),
         id_prefix=id_prefix(replica),
         restart=restart,
+        watchdog=WatchdogConfig.from_settings(settings),
     )
     metrics.watch_engines(scheduler)
     metrics.watch_output_disk(settings.output_dir)

@@ -43,7 +43,9 @@ LOW_DISK = "low disk space"  # the output folder's disk is below QWEN_IMAGE_MIN_
 
 @router.get("/health", response_model=HealthResponse, tags=["server"])
 async def health(ctx: Ctx, response: Response) -> HealthResponse:
-    """Liveness: healthy unless no engine can serve any more (then 503 while the process exits)."""
+    """Liveness: healthy unless no engine can serve any more (then 503 while the process exits).
+    An engine restarting (after a hung batch or a crash) leaves it healthy, with the reason: the
+    server recovers by itself, and a restart of the whole process would not be quicker."""
     dead = ctx.scheduler.dead
     if dead:
         response.status_code = 503
@@ -53,6 +55,7 @@ async def health(ctx: Ctx, response: Response) -> HealthResponse:
         device=ctx.device.type,
         gpu=ctx.device.gpu,
         cuda_version=ctx.device.cuda_version,
+        reason=ctx.scheduler.trouble,
     )
 
 
@@ -60,10 +63,11 @@ async def health(ctx: Ctx, response: Response) -> HealthResponse:
             tags=["server"])
 async def ready(ctx: Ctx) -> JSONResponse:
     """Readiness: 200 only when the model is loaded, the server takes new work, and the output
-    folder's disk has its reserve of free space."""
+    folder's disk has its reserve of free space; else 503 with the reason (an engine restarting
+    after a hung batch, for one)."""
     s = ctx.scheduler
-    reason = (ENGINE_FAILED if s.dead else SHUTTING_DOWN if s.draining
-              else MODEL_LOADING if not s.serving else None)
+    reason = ((s.trouble or ENGINE_FAILED) if s.dead else SHUTTING_DOWN if s.draining
+              else (s.trouble or MODEL_LOADING) if not s.serving else None)
     # On a worker thread, not the CPU pool: a probe must not wait behind image encoding.
     if reason is None and await anyio.to_thread.run_sync(ctx.generation.output.low_on_space):
         reason = LOW_DISK

@@ -197,6 +197,13 @@ class Settings(BaseSettings):
     engine_restart_attempts: int = Field(
         5, ge=1, description="Failed loads in a row after which an engine process is given up.",
     )
+    batch_timeout_s: float | None = Field(
+        None, ge=0, description="Seconds a batch may run before its engine counts as hung: an engine "
+        "process is killed and restarted and the batch retried once (a job that hangs twice gets 500 "
+        "engine_timeout); an engine in the server's process (Ray) fails its batch and the process exits. "
+        "Unset: from the batch's steps and size and the slowest step timed (at least 60 s, 300 s with "
+        "COMPILE, 10 min for the first batch, +10 min for a LoRA's first use). 0: no watchdog.",
+    )
 
     # -- results, limits and access ---------------------------------------------------------
     result_ttl_s: float = Field(

@@ -2,7 +2,7 @@
 
 An engine is anything that runs a batch of specs and can free device memory (`Engine`): the
 in-process `ModelSet`, the front's `EngineProcess` proxy, a test's fake. Engines in another process
-can also be watched and closed (`Supervised`). Everything else the front reads of an engine (its
+can also be watched, closed and killed (`Supervised`). Everything else the front reads of an engine (its
 models, LoRA library, GPU, process, memory) is one `EngineFacts` value, read through `facts_of`,
 so that an engine without facts (a fake) is simply an engine with empty ones.
 
@@ -41,7 +41,8 @@ class Engine(Protocol):
 
 @runtime_checkable
 class Supervised(Protocol):
-    """What an engine in another process adds: a way to hear at once that it ended."""
+    """What an engine in another process adds: a way to hear at once that it ended, and to end
+    it, gently or (a hung one) at once."""
 
     def on_exit(self, callback: Callable[[], None]) -> None:
         """Call `callback` (from any thread) when the engine's process ends."""
@@ -49,6 +50,11 @@ class Supervised(Protocol):
 
     def close(self) -> None:
         """Stop the engine (its process) and release it."""
+        ...
+
+    def kill(self) -> None:
+        """Kill the engine's process now, from any thread, even mid-batch: the batch then fails
+        as for any engine that died (`EngineLost`)."""
         ...
 
 

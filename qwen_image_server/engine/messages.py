@@ -1,9 +1,14 @@
 """What crosses the pipe between the front and an engine process, one small type per message.
 
-    front -> engine   Run(specs)  Abort()  Free()  Stop()
+    front -> engine   Run(number, specs)  Abort()  Free(number)  Stop()
     engine -> front   Ready(models, memory, loras)  LoadFailed(failure)
-                      Step(event)  LorasChanged(state)  Done(images, memory)  Aborted()
-                      Failed(failure)  Freed()
+                      Step(number, event)  LorasChanged(state)  Done(number, images, memory)
+                      Aborted(number)  Failed(number, failure)  Freed(number)
+
+Every command the front waits on carries a number, and every answer the number of the command
+it answers, so the front can never take one command's answer (a batch's images) for another's.
+A message the front cannot read, or one it does not expect, means the two sides no longer agree
+(another version of the code, say): the front kills the engine (`EngineProcess`).
 
 Messages are pickled as they are: specs and step events are frozen dataclasses, images PIL images
 (their raw pixels), a LoRA library's state a `LoraState`. An error crosses as a `Failure`: its
@@ -76,6 +81,7 @@ class Failure:
 
 @dataclass(frozen=True, slots=True)
 class Run:
+    number: int
     specs: list[GenerationSpec]
 
 
@@ -87,6 +93,8 @@ class Abort:
 @dataclass(frozen=True, slots=True)
 class Free:
     """Release cached device memory (after an out-of-memory error)."""
+
+    number: int
 
 
 @dataclass(frozen=True, slots=True)
@@ -113,6 +121,7 @@ class LoadFailed:
 
 @dataclass(frozen=True, slots=True)
 class Step:
+    number: int
     event: StepEvent
 
 
@@ -125,6 +134,7 @@ class LorasChanged:
 
 @dataclass(frozen=True, slots=True)
 class Done:
+    number: int
     images: list[Image.Image]
     memory: dict[str, float] | None
 
@@ -133,20 +143,24 @@ class Done:
 class Aborted:
     """The batch stopped at a step, as asked."""
 
+    number: int
+
 
 @dataclass(frozen=True, slots=True)
 class Failed:
+    number: int
     failure: Failure
 
 
 @dataclass(frozen=True, slots=True)
 class Freed:
-    pass
+    number: int
 
 
 FromEngine = Ready | LoadFailed | Step | LorasChanged | Done | Aborted | Failed | Freed
 
 
 def describe(message: Any) -> str:
-    """A message's name, for the error about one that came at the wrong time."""
-    return type(message).__name__
+    """A message's name (and number), for the error about one that came at the wrong time."""
+    number = getattr(message, "number", None)
+    return type(message).__name__ + ("" if number is None else f" #{number}")

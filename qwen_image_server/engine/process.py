@@ -21,13 +21,18 @@ checked before queueing, listed and reported in job statuses as with the in-proc
 The front notices a dead engine at once: every wait also watches the process's sentinel
 (`EngineLost`), and `on_exit` watches it while the engine is idle. An engine notices a dead front
 the same way: its end of the pipe reads end-of-file, and it exits, even mid-batch (after a
-kill -9 of the front too). Engines ignore SIGINT and SIGTERM: a Ctrl+C or a SIGTERM to the whole
-process group reaches the front, which drains and then stops its engines.
+kill -9 of the front too). An engine that sends what the front cannot read or does not expect (an
+answer to another command; a message of another version of the code) is killed, and lost as a
+dead one is: it may still be running a batch whose answers could never be placed. So is one
+whose batch hangs past its deadline (the scheduler's watchdog calls `kill`). Engines ignore
+SIGINT and SIGTERM: a Ctrl+C or a SIGTERM to the whole process group reaches the front, which
+drains and then stops its engines.
 """
 
 from __future__ import annotations
 
 import contextlib
+import itertools
 import logging
 import multiprocessing
 import os
@@ -95,6 +100,7 @@ def _engine_context() -> multiprocessing.context.ForkServerContext | multiproces
 
 
 _CONTEXT = _engine_context()
+_ANSWERS = (Step, Done, Aborted, Failed, Freed)  # what answers a numbered command
 _STOP_TIMEOUT_S = 10.0
 
 
@@ -198,8 +204,10 @@ def engine_main(conn: Connection, settings: Settings, gpu: int | None, loader: L
     if library is not None:
         library.on_change = send_loras
 
+    number = 0  # of the batch running
+
     def on_step(event: StepEvent) -> None:
-        conn.send(Step(event))
+        conn.send(Step(number, event))
         if abort.is_set():
             raise BatchAborted
 
@@ -209,26 +217,27 @@ def engine_main(conn: Connection, settings: Settings, gpu: int | None, loader: L
             _exit()
         if isinstance(command, Free):
             engine.free_memory()
-            conn.send(Freed())
+            conn.send(Freed(command.number))
             continue
         assert isinstance(command, Run)
+        number = command.number
         abort.clear()
         try:
             images = engine.run_batch(command.specs, on_step)
         except BatchAborted:
             send_loras()
-            conn.send(Aborted())
+            conn.send(Aborted(number))
             continue
         except BaseException as exc:  # every failure goes back to the front
             if not isinstance(exc, (DeviceOutOfMemory, DeviceFailure, errors.ServerError)):
                 log.exception("batch failed in the engine process")
             send_loras()  # before the error: the front's next check sees an unusable mark
-            conn.send(Failed(Failure.of(exc)))
+            conn.send(Failed(number, Failure.of(exc)))
             if isinstance(exc, DeviceFailure):
                 _exit()  # the device is unusable: the front starts a fresh process
             continue
         send_loras()
-        conn.send(Done(images, _memory()))
+        conn.send(Done(number, images, _memory()))
 
 
 def _exit() -> None:
@@ -252,18 +261,22 @@ class EngineProcess:
         self._library = loras if loras is not None else LoraLibrary.from_settings(settings)
         self._has_loras = False  # the engine has a library (else it serves no LoRAs)
         self._lock = threading.Lock()  # one command at a time
+        self._numbers = itertools.count(1)  # of the commands answered (Run, Free)
         self._conn, child = _CONTEXT.Pipe()
         self._process = _CONTEXT.Process(target=engine_main, args=(child, settings, gpu, loader),
                                          name=f"qwen-image-engine-{index}", daemon=True)
         self._process.start()
         child.close()  # only the engine holds its end: its death reads as end-of-file here
         self.pid = self._process.pid
-        message = self._receive()
-        if isinstance(message, LoadFailed):
-            self.close()
-            raise message.failure.rebuild()
-        if not isinstance(message, Ready):
-            raise RuntimeError(f"engine {index} sent {describe(message)} instead of Ready")
+        try:
+            message = self._receive()
+            if isinstance(message, LoadFailed):
+                raise message.failure.rebuild()
+            if not isinstance(message, Ready):
+                raise self._broken(f"sent {describe(message)} instead of Ready")
+        except BaseException:
+            self.close()  # a loaded engine must not hold its GPU for nobody
+            raise
         self._models = tuple(message.models)
         self._memory = message.memory
         if message.loras is not None:
@@ -285,10 +298,11 @@ class EngineProcess:
 
     def run_batch(self, specs: Sequence[GenerationSpec], on_step: StepCallback) -> list[Image.Image]:
         with self._lock:
-            self._send(Run(list(specs)))
+            number = next(self._numbers)
+            self._send(Run(number, list(specs)))
             failure: BaseException | None = None  # what the front's step callback raised
             while True:
-                message = self._receive()
+                message = self._answer(number)
                 if isinstance(message, Step):
                     if failure is None:
                         try:
@@ -308,13 +322,15 @@ class EngineProcess:
                     if failure is not None:
                         raise failure
                     raise message.failure.rebuild()
-                raise RuntimeError(f"engine {self.index} sent {describe(message)} during a batch")
+                raise self._broken(f"sent {describe(message)} during batch #{number}")
 
     def free_memory(self) -> None:
         with self._lock:
-            self._send(Free())
-            while not isinstance(self._receive(), Freed):
-                pass
+            number = next(self._numbers)
+            self._send(Free(number))
+            message = self._answer(number)
+            if not isinstance(message, Freed):
+                raise self._broken(f"sent {describe(message)} instead of Freed #{number}")
 
     # -- supervision ---------------------------------------------------------------------------
 
@@ -326,6 +342,10 @@ class EngineProcess:
             callback()
 
         threading.Thread(target=watch, name=f"qwen-image-engine-{self.index}-watch", daemon=True).start()
+
+    def kill(self) -> None:
+        """Kill the engine process now (its batch hung): a waiting `run_batch` raises EngineLost."""
+        self._process.kill()
 
     def close(self) -> None:
         """Ask the engine to stop; kill it if it does not within a few seconds."""
@@ -347,6 +367,13 @@ class EngineProcess:
         except OSError as exc:
             raise self._lost() from exc
 
+    def _answer(self, number: int) -> FromEngine:
+        """The engine's next message, which must answer command `number`."""
+        message = self._receive()
+        if not isinstance(message, _ANSWERS) or message.number != number:
+            raise self._broken(f"sent {describe(message)} while the front waited on command #{number}")
+        return message
+
     def _receive(self) -> FromEngine:
         """The engine's next message; its LoRA states are imported on the way, wherever they come."""
         while True:
@@ -363,8 +390,19 @@ class EngineProcess:
                 message: FromEngine = self._conn.recv()
             except (EOFError, OSError) as exc:
                 raise self._lost() from exc
+            except Exception as exc:  # it could not be unpickled: another version of the code, say
+                raise self._broken(f"sent a message the front cannot read ({type(exc).__name__}: {exc})") from exc
             return message
         raise self._lost()
+
+    def _broken(self, what: str) -> EngineLost:
+        """The engine broke the protocol: it is killed, as it may still be running a batch whose
+        answers no command could be matched with. Its batch fails as for any lost engine."""
+        log.error("engine %d (process %s) %s; killing it", self.index, self.pid, what)
+        self._library.forget_engine(self.index)
+        self._process.kill()
+        self._process.join(_STOP_TIMEOUT_S)
+        return EngineLost(f"engine {self.index} (process {self.pid}) {what}; it was killed")
 
     def _lost(self) -> EngineLost:
         self._library.forget_engine(self.index)

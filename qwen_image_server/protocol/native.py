@@ -95,6 +95,9 @@ class HealthResponse(BaseModel):
     device: str
     gpu: str | None = Field(description="GPU name; null on CPU.")
     cuda_version: str | None = Field(description="CUDA runtime version; null without CUDA.")
+    reason: str | None = Field(
+        None, description="What is wrong, if anything: an engine restarting (after a hung batch or a crash; "
+        "the server stays healthy meanwhile), or why no engine can serve any more.")
 
 
 class ReadyResponse(BaseModel):

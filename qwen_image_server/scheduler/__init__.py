@@ -1,7 +1,8 @@
 """The scheduler: one bounded queue in front of the engines (`core.py` states its rules).
 
-`queue.py` is the batching policy, `execute.py` runs a batch, `slots.py` supervises the engines,
-`jobs.py` keeps the books; `Scheduler` is the face the rest of the server uses.
+`queue.py` is the batching policy, `watchdog.py` the batch deadlines, `execute.py` runs a batch,
+`slots.py` supervises the engines, `jobs.py` keeps the books; `Scheduler` is the face the rest of
+the server uses.
 """
 
 from qwen_image_server.scheduler.core import Scheduler, SchedulerStats
@@ -13,6 +14,7 @@ from qwen_image_server.scheduler.jobs import (
 )
 from qwen_image_server.scheduler.queue import BatchQueue, SchedulerConfig
 from qwen_image_server.scheduler.slots import RestartPolicy, SlotState, SlotStats
+from qwen_image_server.scheduler.watchdog import WatchdogConfig
 
 __all__ = ["BatchQueue", "Job", "JobListener", "JobResult", "RestartPolicy", "Scheduler", "SchedulerConfig",
-           "SchedulerObserver", "SchedulerStats", "SlotState", "SlotStats"]
+           "SchedulerObserver", "SchedulerStats", "SlotState", "SlotStats", "WatchdogConfig"]

@@ -20,6 +20,14 @@ below hold across engines:
   at the next step boundary when every job in it is cancelled (raising from the step callback,
   so the VAE decode is skipped too).
 * **Deadlines.** A job still queued after `queue_timeout_s` fails with `QueueTimeout` (504).
+* **Watchdog.** Given a `WatchdogConfig`, each batch gets a deadline when it starts, from its
+  steps and size and the slowest step seen on its slot, or the operator's fixed one
+  (`watchdog.py`). Past it the engine counts as hung. With restartable slots an engine process
+  is killed, and its batch fails as under any engine that died (below): a job whose engine fails
+  a second time fails with `EngineTimeout` (500, code `engine_timeout`) when that second failure
+  was a hang. An engine in this process cannot be killed (nor one without a restart policy): its
+  batch fails with `EngineDead` (503, code `engine_timeout`) and the scheduler is dead
+  (`on_fatal`: a fresh process is the cure). While a slot restarts its engine, `trouble` says why.
 * **Failure isolation.** An exception fails only its batch. Out of memory: free, retry the jobs
   one by one, then `OutOfMemory`. A device failure marks the engine dead and calls `on_fatal`,
   unless the slots are restartable (`RestartPolicy`, engine processes): then the slot's batch goes
@@ -28,11 +36,12 @@ below hold across engines:
   with backoff; the scheduler is dead only when no slot can be restarted.
 
 Who does what: `queue.py` is the batching policy (which jobs run next, who may join, who waited
-too long), `dispatch.py` gives idle slots their batches and handles an engine that fails under
-one, `execute.py` runs one batch and ends its jobs, `slots.py` loads, feeds and restarts the
-engines, `jobs.py` keeps the books (how jobs end, who hears it). This module holds the one lock
-they all work under, and the public face: check_room, submit, cancel, listen, stats, drain and
-stop.
+too long), `watchdog.py` the batch deadlines, `dispatch.py` gives idle slots their batches and
+handles an engine that fails under one or hangs, `execute.py` runs one batch and ends its jobs,
+`slots.py` loads, feeds and restarts the engines, `jobs.py` keeps the books (how jobs end, who
+hears it). This module holds the one lock they all work under, the thread that watches the
+deadlines (queued jobs' and running batches'), and the public face: check_room, submit, cancel,
+listen, stats, drain and stop.
 """
 
 from __future__ import annotations
@@ -64,6 +73,7 @@ from qwen_image_server.scheduler.slots import (
     SlotStats,
     SlotSupervisor,
 )
+from qwen_image_server.scheduler.watchdog import BatchHung, WatchdogConfig
 
 log = logging.getLogger(__name__)
 
@@ -96,6 +106,7 @@ class Scheduler:
         observer: SchedulerObserver | None = None,
         id_prefix: str = "",
         restart: RestartPolicy | None = None,
+        watchdog: WatchdogConfig | None = None,
     ) -> None:
         factories = [engine_factory] if callable(engine_factory) else list(engine_factory)
         if not factories:
@@ -112,7 +123,8 @@ class Scheduler:
         runner = BatchRunner(self._book, stopping=lambda: self._state.stopping, retry_after=self.retry_after,
                              clock=clock)
         dispatcher = Dispatcher(self._cond, self._queue, self._book, runner, self._state, clock, restart,
-                                die=self._die, announce=self._announce_positions)
+                                die=self._die, announce=self._announce_positions, watchdog=watchdog)
+        self._dispatcher = dispatcher
         self._slots = [EngineSlot(i, factory) for i, factory in enumerate(factories)]
         self._supervisor = SlotSupervisor(
             self._slots, self._cond, restart, clock, ended=lambda: self._state.ended,
@@ -173,6 +185,17 @@ class Scheduler:
     def ready(self) -> bool:
         """An engine serves, nothing is dead, and new work is taken."""
         return self.serving and not self.dead and not self._state.draining
+
+    @property
+    def trouble(self) -> str | None:
+        """What is wrong with the engines, in a few words: none can serve any more, or one is
+        restarting (after a hung batch, or a crash). None while nothing is (a first load is not)."""
+        with self._cond:
+            if self._state.dead is not None:
+                return ("engine failed: a batch hung past its deadline" if isinstance(self._state.dead, BatchHung)
+                        else "engine failed")
+            cause = next((slot.restart_cause for slot in self._slots if slot.restart_cause), None)
+            return None if cause is None else f"engine restarting after {cause}"
 
     def begin_drain(self) -> None:
         """Refuse new jobs from now on; queued and running ones carry on."""
@@ -348,7 +371,8 @@ class Scheduler:
         facts = facts_of(slot.engine)
         return SlotStats(index=slot.index, state=slot.state, gpu=facts.gpu, pid=facts.pid,
                          running_batch_size=len(slot.running), batches=slot.batches,
-                         restarts=slot.restarts, memory=facts.memory)
+                         restarts=slot.restarts, memory=facts.memory,
+                         batch_deadline_s=None if slot.watch is None else slot.watch.allowance_s)
 
     def retry_after(self) -> int:
         """Seconds until a slot is likely free, from recent job times and the work ahead."""
@@ -374,10 +398,14 @@ class Scheduler:
     # -- deadlines --------------------------------------------------------------------------
 
     def _reap(self) -> None:
+        """The deadline thread: fail queued jobs that waited too long, and hand running batches
+        past their deadline to the watchdog (`Dispatcher.engine_hung`)."""
         with self._cond:
             while not self._state.stopping and self._state.dead is None:
-                expired = self._queue.expired(self._clock())
-                if expired:
+                now = self._clock()
+                expired = self._queue.expired(now)
+                hung = self._dispatcher.overdue_locked(self._slots, now)
+                if expired or hung:
                     self._book.counts["timed_out"] += len(expired)
                     self._cond.notify_all()
                     self._cond.release()
@@ -385,12 +413,16 @@ class Scheduler:
                         for job in expired:
                             self._book.finish_error(job, errors.QueueTimeout(
                                 f"The job waited more than {self.config.queue_timeout_s:g} s in the queue."))
-                        self._announce_positions()
+                        if expired:
+                            self._announce_positions()
+                        for slot in hung:
+                            self._dispatcher.engine_hung(slot)
                     finally:
                         self._cond.acquire()
                     continue
-                nearest = self._queue.nearest_deadline()
-                self._cond.wait(None if nearest is None else max(0.0, nearest - self._clock()))
+                deadlines = [d for d in (self._queue.nearest_deadline(),
+                                         self._dispatcher.next_deadline_locked(self._slots)) if d is not None]
+                self._cond.wait(max(0.0, min(deadlines) - self._clock()) if deadlines else None)
 
     def _announce_positions(self) -> None:
         """Tell every waiting job's listeners that the queue moved ("queued" with a new position)."""

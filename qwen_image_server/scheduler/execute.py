@@ -9,6 +9,8 @@ job at a time, and how each kind of failure ends its jobs.
   exception fails the batch with `InferenceFailed`, and the server keeps serving.
 * The batch stops at the next step when every job in it was cancelled, or the scheduler stops
   (`BatchAborted`, raised from the step callback, so the VAE decode is skipped too).
+* The time between step events is measured and reported (`paced`): the watchdog's batch
+  deadlines come from it.
 """
 
 from __future__ import annotations
@@ -26,6 +28,7 @@ from qwen_image_server.engine.types import (
 )
 from qwen_image_server.job_state import JobEvent
 from qwen_image_server.scheduler.jobs import Job, JobBook, JobResult
+from qwen_image_server.scheduler.watchdog import StepTimer
 
 log = logging.getLogger(__name__)
 
@@ -40,12 +43,13 @@ class BatchRunner:
         self._retry_after = retry_after  # for OutOfMemory's Retry-After
         self._clock = clock
 
-    def run(self, engine: Engine, batch: list[Job]) -> None:
-        """Run `batch`, retrying it one job at a time if the device runs out of memory."""
+    def run(self, engine: Engine, batch: list[Job], paced: Callable[[float], None] | None = None) -> None:
+        """Run `batch`, retrying it one job at a time if the device runs out of memory. `paced`
+        hears how fast its steps run (seconds per step per megapixel), step by step."""
         # Memory is freed and jobs retried only after leaving each `except` block: while it runs,
         # the exception's traceback holds the failed call's frames and their device tensors, so
         # freeing there would free nothing.
-        if not self._ran_out_of_memory(engine, batch):
+        if not self._ran_out_of_memory(engine, batch, paced):
             return
         engine.free_memory()
         if len(batch) == 1:
@@ -57,7 +61,7 @@ class BatchRunner:
             if job.cancel_requested:
                 self._book.finish_error(job, errors.JobCancelled("The job was cancelled."))
                 continue
-            if self._ran_out_of_memory(engine, [job]):
+            if self._ran_out_of_memory(engine, [job], paced):
                 engine.free_memory()
                 self._fail_oom(job)
 
@@ -67,19 +71,23 @@ class BatchRunner:
             return errors.ShuttingDown("The server shut down before this job finished.")
         return errors.JobCancelled("The job was cancelled.")
 
-    def _ran_out_of_memory(self, engine: Engine, batch: list[Job]) -> bool:
+    def _ran_out_of_memory(self, engine: Engine, batch: list[Job], paced: Callable[[float], None] | None) -> bool:
         """Run `batch` once; True when the device ran out of memory (its jobs are not finished)."""
         try:
-            self._run_once(engine, batch)
+            self._run_once(engine, batch, paced)
         except DeviceOutOfMemory:
             return True
         return False
 
-    def _run_once(self, engine: Engine, batch: list[Job]) -> None:
+    def _run_once(self, engine: Engine, batch: list[Job], paced: Callable[[float], None] | None) -> None:
         """One pipeline call for `batch`; completes every job in it unless the device fails."""
         book = self._book
+        timer = StepTimer([job.spec for job in batch], self._clock)
 
         def on_step(event: StepEvent) -> None:
+            rate = timer.step(event.step)
+            if rate is not None and paced is not None:
+                paced(rate)
             for index, job in enumerate(batch):
                 job.step, job.total_steps = event.step, event.total
                 book.emit(job, JobEvent.STEP)

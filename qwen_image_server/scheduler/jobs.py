@@ -54,6 +54,10 @@ class SchedulerObserver(Protocol):
     def engine_restarted(self, slot: int) -> None:
         """The engine of `slot` failed and a new one is being started."""
 
+    def engine_hung(self, slot: int) -> None:
+        """A batch ran past its deadline on the engine of `slot`, which is killed (or, in this
+        process, given up)."""
+
 
 @dataclass(eq=False)
 class Job:

@@ -4,7 +4,8 @@ Each slot's thread loads its engine, then takes batches from the scheduler whene
 idle and runs them. Without a restart policy (one engine in this process) a failed load or a
 failed device ends the scheduler. With one (engine processes) a slot whose engine failed starts a
 new one, after a backoff that doubles with each failure in a row; a slot whose engine fails to
-load `attempts` times in a row is given up, and the scheduler dies only when every slot is.
+load `attempts` times in a row is given up, and the scheduler dies only when every slot is. An
+engine whose batch ran past its deadline (`watchdog.py`) is killed, and fails as a dead one does.
 """
 
 from __future__ import annotations
@@ -19,6 +20,7 @@ from enum import Enum
 from qwen_image_server import errors
 from qwen_image_server.engine.contract import Engine, Supervised
 from qwen_image_server.scheduler.jobs import Job
+from qwen_image_server.scheduler.watchdog import BatchWatch
 
 log = logging.getLogger(__name__)
 
@@ -69,8 +71,20 @@ class EngineSlot:
     running: list[Job] = field(default_factory=list)
     batches: int = 0
     restarts: int = 0
-    lost: bool = False  # its engine process ended while the slot was idle
+    lost: bool = False  # its engine process ended while the slot was idle, or is being killed
     thread: threading.Thread | None = None
+    watch: BatchWatch | None = None  # the running batch's deadline (None: none, or no watchdog)
+    rate: float | None = None  # the slowest seconds per step per megapixel seen here (any engine)
+    warm: bool = False  # a batch ended here with `rate` known: no warm-up allowance any more
+    loras_run: set[str] = field(default_factory=set)  # LoRAs its engine has run (they are loaded)
+    hung: bool = False  # its engine was killed past a batch deadline (until a new one serves)
+
+    @property
+    def restart_cause(self) -> str | None:
+        """Why it is restarting its engine, in a few words (None unless restarting)."""
+        if self.state is not SlotState.RESTARTING:
+            return None
+        return "a hung batch" if self.hung else "an engine crash"
 
 
 @dataclass(frozen=True, slots=True)
@@ -83,6 +97,7 @@ class SlotStats:
     batches: int
     restarts: int
     memory: dict[str, float] | None = None  # GPU memory an engine process reported last
+    batch_deadline_s: float | None = None  # seconds its running batch may take (None: none, or no watchdog)
 
 
 class SlotSupervisor:
@@ -137,6 +152,7 @@ class SlotSupervisor:
                     ended = self._ended()
                     if not ended:
                         slot.engine, slot.lost, slot.state = engine, False, SlotState.IDLE
+                        slot.hung, slot.loras_run = False, set()
                         self._lock.notify_all()
                 if ended:
                     close(engine)
@@ -181,7 +197,8 @@ class SlotSupervisor:
             batch = self._take_batch(slot)
             if batch is None:
                 if slot.lost and self._restart is not None and not self._ended():
-                    log.error("engine %d ended while idle", slot.index)
+                    if not slot.hung:  # a hung one was killed: the watchdog said so
+                        log.error("engine %d ended while idle", slot.index)
                     return loss
                 return None
             if not self._execute(slot, engine, batch):
@@ -207,6 +224,20 @@ class SlotSupervisor:
         log.critical("engine %d could not be restarted; giving it up: %s", slot.index, exc)
         if not others:
             self._die(exc, errors.EngineDead("No engine could be restarted."))
+
+
+def killable(engine: Engine) -> bool:
+    """The engine has a process of its own: it can be killed, even in the middle of a batch."""
+    return isinstance(engine, Supervised)
+
+
+def kill(engine: Engine) -> None:
+    """Kill a `killable` engine at once (its running batch fails with EngineLost)."""
+    assert isinstance(engine, Supervised)
+    try:
+        engine.kill()
+    except Exception:  # already gone: its batch fails with EngineLost all the same
+        log.exception("killing engine failed")
 
 
 def close(engine: Engine) -> None:

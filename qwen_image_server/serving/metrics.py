@@ -137,6 +137,9 @@ class ServerMetrics:
         self.engine_restarts = Counter(
             "qwen_image_engine_restarts", "Engines started again after their process died, by engine.",
             ["engine"], registry=r)
+        self.engine_timeouts = Counter(
+            "qwen_image_engine_timeouts", "Batches that ran past their deadline, by engine: its engine "
+            "was killed (a process) or given up (in this process) as hung.", ["engine"], registry=r)
         self.engine_batches = Counter(
             "qwen_image_engine_batches", "Pipeline calls finished, by engine.", ["engine"], registry=r)
         self.engine_busy = Gauge(
@@ -185,6 +188,7 @@ class ServerMetrics:
         self._scheduler = scheduler
         for slot in scheduler.stats().engines:
             self.engine_restarts.labels(str(slot.index))
+            self.engine_timeouts.labels(str(slot.index))
             self.engine_batches.labels(str(slot.index))
 
     def watch_output_disk(self, folder: Path) -> None:
@@ -307,6 +311,9 @@ class SchedulerMetrics:
 
     def engine_restarted(self, slot: int) -> None:
         self.m.engine_restarts.labels(str(slot)).inc()
+
+    def engine_hung(self, slot: int) -> None:
+        self.m.engine_timeouts.labels(str(slot)).inc()
 
 
 def engine_memory(scheduler: Scheduler) -> list[dict[str, float]] | None:
