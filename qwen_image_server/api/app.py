@@ -47,6 +47,7 @@ from qwen_image_server.serving.lifecycle import Lifecycle
 from qwen_image_server.serving.metrics import SchedulerMetrics, ServerMetrics
 from qwen_image_server.serving.output_folder import sweep_periodically
 from qwen_image_server.serving.results import ResultStore
+from qwen_image_server.serving.webhooks import Webhooks, signing_secret
 
 log = logging.getLogger(__name__)
 
@@ -122,11 +123,13 @@ def create_app(
                               id_prefix=id_prefix(replica))
         generation = Generation(settings, device, scheduler, executor)
         jobs = JobRegistry(generation, results, settings.result_ttl_s, settings.max_stored_results,
-                           settings.max_subscribers_per_job)
+                           settings.max_subscribers_per_job, on_end=job_routes.announce_end(app))
         secret = (settings.files_secret.get_secret_value().encode("utf-8") if settings.files_secret
                   else await anyio.to_thread.run_sync(load_secret, settings.output_dir))
         files = FileLinks(secret, settings.file_link_ttl_s)
-        app.state.ctx = ServerContext(generation, lifecycle, results, jobs, files, replica=replica)
+        webhooks = Webhooks(settings, await anyio.to_thread.run_sync(signing_secret, settings), metrics.webhook_outcome)
+        app.state.ctx = ServerContext(generation, lifecycle, results, jobs, files, webhooks, replica=replica)
+        await webhooks.start()  # deliveries pending from before a restart resume now
         scheduler.start()
         sweeper: asyncio.Task[None] | None = None
         try:
@@ -144,6 +147,7 @@ def create_app(
                 sweeper.cancel()
             # By now the server has answered every in-flight request (or the drain timed out).
             await anyio.to_thread.run_sync(scheduler.shutdown, settings.drain_timeout_s)
+            await webhooks.stop()
             executor.shutdown(wait=True)
             log.info("stopped")
 

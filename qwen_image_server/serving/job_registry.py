@@ -69,6 +69,8 @@ class JobRecord:
     inference_time: float | None = None
     render_error: ErrorDetail | None = None  # the image was made but could not be rendered
     finished_monotonic: float | None = None
+    base_url: str | None = None  # of the request that created it: its links in a webhook
+    webhook_url: str | None = None  # where its end is POSTed
     subscribers: set[Subscriber] = field(default_factory=set)
     # The newest preview's encoding, shared by every subscriber and made once.
     _encoding: tuple[Preview, asyncio.Future[JobPreview]] | None = None
@@ -205,8 +207,9 @@ class JobRegistry:
     """Jobs by id, with TTL and a bound on finished ones (unfinished ones are bounded by the queue)."""
 
     def __init__(self, generation: Generation, results: ResultStore, ttl_s: float, max_finished: int,
-                 max_subscribers: int = 16) -> None:
+                 max_subscribers: int = 16, on_end: Callable[[JobRecord], Awaitable[None]] | None = None) -> None:
         self.generation = generation
+        self.on_end = on_end  # told of every job's end, once its final event is out (webhooks)
         self.results = results
         self.ttl_s = ttl_s
         self.max_finished = max_finished
@@ -214,13 +217,15 @@ class JobRegistry:
         self._records: OrderedDict[str, JobRecord] = OrderedDict()
         self._tasks: set[asyncio.Task[None]] = set()
 
-    async def start(self, prepared: Prepared[Any]) -> JobRecord:
+    async def start(self, prepared: Prepared[Any], base_url: str | None = None,
+                    webhook_url: str | None = None) -> JobRecord:
         """Queue the request's job and follow it to its end (a stored image, or an error)."""
         body = prepared.body
         assert isinstance(body, NativeImageFields), "a job's body says whether to overlay and save"
         [job] = await self.generation.submit(prepared)
         loop = asyncio.get_running_loop()
         record = JobRecord.create(job, body, loop)
+        record.base_url, record.webhook_url = base_url, webhook_url
         self._prune()
         self._records[job.id] = record
 
@@ -340,6 +345,8 @@ class JobRegistry:
         record.finished_monotonic = time.monotonic()
         record.settle()
         record.publish(JobEvent.entering(record.status), job.step)
+        if self.on_end is not None:
+            await self.on_end(record)
 
     def _prune(self) -> None:
         """Forget finished jobs past the TTL, then past `max_finished`: the owner with the most
