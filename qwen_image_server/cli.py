@@ -32,7 +32,7 @@ from qwen_image_server.config.checks import (
 from qwen_image_server.config.logs import configure_logging
 from qwen_image_server.config.lora_refs import is_valid_name, looks_like_path
 from qwen_image_server.config.presets import DEFAULT_ASPECT_RATIO, AspectRatio, Language
-from qwen_image_server.config.settings import Settings
+from qwen_image_server.config.settings import SECRET_SETTINGS, Settings
 from qwen_image_server.errors import ConfigurationError, ModelLoadError
 from qwen_image_server.protocol.common import (
     MASK_DESCRIPTION,
@@ -384,7 +384,8 @@ def main(argv: list[str] | None = None) -> int:
             if len(error["loc"]) < 2:  # a check across settings (e.g. two that exclude each other)
                 print(f"qwen-image: invalid settings: {error['msg']}.", file=sys.stderr)
                 continue
-            print(f"qwen-image: invalid setting {_setting_names(str(error['loc'][-1]))}: {error['msg']} "
-                  f"(got {error.get('input')!r}).", file=sys.stderr)
+            field = str(error["loc"][-1])
+            got = "" if field in SECRET_SETTINGS else f" (got {error.get('input')!r})"  # a secret is not echoed
+            print(f"qwen-image: invalid setting {_setting_names(field)}: {error['msg']}{got}.", file=sys.stderr)
         return 2
     return 0

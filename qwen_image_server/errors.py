@@ -96,6 +96,16 @@ class HostNotAllowed(InvalidRequest):
         super().__init__(message, param=param, code=code, retry_after=retry_after)
 
 
+class WebhookUrlNotAllowed(InvalidRequest):
+    """A job's webhook_url the server may not call: not http(s), or a host that is not public
+    (loopback, private, link-local, ...) and not in QWEN_IMAGE_WEBHOOK_ALLOWED_HOSTS, or a name
+    that does not resolve."""
+
+    def __init__(self, message: str, *, param: str | None = "webhook_url", code: str | None = "webhook_url_not_allowed",
+                 retry_after: float | None = None) -> None:
+        super().__init__(message, param=param, code=code, retry_after=retry_after)
+
+
 class NotFound(ServerError):
     status_code = 404
     type = "not_found"

@@ -262,7 +262,7 @@ def hold_engine(live: LiveServer) -> Iterator[EngineHook]:
 
 
 def tiny_settings(tmp_path: Path, **overrides) -> Settings:
-    """Settings for the embedded tiny model, output under tmp_path, nothing from the env.
+    """Settings for the embedded tiny model, output and state under tmp_path, nothing from the env.
 
     Batching is on (up to 4) although the CPU default is 1, so the tests exercise it."""
     values = dict(model="tiny", output_dir=tmp_path / "out", data_dir=tmp_path / "data", threads=2,

@@ -48,6 +48,7 @@ from qwen_image_server.serving.lifecycle import Lifecycle
 from qwen_image_server.serving.metrics import SchedulerMetrics, ServerMetrics
 from qwen_image_server.serving.output_folder import sweep_periodically
 from qwen_image_server.serving.results import ResultStore
+from qwen_image_server.serving.webhooks import Webhooks, signing_secret
 
 log = logging.getLogger(__name__)
 STORE_SWEEP_INTERVAL_S = 60.0  # how often jobs past their TTL leave the job store
@@ -128,11 +129,13 @@ def create_app(
         store = (AsyncJobStore(await anyio.to_thread.run_sync(SqliteJobStore, settings.data_dir))
                  if settings.store == "sqlite" else None)
         jobs = JobRegistry(generation, results, settings.result_ttl_s, settings.max_stored_results,
-                           settings.max_subscribers_per_job, store=store)
+                           settings.max_subscribers_per_job, store=store, on_end=job_routes.announce_end(app))
         secret = (settings.files_secret.get_secret_value().encode("utf-8") if settings.files_secret
                   else await anyio.to_thread.run_sync(load_secret, settings.output_dir))
         files = FileLinks(secret, settings.file_link_ttl_s)
-        app.state.ctx = ServerContext(generation, lifecycle, results, jobs, files, replica=replica)
+        webhooks = Webhooks(settings, await anyio.to_thread.run_sync(signing_secret, settings), metrics.webhook_outcome)
+        app.state.ctx = ServerContext(generation, lifecycle, results, jobs, files, webhooks, replica=replica)
+        await webhooks.start()  # deliveries pending from before a restart resume now
         scheduler.start()
         sweeper: asyncio.Task[None] | None = None
         expiry: asyncio.Task[None] | None = None
@@ -155,7 +158,8 @@ def create_app(
                     task.cancel()
             # By now the server has answered every in-flight request (or the drain timed out).
             await anyio.to_thread.run_sync(scheduler.shutdown, settings.drain_timeout_s)
-            await jobs.settled()  # every job's end is in the job store before it closes
+            await jobs.settled()  # every job's end is stored and announced before these close
+            await webhooks.stop()
             if store is not None:
                 await anyio.to_thread.run_sync(store.close)
             executor.shutdown(wait=True)

@@ -14,7 +14,14 @@ from pydantic import BaseModel, ValidationError
 
 from qwen_image_server import errors
 from qwen_image_server.protocol.common import UploadFields
-from qwen_image_server.protocol.native import EditForm, EditParameters, EditRequest
+from qwen_image_server.protocol.native import (
+    EditForm,
+    EditJobForm,
+    EditJobParameters,
+    EditJobRequest,
+    EditParameters,
+    EditRequest,
+)
 from qwen_image_server.serving.uploads import Upload, field_names
 
 FORM = "multipart/form-data"
@@ -51,6 +58,18 @@ def validated(model: type[M], data: dict[str, Any] | bytes) -> M:
 async def read_native_edit(request: Request) -> tuple[EditParameters, list[Upload], Upload | None]:
     """/edit's body, whichever way it came: the parameters (without the images), the images'
     bytes and the mask's."""
+    return await _read_edit(request, EditForm, EditRequest)
+
+
+async def read_edit_job(request: Request) -> tuple[EditJobParameters, list[Upload], Upload | None]:
+    """/v1/jobs/edit's body, as `read_native_edit` reads /edit's (the same, plus a webhook)."""
+    body, images, mask = await _read_edit(request, EditJobForm, EditJobRequest)
+    assert isinstance(body, EditJobParameters), "an edit job's form and JSON body give its parameters"
+    return body, images, mask
+
+
+async def _read_edit(request: Request, form_model: type[EditForm], json_model: type[EditRequest],
+                     ) -> tuple[EditParameters, list[Upload], Upload | None]:
     media_type = request.headers.get("content-type", "").split(";")[0].strip().lower()
     if media_type == FORM:
         # Every file part (those of unknown fields too) is closed before the request goes on:
@@ -61,13 +80,13 @@ async def read_native_edit(request: Request) -> tuple[EditParameters, list[Uploa
                                     if key not in ("image", "image[]")}
             data["image"] = form.getlist("image")
             data["image[]"] = form.getlist("image[]")
-            form_body = validated(EditForm, data)
+            form_body = validated(form_model, data)
             images, mask = await read_uploads(form_body)
         finally:
             await form.close()
         return form_body.parameters(), images, mask
     if media_type == JSON or media_type.endswith("+json"):
-        json_body = validated(EditRequest, await request.body())
+        json_body = validated(json_model, await request.body())
         names = field_names(len(json_body.images), "images")
         images = [Upload(name, text) for name, text in zip(names, json_body.images, strict=True)]
         mask = Upload("mask", json_body.mask) if json_body.mask is not None else None
@@ -77,13 +96,18 @@ async def read_native_edit(request: Request) -> tuple[EditParameters, list[Uploa
         f"{media_type or 'no Content-Type'}.", param="body", code="unsupported_media_type")
 
 
-# The request body /edit documents (it reads it itself, to take both kinds).
-NATIVE_EDIT_BODY = {
-    "requestBody": {
-        "required": True,
-        "content": {
-            FORM: {"schema": EditForm.model_json_schema(by_alias=True)},
-            JSON: {"schema": EditRequest.model_json_schema()},
-        },
+def edit_body(form_model: type[EditForm], json_model: type[EditRequest]) -> dict[str, Any]:
+    """The request body an edit route documents (it reads it itself, to take both kinds)."""
+    return {
+        "requestBody": {
+            "required": True,
+            "content": {
+                FORM: {"schema": form_model.model_json_schema(by_alias=True)},
+                JSON: {"schema": json_model.model_json_schema()},
+            },
+        }
     }
-}
+
+
+NATIVE_EDIT_BODY = edit_body(EditForm, EditRequest)
+EDIT_JOB_BODY = edit_body(EditJobForm, EditJobRequest)

@@ -17,6 +17,7 @@ from qwen_image_server.serving.generation import ClientGone, Generation
 from qwen_image_server.serving.job_registry import JobRegistry
 from qwen_image_server.serving.lifecycle import Lifecycle
 from qwen_image_server.serving.results import ResultStore
+from qwen_image_server.serving.webhooks import Webhooks
 
 
 @dataclass
@@ -26,6 +27,7 @@ class ServerContext:
     results: ResultStore
     jobs: JobRegistry
     files: FileLinks
+    webhooks: Webhooks
     replica: str | None = None  # this app's name among the replicas of a scaled-out deployment
 
     @property

@@ -14,6 +14,8 @@ import stat
 from pathlib import Path
 
 from fastapi import APIRouter, Request, Response
+from starlette.applications import Starlette
+from starlette.datastructures import URL
 
 from qwen_image_server import errors
 from qwen_image_server.api.context import Ctx, ServerContext, Who
@@ -40,10 +42,16 @@ async def get_file(name: str, ctx: Ctx, caller: Who, expires: int | None = None,
 
 def file_url(ctx: ServerContext, request: Request, file_path: str | None, owner: str | None) -> str | None:
     """The signed link to a saved file for its owner (None when nothing was saved)."""
+    return file_url_at(ctx, request.app, request.base_url, file_path, owner)
+
+
+def file_url_at(ctx: ServerContext, app: Starlette, base_url: str | URL, file_path: str | None,
+                owner: str | None) -> str | None:
+    """`file_url` for a request to `base_url` (the one that created a job, for its webhook)."""
     if file_path is None:
         return None
     name = Path(file_path).name
-    return f"{request.url_for('get_file', name=name)}?{ctx.files.query(name, owner)}"
+    return f"{app.url_path_for('get_file', name=name).make_absolute_url(base_url)}?{ctx.files.query(name, owner)}"
 
 
 def _missing(name: str) -> errors.NotFound:

@@ -7,17 +7,20 @@ stored, its events reach every subscriber) lives in `serving/job_registry.py`.
 from __future__ import annotations
 
 import logging
-from collections.abc import AsyncIterator
+from collections.abc import AsyncIterator, Awaitable, Callable
 from typing import Annotated
 
 from fastapi import APIRouter, Depends, Request, Response
 from fastapi.responses import JSONResponse
 from fastapi.sse import EventSourceResponse, ServerSentEvent
+from pydantic import HttpUrl
+from starlette.applications import Starlette
+from starlette.datastructures import URL
 
-from qwen_image_server.api.bodies import NATIVE_EDIT_BODY, read_native_edit
+from qwen_image_server.api.bodies import EDIT_JOB_BODY, read_edit_job
 from qwen_image_server.api.context import Ctx, ServerContext, Who
 from qwen_image_server.api.error_mapping import SAVE_ERROR_RESPONSES
-from qwen_image_server.api.file_routes import file_url
+from qwen_image_server.api.file_routes import file_url_at
 from qwen_image_server.protocol.common import ErrorResponse
 from qwen_image_server.protocol.native import (
     JobRequest,
@@ -45,32 +48,58 @@ def followed_record(record: Record, ctx: Ctx) -> JobRecord:
 
 
 def status_of(ctx: ServerContext, record: JobRecord, request: Request) -> JobStatus:
-    status = ctx.jobs.status(record, image_url(record, request))
-    status.file_url = file_url(ctx, request, status.file_path, record.owner)
+    return status_at(ctx, record, request.app, request.base_url)
+
+
+def status_at(ctx: ServerContext, record: JobRecord, app: Starlette, base_url: str | URL) -> JobStatus:
+    """The job's status with its links for a request to `base_url`."""
+    status = ctx.jobs.status(record, image_url(record, app, base_url))
+    status.file_url = file_url_at(ctx, app, base_url, status.file_path, record.owner)
     return status
 
 
-def image_url(record: JobRecord, request: Request) -> str:
-    return str(request.url_for("job_image", job_id=record.job.id))
+def image_url(record: JobRecord, app: Starlette, base_url: str | URL) -> str:
+    return str(app.url_path_for("job_image", job_id=record.job.id).make_absolute_url(base_url))
+
+
+def announce_end(app: Starlette) -> Callable[[JobRecord], Awaitable[None]]:
+    """What the job registry calls when a job ends: its webhook, with the status GET
+    /v1/jobs/{id} answers (links for the request that created the job)."""
+
+    async def ended(record: JobRecord) -> None:
+        if record.webhook_url is None or record.base_url is None:
+            return
+        ctx: ServerContext = app.state.ctx
+        await ctx.webhooks.job_ended(record.webhook_url, status_at(ctx, record, app, record.base_url))
+
+    return ended
 
 
 @router.post("", status_code=202, response_model=JobStatus,
              responses={**{s: {"model": ErrorResponse} for s in (400, 429, 503)}, **SAVE_ERROR_RESPONSES})
 async def create_job(body: JobRequest, request: Request, ctx: Ctx, caller: Who) -> JSONResponse:
-    """Queue a generation (/generate's body, plus `preview`) and return at once with its id."""
+    """Queue a generation (/generate's body, plus `preview` and `webhook_url`) and return at
+    once with its id."""
+    webhook = await ctx.webhooks.url_for(_text(body.webhook_url))
     prepared = await ctx.generation.prepare(body, "generate", preview=body.preview_plan(), caller=caller)
-    return _accepted(ctx, request, await ctx.jobs.start(prepared))
+    return _accepted(ctx, request, await ctx.jobs.start(prepared, str(request.base_url), webhook))
 
 
-@router.post("/edit", status_code=202, response_model=JobStatus, openapi_extra=NATIVE_EDIT_BODY,
+@router.post("/edit", status_code=202, response_model=JobStatus, openapi_extra=EDIT_JOB_BODY,
              responses={**{s: {"model": ErrorResponse} for s in (400, 404, 413, 429, 503)}, **SAVE_ERROR_RESPONSES})
 async def create_edit_job(request: Request, ctx: Ctx, caller: Who) -> JSONResponse:
-    """Queue an edit (same body as /edit: image files or base64 images, plus `preview`) and
-    return at once with its id; its progress and preview events are a generation's."""
-    body, images, mask = await read_native_edit(request)
+    """Queue an edit (same body as /edit: image files or base64 images, plus `preview` and
+    `webhook_url`) and return at once with its id; its progress and preview events are a
+    generation's."""
+    body, images, mask = await read_edit_job(request)
+    webhook = await ctx.webhooks.url_for(_text(body.webhook_url))
     prepared = await ctx.generation.prepare(body, "edit", model=body.model, images=images, mask=mask,
                                             preview=body.preview_plan(), caller=caller)
-    return _accepted(ctx, request, await ctx.jobs.start(prepared))
+    return _accepted(ctx, request, await ctx.jobs.start(prepared, str(request.base_url), webhook))
+
+
+def _text(url: HttpUrl | None) -> str | None:
+    return str(url) if url is not None else None
 
 
 def _accepted(ctx: ServerContext, request: Request, record: JobRecord) -> JSONResponse:
@@ -111,5 +140,5 @@ async def job_events(record: Annotated[JobRecord, Depends(followed_record)], req
     """Server-Sent Events: queued (position), started, step (each denoising step), preview (for
     jobs that asked: the image so far), then succeeded / failed / cancelled. The first event is
     the current state, followed by the newest preview if there is one."""
-    async for event, data in ctx.jobs.events(record, image_url(record, request)):
+    async for event, data in ctx.jobs.events(record, image_url(record, request.app, request.base_url)):
         yield ServerSentEvent(event=event.value, data=data.model_dump(mode="json"))

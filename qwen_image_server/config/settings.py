@@ -13,6 +13,7 @@ from typing import Annotated, Any, Literal, get_args
 from pydantic import (
     AliasChoices,
     Field,
+    HttpUrl,
     SecretBytes,
     SecretStr,
     ValidationError,
@@ -32,6 +33,7 @@ from qwen_image_server.config.lora_refs import parse_hub_loras
 from qwen_image_server.config.model_list import ModelRef, parse_model_list
 from qwen_image_server.config.origins import canonical_origin, check_host_pattern
 from qwen_image_server.config.presets import DEFAULT_ASPECT_RATIO, AspectRatio
+from qwen_image_server.config.webhooks import check_allowed_host, check_webhook_secret, without_credentials
 
 DeviceName = Literal["auto", "cuda", "cpu", "mps"]
 DtypeName = Literal["auto", "bfloat16", "float16", "float32"]
@@ -152,8 +154,8 @@ class Settings(BaseSettings):
 
     # -- output -----------------------------------------------------------------------------
     output_dir: Path = Field(Path("tmp"), description="Folder for save_to_file images, relative to the cwd.")
-    data_dir: Path = Field(Path("data"), description="Folder for the server's state: the job store, webhook "
-                           "deliveries, stored results.")
+    data_dir: Path = Field(
+        Path("data"), description="Folder for the server's state: the job store, webhook deliveries, stored results.")
     store: Literal["sqlite", "memory"] = Field(
         "sqlite", description="Where async jobs are kept: sqlite (a file in data_dir: jobs and their images "
         "survive a restart, unfinished ones run again) or memory (lost with the process).",
@@ -282,6 +284,30 @@ class Settings(BaseSettings):
         "at start), at most 10000, so that engines and files keep descriptors.",
     )
 
+    # -- webhooks (README "Webhooks") --------------------------------------------------------
+    webhook_url: HttpUrl | None = Field(
+        None, description="Where a job's end (succeeded, failed, cancelled) is POSTed when its request names "
+        "no webhook_url; unset: only jobs that name one.",
+    )
+    webhook_secret: SecretStr | None = Field(
+        None, description="Key that signs webhooks (Standard Webhooks: 'whsec_' and 24 to 64 random bytes in "
+        "base64); unset: a random one kept in the data folder (webhook-secret).",
+    )
+    webhook_allowed_hosts: Annotated[list[str], NoDecode] = Field(
+        default_factory=list,
+        description="Comma-separated host names, IP addresses or networks (10.0.0.0/8) webhooks may call "
+        "besides public addresses: loopback, private, link-local and other non-public addresses are refused "
+        "unless listed.",
+    )
+    webhook_timeout_s: float = Field(10.0, gt=0, description="How long one delivery try may take.")
+    webhook_backoff_s: float = Field(
+        1.0, gt=0, description="Wait before the first retry of a failed delivery; doubled for each failure "
+        "(up to 10 minutes, with jitter).",
+    )
+    webhook_retry_s: float = Field(
+        86400.0, gt=0, description="How long a delivery is retried before it is given up.",
+    )
+
     # -- Ray Serve: `serve --ray`, serve_config.yaml (pip install .[ray]; README "Scale-out") --
     ray_address: str | None = Field(
         None, description="Ray cluster to join ('auto', 'ray://head:10001'); unset: RAY_ADDRESS, a cluster "
@@ -326,11 +352,33 @@ class Settings(BaseSettings):
                 [item] if isinstance(item, SecretStr) else [k.strip() for k in str(item).split(",") if k.strip()])]
         return value
 
-    @field_validator("warmup_aspect_ratios", "quantize_skip", "allowed_origins", "allowed_hosts", mode="before")
+    @field_validator("warmup_aspect_ratios", "quantize_skip", "allowed_origins", "allowed_hosts",
+                     "webhook_allowed_hosts", mode="before")
     @classmethod
     def _split_lists(cls, value: object) -> object:
         if isinstance(value, str):
             return [part.strip() for part in value.split(",") if part.strip()]
+        return value
+
+    @field_validator("webhook_allowed_hosts")
+    @classmethod
+    def _webhook_hosts(cls, value: list[str]) -> list[str]:
+        return [check_allowed_host(entry) for entry in value]
+
+    _webhook_url = field_validator("webhook_url")(without_credentials)
+
+    @field_validator("webhook_secret", mode="before")
+    @classmethod
+    def _no_empty_secret(cls, value: object) -> object:
+        if isinstance(value, str):  # an empty variable: unset
+            return value.strip() or None
+        return value
+
+    @field_validator("webhook_secret")
+    @classmethod
+    def _webhook_secret(cls, value: SecretStr | None) -> SecretStr | None:
+        if value is not None:
+            check_webhook_secret(value.get_secret_value())
         return value
 
     @field_validator("metrics_key", mode="before")
@@ -403,7 +451,7 @@ class Settings(BaseSettings):
     # A validator of the values, not an assignment after validation: an assignment would count
     # the field as set, and a default then looks like a choice (a Ray replica's cache_dir would
     # be pinned to the home of the machine that built the application).
-    @field_validator("cache_dir", "output_dir", "lora_dir", "api_keys_file", "data_dir")
+    @field_validator("cache_dir", "output_dir", "data_dir", "lora_dir", "api_keys_file")
     @classmethod
     def _expand_user(cls, value: Path | None) -> Path | None:
         return value.expanduser() if value is not None else None

@@ -3,11 +3,12 @@ clients send and get back. Validation lives here and in `common.py`, nowhere els
 
 from __future__ import annotations
 
-from typing import Literal
+from typing import Literal, TypeVar
 
-from pydantic import BaseModel, ConfigDict, Field, field_validator
+from pydantic import BaseModel, ConfigDict, Field, HttpUrl, field_validator
 
 from qwen_image_server.config.presets import ASPECT_RATIOS, DEFAULT_ASPECT_RATIO, AspectRatio
+from qwen_image_server.config.webhooks import without_credentials
 from qwen_image_server.engine.types import PreviewMode, PreviewPlan
 from qwen_image_server.job_state import FINAL_STATES, JobState
 from qwen_image_server.protocol.common import (
@@ -54,8 +55,19 @@ class PreviewOptions(BaseModel):
         return PreviewPlan(self.preview, every=self.preview_every or DEFAULT_PREVIEW_EVERY[self.preview])
 
 
-class JobRequest(GenerateRequest, PreviewOptions):
-    """Body of POST /v1/jobs: /generate's, plus live previews."""
+class WebhookOptions(BaseModel):
+    """Where a job's end is announced (jobs only: a synchronous request answers with its image)."""
+
+    webhook_url: HttpUrl | None = Field(None, description=(
+        "Jobs: a URL that gets a POST when the job succeeds, fails or is cancelled (Standard Webhooks: "
+        "signed, retried until accepted with a 2xx). Public hosts only, unless the server's "
+        "QWEN_IMAGE_WEBHOOK_ALLOWED_HOSTS lists it; default: the server's QWEN_IMAGE_WEBHOOK_URL."))
+
+    _no_credentials = field_validator("webhook_url")(without_credentials)
+
+
+class JobRequest(GenerateRequest, PreviewOptions, WebhookOptions):
+    """Body of POST /v1/jobs: /generate's, plus live previews and a webhook."""
 
 
 class JobPreview(BaseModel):
@@ -291,8 +303,22 @@ class EditParameters(PreviewOptions, EditFields, NativeImageFields, PromptFields
     def parameters(self) -> EditParameters:
         """These parameters alone, as the client set them, without a subclass's images (a form's
         files, a JSON body's base64): what a request keeps once its images are read."""
-        fields = set(EditParameters.model_fields)
-        return EditParameters.model_validate(self.model_dump(include=fields, exclude_unset=True))
+        return _only(EditParameters, self)
+
+
+class EditJobParameters(EditParameters, WebhookOptions):
+    """/v1/jobs/edit's parameters besides the images: /edit's, plus a webhook."""
+
+    def parameters(self) -> EditJobParameters:
+        return _only(EditJobParameters, self)
+
+
+P = TypeVar("P", bound=BaseModel)
+
+
+def _only(model: type[P], body: BaseModel) -> P:
+    """`body`'s fields that `model` has, as the client set them."""
+    return model.model_validate(body.model_dump(include=set(model.model_fields), exclude_unset=True))
 
 
 class EditRequest(EditParameters):
@@ -309,3 +335,11 @@ class EditForm(UploadFields, EditParameters):
     """multipart/form-data body of POST /edit: the images as files (`image`, repeated, or `image[]`)."""
 
     model_config = ConfigDict(extra="ignore")
+
+
+class EditJobRequest(EditRequest, EditJobParameters):
+    """JSON body of POST /v1/jobs/edit: /edit's, plus a webhook."""
+
+
+class EditJobForm(EditForm, EditJobParameters):
+    """multipart/form-data body of POST /v1/jobs/edit: /edit's, plus a webhook."""

@@ -13,16 +13,16 @@ sharing the folder accept each other's links.
 from __future__ import annotations
 
 import base64
-import contextlib
 import hashlib
 import hmac
 import logging
-import os
 import secrets
 import time
 from collections.abc import Callable
 from pathlib import Path
 from urllib.parse import urlencode
+
+from qwen_image_server.serving.secret_file import keep_secret
 
 log = logging.getLogger(__name__)
 
@@ -58,22 +58,7 @@ def load_secret(folder: Path) -> bytes:
     one for this process alone when the folder cannot hold it (links then end with the process)."""
     path = folder / SECRET_FILE
     try:
-        folder.mkdir(parents=True, exist_ok=True)
-        if not path.exists():
-            # Written aside, then linked into place: a server starting at the same moment reads
-            # either no file or a whole one, and the first link wins.
-            tmp = folder / f"{SECRET_FILE}.{secrets.token_hex(8)}.tmp"
-            fd = os.open(tmp, os.O_WRONLY | os.O_CREAT | os.O_EXCL | getattr(os, "O_NOFOLLOW", 0), 0o600)
-            try:
-                with os.fdopen(fd, "wb") as fh:
-                    fh.write(secrets.token_urlsafe(48).encode("ascii"))
-                    fh.flush()
-                    os.fsync(fh.fileno())
-                with contextlib.suppress(FileExistsError):  # another server's key is as good
-                    os.link(tmp, path)
-            finally:
-                tmp.unlink(missing_ok=True)
-        secret = path.read_bytes().strip()
+        secret = keep_secret(path, lambda: secrets.token_urlsafe(48).encode("ascii"))
         if len(secret) < 32:
             raise OSError(f"{path} is shorter than 32 bytes")
         return secret

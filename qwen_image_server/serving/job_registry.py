@@ -37,7 +37,7 @@ from qwen_image_server.config.api_keys import ANONYMOUS, Caller
 from qwen_image_server.engine.types import EditSpec, GenerationSpec, Preview
 from qwen_image_server.job_state import JobEvent, JobState
 from qwen_image_server.protocol.common import ErrorDetail, NativeImageFields
-from qwen_image_server.protocol.native import EditParameters, JobPreview, JobProgress, JobRequest, JobStatus
+from qwen_image_server.protocol.native import EditJobParameters, JobPreview, JobProgress, JobRequest, JobStatus
 from qwen_image_server.scheduler import Job, JobResult
 from qwen_image_server.scheduler.jobs import final_state
 from qwen_image_server.serving.generation import Generation, Prepared
@@ -78,6 +78,8 @@ class JobRecord:
     finished_monotonic: float | None = None
     final: JobStatus | None = None  # a finished job read back from the job store: its status then
     final_media_type: str | None = None  # and its image's
+    base_url: str | None = None  # of the request that created it: its links in a webhook
+    webhook_url: str | None = None  # where its end is POSTed
     subscribers: set[Subscriber] = field(default_factory=set)
     # The newest preview's encoding, shared by every subscriber and made once.
     _encoding: tuple[Preview, asyncio.Future[JobPreview]] | None = None
@@ -235,8 +237,10 @@ class JobRegistry:
     """Jobs by id, with TTL and a bound on finished ones (unfinished ones are bounded by the queue)."""
 
     def __init__(self, generation: Generation, results: ResultStore, ttl_s: float, max_finished: int,
-                 max_subscribers: int = 16, store: AsyncJobStore | None = None) -> None:
+                 max_subscribers: int = 16, store: AsyncJobStore | None = None,
+                 on_end: Callable[[JobRecord], Awaitable[None]] | None = None) -> None:
         self.generation = generation
+        self.on_end = on_end  # told of every job's end, once its final event is out (webhooks)
         self.results = results
         self.store = store
         self.ttl_s = ttl_s
@@ -245,32 +249,37 @@ class JobRegistry:
         self._records: OrderedDict[str, JobRecord] = OrderedDict()
         self._tasks: set[asyncio.Task[None]] = set()
 
-    async def start(self, prepared: Prepared[Any]) -> JobRecord:
-        """Queue the request's job and follow it to its end (a stored image, or an error). With a
-        job store, the job is written there first: once this returns, a restart cannot lose it."""
+    async def start(self, prepared: Prepared[Any], base_url: str | None = None,
+                    webhook_url: str | None = None) -> JobRecord:
+        """Queue the request's job and follow it to its end (a stored image, or an error);
+        `base_url`: the creating request's (the job's links in its webhook), `webhook_url`: where
+        its end is POSTed. With a job store, the job is written there first: once this returns,
+        a restart cannot lose it."""
         body = prepared.body
         assert isinstance(body, NativeImageFields), "a job's body says whether to overlay and save"
         job_id = self.generation.scheduler.new_job_id()
         if self.store is None:
             [job] = await self.generation.submit(prepared, ids=[job_id])
-            return self._follow(job, body, time.time(), prepared.request_id)
+            return self._follow(job, body, time.time(), prepared.request_id, base_url, webhook_url)
         created_at = time.time()
         stored = StoredJob(id=job_id, owner=prepared.caller.id, task="edit" if prepared.inputs else "generate",
                            body=body.model_dump_json(), request_id=prepared.request_id, created_at=created_at,
-                           state=JobState.QUEUED, runs=0)
+                           state=JobState.QUEUED, runs=0, base_url=base_url, webhook_url=webhook_url)
         await self.store.call(self.store.store.add, stored, prepared.uploads, prepared.mask_upload)
         try:
             [job] = await self.generation.submit(prepared, ids=[job_id])
         except BaseException:
             await self.store.call(self.store.store.remove, job_id)
             raise
-        return self._follow(job, body, created_at, prepared.request_id)
+        return self._follow(job, body, created_at, prepared.request_id, base_url, webhook_url)
 
-    def _follow(self, job: Job, body: NativeImageFields, created_at: float, request_id: int) -> JobRecord:
+    def _follow(self, job: Job, body: NativeImageFields, created_at: float, request_id: int,
+                base_url: str | None, webhook_url: str | None) -> JobRecord:
         """Keep the record of a job just queued, and follow it to its end."""
         loop = asyncio.get_running_loop()
         record = JobRecord.create(job, body, loop)
         record.created_at = created_at
+        record.base_url, record.webhook_url = base_url, webhook_url
         self._prune()
         self._records[job.id] = record
         store = self.store
@@ -314,7 +323,7 @@ class JobRegistry:
                     "The server restarted twice while this job was running; it is not run again."))
                 continue
             [job] = await self.generation.submit(prepared, ids=[stored.id], readmit=True)
-            self._follow(job, body, stored.created_at, stored.request_id)
+            self._follow(job, body, stored.created_at, stored.request_id, stored.base_url, stored.webhook_url)
             queued += 1
         if queued:
             log.info("%d job%s from before the restart queued again", queued, "" if queued == 1 else "s")
@@ -324,7 +333,7 @@ class JobRegistry:
         """A stored job's request, prepared as it was (same parameters, seed, uploads, owner)."""
         caller = Caller(stored.owner) if stored.owner else ANONYMOUS
         if stored.task == "edit":
-            edit = EditParameters.model_validate_json(stored.body)
+            edit = EditJobParameters.model_validate_json(stored.body)
             assert self.store is not None
             images, mask = await self.store.call(self.store.store.uploads, stored.id)
             return await self.generation.prepare(edit, "edit", model=edit.model, images=images, mask=mask,
@@ -339,7 +348,7 @@ class JobRegistry:
                   id=stored.id, owner=stored.owner, state=JobState.FAILED,
                   total_steps=prepared.specs[0].num_inference_steps)
         job.future.set_exception(error)
-        self._follow(job, prepared.body, stored.created_at, stored.request_id)
+        self._follow(job, prepared.body, stored.created_at, stored.request_id, stored.base_url, stored.webhook_url)
 
     def status(self, record: JobRecord, image_url: str) -> JobStatus:
         """The job's status as its clients see it now (`image_url`: where its image will be)."""
@@ -470,6 +479,8 @@ class JobRegistry:
                 log.exception("job %s: writing its end to the job store failed", job.id)
         record.settle()
         record.publish(JobEvent.entering(record.status), job.step)
+        if self.on_end is not None:
+            await self.on_end(record)
 
     def unfinished_count(self) -> int:
         """Jobs followed here that have not ended (queued, running, or rendering)."""

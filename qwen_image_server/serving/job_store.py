@@ -52,6 +52,8 @@ class StoredJob:
     media_type: str | None = None  # its image's, once it succeeded
     expires_at: float | None = None  # unix time its record and image go, once it ended
     expired: bool = False  # past its TTL: only the id is left
+    base_url: str | None = None  # of the request that created it (its links in its webhook)
+    webhook_url: str | None = None  # where its end is POSTed
 
 
 class JobStore(Protocol):
@@ -86,13 +88,16 @@ CREATE TABLE IF NOT EXISTS jobs (
     uploads INTEGER NOT NULL DEFAULT 0,
     has_mask INTEGER NOT NULL DEFAULT 0,
     expires_at REAL,
-    expired INTEGER NOT NULL DEFAULT 0
+    expired INTEGER NOT NULL DEFAULT 0,
+    base_url TEXT,
+    webhook_url TEXT
 );
 CREATE INDEX IF NOT EXISTS jobs_unfinished ON jobs (state) WHERE state IN ('queued', 'running');
 CREATE INDEX IF NOT EXISTS jobs_expiry ON jobs (expires_at);
 """
 
-_COLUMNS = "id, owner, task, body, request_id, created_at, state, runs, status, media_type, expires_at, expired"
+_COLUMNS = ("id, owner, task, body, request_id, created_at, state, runs, status, media_type, expires_at, expired, "
+            "base_url, webhook_url")
 
 
 class SqliteJobStore:
@@ -124,10 +129,10 @@ class SqliteJobStore:
             if mask is not None:
                 _write(folder / "mask", mask)
         self._db.execute(
-            "INSERT INTO jobs (id, owner, task, body, request_id, created_at, state, runs, uploads, has_mask) "
-            "VALUES (?, ?, ?, ?, ?, ?, ?, ?, ?, ?)",
+            "INSERT INTO jobs (id, owner, task, body, request_id, created_at, state, runs, uploads, has_mask, "
+            "base_url, webhook_url) VALUES (?, ?, ?, ?, ?, ?, ?, ?, ?, ?, ?, ?)",
             (job.id, job.owner, job.task, job.body, job.request_id, job.created_at, job.state.value, job.runs,
-             len(uploads), int(mask is not None)))
+             len(uploads), int(mask is not None), job.base_url, job.webhook_url))
 
     def remove(self, job_id: str) -> None:
         """Forget a job that was never queued after all (the queue refused it)."""
@@ -197,10 +202,11 @@ class SqliteJobStore:
 
 
 def _job(row: tuple[Any, ...]) -> StoredJob:
-    job_id, owner, task, body, request_id, created_at, state, runs, status, media_type, expires_at, expired = row
+    (job_id, owner, task, body, request_id, created_at, state, runs, status, media_type, expires_at, expired,
+     base_url, webhook_url) = row
     return StoredJob(id=job_id, owner=owner, task=task, body=body, request_id=request_id, created_at=created_at,
                      state=JobState(state), runs=runs, status=status, media_type=media_type,
-                     expires_at=expires_at, expired=bool(expired))
+                     expires_at=expires_at, expired=bool(expired), base_url=base_url, webhook_url=webhook_url)
 
 
 def _write(path: Path, upload: Upload) -> None:

@@ -43,6 +43,7 @@ from qwen_image_server.engine.types import PreviewMode
 from qwen_image_server.job_state import JobEvent
 from qwen_image_server.scheduler import Job, Scheduler, SlotState
 from qwen_image_server.serving.output_folder import free_bytes
+from qwen_image_server.serving.webhooks import Outcome
 
 log = logging.getLogger(__name__)
 
@@ -154,6 +155,11 @@ class ServerMetrics:
             "Bytes free for the server on the output folder's disk (NaN when unreadable); below "
             "QWEN_IMAGE_MIN_FREE_DISK_MB, /ready is 503 and save_to_file requests get 507.",
             multiprocess_mode="livemostrecent", registry=r)
+        self.webhook_deliveries = Counter(
+            "qwen_image_webhook_deliveries",
+            "Tries of webhook deliveries, by outcome: delivered (a 2xx answer), retried (a failed try, "
+            "tried again later), given_up (410 Gone, a host it may not call, or retries ran out).",
+            ["outcome"], registry=r)
         self._scheduler: Scheduler | None = None
         self._output_dir: Path | None = None
         for reason in _REJECTION_REASONS:
@@ -162,8 +168,13 @@ class ServerMetrics:
             self.failed.labels(type_)
         for mode in get_args(PreviewMode):
             self.preview.labels(mode)
+        for outcome in get_args(Outcome):
+            self.webhook_deliveries.labels(outcome)
 
     # -- feeding ----------------------------------------------------------------------------
+
+    def webhook_outcome(self, outcome: Outcome) -> None:
+        self.webhook_deliveries.labels(outcome).inc()
 
     def observe_request(self, method: str, route: str, status: int, seconds: float) -> None:
         method = method if method in _METHODS else "OTHER"  # free-form methods: bounded labels
