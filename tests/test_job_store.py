@@ -113,9 +113,10 @@ def test_finished_jobs_outlive_the_process_until_their_ttl_then_answer_expired(r
         assert c.get(f"/v1/jobs/{fresh}/image").json()["error"]["code"] == "job_expired"
 
 
-def test_a_memory_store_keeps_nothing_on_disk(restartable, tmp_path):
+def test_a_memory_store_keeps_no_job_on_disk(restartable, tmp_path):
     live = restartable(store="memory")
     with live.client() as c:
         job_id = c.post("/v1/jobs", json={"prompt": "ephemeral", **FAST}).json()["id"]
         assert final(live.url, job_id)["status"] == "succeeded"
-    assert not (tmp_path / "data").exists()
+    data = tmp_path / "data"
+    assert not (data / "jobs.sqlite3").exists() and not (data / "results").exists()
