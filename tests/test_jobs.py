@@ -149,15 +149,19 @@ def test_unknown_job_is_404_and_bad_body_is_400(client):
     assert r.status_code == 400 and r.json()["error"]["param"] == "seed"
 
 
-def test_at_most_max_stored_results_finished_jobs_are_kept(server):
-    live = server(engine=FakeEngine, max_stored_results=2)
+@pytest.mark.parametrize("store", ["memory", "sqlite"])
+def test_at_most_max_stored_results_finished_jobs_are_kept_in_memory(server, store):
+    """Memory holds at most max_stored_results finished jobs; with a job store the older ones are
+    read back from it, with their images, until their TTL."""
+    live = server(engine=FakeEngine, max_stored_results=2, store=store)
     ids = []
     for i in range(4):
         job = httpx.post(f"{live.url}/v1/jobs", json={"prompt": f"p{i}", "num_inference_steps": 2}).json()
         assert events_of(live.url, job["id"])[-1][0] == "succeeded"
         ids.append(job["id"])
-    assert [httpx.get(f"{live.url}/v1/jobs/{i}").status_code for i in ids] == [404, 404, 200, 200]
-    assert [httpx.get(f"{live.url}/v1/jobs/{i}/image").status_code for i in ids] == [404, 404, 200, 200]
+    older = 404 if store == "memory" else 200
+    assert [httpx.get(f"{live.url}/v1/jobs/{i}").status_code for i in ids] == [older, older, 200, 200]
+    assert [httpx.get(f"{live.url}/v1/jobs/{i}/image").status_code for i in ids] == [older, older, 200, 200]
 
 
 def test_finished_jobs_and_url_images_expire_after_the_result_ttl(server):
