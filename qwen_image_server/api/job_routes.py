@@ -46,7 +46,7 @@ def followed_record(record: Record, ctx: Ctx) -> JobRecord:
 
 def status_of(ctx: ServerContext, record: JobRecord, request: Request) -> JobStatus:
     status = ctx.jobs.status(record, image_url(record, request))
-    status.file_url = file_url(ctx, request, status.file_path, record.owner)
+    status.file_url = file_url(ctx, request, status.file_path, record.owner, record.job.id)
     return status
 
 
