@@ -41,6 +41,7 @@ from qwen_image_server.protocol.common import (
     PromptFields,
 )
 from qwen_image_server.protocol.native import EditParameters, GenerateRequest
+from qwen_image_server.serving.object_store import open_object_store
 from qwen_image_server.serving.uploads import Upload, field_names
 
 if TYPE_CHECKING:
@@ -88,6 +89,8 @@ class ServeCommand(Settings):
             check_local_models(settings)
             check_local_lora(settings)
             engine_gpus(settings)
+            if settings.results_url is not None:  # boto3 and its credentials, or the shared folder
+                open_object_store(settings.results_url)
         except ConfigurationError as exc:
             print(f"error: {exc}", file=sys.stderr)
             raise SystemExit(2) from None

@@ -46,12 +46,14 @@ from qwen_image_server.serving.job_registry import JobRegistry
 from qwen_image_server.serving.job_store import AsyncJobStore, SqliteJobStore
 from qwen_image_server.serving.lifecycle import Lifecycle
 from qwen_image_server.serving.metrics import SchedulerMetrics, ServerMetrics
+from qwen_image_server.serving.object_store import expire_periodically, open_object_store
 from qwen_image_server.serving.output_folder import sweep_periodically
 from qwen_image_server.serving.results import ResultStore
+from qwen_image_server.serving.url_images import UrlImages
 from qwen_image_server.serving.webhooks import Webhooks, signing_secret
 
 log = logging.getLogger(__name__)
-STORE_SWEEP_INTERVAL_S = 60.0  # how often jobs past their TTL leave the job store
+STORE_SWEEP_INTERVAL_S = 60.0  # how often jobs (and shared results) past their TTL are deleted
 
 
 def real_engine_factory(settings: Settings) -> Callable[[], Engine]:
@@ -96,6 +98,8 @@ def create_app(
     restart: RestartPolicy | None = None
     check_output_dir(settings)
     warn_missing_lora_dir(settings)
+    # Where finished images are shared with every server (ConfigurationError: boto3 missing, ...).
+    objects = open_object_store(settings.results_url) if settings.results_url is not None else None
     if replica is None:  # a replica says so itself (launch/ray_app.py): Ray's proxies listen, not it
         warn_if_open(settings)
     if engine_factory is not None:
@@ -125,8 +129,8 @@ def create_app(
         executor = ThreadPoolExecutor(settings.threads, thread_name_prefix="qwen-image-cpu")
         results = ResultStore(settings.result_ttl_s, settings.max_stored_results, settings.results_max_bytes,
                               id_prefix=id_prefix(replica))
-        generation = Generation(settings, device, scheduler, executor)
-        store = (AsyncJobStore(await anyio.to_thread.run_sync(SqliteJobStore, settings.data_dir))
+        generation = Generation(settings, device, scheduler, executor, objects)
+        store = (AsyncJobStore(await anyio.to_thread.run_sync(SqliteJobStore, settings.data_dir, objects))
                  if settings.store == "sqlite" else None)
         jobs = JobRegistry(generation, results, settings.result_ttl_s, settings.max_stored_results,
                            settings.max_subscribers_per_job, store=store, on_end=job_routes.announce_end(app))
@@ -134,15 +138,19 @@ def create_app(
                   else await anyio.to_thread.run_sync(load_secret, settings.output_dir))
         files = FileLinks(secret, settings.file_link_ttl_s)
         webhooks = Webhooks(settings, await anyio.to_thread.run_sync(signing_secret, settings), metrics.webhook_outcome)
-        app.state.ctx = ServerContext(generation, lifecycle, results, jobs, files, webhooks, replica=replica)
+        images = UrlImages(results, objects, settings.result_ttl_s)
+        app.state.ctx = ServerContext(generation, lifecycle, results, jobs, files, webhooks, images, replica=replica)
         await webhooks.start()  # deliveries pending from before a restart resume now
         scheduler.start()
         sweeper: asyncio.Task[None] | None = None
         expiry: asyncio.Task[None] | None = None
+        shared_expiry: asyncio.Task[None] | None = None
         try:
             # Jobs accepted before a restart run again, ahead of any new request.
             await jobs.recover()
             expiry = asyncio.create_task(jobs.expire_periodically(STORE_SWEEP_INTERVAL_S))
+            if objects is not None:
+                shared_expiry = asyncio.create_task(expire_periodically(objects, STORE_SWEEP_INTERVAL_S))
             # The output folder's upkeep, while the model loads: once before serving (what a crash
             # left, images past the retention limits while the server was down), then periodically.
             await generation.in_pool(generation.output.sweep)
@@ -153,7 +161,7 @@ def create_app(
                      settings.model, scheduler.config)
             yield
         finally:
-            for task in (sweeper, expiry):
+            for task in (sweeper, expiry, shared_expiry):
                 if task is not None:
                     task.cancel()
             # By now the server has answered every in-flight request (or the drain timed out).

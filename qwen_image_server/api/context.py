@@ -16,7 +16,9 @@ from qwen_image_server.serving.file_links import FileLinks
 from qwen_image_server.serving.generation import ClientGone, Generation
 from qwen_image_server.serving.job_registry import JobRegistry
 from qwen_image_server.serving.lifecycle import Lifecycle
+from qwen_image_server.serving.object_store import ObjectStore
 from qwen_image_server.serving.results import ResultStore
+from qwen_image_server.serving.url_images import UrlImages
 from qwen_image_server.serving.webhooks import Webhooks
 
 
@@ -28,7 +30,13 @@ class ServerContext:
     jobs: JobRegistry
     files: FileLinks
     webhooks: Webhooks
+    images: UrlImages  # url images: in `results`, or in the shared object store
     replica: str | None = None  # this app's name among the replicas of a scaled-out deployment
+
+    @property
+    def objects(self) -> ObjectStore | None:
+        """The shared object store (QWEN_IMAGE_RESULTS_URL), if any."""
+        return self.generation.objects
 
     @property
     def settings(self) -> Settings:

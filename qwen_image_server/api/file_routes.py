@@ -2,6 +2,8 @@
 
 Only through the signed, expiring link the save's answer gave (`file_url`, see
 `serving/file_links.py`), asked for by the API key that saved it: a name alone is guessable.
+With a bucket (QWEN_IMAGE_RESULTS_URL=s3://...) `file_url` is a presigned URL of the file's copy
+there instead, which the storage serves itself.
 Only what the server itself writes is served: names of its own pattern, regular files directly
 inside `output_dir`, never through a symlink (someone may plant one there pointing elsewhere).
 Every other case is the same 404, so the answer says nothing about what else is on the disk.
@@ -20,6 +22,7 @@ from starlette.datastructures import URL
 from qwen_image_server import errors
 from qwen_image_server.api.context import Ctx, ServerContext, Who
 from qwen_image_server.protocol.common import ErrorResponse
+from qwen_image_server.serving.object_store import file_key
 from qwen_image_server.serving.render import SAVED_NAME
 
 router = APIRouter()
@@ -40,17 +43,24 @@ async def get_file(name: str, ctx: Ctx, caller: Who, expires: int | None = None,
     return Response(data, media_type="image/png")
 
 
-def file_url(ctx: ServerContext, request: Request, file_path: str | None, owner: str | None) -> str | None:
-    """The signed link to a saved file for its owner (None when nothing was saved)."""
-    return file_url_at(ctx, request.app, request.base_url, file_path, owner)
+def file_url(ctx: ServerContext, request: Request, file_path: str | None, owner: str | None,
+             job_id: str) -> str | None:
+    """The link to the file job `job_id` saved, for its owner (None when nothing was saved)."""
+    return file_url_at(ctx, request.app, request.base_url, file_path, owner, job_id)
 
 
 def file_url_at(ctx: ServerContext, app: Starlette, base_url: str | URL, file_path: str | None,
-                owner: str | None) -> str | None:
-    """`file_url` for a request to `base_url` (the one that created a job, for its webhook)."""
+                owner: str | None, job_id: str) -> str | None:
+    """`file_url` for a request to `base_url` (the one that created a job, for its webhook): a
+    presigned URL of its copy in the bucket (QWEN_IMAGE_RESULTS_URL=s3://...), valid as long as a
+    /files link would be; else this server's signed /files link."""
     if file_path is None:
         return None
     name = Path(file_path).name
+    objects = ctx.objects
+    if objects is not None and objects.links:
+        # Signing is local (no request to the storage): cheap enough for the event loop.
+        return objects.url(file_key(job_id, name), ctx.settings.file_link_ttl_s)
     return f"{app.url_path_for('get_file', name=name).make_absolute_url(base_url)}?{ctx.files.query(name, owner)}"
 
 

@@ -54,7 +54,7 @@ def status_of(ctx: ServerContext, record: JobRecord, request: Request) -> JobSta
 def status_at(ctx: ServerContext, record: JobRecord, app: Starlette, base_url: str | URL) -> JobStatus:
     """The job's status with its links for a request to `base_url`."""
     status = ctx.jobs.status(record, image_url(record, app, base_url))
-    status.file_url = file_url_at(ctx, app, base_url, status.file_path, record.owner)
+    status.file_url = file_url_at(ctx, app, base_url, status.file_path, record.owner, record.job.id)
     return status
 
 

@@ -138,7 +138,7 @@ async def _answer(ctx: ServerContext, request: Request,
         request_id=request_id,
         inference_time=rendered.inference_time,
         file_path=rendered.file_path,
-        file_url=file_url(ctx, request, rendered.file_path, prepared.caller.id),
+        file_url=file_url(ctx, request, rendered.file_path, prepared.caller.id, job.id),
         width=rendered.width,
         height=rendered.height,
     )

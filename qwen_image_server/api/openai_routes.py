@@ -40,6 +40,7 @@ from qwen_image_server.protocol.openai import (
 from qwen_image_server.scheduler import Job, JobResult
 from qwen_image_server.serving.generation import Rendered
 from qwen_image_server.serving.render import MEDIA_TYPES, b64
+from qwen_image_server.serving.url_images import JOB_IMAGE_PREFIX
 
 log = logging.getLogger(__name__)
 router = APIRouter(prefix="/v1", tags=["openai"])
@@ -129,8 +130,8 @@ class _Answer:
         revised = self.body.model_prompt
         if self.body.response_format == "url":
             owner = jobs[0].owner
-            data = [ImageData(url=_store(self.ctx, self.request, item, owner), revised_prompt=revised)
-                    for item in rendered]
+            urls = await asyncio.gather(*(_store(self.ctx, self.request, item, owner) for item in rendered))
+            data = [ImageData(url=url, revised_prompt=revised) for url in urls]
         else:
             data = [ImageData(b64_json=b64(item.data), revised_prompt=revised)
                     for item in rendered]
@@ -214,10 +215,12 @@ class _Answer:
                     output_format=self.body.output_format)
 
 
-def _store(ctx: ServerContext, request: Request, rendered: Rendered, owner: str | None) -> str:
-    """Keep the image for its owner for QWEN_IMAGE_RESULT_TTL_S and return its absolute URL."""
-    item = ctx.results.put(rendered.data, rendered.media_type, owner=owner)
-    return str(request.url_for("openai_image", image_id=item.id))
+async def _store(ctx: ServerContext, request: Request, rendered: Rendered, owner: str | None) -> str:
+    """Keep the image for its owner for QWEN_IMAGE_RESULT_TTL_S and return its absolute URL: a
+    presigned URL of the object in a bucket (QWEN_IMAGE_RESULTS_URL=s3://...), else this server's
+    own link."""
+    kept = await ctx.images.keep(rendered.data, rendered.media_type, owner)
+    return kept.link or str(request.url_for("openai_image", image_id=kept.id))
 
 
 def _error_event(detail: ErrorDetail) -> bytes:
@@ -229,11 +232,12 @@ def _error_event(detail: ErrorDetail) -> bytes:
             responses={200: {"content": {media: {} for media in MEDIA_TYPES.values()}},
                        404: {"model": ErrorResponse}})
 async def get_image(image_id: str, ctx: Ctx, caller: Who) -> Response:
-    """An image returned earlier as a `url` to this API key, until QWEN_IMAGE_RESULT_TTL_S has passed."""
-    stored = ctx.results.get(image_id, caller.id)
-    if stored is None and image_id.startswith("job-"):  # a job's image, kept by the job store
+    """An image returned earlier as a `url` to this API key, until QWEN_IMAGE_RESULT_TTL_S has passed
+    (with QWEN_IMAGE_RESULTS_URL, whichever server made it)."""
+    stored = await ctx.images.find(image_id, caller.id)
+    if stored is None and image_id.startswith(JOB_IMAGE_PREFIX):  # a job's image, kept by the job store
         try:
-            stored = await ctx.jobs.image(await ctx.jobs.get(image_id.removeprefix("job-"), caller.id))
+            stored = await ctx.jobs.image(await ctx.jobs.get(image_id.removeprefix(JOB_IMAGE_PREFIX), caller.id))
         except errors.ServerError:
             stored = None
     if stored is None:

@@ -12,10 +12,12 @@ from typing import Annotated, Any, Literal, get_args
 
 from pydantic import (
     AliasChoices,
+    AnyUrl,
     Field,
     HttpUrl,
     SecretBytes,
     SecretStr,
+    UrlConstraints,
     ValidationError,
     ValidatorFunctionWrapHandler,
     field_validator,
@@ -41,6 +43,8 @@ ModelSource = Literal["huggingface", "modelscope"]
 OffloadName = Literal["auto", "none", "model", "sequential"]
 QuantizeName = Literal["none", "fp8", "int8"]
 CacheName = Literal["none", "cache-dit"]
+# Where finished images are kept for every server: a bucket or a shared folder.
+ResultsUrl = Annotated[AnyUrl, UrlConstraints(allowed_schemes=["s3", "file"])]
 
 
 def _bare(name: str) -> AliasChoices:
@@ -238,6 +242,13 @@ class Settings(BaseSettings):
         1024 ** 3, ge=1024 * 1024,
         description="Bytes of finished images (job and url results) kept in memory; past it the key holding "
         "the most loses its oldest first.",
+    )
+    results_url: ResultsUrl | None = Field(
+        None, description="Where finished images (url responses, job images) are kept so that any server can "
+        "serve them: s3://bucket/prefix (any S3-compatible storage, needs the [s3] extra; its endpoint and "
+        "credentials come from boto3's own configuration: AWS_ENDPOINT_URL, AWS_ACCESS_KEY_ID, ...; url "
+        "responses and save_to_file links become presigned URLs) or file:///shared/folder. Unset: this "
+        "server's memory and data_dir.",
     )
     files_secret: SecretStr | None = Field(
         None, description="Key that signs /files links; unset: a random one kept in the output folder "
@@ -447,6 +458,19 @@ class Settings(BaseSettings):
         if self.api_keys_file is not None:
             _ = self.accepted_keys  # ValueError (one line naming the file) at start, not at the first request
         return self
+
+    @field_validator("results_url")
+    @classmethod
+    def _results_location(cls, value: AnyUrl | None) -> AnyUrl | None:
+        if value is None:
+            return None
+        if value.username or value.password:
+            raise ValueError("credentials never go in the URL: boto3 reads them (AWS_ACCESS_KEY_ID, ...)")
+        if value.scheme == "s3" and not value.host:
+            raise ValueError("an s3:// URL names its bucket: s3://bucket/prefix")
+        if value.scheme == "file" and value.host not in (None, "", "localhost"):
+            raise ValueError("a file:// URL names a folder of this machine: file:///shared/folder")
+        return value
 
     # A validator of the values, not an assignment after validation: an assignment would count
     # the field as set, and a default then looks like a choice (a Ray replica's cache_dir would

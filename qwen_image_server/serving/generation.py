@@ -16,6 +16,7 @@ import errno
 import functools
 import itertools
 import logging
+import time
 from collections.abc import AsyncGenerator, Awaitable, Callable, Mapping, Sequence
 from concurrent.futures import ThreadPoolExecutor
 from contextlib import aclosing
@@ -24,6 +25,7 @@ from datetime import datetime
 from pathlib import Path
 from typing import Any, Generic, TypeVar
 
+import anyio
 from PIL import Image
 
 from qwen_image_server import errors
@@ -53,6 +55,7 @@ from qwen_image_server.protocol.common import (
 from qwen_image_server.scheduler import Job, JobResult, Scheduler
 from qwen_image_server.serving.defaults import GenerationDefaults
 from qwen_image_server.serving.model_registry import ModelChoice, ModelRegistry
+from qwen_image_server.serving.object_store import ObjectStore, file_key
 from qwen_image_server.serving.output_folder import OutputFolder
 from qwen_image_server.serving.preview_mailbox import LatestPreviews, PreviewWatch
 from qwen_image_server.serving.prompt_tokens import (
@@ -120,11 +123,12 @@ class Generation:
     """Shared by every route of one app (and by the CLI): owns no state but the request counter."""
 
     def __init__(self, settings: Settings, device: DeviceInfo, scheduler: Scheduler,
-                 executor: ThreadPoolExecutor) -> None:
+                 executor: ThreadPoolExecutor, objects: ObjectStore | None = None) -> None:
         self.settings = settings
         self.device = device
         self.scheduler = scheduler
         self.executor = executor
+        self.objects = objects  # the shared storage of finished images (QWEN_IMAGE_RESULTS_URL)
         self.defaults = GenerationDefaults.from_settings(settings)
         self.models = ModelRegistry(settings, scheduler)
         self.quotas = KeyQuotas()
@@ -369,11 +373,12 @@ class Generation:
     async def render(self, job: Job, result: JobResult, *, overlay: bool = False,
                      save_to_file: bool = False, output_format: OutputFormat = "png",
                      compression: int | None = None) -> Rendered:
-        """Overlay (if asked), encode and (for save_to_file) save atomically, on the CPU pool.
+        """Overlay (if asked), encode and (for save_to_file) save atomically, on the CPU pool;
+        with a bucket (QWEN_IMAGE_RESULTS_URL=s3://...) the saved file is uploaded too, for its link.
 
-        A save that fails (disk full, folder unwritable, ...) loses nothing but the file: the
-        image made with GPU time is still delivered, with `save_error` saying why there is no
-        file, and the failure is logged."""
+        A save that fails (disk full, folder unwritable, the upload refused, ...) loses nothing
+        but the file: the image made with GPU time is still delivered, with `save_error` saying
+        why there is no file, and the failure is logged."""
         info = OverlayInfo(
             device=self.device.label,
             inference_time=result.inference_time,
@@ -393,9 +398,28 @@ class Generation:
             except OSError as exc:
                 save_error = _save_failed(job, exc)
             else:
-                file_path = display_path(path)
+                save_error = await self._upload_saved(job, path.name, data)
+                file_path = display_path(path) if save_error is None else None
         return Rendered(data, MEDIA_TYPES[output_format], size[0], size[1],
                         round(result.inference_time, 3), file_path, save_error)
+
+    async def _upload_saved(self, job: Job, name: str, data: bytes) -> ErrorDetail | None:
+        """Copy a saved file to the bucket, where its link (`file_url`) points; why not, if it failed."""
+        objects = self.objects
+        if objects is None or not objects.links:
+            return None  # a folder's or this server's files are served by /files links
+        try:
+            await anyio.to_thread.run_sync(functools.partial(
+                objects.put, file_key(job.id, name), data, "image/png", owner=job.owner,
+                expires_at=time.time() + self.settings.file_link_ttl_s))
+        except objects.failures as exc:  # any storage failure: the client still gets its image
+            log.error("request %d: uploading its saved image to %s failed (%s: %s); it is delivered without "
+                      "a file", job.request_id, objects.location, type(exc).__name__, exc)
+            return ErrorDetail.of(errors.SaveFailed(
+                "The image was made and saved on the server, but copying it to the shared storage failed, so "
+                "there is no link to it; the image itself is delivered all the same (in b64_json, or at a "
+                "job's image_url).", code="upload_failed"))
+        return None
 
     async def render_preview(self, job: Job, preview: Preview, *, output_format: OutputFormat = PREVIEW_FORMAT,
                              compression: int | None = PREVIEW_QUALITY, full_size: bool = False) -> Rendered:

@@ -9,7 +9,9 @@ at most once more), and serves the finished ones until their TTL. An expired job
 tombstone for a week, so that its id answers "expired", not "unknown".
 
 `SqliteJobStore` is the embedded default: one SQLite file in WAL mode plus two folders of files
-(`results/`, `inputs/`) under `QWEN_IMAGE_DATA_DIR`. Its methods block (disk I/O); the job
+(`results/`, `inputs/`) under `QWEN_IMAGE_DATA_DIR`. Images go through an object store
+(`serving/object_store.py`): that `results/` folder, or the storage `QWEN_IMAGE_RESULTS_URL`
+names, where any server sharing it reads them. Its methods block (disk I/O); the job
 registry calls them through `AsyncJobStore`, on one thread of their own, so the event loop never
 waits on the disk and writes are never concurrent.
 """
@@ -21,6 +23,7 @@ import functools
 import logging
 import shutil
 import sqlite3
+import time
 from collections.abc import Callable, Sequence
 from concurrent.futures import ThreadPoolExecutor
 from dataclasses import dataclass
@@ -28,6 +31,7 @@ from pathlib import Path
 from typing import Any, Literal, Protocol, TypeVar
 
 from qwen_image_server.job_state import JobState
+from qwen_image_server.serving.object_store import FolderObjectStore, ObjectStore, job_image_key
 from qwen_image_server.serving.render import save_atomically
 from qwen_image_server.serving.uploads import Upload, field_names
 
@@ -101,14 +105,15 @@ _COLUMNS = ("id, owner, task, body, request_id, created_at, state, runs, status,
 
 
 class SqliteJobStore:
-    """Jobs in `<folder>/jobs.sqlite3`, their images in `results/`, edit uploads in `inputs/<id>/`."""
+    """Jobs in `<folder>/jobs.sqlite3`, edit uploads in `inputs/<id>/`, their images in `images`
+    (default: the folder's `results/`)."""
 
-    def __init__(self, folder: Path) -> None:
+    def __init__(self, folder: Path, images: ObjectStore | None = None) -> None:
         self.folder = folder
-        self.results = folder / "results"
         self.inputs = folder / "inputs"
-        for path in (folder, self.results, self.inputs):
+        for path in (folder, self.inputs):
             path.mkdir(parents=True, exist_ok=True)
+        self.images = images if images is not None else FolderObjectStore(folder / "results")
         # One connection, used by one thread at a time (AsyncJobStore's).
         self._db = sqlite3.connect(folder / "jobs.sqlite3", check_same_thread=False, isolation_level=None)
         self._db.execute("PRAGMA journal_mode=WAL")
@@ -148,7 +153,9 @@ class SqliteJobStore:
         """The job ended: its image (written first), its final status, when it expires. Its
         uploads are not needed any more."""
         if image is not None:
-            save_atomically(image, self.results, job_id, overwrite=True)
+            row = self._db.execute("SELECT owner FROM jobs WHERE id = ?", (job_id,)).fetchone()
+            self.images.put(job_image_key(job_id), image, media_type or "image/png",
+                            owner=row[0] if row is not None else None, expires_at=expires_at)
         self._db.execute("UPDATE jobs SET state = ?, status = ?, media_type = ?, expires_at = ? WHERE id = ?",
                          (state.value, status, media_type, expires_at, job_id))
         shutil.rmtree(self.inputs / job_id, ignore_errors=True)
@@ -158,10 +165,8 @@ class SqliteJobStore:
         return _job(row) if row is not None else None
 
     def image(self, job_id: str) -> bytes | None:
-        try:
-            return (self.results / job_id).read_bytes()
-        except FileNotFoundError:
-            return None
+        stored = self.images.get(job_image_key(job_id), time.time())
+        return stored.data if stored is not None else None
 
     def uploads(self, job_id: str) -> tuple[list[Upload], Upload | None]:
         """An unfinished edit's uploads, as they were sent."""
@@ -190,7 +195,7 @@ class SqliteJobStore:
         expired = [row[0] for row in self._db.execute(
             "SELECT id FROM jobs WHERE expired = 0 AND expires_at IS NOT NULL AND expires_at <= ?", (now,))]
         for job_id in expired:
-            (self.results / job_id).unlink(missing_ok=True)
+            self.images.delete(job_image_key(job_id))
         if expired:
             self._db.executemany("UPDATE jobs SET expired = 1, status = NULL WHERE id = ?",
                                  [(job_id,) for job_id in expired])

@@ -40,10 +40,14 @@ class ResultStore:
         self._bytes_by_owner: dict[str | None, int] = {}
         self._lock = threading.Lock()
 
+    def new_id(self) -> str:
+        """A fresh random id (192 bits), starting with the replica's prefix."""
+        return f"{self.id_prefix}{secrets.token_urlsafe(24)}"
+
     def put(self, data: bytes, media_type: str, *, id: str | None = None, owner: str | None = None) -> StoredImage:
         """Store `data` for `owner` and return its entry (with a fresh random id unless one is given)."""
         item = StoredImage(
-            id=id or f"{self.id_prefix}{secrets.token_urlsafe(24)}",
+            id=id or self.new_id(),
             data=data,
             media_type=media_type,
             created=time.time(),
