@@ -145,8 +145,9 @@ class SqliteJobStore:
         shutil.rmtree(self.inputs / job_id, ignore_errors=True)
 
     def started(self, job_id: str) -> None:
-        self._db.execute("UPDATE jobs SET state = 'running', runs = runs + 1 WHERE id = ? AND state = 'queued'",
-                         (job_id,))
+        # Every start counts, a start again after a restart too (the job was left 'running').
+        self._db.execute("UPDATE jobs SET state = 'running', runs = runs + 1 "
+                         "WHERE id = ? AND state IN ('queued', 'running')", (job_id,))
 
     def finished(self, job_id: str, state: JobState, status: str, expires_at: float,
                  image: bytes | None, media_type: str | None) -> None:
