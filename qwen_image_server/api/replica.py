@@ -1,6 +1,7 @@
 """One app among several replicas (Ray Serve, `launch/ray_app.py`): its name on responses and in ids.
 
-Jobs and `url` images live in the memory of the replica that made them, so a request that names
+Jobs live in the memory of the replica that made them (`url` images too, unless
+QWEN_IMAGE_RESULTS_URL puts them in shared storage, which any replica reads), so a request that names
 one (`GET /v1/jobs/<id>`, its events, image and cancel; `GET /v1/images/<id>`) must reach that
 replica. Every such id starts with the replica's name and a dot (`<replica>.<random>`); a router
 reads the owner off the path (`owner_in_path`) without any shared state. A replica's name is

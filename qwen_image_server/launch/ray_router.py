@@ -1,8 +1,9 @@
 """The request router of the Ray Serve deployment: requests naming an id reach its owner; the
 others the least loaded replica, on whichever node.
 
-Jobs and `url` images live in the memory of the replica that made them, and their ids start with
-that replica's name (`api/replica.py`). Ray runs this router in every proxy (and in any handle
+Jobs live in the memory of the replica that made them (and `url` images too, unless
+QWEN_IMAGE_RESULTS_URL puts them in shared storage), and their ids start with that replica's
+name (`api/replica.py`). Ray runs this router in every proxy (and in any handle
 to the deployment), so it imports nothing heavier than Ray itself: no model code in the proxies.
 """
 
