@@ -31,7 +31,7 @@ import enum
 import logging
 import math
 import time
-from typing import ClassVar, Protocol
+from typing import Any, ClassVar, Protocol
 
 import h11
 from uvicorn._types import HTTPScope
@@ -113,9 +113,28 @@ class ReadDeadline(asyncio.Protocol):
     timeout_keep_alive_task: asyncio.TimerHandle | None
     access_log: bool
     access_logger: logging.Logger
+    cycle: Any  # the current request's (uvicorn's RequestResponseCycle of that protocol)
 
     _deadline: asyncio.TimerHandle | None = None
     _watching: tuple[Owed, Cycle | None] | None = None  # what the running deadline is for
+
+    # asyncio's hooks, the same on both protocols: each runs the protocol's own (next in the
+    # MRO), then what the deadline needs.
+    def connection_made(self, transport: asyncio.Transport) -> None:  # type: ignore[override]
+        super().connection_made(transport)
+        self._admit()
+
+    def connection_lost(self, exc: Exception | None) -> None:
+        self._stop_watching()
+        super().connection_lost(exc)
+
+    def data_received(self, data: bytes) -> None:
+        super().data_received(data)
+        self._watch(self._owed(), self.cycle)
+
+    def _owed(self) -> Owed | None:
+        """What the client still owes now (the protocol's parser knows)."""
+        raise NotImplementedError
 
     def _admit(self) -> None:
         cap = self.max_connections
@@ -177,18 +196,6 @@ class ReadDeadline(asyncio.Protocol):
 
 class DeadlineH11Protocol(ReadDeadline, H11Protocol):
     """uvicorn's h11 protocol with the read deadline and the connection cap."""
-
-    def connection_made(self, transport: asyncio.Transport) -> None:  # type: ignore[override]
-        super().connection_made(transport)
-        self._admit()
-
-    def connection_lost(self, exc: Exception | None) -> None:
-        self._stop_watching()
-        super().connection_lost(exc)
-
-    def data_received(self, data: bytes) -> None:
-        super().data_received(data)
-        self._watch(self._owed(), self.cycle)
 
     def on_response_complete(self) -> None:
         super().on_response_complete()

@@ -4,8 +4,6 @@ importing it needs httptools."""
 
 from __future__ import annotations
 
-import asyncio
-
 from uvicorn.protocols.http.httptools_impl import HttpToolsProtocol
 
 from qwen_image_server.launch.read_deadline import Owed, ReadDeadline
@@ -15,18 +13,6 @@ class DeadlineHttpToolsProtocol(ReadDeadline, HttpToolsProtocol):
     """uvicorn's httptools protocol with the read deadline and the connection cap."""
 
     _body_owed = False  # between a request's headers and the end of its body
-
-    def connection_made(self, transport: asyncio.Transport) -> None:  # type: ignore[override]
-        super().connection_made(transport)
-        self._admit()
-
-    def connection_lost(self, exc: Exception | None) -> None:
-        self._stop_watching()
-        super().connection_lost(exc)
-
-    def data_received(self, data: bytes) -> None:
-        super().data_received(data)
-        self._watch(self._owed(), self.cycle)
 
     def on_response_complete(self) -> None:
         super().on_response_complete()
