@@ -43,12 +43,12 @@ from qwen_image_server.scheduler import RestartPolicy, Scheduler, SchedulerConfi
 from qwen_image_server.serving.file_links import FileLinks, load_secret
 from qwen_image_server.serving.generation import Generation
 from qwen_image_server.serving.job_registry import JobRegistry
-from qwen_image_server.serving.job_store import AsyncJobStore, SqliteJobStore
 from qwen_image_server.serving.lifecycle import Lifecycle
 from qwen_image_server.serving.metrics import SchedulerMetrics, ServerMetrics
 from qwen_image_server.serving.object_store import expire_periodically, open_object_store
 from qwen_image_server.serving.output_folder import sweep_periodically
 from qwen_image_server.serving.results import ResultStore
+from qwen_image_server.serving.store_choice import open_stores
 from qwen_image_server.serving.url_images import UrlImages
 from qwen_image_server.serving.webhooks import Webhooks, signing_secret
 
@@ -130,14 +130,16 @@ def create_app(
         results = ResultStore(settings.result_ttl_s, settings.max_stored_results, settings.results_max_bytes,
                               id_prefix=id_prefix(replica))
         generation = Generation(settings, device, scheduler, executor, objects)
-        store = (AsyncJobStore(await anyio.to_thread.run_sync(SqliteJobStore, settings.data_dir, objects))
-                 if settings.store == "sqlite" else None)
+        stores = await anyio.to_thread.run_sync(open_stores, settings, objects, replica)
+        store = stores.jobs
         jobs = JobRegistry(generation, results, settings.result_ttl_s, settings.max_stored_results,
-                           settings.max_subscribers_per_job, store=store, on_end=job_routes.announce_end(app))
+                           settings.max_subscribers_per_job, store=store, on_end=job_routes.announce_end(app),
+                           exchange=stores.exchange)
         secret = (settings.files_secret.get_secret_value().encode("utf-8") if settings.files_secret
                   else await anyio.to_thread.run_sync(load_secret, settings.output_dir))
         files = FileLinks(secret, settings.file_link_ttl_s)
-        webhooks = Webhooks(settings, await anyio.to_thread.run_sync(signing_secret, settings), metrics.webhook_outcome)
+        webhooks = Webhooks(settings, await anyio.to_thread.run_sync(signing_secret, settings, stores.webhook_secret),
+                            metrics.webhook_outcome, outbox=stores.outbox)
         images = UrlImages(results, objects, settings.result_ttl_s)
         app.state.ctx = ServerContext(generation, lifecycle, results, jobs, files, webhooks, images, replica=replica)
         await webhooks.start()  # deliveries pending from before a restart resume now
@@ -148,6 +150,7 @@ def create_app(
         try:
             # Jobs accepted before a restart run again, ahead of any new request.
             await jobs.recover()
+            await jobs.share()  # with a shared store: the lease, the relay, cancels from other servers
             expiry = asyncio.create_task(jobs.expire_periodically(STORE_SWEEP_INTERVAL_S))
             if objects is not None:
                 shared_expiry = asyncio.create_task(expire_periodically(objects, STORE_SWEEP_INTERVAL_S))
@@ -167,6 +170,7 @@ def create_app(
             # By now the server has answered every in-flight request (or the drain timed out).
             await anyio.to_thread.run_sync(scheduler.shutdown, settings.drain_timeout_s)
             await jobs.settled()  # every job's end is stored and announced before these close
+            await jobs.unshare()  # what is left unfinished is another server's to run now
             await webhooks.stop()
             if store is not None:
                 await anyio.to_thread.run_sync(store.close)

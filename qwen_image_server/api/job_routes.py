@@ -129,7 +129,7 @@ async def job_image(record: Record, ctx: Ctx) -> Response:
 @router.delete("/{job_id}", response_model=JobStatus, responses={404: {"model": ErrorResponse}})
 async def cancel_job(record: Record, request: Request, ctx: Ctx) -> JobStatus:
     """Cancel: a queued job never runs; a running one stops at its next denoising step."""
-    ctx.jobs.cancel(record)
+    await ctx.jobs.cancel(record)
     return status_of(ctx, record, request)
 
 

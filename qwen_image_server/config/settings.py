@@ -15,6 +15,7 @@ from pydantic import (
     AnyUrl,
     Field,
     HttpUrl,
+    RedisDsn,
     SecretBytes,
     SecretStr,
     UrlConstraints,
@@ -45,6 +46,8 @@ QuantizeName = Literal["none", "fp8", "int8"]
 CacheName = Literal["none", "cache-dit"]
 # Where finished images are kept for every server: a bucket or a shared folder.
 ResultsUrl = Annotated[AnyUrl, UrlConstraints(allowed_schemes=["s3", "file"])]
+# A Redis server shared by every server and replica: redis://[user:password@]host:port/db (rediss: TLS).
+StoreUrl = Annotated[RedisDsn, UrlConstraints(allowed_schemes=["redis", "rediss"])]
 
 
 def _bare(name: str) -> AliasChoices:
@@ -160,9 +163,17 @@ class Settings(BaseSettings):
     output_dir: Path = Field(Path("tmp"), description="Folder for save_to_file images, relative to the cwd.")
     data_dir: Path = Field(
         Path("data"), description="Folder for the server's state: the job store, webhook deliveries, stored results.")
-    store: Literal["sqlite", "memory"] = Field(
+    store: Literal["sqlite", "memory"] | StoreUrl = Field(
         "sqlite", description="Where async jobs are kept: sqlite (a file in data_dir: jobs and their images "
-        "survive a restart, unfinished ones run again) or memory (lost with the process).",
+        "survive a restart, unfinished ones run again), memory (lost with the process), or redis://host:port/db "
+        "(a Redis every server and replica shares, needs the [redis] extra: any of them answers, streams and "
+        "cancels any job, a live one takes over the unfinished jobs of one that died, webhook deliveries are "
+        "shared; images go to results_url if set, else into Redis itself).",
+    )
+    store_lease_s: float = Field(
+        10.0, ge=1, description="With a Redis store: how long a server's hold on its jobs lasts unless renewed "
+        "(renewed every third of it). A server silent for longer counts as dead and another runs its unfinished "
+        "jobs: longer survives longer pauses, shorter takes over sooner.",
     )
     min_free_disk_mb: int = Field(
         1024, ge=0, description="Free space (MiB) kept on the output folder's disk: below it /ready answers "

@@ -17,6 +17,10 @@ its client hears "accepted", and its end (status and image) when it ends: memory
 A job no longer in memory is read back from the store; after a restart, `recover` queues again the
 jobs that had not ended.
 
+With a store shared by several servers (Redis) a `JobExchange` (`serving/job_exchange.py`) links
+them: this server relays the events of the jobs it runs, follows (and cancels) those another one
+runs for its own clients, and adopts the jobs of a server whose lease lapsed.
+
 Lives on the event loop; the scheduler's threads reach it only through `call_soon_threadsafe`.
 """
 
@@ -41,12 +45,14 @@ from qwen_image_server.protocol.native import EditJobParameters, JobPreview, Job
 from qwen_image_server.scheduler import Job, JobResult
 from qwen_image_server.scheduler.jobs import final_state
 from qwen_image_server.serving.generation import Generation, Prepared
+from qwen_image_server.serving.job_exchange import JobExchange
 from qwen_image_server.serving.job_store import AsyncJobStore, StoredJob
 from qwen_image_server.serving.preview_mailbox import LatestPreviews
 from qwen_image_server.serving.render import b64
 from qwen_image_server.serving.results import ResultStore, StoredImage
 
 log = logging.getLogger(__name__)
+CANCEL_WAIT_S = 5.0  # how long a cancel sent to another server waits for the job's end
 
 
 @dataclass(eq=False)
@@ -77,6 +83,7 @@ class JobRecord:
     render_error: ErrorDetail | None = None  # the image was made but could not be rendered
     finished_monotonic: float | None = None
     final: JobStatus | None = None  # a finished job read back from the job store: its status then
+    relayed: JobStatus | None = None  # a job another server runs: its status as that server last told
     final_media_type: str | None = None  # and its image's
     base_url: str | None = None  # of the request that created it: its links in a webhook
     webhook_url: str | None = None  # where its end is POSTed
@@ -111,12 +118,24 @@ class JobRecord:
                    final_media_type=stored.media_type,
                    finished_monotonic=time.monotonic() - max(0.0, ended))
 
+    @classmethod
+    def elsewhere(cls, stored: StoredJob, status: JobStatus, loop: asyncio.AbstractEventLoop) -> JobRecord:
+        """A job another server sharing the store runs, as it last told (`status`)."""
+        spec = GenerationSpec("", "", status.width, status.height, status.progress.total, 0.0, status.seed)
+        job = Job(spec=spec, request_id=stored.request_id, submitted_at=0.0, deadline=0.0, id=stored.id,
+                  owner=stored.owner, state=status.status, step=status.progress.step,
+                  total_steps=status.progress.total)
+        return cls(job=job, add_overlay=False, save_to_file=False, created_at=stored.created_at,
+                   previews=LatestPreviews(loop), owner=stored.owner, relayed=status)
+
     @property
     def status(self) -> JobState:
         """The scheduler's state of the job, except that a job whose image is made is still
         running until the image is stored, so GET .../image never races the final event."""
         if self.final is not None:
             return self.final.status
+        if self.relayed is not None:
+            return self.relayed.status
         if self.render_error is not None:
             return JobState.FAILED
         if self.image_id is not None:
@@ -130,6 +149,8 @@ class JobRecord:
     def error(self) -> ErrorDetail | None:
         if self.final is not None:
             return self.final.error
+        if self.relayed is not None:
+            return self.relayed.error
         if self.render_error is not None:
             return self.render_error
         failure = self._failure()
@@ -238,8 +259,10 @@ class JobRegistry:
 
     def __init__(self, generation: Generation, results: ResultStore, ttl_s: float, max_finished: int,
                  max_subscribers: int = 16, store: AsyncJobStore | None = None,
-                 on_end: Callable[[JobRecord], Awaitable[None]] | None = None) -> None:
+                 on_end: Callable[[JobRecord], Awaitable[None]] | None = None,
+                 exchange: JobExchange | None = None) -> None:
         self.generation = generation
+        self.exchange = exchange  # with a store shared by several servers
         self.on_end = on_end  # told of every job's end, once its final event is out (webhooks)
         self.results = results
         self.store = store
@@ -283,15 +306,22 @@ class JobRegistry:
         self._prune()
         self._records[job.id] = record
         store = self.store
+        exchange = self.exchange
+        if exchange is not None:
+            self._relay(record, JobEvent.QUEUED, 0)
 
         def on_event(job: Job, event: JobEvent) -> None:  # engine / reaper thread
             if event is JobEvent.PREVIEW:
                 if job.preview is not None:
                     record.previews.offer(0, job.preview)
+                    if exchange is not None:
+                        loop.call_soon_threadsafe(self._relay, record, event, job.step)
             elif not event.final:  # the end is announced by _complete, once the image is stored
                 loop.call_soon_threadsafe(record.publish, event, job.step)
                 if event is JobEvent.STARTED and store is not None:
                     loop.call_soon_threadsafe(store.call, store.store.started, job.id)
+                if exchange is not None:
+                    loop.call_soon_threadsafe(self._relay, record, event, job.step)
 
         self.generation.scheduler.add_listener(job, on_event)
         task = asyncio.create_task(self._complete(record))
@@ -300,14 +330,42 @@ class JobRegistry:
         log.info("request %d: job %s queued", request_id, job.id)
         return record
 
+    def _relay(self, record: JobRecord, event: JobEvent, step: int) -> None:
+        """Tell the job's followers on other servers (on the event loop)."""
+        assert self.exchange is not None
+        if event is JobEvent.PREVIEW:
+            self.exchange.publish_preview(record.job.id, lambda: record.encoded_preview(self._encoder(record)))
+            return
+        status = self.status(record, "")
+        if event is JobEvent.STEP:
+            status.progress.step = step
+        self.exchange.publish(record.job.id, event, status)
+
     async def recover(self) -> int:
         """After a restart: queue again every job the store kept that had not ended (a job that
         was running starts from the beginning; one that already started twice fails instead),
         oldest first. Returns how many were queued."""
         if self.store is None:
             return 0
+        self.generation.continue_request_ids(await self.store.call(self.store.store.last_request_id))
+        return await self.adopt()
+
+    async def share(self) -> None:
+        """With a shared store: start the exchange (lease, relay, remote cancels); it adopts the
+        jobs of servers whose lease lapsed, now and at every renewal."""
+        if self.exchange is not None:
+            await self.exchange.start(self.adopt, self.cancel_here)
+
+    async def unshare(self) -> None:
+        if self.exchange is not None:
+            await self.exchange.stop()
+
+    async def adopt(self) -> int:
+        """Queue the unfinished jobs the store hands this server (after a restart, every one it
+        kept; with a shared store, those of servers whose lease lapsed). Returns how many."""
+        if self.store is None:
+            return 0
         store = self.store
-        self.generation.continue_request_ids(await store.call(store.store.last_request_id))
         queued = 0
         for stored in await store.call(store.store.unfinished):
             try:
@@ -318,6 +376,9 @@ class JobRegistry:
                                  _lost_status(stored, ErrorDetail.of(exc)), time.time() + self.ttl_s, None, None)
                 continue
             body = prepared.body
+            if stored.cancelled:  # its client cancelled it while no server ran it
+                self._fail_again(stored, prepared, errors.JobCancelled("The job was cancelled."))
+                continue
             if stored.runs >= 2:  # it was running at two restarts: do not try a third time
                 self._fail_again(stored, prepared, errors.InferenceFailed(
                     "The server restarted twice while this job was running; it is not run again."))
@@ -354,6 +415,9 @@ class JobRegistry:
         """The job's status as its clients see it now (`image_url`: where its image will be)."""
         if record.final is not None:
             return record.final.model_copy(update={"image_url": image_url if record.image_id else None})
+        if record.relayed is not None:
+            done = record.relayed.status is JobState.SUCCEEDED
+            return record.relayed.model_copy(update={"image_url": image_url if done else None})
         job = record.job
         started = job.started_at
         status = record.status
@@ -391,16 +455,35 @@ class JobRegistry:
                 code="too_many_subscribers", retry_after=5)
 
     async def events(self, record: JobRecord, image_url: str) -> AsyncIterator[tuple[JobEvent, JobStatus | JobPreview]]:
-        """What one subscriber of the job hears (see JobRecord.events), previews as sent."""
+        """What one subscriber of the job hears (see JobRecord.events), previews as sent; for a
+        job another server runs, what that server relays."""
+        if record.relayed is not None and self.exchange is not None:
+            async for event, data in self.exchange.follow(record.job.id, lambda: self._now_elsewhere(record)):
+                if isinstance(data, JobStatus):
+                    record.relayed = data
+                    data = self.status(record, image_url)
+                yield event, data
+            return
+        async for item in record.events(lambda: self.status(record, image_url), self._encoder(record)):
+            yield item
 
+    def _encoder(self, record: JobRecord) -> Callable[[Preview], Awaitable[JobPreview]]:
         async def encode(preview: Preview) -> JobPreview:
             rendered = await self.generation.render_preview(record.job, preview)
             return JobPreview(id=record.job.id, step=preview.step, total=preview.total, mode=preview.mode,
                               width=rendered.width, height=rendered.height, media_type=rendered.media_type,
                               b64_json=b64(rendered.data))
 
-        async for item in record.events(lambda: self.status(record, image_url), encode):
-            yield item
+        return encode
+
+    async def _now_elsewhere(self, record: JobRecord) -> JobStatus:
+        """A job another server runs, as the store and its runner say now: its final status once
+        it ended, else the one its runner published last."""
+        assert self.store is not None and self.exchange is not None and record.relayed is not None
+        stored = await self.store.call(self.store.store.get, record.job.id)
+        if stored is not None and stored.status is not None:
+            return JobStatus.model_validate_json(stored.status)
+        return await self.exchange.latest(record.job.id) or record.relayed
 
     async def image(self, record: JobRecord) -> StoredImage:
         """The image of a succeeded job (409 while it is not done, or if it failed; 404 once it
@@ -434,14 +517,34 @@ class JobRegistry:
                 if stored.status is not None:
                     record = JobRecord.restored(stored, asyncio.get_running_loop())
                     self._records[job_id] = record
+                elif self.exchange is not None:  # another server runs it (not kept: it changes)
+                    latest = await self.exchange.latest(job_id)
+                    record = JobRecord.elsewhere(stored, latest or _queued_status(stored), asyncio.get_running_loop())
         if record is None or record.owner != owner:
             raise errors.NotFound(f"No job {job_id!r} (unknown, or finished more than "
                                   f"{self.ttl_s:g} s ago).", param="id", code="job_not_found")
         return record
 
-    def cancel(self, record: JobRecord) -> bool:
+    async def cancel(self, record: JobRecord) -> bool:
         """Cancel: a queued job never runs (and is cancelled at once); a running one stops at its
-        next denoising step."""
+        next denoising step. A job another server runs is cancelled there (its end awaited a
+        moment, so that the answer shows it)."""
+        if record.relayed is not None and self.exchange is not None:
+            final = await self.exchange.cancel(record.job.id, CANCEL_WAIT_S)
+            if final is not None:
+                record.relayed = final
+            log.info("job %s: cancel sent to the server running it", record.job.id)
+            return True
+        return self._cancel(record)
+
+    def cancel_here(self, job_id: str) -> bool:
+        """Cancel the job if this server runs it (a cancel another server relayed)."""
+        record = self._records.get(job_id)
+        if record is None or record.relayed is not None or record.finished_monotonic is not None:
+            return False
+        return self._cancel(record)
+
+    def _cancel(self, record: JobRecord) -> bool:
         job = record.job
         if not self.generation.cancel(job):
             return False
@@ -479,6 +582,8 @@ class JobRegistry:
                 log.exception("job %s: writing its end to the job store failed", job.id)
         record.settle()
         record.publish(JobEvent.entering(record.status), job.step)
+        if self.exchange is not None and not _interrupted(record):
+            self._relay(record, JobEvent.entering(record.status), job.step)
         if self.on_end is not None:
             await self.on_end(record)
 
@@ -527,6 +632,12 @@ def _interrupted(record: JobRecord) -> bool:
     store keeps it unfinished, so the next start runs it."""
     future = record.job.future
     return future.done() and isinstance(future.exception(), errors.ShuttingDown)
+
+
+def _queued_status(stored: StoredJob) -> JobStatus:
+    """The status of a job another server accepted, before it told anything more."""
+    return JobStatus(id=stored.id, status=JobState.QUEUED, queue_position=None, progress=JobProgress(step=0, total=0),
+                     request_id=stored.request_id, created_at=stored.created_at, width=0, height=0, seed=0)
 
 
 def _lost_status(stored: StoredJob, error: ErrorDetail) -> str:

@@ -58,6 +58,7 @@ class StoredJob:
     expired: bool = False  # past its TTL: only the id is left
     base_url: str | None = None  # of the request that created it (its links in its webhook)
     webhook_url: str | None = None  # where its end is POSTed
+    cancelled: bool = False  # a cancel was asked for while no server ran it (a shared store)
 
 
 class JobStore(Protocol):

@@ -5,6 +5,7 @@ A SQLite database of its own (`<data_dir>/webhooks.sqlite3`, WAL), reached from 
 event loop never waits on the disk. Servers sharing the folder share the outbox: a delivery is
 claimed (its next try moved past the try's longest time) before it is tried, so no two servers
 try it at once, and one whose server died during a try is tried again once the claim lapses.
+With a Redis job store the outbox is in Redis (`redis_store.RedisOutbox`), the same way.
 """
 
 from __future__ import annotations
@@ -15,7 +16,7 @@ from collections.abc import Callable
 from concurrent.futures import ThreadPoolExecutor
 from dataclasses import dataclass
 from pathlib import Path
-from typing import TypeVar
+from typing import Protocol, TypeVar
 
 T = TypeVar("T")
 
@@ -48,7 +49,25 @@ class Delivery:
     attempts: int = 0  # tries that failed so far
 
 
-class Outbox:
+class Outbox(Protocol):
+    """Where deliveries wait until made or given up (every server sharing it sees them)."""
+
+    @property
+    def path(self) -> object:
+        """Where it is, for messages."""
+        ...
+
+
+    async def open(self) -> int: ...
+    async def add(self, delivery: Delivery, next_at: float) -> None: ...
+    async def claim(self, now: float, limit: int, until: float) -> list[Delivery]: ...
+    async def next_try(self) -> float | None: ...
+    async def retry(self, delivery: Delivery, next_at: float, error: str) -> None: ...
+    async def remove(self, delivery: Delivery) -> None: ...
+    async def close(self) -> None: ...
+
+
+class SqliteOutbox:
     """Deliveries not made yet, in `folder`/webhooks.sqlite3; every method runs on the outbox's
     own thread."""
 

@@ -46,7 +46,7 @@ from qwen_image_server.config.webhooks import AllowedHosts, check_webhook_secret
 from qwen_image_server.job_state import JobState
 from qwen_image_server.protocol.native import JobStatus
 from qwen_image_server.serving.secret_file import keep_secret
-from qwen_image_server.serving.webhook_outbox import Delivery, Outbox
+from qwen_image_server.serving.webhook_outbox import Delivery, Outbox, SqliteOutbox
 
 log = logging.getLogger(__name__)
 
@@ -60,15 +60,23 @@ MAX_IN_FLIGHT = 16  # tries at once: a slow receiver holds one of them, not the 
 GONE = 410  # the receiver asks for no more
 
 
-def signing_secret(settings: Settings) -> str:
-    """QWEN_IMAGE_WEBHOOK_SECRET, or the one kept in the data folder, made on first use (`whsec_`
-    and 32 random bytes); ConfigurationError when the folder cannot hold it or holds something
-    else. Blocks on the disk: run it on a thread."""
+def new_secret() -> str:
+    """A fresh signing secret: `whsec_` and 32 random bytes."""
+    return f"whsec_{base64.b64encode(secrets.token_bytes(32)).decode()}"
+
+
+def signing_secret(settings: Settings, shared: Callable[[Callable[[], str]], str] | None = None) -> str:
+    """QWEN_IMAGE_WEBHOOK_SECRET, or the one every server sharing the job store uses (`shared`:
+    kept there, made by the first), or the one kept in the data folder, made on first use;
+    ConfigurationError when the folder cannot hold it or holds something else. Blocks on the
+    disk: run it on a thread."""
     if settings.webhook_secret is not None:
         return settings.webhook_secret.get_secret_value()
+    if shared is not None:
+        return shared(new_secret)
     path = settings.data_dir / SECRET_FILE
     try:
-        secret = keep_secret(path, lambda: f"whsec_{base64.b64encode(secrets.token_bytes(32)).decode()}".encode())
+        secret = keep_secret(path, lambda: new_secret().encode())
         text = secret.decode("ascii")
         check_webhook_secret(text)
     except (OSError, UnicodeDecodeError, ValueError) as exc:
@@ -152,13 +160,13 @@ class Webhooks:
     delivery due (started and stopped with the app)."""
 
     def __init__(self, settings: Settings, secret: str, on_outcome: Callable[[Outcome], None] = lambda _: None,
-                 clock: Callable[[], float] = time.time) -> None:
+                 clock: Callable[[], float] = time.time, outbox: Outbox | None = None) -> None:
         self.default_url = str(settings.webhook_url) if settings.webhook_url is not None else None
         self.timeout_s = settings.webhook_timeout_s
         self.backoff_s = settings.webhook_backoff_s
         self.retry_s = settings.webhook_retry_s
         self.hosts = HostCheck(AllowedHosts.of(settings.webhook_allowed_hosts), settings.webhook_timeout_s)
-        self.outbox = Outbox(settings.data_dir)
+        self.outbox: Outbox = SqliteOutbox(settings.data_dir) if outbox is None else outbox
         self._signer = Webhook(secret)
         self._on_outcome = on_outcome
         self._clock = clock
