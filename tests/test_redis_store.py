@@ -1,0 +1,180 @@
+"""The Redis job store: two real servers (subprocesses, real HTTP, the tiny model in engine
+processes that tests/gated_app.py can hold) share one `redis-server` this module starts. A job
+submitted to one is read, streamed and cancelled through the other; when one is killed with jobs
+queued and running, the other adopts them once its lease lapses, and runs each once.
+
+Debian's `redis-server` is needed (`.ci/run` installs it). Where it is missing the tests fail,
+unless QWEN_TEST_SKIP_REDIS is set, which skips them instead."""
+
+from __future__ import annotations
+
+import os
+import shutil
+import signal
+import subprocess
+import sys
+import threading
+import time
+from collections.abc import Iterator
+from pathlib import Path
+
+import httpx
+import pytest
+import redis
+
+from tests.conftest import ROOT, ServerProcess, free_port, start_process, wait_until
+
+FAST = {"num_inference_steps": 2, "add_overlay": False}
+LEASE_S = "2"
+
+
+@pytest.fixture(scope="module")
+def redis_url(tmp_path_factory) -> Iterator[str]:
+    """A redis-server of its own, on a free port, keeping nothing on disk."""
+    binary = shutil.which("redis-server")
+    if binary is None:
+        if os.environ.get("QWEN_TEST_SKIP_REDIS"):
+            pytest.skip("redis-server is missing (QWEN_TEST_SKIP_REDIS is set)")
+        pytest.fail("redis-server is missing: apt-get install -y redis-server (or set QWEN_TEST_SKIP_REDIS=1 "
+                    "to skip the Redis tests)")
+    port = free_port()
+    folder = tmp_path_factory.mktemp("redis")
+    proc = subprocess.Popen([binary, "--port", str(port), "--bind", "127.0.0.1", "--save", "", "--appendonly", "no",
+                             "--dir", str(folder)], stdout=subprocess.DEVNULL, stderr=subprocess.STDOUT)
+    url = f"redis://127.0.0.1:{port}/0"
+    client = redis.Redis.from_url(url)
+
+    def answers() -> bool:
+        try:
+            return bool(client.ping())
+        except redis.ConnectionError:
+            return False
+
+    try:
+        wait_until(answers, 30, "redis-server to answer")
+        yield url
+    finally:
+        client.close()
+        proc.terminate()
+        proc.wait(30)
+
+
+@pytest.fixture
+def servers(redis_url, tmp_path) -> Iterator:
+    """Start gated servers (tests/gated_app.py) on the shared Redis, each in a folder of its own."""
+    started: list[ServerProcess] = []
+    gunicorn = str(Path(sys.executable).parent / "gunicorn")
+    cmd = [gunicorn, "-c", str(ROOT / "gunicorn_config.py"), "tests.gated_app:create_app()"]
+
+    def start(name: str) -> tuple[ServerProcess, Path]:
+        folder = tmp_path / name
+        folder.mkdir()
+        gate = folder / "gate"
+        proc = start_process(folder, cmd=cmd, PYTHONPATH=str(ROOT), QWEN_TEST_GATE=str(gate),
+                             QWEN_IMAGE_MAX_BATCH_SIZE="1", QWEN_IMAGE_STORE=redis_url,
+                             QWEN_IMAGE_STORE_LEASE_S=LEASE_S)
+        started.append(proc)
+        return proc, gate
+
+    yield start
+    for proc in started:
+        proc.stop()
+
+
+def final(url: str, job_id: str, timeout: float = 180) -> dict:
+    status: dict = {}
+
+    def ended() -> bool:
+        status.update(httpx.get(f"{url}/v1/jobs/{job_id}", timeout=30).json())
+        return status.get("status") in ("succeeded", "failed", "cancelled")
+
+    wait_until(ended, timeout, f"job {job_id} to end")
+    return status
+
+
+def submit(url: str, prompt: str, **extra) -> str:
+    r = httpx.post(f"{url}/v1/jobs", json={"prompt": prompt, **FAST, **extra}, timeout=30)
+    assert r.status_code == 202, r.text
+    return r.json()["id"]
+
+
+class EventStream:
+    """An SSE client in a thread: the events' names and data, as they come."""
+
+    def __init__(self, url: str) -> None:
+        self.events: list[tuple[str, str]] = []
+        self.first = threading.Event()
+        self.thread = threading.Thread(target=self._read, args=(url,), daemon=True)
+        self.thread.start()
+
+    def _read(self, url: str) -> None:
+        name = ""
+        with httpx.stream("GET", url, timeout=httpx.Timeout(30, read=180)) as r:
+            for line in r.iter_lines():
+                if line.startswith("event:"):
+                    name = line.removeprefix("event:").strip()
+                elif line.startswith("data:"):
+                    self.events.append((name, line.removeprefix("data:").strip()))
+                    self.first.set()
+
+    def names(self) -> list[str]:
+        return [name for name, _ in self.events]
+
+
+def test_any_server_reads_streams_and_cancels_a_job_another_runs(servers):
+    (a, gate_a), (b, _) = servers("a"), servers("b")
+    a.wait_ready()
+    b.wait_ready()
+
+    done = submit(a.url, "made on a")
+    assert final(b.url, done)["status"] == "succeeded"  # B reads A's job from the store
+    image = httpx.get(f"{b.url}/v1/jobs/{done}/image")
+    assert image.status_code == 200 and image.headers["content-type"] == "image/png"
+    assert image.content == httpx.get(f"{a.url}/v1/jobs/{done}/image").content  # kept in Redis, shared
+    assert httpx.get(f"{b.url}/v1/images/job-{done}").content == image.content
+
+    gate_a.write_text("")  # A's steps wait: its first job runs, the others queue
+    running, cancelled, streamed = (submit(a.url, f"job {i}", seed=i) for i in range(3))
+    wait_until(lambda: any(gate_a.parent.glob("gate.held-*")), 120, "A's first job to be running")
+    assert [httpx.get(f"{b.url}/v1/jobs/{i}").json()["status"] for i in (running, cancelled, streamed)] == [
+        "running", "queued", "queued"]
+
+    # A queued job cancelled through B never runs; the running one stops at its next step.
+    r = httpx.delete(f"{b.url}/v1/jobs/{cancelled}", timeout=30)
+    assert r.status_code == 200 and r.json()["status"] == "cancelled"
+    assert httpx.get(f"{a.url}/v1/jobs/{cancelled}").json()["status"] == "cancelled"
+    assert httpx.delete(f"{b.url}/v1/jobs/{running}", timeout=30).status_code == 200
+
+    stream = EventStream(f"{b.url}/v1/jobs/{streamed}/events")  # through B, run by A
+    assert stream.first.wait(30) and stream.names() == ["queued"]
+    gate_a.unlink()
+    assert final(b.url, running)["status"] == "cancelled"
+    stream.thread.join(120)
+    names = stream.names()
+    assert names[0] == "queued" and "started" in names and names.count("step") == 2, names
+    assert names[-1] == "succeeded", names
+    assert f'"image_url":"{b.url}/v1/jobs/{streamed}/image"' in stream.events[-1][1].replace(" ", "")
+    assert a.scheduler()["processed"] == 2  # the finished one and the streamed one; B ran nothing
+    assert b.scheduler()["processed"] == 0
+
+
+def test_a_live_server_adopts_the_jobs_of_a_killed_one_and_runs_each_once(servers):
+    (a, gate_a), (b, _) = servers("a"), servers("b")
+    a.wait_ready()
+    b.wait_ready()
+    gate_a.write_text("")
+    ids = [submit(a.url, f"adopted {i}", seed=i) for i in range(4)]
+    wait_until(lambda: any(gate_a.parent.glob("gate.held-*")), 120, "A's first job to be running")
+    assert [httpx.get(f"{b.url}/v1/jobs/{i}").json()["status"] for i in ids] == ["running"] + ["queued"] * 3
+    time.sleep(float(LEASE_S))  # while A lives, its lease holds: B has run nothing of it
+    assert b.scheduler()["processed"] == 0 and b.scheduler()["queue_length"] == 0
+
+    os.killpg(a.proc.pid, signal.SIGKILL)  # front and engines, with no chance to clean up
+    a.proc.wait(30)
+    ends = [final(b.url, job_id) for job_id in ids]
+    assert [end["status"] for end in ends] == ["succeeded"] * 4
+    assert [end["id"] for end in ends] == ids and [end["seed"] for end in ends] == list(range(4))
+    for job_id in ids:
+        r = httpx.get(f"{b.url}/v1/jobs/{job_id}/image")
+        assert r.status_code == 200 and r.headers["content-type"] == "image/png"
+    assert b.scheduler()["processed"] == 4  # each once, the one A was running from the start
