@@ -23,6 +23,7 @@ import pytest
 import redis
 
 from tests.conftest import ROOT, ServerProcess, free_port, start_process, wait_until
+from tests.test_webhooks import Receiver
 
 FAST = {"num_inference_steps": 2, "add_overlay": False}
 LEASE_S = "2"
@@ -72,13 +73,21 @@ def servers(redis_url, tmp_path) -> Iterator:
         gate = folder / "gate"
         proc = start_process(folder, cmd=cmd, PYTHONPATH=str(ROOT), QWEN_TEST_GATE=str(gate),
                              QWEN_IMAGE_MAX_BATCH_SIZE="1", QWEN_IMAGE_STORE=redis_url,
-                             QWEN_IMAGE_STORE_LEASE_S=LEASE_S)
+                             QWEN_IMAGE_STORE_LEASE_S=LEASE_S, QWEN_IMAGE_WEBHOOK_ALLOWED_HOSTS="127.0.0.1",
+                             QWEN_IMAGE_WEBHOOK_BACKOFF_S="0.05")
         started.append(proc)
         return proc, gate
 
     yield start
     for proc in started:
         proc.stop()
+
+
+@pytest.fixture
+def receiver() -> Iterator[Receiver]:
+    r = Receiver()
+    yield r
+    r.close()
 
 
 def final(url: str, job_id: str, timeout: float = 180) -> dict:
@@ -121,17 +130,23 @@ class EventStream:
         return [name for name, _ in self.events]
 
 
-def test_any_server_reads_streams_and_cancels_a_job_another_runs(servers):
+def test_any_server_reads_streams_and_cancels_a_job_another_runs(servers, redis_url, receiver: Receiver):
     (a, gate_a), (b, _) = servers("a"), servers("b")
     a.wait_ready()
     b.wait_ready()
 
-    done = submit(a.url, "made on a")
+    receiver.answers.extend([500, 500])  # two servers poll the shared outbox: still one try at a time
+    done = submit(a.url, "made on a", webhook_url=receiver.url())
     assert final(b.url, done)["status"] == "succeeded"  # B reads A's job from the store
     image = httpx.get(f"{b.url}/v1/jobs/{done}/image")
     assert image.status_code == 200 and image.headers["content-type"] == "image/png"
     assert image.content == httpx.get(f"{a.url}/v1/jobs/{done}/image").content  # kept in Redis, shared
     assert httpx.get(f"{b.url}/v1/images/job-{done}").content == image.content
+    wait_until(lambda: len(receiver.got) >= 3, 30, "the webhook's third try")
+    secret = redis.Redis.from_url(redis_url).get("qwen-image:webhook-secret").decode()  # both servers sign with it
+    assert [r.answered for r in receiver.got] == [500, 500, 200]
+    assert len({r.headers["webhook-id"] for r in receiver.got}) == 1
+    assert receiver.got[-1].verified(secret)["data"]["id"] == done
 
     gate_a.write_text("")  # A's steps wait: its first job runs, the others queue
     running, cancelled, streamed = (submit(a.url, f"job {i}", seed=i) for i in range(3))
@@ -156,6 +171,7 @@ def test_any_server_reads_streams_and_cancels_a_job_another_runs(servers):
     assert f'"image_url":"{b.url}/v1/jobs/{streamed}/image"' in stream.events[-1][1].replace(" ", "")
     assert a.scheduler()["processed"] == 2  # the finished one and the streamed one; B ran nothing
     assert b.scheduler()["processed"] == 0
+    assert len(receiver.got) == 3  # one job end, one delivery: no server sent it again
 
 
 def test_a_live_server_adopts_the_jobs_of_a_killed_one_and_runs_each_once(servers):
