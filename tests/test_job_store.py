@@ -4,13 +4,16 @@ server started again on the same data folder."""
 
 from __future__ import annotations
 
+import io
 import os
+import shutil
 import signal
 import sys
 from pathlib import Path
 
 import httpx
 import pytest
+from PIL import Image
 
 from tests.conftest import ROOT, LiveServer, tiny_settings, wait_until
 
@@ -120,3 +123,23 @@ def test_a_memory_store_keeps_no_job_on_disk(restartable, tmp_path):
         assert final(live.url, job_id)["status"] == "succeeded"
     data = tmp_path / "data"
     assert not (data / "jobs.sqlite3").exists() and not (data / "results").exists()
+
+
+def test_a_job_the_data_folder_cannot_keep_is_refused_with_507_and_not_queued(restartable, tmp_path):
+    live = restartable()
+    inputs = tmp_path / "data" / "inputs"
+    shutil.rmtree(inputs)
+    inputs.write_text("")  # a file where the folder of the uploads must be: nothing can be written there
+    photo = io.BytesIO()
+    Image.new("RGB", (32, 32), (200, 40, 40)).save(photo, "PNG")
+    with live.client() as c:
+        r = c.post("/v1/jobs/edit", data={"prompt": "make it blue", "num_inference_steps": "2"},
+                   files=[("image", ("photo.png", photo.getvalue(), "image/png"))])
+        assert r.status_code == 507, r.text
+        error = r.json()["error"]
+        assert (error["type"], error["code"]) == ("insufficient_storage", "job_store_full")
+        assert "QWEN_IMAGE_DATA_DIR" in error["message"]
+        assert live.scheduler()["queue_length"] == 0 and live.scheduler()["processed"] == 0
+        # Jobs without uploads, and requests that wait for their image, are still served.
+        assert final(live.url, c.post("/v1/jobs", json={"prompt": "still served", **FAST}).json()["id"])[
+            "status"] == "succeeded"

@@ -30,6 +30,7 @@ from dataclasses import dataclass
 from pathlib import Path
 from typing import Any, Literal, Protocol, TypeVar
 
+from qwen_image_server import errors
 from qwen_image_server.job_state import JobState
 from qwen_image_server.serving.object_store import FolderObjectStore, ObjectStore, job_image_key
 from qwen_image_server.serving.render import save_atomically
@@ -62,7 +63,8 @@ class StoredJob:
 
 
 class JobStore(Protocol):
-    """Blocking calls; `AsyncJobStore` runs them off the event loop."""
+    """Blocking calls; `AsyncJobStore` runs them off the event loop. `add` raises
+    InsufficientStorage (507) when the store cannot take the job (a full disk, ...)."""
 
     def add(self, job: StoredJob, uploads: Sequence[Upload], mask: Upload | None) -> None: ...
     def remove(self, job_id: str) -> None: ...
@@ -126,19 +128,24 @@ class SqliteJobStore:
 
     def add(self, job: StoredJob, uploads: Sequence[Upload], mask: Upload | None) -> None:
         """Keep a job just accepted, with an edit's uploads (written first: a row never names
-        files that are not there)."""
-        if uploads or mask is not None:
-            folder = self.inputs / job.id
-            folder.mkdir(exist_ok=True)
-            for index, upload in enumerate(uploads):
-                _write(folder / f"image-{index}", upload)
-            if mask is not None:
-                _write(folder / "mask", mask)
-        self._db.execute(
-            "INSERT INTO jobs (id, owner, task, body, request_id, created_at, state, runs, uploads, has_mask, "
-            "base_url, webhook_url) VALUES (?, ?, ?, ?, ?, ?, ?, ?, ?, ?, ?, ?)",
-            (job.id, job.owner, job.task, job.body, job.request_id, job.created_at, job.state.value, job.runs,
-             len(uploads), int(mask is not None), job.base_url, job.webhook_url))
+        files that are not there). InsufficientStorage when the data folder cannot take them."""
+        try:
+            if uploads or mask is not None:
+                folder = self.inputs / job.id
+                folder.mkdir(exist_ok=True)
+                for index, upload in enumerate(uploads):
+                    _write(folder / f"image-{index}", upload)
+                if mask is not None:
+                    _write(folder / "mask", mask)
+            self._db.execute(
+                "INSERT INTO jobs (id, owner, task, body, request_id, created_at, state, runs, uploads, has_mask, "
+                "base_url, webhook_url) VALUES (?, ?, ?, ?, ?, ?, ?, ?, ?, ?, ?, ?)",
+                (job.id, job.owner, job.task, job.body, job.request_id, job.created_at, job.state.value, job.runs,
+                 len(uploads), int(mask is not None), job.base_url, job.webhook_url))
+        except (OSError, sqlite3.OperationalError) as exc:  # full, read-only, or no folder where one must be
+            shutil.rmtree(self.inputs / job.id, ignore_errors=True)
+            log.error("job %s could not be stored in %s: %s", job.id, self.folder, exc)
+            raise unwritable(f"the data folder (QWEN_IMAGE_DATA_DIR) cannot take it: {_reason(exc)}") from exc
 
     def remove(self, job_id: str) -> None:
         """Forget a job that was never queued after all (the queue refused it)."""
@@ -206,6 +213,19 @@ class SqliteJobStore:
 
     def close(self) -> None:
         self._db.close()
+
+
+def unwritable(why: str) -> errors.InsufficientStorage:
+    """The 507 a job the store cannot take is refused with (nothing was queued)."""
+    return errors.InsufficientStorage(f"The server cannot keep this job, so it was not queued; {why}. Try again "
+                                      "later; requests that wait for their image (/generate) still work.",
+                                      param=None, code="job_store_full")
+
+
+def _reason(exc: Exception) -> str:
+    if isinstance(exc, OSError):
+        return exc.strerror or type(exc).__name__
+    return str(exc)  # SQLite's own words: "database or disk is full", "attempt to write a readonly database"
 
 
 def _job(row: tuple[Any, ...]) -> StoredJob:

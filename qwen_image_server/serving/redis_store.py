@@ -38,7 +38,7 @@ import redis.asyncio as aioredis
 from qwen_image_server.job_state import JobEvent, JobState
 from qwen_image_server.protocol.native import JobPreview, JobStatus
 from qwen_image_server.serving.job_exchange import Relayed
-from qwen_image_server.serving.job_store import TOMBSTONE_S, StoredJob
+from qwen_image_server.serving.job_store import TOMBSTONE_S, StoredJob, unwritable
 from qwen_image_server.serving.object_store import ObjectStore, job_image_key
 from qwen_image_server.serving.uploads import Upload
 from qwen_image_server.serving.webhook_outbox import Delivery
@@ -146,7 +146,14 @@ class RedisJobStore:
             pipe.hset(f"{PREFIX}job:{job.id}:inputs", mapping=inputs)
         pipe.hset(f"{PREFIX}job:{job.id}", mapping=fields)
         pipe.sadd(f"{PREFIX}runner:{self.runner}:jobs", job.id)
-        pipe.execute()
+        try:
+            pipe.execute()
+        except redis.ResponseError as exc:
+            if not str(exc).startswith("OOM"):
+                raise
+            # Redis at its maxmemory (with a policy that evicts nothing, as a job store needs).
+            log.error("job %s could not be stored in Redis: %s", job.id, exc)
+            raise unwritable("Redis (QWEN_IMAGE_STORE) is out of memory") from exc
         self._max(keys=[f"{PREFIX}request-id"], args=[job.request_id])
 
     def remove(self, job_id: str) -> None:
