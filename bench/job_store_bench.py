@@ -7,24 +7,32 @@ nothing is refused, and `--clients` clients (on their own connections, in this p
 sending their share of `--requests` submissions back to back. The jobs
 run and end meanwhile, so the store also takes their ends and images, as in service.
 
-    .venv/bin/python bench/job_store_bench.py [--clients 16] [--requests 1600] [--stores sqlite,memory]
+    .venv/bin/python bench/job_store_bench.py [--clients 16] [--requests 1600] [--stores sqlite,memory,redis]
     .venv/bin/python bench/job_store_bench.py --held    # jobs only queue: the submit path alone
+
+`redis` starts a redis-server of its own (Debian's `redis-server`, on a free port, nothing kept
+on disk); a `redis://host:port/db` URL in --stores uses that Redis instead (it must be empty).
 """
 
 from __future__ import annotations
 
 import argparse
 import asyncio
+import contextlib
 import json
 import multiprocessing
+import shutil
 import socket
 import statistics
+import subprocess
 import sys
 import tempfile
 import time
+from collections.abc import Iterator
 from pathlib import Path
 
 import httpx
+import redis
 import uvicorn
 
 sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
@@ -101,6 +109,35 @@ def measure(store: str, folder: Path, clients: int, requests: int, held: bool) -
             "max_ms": round(ordered[-1], 2), "submits_per_s": round(len(latencies) / elapsed, 1)}
 
 
+@contextlib.contextmanager
+def redis_server(folder: Path) -> Iterator[str]:
+    """A fresh redis-server for one measurement: its URL."""
+    binary = shutil.which("redis-server")
+    if binary is None:
+        raise SystemExit("redis-server is missing: apt-get install -y redis-server")
+    port = free_port()
+    folder.mkdir(parents=True)
+    proc = subprocess.Popen([binary, "--port", str(port), "--bind", "127.0.0.1", "--save", "", "--appendonly", "no",
+                             "--dir", str(folder)], stdout=subprocess.DEVNULL)
+    url = f"redis://127.0.0.1:{port}/0"
+    try:
+        client = redis.Redis.from_url(url)
+        deadline = time.monotonic() + 30
+        while True:
+            try:
+                client.ping()
+                break
+            except redis.ConnectionError:
+                if time.monotonic() > deadline:
+                    raise SystemExit("redis-server did not start") from None
+                time.sleep(0.05)
+        client.close()
+        yield url
+    finally:
+        proc.terminate()
+        proc.wait(30)
+
+
 def main() -> int:
     parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     parser.add_argument("--clients", type=int, default=16)
@@ -113,7 +150,11 @@ def main() -> int:
         folder = Path(tmp)
         rows = []
         for store in args.stores.split(","):
-            rows.append(measure(store, folder / store, args.clients, args.requests, args.held))
+            with contextlib.ExitStack() as stack:
+                where = store.split("://")[0]
+                if store == "redis":
+                    store = stack.enter_context(redis_server(folder / "redis-server"))
+                rows.append(measure(store, folder / where, args.clients, args.requests, args.held))
             print(json.dumps(rows[-1]), flush=True)
     return 0
 
