@@ -458,8 +458,12 @@ class JobRegistry:
         """What one subscriber of the job hears (see JobRecord.events), previews as sent; for a
         job another server runs, what that server relays."""
         if record.relayed is not None and self.exchange is not None:
+            position: int | None = None
             async for event, data in self.exchange.follow(record.job.id, lambda: self._now_elsewhere(record)):
                 if isinstance(data, JobStatus):
+                    if event is JobEvent.QUEUED and position is not None and data.queue_position == position:
+                        continue  # the queue moved but this job's place did not
+                    position = data.queue_position if data.status is JobState.QUEUED else None
                     record.relayed = data
                     data = self.status(record, image_url)
                 yield event, data
