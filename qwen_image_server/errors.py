@@ -207,6 +207,14 @@ class EngineDead(ServerError):
     type = "engine_unavailable"
 
 
+class StoreUnavailable(ServerError):
+    """The shared job store (Redis) cannot be reached: an async job cannot be kept, so it is not
+    queued; requests that wait for their image are still served."""
+
+    status_code = 503
+    type = "store_unavailable"
+
+
 class QueueTimeout(ServerError):
     status_code = 504
     type = "queue_timeout"

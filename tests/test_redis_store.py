@@ -22,7 +22,7 @@ import httpx
 import pytest
 import redis
 
-from tests.conftest import ROOT, ServerProcess, free_port, start_process, wait_until
+from tests.conftest import ROOT, LiveServer, ServerProcess, free_port, start_process, tiny_settings, wait_until
 from tests.test_webhooks import Receiver
 
 FAST = {"num_inference_steps": 2, "add_overlay": False}
@@ -194,3 +194,26 @@ def test_a_live_server_adopts_the_jobs_of_a_killed_one_and_runs_each_once(server
         r = httpx.get(f"{b.url}/v1/jobs/{job_id}/image")
         assert r.status_code == 200 and r.headers["content-type"] == "image/png"
     assert b.scheduler()["processed"] == 4  # each once, the one A was running from the start
+
+
+def test_a_full_redis_refuses_new_jobs_with_507_and_still_serves_waiting_requests(redis_url, tmp_path):
+    url = redis_url.rsplit("/", 1)[0] + "/1"  # a database of its own
+    live = LiveServer(tiny_settings(tmp_path, store=url)).start()
+    admin = redis.Redis.from_url(url)
+    try:
+        admin.config_set("maxmemory", 1)  # Redis past its maxmemory: it refuses every write
+        try:
+            r = httpx.post(f"{live.url}/v1/jobs", json={"prompt": "no room", **FAST}, timeout=30)
+            assert r.status_code == 507, r.text
+            error = r.json()["error"]
+            assert (error["type"], error["code"]) == ("insufficient_storage", "job_store_full")
+            assert "Redis" in error["message"]
+            assert live.scheduler()["queue_length"] == 0
+            r = httpx.post(f"{live.url}/generate", json={"prompt": "waits for its image", **FAST}, timeout=120)
+            assert r.status_code == 200 and r.headers["content-type"] == "image/png"
+        finally:
+            admin.config_set("maxmemory", 0)
+        assert final(live.url, submit(live.url, "room again"))["status"] == "succeeded"
+    finally:
+        admin.close()
+        live.stop()

@@ -35,6 +35,7 @@ from typing import Any, cast
 import redis
 import redis.asyncio as aioredis
 
+from qwen_image_server import errors
 from qwen_image_server.job_state import JobEvent, JobState
 from qwen_image_server.protocol.native import JobPreview, JobStatus
 from qwen_image_server.serving.job_exchange import Relayed
@@ -148,9 +149,11 @@ class RedisJobStore:
         pipe.sadd(f"{PREFIX}runner:{self.runner}:jobs", job.id)
         try:
             pipe.execute()
-        except redis.ResponseError as exc:
-            if not str(exc).startswith("OOM"):
-                raise
+        except (redis.ConnectionError, redis.TimeoutError) as exc:
+            log.error("job %s could not be stored in Redis: %s", job.id, exc)
+            raise errors.StoreUnavailable("The server cannot reach its job store (Redis) to keep this job, so it "
+                                          "was not queued; try again shortly.", retry_after=5) from exc
+        except redis.exceptions.OutOfMemoryError as exc:
             # Redis at its maxmemory (with a policy that evicts nothing, as a job store needs).
             log.error("job %s could not be stored in Redis: %s", job.id, exc)
             raise unwritable("Redis (QWEN_IMAGE_STORE) is out of memory") from exc

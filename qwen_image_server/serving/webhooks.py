@@ -183,7 +183,8 @@ class Webhooks:
             pending = await self.outbox.open()
         except (OSError, sqlite3.Error) as exc:
             raise errors.ConfigurationError(
-                f"QWEN_IMAGE_DATA_DIR: cannot open the webhook outbox {self.outbox.path} ({exc})") from None
+                f"{'QWEN_IMAGE_DATA_DIR' if isinstance(self.outbox, SqliteOutbox) else 'QWEN_IMAGE_STORE'}: "
+                f"cannot open the webhook outbox {self.outbox.path} ({exc})") from None
         if pending:
             log.info("resuming %d webhook deliver%s pending from before the restart", pending,
                      "y" if pending == 1 else "ies")
