@@ -147,6 +147,7 @@ class RedisJobStore:
             pipe.hset(f"{PREFIX}job:{job.id}:inputs", mapping=inputs)
         pipe.hset(f"{PREFIX}job:{job.id}", mapping=fields)
         pipe.sadd(f"{PREFIX}runner:{self.runner}:jobs", job.id)
+        self._max(keys=[f"{PREFIX}request-id"], args=[job.request_id], client=pipe)
         try:
             pipe.execute()
         except (redis.ConnectionError, redis.TimeoutError) as exc:
@@ -157,7 +158,6 @@ class RedisJobStore:
             # Redis at its maxmemory (with a policy that evicts nothing, as a job store needs).
             log.error("job %s could not be stored in Redis: %s", job.id, exc)
             raise unwritable("Redis (QWEN_IMAGE_STORE) is out of memory") from exc
-        self._max(keys=[f"{PREFIX}request-id"], args=[job.request_id])
 
     def remove(self, job_id: str) -> None:
         self._redis.delete(f"{PREFIX}job:{job_id}", f"{PREFIX}job:{job_id}:inputs")
