@@ -107,6 +107,20 @@ def submit(url: str, prompt: str, **extra) -> str:
     return r.json()["id"]
 
 
+def seen_from_b(b: ServerProcess, ids: list[str], states: list[str]) -> None:
+    """Wait until B shows the jobs (run by A) in `states`: B hears A's events a moment later."""
+    seen: list[str] = []
+
+    def matches() -> bool:
+        seen[:] = [httpx.get(f"{b.url}/v1/jobs/{i}", timeout=30).json()["status"] for i in ids]
+        return seen == states
+
+    try:
+        wait_until(matches, 30, f"B to show {states}")
+    except AssertionError as exc:
+        raise AssertionError(f"{exc}; B showed {seen}") from None
+
+
 class EventStream:
     """An SSE client in a thread: the events' names and data, as they come."""
 
@@ -151,8 +165,7 @@ def test_any_server_reads_streams_and_cancels_a_job_another_runs(servers, redis_
     gate_a.write_text("")  # A's steps wait: its first job runs, the others queue
     running, cancelled, streamed = (submit(a.url, f"job {i}", seed=i) for i in range(3))
     wait_until(lambda: any(gate_a.parent.glob("gate.held-*")), 120, "A's first job to be running")
-    assert [httpx.get(f"{b.url}/v1/jobs/{i}").json()["status"] for i in (running, cancelled, streamed)] == [
-        "running", "queued", "queued"]
+    seen_from_b(b, [running, cancelled, streamed], ["running", "queued", "queued"])
 
     # A queued job cancelled through B never runs; the running one stops at its next step.
     r = httpx.delete(f"{b.url}/v1/jobs/{cancelled}", timeout=30)
@@ -181,7 +194,7 @@ def test_a_live_server_adopts_the_jobs_of_a_killed_one_and_runs_each_once(server
     gate_a.write_text("")
     ids = [submit(a.url, f"adopted {i}", seed=i) for i in range(4)]
     wait_until(lambda: any(gate_a.parent.glob("gate.held-*")), 120, "A's first job to be running")
-    assert [httpx.get(f"{b.url}/v1/jobs/{i}").json()["status"] for i in ids] == ["running"] + ["queued"] * 3
+    seen_from_b(b, ids, ["running"] + ["queued"] * 3)
     time.sleep(float(LEASE_S))  # while A lives, its lease holds: B has run nothing of it
     assert b.scheduler()["processed"] == 0 and b.scheduler()["queue_length"] == 0
 
