@@ -42,6 +42,7 @@ from qwen_image_server.protocol.common import (
 )
 from qwen_image_server.protocol.native import EditParameters, GenerateRequest
 from qwen_image_server.serving.object_store import open_object_store
+from qwen_image_server.serving.store_choice import check_store
 from qwen_image_server.serving.uploads import Upload, field_names
 
 if TYPE_CHECKING:
@@ -91,6 +92,7 @@ class ServeCommand(Settings):
             engine_gpus(settings)
             if settings.results_url is not None:  # boto3 and its credentials, or the shared folder
                 open_object_store(settings.results_url)
+            check_store(settings)  # a shared store: its client installed, its server reachable
         except ConfigurationError as exc:
             print(f"error: {exc}", file=sys.stderr)
             raise SystemExit(2) from None

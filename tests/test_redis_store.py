@@ -22,7 +22,16 @@ import httpx
 import pytest
 import redis
 
-from tests.conftest import ROOT, LiveServer, ServerProcess, free_port, start_process, tiny_settings, wait_until
+from tests.conftest import (
+    ROOT,
+    LiveServer,
+    ServerProcess,
+    free_port,
+    run_cli,
+    start_process,
+    tiny_settings,
+    wait_until,
+)
 from tests.test_webhooks import Receiver
 
 FAST = {"num_inference_steps": 2, "add_overlay": False}
@@ -230,3 +239,13 @@ def test_a_full_redis_refuses_new_jobs_with_507_and_still_serves_waiting_request
     finally:
         admin.close()
         live.stop()
+
+
+def test_serve_says_in_one_line_when_the_redis_store_cannot_be_reached(capsys, tmp_path, monkeypatch):
+    monkeypatch.chdir(tmp_path)
+    closed = free_port()  # nothing listens there
+    assert run_cli("serve", "--model", "tiny", "--port", str(free_port()),
+                   "--store", f"redis://:hunter2@127.0.0.1:{closed}/0") == 2
+    error = capsys.readouterr().err
+    assert f"QWEN_IMAGE_STORE=redis://***@127.0.0.1:{closed}/0: cannot reach Redis" in error
+    assert "hunter2" not in error  # the password never shows

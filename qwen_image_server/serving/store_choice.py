@@ -6,6 +6,7 @@ from __future__ import annotations
 
 from collections.abc import Callable
 from dataclasses import dataclass
+from types import ModuleType
 
 from qwen_image_server.config.settings import Settings
 from qwen_image_server.errors import ConfigurationError
@@ -33,19 +34,40 @@ def open_stores(settings: Settings, objects: ObjectStore | None, replica: str | 
     if settings.store == "sqlite":
         return Stores(AsyncJobStore(SqliteJobStore(settings.data_dir, objects)))
     url = str(settings.store)
-    shown = _without_password(url)
-    try:
-        from qwen_image_server.serving import redis_store
-    except ImportError:
-        raise ConfigurationError(f"QWEN_IMAGE_STORE={shown} needs the Redis client: "
-                                 "pip install 'qwen-image-server[redis]' (requirements-redis.txt)") from None
+    redis_store = _redis_store(url)
     runner = redis_store.new_runner(replica)
     try:
         jobs = redis_store.RedisJobStore(url, runner, objects)
     except redis_store.redis.RedisError as exc:
-        raise ConfigurationError(f"QWEN_IMAGE_STORE={shown}: cannot reach Redis ({exc})") from None
+        raise ConfigurationError(f"QWEN_IMAGE_STORE={_without_password(url)}: cannot reach Redis ({exc})") from None
     return Stores(AsyncJobStore(jobs), redis_store.RedisExchange(url, runner, settings.store_lease_s),
                   redis_store.RedisOutbox(url), lambda make: redis_store.shared_webhook_secret(url, make))
+
+
+def check_store(settings: Settings) -> None:
+    """Before a server starts: ConfigurationError, one line, when the shared store it names
+    cannot be used from here (no Redis client, Redis unreachable). Blocks."""
+    if settings.store in ("sqlite", "memory"):
+        return
+    url = str(settings.store)
+    redis_store = _redis_store(url)
+    try:
+        client = redis_store.connect(url)
+        try:
+            client.ping()
+        finally:
+            client.close()
+    except redis_store.redis.RedisError as exc:
+        raise ConfigurationError(f"QWEN_IMAGE_STORE={_without_password(url)}: cannot reach Redis ({exc})") from None
+
+
+def _redis_store(url: str) -> ModuleType:
+    try:
+        from qwen_image_server.serving import redis_store
+    except ImportError:
+        raise ConfigurationError(f"QWEN_IMAGE_STORE={_without_password(url)} needs the Redis client: "
+                                 "pip install 'qwen-image-server[redis]' (requirements-redis.txt)") from None
+    return redis_store
 
 
 def _without_password(url: str) -> str:
