@@ -32,6 +32,7 @@ from tests.conftest import (
     tiny_settings,
     wait_until,
 )
+from tests.fakes import FakeEngine
 from tests.test_webhooks import Receiver
 
 FAST = {"num_inference_steps": 2, "add_overlay": False}
@@ -220,7 +221,7 @@ def test_a_live_server_adopts_the_jobs_of_a_killed_one_and_runs_each_once(server
 
 def test_a_full_redis_refuses_new_jobs_with_507_and_still_serves_waiting_requests(redis_url, tmp_path):
     url = redis_url.rsplit("/", 1)[0] + "/1"  # a database of its own
-    live = LiveServer(tiny_settings(tmp_path, store=url)).start()
+    live = LiveServer(tiny_settings(tmp_path, store=url), FakeEngine).start()  # the store is at stake, not pixels
     admin = redis.Redis.from_url(url)
     try:
         admin.config_set("maxmemory", 1)  # Redis past its maxmemory: it refuses every write
@@ -249,3 +250,20 @@ def test_serve_says_in_one_line_when_the_redis_store_cannot_be_reached(capsys, t
     error = capsys.readouterr().err
     assert f"QWEN_IMAGE_STORE=redis://***@127.0.0.1:{closed}/0: cannot reach Redis" in error
     assert "hunter2" not in error  # the password never shows
+
+
+def test_with_a_results_url_redis_keeps_the_records_and_the_storage_the_images(redis_url, tmp_path):
+    url = redis_url.rsplit("/", 1)[0] + "/2"
+    shared = tmp_path / "shared"
+    live = LiveServer(tiny_settings(tmp_path, store=url, results_url=shared.as_uri()), FakeEngine).start()
+    admin = redis.Redis.from_url(url)
+    try:
+        job_id = submit(live.url, "kept in the shared folder")
+        assert final(live.url, job_id)["status"] == "succeeded"
+        image = httpx.get(f"{live.url}/v1/jobs/{job_id}/image", timeout=30)
+        assert image.status_code == 200
+        assert (shared / "jobs" / job_id).read_bytes() == image.content
+        assert admin.exists(f"qwen-image:job:{job_id}") and not admin.exists(f"qwen-image:image:{job_id}")
+    finally:
+        admin.close()
+        live.stop()
