@@ -88,6 +88,7 @@ class JobRecord:
     base_url: str | None = None  # of the request that created it: its links in a webhook
     webhook_url: str | None = None  # where its end is POSTed
     subscribers: set[Subscriber] = field(default_factory=set)
+    told_start: float | None = None  # the start (the job's started_at) the store and the relay were told of
     # The newest preview's encoding, shared by every subscriber and made once.
     _encoding: tuple[Preview, asyncio.Future[JobPreview]] | None = None
 
@@ -305,7 +306,6 @@ class JobRegistry:
         record.base_url, record.webhook_url = base_url, webhook_url
         self._prune()
         self._records[job.id] = record
-        store = self.store
         exchange = self.exchange
         if exchange is not None:
             self._relay(record, JobEvent.QUEUED, 0)
@@ -318,17 +318,31 @@ class JobRegistry:
                         loop.call_soon_threadsafe(self._relay, record, event, job.step)
             elif not event.final:  # the end is announced by _complete, once the image is stored
                 loop.call_soon_threadsafe(record.publish, event, job.step)
-                if event is JobEvent.STARTED and store is not None:
-                    loop.call_soon_threadsafe(store.call, store.store.started, job.id)
-                if exchange is not None:
+                if event is JobEvent.STARTED:
+                    loop.call_soon_threadsafe(self._tell_start, record)
+                elif exchange is not None:
                     loop.call_soon_threadsafe(self._relay, record, event, job.step)
 
         self.generation.scheduler.add_listener(job, on_event)
+        # The scheduler may have started the job before its listener was added: told now, once.
+        self._tell_start(record)
         task = asyncio.create_task(self._complete(record))
         self._tasks.add(task)
         task.add_done_callback(self._tasks.discard)
         log.info("request %d: job %s queued", request_id, job.id)
         return record
+
+    def _tell_start(self, record: JobRecord) -> None:
+        """Tell the store (a start counts as a run) and the relay that the job started, once per
+        start (on the event loop; a job put back in the queue and started again is told again)."""
+        started = record.job.started_at
+        if started is None or started == record.told_start or record.job.future.done():
+            return
+        record.told_start = started
+        if self.store is not None:
+            self.store.call(self.store.store.started, record.job.id)
+        if self.exchange is not None:
+            self._relay(record, JobEvent.STARTED, record.job.step)
 
     def _relay(self, record: JobRecord, event: JobEvent, step: int) -> None:
         """Tell the job's followers on other servers (on the event loop)."""
