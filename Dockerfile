@@ -7,7 +7,7 @@
 # EXTRAS adds pinned requirement files: "ray", "s3", "gpu" (torchao, kernels), "cache" (cache-dit),
 # comma- or space-separated. The PIP_* arguments reach pip only while building (a mirror, a folder
 # of wheels such as a CPU torch, a CA bundle); none of them stays in the image.
-ARG BASE=pytorch/pytorch:2.13.0-cuda12.8-cudnn9-runtime
+ARG BASE=pytorch/pytorch:2.13.0-cuda12.6-cudnn9-runtime
 
 FROM ${BASE} AS deps
 ARG EXTRAS=""
