@@ -20,6 +20,7 @@ import openai
 import pytest
 import torch
 from PIL import Image
+from prometheus_client.parser import text_string_to_metric_families
 
 from qwen_image_server.engine.tiny import (
     ensure_tiny_model,
@@ -414,3 +415,19 @@ def test_a_lora_folder_that_is_not_there_is_named_in_a_warning_at_start(tmp_path
     with caplog.at_level("WARNING", logger="qwen_image_server"):
         create_app(tiny_settings(tmp_path, lora_dir=typo))
     assert "QWEN_IMAGE_LORA_DIR" not in caplog.text
+
+
+def test_lora_switches_are_counted_per_engine(live):
+    def switches() -> float:
+        text = httpx.get(f"{live.url}/metrics", timeout=30).text
+        return next(s.value for f in text_string_to_metric_families(text) for s in f.samples
+                    if s.name == "qwen_image_lora_switches_total" and s.labels == {"engine": "0"})
+
+    image(live, 5)  # whatever ran before: now no LoRA is active
+    before = switches()
+    image(live, 5, [{"name": "style", "scale": 1.0}])  # on
+    image(live, 6, [{"name": "style", "scale": 1.0}])  # the same: no switch
+    image(live, 5, [{"name": "style", "scale": 0.5}])  # another scale: a switch
+    image(live, 5)  # off
+    assert switches() - before == 3
+

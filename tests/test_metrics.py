@@ -76,6 +76,9 @@ def test_generation_feeds_queue_batch_step_and_image_metrics(server):
     assert value(m, "qwen_image_queue_wait_seconds_count") == 1
     assert value(m, "qwen_image_denoising_step_seconds_count") == 2  # steps 2 and 3: step 1 also encodes
     assert value(m, "qwen_image_queue_size") == 0
+    # Latency by size and steps: 512x512 is 0.25 megapixels, 3 steps fall in the "up to 4" class.
+    assert value(m, "qwen_image_job_duration_seconds_count", megapixels="0.25", steps="4") == 1
+    assert value(m, "qwen_image_job_duration_seconds_sum", megapixels="0.25", steps="4") > 0
     assert value(m, "qwen_image_model_load_seconds") == pytest.approx(load_time, abs=0.01)
     assert value(m, "qwen_image_gpu_memory_allocated_bytes") == 0  # CPU
     for name in ("qwen_image_queue_wait_seconds", "qwen_image_batch_inference_seconds",

@@ -39,7 +39,7 @@ from prometheus_client.registry import Collector
 from qwen_image_server import errors
 from qwen_image_server.engine.contract import Engine, facts_of
 from qwen_image_server.engine.device import DeviceInfo
-from qwen_image_server.engine.types import PreviewMode
+from qwen_image_server.engine.types import LoraSet, PreviewMode
 from qwen_image_server.job_state import JobEvent
 from qwen_image_server.scheduler import Job, Scheduler, SlotState
 from qwen_image_server.serving.output_folder import free_bytes
@@ -60,6 +60,16 @@ _METHODS = frozenset({"GET", "HEAD", "POST", "PUT", "PATCH", "DELETE", "OPTIONS"
 _REJECTION_REASONS = (errors.QueueFull.type, errors.ShuttingDown.type)
 _FAILURE_TYPES = (errors.InferenceFailed.type, errors.OutOfMemory.type, errors.EngineDead.type,
                   errors.QueueTimeout.type, errors.ShuttingDown.type)
+# A job's size and step count as a few classes (upper bounds), so "latency by size and steps" has
+# a bounded number of series whatever sizes clients ask for. Megapixels are 2**20 pixels: 1024x1024
+# is "1", the model's own 1328x1328 "2".
+MEGAPIXEL_CLASSES = (0.25, 0.5, 1.0, 2.0, 4.0)
+STEP_CLASSES = (4, 8, 20, 30, 50)
+
+
+def _class_of(value: float, bounds: Sequence[float]) -> str:
+    """The smallest bound `value` fits under, as a label ("+Inf" past the last)."""
+    return next((f"{bound:g}" for bound in bounds if value <= bound), "+Inf")
 
 
 # The `_created` timestamp series would double the exposition; Prometheus does not need them.
@@ -119,6 +129,11 @@ class ServerMetrics:
             "a VAE decode). The job that asked for it waits that long; so does its batch.",
             ["mode"], buckets=PREVIEW_BUCKETS, registry=r)
         self.images = Counter("qwen_image_images_generated", "Images generated and delivered.", registry=r)
+        self.job_duration = Histogram(
+            "qwen_image_job_duration_seconds",
+            "Seconds from a job's submission to its image (queue wait included), by size and steps: "
+            "`megapixels` and `steps` are the smallest class bound the job fits under (+Inf past the "
+            "last).", ["megapixels", "steps"], buckets=SECONDS_BUCKETS, registry=r)
         self.cancelled = Counter(
             "qwen_image_jobs_cancelled", "Jobs cancelled by their client or a disconnect.", registry=r)
         self.rejected = Counter(
@@ -143,6 +158,9 @@ class ServerMetrics:
             "was killed (a process) or given up (in this process) as hung.", ["engine"], registry=r)
         self.engine_batches = Counter(
             "qwen_image_engine_batches", "Pipeline calls finished, by engine.", ["engine"], registry=r)
+        self.lora_switches = Counter(
+            "qwen_image_lora_switches", "Batches whose LoRAs (names and scales) differ from the previous "
+            "batch's on the same engine: the engine changed its active adapters.", ["engine"], registry=r)
         self.engine_busy = Gauge(
             "qwen_image_engine_busy", "1 while the engine runs a batch.", ["engine", "gpu"],
             multiprocess_mode="livesum", registry=r)
@@ -201,6 +219,7 @@ class ServerMetrics:
             self.engine_restarts.labels(str(slot.index))
             self.engine_timeouts.labels(str(slot.index))
             self.engine_batches.labels(str(slot.index))
+            self.lora_switches.labels(str(slot.index))
 
     def watch_output_disk(self, folder: Path) -> None:
         """Read the free space of `folder`'s disk at each scrape."""
@@ -277,6 +296,7 @@ class SchedulerMetrics:
         self._queue_length = queue_length
         # (batch id, last step seen, when): steps run on the one engine thread, one batch at a time.
         self._step_mark: tuple[int | None, int, float] = (None, 0, 0.0)
+        self._engine_loras: dict[int, LoraSet] = {}  # each engine's last batch's LoRAs
 
     def job_event(self, job: Job, event: JobEvent) -> None:
         if event in (JobEvent.QUEUED, JobEvent.STARTED, JobEvent.CANCELLED, JobEvent.FAILED):
@@ -293,6 +313,12 @@ class SchedulerMetrics:
                 self.m.preview.labels(job.preview.mode).observe(job.preview.seconds)
         elif event is JobEvent.SUCCEEDED:
             self.m.images.inc()
+            if job.finished_at is not None:
+                spec = job.spec
+                self.m.job_duration.labels(
+                    _class_of(spec.pixels / 2**20, MEGAPIXEL_CLASSES),
+                    _class_of(spec.num_inference_steps, STEP_CLASSES),
+                ).observe(job.finished_at - job.submitted_at)
         elif event is JobEvent.CANCELLED:
             self.m.cancelled.inc()
         elif event is JobEvent.FAILED:
@@ -312,7 +338,12 @@ class SchedulerMetrics:
         self._step_mark = (batch_id, job.step, now)
 
     def batch_finished(self, batch: Sequence[Job], seconds: float) -> None:
-        self.m.engine_batches.labels(str(batch[0].engine or 0)).inc()
+        engine = batch[0].engine or 0
+        self.m.engine_batches.labels(str(engine)).inc()
+        loras = batch[0].spec.loras  # one batch, one set of LoRAs (they are in its batch key)
+        if loras != self._engine_loras.get(engine, ()):
+            self.m.lora_switches.labels(str(engine)).inc()
+        self._engine_loras[engine] = loras
         self.m.inference.observe(seconds)
         self.m.batch_size.observe(len(batch))
         self.m.update_gpu_memory()
