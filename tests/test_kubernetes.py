@@ -231,6 +231,7 @@ def checkov() -> Path:
     return Path(done.stdout.strip().splitlines()[-1])
 
 
+@pytest.mark.timeout(1500)  # the first run installs checkov's venv (minutes on two cores)
 def test_the_security_scan_finds_nothing(rendered, checkov, tmp_path):
     for overlay, objects in rendered.items():
         (tmp_path / f"{overlay}.yaml").write_text(yaml.safe_dump_all(objects))
