@@ -105,7 +105,12 @@ def setting_sections() -> dict[str, str]:
 
 
 def cell(text: str) -> str:
-    return " ".join(text.split()).replace("|", "\\|")
+    """Prose for one table cell: one line; outside `code`, nothing Markdown or HTML would eat."""
+    parts = " ".join(text.split()).split("`")
+    for i in range(0, len(parts), 2):  # the even parts are outside code spans
+        parts[i] = (parts[i].replace("\\", "\\\\").replace("*", "\\*").replace("_", "\\_")
+                    .replace("<", "&lt;").replace(">", "&gt;"))
+    return "`".join(parts).replace("|", "\\|")
 
 
 def settings_markdown() -> str:
@@ -166,9 +171,12 @@ def schema_type(doc: dict[str, Any], schema: dict[str, Any]) -> str:
 def limits(schema: dict[str, Any]) -> str:
     names = {"minimum": ">=", "maximum": "<=", "exclusiveMinimum": ">", "exclusiveMaximum": "<",
              "minLength": "length >=", "maxLength": "length <=", "minItems": "items >=", "maxItems": "items <="}
-    found = [f"{word} {schema[key]}" for key, word in names.items() if key in schema]
+    def number(value: float) -> str:
+        return str(int(value)) if float(value).is_integer() else str(value)
+
+    found = [f"{word} {number(schema[key])}" for key, word in names.items() if key in schema]
     for part in schema.get("anyOf", []):
-        found += [f"{word} {part[key]}" for key, word in names.items() if key in part]
+        found += [f"{word} {number(part[key])}" for key, word in names.items() if key in part]
     return ", ".join(found)
 
 
@@ -181,8 +189,8 @@ def fields_table(doc: dict[str, Any], schema: dict[str, Any]) -> list[str]:
     rows = ["| Field | Type | Default | Limits | Description |", "|---|---|---|---|---|"]
     for name, prop in properties.items():
         default = "**required**" if name in required else (
-            f"`{json.dumps(prop['default'])}`" if "default" in prop else "–")
-        rows.append(f"| `{name}` | {schema_type(doc, prop)} | {cell(default)} | {limits(prop)} | "
+            cell(f"`{json.dumps(prop['default'])}`") if "default" in prop else "–")
+        rows.append(f"| `{name}` | {schema_type(doc, prop)} | {default} | {limits(prop)} | "
                     f"{cell(prop.get('description', ''))} |")
     return rows + [""]
 

@@ -81,7 +81,7 @@ class Settings(BaseSettings):
         4, ge=1, validation_alias=_bare("THREADS"),
         description="Threads of the front for CPU work: overlay, PNG encoding, file writes.",
     )
-    log_level: Literal["debug", "info", "warning", "error"] = "info"
+    log_level: Literal["debug", "info", "warning", "error"] = Field("info", description="How much the server logs.")
 
     # -- model ------------------------------------------------------------------------------
     model: str = Field(
