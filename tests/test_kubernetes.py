@@ -158,6 +158,45 @@ def test_the_server_accepts_its_pod_settings_and_keys(rendered, tmp_path, monkey
     assert keys == (["team-a"] if overlay == "gpu" else [])  # cpu-tiny is for trying it: open
 
 
+def test_the_server_pod_runs_on_a_read_only_root_filesystem(rendered, tmp_path):
+    """The cpu-tiny pod's container as the kubelet starts it: the root filesystem read-only (a
+    mount namespace of its own), writable only where the pod mounts volumes; it loads the model,
+    turns ready, and saves an image for a key of its Secret."""
+    import httpx
+
+    from tests.conftest import start_process
+
+    if subprocess.run(["unshare", "-m", "--propagation", "private", "true"], capture_output=True).returncode:
+        pytest.skip("needs mount namespaces (root) to make the root filesystem read-only")
+    objects = rendered["cpu-tiny"]
+    pod = one(objects, "Deployment")["spec"]["template"]["spec"]
+    (server,) = pod["containers"]
+    volumes = tmp_path / "volumes"  # each volume's mount path, below this folder
+    for mount in server["volumeMounts"]:
+        (volumes / mount["mountPath"].lstrip("/")).mkdir(parents=True, exist_ok=True)
+    env = {name: (str(volumes / value.lstrip("/")) if value.startswith("/") else value)
+           for name, value in container_env(server).items()}
+    keys = Path(env["QWEN_IMAGE_API_KEYS_FILE"])
+    keys.write_text(f'[[keys]]\nkey = "{TEST_KEY}"\nname = "team-a"\n')
+    assert keys.parent.name == "qwen-image"  # the Secret's mount: /etc/qwen-image
+    env["TMPDIR"] = str(volumes / "tmp")
+    env.pop("PORT")
+    script = ('mount --bind "$VOLUMES" "$VOLUMES" && mount -o remount,bind,ro / '
+              '&& ! touch /.read-only-check 2>/dev/null && exec "$0" -m qwen_image_server serve')
+    proc = start_process(tmp_path, cmd=["unshare", "-m", "--propagation", "private", "bash", "-c", script,
+                                        sys.executable], VOLUMES=str(volumes), **env)
+    try:
+        proc.wait_ready()
+        answer = httpx.post(f"{proc.url}/generate", headers={"Authorization": f"Bearer {TEST_KEY}"},
+                            json={"prompt": "a cat", "num_inference_steps": 2, "save_to_file": True}, timeout=120)
+        assert answer.status_code == 200, answer.text
+        saved = tmp_path / answer.json()["file_path"]  # relative to the working directory
+        assert saved.is_relative_to(volumes / "data") and saved.stat().st_size > 0
+        assert httpx.post(f"{proc.url}/generate", json={"prompt": "a cat"}, timeout=30).status_code == 401
+    finally:
+        assert proc.stop() == 0, proc.output()[-3000:]
+
+
 def test_the_service_monitor_scrapes_the_servers_metrics(rendered):
     objects = rendered["gpu"]
     monitor, service = one(objects, "ServiceMonitor"), one(objects, "Service")
