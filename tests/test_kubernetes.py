@@ -197,6 +197,17 @@ def test_the_server_pod_runs_on_a_read_only_root_filesystem(rendered, tmp_path):
         assert proc.stop() == 0, proc.output()[-3000:]
 
 
+def test_an_unedited_copy_of_the_example_keys_file_stops_the_server(monkeypatch):
+    from pydantic import ValidationError
+
+    from qwen_image_server.config.settings import Settings
+
+    example = KUBERNETES / "overlays" / "gpu" / "api-keys.example.toml"
+    monkeypatch.setenv("QWEN_IMAGE_API_KEYS_FILE", str(example))
+    with pytest.raises(ValidationError, match="api-keys.example.toml"):
+        Settings(_env_file=None)
+
+
 def test_the_service_monitor_scrapes_the_servers_metrics(rendered):
     objects = rendered["gpu"]
     monitor, service = one(objects, "ServiceMonitor"), one(objects, "Service")
