@@ -14,6 +14,7 @@ import json
 import shutil
 import subprocess
 import sys
+import tempfile
 from pathlib import Path
 from typing import Any
 
@@ -171,7 +172,9 @@ def test_the_server_pod_runs_on_a_read_only_root_filesystem(rendered, tmp_path):
     objects = rendered["cpu-tiny"]
     pod = one(objects, "Deployment")["spec"]["template"]["spec"]
     (server,) = pod["containers"]
-    volumes = tmp_path / "volumes"  # each volume's mount path, below this folder
+    # Each volume's mount path, below this folder: a short path, as the pod's /tmp is (the engine
+    # processes' fork server listens on a Unix socket in TMPDIR, whose path has a length limit).
+    volumes = Path(tempfile.mkdtemp(prefix="k8s-", dir="/tmp"))
     for mount in server["volumeMounts"]:
         (volumes / mount["mountPath"].lstrip("/")).mkdir(parents=True, exist_ok=True)
     env = {name: (str(volumes / value.lstrip("/")) if value.startswith("/") else value)
@@ -194,7 +197,9 @@ def test_the_server_pod_runs_on_a_read_only_root_filesystem(rendered, tmp_path):
         assert saved.is_relative_to(volumes / "data") and saved.stat().st_size > 0
         assert httpx.post(f"{proc.url}/generate", json={"prompt": "a cat"}, timeout=30).status_code == 401
     finally:
-        assert proc.stop() == 0, proc.output()[-3000:]
+        code = proc.stop()
+        shutil.rmtree(volumes, ignore_errors=True)
+        assert code == 0, proc.output()[-3000:]
 
 
 def test_an_unedited_copy_of_the_example_keys_file_stops_the_server(monkeypatch):
