@@ -12,10 +12,10 @@
 # the other tests would take.
 set -euo pipefail
 ROOT="$(cd "$(dirname "${BASH_SOURCE[0]}")" && pwd)"
-# requirements-test.txt includes requirements-ray.txt, -s3.txt and -redis.txt; naming them too
-# reinstalls when only they change.
+# requirements-test.txt includes requirements-ray.txt, -s3.txt, -redis.txt and -docs.txt; naming
+# them too reinstalls when only they change.
 source "$ROOT/scripts/ensure_venv.sh" "$ROOT/requirements-test.txt" "$ROOT/requirements-ray.txt" \
-  "$ROOT/requirements-s3.txt" "$ROOT/requirements-redis.txt"
+  "$ROOT/requirements-s3.txt" "$ROOT/requirements-redis.txt" "$ROOT/requirements-docs.txt"
 cd "$ROOT"
 BIN="$(dirname "$VENV_PY")"
 PYTEST=("$VENV_PY" -m pytest -n auto --maxprocesses 4 --dist loadgroup)

@@ -4,7 +4,7 @@ A head (`ray start --head`) and a second raylet joining it (`ray start --address
 authentication on with a token of its own, one CPU each, every port chosen free (so it never
 meets another cluster on this machine), and the Serve proxy of the second node on a port of its
 own (`RAY_SERVE_WORKER_PROXY_HTTP_PORT`: two proxies on one machine cannot share one). The
-application is deployed with `serve deploy`, as the README says.
+application is deployed with `serve deploy`, as docs/ray.md says.
 
 Used by tests/test_ray_cluster.py and bench/ray_routing.py:
 
@@ -230,7 +230,7 @@ def tiny_config(proxy_port: int, **args: Any) -> dict[str, Any]:
     return config
 
 
-if __name__ == "__main__":  # start one by hand, e.g. to try the README's steps against it
+if __name__ == "__main__":  # start one by hand, e.g. to try docs/ray.md's steps against it
     import tempfile
 
     with TwoNodeCluster(Path(tempfile.mkdtemp(prefix="ray-cluster-"))) as cluster:

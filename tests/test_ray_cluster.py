@@ -1,4 +1,4 @@
-"""The README's Ray cluster, for real: two nodes on this machine (a head and a second raylet
+"""The Ray cluster of docs/ray.md, for real: two nodes on this machine (a head and a second raylet
 joining it, token authentication on, one CPU each), the application deployed with
 `serve deploy serve_config.yaml` (adjusted only for the tiny model, its port and no GPUs; the
 replica count comes from the nodes' environment), requests through either node's proxy, and a
@@ -133,7 +133,7 @@ def test_serve_ray_finds_the_cluster_started_on_this_machine(cluster: TwoNodeClu
 
 
 def test_serve_ray_with_the_token_joins_and_serves(cluster: TwoNodeCluster) -> None:
-    # The README's foreground way, in place of the deployed config (the nodes' CPUs are taken).
+    # The docs' foreground way, in place of the deployed config (the nodes' CPUs are taken).
     cluster.serve("shutdown", "-y")
     log = cluster.folder / "serve-ray.log"
     with open(log, "wb") as out:

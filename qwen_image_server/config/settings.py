@@ -84,7 +84,7 @@ class Settings(BaseSettings):
         4, ge=1, validation_alias=_bare("THREADS"),
         description="Threads of the front for CPU work: overlay, PNG encoding, file writes.",
     )
-    log_level: Literal["debug", "info", "warning", "error"] = "info"
+    log_level: Literal["debug", "info", "warning", "error"] = Field("info", description="How much the server logs.")
 
     # -- model ------------------------------------------------------------------------------
     model: str = Field(
@@ -103,7 +103,7 @@ class Settings(BaseSettings):
         default_factory=_default_cache_dir, description="Where the embedded tiny model is built and cached."
     )
 
-    # -- memory and speed (see README "Memory plans and speed options") --------------------
+    # -- memory and speed (see docs/gpus.md) -------------------------------------------------
     offload: OffloadName = Field(
         "auto",
         description="auto, none, model or sequential: how weights share GPU memory with the CPU.",
@@ -193,7 +193,7 @@ class Settings(BaseSettings):
     # -- scheduler --------------------------------------------------------------------------
     max_queue: int = Field(32, ge=1, description="Jobs allowed to wait; beyond it requests get 429.")
     max_batch_size: int | None = Field(
-        None, ge=1, description="Most jobs run in one pipeline call (default per device: see README)."
+        None, ge=1, description="Most jobs run in one pipeline call (default per device: see docs/scheduling.md)."
     )
     max_batch_pixels: int | None = Field(
         None, ge=1, description="Pixel budget of one batch, width*height summed (default per device)."
@@ -306,7 +306,7 @@ class Settings(BaseSettings):
         "at start), at most 10000, so that engines and files keep descriptors.",
     )
 
-    # -- webhooks (README "Webhooks") --------------------------------------------------------
+    # -- webhooks (docs/webhooks.md) ---------------------------------------------------------
     webhook_url: HttpUrl | None = Field(
         None, description="Where a job's end (succeeded, failed, cancelled) is POSTed when its request names "
         "no webhook_url; unset: only jobs that name one.",
@@ -330,7 +330,7 @@ class Settings(BaseSettings):
         86400.0, gt=0, description="How long a delivery is retried before it is given up.",
     )
 
-    # -- Ray Serve: `serve --ray`, serve_config.yaml (pip install .[ray]; README "Scale-out") --
+    # -- Ray Serve: `serve --ray`, serve_config.yaml (pip install .[ray]; docs/ray.md) -------
     ray_address: str | None = Field(
         None, description="Ray cluster to join ('auto', 'ray://head:10001'); unset: RAY_ADDRESS, a cluster "
         "started on this machine, or a new local one.",

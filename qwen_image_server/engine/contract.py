@@ -101,8 +101,8 @@ class BatchLimits:
 
 def batch_limits(device_type: str, *, max_batch_size: int | None = None, max_batch_pixels: int | None = None,
                  batch_wait_ms: float | None = None) -> BatchLimits:
-    """The limits on a device, with the per-device defaults filled in (README, "How requests are
-    scheduled", has the measurements)."""
+    """The limits on a device, with the per-device defaults filled in (docs/scheduling.md has the
+    measurements)."""
     if device_type == "cuda":
         # GPUs gain from batching only while the transformer is not yet compute-bound. On an
         # H200 at 1024x1024 batches of 2 and 4 made 1.00x and 1.04x the images per minute of

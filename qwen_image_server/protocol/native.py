@@ -154,7 +154,7 @@ class EngineInfo(BaseModel):
 
 
 class EngineOptions(BaseModel):
-    """Memory plan and speed options in effect (see README, "Memory plans and speed options")."""
+    """Memory plan and speed options in effect (see docs/gpus.md)."""
 
     offload: str = Field(description="Plan in use: none, model or sequential.")
     offload_reason: str = Field(description="Why: the setting, or what auto compared.")
