@@ -35,7 +35,6 @@ from qwen_image_server.engine.device import DeviceInfo
 from qwen_image_server.engine.loaded import LoadedModel
 from qwen_image_server.engine.lora_library import LoraLibrary
 from qwen_image_server.engine.types import (
-    EditSpec,
     GenerationSpec,
     LoraSet,
     Preview,
@@ -44,11 +43,13 @@ from qwen_image_server.engine.types import (
     normalise_loras,
 )
 from qwen_image_server.protocol.common import (
+    ControlFields,
     ErrorDetail,
     LoraChoice,
     NativeImageFields,
     OutputFormat,
     PromptFields,
+    StartImageFields,
     random_seed,
     seeds,
 )
@@ -78,8 +79,10 @@ from qwen_image_server.serving.render import (
 from qwen_image_server.serving.specs import build_specs
 from qwen_image_server.serving.uploads import (
     EditInputs,
+    GenerationPictures,
     Upload,
     read_edit_inputs,
+    read_generation_pictures,
 )
 
 log = logging.getLogger(__name__)
@@ -162,8 +165,10 @@ class Generation:
         choice = self.models.pick(model, task)
         loras = await self.check_loras(body.loras, choice)
         inputs = await self.read_edit_inputs(images, mask, choice) if task == "edit" else None
+        pictures = await self.read_generation_pictures(body, choice) if task == "generate" else None
         base = body.seed if body.seed is not None else random_seed()
-        specs = build_specs(body, model=choice, loras=loras, seeds=seeds(base, n), inputs=inputs, preview=preview)
+        specs = build_specs(body, model=choice, loras=loras, seeds=seeds(base, n), inputs=inputs, preview=preview,
+                            pictures=pictures)
         return Prepared(request_id, body, choice, specs, inputs, caller, tuple(images), mask)
 
     async def admit(self, body: PromptFields, n: int, caller: Caller) -> None:
@@ -196,6 +201,45 @@ class Generation:
                 "A mask edits one image: send a single image with it.", param="mask",
                 code="mask_with_several_images")
         return await self.in_pool(read_edit_inputs, images, mask, self.settings.max_input_pixels)
+
+    async def read_generation_pictures(self, body: PromptFields, model: ModelChoice) -> GenerationPictures | None:
+        """A generation's picture to start from (and mask) or control image, checked against
+        each other and the model, then decoded on the CPU pool (400 naming the field otherwise);
+        None for a plain text-to-image request."""
+        start = body if isinstance(body, StartImageFields) else None
+        control = body if isinstance(body, ControlFields) else None
+        image = start.image if start is not None else None
+        if start is not None and image is None:
+            if start.mask is not None:
+                raise errors.InvalidRequest("A mask says which part of 'image' to change; send the image too.",
+                                            param="mask", code="mask_without_image")
+            if start.strength is not None:
+                raise errors.InvalidRequest("'strength' says how far to move from 'image'; send the image too.",
+                                            param="strength", code="strength_without_image")
+        control_image = control.control_image if control is not None else None
+        if control is not None and control_image is None and control.control_settings_given:
+            raise errors.InvalidRequest(
+                f"{', '.join(control.control_settings_given)} steer a ControlNet, which needs a control image "
+                "('control_image').", param="control_image", code="missing_control_image")
+        if control_image is not None:
+            if image is not None:
+                raise errors.InvalidRequest(
+                    "A request either starts from a picture ('image') or is steered by a control image "
+                    "('control_image'), not both.", param="control_image", code="control_with_image")
+            if not model.controlnet:
+                raise errors.InvalidRequest(
+                    f"The model '{model.name}' is served without a ControlNet, so it takes no control image; "
+                    "declare one with QWEN_IMAGE_CONTROLNETS (see /v1/models' tasks).",
+                    param="control_image", code="no_controlnet")
+        if image is None and control_image is None:
+            return None
+        assert start is not None or control is not None
+        return await self.in_pool(
+            read_generation_pictures,
+            Upload("image", image) if image is not None else None,
+            Upload("mask", start.mask) if start is not None and image is not None and start.mask is not None else None,
+            Upload("control_image", control_image) if control_image is not None else None,
+            body.output_size(None), self.settings.max_input_pixels)
 
     def next_request_id(self) -> int:
         """The seed's request counter (1, 2, 3, ...; with a job store, it goes on after a restart)."""
@@ -455,9 +499,9 @@ def _save_failed(job: Job, exc: OSError) -> ErrorDetail:
 
 
 def _kept(job: Job) -> tuple[Image.Image, Image.Image] | None:
-    """A masked edit's (original, mask): outside the mask the original is kept (see `render`)."""
-    spec = job.spec
-    return (spec.images[0], spec.mask) if isinstance(spec, EditSpec) and spec.mask is not None else None
+    """A masked edit's or inpainting's (original, mask): outside the mask the original is kept
+    (see `render`)."""
+    return job.spec.kept()
 
 
 def _mark_read(task: asyncio.Future[JobResult]) -> None:

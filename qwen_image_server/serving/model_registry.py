@@ -8,6 +8,7 @@ requests name their LoRAs from; the LoRA an engine is loading for a running job.
 
 from __future__ import annotations
 
+import re
 import time
 from dataclasses import dataclass
 
@@ -38,6 +39,7 @@ class ModelChoice:
     name: str  # "" while the models load and the request named none: the first for its task
     max_images: int  # input images it takes (edits)
     one_prompt_per_call: bool  # QwenImageEditPlusPipeline: batches only one prompt's seeds
+    controlnet: bool = True  # served with a ControlNet (True while unknown: the engine decides)
 
 
 # The first model for the request's task, whichever it is: what a request gets while the models
@@ -110,17 +112,22 @@ class ModelRegistry:
         if loaded is None:
             return ModelChoice(requested, 3, True)
         return ModelChoice(requested, loaded.max_images,
-                           loaded.pipeline_class == "QwenImageEditPlusPipeline")
+                           loaded.pipeline_class == "QwenImageEditPlusPipeline", bool(loaded.controlnets))
 
     def cards(self) -> list[ModelCard]:
         """Every model served, with what each can do (GET /v1/models, /info's models)."""
         loaded = {model.name: model for model in self.models}
+        sources = {ref.name: ref.source for ref in self.settings.models}
         cards = []
         for name, task in self.tasks().items():
             model = loaded.get(name)
-            cards.append(ModelCard(id=name, created=self.started, tasks=[task] if task else [],
+            cards.append(ModelCard(id=name, created=self.started,
+                                   tasks=model.tasks if model else [task] if task else [],
                                    max_input_images=model.max_images if model else 0,
-                                   pipeline=model.pipeline_class if model else None))
+                                   pipeline=model.pipeline_class if model else None,
+                                   pipelines=model.pipelines if model else [],
+                                   controlnets=list(model.controlnets) if model else [],
+                                   checkpoint=checkpoint_name(sources.get(name, name))))
         return cards
 
     def card(self, name: str) -> ModelCard:
@@ -140,6 +147,20 @@ class ModelRegistry:
             return None
         names = {name for name, _ in job.spec.loras}
         return next((name for name in loading.values() if name in names), None)
+
+
+_CHECKPOINT = re.compile(r"Qwen-Image(?:-[A-Za-z0-9.]+)*", re.IGNORECASE)
+
+
+def checkpoint_name(source: str) -> str | None:
+    """Which Qwen-Image checkpoint a model source is, as its hub name says it (Qwen-Image,
+    Qwen-Image-2512, Qwen-Image-Edit-2509, ...): the last part of a hub id or folder path that
+    names one; "tiny"/"tiny-edit" for the embedded test models; None when the name does not say."""
+    if source in EMBEDDED:
+        return source
+    last = source.replace("\\", "/").rstrip("/").rsplit("/", 1)[-1]
+    match = _CHECKPOINT.search(last)
+    return match.group(0) if match else None
 
 
 def _listing(tasks: dict[str, Task | None]) -> str:

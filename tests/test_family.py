@@ -1,0 +1,160 @@
+"""The generation model's other tasks on the embedded tiny model: image-to-image, inpainting and
+ControlNet, through /generate, the jobs API, the OpenAI client and the CLI.
+
+Sizes are /generate's smallest preset (512x512) or 256x256 through the OpenAI route, 2 steps."""
+
+from __future__ import annotations
+
+import base64
+import io
+import json
+
+import httpx
+import numpy as np
+import openai
+import pytest
+from PIL import Image
+
+from tests.conftest import LiveServer, tiny_settings
+
+STEPS = 2
+SIZE = (512, 512)  # /generate's "s1:1"
+
+
+@pytest.fixture(scope="module")
+def family(tmp_path_factory):
+    live = LiveServer(tiny_settings(tmp_path_factory.mktemp("family"))).start()
+    yield live
+    live.stop()
+
+
+def png(array: np.ndarray, mode: str | None = None) -> bytes:
+    buf = io.BytesIO()
+    Image.fromarray(array.astype(np.uint8), mode).save(buf, "PNG")
+    return buf.getvalue()
+
+
+def b64(data: bytes) -> str:
+    return base64.b64encode(data).decode()
+
+
+def picture(seed: int, size=SIZE) -> bytes:
+    """A smooth random picture (blocks of 32 pixels), so the VAE can nearly reproduce it."""
+    rng = np.random.default_rng(seed)
+    small = rng.integers(0, 256, (size[1] // 32, size[0] // 32, 3))
+    return png(np.kron(small, np.ones((32, 32, 1))))
+
+
+def pixels(data: bytes) -> np.ndarray:
+    return np.asarray(Image.open(io.BytesIO(data)).convert("RGB")).astype(int)
+
+
+def generate(client: httpx.Client, **fields) -> httpx.Response:
+    body = {"prompt": "a lighthouse at dusk", "aspect_ratio": "s1:1", "num_inference_steps": STEPS,
+            "add_overlay": False, "seed": 3, **fields}
+    return client.post("/generate", json=body)
+
+
+def ok(response: httpx.Response) -> bytes:
+    assert response.status_code == 200 and response.headers["content-type"] == "image/png", response.text
+    return response.content
+
+
+# -- image-to-image and inpainting ------------------------------------------------------------
+
+def round_trip(pipeline, data: bytes) -> np.ndarray:
+    """The picture through the tiny model's VAE (encode, decode): the closest any result can be."""
+    import torch
+
+    processor = pipeline.image_processor
+    tensor = processor.preprocess(Image.open(io.BytesIO(data)).convert("RGB"), SIZE[1], SIZE[0]).unsqueeze(2)
+    with torch.no_grad():
+        decoded = pipeline.vae.decode(pipeline.vae.encode(tensor).latent_dist.mode()).sample[:, :, 0]
+    return np.rint(processor.postprocess(decoded, output_type="np")[0] * 255).astype(int)
+
+
+def test_strength_near_zero_stays_close_to_the_picture_and_one_ignores_it(family, tiny_pipeline):
+    first, second = picture(1), picture(2)
+
+    def made(image: bytes, strength: float) -> np.ndarray:
+        return pixels(ok(generate(client, image=b64(image), strength=strength, num_inference_steps=10)))
+
+    with family.client() as client:
+        plain = pixels(ok(generate(client, num_inference_steps=10)))
+        by_strength = {strength: (made(first, strength), made(second, strength)) for strength in (0.05, 0.6, 1.0)}
+    # How much the picture shows through: the two pictures' results differ less as strength rises,
+    # and not at all at 1 (the picture is all noise from the first step).
+    shows = {strength: float(np.abs(a - b).mean()) for strength, (a, b) in by_strength.items()}
+    assert shows[0.05] > shows[0.6] > shows[1.0] == 0.0, shows
+    # Near 0 the result is the picture as the model's VAE gives it back, much nearer to that than
+    # a generation from noise is. (The tiny VAE is a random network whose decoder varies little
+    # with its latents, so every distance here is a few levels of 255: relative, not absolute.)
+    reference = round_trip(tiny_pipeline, first)
+    near = float(np.abs(by_strength[0.05][0] - reference).mean())
+    far = float(np.abs(plain - reference).mean())
+    assert near < 0.75 * far, (near, far)
+
+
+def test_inpainting_changes_only_the_masked_area(family):
+    start = picture(3)
+    alpha = np.full((SIZE[1], SIZE[0]), 255)
+    alpha[128:384, 192:320] = 0  # transparent: the area to change
+    rgba = np.dstack([pixels(start), alpha])
+    mask = png(rgba, "RGBA")
+    with family.client() as client:
+        result = pixels(ok(generate(client, image=b64(start), mask=b64(mask))))
+    original = pixels(start)
+    inside = np.zeros(alpha.shape, bool)
+    inside[128:384, 192:320] = True
+    # Outside the mask the picture comes back exactly (the pipeline keeps its latents there, and
+    # the server pastes the picture back where the decoder spreads a change past the edge).
+    assert (result[~inside] == original[~inside]).all()
+    assert float(np.abs(result[inside] - original[inside]).mean()) > 20  # repainted
+
+
+@pytest.mark.parametrize(("fields", "param"), [
+    ({"image": "not base64!"}, "image"),
+    ({"image": b64(b"not an image")}, "image"),
+    ({"image": "@", "strength": 0}, "strength"),
+    ({"image": "@", "strength": 1.5}, "strength"),
+    ({"strength": 0.5}, "strength"),
+    ({"mask": "@mask"}, "mask"),
+    ({"image": "@", "mask": "@opaque"}, "mask"),  # no alpha channel
+    ({"image": "@", "mask": "@small"}, "mask"),  # not the picture's size
+])
+def test_a_bad_picture_strength_or_mask_is_a_400_naming_the_field(family, fields, param):
+    start = picture(4)
+    values = {"@": b64(start), "@mask": b64(png(np.zeros((512, 512, 4)), "RGBA")),
+              "@opaque": b64(start), "@small": b64(png(np.zeros((64, 64, 4)), "RGBA"))}
+    body = {key: values.get(value, value) if isinstance(value, str) else value for key, value in fields.items()}
+    with family.client() as client:
+        response = generate(client, **body)
+    assert response.status_code == 400, response.text
+    assert response.json()["error"]["param"] == param, response.text
+
+
+def test_image_to_image_job_reports_every_step_over_sse_and_matches_generate(family):
+    start = picture(5)
+    with family.client() as client:
+        direct = ok(generate(client, image=b64(start), strength=1.0, num_inference_steps=4))
+        created = client.post("/v1/jobs", json={
+            "prompt": "a lighthouse at dusk", "aspect_ratio": "s1:1", "num_inference_steps": 4,
+            "add_overlay": False, "seed": 3, "image": b64(start), "strength": 1.0, "preview": "latent"})
+        assert created.status_code == 202, created.text
+        job = created.json()["id"]
+        events = []
+        with client.stream("GET", f"/v1/jobs/{job}/events") as stream:
+            name = None
+            for line in stream.iter_lines():
+                if line.startswith("event:"):
+                    name = line.split(":", 1)[1].strip()
+                elif line.startswith("data:"):
+                    events.append((name, json.loads(line.split(":", 1)[1])))
+                    if name in ("succeeded", "failed", "cancelled"):
+                        break
+        image = client.get(f"/v1/jobs/{job}/image")
+    names = [name for name, _ in events]
+    assert names[-1] == "succeeded", events[-1]
+    steps = [data["progress"]["step"] for name, data in events if name == "step"]
+    assert steps[-1] == 4 and "preview" in names
+    assert image.content == direct  # same request through either API, same bytes
