@@ -68,7 +68,11 @@ class GenerationCalls:
             inputs.update(image=[s.image for s in specs], mask_image=[s.mask for s in specs],
                           strength=first.strength)
         else:
-            inputs.update(control_image=[s.control_image for s in specs],
-                          controlnet_conditioning_scale=first.control_scale,
+            images: Any = [s.control_image for s in specs]
+            scale: Any = first.control_scale
+            nets = getattr(self.controlnet, "nets", None)
+            if nets is not None:  # several ControlNets: each gets the control image, at the one scale
+                images, scale = [images] * len(nets), [scale] * len(nets)
+            inputs.update(control_image=images, controlnet_conditioning_scale=scale,
                           control_guidance_start=first.control_start, control_guidance_end=first.control_end)
         return self.over(kind), inputs

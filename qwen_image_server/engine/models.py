@@ -30,6 +30,7 @@ from qwen_image_server.engine.loader import (
     finish_model,
     read_model,
     start_loading,
+    with_controlnets,
 )
 from qwen_image_server.engine.lora_library import LoraLibrary
 from qwen_image_server.engine.memory import (
@@ -167,7 +168,7 @@ def load_models(settings: Settings) -> list[LoadedModel]:
         # A text encoder shared with an earlier model was quantized with it already.
         options = (settings.model_copy(update={"quantize_text_encoder": False})
                    if "text_encoder" in loading.shared else settings)
-        models.append(finish_model(options, loading, device, dtype, plan))
+        models.append(with_controlnets(settings, finish_model(options, loading, device, dtype, plan)))
     log.info("serving %s", ", ".join(f"{m.name} ({m.task}: {m.pipeline_class}, shares "
                                       f"{', '.join(m.shared) or 'nothing'})" for m in models))
     return models

@@ -29,6 +29,10 @@ TINY_MODEL_VERSION = 2
 # own text encoder, VAE and transformer: `QWEN_IMAGE_MODEL=tiny` serves both.
 TINY_EDIT_MODEL_VERSION = 2
 
+# The embedded ControlNet (QwenImageControlNetModel) for the tiny model: built from the tiny
+# transformer's config like InstantX's are from Qwen-Image's, one block deep.
+TINY_CONTROLNET_VERSION = 1
+
 # One seed per component, so a build is reproducible whatever order or subset gets rebuilt.
 _SEED = 1234
 
@@ -100,6 +104,18 @@ def tiny_edit_model_dir(cache_dir: Path) -> Path:
     return Path(cache_dir) / f"tiny-qwen-image-edit-v{TINY_EDIT_MODEL_VERSION}"
 
 
+def tiny_controlnet_dir(cache_dir: Path) -> Path:
+    """The folder the tiny ControlNet of this recipe version lives in under `cache_dir`."""
+    return Path(cache_dir) / f"tiny-qwen-image-controlnet-v{TINY_CONTROLNET_VERSION}"
+
+
+def ensure_tiny_controlnet(cache_dir: Path) -> Path:
+    """Return the tiny ControlNet folder, building it (and the tiny model it comes from) if missing."""
+    source = ensure_tiny_model(cache_dir)
+    return _ensure_built(tiny_controlnet_dir(cache_dir), lambda target: build_tiny_controlnet(source, target),
+                         "tiny Qwen-Image ControlNet", marker="config.json")
+
+
 def ensure_tiny_model(cache_dir: Path) -> Path:
     """Return the tiny model folder, building it first if it is missing.
 
@@ -116,13 +132,14 @@ def ensure_tiny_edit_model(cache_dir: Path) -> Path:
                          "tiny Qwen-Image-Edit-Plus model")
 
 
-def _ensure_built(target: Path, build: Callable[[Path], None], what: str) -> Path:
-    """`target` if it holds a pipeline, else build it into a temp folder and rename it into place."""
-    if (target / "model_index.json").is_file():
+def _ensure_built(target: Path, build: Callable[[Path], None], what: str, marker: str = "model_index.json") -> Path:
+    """`target` if it holds a pipeline (or a model: its `marker` file), else build it into a temp
+    folder and rename it into place."""
+    if (target / marker).is_file():
         return target
     target.parent.mkdir(parents=True, exist_ok=True)
     # exists() before is_file(): a rival's rename may land in between, and its folder is whole.
-    if target.exists() and not (target / "model_index.json").is_file():
+    if target.exists() and not (target / marker).is_file():
         # Only an outside hand leaves a folder without model_index.json (ours appear whole by
         # rename), so set it aside rather than trust it.
         log.warning("tiny model folder %s is incomplete; rebuilding it", target)
@@ -139,7 +156,7 @@ def _ensure_built(target: Path, build: Callable[[Path], None], what: str) -> Pat
         except OSError:
             # Another process renamed its copy in first (the target now exists and is not
             # empty); theirs is as good as ours, which goes.
-            if not (target / "model_index.json").is_file():
+            if not (target / marker).is_file():
                 raise
             shutil.rmtree(tmp, ignore_errors=True)
             return target
@@ -219,6 +236,28 @@ def build_tiny_edit_model(source: Path, target: Path) -> None:
     make_stock_loadable(target)
     for folder in ("tokenizer", "processor"):
         save_as_vocab_and_merges(target / folder)
+
+
+def build_tiny_controlnet(source: Path, target: Path) -> None:
+    """The tiny ControlNet: `QwenImageControlNetModel.from_transformer` of the tiny transformer
+    (its embeddings and first block copied, as InstantX's are started from Qwen-Image), then
+    the control input and output projections, which diffusers starts at zero (a ControlNet that
+    changes nothing until trained), given seeded random weights so a control image steers."""
+    import torch
+    from diffusers import QwenImageControlNetModel, QwenImageTransformer2DModel
+
+    transformer = QwenImageTransformer2DModel.from_pretrained(source / "transformer")
+    config = transformer.config
+    with torch.random.fork_rng(devices=[]):
+        torch.manual_seed(_SEED + 5)
+        controlnet = QwenImageControlNetModel.from_transformer(
+            transformer, num_layers=1, attention_head_dim=config.attention_head_dim,
+            num_attention_heads=config.num_attention_heads)
+        with torch.no_grad():
+            for module in (controlnet.controlnet_x_embedder, *controlnet.controlnet_blocks):
+                torch.nn.init.normal_(module.weight, std=0.2)
+                torch.nn.init.zeros_(module.bias)
+    controlnet.save_pretrained(target, safe_serialization=True)
 
 
 def _build_pipeline() -> QwenImagePipeline:

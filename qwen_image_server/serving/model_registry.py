@@ -109,8 +109,8 @@ class ModelRegistry:
                 f"The model '{requested}' {_DOES[tasks[requested]]}, it cannot {task}; {others}.",
                 param="model", code="model_cannot_do_task")
         loaded = {model.name: model for model in self.models}.get(requested)
-        if loaded is None:
-            return ModelChoice(requested, 3, True)
+        if loaded is None:  # loading: the settings say whether it will have a ControlNet
+            return ModelChoice(requested, 3, True, requested in self.settings.controlnet_sources)
         return ModelChoice(requested, loaded.max_images,
                            loaded.pipeline_class == "QwenImageEditPlusPipeline", bool(loaded.controlnets))
 
