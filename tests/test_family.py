@@ -250,3 +250,30 @@ def test_openai_client_jobs_and_cli_send_a_control_image(family, tmp_path):
                    "--aspect-ratio", "s1:1", "--num-inference-steps", str(STEPS), "--seed", "3",
                    "--control-image", str(path), "--controlnet-conditioning-scale", "0.7") == 0
     assert out.read_bytes() == direct
+
+
+# -- which checkpoint, and which ControlNets -----------------------------------------------------
+
+@pytest.mark.parametrize(("source", "name"), [
+    ("Qwen/Qwen-Image-2512", "Qwen-Image-2512"),
+    ("Qwen/Qwen-Image", "Qwen-Image"),
+    ("./models/Qwen-Image-Edit-2509/", "Qwen-Image-Edit-2509"),
+    ("tiny", "tiny"),
+    ("someone/my-finetune", None),
+])
+def test_v1_models_names_the_checkpoint_its_source_says(source, name):
+    from qwen_image_server.serving.model_registry import checkpoint_name
+
+    assert checkpoint_name(source) == name
+
+
+def test_controlnets_are_declared_per_model_and_a_wrong_name_stops_the_server(tmp_path):
+    from pydantic import ValidationError
+
+    two = {"model": "Qwen/Qwen-Image-2512,edit=Qwen/Qwen-Image-Edit-2509"}
+    assert tiny_settings(tmp_path).controlnet_sources == {"tiny": ("tiny-controlnet",)}
+    assert tiny_settings(tmp_path, controlnets="none").controlnet_sources == {}
+    assert tiny_settings(tmp_path, controlnets="InstantX/Qwen-Image-ControlNet-Union", **two).controlnet_sources == {
+        "Qwen/Qwen-Image-2512": ("InstantX/Qwen-Image-ControlNet-Union",)}
+    with pytest.raises(ValidationError, match="does not serve"):
+        tiny_settings(tmp_path, controlnets="other=InstantX/Qwen-Image-ControlNet-Union", **two)

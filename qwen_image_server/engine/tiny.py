@@ -435,7 +435,7 @@ LORA_TARGETS = ("to_q", "to_k", "to_v", "to_out.0", "add_q_proj", "add_k_proj", 
 
 
 def build_lora(target: Path, transformer: object, *, base: str, rank: int = 4, seed: int = 0,
-               targets: tuple[str, ...] = LORA_TARGETS, strength: float = 1.0) -> Path:
+               targets: tuple[str, ...] = LORA_TARGETS, strength: float = 1.0, alpha: int | None = None) -> Path:
     """A LoRA for `transformer` made with PEFT (random A and B, `strength` times PEFT's random
     init), saved in the diffusers format Qwen-Image LoRAs on the hub use, with `base` (the model
     family it is for, e.g. "Qwen-Image" or "Qwen-Image-Edit") in its `base_model` metadata.
@@ -449,7 +449,9 @@ def build_lora(target: Path, transformer: object, *, base: str, rank: int = 4, s
     from peft import LoraConfig, get_peft_model_state_dict
     from safetensors.torch import save_file
 
-    config = LoraConfig(r=rank, lora_alpha=rank, target_modules=list(targets), init_lora_weights=False)
+    # `alpha`: PEFT scales the adapter by alpha / rank (the Qwen-Image-2512 Lightning LoRA: 8 / 64).
+    config = LoraConfig(r=rank, lora_alpha=alpha if alpha is not None else rank, target_modules=list(targets),
+                        init_lora_weights=False)
     with torch.random.fork_rng(devices=[]):
         torch.manual_seed(seed)
         model = copy.deepcopy(transformer)
