@@ -12,7 +12,9 @@ from pathlib import Path
 # The embedded test models' names, as QWEN_IMAGE_MODEL gives them (built by engine/tiny.py).
 TINY_MODEL_NAME = "tiny"
 TINY_EDIT_MODEL_NAME = "tiny-edit"
-EMBEDDED = (TINY_MODEL_NAME, TINY_EDIT_MODEL_NAME)
+# The embedded image -> RGBA layers model; served when named (QWEN_IMAGE_MODEL=tiny,tiny-layered).
+TINY_LAYERED_MODEL_NAME = "tiny-layered"
+EMBEDDED = (TINY_MODEL_NAME, TINY_EDIT_MODEL_NAME, TINY_LAYERED_MODEL_NAME)
 # The embedded ControlNet, served with the embedded generation model unless QWEN_IMAGE_CONTROLNETS says otherwise.
 TINY_CONTROLNET_NAME = "tiny-controlnet"
 

@@ -17,8 +17,10 @@ from __future__ import annotations
 from collections.abc import Sequence
 from typing import Any
 
+from PIL import Image
+
 from qwen_image_server.engine.edit import over_same_modules
-from qwen_image_server.engine.types import GenerationSpec
+from qwen_image_server.engine.types import GenerationSpec, LayeredSpec
 
 _PIPELINES = {
     "img2img": "QwenImageImg2ImgPipeline",
@@ -76,3 +78,25 @@ class GenerationCalls:
             inputs.update(control_image=images, controlnet_conditioning_scale=scale,
                           control_guidance_start=first.control_start, control_guidance_end=first.control_end)
         return self.over(kind), inputs
+
+
+def layered_inputs(specs: Sequence[LayeredSpec], use_cfg: bool) -> dict[str, Any]:
+    """QwenImageLayeredPipeline's arguments: a picture per prompt (all the same size: the batch
+    key says so), the layer count and resolution bucket."""
+    first = specs[0]
+    return dict(
+        image=[s.source for s in specs],
+        prompt=[s.prompt for s in specs],
+        negative_prompt=[s.negative_prompt for s in specs] if use_cfg else None,
+        layers=first.layers,
+        resolution=first.resolution,
+    )
+
+
+def side_by_side(layers: Sequence[Image.Image]) -> Image.Image:
+    """The layers of one picture as one RGBA image, left to right (what the engine hands back)."""
+    width, height = layers[0].size
+    strip = Image.new("RGBA", (width * len(layers), height))
+    for index, layer in enumerate(layers):
+        strip.paste(layer.convert("RGBA"), (index * width, 0))
+    return strip

@@ -62,7 +62,9 @@ class LoadedModel:
     @property
     def pipelines(self) -> list[str]:
         """Every diffusers pipeline class it is called through (they share its modules)."""
-        if self.task != "generate":
+        if self.task == "layered":
+            extra = []
+        elif self.task != "generate":
             extra = ["QwenImageEditInpaintPipeline"]
         else:
             extra = ["QwenImageImg2ImgPipeline", "QwenImageInpaintPipeline",

@@ -26,6 +26,7 @@ from qwen_image_server.config.model_list import (
     LOCAL_FOLDER_ADVICE,
     TINY_CONTROLNET_NAME,
     TINY_EDIT_MODEL_NAME,
+    TINY_LAYERED_MODEL_NAME,
     TINY_MODEL_NAME,
     ModelRef,
     local_folder_problem,
@@ -39,7 +40,12 @@ from qwen_image_server.engine.memory import OffloadPlan
 from qwen_image_server.engine.options import check_options, prepare_pipeline
 from qwen_image_server.engine.processor import load_processor
 from qwen_image_server.engine.quantize import tensor_bytes
-from qwen_image_server.engine.tiny import ensure_tiny_controlnet, ensure_tiny_edit_model, ensure_tiny_model
+from qwen_image_server.engine.tiny import (
+    ensure_tiny_controlnet,
+    ensure_tiny_edit_model,
+    ensure_tiny_layered_model,
+    ensure_tiny_model,
+)
 from qwen_image_server.engine.types import Task
 from qwen_image_server.errors import ModelLoadError, OptionUnavailable
 
@@ -54,6 +60,7 @@ PIPELINE_TASKS: dict[str, Task] = {
     "QwenImagePipeline": "generate",
     "QwenImageEditPipeline": "edit",  # Qwen-Image-Edit: one input image
     "QwenImageEditPlusPipeline": "edit",  # Qwen-Image-Edit-2509 / -2511: one to three
+    "QwenImageLayeredPipeline": "layered",  # Qwen-Image-Layered: one picture -> RGBA layers
 }
 
 
@@ -103,7 +110,7 @@ def _first_line(exc: BaseException) -> str:
 
 def _source_of(settings: Settings, ref: ModelRef) -> str:
     """'embedded', 'local', 'modelscope' or 'huggingface'."""
-    if ref.source in (TINY_MODEL_NAME, TINY_EDIT_MODEL_NAME):
+    if ref.source in (TINY_MODEL_NAME, TINY_EDIT_MODEL_NAME, TINY_LAYERED_MODEL_NAME):
         return "embedded"
     if looks_local(ref.source):
         return "local"
@@ -116,6 +123,8 @@ def model_folder(settings: Settings, ref: ModelRef, source: str) -> Path:
     if source == "embedded":
         if ref.source == TINY_EDIT_MODEL_NAME:
             return ensure_tiny_edit_model(settings.cache_dir)
+        if ref.source == TINY_LAYERED_MODEL_NAME:
+            return ensure_tiny_layered_model(settings.cache_dir)
         return ensure_tiny_model(settings.cache_dir)
     if source == "local":
         folder = Path(ref.source).expanduser()

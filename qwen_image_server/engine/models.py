@@ -95,6 +95,8 @@ class ModelSet:
             if engine.model.task == "generate":
                 engine.warm_up(aspect_ratios, steps)
                 continue
+            if engine.model.task == "layered":  # its sizes come from its resolution bucket, not the presets
+                continue
             for name in dict.fromkeys(aspect_ratios):
                 width, height = ASPECT_RATIOS[name]
                 picture = Image.new("RGB", (width, height), (128, 128, 128))
@@ -214,7 +216,8 @@ def load_engine(settings: Settings) -> ModelSet:
     engine = ModelSet([PipelineEngine(model, adapters(model)) for model in models],
                       library if library.configured else None)
     for each in engine.engines.values():
-        each.previewer  # noqa: B018 - fit the latent preview projection now, not in a request
+        if each.model.task != "layered":  # no previews of layers (an RGBA VAE, several frames)
+            each.previewer  # noqa: B018 - fit the latent preview projection now, not in a request
     if engine.model.options.warmup:
         engine.warm_up(settings.warmup_aspect_ratios)
     return engine

@@ -17,7 +17,7 @@ from qwen_image_server.config.presets import ASPECT_RATIOS
 from qwen_image_server.engine.adapters import ResidentAdapters
 from qwen_image_server.engine.compilation import WARMUP_PROMPT, warmup_prompt_batches
 from qwen_image_server.engine.edit import EditCalls
-from qwen_image_server.engine.guided import GenerationCalls
+from qwen_image_server.engine.guided import GenerationCalls, layered_inputs, side_by_side
 from qwen_image_server.engine.loaded import LoadedModel
 from qwen_image_server.engine.options import AppliedOptions, takes_padding_mask
 from qwen_image_server.engine.previews import Previewer, StepRecorder
@@ -102,6 +102,8 @@ class PipelineEngine:
         """The pipeline to call and what to make: prompts, size, and for edits the inputs."""
         if self.edits is not None:
             return self.edits.call(specs, use_cfg)  # type: ignore[arg-type]  # edit models get EditSpecs
+        if self.model.task == "layered":
+            return self.pipeline, layered_inputs(specs, use_cfg)  # type: ignore[arg-type]  # LayeredSpecs
         assert self.generations is not None
         return self.generations.call(specs, use_cfg)
 
@@ -208,6 +210,8 @@ class PipelineEngine:
                     pipeline.maybe_free_model_hooks()
                 except Exception:  # the error that ended the call is the one to report
                     log.exception("offloading after an interrupted call failed")
+        if self.model.task == "layered":  # a list of layers per picture: side by side, one image each
+            return [side_by_side(layers) for layers in out.images]
         return list(out.images)
 
     def warm_up(self, aspect_ratios: Sequence[str], steps: int = 2) -> float:

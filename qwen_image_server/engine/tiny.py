@@ -33,6 +33,11 @@ TINY_EDIT_MODEL_VERSION = 2
 # transformer's config like InstantX's are from Qwen-Image's, one block deep.
 TINY_CONTROLNET_VERSION = 1
 
+# The embedded image -> RGBA layers model (QwenImageLayeredPipeline): the tiny model's text encoder
+# and tokenizer, its own transformer (with the layer and RGB/RGBA conditioning Qwen-Image-Layered
+# has) and an RGBA VAE (four image channels).
+TINY_LAYERED_MODEL_VERSION = 1
+
 # One seed per component, so a build is reproducible whatever order or subset gets rebuilt.
 _SEED = 1234
 
@@ -114,6 +119,18 @@ def ensure_tiny_controlnet(cache_dir: Path) -> Path:
     source = ensure_tiny_model(cache_dir)
     return _ensure_built(tiny_controlnet_dir(cache_dir), lambda target: build_tiny_controlnet(source, target),
                          "tiny Qwen-Image ControlNet", marker="config.json")
+
+
+def tiny_layered_model_dir(cache_dir: Path) -> Path:
+    """The folder the tiny layered model of this recipe version lives in under `cache_dir`."""
+    return Path(cache_dir) / f"tiny-qwen-image-layered-v{TINY_LAYERED_MODEL_VERSION}"
+
+
+def ensure_tiny_layered_model(cache_dir: Path) -> Path:
+    """Return the tiny layered model folder, building it (and the tiny model it comes from) if missing."""
+    source = ensure_tiny_model(cache_dir)
+    return _ensure_built(tiny_layered_model_dir(cache_dir), lambda target: build_tiny_layered_model(source, target),
+                         "tiny Qwen-Image-Layered model")
 
 
 def ensure_tiny_model(cache_dir: Path) -> Path:
@@ -232,6 +249,38 @@ def build_tiny_edit_model(source: Path, target: Path) -> None:
         transformer = QwenImageTransformer2DModel.from_config(base.transformer.config)
     processor = build_processor(base.tokenizer)
     QwenImageEditPlusPipeline.from_pipe(base, transformer=transformer, processor=processor).save_pretrained(
+        target, safe_serialization=True)
+    make_stock_loadable(target)
+    for folder in ("tokenizer", "processor"):
+        save_as_vocab_and_merges(target / folder)
+
+
+def build_tiny_layered_model(source: Path, target: Path) -> None:
+    """The tiny QwenImageLayeredPipeline: the tiny model's text encoder and tokenizer, a Qwen2.5-VL
+    processor built offline (the pipeline captions a picture sent without a prompt), a transformer
+    of the tiny shape with Qwen-Image-Layered's layer rope and RGB/RGBA timestep conditioning, and
+    an RGBA VAE (the tiny VAE's shape, four image channels). Saved so that it loads like
+    Qwen/Qwen-Image-Layered's folder."""
+    import torch
+    from diffusers import (
+        AutoencoderKLQwenImage,
+        QwenImageLayeredPipeline,
+        QwenImagePipeline,
+        QwenImageTransformer2DModel,
+    )
+
+    from qwen_image_server.engine.processor import build_processor, make_stock_loadable
+
+    base = QwenImagePipeline.from_pretrained(source)
+    with torch.random.fork_rng(devices=[]):
+        torch.manual_seed(_SEED + 6)
+        transformer = QwenImageTransformer2DModel.from_config(
+            {**base.transformer.config, "use_additional_t_cond": True, "use_layer3d_rope": True})
+        torch.manual_seed(_SEED + 7)
+        vae = AutoencoderKLQwenImage.from_config({**base.vae.config, "input_channels": 4})
+    processor = build_processor(base.tokenizer)
+    QwenImageLayeredPipeline(scheduler=base.scheduler, vae=vae, text_encoder=base.text_encoder,
+                             tokenizer=base.tokenizer, processor=processor, transformer=transformer).save_pretrained(
         target, safe_serialization=True)
     make_stock_loadable(target)
     for folder in ("tokenizer", "processor"):

@@ -11,7 +11,7 @@ from typing import TYPE_CHECKING, ClassVar, Literal
 if TYPE_CHECKING:
     from PIL import Image
 
-Task = Literal["generate", "edit"]
+Task = Literal["generate", "edit", "layered"]
 # What a generation model's call does with its inputs (see GenerationSpec.kind).
 GenerationKind = Literal["text", "img2img", "inpaint", "control"]
 PreviewMode = Literal["latent", "full"]
@@ -174,6 +174,32 @@ class EditSpec(GenerationSpec):
 
     def without_pixels(self) -> GenerationSpec:
         return dataclasses.replace(self, images=(), mask=None)
+
+
+@dataclass(frozen=True, slots=True)
+class LayeredSpec(GenerationSpec):
+    """One picture split into `layers` RGBA layers (QwenImageLayeredPipeline). The engine gives
+    back one RGBA image holding the layers side by side, left to right: `width` is the layers'
+    width times `layers`, `height` theirs (the pipeline's own size for the picture's aspect ratio
+    in its `resolution` bucket)."""
+
+    source: Image.Image | None = field(default=None, compare=False)  # RGBA
+    layers: int = 4
+    resolution: int = 640  # the pipeline's bucket: 640 or 1024
+
+    task: ClassVar[Task] = "layered"
+
+    @property
+    def layer_width(self) -> int:
+        return self.width // self.layers
+
+    @property
+    def batch_key(self) -> tuple[object, ...]:
+        return (*GenerationSpec.batch_key.fget(self),  # type: ignore[attr-defined]
+                self.layers, self.resolution)
+
+    def without_pixels(self) -> GenerationSpec:
+        return dataclasses.replace(self, source=None)
 
 
 def digest_images(images: tuple[Image.Image, ...], mask: Image.Image | None) -> str:

@@ -98,7 +98,8 @@ class ImagesResponse(BaseModel):
     data: list[ImageData]
     size: str = Field(description="'WxH' of every image.")
     output_format: OutputFormat
-    background: Literal["opaque"] = "opaque"  # the model makes no transparency
+    # Opaque, except the RGBA layers of a layered model.
+    background: Literal["opaque", "transparent"] = "opaque"
     quality: str | None = None
     usage: ImageUsage | None = None
 
@@ -160,6 +161,12 @@ class ImageEditForm(UploadFields, OpenAIImageFields, EditFields, PromptFields):
     model_config = ConfigDict(extra="ignore")
 
     input_fidelity: str | None = None  # accepted and ignored, as quality and background are
+    layers: int = Field(4, ge=2, le=10, description=(
+        "With a layered model (Qwen-Image-Layered) as `model`: how many RGBA layers to split the "
+        "image into; data[] then holds one PNG per layer, in order, per image."))
+    resolution: Literal[640, 1024] = Field(640, description=(
+        "With a layered model: its resolution bucket (the layers are about resolution x resolution "
+        "pixels at the image's aspect ratio)."))
     loras: list[LoraChoice] = Field(default_factory=list, description=(
         'LoRAs to apply, as JSON text ([{"name": "watercolor", "scale": 0.8}]); the openai client\'s '
         "extra_body={'loras': [...]} sends the loras[][name] / loras[][scale] fields instead."))

@@ -36,6 +36,7 @@ from qwen_image_server.engine.loaded import LoadedModel
 from qwen_image_server.engine.lora_library import LoraLibrary
 from qwen_image_server.engine.types import (
     GenerationSpec,
+    LayeredSpec,
     LoraSet,
     Preview,
     PreviewPlan,
@@ -70,19 +71,21 @@ from qwen_image_server.serving.render import (
     PREVIEW_FORMAT,
     PREVIEW_QUALITY,
     OverlayInfo,
+    encode_png,
     output_filename,
     preview_size,
     render,
     render_preview,
     save_atomically,
 )
-from qwen_image_server.serving.specs import build_specs
+from qwen_image_server.serving.specs import build_layered_specs, build_specs
 from qwen_image_server.serving.uploads import (
     EditInputs,
     GenerationPictures,
     Upload,
     read_edit_inputs,
     read_generation_pictures,
+    read_layered_input,
 )
 
 log = logging.getLogger(__name__)
@@ -150,7 +153,8 @@ class Generation:
 
     async def prepare(self, body: B, task: Task, *, model: str | None = None, images: Sequence[Upload] = (),
                       mask: Upload | None = None, n: int = 1, preview: PreviewPlan | None = None,
-                      caller: Caller = ANONYMOUS, readmit: bool = False) -> Prepared[B]:
+                      caller: Caller = ANONYMOUS, readmit: bool = False, layers: int = 4,
+                      resolution: int = 640) -> Prepared[B]:
         """Every route's and the CLI's one way from a parsed body to specs: a request id, the
         server's defaults, the model (`model` named, or the first for `task`), the LoRAs checked,
         an edit's uploads decoded and checked, one spec per image (`n`, seeds from the body's
@@ -164,9 +168,17 @@ class Generation:
         body = self.with_defaults(body)
         choice = self.models.pick(model, task)
         loras = await self.check_loras(body.loras, choice)
+        base = body.seed if body.seed is not None else random_seed()
+        if task == "layered":  # one picture in, `layers` RGBA layers out (no previews)
+            if mask is not None:
+                raise errors.InvalidRequest("A layered model splits a whole image: it takes no mask.",
+                                            param="mask", code="mask_not_supported")
+            picture = await self.in_pool(read_layered_input, images, self.settings.max_input_pixels)
+            layered = build_layered_specs(body, model=choice, loras=loras, seeds=seeds(base, n), picture=picture,
+                                          layers=layers, resolution=resolution)
+            return Prepared(request_id, body, choice, layered, None, caller, tuple(images), mask)
         inputs = await self.read_edit_inputs(images, mask, choice) if task == "edit" else None
         pictures = await self.read_generation_pictures(body, choice) if task == "generate" else None
-        base = body.seed if body.seed is not None else random_seed()
         specs = build_specs(body, model=choice, loras=loras, seeds=seeds(base, n), inputs=inputs, preview=preview,
                             pictures=pictures)
         return Prepared(request_id, body, choice, specs, inputs, caller, tuple(images), mask)
@@ -464,6 +476,20 @@ class Generation:
                 "there is no link to it; the image itself is delivered all the same (in b64_json, or at a "
                 "job's image_url).", code="upload_failed"))
         return None
+
+    async def render_layers(self, job: Job, result: JobResult) -> list[Rendered]:
+        """A layered job's layers, one RGBA PNG each, in order (the engine gives them side by side)."""
+        spec = job.spec
+        assert isinstance(spec, LayeredSpec)
+        strip = result.image
+        width = strip.width // spec.layers
+
+        def encode() -> list[bytes]:
+            return [encode_png(strip.crop((i * width, 0, (i + 1) * width, strip.height)))
+                    for i in range(spec.layers)]
+
+        return [Rendered(data, MEDIA_TYPES["png"], width, strip.height, round(result.inference_time, 3), None)
+                for data in await self.in_pool(encode)]
 
     async def render_preview(self, job: Job, preview: Preview, *, output_format: OutputFormat = PREVIEW_FORMAT,
                              compression: int | None = PREVIEW_QUALITY, full_size: bool = False) -> Rendered:

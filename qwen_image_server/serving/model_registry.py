@@ -26,9 +26,10 @@ from qwen_image_server.scheduler import Job, Scheduler
 # this task" rather than a 404.
 _OPENAI_MODEL_PREFIXES = ("gpt-image", "dall-e")
 # Tasks of the embedded models, known before they load.
-_EMBEDDED_TASKS: dict[str, Task] = dict(zip(EMBEDDED, ("generate", "edit"), strict=True))
-_TASK_MODELS = {"generate": "generation model", "edit": "edit model"}
-_DOES = {"generate": "generates images", "edit": "edits images", None: "is loading"}
+_EMBEDDED_TASKS: dict[str, Task] = dict(zip(EMBEDDED, ("generate", "edit", "layered"), strict=True))
+_TASK_MODELS = {"generate": "generation model", "edit": "edit model", "layered": "layered model"}
+_DOES = {"generate": "generates images", "edit": "edits images", "layered": "splits images into layers",
+         None: "is loading"}
 _EXAMPLE = "QWEN_IMAGE_MODEL=Qwen/Qwen-Image,Qwen/Qwen-Image-Edit-2509"
 
 
@@ -113,6 +114,10 @@ class ModelRegistry:
             return ModelChoice(requested, 3, True, requested in self.settings.controlnet_sources)
         return ModelChoice(requested, loaded.max_images,
                            loaded.pipeline_class == "QwenImageEditPlusPipeline", bool(loaded.controlnets))
+
+    def task_of(self, name: str | None) -> Task | None:
+        """The task of the model `name` names (None: no such model, none named, or still loading)."""
+        return self.tasks().get(name) if name is not None else None
 
     def cards(self) -> list[ModelCard]:
         """Every model served, with what each can do (GET /v1/models, /info's models)."""

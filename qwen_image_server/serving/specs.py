@@ -3,10 +3,13 @@ image, whatever API the request came through."""
 
 from __future__ import annotations
 
+import math
 from collections.abc import Sequence
 from typing import Any, TypedDict
 
-from qwen_image_server.engine.types import EditSpec, GenerationSpec, LoraSet, PreviewPlan
+from PIL import Image
+
+from qwen_image_server.engine.types import EditSpec, GenerationSpec, LayeredSpec, LoraSet, PreviewPlan
 from qwen_image_server.protocol.common import ControlFields, EditFields, PromptFields, StartImageFields
 from qwen_image_server.serving.model_registry import ModelChoice
 from qwen_image_server.serving.uploads import EditInputs, GenerationPictures
@@ -70,3 +73,23 @@ def _guided(body: PromptFields, pictures: GenerationPictures) -> dict[str, Any]:
         return {}
     return dict(control_image=pictures.control_image, control_scale=body.controlnet_conditioning_scale,
                 control_start=body.control_guidance_start, control_end=body.control_guidance_end)
+
+
+def layered_size(size: tuple[int, int], resolution: int) -> tuple[int, int]:
+    """The size of each layer QwenImageLayeredPipeline makes of a picture of `size`: about
+    resolution x resolution pixels at its aspect ratio, sides multiples of 32 (diffusers'
+    calculate_dimensions, which the front does not import)."""
+    ratio = size[0] / size[1]
+    width = math.sqrt(resolution * resolution * ratio)
+    return round(width / 32) * 32, round(width / ratio / 32) * 32
+
+
+def build_layered_specs(body: PromptFields, *, model: ModelChoice, loras: LoraSet, seeds: Sequence[int],
+                        picture: Image.Image, layers: int, resolution: int) -> list[GenerationSpec]:
+    """One LayeredSpec per seed: `picture` (RGBA) split into `layers` layers."""
+    width, height = layered_size(picture.size, resolution)
+    return [LayeredSpec(prompt=body.model_prompt, negative_prompt=body.negative_prompt, width=width * layers,
+                        height=height, num_inference_steps=body.num_inference_steps,
+                        true_cfg_scale=body.true_cfg_scale, seed=seed, model=model.name, loras=loras,
+                        source=picture, layers=layers, resolution=resolution)
+            for seed in seeds]

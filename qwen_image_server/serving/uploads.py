@@ -120,6 +120,15 @@ def read_generation_pictures(image: Upload | None, mask: Upload | None, control:
     return GenerationPictures(start, change, steer)
 
 
+def read_layered_input(images: Sequence[Upload], max_pixels: int) -> Image.Image:
+    """The one picture a layered model splits, as RGBA (its transparency is kept: the layered
+    VAE reads four channels), scaled down to WORKING_PIXELS when larger."""
+    if len(images) != 1:
+        raise errors.InvalidRequest(f"A layered model splits one image; {len(images)} were sent.",
+                                    param="image", code="too_many_images")
+    return _working_size(_open(images[0], max_pixels).convert("RGBA"))
+
+
 def _open(upload: Upload, max_pixels: int) -> Image.Image:
     """The decoded image, upright; refused when not an image, not an accepted format, larger
     than max_pixels (from the header, before decoding) or truncated."""
