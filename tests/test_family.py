@@ -277,3 +277,26 @@ def test_controlnets_are_declared_per_model_and_a_wrong_name_stops_the_server(tm
         "Qwen/Qwen-Image-2512": ("InstantX/Qwen-Image-ControlNet-Union",)}
     with pytest.raises(ValidationError, match="does not serve"):
         tiny_settings(tmp_path, controlnets="other=InstantX/Qwen-Image-ControlNet-Union", **two)
+
+
+def test_batch_keys_keep_kinds_strengths_and_controlnet_settings_apart():
+    from qwen_image_server.engine.types import GenerationSpec
+
+    red, blue = Image.new("RGB", SIZE, "red"), Image.new("RGB", SIZE, "blue")
+    mask = Image.new("L", SIZE, 255)
+    base = dict(prompt="x", negative_prompt=" ", width=512, height=512, num_inference_steps=2, true_cfg_scale=4.0)
+    text = GenerationSpec(seed=1, **base)
+    img2img = GenerationSpec(seed=2, image=red, strength=0.6, **base)
+    keys = {
+        "text": text.batch_key,
+        "img2img": img2img.batch_key,
+        "img2img other strength": GenerationSpec(seed=1, image=red, strength=0.5, **base).batch_key,
+        "inpaint": GenerationSpec(seed=1, image=red, mask=mask, strength=0.6, **base).batch_key,
+        "control": GenerationSpec(seed=1, control_image=red, **base).batch_key,
+        "control other scale": GenerationSpec(seed=1, control_image=red, control_scale=0.5, **base).batch_key,
+        "control other window": GenerationSpec(seed=1, control_image=red, control_end=0.5, **base).batch_key,
+    }
+    assert len(set(keys.values())) == len(keys)
+    # Different pictures (and seeds, prompts) of one size and kind share a call.
+    assert GenerationSpec(seed=9, image=blue, strength=0.6, **{**base, "prompt": "y"}).batch_key == img2img.batch_key
+    assert img2img.without_pixels().image is None and text.without_pixels() == text
