@@ -4,6 +4,7 @@
 from __future__ import annotations
 
 import asyncio
+import base64
 import errno
 import json
 import logging
@@ -36,9 +37,11 @@ from qwen_image_server.config.settings import SECRET_SETTINGS, Settings
 from qwen_image_server.errors import ConfigurationError, ModelLoadError
 from qwen_image_server.protocol.common import (
     MASK_DESCRIPTION,
+    ControlFields,
     EditFields,
     NativeImageFields,
     PromptFields,
+    StartImageFields,
 )
 from qwen_image_server.protocol.native import EditParameters, GenerateRequest
 from qwen_image_server.serving.object_store import open_object_store
@@ -118,6 +121,8 @@ def serve_on_ray(settings: Settings) -> int:
 
 _PROMPT = PromptFields.model_fields
 _NATIVE = NativeImageFields.model_fields
+_START = StartImageFields.model_fields
+_CONTROL = ControlFields.model_fields
 B = TypeVar("B", bound=PromptFields)
 
 
@@ -193,14 +198,33 @@ class GenerateCommand(OneImageCommand):
     prompt: CliPositionalArg[str]
     out: Path = Field(Path("qwen-image.png"), description="Where to write the PNG.")
     aspect_ratio: AspectRatio = DEFAULT_ASPECT_RATIO
+    image: Path | None = Field(None, description="Image-to-image: a picture to start from (a file).")
+    mask: Path | None = Field(None, description="Inpainting: a PNG the size of --image whose transparent "
+                              "pixels are the area to change.")
+    strength: float | None = Field(None, description=_START["strength"].description)
+    control_image: Path | None = Field(None, description="ControlNet: a control image file (edges, depth, "
+                                       "pose, ...) of the output's size.")
+    controlnet_conditioning_scale: float | None = Field(
+        None, description=_CONTROL["controlnet_conditioning_scale"].description)
+    control_guidance_start: float | None = Field(None, description=_CONTROL["control_guidance_start"].description)
+    control_guidance_end: float | None = Field(None, description=_CONTROL["control_guidance_end"].description)
 
     doing: ClassVar[str] = "generating"
 
     def cli_cmd(self) -> None:
+        missing = [path for path in (self.image, self.mask, self.control_image) if path and not path.is_file()]
+        if missing:
+            print(f"error: no such file: {missing[0]}", file=sys.stderr)
+            raise SystemExit(1)
         raise SystemExit(generate_remote(self) if self.url else generate_one(self))
 
     def request(self) -> GenerateRequest:
-        return self.body(GenerateRequest, prompt=self.prompt, aspect_ratio=self.aspect_ratio)
+        files = {name: base64.b64encode(path.expanduser().read_bytes()).decode()
+                 for name, path in (("image", self.image), ("mask", self.mask),
+                                    ("control_image", self.control_image)) if path is not None}
+        knobs = {name: getattr(self, name) for name in ("strength", "controlnet_conditioning_scale",
+                                                        "control_guidance_start", "control_guidance_end")}
+        return self.body(GenerateRequest, prompt=self.prompt, aspect_ratio=self.aspect_ratio, **files, **knobs)
 
     async def prepare(self, generation: Generation) -> Prepared[GenerateRequest]:
         return await generation.prepare(self.request(), "generate")

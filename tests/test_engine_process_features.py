@@ -202,3 +202,34 @@ def test_the_front_library_merges_its_engines_states(tmp_path):
     assert library.resident("style") == [] and library.loading(0) == {}
     library.import_state(0, LoraState({"tiny": ModelFacts("generate", layers, ())}))
     assert library.unusable("ink") == "loading it failed (rank 0)"  # still marked by engine 1
+
+
+# -- the generation model's other tasks through the engine process ---------------------------
+
+def _png(array) -> str:
+    import numpy as np
+
+    buf = io.BytesIO()
+    Image.fromarray(np.asarray(array, dtype=np.uint8)).save(buf, "PNG")
+    return base64.b64encode(buf.getvalue()).decode()
+
+
+def test_controlnet_and_image_to_image_with_a_lora_run_in_the_engine_process(front):
+    import numpy as np
+
+    edges = np.zeros((256, 256, 3))
+    edges[::32, :] = 255
+    start = np.kron(np.random.default_rng(0).integers(0, 256, (8, 8, 3)), np.ones((32, 32, 1)))
+    models = {card["id"]: card for card in httpx.get(f"{front.url}/v1/models", timeout=30).json()["data"]}
+    assert "controlnet" in models["tiny"]["tasks"]  # the engine's ControlNet, as the front sees it
+
+    def made(**extra) -> bytes:
+        body = {"prompt": "a lighthouse", "size": SIZE, "num_inference_steps": 2, "seed": 6,
+                "loras": [{"name": "style", "scale": 0.8}], **extra}
+        r = httpx.post(f"{front.url}/v1/images/generations", json=body, timeout=120)
+        assert r.status_code == 200, r.text
+        return base64.b64decode(r.json()["data"][0]["b64_json"])
+
+    plain, steered, again = made(), made(control_image=_png(edges)), made(control_image=_png(edges))
+    assert steered == again and steered != plain
+    assert made(image=_png(start), strength=0.5) not in (plain, steered)

@@ -22,7 +22,7 @@ from qwen_image_server import errors
 from qwen_image_server.api.bodies import read_uploads
 from qwen_image_server.api.context import Ctx, ServerContext, Who, client_gone
 from qwen_image_server.api.error_mapping import ERROR_RESPONSES
-from qwen_image_server.engine.types import Preview
+from qwen_image_server.engine.types import LayeredSpec, Preview
 from qwen_image_server.protocol.common import ErrorDetail, ErrorResponse
 from qwen_image_server.protocol.openai import (
     ImageData,
@@ -40,6 +40,7 @@ from qwen_image_server.protocol.openai import (
 from qwen_image_server.scheduler import Job, JobResult
 from qwen_image_server.serving.generation import Rendered
 from qwen_image_server.serving.render import MEDIA_TYPES, b64
+from qwen_image_server.serving.uploads import Upload
 from qwen_image_server.serving.url_images import JOB_IMAGE_PREFIX
 
 log = logging.getLogger(__name__)
@@ -87,8 +88,11 @@ async def edit_images(
     caller: Who,
 ) -> Response | ImagesResponse:
     """Edit images (OpenAI's Images API, multipart): `image` (or `image[]`, up to 3), an optional
-    `mask` whose transparent pixels are the area to change, `n` results."""
+    `mask` whose transparent pixels are the area to change, `n` results. With a layered model as
+    `model`: one image split into `layers` RGBA layers, one PNG each in data[]."""
     images, mask = await read_uploads(body)
+    if ctx.generation.models.task_of(body.model) == "layered":
+        return await _layers(body, images, mask, request, ctx, caller)
     prepared = await ctx.generation.prepare(body, "edit", model=body.model, images=images, mask=mask, n=body.n,
                                             preview=body.preview_plan(), caller=caller)
     body, spec, inputs = prepared.body, prepared.specs[0], prepared.inputs
@@ -101,6 +105,37 @@ async def edit_images(
                      tuple(image.size for image in inputs.images), ImageEditCompletedEvent,
                      ImageEditPartialImageEvent)
     return await answer.send(await ctx.generation.submit(prepared))
+
+
+async def _layers(body: ImageEditForm, images: list[Upload], mask: Upload | None, request: Request, ctx: Ctx,
+                  caller: Who) -> ImagesResponse:
+    """A layered model's answer on the edits route: data[] holds each image's layers in order
+    (RGBA PNGs, `layers` per image), so the official client reads it unchanged."""
+    if body.stream:
+        raise errors.InvalidRequest("A layered model answers with all its layers at once; stream is not "
+                                    "available for it.", param="stream", code="stream_not_supported")
+    prepared = await ctx.generation.prepare(body, "layered", model=body.model, images=images, mask=mask, n=body.n,
+                                            caller=caller, layers=body.layers, resolution=body.resolution)
+    log.info("request %d (openai layers) received: %d layers, n=%d, %d steps, seeds from %d, model %s",
+             prepared.request_id, body.layers, body.n, body.num_inference_steps, prepared.specs[0].seed,
+             prepared.model.name)
+    generation = ctx.generation
+    jobs = await generation.submit(prepared)
+    results = await generation.wait_all(jobs, client_gone(request))
+    layers = [layer for job, result in zip(jobs, results, strict=True)
+              for layer in await generation.render_layers(job, result)]
+    if body.response_format == "url":
+        urls = await asyncio.gather(*(_store(ctx, request, layer, jobs[0].owner) for layer in layers))
+        data = [ImageData(url=url, revised_prompt=body.model_prompt) for url in urls]
+    else:
+        data = [ImageData(b64_json=b64(layer.data), revised_prompt=body.model_prompt) for layer in layers]
+    width, height = layers[0].width, layers[0].height
+    source = prepared.specs[0].source if isinstance(prepared.specs[0], LayeredSpec) else None
+    text_tokens = await generation.count_tokens(body.model_prompt)
+    return ImagesResponse(created=int(time.time()), model=prepared.model.name, data=data, size=f"{width}x{height}",
+                          output_format="png", background="transparent", quality=body.quality,
+                          usage=ImageUsage.of(text_tokens, width, height, images=len(layers),
+                                              inputs=[source.size] if source is not None else []))
 
 
 ImagesBody = ImageGenerationRequest | ImageEditForm

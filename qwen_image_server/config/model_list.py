@@ -12,7 +12,11 @@ from pathlib import Path
 # The embedded test models' names, as QWEN_IMAGE_MODEL gives them (built by engine/tiny.py).
 TINY_MODEL_NAME = "tiny"
 TINY_EDIT_MODEL_NAME = "tiny-edit"
-EMBEDDED = (TINY_MODEL_NAME, TINY_EDIT_MODEL_NAME)
+# The embedded image -> RGBA layers model; served when named (QWEN_IMAGE_MODEL=tiny,tiny-layered).
+TINY_LAYERED_MODEL_NAME = "tiny-layered"
+EMBEDDED = (TINY_MODEL_NAME, TINY_EDIT_MODEL_NAME, TINY_LAYERED_MODEL_NAME)
+# The embedded ControlNet, served with the embedded generation model unless QWEN_IMAGE_CONTROLNETS says otherwise.
+TINY_CONTROLNET_NAME = "tiny-controlnet"
 
 LOCAL_FOLDER_ADVICE = (
     "Point QWEN_IMAGE_MODEL at a folder made by `save_pretrained` or downloaded from "
@@ -65,3 +69,32 @@ def local_folder_problem(folder: Path) -> str | None:
     if not (folder / "model_index.json").is_file():
         return f"{folder} has no model_index.json, so it is not a diffusers pipeline folder"
     return None
+
+
+def parse_controlnets(value: str, models: list[ModelRef]) -> dict[str, tuple[str, ...]]:
+    """`QWEN_IMAGE_CONTROLNETS`: comma-separated ControlNets, each `source` (for the first model)
+    or `model=source` (for the model of that public name); several for one model are run
+    together (QwenImageMultiControlNetModel). '' serves the embedded ControlNet with the embedded
+    generation model (when it is served) and nothing else; 'none' serves none.
+
+    ValueError (one sentence) for an empty entry or a model name not in `models`."""
+    value = value.strip()
+    if value.lower() == "none":
+        return {}
+    if not value:
+        return {ref.name: (TINY_CONTROLNET_NAME,) for ref in models if ref.source == TINY_MODEL_NAME}
+    names = [ref.name for ref in models]
+    found: dict[str, tuple[str, ...]] = {}
+    for entry in (part.strip() for part in value.split(",")):
+        if not entry:
+            raise ValueError("an empty ControlNet entry (two commas, or a comma at an end)")
+        model, sep, source = (part.strip() for part in entry.partition("="))
+        if not sep:
+            model, source = names[0], entry
+        if model not in names:
+            raise ValueError(f"'{entry}' names the model '{model}', which QWEN_IMAGE_MODEL does not serve "
+                             f"({', '.join(names)})")
+        if not source:
+            raise ValueError(f"'{entry}' needs a source, as in 'Qwen/Qwen-Image=InstantX/Qwen-Image-ControlNet-Union'")
+        found[model] = (*found.get(model, ()), source)
+    return found

@@ -33,7 +33,7 @@ from pydantic_settings import (
 
 from qwen_image_server.config.api_keys import ApiKey, KeyLimits, build_keys, read_key_file
 from qwen_image_server.config.lora_refs import parse_hub_loras
-from qwen_image_server.config.model_list import ModelRef, parse_model_list
+from qwen_image_server.config.model_list import ModelRef, parse_controlnets, parse_model_list
 from qwen_image_server.config.origins import canonical_origin, check_host_pattern
 from qwen_image_server.config.presets import DEFAULT_ASPECT_RATIO, AspectRatio
 from qwen_image_server.config.webhooks import check_allowed_host, check_webhook_secret, without_credentials
@@ -92,6 +92,13 @@ class Settings(BaseSettings):
         description="Comma-separated models, each a hub id (Qwen/Qwen-Image, Qwen/Qwen-Image-Edit-2509), a "
         "local folder, or 'name=source' to give it a public name; 'tiny' is the embedded generation and "
         "edit test models. Requests without a model get the first that can do their task.",
+    )
+    controlnets: str = Field(
+        "",
+        description="ControlNets served with the generation models: comma-separated, each a hub id or folder "
+        "of a QwenImageControlNetModel (InstantX/Qwen-Image-ControlNet-Union, ...) for the first model, or "
+        "'model=source' for a model by its public name; several for one model run together. Empty: the "
+        "embedded test ControlNet with the embedded 'tiny' model; 'none': no ControlNet.",
     )
     model_source: ModelSource = Field(
         "huggingface", description="Where a hub id is fetched from: huggingface or modelscope."
@@ -457,6 +464,16 @@ class Settings(BaseSettings):
     def models(self) -> list[ModelRef]:
         """The models to serve, in order (the first answers requests that name none)."""
         return parse_model_list(self.model)
+
+    @property
+    def controlnet_sources(self) -> dict[str, tuple[str, ...]]:
+        """Model public name -> the ControlNets served with it."""
+        return parse_controlnets(self.controlnets, self.models)
+
+    @model_validator(mode="after")
+    def _controlnet_list(self) -> Settings:
+        parse_controlnets(self.controlnets, self.models)  # ValueError -> one line naming QWEN_IMAGE_CONTROLNETS
+        return self
 
     @model_validator(mode="after")
     def _one_replica_count(self) -> Settings:

@@ -36,6 +36,11 @@ class LoadedModel:
     task: Task = "generate"
     # Components loaded once and shared with an earlier model (same weights), by component name.
     shared: tuple[str, ...] = ()
+    # The ControlNets served with a generation model (their sources), and the module that runs
+    # them (a QwenImageControlNetModel, or a QwenImageMultiControlNetModel for several; None in
+    # the front of a server whose engines are processes).
+    controlnets: tuple[str, ...] = ()
+    controlnet: Any = None
 
     @property
     def max_prompt_tokens(self) -> int:
@@ -45,6 +50,26 @@ class LoadedModel:
     def pipeline_class(self) -> str:
         # An engine process's model, seen from the front, carries only facts about its pipeline.
         return getattr(self.pipeline, "class_name", None) or type(self.pipeline).__name__
+
+    @property
+    def tasks(self) -> list[str]:
+        """What it does, for /v1/models: an edit model edits; a generation model also starts
+        from a picture (image-to-image), inpaints, and with a ControlNet follows a control image."""
+        if self.task != "generate":
+            return [self.task]
+        return ["generate", "image-to-image", "inpaint", *(["controlnet"] if self.controlnets else [])]
+
+    @property
+    def pipelines(self) -> list[str]:
+        """Every diffusers pipeline class it is called through (they share its modules)."""
+        if self.task == "layered":
+            extra = []
+        elif self.task != "generate":
+            extra = ["QwenImageEditInpaintPipeline"]
+        else:
+            extra = ["QwenImageImg2ImgPipeline", "QwenImageInpaintPipeline",
+                     *(["QwenImageControlNetPipeline"] if self.controlnets else [])]
+        return [self.pipeline_class, *extra]
 
     @property
     def max_images(self) -> int:

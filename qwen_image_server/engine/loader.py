@@ -13,7 +13,7 @@ import json
 import logging
 import time
 from collections.abc import Callable
-from dataclasses import dataclass
+from dataclasses import dataclass, replace
 from pathlib import Path
 from typing import Any
 
@@ -24,7 +24,9 @@ from diffusers import QwenImagePipeline
 
 from qwen_image_server.config.model_list import (
     LOCAL_FOLDER_ADVICE,
+    TINY_CONTROLNET_NAME,
     TINY_EDIT_MODEL_NAME,
+    TINY_LAYERED_MODEL_NAME,
     TINY_MODEL_NAME,
     ModelRef,
     local_folder_problem,
@@ -38,7 +40,12 @@ from qwen_image_server.engine.memory import OffloadPlan
 from qwen_image_server.engine.options import check_options, prepare_pipeline
 from qwen_image_server.engine.processor import load_processor
 from qwen_image_server.engine.quantize import tensor_bytes
-from qwen_image_server.engine.tiny import ensure_tiny_edit_model, ensure_tiny_model
+from qwen_image_server.engine.tiny import (
+    ensure_tiny_controlnet,
+    ensure_tiny_edit_model,
+    ensure_tiny_layered_model,
+    ensure_tiny_model,
+)
 from qwen_image_server.engine.types import Task
 from qwen_image_server.errors import ModelLoadError, OptionUnavailable
 
@@ -53,6 +60,7 @@ PIPELINE_TASKS: dict[str, Task] = {
     "QwenImagePipeline": "generate",
     "QwenImageEditPipeline": "edit",  # Qwen-Image-Edit: one input image
     "QwenImageEditPlusPipeline": "edit",  # Qwen-Image-Edit-2509 / -2511: one to three
+    "QwenImageLayeredPipeline": "layered",  # Qwen-Image-Layered: one picture -> RGBA layers
 }
 
 
@@ -102,7 +110,7 @@ def _first_line(exc: BaseException) -> str:
 
 def _source_of(settings: Settings, ref: ModelRef) -> str:
     """'embedded', 'local', 'modelscope' or 'huggingface'."""
-    if ref.source in (TINY_MODEL_NAME, TINY_EDIT_MODEL_NAME):
+    if ref.source in (TINY_MODEL_NAME, TINY_EDIT_MODEL_NAME, TINY_LAYERED_MODEL_NAME):
         return "embedded"
     if looks_local(ref.source):
         return "local"
@@ -115,6 +123,8 @@ def model_folder(settings: Settings, ref: ModelRef, source: str) -> Path:
     if source == "embedded":
         if ref.source == TINY_EDIT_MODEL_NAME:
             return ensure_tiny_edit_model(settings.cache_dir)
+        if ref.source == TINY_LAYERED_MODEL_NAME:
+            return ensure_tiny_layered_model(settings.cache_dir)
         return ensure_tiny_model(settings.cache_dir)
     if source == "local":
         folder = Path(ref.source).expanduser()
@@ -216,6 +226,47 @@ def finish_model(settings: Settings, loading: LoadingModel, device: DeviceInfo, 
         task=PIPELINE_TASKS[type(pipeline).__name__],
         shared=loading.shared,
     )
+
+
+def with_controlnets(settings: Settings, model: LoadedModel) -> LoadedModel:
+    """`model` with the ControlNets QWEN_IMAGE_CONTROLNETS declares for it, loaded onto the device
+    its pipeline runs on. A ControlNet is its own small network next to the model's transformer,
+    which it shares (the ControlNet pipeline is made over the model's modules); several run as
+    one QwenImageMultiControlNetModel."""
+    sources = settings.controlnet_sources.get(model.name, ())
+    if not sources:
+        return model
+    if model.task != "generate":
+        raise ModelLoadError(f"QWEN_IMAGE_CONTROLNETS gives the model {model.name!r} a ControlNet, but it is a "
+                             f"{model.pipeline_class}: ControlNets steer generation models (Qwen-Image, -2512).")
+    from diffusers import QwenImageControlNetModel, QwenImageMultiControlNetModel
+
+    nets = []
+    for source in sources:
+        where = f"QwenImageControlNetModel.from_pretrained({source!r}, dtype={model.dtype})"
+        try:
+            if source == TINY_CONTROLNET_NAME:
+                location: str | Path = ensure_tiny_controlnet(settings.cache_dir)
+            elif looks_local(source):
+                location = Path(source).expanduser()
+            elif settings.model_source == "modelscope":
+                from modelscope import snapshot_download  # optional extra
+
+                location = Path(snapshot_download(source))
+            else:
+                location = source
+            net = QwenImageControlNetModel.from_pretrained(location, torch_dtype=model.dtype)
+        except Exception as exc:
+            raise ModelLoadError(
+                f"Could not load the ControlNet {source!r} for the model {model.name!r}: tried {where}, and it "
+                f"failed with: {_first_line(exc).rstrip('. ')}. Check QWEN_IMAGE_CONTROLNETS (a hub id or "
+                "folder of a QwenImageControlNetModel, e.g. InstantX/Qwen-Image-ControlNet-Union), or set it "
+                "to 'none'.") from exc
+        nets.append(net.eval().requires_grad_(False))
+    module = nets[0] if len(nets) == 1 else QwenImageMultiControlNetModel(nets)
+    module.to(model.pipeline._execution_device)
+    log.info("ControlNet%s %s served with %s", "s" if len(nets) > 1 else "", ", ".join(sources), model.name)
+    return replace(model, controlnets=tuple(sources), controlnet=module)
 
 
 def _load_error(settings: Settings, ref: ModelRef, where: str, source: str, exc: BaseException) -> ModelLoadError:

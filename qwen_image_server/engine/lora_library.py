@@ -27,7 +27,7 @@ from qwen_image_server.config.lora_refs import (
 from qwen_image_server.engine.types import LoraSet, Task
 
 # The base model family of each task's pipelines (Qwen-Image-Edit-2509/2511 LoRAs are Edit LoRAs).
-FAMILY: dict[Task, str] = {"generate": "Qwen-Image", "edit": "Qwen-Image-Edit"}
+FAMILY: dict[Task, str] = {"generate": "Qwen-Image", "edit": "Qwen-Image-Edit", "layered": "Qwen-Image-Layered"}
 
 # Header metadata that names the model a LoRA was trained for, in the order they are trusted:
 # our own and some trainers' `base_model`, the Stability model spec, kohya's sd-scripts, PEFT's

@@ -30,6 +30,7 @@ from qwen_image_server.engine.loader import (
     finish_model,
     read_model,
     start_loading,
+    with_controlnets,
 )
 from qwen_image_server.engine.lora_library import LoraLibrary
 from qwen_image_server.engine.memory import (
@@ -93,6 +94,8 @@ class ModelSet:
         for engine in self.engines.values():
             if engine.model.task == "generate":
                 engine.warm_up(aspect_ratios, steps)
+                continue
+            if engine.model.task == "layered":  # its sizes come from its resolution bucket, not the presets
                 continue
             for name in dict.fromkeys(aspect_ratios):
                 width, height = ASPECT_RATIOS[name]
@@ -167,7 +170,7 @@ def load_models(settings: Settings) -> list[LoadedModel]:
         # A text encoder shared with an earlier model was quantized with it already.
         options = (settings.model_copy(update={"quantize_text_encoder": False})
                    if "text_encoder" in loading.shared else settings)
-        models.append(finish_model(options, loading, device, dtype, plan))
+        models.append(with_controlnets(settings, finish_model(options, loading, device, dtype, plan)))
     log.info("serving %s", ", ".join(f"{m.name} ({m.task}: {m.pipeline_class}, shares "
                                       f"{', '.join(m.shared) or 'nothing'})" for m in models))
     return models
@@ -213,7 +216,8 @@ def load_engine(settings: Settings) -> ModelSet:
     engine = ModelSet([PipelineEngine(model, adapters(model)) for model in models],
                       library if library.configured else None)
     for each in engine.engines.values():
-        each.previewer  # noqa: B018 - fit the latent preview projection now, not in a request
+        if each.model.task != "layered":  # no previews of layers (an RGBA VAE, several frames)
+            each.previewer  # noqa: B018 - fit the latent preview projection now, not in a request
     if engine.model.options.warmup:
         engine.warm_up(settings.warmup_aspect_ratios)
     return engine

@@ -17,6 +17,7 @@ from qwen_image_server.config.presets import ASPECT_RATIOS
 from qwen_image_server.engine.adapters import ResidentAdapters
 from qwen_image_server.engine.compilation import WARMUP_PROMPT, warmup_prompt_batches
 from qwen_image_server.engine.edit import EditCalls
+from qwen_image_server.engine.guided import GenerationCalls, layered_inputs, side_by_side
 from qwen_image_server.engine.loaded import LoadedModel
 from qwen_image_server.engine.options import AppliedOptions, takes_padding_mask
 from qwen_image_server.engine.previews import Previewer, StepRecorder
@@ -85,6 +86,7 @@ class PipelineEngine:
         # need no mask. Otherwise such a batch would fail, or attend to the padding.
         self.equal_lengths_only = not takes_padding_mask(model.options.attention)
         self.edits = EditCalls(self.pipeline) if model.task == "edit" else None
+        self.generations = GenerationCalls(self.pipeline, model.controlnet) if model.task == "generate" else None
 
     @cached_property
     def previewer(self) -> Previewer:
@@ -100,13 +102,10 @@ class PipelineEngine:
         """The pipeline to call and what to make: prompts, size, and for edits the inputs."""
         if self.edits is not None:
             return self.edits.call(specs, use_cfg)  # type: ignore[arg-type]  # edit models get EditSpecs
-        first = specs[0]
-        return self.pipeline, dict(
-            prompt=[s.prompt for s in specs],
-            negative_prompt=[s.negative_prompt for s in specs] if use_cfg else None,
-            width=first.width,
-            height=first.height,
-        )
+        if self.model.task == "layered":
+            return self.pipeline, layered_inputs(specs, use_cfg)  # type: ignore[arg-type]  # LayeredSpecs
+        assert self.generations is not None
+        return self.generations.call(specs, use_cfg)
 
     def run_batch(self, specs: Sequence[GenerationSpec], on_step: StepCallback) -> list[Image.Image]:
         """Generate one image per spec; all specs share a batch_key.
@@ -211,6 +210,8 @@ class PipelineEngine:
                     pipeline.maybe_free_model_hooks()
                 except Exception:  # the error that ended the call is the one to report
                     log.exception("offloading after an interrupted call failed")
+        if self.model.task == "layered":  # a list of layers per picture: side by side, one image each
+            return [side_by_side(layers) for layers in out.images]
         return list(out.images)
 
     def warm_up(self, aspect_ratios: Sequence[str], steps: int = 2) -> float:

@@ -29,6 +29,15 @@ TINY_MODEL_VERSION = 2
 # own text encoder, VAE and transformer: `QWEN_IMAGE_MODEL=tiny` serves both.
 TINY_EDIT_MODEL_VERSION = 2
 
+# The embedded ControlNet (QwenImageControlNetModel) for the tiny model: built from the tiny
+# transformer's config like InstantX's are from Qwen-Image's, one block deep.
+TINY_CONTROLNET_VERSION = 1
+
+# The embedded image -> RGBA layers model (QwenImageLayeredPipeline): the tiny model's text encoder
+# and tokenizer, its own transformer (with the layer and RGB/RGBA conditioning Qwen-Image-Layered
+# has) and an RGBA VAE (four image channels).
+TINY_LAYERED_MODEL_VERSION = 1
+
 # One seed per component, so a build is reproducible whatever order or subset gets rebuilt.
 _SEED = 1234
 
@@ -100,6 +109,30 @@ def tiny_edit_model_dir(cache_dir: Path) -> Path:
     return Path(cache_dir) / f"tiny-qwen-image-edit-v{TINY_EDIT_MODEL_VERSION}"
 
 
+def tiny_controlnet_dir(cache_dir: Path) -> Path:
+    """The folder the tiny ControlNet of this recipe version lives in under `cache_dir`."""
+    return Path(cache_dir) / f"tiny-qwen-image-controlnet-v{TINY_CONTROLNET_VERSION}"
+
+
+def ensure_tiny_controlnet(cache_dir: Path) -> Path:
+    """Return the tiny ControlNet folder, building it (and the tiny model it comes from) if missing."""
+    source = ensure_tiny_model(cache_dir)
+    return _ensure_built(tiny_controlnet_dir(cache_dir), lambda target: build_tiny_controlnet(source, target),
+                         "tiny Qwen-Image ControlNet", marker="config.json")
+
+
+def tiny_layered_model_dir(cache_dir: Path) -> Path:
+    """The folder the tiny layered model of this recipe version lives in under `cache_dir`."""
+    return Path(cache_dir) / f"tiny-qwen-image-layered-v{TINY_LAYERED_MODEL_VERSION}"
+
+
+def ensure_tiny_layered_model(cache_dir: Path) -> Path:
+    """Return the tiny layered model folder, building it (and the tiny model it comes from) if missing."""
+    source = ensure_tiny_model(cache_dir)
+    return _ensure_built(tiny_layered_model_dir(cache_dir), lambda target: build_tiny_layered_model(source, target),
+                         "tiny Qwen-Image-Layered model")
+
+
 def ensure_tiny_model(cache_dir: Path) -> Path:
     """Return the tiny model folder, building it first if it is missing.
 
@@ -116,13 +149,14 @@ def ensure_tiny_edit_model(cache_dir: Path) -> Path:
                          "tiny Qwen-Image-Edit-Plus model")
 
 
-def _ensure_built(target: Path, build: Callable[[Path], None], what: str) -> Path:
-    """`target` if it holds a pipeline, else build it into a temp folder and rename it into place."""
-    if (target / "model_index.json").is_file():
+def _ensure_built(target: Path, build: Callable[[Path], None], what: str, marker: str = "model_index.json") -> Path:
+    """`target` if it holds a pipeline (or a model: its `marker` file), else build it into a temp
+    folder and rename it into place."""
+    if (target / marker).is_file():
         return target
     target.parent.mkdir(parents=True, exist_ok=True)
     # exists() before is_file(): a rival's rename may land in between, and its folder is whole.
-    if target.exists() and not (target / "model_index.json").is_file():
+    if target.exists() and not (target / marker).is_file():
         # Only an outside hand leaves a folder without model_index.json (ours appear whole by
         # rename), so set it aside rather than trust it.
         log.warning("tiny model folder %s is incomplete; rebuilding it", target)
@@ -139,7 +173,7 @@ def _ensure_built(target: Path, build: Callable[[Path], None], what: str) -> Pat
         except OSError:
             # Another process renamed its copy in first (the target now exists and is not
             # empty); theirs is as good as ours, which goes.
-            if not (target / "model_index.json").is_file():
+            if not (target / marker).is_file():
                 raise
             shutil.rmtree(tmp, ignore_errors=True)
             return target
@@ -219,6 +253,60 @@ def build_tiny_edit_model(source: Path, target: Path) -> None:
     make_stock_loadable(target)
     for folder in ("tokenizer", "processor"):
         save_as_vocab_and_merges(target / folder)
+
+
+def build_tiny_layered_model(source: Path, target: Path) -> None:
+    """The tiny QwenImageLayeredPipeline: the tiny model's text encoder and tokenizer, a Qwen2.5-VL
+    processor built offline (the pipeline captions a picture sent without a prompt), a transformer
+    of the tiny shape with Qwen-Image-Layered's layer rope and RGB/RGBA timestep conditioning, and
+    an RGBA VAE (the tiny VAE's shape, four image channels). Saved so that it loads like
+    Qwen/Qwen-Image-Layered's folder."""
+    import torch
+    from diffusers import (
+        AutoencoderKLQwenImage,
+        QwenImageLayeredPipeline,
+        QwenImagePipeline,
+        QwenImageTransformer2DModel,
+    )
+
+    from qwen_image_server.engine.processor import build_processor, make_stock_loadable
+
+    base = QwenImagePipeline.from_pretrained(source)
+    with torch.random.fork_rng(devices=[]):
+        torch.manual_seed(_SEED + 6)
+        transformer = QwenImageTransformer2DModel.from_config(
+            {**base.transformer.config, "use_additional_t_cond": True, "use_layer3d_rope": True})
+        torch.manual_seed(_SEED + 7)
+        vae = AutoencoderKLQwenImage.from_config({**base.vae.config, "input_channels": 4})
+    processor = build_processor(base.tokenizer)
+    QwenImageLayeredPipeline(scheduler=base.scheduler, vae=vae, text_encoder=base.text_encoder,
+                             tokenizer=base.tokenizer, processor=processor, transformer=transformer).save_pretrained(
+        target, safe_serialization=True)
+    make_stock_loadable(target)
+    for folder in ("tokenizer", "processor"):
+        save_as_vocab_and_merges(target / folder)
+
+
+def build_tiny_controlnet(source: Path, target: Path) -> None:
+    """The tiny ControlNet: `QwenImageControlNetModel.from_transformer` of the tiny transformer
+    (its embeddings and first block copied, as InstantX's are started from Qwen-Image), then
+    the control input and output projections, which diffusers starts at zero (a ControlNet that
+    changes nothing until trained), given seeded random weights so a control image steers."""
+    import torch
+    from diffusers import QwenImageControlNetModel, QwenImageTransformer2DModel
+
+    transformer = QwenImageTransformer2DModel.from_pretrained(source / "transformer")
+    config = transformer.config
+    with torch.random.fork_rng(devices=[]):
+        torch.manual_seed(_SEED + 5)
+        controlnet = QwenImageControlNetModel.from_transformer(
+            transformer, num_layers=1, attention_head_dim=config.attention_head_dim,
+            num_attention_heads=config.num_attention_heads)
+        with torch.no_grad():
+            for module in (controlnet.controlnet_x_embedder, *controlnet.controlnet_blocks):
+                torch.nn.init.normal_(module.weight, std=0.2)
+                torch.nn.init.zeros_(module.bias)
+    controlnet.save_pretrained(target, safe_serialization=True)
 
 
 def _build_pipeline() -> QwenImagePipeline:
@@ -396,7 +484,7 @@ LORA_TARGETS = ("to_q", "to_k", "to_v", "to_out.0", "add_q_proj", "add_k_proj", 
 
 
 def build_lora(target: Path, transformer: object, *, base: str, rank: int = 4, seed: int = 0,
-               targets: tuple[str, ...] = LORA_TARGETS, strength: float = 1.0) -> Path:
+               targets: tuple[str, ...] = LORA_TARGETS, strength: float = 1.0, alpha: int | None = None) -> Path:
     """A LoRA for `transformer` made with PEFT (random A and B, `strength` times PEFT's random
     init), saved in the diffusers format Qwen-Image LoRAs on the hub use, with `base` (the model
     family it is for, e.g. "Qwen-Image" or "Qwen-Image-Edit") in its `base_model` metadata.
@@ -410,7 +498,9 @@ def build_lora(target: Path, transformer: object, *, base: str, rank: int = 4, s
     from peft import LoraConfig, get_peft_model_state_dict
     from safetensors.torch import save_file
 
-    config = LoraConfig(r=rank, lora_alpha=rank, target_modules=list(targets), init_lora_weights=False)
+    # `alpha`: PEFT scales the adapter by alpha / rank (the Qwen-Image-2512 Lightning LoRA: 8 / 64).
+    config = LoraConfig(r=rank, lora_alpha=alpha if alpha is not None else rank, target_modules=list(targets),
+                        init_lora_weights=False)
     with torch.random.fork_rng(devices=[]):
         torch.manual_seed(seed)
         model = copy.deepcopy(transformer)

@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import dataclasses
 import hashlib
 from collections.abc import Callable, Iterable
 from dataclasses import dataclass, field
@@ -10,7 +11,9 @@ from typing import TYPE_CHECKING, ClassVar, Literal
 if TYPE_CHECKING:
     from PIL import Image
 
-Task = Literal["generate", "edit"]
+Task = Literal["generate", "edit", "layered"]
+# What a generation model's call does with its inputs (see GenerationSpec.kind).
+GenerationKind = Literal["text", "img2img", "inpaint", "control"]
 PreviewMode = Literal["latent", "full"]
 
 
@@ -85,14 +88,53 @@ class GenerationSpec:
     # Previews while it forms; not in the batch key (a previewing job batches with any other)
     # and without effect on the final image.
     preview: PreviewPlan | None = None
+    # Image-to-image: the picture to start from (RGB, already at width x height). With `mask`
+    # ("L", same size, 255 where it may change) it is inpainting. Edits keep their inputs in
+    # EditSpec.images and use `mask` the same way.
+    image: Image.Image | None = field(default=None, compare=False)
+    mask: Image.Image | None = field(default=None, compare=False)
+    strength: float = 1.0  # how far from `image` (or an edit's masked area) the result may move
+    # ControlNet: the control image (RGB, at width x height) and how it steers the steps.
+    control_image: Image.Image | None = field(default=None, compare=False)
+    control_scale: float = 1.0
+    control_start: float = 0.0  # fraction of the steps where the ControlNet starts / stops
+    control_end: float = 1.0
 
     task: ClassVar[Task] = "generate"
 
     @property
+    def kind(self) -> GenerationKind:
+        """Which pipeline of a generation model makes it: plain, image-to-image, inpaint, ControlNet."""
+        if self.mask is not None:
+            return "inpaint"
+        if self.image is not None:
+            return "img2img"
+        if self.control_image is not None:
+            return "control"
+        return "text"
+
+    @property
     def batch_key(self) -> tuple[object, ...]:
-        """Jobs with equal keys can share one pipeline call (prompts and seeds may differ)."""
+        """Jobs with equal keys can share one pipeline call (prompts, seeds and input pictures of
+        the same size may differ; the pipeline and its scalar knobs may not)."""
+        kind = self.kind
+        extra: tuple[object, ...] = ()
+        if kind in ("img2img", "inpaint"):
+            extra = (self.strength,)
+        elif kind == "control":
+            extra = (self.control_scale, self.control_start, self.control_end)
         return (self.task, self.model, self.width, self.height, self.num_inference_steps,
-                self.true_cfg_scale, self.loras)
+                self.true_cfg_scale, self.loras, kind, *extra)
+
+    def kept(self) -> tuple[Image.Image, Image.Image] | None:
+        """An inpainting's (original, mask): outside the mask the original is kept when rendering."""
+        if self.mask is None or self.image is None:
+            return None
+        return self.image, self.mask
+
+    def without_pixels(self) -> GenerationSpec:
+        """This spec without its input pictures (what a finished job's record keeps)."""
+        return dataclasses.replace(self, image=None, mask=None, control_image=None)
 
     @property
     def pixels(self) -> int:
@@ -105,9 +147,8 @@ class EditSpec(GenerationSpec):
     to what the pipeline encodes) and, for a masked edit, the area to change."""
 
     images: tuple[Image.Image, ...] = field(default=(), compare=False)
-    # Mode "L", the size of images[0]: 255 where the image may change (diffusers' convention).
-    mask: Image.Image | None = field(default=None, compare=False)
-    strength: float = 1.0  # masked edits: how far from the original the masked area may go
+    # `mask` (inherited): mode "L", the size of images[0], 255 where the image may change;
+    # `strength`: how far from the original the masked area may go.
     # Digest of the inputs' pixels: multi-image pipelines batch only one prompt and its images.
     inputs_digest: str = ""
     # Whether the model runs one prompt per call (QwenImageEditPlusPipeline): then only jobs with
@@ -117,12 +158,48 @@ class EditSpec(GenerationSpec):
     task: ClassVar[Task] = "edit"
 
     @property
+    def kind(self) -> GenerationKind:
+        return "text"  # an edit's inputs are its images; its key says the rest
+
+    @property
     def batch_key(self) -> tuple[object, ...]:
         key = (*GenerationSpec.batch_key.fget(self),  # type: ignore[attr-defined]
                tuple(image.size for image in self.images), self.mask is not None, self.strength)
         if self.one_prompt_per_call:
             return (*key, self.prompt, self.negative_prompt, self.inputs_digest)
         return key
+
+    def kept(self) -> tuple[Image.Image, Image.Image] | None:
+        return (self.images[0], self.mask) if self.mask is not None and self.images else None
+
+    def without_pixels(self) -> GenerationSpec:
+        return dataclasses.replace(self, images=(), mask=None)
+
+
+@dataclass(frozen=True, slots=True)
+class LayeredSpec(GenerationSpec):
+    """One picture split into `layers` RGBA layers (QwenImageLayeredPipeline). The engine gives
+    back one RGBA image holding the layers side by side, left to right: `width` is the layers'
+    width times `layers`, `height` theirs (the pipeline's own size for the picture's aspect ratio
+    in its `resolution` bucket)."""
+
+    source: Image.Image | None = field(default=None, compare=False)  # RGBA
+    layers: int = 4
+    resolution: int = 640  # the pipeline's bucket: 640 or 1024
+
+    task: ClassVar[Task] = "layered"
+
+    @property
+    def layer_width(self) -> int:
+        return self.width // self.layers
+
+    @property
+    def batch_key(self) -> tuple[object, ...]:
+        return (*GenerationSpec.batch_key.fget(self),  # type: ignore[attr-defined]
+                self.layers, self.resolution)
+
+    def without_pixels(self) -> GenerationSpec:
+        return dataclasses.replace(self, source=None)
 
 
 def digest_images(images: tuple[Image.Image, ...], mask: Image.Image | None) -> str:

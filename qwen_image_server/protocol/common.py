@@ -16,7 +16,7 @@ import secrets
 from typing import TYPE_CHECKING, Any, Literal
 
 from fastapi import UploadFile
-from pydantic import BaseModel, ConfigDict, Field, field_validator
+from pydantic import BaseModel, ConfigDict, Field, ValidationInfo, field_validator
 from pydantic_core import PydanticCustomError
 
 from qwen_image_server.config.lora_refs import is_valid_name
@@ -218,6 +218,49 @@ class EditFields(BaseModel):
 
 
 MASK_DESCRIPTION = "PNG the size of the first image; its transparent pixels are the area to change."
+
+
+class StartImageFields(BaseModel):
+    """Image-to-image and inpainting on a generation model: a picture to start from, and a mask."""
+
+    image: str | None = Field(None, description=(
+        "Image-to-image: a picture to start from, base64 (PNG, JPEG, WebP, ...); it is cropped to the "
+        "output's aspect ratio (centred) and scaled to its size."))
+    mask: str | None = Field(None, description=(
+        "Inpainting: base64 PNG the size of `image`; its transparent pixels are the area to change "
+        "(the rest of `image` is kept exactly)."))
+    strength: float | None = Field(None, gt=0.0, le=1.0, description=(
+        "With `image`: how far the result may move from it (near 0: almost unchanged; 1: the "
+        "picture is ignored, or with a mask the masked area is repainted). Default 0.6, or 1.0 "
+        "with a mask."))
+
+
+class ControlFields(BaseModel):
+    """ControlNet: a control image (edges, depth, pose, ...) that steers a generation."""
+
+    control_image: str | None = Field(None, description=(
+        "A control image (e.g. a canny edge map, depth map or pose), base64, exactly the output's "
+        "size; needs a model served with a ControlNet (see /v1/models' tasks)."))
+    controlnet_conditioning_scale: float = Field(1.0, ge=0.0, le=5.0, description=(
+        "How strongly the control image steers (0: not at all; the ControlNet is then not run)."))
+    control_guidance_start: float = Field(0.0, ge=0.0, le=1.0, description=(
+        "Fraction of the steps after which the ControlNet starts to steer."))
+    control_guidance_end: float = Field(1.0, ge=0.0, le=1.0, description=(
+        "Fraction of the steps after which it stops; above control_guidance_start."))
+
+    @field_validator("control_guidance_end")
+    @classmethod
+    def _after_start(cls, value: float, info: ValidationInfo) -> float:
+        start = info.data.get("control_guidance_start")
+        if start is not None and value <= start:
+            raise ValueError(f"control_guidance_end ({value:g}) must be above control_guidance_start ({start:g})")
+        return value
+
+    @property
+    def control_settings_given(self) -> list[str]:
+        """The ControlNet knobs the client set (they need a control image)."""
+        return [name for name in ("controlnet_conditioning_scale", "control_guidance_start",
+                                  "control_guidance_end") if name in self.model_fields_set]
 
 
 class UploadFields(BaseModel):

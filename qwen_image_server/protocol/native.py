@@ -13,17 +13,20 @@ from qwen_image_server.engine.types import PreviewMode, PreviewPlan
 from qwen_image_server.job_state import FINAL_STATES, JobState
 from qwen_image_server.protocol.common import (
     MASK_DESCRIPTION,
+    ControlFields,
     EditFields,
     ErrorDetail,
     NativeImageFields,
     PromptFields,
+    StartImageFields,
     UploadFields,
     json_list,
 )
 
 
-class GenerateRequest(NativeImageFields, PromptFields):
-    """Body of POST /generate: the seed's parameters and defaults, exactly."""
+class GenerateRequest(ControlFields, StartImageFields, NativeImageFields, PromptFields):
+    """Body of POST /generate: the seed's parameters and defaults, exactly; plus, optionally, a
+    picture to start from (image-to-image, inpainting) or a ControlNet's control image."""
 
     # strict: "20" is not a number of steps and 1 is not a boolean; ints are still fine as floats.
     model_config = ConfigDict(strict=True, extra="ignore")

@@ -15,11 +15,13 @@ from pydantic import BaseModel, ConfigDict, Field, field_validator, model_valida
 from qwen_image_server.config.presets import ASPECT_RATIOS, AspectRatio
 from qwen_image_server.protocol.common import (
     SIDE_MULTIPLE,
+    ControlFields,
     EditFields,
     LoraChoice,
     OpenAIImageFields,
     OutputFormat,
     PromptFields,
+    StartImageFields,
     UploadFields,
     json_list,
     null_means_default,
@@ -27,7 +29,7 @@ from qwen_image_server.protocol.common import (
 )
 
 
-class ImageGenerationRequest(OpenAIImageFields, PromptFields):
+class ImageGenerationRequest(ControlFields, StartImageFields, OpenAIImageFields, PromptFields):
     """Body of POST /v1/images/generations: OpenAI's fields plus Qwen-Image's extras (`extra_body`),
     which are /generate's and validated the same way."""
 
@@ -96,7 +98,8 @@ class ImagesResponse(BaseModel):
     data: list[ImageData]
     size: str = Field(description="'WxH' of every image.")
     output_format: OutputFormat
-    background: Literal["opaque"] = "opaque"  # the model makes no transparency
+    # Opaque, except the RGBA layers of a layered model.
+    background: Literal["opaque", "transparent"] = "opaque"
     quality: str | None = None
     usage: ImageUsage | None = None
 
@@ -131,9 +134,17 @@ class ModelCard(BaseModel):
     object: Literal["model"] = "model"
     created: int
     owned_by: str = "qwen-image-server"
-    tasks: list[str] = Field(default_factory=list, description="What it does: generate, edit (empty while it loads).")
+    tasks: list[str] = Field(default_factory=list, description=(
+        "What it does: generate (with image-to-image, inpaint, and controlnet when served with a "
+        "ControlNet) or edit (empty while it loads)."))
     max_input_images: int = Field(0, description="Input images one edit takes (0: not an edit model).")
     pipeline: str | None = Field(None, description="The diffusers pipeline class (null while it loads).")
+    pipelines: list[str] = Field(default_factory=list, description=(
+        "Every diffusers pipeline class it is called through, one per task (they share its weights)."))
+    controlnets: list[str] = Field(default_factory=list, description="The ControlNets served with it.")
+    checkpoint: str | None = Field(None, description=(
+        "Which Qwen-Image checkpoint it is (Qwen-Image, Qwen-Image-2512, Qwen-Image-Edit-2509, ...), "
+        "as its hub id or folder names it; null when the name does not say."))
 
 
 class ModelList(BaseModel):
@@ -150,6 +161,12 @@ class ImageEditForm(UploadFields, OpenAIImageFields, EditFields, PromptFields):
     model_config = ConfigDict(extra="ignore")
 
     input_fidelity: str | None = None  # accepted and ignored, as quality and background are
+    layers: int = Field(4, ge=2, le=10, description=(
+        "With a layered model (Qwen-Image-Layered) as `model`: how many RGBA layers to split the "
+        "image into; data[] then holds one PNG per layer, in order, per image."))
+    resolution: Literal[640, 1024] = Field(640, description=(
+        "With a layered model: its resolution bucket (the layers are about resolution x resolution "
+        "pixels at the image's aspect ratio)."))
     loras: list[LoraChoice] = Field(default_factory=list, description=(
         'LoRAs to apply, as JSON text ([{"name": "watercolor", "scale": 0.8}]); the openai client\'s '
         "extra_body={'loras': [...]} sends the loras[][name] / loras[][scale] fields instead."))

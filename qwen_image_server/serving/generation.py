@@ -35,8 +35,8 @@ from qwen_image_server.engine.device import DeviceInfo
 from qwen_image_server.engine.loaded import LoadedModel
 from qwen_image_server.engine.lora_library import LoraLibrary
 from qwen_image_server.engine.types import (
-    EditSpec,
     GenerationSpec,
+    LayeredSpec,
     LoraSet,
     Preview,
     PreviewPlan,
@@ -44,11 +44,13 @@ from qwen_image_server.engine.types import (
     normalise_loras,
 )
 from qwen_image_server.protocol.common import (
+    ControlFields,
     ErrorDetail,
     LoraChoice,
     NativeImageFields,
     OutputFormat,
     PromptFields,
+    StartImageFields,
     random_seed,
     seeds,
 )
@@ -69,17 +71,21 @@ from qwen_image_server.serving.render import (
     PREVIEW_FORMAT,
     PREVIEW_QUALITY,
     OverlayInfo,
+    encode_png,
     output_filename,
     preview_size,
     render,
     render_preview,
     save_atomically,
 )
-from qwen_image_server.serving.specs import build_specs
+from qwen_image_server.serving.specs import build_layered_specs, build_specs
 from qwen_image_server.serving.uploads import (
     EditInputs,
+    GenerationPictures,
     Upload,
     read_edit_inputs,
+    read_generation_pictures,
+    read_layered_input,
 )
 
 log = logging.getLogger(__name__)
@@ -147,7 +153,8 @@ class Generation:
 
     async def prepare(self, body: B, task: Task, *, model: str | None = None, images: Sequence[Upload] = (),
                       mask: Upload | None = None, n: int = 1, preview: PreviewPlan | None = None,
-                      caller: Caller = ANONYMOUS, readmit: bool = False) -> Prepared[B]:
+                      caller: Caller = ANONYMOUS, readmit: bool = False, layers: int = 4,
+                      resolution: int = 640) -> Prepared[B]:
         """Every route's and the CLI's one way from a parsed body to specs: a request id, the
         server's defaults, the model (`model` named, or the first for `task`), the LoRAs checked,
         an edit's uploads decoded and checked, one spec per image (`n`, seeds from the body's
@@ -161,9 +168,19 @@ class Generation:
         body = self.with_defaults(body)
         choice = self.models.pick(model, task)
         loras = await self.check_loras(body.loras, choice)
-        inputs = await self.read_edit_inputs(images, mask, choice) if task == "edit" else None
         base = body.seed if body.seed is not None else random_seed()
-        specs = build_specs(body, model=choice, loras=loras, seeds=seeds(base, n), inputs=inputs, preview=preview)
+        if task == "layered":  # one picture in, `layers` RGBA layers out (no previews)
+            if mask is not None:
+                raise errors.InvalidRequest("A layered model splits a whole image: it takes no mask.",
+                                            param="mask", code="mask_not_supported")
+            picture = await self.in_pool(read_layered_input, images, self.settings.max_input_pixels)
+            layered = build_layered_specs(body, model=choice, loras=loras, seeds=seeds(base, n), picture=picture,
+                                          layers=layers, resolution=resolution)
+            return Prepared(request_id, body, choice, layered, None, caller, tuple(images), mask)
+        inputs = await self.read_edit_inputs(images, mask, choice) if task == "edit" else None
+        pictures = await self.read_generation_pictures(body, choice) if task == "generate" else None
+        specs = build_specs(body, model=choice, loras=loras, seeds=seeds(base, n), inputs=inputs, preview=preview,
+                            pictures=pictures)
         return Prepared(request_id, body, choice, specs, inputs, caller, tuple(images), mask)
 
     async def admit(self, body: PromptFields, n: int, caller: Caller) -> None:
@@ -196,6 +213,45 @@ class Generation:
                 "A mask edits one image: send a single image with it.", param="mask",
                 code="mask_with_several_images")
         return await self.in_pool(read_edit_inputs, images, mask, self.settings.max_input_pixels)
+
+    async def read_generation_pictures(self, body: PromptFields, model: ModelChoice) -> GenerationPictures | None:
+        """A generation's picture to start from (and mask) or control image, checked against
+        each other and the model, then decoded on the CPU pool (400 naming the field otherwise);
+        None for a plain text-to-image request."""
+        start = body if isinstance(body, StartImageFields) else None
+        control = body if isinstance(body, ControlFields) else None
+        image = start.image if start is not None else None
+        if start is not None and image is None:
+            if start.mask is not None:
+                raise errors.InvalidRequest("A mask says which part of 'image' to change; send the image too.",
+                                            param="mask", code="mask_without_image")
+            if start.strength is not None:
+                raise errors.InvalidRequest("'strength' says how far to move from 'image'; send the image too.",
+                                            param="strength", code="strength_without_image")
+        control_image = control.control_image if control is not None else None
+        if control is not None and control_image is None and control.control_settings_given:
+            raise errors.InvalidRequest(
+                f"{', '.join(control.control_settings_given)} steer a ControlNet, which needs a control image "
+                "('control_image').", param="control_image", code="missing_control_image")
+        if control_image is not None:
+            if image is not None:
+                raise errors.InvalidRequest(
+                    "A request either starts from a picture ('image') or is steered by a control image "
+                    "('control_image'), not both.", param="control_image", code="control_with_image")
+            if not model.controlnet:
+                raise errors.InvalidRequest(
+                    f"The model '{model.name}' is served without a ControlNet, so it takes no control image; "
+                    "declare one with QWEN_IMAGE_CONTROLNETS (see /v1/models' tasks).",
+                    param="control_image", code="no_controlnet")
+        if image is None and control_image is None:
+            return None
+        assert start is not None or control is not None
+        return await self.in_pool(
+            read_generation_pictures,
+            Upload("image", image) if image is not None else None,
+            Upload("mask", start.mask) if start is not None and image is not None and start.mask is not None else None,
+            Upload("control_image", control_image) if control_image is not None else None,
+            body.output_size(None), self.settings.max_input_pixels)
 
     def next_request_id(self) -> int:
         """The seed's request counter (1, 2, 3, ...; with a job store, it goes on after a restart)."""
@@ -421,6 +477,20 @@ class Generation:
                 "job's image_url).", code="upload_failed"))
         return None
 
+    async def render_layers(self, job: Job, result: JobResult) -> list[Rendered]:
+        """A layered job's layers, one RGBA PNG each, in order (the engine gives them side by side)."""
+        spec = job.spec
+        assert isinstance(spec, LayeredSpec)
+        strip = result.image
+        width = strip.width // spec.layers
+
+        def encode() -> list[bytes]:
+            return [encode_png(strip.crop((i * width, 0, (i + 1) * width, strip.height)))
+                    for i in range(spec.layers)]
+
+        return [Rendered(data, MEDIA_TYPES["png"], width, strip.height, round(result.inference_time, 3), None)
+                for data in await self.in_pool(encode)]
+
     async def render_preview(self, job: Job, preview: Preview, *, output_format: OutputFormat = PREVIEW_FORMAT,
                              compression: int | None = PREVIEW_QUALITY, full_size: bool = False) -> Rendered:
         """Encode a preview on the CPU pool: at the image's size when `full_size`, else small
@@ -455,9 +525,9 @@ def _save_failed(job: Job, exc: OSError) -> ErrorDetail:
 
 
 def _kept(job: Job) -> tuple[Image.Image, Image.Image] | None:
-    """A masked edit's (original, mask): outside the mask the original is kept (see `render`)."""
-    spec = job.spec
-    return (spec.images[0], spec.mask) if isinstance(spec, EditSpec) and spec.mask is not None else None
+    """A masked edit's or inpainting's (original, mask): outside the mask the original is kept
+    (see `render`)."""
+    return job.spec.kept()
 
 
 def _mark_read(task: asyncio.Future[JobResult]) -> None:

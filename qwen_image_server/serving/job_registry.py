@@ -38,7 +38,7 @@ from typing import Any
 
 from qwen_image_server import errors
 from qwen_image_server.config.api_keys import ANONYMOUS, Caller
-from qwen_image_server.engine.types import EditSpec, GenerationSpec, Preview
+from qwen_image_server.engine.types import GenerationSpec, Preview
 from qwen_image_server.job_state import JobEvent, JobState
 from qwen_image_server.protocol.common import ErrorDetail, NativeImageFields
 from qwen_image_server.protocol.native import EditJobParameters, JobPreview, JobProgress, JobRequest, JobStatus
@@ -161,9 +161,7 @@ class JobRecord:
         """Once the image is stored (or the job failed): keep what its status shows, drop the
         pixels (the result, an edit's inputs and mask, the previews) that only running needed."""
         job = self.job
-        spec = job.spec
-        if isinstance(spec, EditSpec):
-            spec = dataclasses.replace(spec, images=(), mask=None)
+        spec = job.spec.without_pixels()
         ended: Future[JobResult] = Future()
         failure = self._failure()
         if failure is not None:

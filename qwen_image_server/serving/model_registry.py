@@ -8,6 +8,7 @@ requests name their LoRAs from; the LoRA an engine is loading for a running job.
 
 from __future__ import annotations
 
+import re
 import time
 from dataclasses import dataclass
 
@@ -25,9 +26,10 @@ from qwen_image_server.scheduler import Job, Scheduler
 # this task" rather than a 404.
 _OPENAI_MODEL_PREFIXES = ("gpt-image", "dall-e")
 # Tasks of the embedded models, known before they load.
-_EMBEDDED_TASKS: dict[str, Task] = dict(zip(EMBEDDED, ("generate", "edit"), strict=True))
-_TASK_MODELS = {"generate": "generation model", "edit": "edit model"}
-_DOES = {"generate": "generates images", "edit": "edits images", None: "is loading"}
+_EMBEDDED_TASKS: dict[str, Task] = dict(zip(EMBEDDED, ("generate", "edit", "layered"), strict=True))
+_TASK_MODELS = {"generate": "generation model", "edit": "edit model", "layered": "layered model"}
+_DOES = {"generate": "generates images", "edit": "edits images", "layered": "splits images into layers",
+         None: "is loading"}
 _EXAMPLE = "QWEN_IMAGE_MODEL=Qwen/Qwen-Image,Qwen/Qwen-Image-Edit-2509"
 
 
@@ -38,6 +40,7 @@ class ModelChoice:
     name: str  # "" while the models load and the request named none: the first for its task
     max_images: int  # input images it takes (edits)
     one_prompt_per_call: bool  # QwenImageEditPlusPipeline: batches only one prompt's seeds
+    controlnet: bool = True  # served with a ControlNet (True while unknown: the engine decides)
 
 
 # The first model for the request's task, whichever it is: what a request gets while the models
@@ -107,20 +110,29 @@ class ModelRegistry:
                 f"The model '{requested}' {_DOES[tasks[requested]]}, it cannot {task}; {others}.",
                 param="model", code="model_cannot_do_task")
         loaded = {model.name: model for model in self.models}.get(requested)
-        if loaded is None:
-            return ModelChoice(requested, 3, True)
+        if loaded is None:  # loading: the settings say whether it will have a ControlNet
+            return ModelChoice(requested, 3, True, requested in self.settings.controlnet_sources)
         return ModelChoice(requested, loaded.max_images,
-                           loaded.pipeline_class == "QwenImageEditPlusPipeline")
+                           loaded.pipeline_class == "QwenImageEditPlusPipeline", bool(loaded.controlnets))
+
+    def task_of(self, name: str | None) -> Task | None:
+        """The task of the model `name` names (None: no such model, none named, or still loading)."""
+        return self.tasks().get(name) if name is not None else None
 
     def cards(self) -> list[ModelCard]:
         """Every model served, with what each can do (GET /v1/models, /info's models)."""
         loaded = {model.name: model for model in self.models}
+        sources = {ref.name: ref.source for ref in self.settings.models}
         cards = []
         for name, task in self.tasks().items():
             model = loaded.get(name)
-            cards.append(ModelCard(id=name, created=self.started, tasks=[task] if task else [],
+            cards.append(ModelCard(id=name, created=self.started,
+                                   tasks=model.tasks if model else [task] if task else [],
                                    max_input_images=model.max_images if model else 0,
-                                   pipeline=model.pipeline_class if model else None))
+                                   pipeline=model.pipeline_class if model else None,
+                                   pipelines=model.pipelines if model else [],
+                                   controlnets=list(model.controlnets) if model else [],
+                                   checkpoint=checkpoint_name(sources.get(name, name))))
         return cards
 
     def card(self, name: str) -> ModelCard:
@@ -140,6 +152,20 @@ class ModelRegistry:
             return None
         names = {name for name, _ in job.spec.loras}
         return next((name for name in loading.values() if name in names), None)
+
+
+_CHECKPOINT = re.compile(r"Qwen-Image(?:-[A-Za-z0-9.]+)*", re.IGNORECASE)
+
+
+def checkpoint_name(source: str) -> str | None:
+    """Which Qwen-Image checkpoint a model source is, as its hub name says it (Qwen-Image,
+    Qwen-Image-2512, Qwen-Image-Edit-2509, ...): the last part of a hub id or folder path that
+    names one; "tiny"/"tiny-edit" for the embedded test models; None when the name does not say."""
+    if source in EMBEDDED:
+        return source
+    last = source.replace("\\", "/").rstrip("/").rsplit("/", 1)[-1]
+    match = _CHECKPOINT.search(last)
+    return match.group(0) if match else None
 
 
 def _listing(tasks: dict[str, Task | None]) -> str:

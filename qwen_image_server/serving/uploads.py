@@ -86,6 +86,49 @@ def read_edit_inputs(images: Sequence[Upload], mask: Upload | None, max_pixels: 
     return EditInputs(rgb, change, first_size, digest_images(rgb, change))
 
 
+@dataclass(frozen=True, slots=True)
+class GenerationPictures:
+    """The decoded pictures of a generation request: a picture to start from (and a mask), or a
+    control image; each at the output's size."""
+
+    image: Image.Image | None = None  # RGB
+    mask: Image.Image | None = None  # "L", 255 = change
+    control_image: Image.Image | None = None  # RGB
+
+
+def read_generation_pictures(image: Upload | None, mask: Upload | None, control: Upload | None,
+                             size: tuple[int, int], max_pixels: int) -> GenerationPictures:
+    """Decode and check a generation's pictures: `image` is cropped (centred) to the output's
+    aspect ratio and scaled to `size`, its mask (the size of `image`) with it; a control image
+    must be `size` already (a ControlNet's map is drawn for one picture: cropping it would move
+    its edges). errors.InvalidRequest naming the field otherwise."""
+    start = change = None
+    if image is not None:
+        picture = _to_rgb(_open(image, max_pixels))
+        if mask is not None:
+            change = ImageOps.fit(_mask(_open(mask, max_pixels), mask.field, picture.size, picture.size),
+                                  size, Image.Resampling.BILINEAR)
+        start = ImageOps.fit(picture, size, Image.Resampling.LANCZOS)
+    steer = None
+    if control is not None:
+        picture = _open(control, max_pixels)
+        if picture.size != size:
+            raise errors.InvalidRequest(
+                f"'{control.field}' is {picture.size[0]}x{picture.size[1]}; a control image must be the "
+                f"output's size, {size[0]}x{size[1]}.", param=control.field, code="control_image_size_mismatch")
+        steer = _to_rgb(picture)
+    return GenerationPictures(start, change, steer)
+
+
+def read_layered_input(images: Sequence[Upload], max_pixels: int) -> Image.Image:
+    """The one picture a layered model splits, as RGBA (its transparency is kept: the layered
+    VAE reads four channels), scaled down to WORKING_PIXELS when larger."""
+    if len(images) != 1:
+        raise errors.InvalidRequest(f"A layered model splits one image; {len(images)} were sent.",
+                                    param="image", code="too_many_images")
+    return _working_size(_open(images[0], max_pixels).convert("RGBA"))
+
+
 def _open(upload: Upload, max_pixels: int) -> Image.Image:
     """The decoded image, upright; refused when not an image, not an accepted format, larger
     than max_pixels (from the header, before decoding) or truncated."""
