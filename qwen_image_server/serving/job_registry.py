@@ -284,9 +284,12 @@ class JobRegistry:
             [job] = await self.generation.submit(prepared, ids=[job_id])
             return self._follow(job, body, time.time(), prepared.request_id, base_url, webhook_url)
         created_at = time.time()
+        # Only what the client sent: a recovered job is validated again, and defaults written out would read as
+        # choices (a ControlNet scale without a control image).
         stored = StoredJob(id=job_id, owner=prepared.caller.id, task="edit" if prepared.inputs else "generate",
-                           body=body.model_dump_json(), request_id=prepared.request_id, created_at=created_at,
-                           state=JobState.QUEUED, runs=0, base_url=base_url, webhook_url=webhook_url)
+                           body=body.model_dump_json(exclude_unset=True), request_id=prepared.request_id,
+                           created_at=created_at, state=JobState.QUEUED, runs=0, base_url=base_url,
+                           webhook_url=webhook_url)
         await self.store.call(self.store.store.add, stored, prepared.uploads, prepared.mask_upload)
         try:
             [job] = await self.generation.submit(prepared, ids=[job_id])
