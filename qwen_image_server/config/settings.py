@@ -144,6 +144,10 @@ class Settings(BaseSettings):
     )
     attention: str = Field(
         "native", description="diffusers attention backend: native (SDPA), flash, _flash_3, sage, ...")
+    prompt_cache_mb: float = Field(
+        256.0, ge=0, description="MiB of prompt embeddings kept per model (least recently used dropped first; "
+        "the default negative prompt always kept), so a repeated prompt skips the text encoder. 0: off.",
+    )
     warmup: CliImplicitFlag[bool] = Field(False, description="Run one small generation before /ready turns 200.")
     warmup_aspect_ratios: Annotated[list[AspectRatio], NoDecode] = Field(
         default_factory=lambda: [DEFAULT_ASPECT_RATIO],

@@ -24,6 +24,7 @@ if TYPE_CHECKING:
     from qwen_image_server.config.settings import Settings
     from qwen_image_server.engine.loaded import LoadedModel
     from qwen_image_server.engine.lora_library import LoraLibrary
+    from qwen_image_server.engine.prompt_cache import PromptCacheStats
     from qwen_image_server.engine.types import GenerationSpec, StepCallback
 
 
@@ -68,6 +69,7 @@ class EngineFacts:
     pid: int | None = None  # its process, when it has its own (None: inside this process)
     memory: dict[str, float] | None = None  # GPU memory (MiB) an engine process reported after its last batch
     loading_loras: Mapping[str, str] = field(default_factory=dict)  # model name -> LoRA being loaded now
+    prompt_cache: PromptCacheStats | None = None  # its prompt caches' counts (None: it has none)
 
     @property
     def model(self) -> LoadedModel | None:

@@ -35,6 +35,7 @@ if TYPE_CHECKING:
 
     from qwen_image_server.engine.loaded import LoadedModel
     from qwen_image_server.engine.lora_library import LoraState
+    from qwen_image_server.engine.prompt_cache import PromptCacheStats
 
 
 class FailureKind(Enum):
@@ -137,6 +138,7 @@ class Done:
     number: int
     images: list[Image.Image]
     memory: dict[str, float] | None
+    prompt_cache: PromptCacheStats | None = None  # the engine's counts after this batch
 
 
 @dataclass(frozen=True, slots=True)

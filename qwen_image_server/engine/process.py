@@ -83,6 +83,7 @@ if TYPE_CHECKING:
 
     from qwen_image_server.engine.contract import Engine
     from qwen_image_server.engine.loaded import LoadedModel
+    from qwen_image_server.engine.prompt_cache import PromptCacheStats
 
 log = logging.getLogger(__name__)
 
@@ -237,7 +238,7 @@ def engine_main(conn: Connection, settings: Settings, gpu: int | None, loader: L
                 _exit()  # the device is unusable: the front starts a fresh process
             continue
         send_loras()
-        conn.send(Done(number, images, _memory()))
+        conn.send(Done(number, images, _memory(), facts_of(engine).prompt_cache))
 
 
 def _exit() -> None:
@@ -257,6 +258,7 @@ class EngineProcess:
         self.index = index
         self.gpu = gpu
         self._memory: dict[str, float] | None = None  # as of the engine's last batch
+        self._prompt_cache: PromptCacheStats | None = None  # as of the engine's last batch
         # The front's library (shared by the front's engines), fed by this engine's state.
         self._library = loras if loras is not None else LoraLibrary.from_settings(settings)
         self._has_loras = False  # the engine has a library (else it serves no LoRAs)
@@ -291,7 +293,7 @@ class EngineProcess:
         GPU and process, the memory it reported last and the LoRAs it is loading now."""
         library = self._library if self._has_loras else None
         return EngineFacts(models=self._models, loras=library, gpu=self.gpu, pid=self.pid,
-                           memory=self._memory,
+                           memory=self._memory, prompt_cache=self._prompt_cache,
                            loading_loras=library.loading(self.index) if library is not None else {})
 
     # -- Engine -------------------------------------------------------------------------------
@@ -313,6 +315,7 @@ class EngineProcess:
                     continue
                 if isinstance(message, Done):
                     self._memory = message.memory
+                    self._prompt_cache = message.prompt_cache
                     if failure is not None:
                         raise failure
                     return list(message.images)

@@ -20,6 +20,7 @@ from qwen_image_server.engine.edit import EditCalls
 from qwen_image_server.engine.loaded import LoadedModel
 from qwen_image_server.engine.options import AppliedOptions, takes_padding_mask
 from qwen_image_server.engine.previews import Previewer, StepRecorder
+from qwen_image_server.engine.prompt_cache import PromptCache, batch_embeddings
 from qwen_image_server.engine.step_cache import set_cfg_mode
 from qwen_image_server.engine.types import (
     BatchAborted,
@@ -74,7 +75,8 @@ def inference_context(options: AppliedOptions) -> AbstractContextManager[Any]:
 class PipelineEngine:
     """The real engine: one QwenImagePipeline call per batch, one CPU generator per image."""
 
-    def __init__(self, model: LoadedModel, adapters: ResidentAdapters | None = None) -> None:
+    def __init__(self, model: LoadedModel, adapters: ResidentAdapters | None = None,
+                 prompts: PromptCache | None = None) -> None:
         self.model = model
         self.pipeline = model.pipeline
         self.adapters = adapters  # per-request LoRAs (None: this server has no LoRA library)
@@ -85,6 +87,9 @@ class PipelineEngine:
         # need no mask. Otherwise such a batch would fail, or attend to the padding.
         self.equal_lengths_only = not takes_padding_mask(model.options.attention)
         self.edits = EditCalls(self.pipeline) if model.task == "edit" else None
+        # Prompt embeddings computed once (generation models; an edit's prompt is encoded with
+        # its images, so edits run as before). Without one, no prompt is kept between batches.
+        self.prompts = prompts if prompts is not None else PromptCache(0)
 
     @cached_property
     def previewer(self) -> Previewer:
@@ -101,12 +106,31 @@ class PipelineEngine:
         if self.edits is not None:
             return self.edits.call(specs, use_cfg)  # type: ignore[arg-type]  # edit models get EditSpecs
         first = specs[0]
-        return self.pipeline, dict(
-            prompt=[s.prompt for s in specs],
-            negative_prompt=[s.negative_prompt for s in specs] if use_cfg else None,
-            width=first.width,
-            height=first.height,
-        )
+        return self.pipeline, dict(width=first.width, height=first.height)
+
+    def _embeddings(self, specs: Sequence[GenerationSpec], use_cfg: bool) -> dict[str, Any]:
+        """The batch's prompt embeddings (and negative ones with CFG), from the prompt cache;
+        call in the inference context."""
+        self.prompts.invalidate_unless(self._encoder_state())
+        embeds, mask = batch_embeddings(self.prompts.embeddings([s.prompt for s in specs], self._encode))
+        inputs: dict[str, Any] = dict(prompt_embeds=embeds, prompt_embeds_mask=mask)
+        if use_cfg:
+            embeds, mask = batch_embeddings(self.prompts.embeddings([s.negative_prompt for s in specs], self._encode))
+            inputs.update(negative_prompt_embeds=embeds, negative_prompt_embeds_mask=mask)
+        return inputs
+
+    def _encode(self, prompt: str) -> torch.Tensor:
+        """One prompt through the text encoder, alone: `[tokens, hidden]`."""
+        embeds, _ = self.pipeline._get_qwen_prompt_embeds([prompt], device=self.pipeline._execution_device)
+        return embeds[0]
+
+    def _encoder_state(self) -> object:
+        """What the text encoder's output depends on besides its prompt: the adapters active
+        on it, when LoRAs reach it (diffusers' Qwen-Image LoRAs touch only the transformer)."""
+        encoder = self.pipeline.text_encoder
+        if getattr(encoder, "peft_config", None) is None:
+            return None
+        return (id(encoder), self.adapters.active if self.adapters is not None else ())
 
     def run_batch(self, specs: Sequence[GenerationSpec], on_step: StepCallback) -> list[Image.Image]:
         """Generate one image per spec; all specs share a batch_key.
@@ -182,6 +206,8 @@ class PipelineEngine:
         try:
             with inference_context(self.model.options), (
                     recorder.recording(pipeline.scheduler) if recorder is not None else nullcontext()):
+                if self.edits is None:
+                    inputs.update(self._embeddings(specs, use_cfg))
                 out = pipeline(
                     **inputs,
                     num_inference_steps=first.num_inference_steps,

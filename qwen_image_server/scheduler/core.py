@@ -371,7 +371,7 @@ class Scheduler:
         facts = facts_of(slot.engine)
         return SlotStats(index=slot.index, state=slot.state, gpu=facts.gpu, pid=facts.pid,
                          running_batch_size=len(slot.running), batches=slot.batches,
-                         restarts=slot.restarts, memory=facts.memory,
+                         restarts=slot.restarts, memory=facts.memory, prompt_cache=facts.prompt_cache,
                          batch_deadline_s=None if slot.watch is None else slot.watch.allowance_s)
 
     def retry_after(self) -> int:
