@@ -64,7 +64,7 @@ def main() -> int:
     engines = {"cached": load_engine(base.model_copy(update={"prompt_cache_mb": 256.0})),
                "uncached": load_engine(base.model_copy(update={"prompt_cache_mb": 0.0}))}
     times: dict[str, list[float]] = {name: [] for name in engines}
-    for name, engine in engines.items():
+    for engine in engines.values():
         one_image(engine, args.size, args.steps, seed=0)  # warm-up (and the cache's first miss)
     for i in range(args.repeats):
         for name, engine in engines.items():

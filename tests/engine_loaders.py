@@ -99,3 +99,16 @@ class GatedLoader:
 
             ResidentAdapters._load = held_load  # this engine process's own class
         return GatedEngine(load_engine(settings), self.gate)
+
+
+@dataclass(frozen=True)
+class PinReport:
+    """A fake engine that first writes `folder/rank-<pid>`: the CUDA_VISIBLE_DEVICES its process got."""
+
+    folder: Path
+
+    def __call__(self, settings: Settings):
+        from tests.fakes import FakeEngine
+
+        (self.folder / f"rank-{os.getpid()}").write_text(os.environ.get("CUDA_VISIBLE_DEVICES", ""))
+        return FakeEngine()

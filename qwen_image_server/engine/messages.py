@@ -23,6 +23,7 @@ from enum import Enum
 from typing import TYPE_CHECKING, Any
 
 from qwen_image_server import errors
+from qwen_image_server.config.checks import ParallelMode
 from qwen_image_server.engine.types import (
     DeviceFailure,
     DeviceOutOfMemory,
@@ -76,6 +77,16 @@ class Failure:
             FailureKind.LOAD: errors.ModelLoadError,
         }
         return kinds.get(self.kind, RuntimeError)(self.message)
+
+
+@dataclass(frozen=True, slots=True)
+class RankPlan:
+    """What one rank of an engine of several GPUs needs to join the others (engine/parallel.py)."""
+
+    rank: int
+    world: int
+    mode: ParallelMode
+    address: str  # tcp://host:port of the rendezvous (the front picks a free port per engine start)
 
 
 # -- front -> engine --------------------------------------------------------------------------

@@ -19,6 +19,7 @@ from qwen_image_server.engine.compilation import WARMUP_PROMPT, warmup_prompt_ba
 from qwen_image_server.engine.edit import EditCalls
 from qwen_image_server.engine.loaded import LoadedModel
 from qwen_image_server.engine.options import AppliedOptions, takes_padding_mask
+from qwen_image_server.engine.parallel import CfgSplit
 from qwen_image_server.engine.previews import Previewer, StepRecorder
 from qwen_image_server.engine.prompt_cache import PromptCache, batch_embeddings
 from qwen_image_server.engine.step_cache import set_cfg_mode
@@ -90,6 +91,8 @@ class PipelineEngine:
         # Prompt embeddings computed once (generation models; an edit's prompt is encoded with
         # its images, so edits run as before). Without one, no prompt is kept between batches.
         self.prompts = prompts if prompts is not None else PromptCache(0)
+        # On a rank of a CFG-parallel engine: the glue that runs one of the two guidance passes.
+        self.split: CfgSplit | None = None
 
     @cached_property
     def previewer(self) -> Previewer:
@@ -208,16 +211,17 @@ class PipelineEngine:
                     recorder.recording(pipeline.scheduler) if recorder is not None else nullcontext()):
                 if self.edits is None:
                     inputs.update(self._embeddings(specs, use_cfg))
-                out = pipeline(
-                    **inputs,
-                    num_inference_steps=first.num_inference_steps,
-                    true_cfg_scale=first.true_cfg_scale,
-                    generator=generators,
-                    callback_on_step_end=step_end,
-                    # diffusers defaults to 512 tokens; the API admits (and checks) up to 1024.
-                    max_sequence_length=self.model.max_prompt_tokens,
-                    output_type="pil",
-                )
+                with self.split.batch(use_cfg) if self.split is not None else nullcontext():
+                    out = pipeline(
+                        **inputs,
+                        num_inference_steps=first.num_inference_steps,
+                        true_cfg_scale=first.true_cfg_scale,
+                        generator=generators,
+                        callback_on_step_end=step_end,
+                        # diffusers defaults to 512 tokens; the API admits (and checks) up to 1024.
+                        max_sequence_length=self.model.max_prompt_tokens,
+                        output_type="pil",
+                    )
             finished = True
         except BatchAborted:
             raise
