@@ -27,6 +27,12 @@ dead one is: it may still be running a batch whose answers could never be placed
 whose batch hangs past its deadline (the scheduler's watchdog calls `kill`). Engines ignore
 SIGINT and SIGTERM: a Ctrl+C or a SIGTERM to the whole process group reaches the front, which
 drains and then stops its engines.
+
+An engine of several GPUs (QWEN_IMAGE_GPUS_PER_ENGINE=K) is K processes: rank 0 runs `engine_main`
+and talks to the front; ranks 1..K-1 run `follower_main`, each pinned to its own GPU, and do what
+rank 0 shares with them (engine/parallel.py). The front watches every rank: one that dies ends
+the engine (the others are killed) and it is lost as a one-GPU engine is. A batch that fails on
+any rank ends the engine too, since the others may be waiting for it mid-step.
 """
 
 from __future__ import annotations
