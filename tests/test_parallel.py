@@ -200,3 +200,19 @@ def test_a_combination_that_cannot_work_is_one_startup_line(tmp_path, settings, 
 def test_workers_auto_divides_the_gpus_by_the_ranks_of_an_engine(tmp_path):
     assert engine_gpus(tiny_settings(tmp_path, workers="auto", gpus_per_engine=2), gpus=5) == [0, 1, 2, 3]
     assert engine_gpus(tiny_settings(tmp_path, workers="auto", gpus_per_engine=2), gpus=0) == [None, None]
+
+
+def test_a_ulysses_degree_that_does_not_divide_the_heads_stops_the_engine_with_one_line(tmp_path, caplog):
+    # The tiny model has 2 attention heads; 3 ranks cannot split them.
+    config = tiny_settings(tmp_path, gpus_per_engine=3, parallel="ulysses")
+    app = create_app(config, engines=engine_factories(config, engine_gpus(config, gpus=0)))
+    live = LiveServer(app).start(wait_ready=False)
+
+    def dead() -> list[str]:
+        return [r.getMessage() for r in caplog.records if "engine is dead" in r.getMessage()]
+
+    try:
+        wait_until(dead, 120, "the engine to fail its load")  # a model that cannot load stops the server
+    finally:
+        live.stop()
+    assert "2 attention heads do not divide by the Ulysses degree 3" in dead()[0]

@@ -15,8 +15,9 @@ How a step is split (QWEN_IMAGE_PARALLEL):
   (true_cfg_scale 1) has one pass, which both ranks then compute (no speed-up, same image).
 * ulysses / ring: diffusers' context parallelism (`ContextParallelConfig`, `enable_parallelism`):
   the image and text sequence is split across the ranks, attention exchanges heads (Ulysses,
-  all-to-all) or keys and values (ring). Its "anything" modes split sequences and heads of any
-  length unevenly, so no image size or prompt length is refused.
+  all-to-all) or keys and values (ring). Its "anything" modes split sequences of any length
+  unevenly, so no image size or prompt length is refused; a Ulysses degree must divide the
+  attention heads (24 on Qwen-Image), else the engine refuses to load, in one line.
 * cfg+ulysses: both, on 2 x K/2 ranks.
 * auto: cfg for two ranks, ulysses beyond.
 
@@ -37,6 +38,7 @@ import torch
 import torch.distributed as dist
 
 from qwen_image_server.engine.messages import RankPlan
+from qwen_image_server.errors import ModelLoadError
 
 if TYPE_CHECKING:
     from qwen_image_server.engine.runner import PipelineEngine
@@ -123,8 +125,11 @@ class RankGroup:
             config = ContextParallelConfig(ring_degree=degree, ring_anything=True, mesh=mesh)
         else:
             if heads % degree:
-                log.warning("%d attention heads do not divide by the Ulysses degree %d: heads are split "
-                            "unevenly (the slowest rank sets the pace)", heads, degree)
+                raise ModelLoadError(
+                    f"QWEN_IMAGE_PARALLEL={mode} with QWEN_IMAGE_GPUS_PER_ENGINE={self.plan.world}: the model's "
+                    f"{heads} attention heads do not divide by the Ulysses degree {degree}; choose a number of "
+                    f"GPUs whose Ulysses degree divides {heads}, or QWEN_IMAGE_PARALLEL=ring.")
+            # "anything": image and text sequences of any length are split unevenly where they must be.
             config = ContextParallelConfig(ulysses_degree=degree, ulysses_anything=True, mesh=mesh)
         device = torch.device(self.device_type, 0)
         rank, world = self.rank, self.plan.world

@@ -207,12 +207,18 @@ def follower_main(conn: Connection, settings: Settings, gpu: int | None, loader:
     threading.Thread(target=watch_front, name="qwen-image-rank-pipe", daemon=True).start()
     try:
         engine, group = _join_ranks(plan, settings, loader)
-        assert group is not None
+    except BaseException as exc:  # told to the front, which reports it rather than a rank that exited
+        if not isinstance(exc, errors.ModelLoadError):
+            log.exception("rank %d failed to load", plan.rank)
+        conn.send(LoadFailed(Failure.of(exc)))
+        _exit()
+    assert group is not None
 
-        def on_step(event: StepEvent) -> None:
-            if group.agree_stop(False):
-                raise BatchAborted
+    def on_step(event: StepEvent) -> None:
+        if group.agree_stop(False):
+            raise BatchAborted
 
+    try:
         while True:
             command = group.share()
             if isinstance(command, Stop):
@@ -499,9 +505,8 @@ class EngineProcess:
 
     def _receive_any(self) -> FromEngine:
         # What the engine sent before it died is still read; only then is its death an error.
+        # Any rank's end wakes this: rank 0 cannot finish without the others.
         ready = wait([self._conn, *(process.sentinel for process in self._processes)])
-        if self._rank_lost():  # another rank is gone: rank 0 cannot finish without it
-            raise self._lost()
         if self._conn in ready or self._conn.poll():
             try:
                 message: FromEngine = self._conn.recv()
@@ -521,14 +526,18 @@ class EngineProcess:
         self._process.join(_STOP_TIMEOUT_S)
         return EngineLost(f"engine {self.index} (process {self.pid}) {what}; it was killed")
 
-    def _rank_lost(self) -> bool:
-        return any(not process.is_alive() for process, _ in self._followers)
-
-    def _lost(self) -> EngineLost:
+    def _lost(self) -> BaseException:
+        """The error for an engine one of whose ranks is gone: what a rank said before it ended
+        (it could not load), else EngineLost."""
         self._library.forget_engine(self.index)
-        dead = next((p for p, _ in self._followers if not p.is_alive()), None)
+        dead, said = next(((p, c) for p, c in self._followers if not p.is_alive()), (None, None))
         self._kill_all()  # the other ranks cannot go on without the one that is gone
-        if dead is not None:
+        if dead is not None and said is not None:
+            with contextlib.suppress(EOFError, OSError):
+                if said.poll():
+                    message = said.recv()
+                    if isinstance(message, LoadFailed):
+                        return message.failure.rebuild()
             dead.join(1.0)
             code = dead.exitcode
             how = f"was killed by signal {-code}" if code is not None and code < 0 else f"exited with code {code}"
