@@ -216,3 +216,14 @@ def test_a_ulysses_degree_that_does_not_divide_the_heads_stops_the_engine_with_o
     finally:
         live.stop()
     assert "2 attention heads do not divide by the Ulysses degree 3" in dead()[0]
+
+
+def test_cfg_parallel_runs_one_guidance_pass_per_step_on_each_rank(tmp_path):
+    # One rank runs both passes of each step (4 for 2 steps); with CFG-parallel each rank runs one.
+    import torch.multiprocessing as mp
+
+    from qwen_image_server.engine.process import _free_port
+    from tests.engine_loaders import count_block_passes
+
+    mp.spawn(count_block_passes, args=(2, "cfg", f"tcp://127.0.0.1:{_free_port()}", tmp_path), nprocs=2)
+    assert [(tmp_path / f"rank-{r}").read_text() for r in (0, 1)] == ["2", "2"]
