@@ -99,3 +99,35 @@ class GatedLoader:
 
             ResidentAdapters._load = held_load  # this engine process's own class
         return GatedEngine(load_engine(settings), self.gate)
+
+
+@dataclass(frozen=True)
+class PinReport:
+    """A fake engine that first writes `folder/rank-<pid>`: the CUDA_VISIBLE_DEVICES its process got."""
+
+    folder: Path
+
+    def __call__(self, settings: Settings):
+        from tests.fakes import FakeEngine
+
+        (self.folder / f"rank-{os.getpid()}").write_text(os.environ.get("CUDA_VISIBLE_DEVICES", ""))
+        return FakeEngine()
+
+
+def count_block_passes(rank: int, world: int, mode: str, address: str, out: Path) -> None:
+    """One rank of an engine split `mode`-wise (torch.multiprocessing.spawn's target): generate one
+    image with CFG, 2 steps, and write how often this rank ran the transformer's first block."""
+    from qwen_image_server.engine.messages import RankPlan
+    from qwen_image_server.engine.models import load_engine
+    from qwen_image_server.engine.parallel import RankGroup
+
+    group = RankGroup(RankPlan(rank, world, mode, address))  # type: ignore[arg-type]
+    engine = load_engine(Settings(_env_file=None, model="tiny", log_level="warning"))
+    group.parallelize(engine.engines.values())
+    passes: list[int] = []
+    engine.first.pipeline.transformer.transformer_blocks[0].register_forward_hook(lambda *args: passes.append(1))
+    spec = GenerationSpec(prompt="a cat", negative_prompt=" ", width=64, height=64, num_inference_steps=2,
+                          true_cfg_scale=4.0, seed=1)
+    engine.run_batch([spec], lambda event: None)
+    (out / f"rank-{rank}").write_text(str(len(passes)))
+    group.close()

@@ -104,6 +104,9 @@ def create_app(
         warn_if_open(settings)
     if engine_factory is not None:
         factories = [engine_factory]
+        if settings.gpus_per_engine > 1:  # Ray replicas and tests: one engine in this process
+            log.warning("QWEN_IMAGE_GPUS_PER_ENGINE=%d applies to engine processes; the engine in this "
+                        "process uses one device", settings.gpus_per_engine)
     else:
         gpus = engine_gpus(settings)
         factories = list(engines) if engines is not None else engine_factories(settings, gpus)

@@ -9,6 +9,7 @@ import logging
 import os
 import tempfile
 from pathlib import Path
+from typing import Literal
 
 from qwen_image_server.config.lora_refs import missing_path, parse_lora
 from qwen_image_server.config.model_list import (
@@ -21,6 +22,8 @@ from qwen_image_server.config.settings import Settings
 from qwen_image_server.errors import ConfigurationError
 
 log = logging.getLogger(__name__)
+
+ParallelMode = Literal["cfg", "ulysses", "ring", "cfg+ulysses"]
 
 
 def visible_gpus(settings: Settings) -> int:
@@ -35,20 +38,32 @@ def visible_gpus(settings: Settings) -> int:
 
 
 def engine_gpus(settings: Settings, gpus: int | None = None) -> list[int | None]:
-    """The GPU of each engine process, by index among the visible ones (None: no GPU).
+    """The GPU of each engine process, by index among the visible ones (None: no GPU); with
+    QWEN_IMAGE_GPUS_PER_ENGINE=K, of each rank: engine i's ranks are entries i*K to i*K+K-1.
 
-    WORKERS=auto is one engine per visible GPU (one without GPUs); WORKERS=N asks for N, which on
+    WORKERS=auto is one engine per K visible GPUs (one without GPUs); WORKERS=N asks for N, which on
     GPUs must not exceed their number (two model copies on one GPU run out of memory)."""
     gpus = visible_gpus(settings) if gpus is None else gpus
-    if settings.workers == "auto":
-        return list(range(gpus)) if gpus else [None]
-    if not gpus:
-        return [None] * settings.workers  # the CPU: any number of copies
-    if settings.workers > gpus:
+    k = settings.gpus_per_engine
+    check_parallel(settings.parallel, k, settings.attention, settings.cache)
+    plural = "s" if gpus != 1 else ""
+    if gpus and k > gpus:
         raise ConfigurationError(
-            f"WORKERS={settings.workers} asks for {settings.workers} engines, but this machine has "
-            f"{gpus} GPU{'s' if gpus != 1 else ''} visible; set WORKERS={gpus} or WORKERS=auto.")
-    return list(range(settings.workers))
+            f"QWEN_IMAGE_GPUS_PER_ENGINE={k} asks for {k} GPUs per engine, but this machine has {gpus} GPU{plural} "
+            f"visible; set QWEN_IMAGE_GPUS_PER_ENGINE={gpus} or less.")
+    if settings.workers == "auto":
+        return list(range(gpus // k * k)) if gpus else [None] * k
+    if not gpus:
+        return [None] * (settings.workers * k)  # the CPU: any number of copies
+    if settings.workers * k > gpus:
+        if k == 1:
+            raise ConfigurationError(
+                f"WORKERS={settings.workers} asks for {settings.workers} engines, but this machine has "
+                f"{gpus} GPU{plural} visible; set WORKERS={gpus} or WORKERS=auto.")
+        raise ConfigurationError(
+            f"WORKERS={settings.workers} x QWEN_IMAGE_GPUS_PER_ENGINE={k} asks for {settings.workers * k} GPUs, "
+            f"but this machine has {gpus} GPU{plural} visible; set WORKERS={gpus // k} or WORKERS=auto.")
+    return list(range(settings.workers * k))
 
 
 def check_output_dir(settings: Settings) -> None:
@@ -123,3 +138,38 @@ def warn_if_open(settings: Settings) -> None:
                 "from the network, so anyone who reaches it can run jobs and fetch images; set "
                 "QWEN_IMAGE_API_KEYS, or HOST=127.0.0.1 to serve this machine only",
                 settings.host, settings.port)
+
+
+def resolve_mode(setting: str, ranks: int) -> ParallelMode | None:
+    """The split an engine of `ranks` ranks uses for QWEN_IMAGE_PARALLEL=`setting` (None: one rank)."""
+    if ranks == 1:
+        return None
+    if setting == "auto":
+        return "cfg" if ranks == 2 else "ulysses"
+    return setting  # type: ignore[return-value]  # checked by `check_parallel`
+
+
+def check_parallel(setting: str, ranks: int, attention: str, cache: str) -> None:
+    """The settings' combinations that cannot work, as one line naming them (ConfigurationError)."""
+    mode = resolve_mode(setting, ranks)
+    if mode is None:
+        return
+    name = f"QWEN_IMAGE_PARALLEL={setting} with QWEN_IMAGE_GPUS_PER_ENGINE={ranks}"
+    if mode == "cfg" and ranks != 2:
+        raise ConfigurationError(f"{name}: CFG-parallel splits the two passes of guidance over exactly 2 GPUs; "
+                                 "use QWEN_IMAGE_PARALLEL=cfg+ulysses (an even number of GPUs) or ulysses.")
+    if mode == "cfg+ulysses" and (ranks % 2 or ranks < 4):
+        raise ConfigurationError(f"{name}: cfg+ulysses needs an even number of GPUs, 4 or more "
+                                 "(2 for guidance times the Ulysses degree).")
+    if mode == "ring" and attention not in RING_BACKENDS:
+        raise ConfigurationError(
+            f"{name}: ring attention needs an attention backend that returns its log-sum-exp; "
+            f"QWEN_IMAGE_ATTENTION={attention} does not. Set QWEN_IMAGE_ATTENTION to one of "
+            f"{', '.join(sorted(RING_BACKENDS))}, or use QWEN_IMAGE_PARALLEL=ulysses.")
+    if cache != "none":
+        raise ConfigurationError(f"{name}: step caching (QWEN_IMAGE_CACHE={cache}) is not supported on an engine of "
+                                 "several GPUs; use QWEN_IMAGE_CACHE=none.")
+
+
+# diffusers' context-parallel attention backends that can return the log-sum-exp ring attention merges with.
+RING_BACKENDS = frozenset({"flash", "flash_hub", "_flash_3_hub", "_native_cudnn", "_native_flash", "sage", "sage_hub"})

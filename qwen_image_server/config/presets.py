@@ -28,6 +28,8 @@ PROMPT_SUFFIX: dict[str, str] = {
 }
 
 DEFAULT_ASPECT_RATIO: AspectRatio = "s1:1"
+# The negative prompt of a request that names none (the prompt cache keeps its embeddings resident).
+DEFAULT_NEGATIVE_PROMPT = " "
 
 
 def with_suffix(prompt: str, language: Language) -> str:

@@ -80,6 +80,15 @@ class Settings(BaseSettings):
         description="Engine processes behind the one front process, each with its own copy of the model "
         "on its own GPU; auto: one per visible GPU (one without a GPU).",
     )
+    gpus_per_engine: int = Field(
+        1, ge=1, le=64, description="GPUs one engine splits each image over (ranks of one engine, see "
+        "QWEN_IMAGE_PARALLEL); WORKERS x this many GPUs are used.",
+    )
+    parallel: Literal["auto", "cfg", "ulysses", "ring", "cfg+ulysses"] = Field(
+        "auto", description="How an engine of several GPUs splits an image: cfg (the two guidance passes at once, "
+        "2 GPUs), ulysses or ring (the sequence, diffusers' context parallelism), cfg+ulysses; auto: cfg for 2 "
+        "GPUs, ulysses beyond.",
+    )
     threads: int = Field(
         4, ge=1, validation_alias=_bare("THREADS"),
         description="Threads of the front for CPU work: overlay, PNG encoding, file writes.",
@@ -154,6 +163,10 @@ class Settings(BaseSettings):
     )
     attention: str = Field(
         "native", description="diffusers attention backend: native (SDPA), flash, _flash_3, sage, ...")
+    prompt_cache_mb: float = Field(
+        256.0, ge=0, description="MiB of prompt embeddings kept per model (least recently used dropped first; "
+        "the default negative prompt always kept), so a repeated prompt skips the text encoder. 0: off.",
+    )
     warmup: CliImplicitFlag[bool] = Field(False, description="Run one small generation before /ready turns 200.")
     warmup_aspect_ratios: Annotated[list[AspectRatio], NoDecode] = Field(
         default_factory=lambda: [DEFAULT_ASPECT_RATIO],

@@ -59,6 +59,11 @@ class ResidentAdapters:
         """The LoRA being loaded now (shown in job status)."""
         return self.library.loading().get(self.model)
 
+    @property
+    def active(self) -> LoraSet:
+        """The LoRAs (and scales) active now."""
+        return self._active
+
     def scheduler_for(self, loras: LoraSet, scheduler: Any) -> Any:
         """The sampler of a batch: a Lightning LoRA's own (shift 3), else `scheduler` itself."""
         if self.library.lightning_steps(loras) is None:

@@ -24,6 +24,7 @@ if TYPE_CHECKING:
     from qwen_image_server.config.settings import Settings
     from qwen_image_server.engine.loaded import LoadedModel
     from qwen_image_server.engine.lora_library import LoraLibrary
+    from qwen_image_server.engine.prompt_cache import PromptCacheStats
     from qwen_image_server.engine.types import GenerationSpec, StepCallback
 
 
@@ -59,6 +60,15 @@ class Supervised(Protocol):
 
 
 @dataclass(frozen=True, slots=True)
+class RankFacts:
+    """One rank of an engine of several GPUs."""
+
+    rank: int
+    gpu: int | None  # among the visible ones (None: the CPU)
+    pid: int | None
+
+
+@dataclass(frozen=True, slots=True)
 class EngineFacts:
     """What the front reads of a loaded engine, as of now (memory and LoRA loads change)."""
 
@@ -68,6 +78,9 @@ class EngineFacts:
     pid: int | None = None  # its process, when it has its own (None: inside this process)
     memory: dict[str, float] | None = None  # GPU memory (MiB) an engine process reported after its last batch
     loading_loras: Mapping[str, str] = field(default_factory=dict)  # model name -> LoRA being loaded now
+    prompt_cache: PromptCacheStats | None = None  # its prompt caches' counts (None: it has none)
+    ranks: tuple[RankFacts, ...] = ()  # its ranks, when it splits images over several GPUs
+    parallel: str | None = None  # how it splits them (QWEN_IMAGE_PARALLEL, resolved)
 
     @property
     def model(self) -> LoadedModel | None:

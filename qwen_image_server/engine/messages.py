@@ -23,6 +23,7 @@ from enum import Enum
 from typing import TYPE_CHECKING, Any
 
 from qwen_image_server import errors
+from qwen_image_server.config.checks import ParallelMode
 from qwen_image_server.engine.types import (
     DeviceFailure,
     DeviceOutOfMemory,
@@ -35,6 +36,7 @@ if TYPE_CHECKING:
 
     from qwen_image_server.engine.loaded import LoadedModel
     from qwen_image_server.engine.lora_library import LoraState
+    from qwen_image_server.engine.prompt_cache import PromptCacheStats
 
 
 class FailureKind(Enum):
@@ -75,6 +77,16 @@ class Failure:
             FailureKind.LOAD: errors.ModelLoadError,
         }
         return kinds.get(self.kind, RuntimeError)(self.message)
+
+
+@dataclass(frozen=True, slots=True)
+class RankPlan:
+    """What one rank of an engine of several GPUs needs to join the others (engine/parallel.py)."""
+
+    rank: int
+    world: int
+    mode: ParallelMode
+    address: str  # tcp://host:port of the rendezvous (the front picks a free port per engine start)
 
 
 # -- front -> engine --------------------------------------------------------------------------
@@ -137,6 +149,7 @@ class Done:
     number: int
     images: list[Image.Image]
     memory: dict[str, float] | None
+    prompt_cache: PromptCacheStats | None = None  # the engine's counts after this batch
 
 
 @dataclass(frozen=True, slots=True)

@@ -19,7 +19,7 @@ from pathlib import Path
 
 from PIL import Image
 
-from qwen_image_server.config.presets import ASPECT_RATIOS
+from qwen_image_server.config.presets import ASPECT_RATIOS, DEFAULT_NEGATIVE_PROMPT
 from qwen_image_server.config.settings import Settings
 from qwen_image_server.engine.adapters import ResidentAdapters
 from qwen_image_server.engine.contract import EngineFacts
@@ -40,6 +40,7 @@ from qwen_image_server.engine.memory import (
     free_gpu_bytes,
     plan_offload,
 )
+from qwen_image_server.engine.prompt_cache import PromptCache, PromptCacheStats
 from qwen_image_server.engine.runner import PipelineEngine
 from qwen_image_server.engine.types import EditSpec, GenerationSpec, StepCallback
 
@@ -64,7 +65,15 @@ class ModelSet:
     def facts(self) -> EngineFacts:
         """What the front reads of this engine (it runs in the front's process: no GPU or pid)."""
         return EngineFacts(models=tuple(self.models), loras=self.loras,
-                           loading_loras=self.loras.loading() if self.loras is not None else {})
+                           loading_loras=self.loras.loading() if self.loras is not None else {},
+                           prompt_cache=self.prompt_cache_stats())
+
+    def prompt_cache_stats(self) -> PromptCacheStats:
+        """The prompt caches of every model, summed."""
+        total = PromptCacheStats()
+        for engine in self.engines.values():
+            total += engine.prompts.stats()
+        return total
 
     @property
     def model(self) -> LoadedModel:
@@ -213,7 +222,10 @@ def load_engine(settings: Settings) -> ModelSet:
         return ResidentAdapters(model.pipeline, library, model.name, model.task,
                                 settings.max_resident_loras, slots)
 
-    engine = ModelSet([PipelineEngine(model, adapters(model)) for model in models],
+    def prompts() -> PromptCache:
+        return PromptCache(int(settings.prompt_cache_mb * 2**20), pinned=[DEFAULT_NEGATIVE_PROMPT])
+
+    engine = ModelSet([PipelineEngine(model, adapters(model), prompts()) for model in models],
                       library if library.configured else None)
     for each in engine.engines.values():
         if each.model.task != "layered":  # no previews of layers (an RGBA VAE, several frames)

@@ -27,6 +27,12 @@ dead one is: it may still be running a batch whose answers could never be placed
 whose batch hangs past its deadline (the scheduler's watchdog calls `kill`). Engines ignore
 SIGINT and SIGTERM: a Ctrl+C or a SIGTERM to the whole process group reaches the front, which
 drains and then stops its engines.
+
+An engine of several GPUs (QWEN_IMAGE_GPUS_PER_ENGINE=K) is K processes: rank 0 runs `engine_main`
+and talks to the front; ranks 1..K-1 run `follower_main`, each pinned to its own GPU, and do what
+rank 0 shares with them (engine/parallel.py). The front watches every rank: one that dies ends
+the engine (the others are killed) and it is lost as a one-GPU engine is. A batch that fails on
+any rank ends the engine too, since the others may be waiting for it mid-step.
 """
 
 from __future__ import annotations
@@ -38,6 +44,7 @@ import multiprocessing
 import os
 import queue
 import signal
+import socket
 import sys
 import threading
 from collections.abc import Callable, Sequence
@@ -46,8 +53,9 @@ from multiprocessing.connection import Connection, wait
 from typing import TYPE_CHECKING, Any
 
 from qwen_image_server import errors
+from qwen_image_server.config.checks import resolve_mode
 from qwen_image_server.config.settings import Settings
-from qwen_image_server.engine.contract import EngineFacts, facts_of
+from qwen_image_server.engine.contract import EngineFacts, RankFacts, facts_of
 from qwen_image_server.engine.lora_library import LoraLibrary, LoraState
 from qwen_image_server.engine.messages import (
     Abort,
@@ -61,6 +69,7 @@ from qwen_image_server.engine.messages import (
     FromEngine,
     LoadFailed,
     LorasChanged,
+    RankPlan,
     Ready,
     Run,
     Step,
@@ -83,6 +92,8 @@ if TYPE_CHECKING:
 
     from qwen_image_server.engine.contract import Engine
     from qwen_image_server.engine.loaded import LoadedModel
+    from qwen_image_server.engine.parallel import RankGroup
+    from qwen_image_server.engine.prompt_cache import PromptCacheStats
 
 log = logging.getLogger(__name__)
 
@@ -150,9 +161,9 @@ def pinned_device(gpu: int, visible: str | None) -> str:
 
 # -- the engine process ------------------------------------------------------------------------
 
-def engine_main(conn: Connection, settings: Settings, gpu: int | None, loader: Loader) -> None:
-    """The engine process: pin the GPU, load, then serve the front's commands until `Stop` or
-    until the front is gone."""
+def _start_process(conn: Connection, settings: Settings, gpu: int | None) -> None:
+    """What every engine process (every rank) does first: pin its GPU, ignore the signals the
+    front handles, log as the front does."""
     if cuda_started():
         # Forked after CUDA started: this process can neither use that context nor pin its GPU.
         conn.send(LoadFailed(Failure(FailureKind.LOAD, "CUDA was started before this engine process could "
@@ -165,6 +176,71 @@ def engine_main(conn: Connection, settings: Settings, gpu: int | None, loader: L
     from qwen_image_server.config.logs import configure_logging
 
     configure_logging(settings.log_level)
+
+
+def _join_ranks(plan: RankPlan | None, settings: Settings, loader: Loader) -> tuple[Engine, RankGroup | None]:
+    """Load the engine; on a rank of several, join the others first and split its models after."""
+    if plan is None:
+        return loader(settings), None
+    from qwen_image_server.engine.parallel import RankGroup
+
+    group = RankGroup(plan)
+    engine = loader(settings)
+    runners = getattr(engine, "engines", None)  # the models' runners (a test's fake engine has none)
+    if runners is not None:
+        group.parallelize(runners.values())
+    group.barrier()  # every rank loaded (one that failed has exited: this raises)
+    return engine, group
+
+
+def follower_main(conn: Connection, settings: Settings, gpu: int | None, loader: Loader, plan: RankPlan) -> None:
+    """A rank other than 0 of an engine of several GPUs: run every command rank 0 shares, in step
+    with it, until `Stop`, until the front is gone, or until anything fails (then it exits, and
+    the front restarts the whole engine: the other ranks may be waiting on it mid-step)."""
+    _start_process(conn, settings, gpu)
+
+    def watch_front() -> None:
+        with contextlib.suppress(EOFError, OSError):
+            conn.recv()  # the front sends nothing: this returns when it is gone
+        os._exit(0)
+
+    threading.Thread(target=watch_front, name="qwen-image-rank-pipe", daemon=True).start()
+    try:
+        engine, group = _join_ranks(plan, settings, loader)
+    except BaseException as exc:  # told to the front, which reports it rather than a rank that exited
+        if not isinstance(exc, errors.ModelLoadError):
+            log.exception("rank %d failed to load", plan.rank)
+        conn.send(LoadFailed(Failure.of(exc)))
+        _exit()
+    assert group is not None
+
+    def on_step(event: StepEvent) -> None:
+        if group.agree_stop(False):
+            raise BatchAborted
+
+    try:
+        while True:
+            command = group.share()
+            if isinstance(command, Stop):
+                _exit()
+            if isinstance(command, Free):
+                engine.free_memory()
+                continue
+            assert isinstance(command, Run)
+            try:
+                engine.run_batch(command.specs, on_step)
+            except BatchAborted:
+                continue
+    except BaseException:
+        log.exception("rank %d of engine stopped", plan.rank)
+        _exit()
+
+
+def engine_main(conn: Connection, settings: Settings, gpu: int | None, loader: Loader,
+                plan: RankPlan | None = None) -> None:
+    """The engine process (rank 0 of an engine of several GPUs): pin the GPU, load, then serve the
+    front's commands until `Stop` or until the front is gone."""
+    _start_process(conn, settings, gpu)
     commands: queue.Queue[ToEngine] = queue.Queue()
     abort = threading.Event()
 
@@ -181,7 +257,7 @@ def engine_main(conn: Connection, settings: Settings, gpu: int | None, loader: L
 
     threading.Thread(target=read, name="qwen-image-engine-pipe", daemon=True).start()
     try:
-        engine = loader(settings)
+        engine, group = _join_ranks(plan, settings, loader)
         facts = facts_of(engine)  # an engine without models (a test's fake) has none to tell
         models = [_facts(model) for model in facts.models]
     except BaseException as exc:  # reported to the front, which decides
@@ -208,11 +284,16 @@ def engine_main(conn: Connection, settings: Settings, gpu: int | None, loader: L
 
     def on_step(event: StepEvent) -> None:
         conn.send(Step(number, event))
-        if abort.is_set():
+        stop = abort.is_set()
+        if group is not None:  # every rank stops at this same step, or none does
+            stop = group.agree_stop(stop)
+        if stop:
             raise BatchAborted
 
     while True:
         command = commands.get()
+        if group is not None:
+            group.share(command)  # the other ranks run it too
         if isinstance(command, Stop):
             _exit()
         if isinstance(command, Free):
@@ -229,6 +310,11 @@ def engine_main(conn: Connection, settings: Settings, gpu: int | None, loader: L
             conn.send(Aborted(number))
             continue
         except BaseException as exc:  # every failure goes back to the front
+            if group is not None:
+                # The other ranks may be waiting on this one mid-step, or have failed themselves:
+                # the engine ends, and the front restarts it and retries the batch once.
+                log.exception("batch failed on rank 0; the engine of %d ranks stops", plan.world if plan else 1)
+                _exit()
             if not isinstance(exc, (DeviceOutOfMemory, DeviceFailure, errors.ServerError)):
                 log.exception("batch failed in the engine process")
             send_loras()  # before the error: the front's next check sees an unusable mark
@@ -237,7 +323,7 @@ def engine_main(conn: Connection, settings: Settings, gpu: int | None, loader: L
                 _exit()  # the device is unusable: the front starts a fresh process
             continue
         send_loras()
-        conn.send(Done(number, images, _memory()))
+        conn.send(Done(number, images, _memory(), facts_of(engine).prompt_cache))
 
 
 def _exit() -> None:
@@ -253,20 +339,40 @@ class EngineProcess:
     """The front's handle on one engine process; an `Engine` to the scheduler."""
 
     def __init__(self, settings: Settings, index: int, gpu: int | None, loader: Loader,
-                 loras: LoraLibrary | None = None) -> None:
+                 loras: LoraLibrary | None = None, rank_gpus: Sequence[int | None] = ()) -> None:
         self.index = index
         self.gpu = gpu
+        # An engine of several GPUs (QWEN_IMAGE_GPUS_PER_ENGINE): one process per rank, `gpu` rank 0's.
+        self.rank_gpus = tuple(rank_gpus) or (gpu,)
+        self.parallel = resolve_mode(settings.parallel, len(self.rank_gpus))
         self._memory: dict[str, float] | None = None  # as of the engine's last batch
+        self._prompt_cache: PromptCacheStats | None = None  # as of the engine's last batch
         # The front's library (shared by the front's engines), fed by this engine's state.
         self._library = loras if loras is not None else LoraLibrary.from_settings(settings)
         self._has_loras = False  # the engine has a library (else it serves no LoRAs)
         self._lock = threading.Lock()  # one command at a time
         self._numbers = itertools.count(1)  # of the commands answered (Run, Free)
+        plans: list[RankPlan | None] = [None]
+        if self.parallel is not None:
+            address = f"tcp://127.0.0.1:{_free_port()}"
+            plans = [RankPlan(rank, len(self.rank_gpus), self.parallel, address)
+                     for rank in range(len(self.rank_gpus))]
         self._conn, child = _CONTEXT.Pipe()
-        self._process = _CONTEXT.Process(target=engine_main, args=(child, settings, gpu, loader),
+        self._process = _CONTEXT.Process(target=engine_main, args=(child, settings, gpu, loader, plans[0]),
                                          name=f"qwen-image-engine-{index}", daemon=True)
         self._process.start()
         child.close()  # only the engine holds its end: its death reads as end-of-file here
+        # The other ranks: the front only watches them (their pipe tells them when the front is gone).
+        self._followers: list[tuple[multiprocessing.process.BaseProcess, Connection]] = []
+        for rank, plan in enumerate(plans[1:], start=1):
+            mine, theirs = _CONTEXT.Pipe()
+            process = _CONTEXT.Process(target=follower_main,
+                                       args=(theirs, settings, self.rank_gpus[rank], loader, plan),
+                                       name=f"qwen-image-engine-{index}-rank-{rank}", daemon=True)
+            process.start()
+            theirs.close()
+            self._followers.append((process, mine))
+        self._processes = [self._process] + [process for process, _ in self._followers]
         self.pid = self._process.pid
         try:
             message = self._receive()
@@ -282,16 +388,21 @@ class EngineProcess:
         if message.loras is not None:
             self._library.import_state(index, message.loras)
             self._has_loras = True
-        log.info("engine %d ready in process %s%s", index, self.pid,
-                 f" on GPU {gpu}" if gpu is not None else "")
+        log.info("engine %d ready in process %s%s%s", index, self.pid,
+                 f" on GPU {gpu}" if gpu is not None else "",
+                 f" with {len(self.rank_gpus)} ranks ({self.parallel} parallel; processes "
+                 f"{', '.join(str(p.pid) for p in self._processes)})" if self.parallel else "")
 
     @property
     def facts(self) -> EngineFacts:
         """Its models (as facts about their pipelines), the front's LoRA library fed by it, its
         GPU and process, the memory it reported last and the LoRAs it is loading now."""
         library = self._library if self._has_loras else None
+        ranks = tuple(RankFacts(rank, gpu, process.pid) for rank, (gpu, process)
+                      in enumerate(zip(self.rank_gpus, self._processes, strict=True))) if self.parallel else ()
         return EngineFacts(models=self._models, loras=library, gpu=self.gpu, pid=self.pid,
-                           memory=self._memory,
+                           memory=self._memory, prompt_cache=self._prompt_cache,
+                           ranks=ranks, parallel=self.parallel,
                            loading_loras=library.loading(self.index) if library is not None else {})
 
     # -- Engine -------------------------------------------------------------------------------
@@ -313,6 +424,7 @@ class EngineProcess:
                     continue
                 if isinstance(message, Done):
                     self._memory = message.memory
+                    self._prompt_cache = message.prompt_cache
                     if failure is not None:
                         raise failure
                     return list(message.images)
@@ -338,26 +450,35 @@ class EngineProcess:
         """Call `callback` as soon as the engine process ends (on a watcher thread)."""
 
         def watch() -> None:
-            wait([self._process.sentinel])
+            wait([process.sentinel for process in self._processes])
+            self._kill_all()  # one rank gone: the others cannot go on without it
             callback()
 
         threading.Thread(target=watch, name=f"qwen-image-engine-{self.index}-watch", daemon=True).start()
 
     def kill(self) -> None:
         """Kill the engine process now (its batch hung): a waiting `run_batch` raises EngineLost."""
-        self._process.kill()
+        self._kill_all()
+
+    def _kill_all(self) -> None:
+        for process in self._processes:
+            with contextlib.suppress(Exception):  # already gone
+                process.kill()
 
     def close(self) -> None:
         """Ask the engine to stop; kill it if it does not within a few seconds."""
         self._library.forget_engine(self.index)
         with contextlib.suppress(OSError):  # already gone
             self._conn.send(Stop())
-        self._process.join(_STOP_TIMEOUT_S)
-        if self._process.is_alive():
-            log.warning("engine %d did not stop; killing it", self.index)
-            self._process.kill()
-            self._process.join(_STOP_TIMEOUT_S)
+        for process in self._processes:  # rank 0 tells the others to stop
+            process.join(_STOP_TIMEOUT_S)
+            if process.is_alive():
+                log.warning("engine %d (process %s) did not stop; killing it", self.index, process.pid)
+                process.kill()
+                process.join(_STOP_TIMEOUT_S)
         self._conn.close()
+        for _, conn in self._followers:
+            conn.close()
 
     # -- the pipe ------------------------------------------------------------------------------
 
@@ -384,7 +505,8 @@ class EngineProcess:
 
     def _receive_any(self) -> FromEngine:
         # What the engine sent before it died is still read; only then is its death an error.
-        ready = wait([self._conn, self._process.sentinel])
+        # Any rank's end wakes this: rank 0 cannot finish without the others.
+        ready = wait([self._conn, *(process.sentinel for process in self._processes)])
         if self._conn in ready or self._conn.poll():
             try:
                 message: FromEngine = self._conn.recv()
@@ -400,17 +522,38 @@ class EngineProcess:
         answers no command could be matched with. Its batch fails as for any lost engine."""
         log.error("engine %d (process %s) %s; killing it", self.index, self.pid, what)
         self._library.forget_engine(self.index)
-        self._process.kill()
+        self._kill_all()
         self._process.join(_STOP_TIMEOUT_S)
         return EngineLost(f"engine {self.index} (process {self.pid}) {what}; it was killed")
 
-    def _lost(self) -> EngineLost:
+    def _lost(self) -> BaseException:
+        """The error for an engine one of whose ranks is gone: what a rank said before it ended
+        (it could not load), else EngineLost."""
         self._library.forget_engine(self.index)
+        dead, said = next(((p, c) for p, c in self._followers if not p.is_alive()), (None, None))
+        self._kill_all()  # the other ranks cannot go on without the one that is gone
+        if dead is not None and said is not None:
+            with contextlib.suppress(EOFError, OSError):
+                if said.poll():
+                    message = said.recv()
+                    if isinstance(message, LoadFailed):
+                        return message.failure.rebuild()
+            dead.join(1.0)
+            code = dead.exitcode
+            how = f"was killed by signal {-code}" if code is not None and code < 0 else f"exited with code {code}"
+            return EngineLost(f"engine {self.index}: its rank in process {dead.pid} {how}")
         self._process.join(1.0)
         code = self._process.exitcode
         how = (f"was killed by signal {-code}" if code is not None and code < 0
                else f"exited with code {code}" if code is not None else "closed its pipe")
         return EngineLost(f"engine {self.index} (process {self.pid}) {how}")
+
+
+def _free_port() -> int:
+    """A TCP port free on this machine now, for the ranks' rendezvous."""
+    with socket.socket() as probe:
+        probe.bind(("127.0.0.1", 0))
+        return int(probe.getsockname()[1])
 
 
 def load_server_engine(settings: Settings) -> Engine:
@@ -427,7 +570,9 @@ def engine_factories(settings: Settings, gpus: Sequence[int | None],
     chosen: Loader = loader or load_server_engine
     loras = LoraLibrary.from_settings(settings)  # one for the front: every engine's state merged
 
-    def factory(index: int, gpu: int | None) -> Callable[[], Engine]:
-        return lambda: EngineProcess(settings, index, gpu, chosen, loras)
+    k = settings.gpus_per_engine
 
-    return [factory(i, gpu) for i, gpu in enumerate(gpus)]
+    def factory(index: int, ranks: Sequence[int | None]) -> Callable[[], Engine]:
+        return lambda: EngineProcess(settings, index, ranks[0], chosen, loras, ranks)
+
+    return [factory(i, gpus[i * k:(i + 1) * k]) for i in range(len(gpus) // k)]

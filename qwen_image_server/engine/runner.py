@@ -20,7 +20,9 @@ from qwen_image_server.engine.edit import EditCalls
 from qwen_image_server.engine.guided import GenerationCalls, layered_inputs, side_by_side
 from qwen_image_server.engine.loaded import LoadedModel
 from qwen_image_server.engine.options import AppliedOptions, takes_padding_mask
+from qwen_image_server.engine.parallel import CfgSplit
 from qwen_image_server.engine.previews import Previewer, StepRecorder
+from qwen_image_server.engine.prompt_cache import PromptCache, batch_embeddings
 from qwen_image_server.engine.step_cache import set_cfg_mode
 from qwen_image_server.engine.types import (
     BatchAborted,
@@ -75,7 +77,8 @@ def inference_context(options: AppliedOptions) -> AbstractContextManager[Any]:
 class PipelineEngine:
     """The real engine: one QwenImagePipeline call per batch, one CPU generator per image."""
 
-    def __init__(self, model: LoadedModel, adapters: ResidentAdapters | None = None) -> None:
+    def __init__(self, model: LoadedModel, adapters: ResidentAdapters | None = None,
+                 prompts: PromptCache | None = None) -> None:
         self.model = model
         self.pipeline = model.pipeline
         self.adapters = adapters  # per-request LoRAs (None: this server has no LoRA library)
@@ -87,6 +90,11 @@ class PipelineEngine:
         self.equal_lengths_only = not takes_padding_mask(model.options.attention)
         self.edits = EditCalls(self.pipeline) if model.task == "edit" else None
         self.generations = GenerationCalls(self.pipeline, model.controlnet) if model.task == "generate" else None
+        # Prompt embeddings computed once (generation models; an edit's prompt is encoded with
+        # its images, so edits run as before). Without one, no prompt is kept between batches.
+        self.prompts = prompts if prompts is not None else PromptCache(0)
+        # On a rank of a CFG-parallel engine: the glue that runs one of the two guidance passes.
+        self.split: CfgSplit | None = None
 
     @cached_property
     def previewer(self) -> Previewer:
@@ -106,6 +114,30 @@ class PipelineEngine:
             return self.pipeline, layered_inputs(specs, use_cfg)  # type: ignore[arg-type]  # LayeredSpecs
         assert self.generations is not None
         return self.generations.call(specs, use_cfg)
+
+    def _embeddings(self, specs: Sequence[GenerationSpec], use_cfg: bool) -> dict[str, Any]:
+        """The batch's prompt embeddings (and negative ones with CFG), from the prompt cache;
+        call in the inference context."""
+        self.prompts.invalidate_unless(self._encoder_state())
+        embeds, mask = batch_embeddings(self.prompts.embeddings([s.prompt for s in specs], self._encode))
+        inputs: dict[str, Any] = dict(prompt_embeds=embeds, prompt_embeds_mask=mask)
+        if use_cfg:
+            embeds, mask = batch_embeddings(self.prompts.embeddings([s.negative_prompt for s in specs], self._encode))
+            inputs.update(negative_prompt_embeds=embeds, negative_prompt_embeds_mask=mask)
+        return inputs
+
+    def _encode(self, prompt: str) -> torch.Tensor:
+        """One prompt through the text encoder, alone: `[tokens, hidden]`."""
+        embeds, _ = self.pipeline._get_qwen_prompt_embeds([prompt], device=self.pipeline._execution_device)
+        return embeds[0]
+
+    def _encoder_state(self) -> object:
+        """What the text encoder's output depends on besides its prompt: the adapters active
+        on it, when LoRAs reach it (diffusers' Qwen-Image LoRAs touch only the transformer)."""
+        encoder = self.pipeline.text_encoder
+        if getattr(encoder, "peft_config", None) is None:
+            return None
+        return (id(encoder), self.adapters.active if self.adapters is not None else ())
 
     def run_batch(self, specs: Sequence[GenerationSpec], on_step: StepCallback) -> list[Image.Image]:
         """Generate one image per spec; all specs share a batch_key.
@@ -181,16 +213,23 @@ class PipelineEngine:
         try:
             with inference_context(self.model.options), (
                     recorder.recording(pipeline.scheduler) if recorder is not None else nullcontext()):
-                out = pipeline(
-                    **inputs,
-                    num_inference_steps=first.num_inference_steps,
-                    true_cfg_scale=first.true_cfg_scale,
-                    generator=generators,
-                    callback_on_step_end=step_end,
-                    # diffusers defaults to 512 tokens; the API admits (and checks) up to 1024.
-                    max_sequence_length=self.model.max_prompt_tokens,
-                    output_type="pil",
-                )
+                if self.generations is not None:
+                    # Every generation pipeline (text, image-to-image, inpaint, ControlNet) takes
+                    # embeddings in place of prompts; an edit's and a layered image's prompt is
+                    # encoded with its picture, so those run on their prompts.
+                    del inputs["prompt"], inputs["negative_prompt"]
+                    inputs.update(self._embeddings(specs, use_cfg))
+                with self.split.batch(use_cfg) if self.split is not None else nullcontext():
+                    out = pipeline(
+                        **inputs,
+                        num_inference_steps=first.num_inference_steps,
+                        true_cfg_scale=first.true_cfg_scale,
+                        generator=generators,
+                        callback_on_step_end=step_end,
+                        # diffusers defaults to 512 tokens; the API admits (and checks) up to 1024.
+                        max_sequence_length=self.model.max_prompt_tokens,
+                        output_type="pil",
+                    )
             finished = True
         except BatchAborted:
             raise

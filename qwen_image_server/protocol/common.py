@@ -20,7 +20,7 @@ from pydantic import BaseModel, ConfigDict, Field, ValidationInfo, field_validat
 from pydantic_core import PydanticCustomError
 
 from qwen_image_server.config.lora_refs import is_valid_name
-from qwen_image_server.config.presets import Language, with_suffix
+from qwen_image_server.config.presets import DEFAULT_NEGATIVE_PROMPT, Language, with_suffix
 from qwen_image_server.engine.types import PreviewPlan
 
 if TYPE_CHECKING:
@@ -161,7 +161,7 @@ class PromptFields(BaseModel):
     """What every request that makes an image says about it."""
 
     prompt: str = Field(min_length=1, max_length=MAX_PROMPT_CHARS, description="Image description.")
-    negative_prompt: str = Field(" ", max_length=MAX_PROMPT_CHARS, description="Concepts to avoid.")
+    negative_prompt: str = Field(DEFAULT_NEGATIVE_PROMPT, max_length=MAX_PROMPT_CHARS, description="Concepts to avoid.")
     num_inference_steps: int = Field(20, ge=1, le=100, description="Denoising steps.")
     true_cfg_scale: float = Field(4.0, ge=0.0, le=50.0, description="Classifier-free guidance scale.")
     language: Language = Field("en", description="Adds the model card's quality suffix for en or zh.")

@@ -143,6 +143,14 @@ class SchedulerInfo(BaseModel):
     queue_timeout_s: float
 
 
+class RankInfo(BaseModel):
+    """One rank of an engine that splits each image over several GPUs."""
+
+    rank: int
+    gpu: int | None = Field(description="Its GPU, among the visible ones; null on the CPU.")
+    pid: int | None = Field(description="Its process.")
+
+
 class EngineInfo(BaseModel):
     """One engine: a model copy in its own process (or in the server's, for one in-process engine)."""
 
@@ -154,6 +162,9 @@ class EngineInfo(BaseModel):
     batches: int = Field(description="Pipeline calls run.")
     restarts: int = Field(description="Times it was started again after its process died.")
     gpu_memory: GpuMemory | None = Field(None, description="As of its last batch (CUDA only).")
+    parallel: str | None = Field(None, description="How it splits each image over its GPUs (cfg, ulysses, ring, "
+                                 "cfg+ulysses); null for an engine of one GPU.")
+    ranks: list[RankInfo] = Field(default_factory=list, description="Its ranks, one per GPU (empty: one GPU).")
 
 
 class EngineOptions(BaseModel):

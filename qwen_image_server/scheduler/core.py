@@ -371,7 +371,8 @@ class Scheduler:
         facts = facts_of(slot.engine)
         return SlotStats(index=slot.index, state=slot.state, gpu=facts.gpu, pid=facts.pid,
                          running_batch_size=len(slot.running), batches=slot.batches,
-                         restarts=slot.restarts, memory=facts.memory,
+                         restarts=slot.restarts, memory=facts.memory, prompt_cache=facts.prompt_cache,
+                         ranks=facts.ranks, parallel=facts.parallel,
                          batch_deadline_s=None if slot.watch is None else slot.watch.allowance_s)
 
     def retry_after(self) -> int:

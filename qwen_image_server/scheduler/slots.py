@@ -18,7 +18,8 @@ from dataclasses import dataclass, field
 from enum import Enum
 
 from qwen_image_server import errors
-from qwen_image_server.engine.contract import Engine, Supervised
+from qwen_image_server.engine.contract import Engine, RankFacts, Supervised
+from qwen_image_server.engine.prompt_cache import PromptCacheStats
 from qwen_image_server.scheduler.jobs import Job
 from qwen_image_server.scheduler.watchdog import BatchWatch
 
@@ -98,6 +99,9 @@ class SlotStats:
     restarts: int
     memory: dict[str, float] | None = None  # GPU memory an engine process reported last
     batch_deadline_s: float | None = None  # seconds its running batch may take (None: none, or no watchdog)
+    prompt_cache: PromptCacheStats | None = None  # its prompt caches' counts (None: it has none)
+    ranks: tuple[RankFacts, ...] = ()  # its ranks, when it splits images over several GPUs
+    parallel: str | None = None
 
 
 class SlotSupervisor:

@@ -15,6 +15,7 @@ from qwen_image_server.protocol.native import (
     GpuMemory,
     InfoResponse,
     ModelInfo,
+    RankInfo,
     SchedulerInfo,
 )
 from qwen_image_server.scheduler import SchedulerConfig, SchedulerStats, SlotState, SlotStats
@@ -78,4 +79,6 @@ def scheduler_info(stats: SchedulerStats, config: SchedulerConfig) -> SchedulerI
 def engine_info(slot: SlotStats) -> EngineInfo:
     return EngineInfo(index=slot.index, state=slot.state.value, busy=slot.state is SlotState.BUSY,
                       gpu=slot.gpu, pid=slot.pid, batches=slot.batches, restarts=slot.restarts,
-                      gpu_memory=GpuMemory(**slot.memory) if slot.memory else None)
+                      gpu_memory=GpuMemory(**slot.memory) if slot.memory else None,
+                      parallel=slot.parallel,
+                      ranks=[RankInfo(rank=r.rank, gpu=r.gpu, pid=r.pid) for r in slot.ranks])

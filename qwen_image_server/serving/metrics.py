@@ -15,6 +15,7 @@ from __future__ import annotations
 
 import logging
 import os
+import threading
 import time
 from collections.abc import Callable, Iterator, Sequence
 from pathlib import Path
@@ -161,6 +162,14 @@ class ServerMetrics:
         self.lora_switches = Counter(
             "qwen_image_lora_switches", "Batches whose LoRAs (names and scales) differ from the previous "
             "batch's on the same engine: the engine changed its active adapters.", ["engine"], registry=r)
+        self.prompt_cache_hits = Counter(
+            "qwen_image_prompt_cache_hits", "Prompts whose embeddings came from the prompt cache, by engine.",
+            ["engine"], registry=r)
+        self.prompt_cache_misses = Counter(
+            "qwen_image_prompt_cache_misses", "Prompts the text encoder ran for, by engine.", ["engine"], registry=r)
+        # The counts each engine reported last (an engine's own restart from zero counts afresh).
+        self._prompt_counts: dict[int, tuple[int, int]] = {}
+        self._prompt_lock = threading.Lock()  # read after each batch and at each scrape
         self.engine_busy = Gauge(
             "qwen_image_engine_busy", "1 while the engine runs a batch.", ["engine", "gpu"],
             multiprocess_mode="livesum", registry=r)
@@ -239,6 +248,23 @@ class ServerMetrics:
             self.engine_busy.labels(*labels).set(1 if slot.state is SlotState.BUSY else 0)
             self.engine_up.labels(*labels).set(1 if slot.state.serving else 0)
 
+    def update_prompt_cache(self) -> None:
+        """Add what each engine's prompt cache counted since the last reading."""
+        if self._scheduler is None:
+            return
+        with self._prompt_lock:
+            for slot in self._scheduler.stats().engines:
+                if slot.prompt_cache is not None:
+                    self._count_prompts(slot.index, slot.prompt_cache.hits, slot.prompt_cache.misses)
+
+    def _count_prompts(self, index: int, hits: int, misses: int) -> None:
+        before = self._prompt_counts.get(index, (0, 0))
+        if hits < before[0] or misses < before[1]:  # a restarted engine counts from zero
+            before = (0, 0)
+        self.prompt_cache_hits.labels(str(index)).inc(hits - before[0])
+        self.prompt_cache_misses.labels(str(index)).inc(misses - before[1])
+        self._prompt_counts[index] = (hits, misses)
+
     def update_gpu_memory(self) -> None:
         if self.device.type != "cuda":
             return
@@ -261,6 +287,7 @@ class ServerMetrics:
         """The exposition (Prometheus text, or OpenMetrics if asked) and its content type."""
         self.update_gpu_memory()
         self.update_engines()
+        self.update_prompt_cache()
         self.update_output_disk()
         registry = self.registry
         if self.multiprocess:
@@ -347,6 +374,7 @@ class SchedulerMetrics:
         self.m.inference.observe(seconds)
         self.m.batch_size.observe(len(batch))
         self.m.update_gpu_memory()
+        self.m.update_prompt_cache()
 
     def rejected(self, error: errors.ServerError) -> None:
         self.m.rejected.labels(error.type).inc()
