@@ -89,6 +89,18 @@ def wait_until(predicate, timeout: float, what: str, interval: float = 0.05) -> 
     raise AssertionError(f"timed out after {timeout}s waiting for {what}")
 
 
+def final_status(url: str, job_id: str, timeout: float = 180) -> dict:
+    """The job's status once it has ended (succeeded, failed or cancelled), read over HTTP."""
+    status: dict = {}
+
+    def ended() -> bool:
+        status.update(httpx.get(f"{url}/v1/jobs/{job_id}", timeout=30).json())
+        return status.get("status") in ("succeeded", "failed", "cancelled")
+
+    wait_until(ended, timeout, f"job {job_id} to end")
+    return status
+
+
 class EngineHook:
     """The test seam into a live server's engine, whatever it is (the tiny model or a fake).
 

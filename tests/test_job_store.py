@@ -15,20 +15,9 @@ import httpx
 import pytest
 from PIL import Image
 
-from tests.conftest import ROOT, LiveServer, tiny_settings, wait_until
+from tests.conftest import ROOT, LiveServer, final_status, tiny_settings, wait_until
 
 FAST = {"num_inference_steps": 2, "add_overlay": False}
-
-
-def final(url: str, job_id: str, timeout: float = 180) -> dict:
-    status: dict = {}
-
-    def ended() -> bool:
-        status.update(httpx.get(f"{url}/v1/jobs/{job_id}", timeout=30).json())
-        return status.get("status") in ("succeeded", "failed", "cancelled")
-
-    wait_until(ended, timeout, f"job {job_id} to end")
-    return status
 
 
 def test_a_killed_server_runs_its_unfinished_jobs_again_and_keeps_its_finished_ones(spawn, tmp_path):
@@ -39,7 +28,7 @@ def test_a_killed_server_runs_its_unfinished_jobs_again_and_keeps_its_finished_o
     first = spawn(cmd=cmd, **env).wait_ready()
 
     before = httpx.post(f"{first.url}/v1/jobs", json={"prompt": "finished before the kill", **FAST}).json()
-    done = final(first.url, before["id"])
+    done = final_status(first.url, before["id"])
     image = httpx.get(f"{first.url}/v1/jobs/{before['id']}/image").content
 
     gate.write_text("")  # every denoising step waits: the first job runs, the others queue
@@ -53,7 +42,7 @@ def test_a_killed_server_runs_its_unfinished_jobs_again_and_keeps_its_finished_o
     gate.unlink()
 
     second = spawn(cmd=cmd, **env).wait_ready()
-    ends = [final(second.url, job_id) for job_id in ids]
+    ends = [final_status(second.url, job_id) for job_id in ids]
     assert [end["status"] for end in ends] == ["succeeded"] * 6
     assert [end["id"] for end in ends] == ids and [end["seed"] for end in ends] == list(range(6))
     for job_id in ids:
@@ -87,11 +76,11 @@ def test_finished_jobs_outlive_the_process_until_their_ttl_then_answer_expired(r
     live = restartable(result_ttl_s=600)
     with live.client() as c:
         ok = c.post("/v1/jobs", json={"prompt": "kept", **FAST}).json()["id"]
-        final(live.url, ok)
+        final_status(live.url, ok)
         png = c.get(f"/v1/jobs/{ok}/image").content
         cancelled = c.post("/v1/jobs", json={"prompt": "cancelled", **FAST, "num_inference_steps": 50}).json()["id"]
         c.delete(f"/v1/jobs/{cancelled}")
-        assert final(live.url, cancelled)["status"] == "cancelled"
+        assert final_status(live.url, cancelled)["status"] == "cancelled"
     live.stop()
 
     again = restartable(result_ttl_s=600)
@@ -109,7 +98,7 @@ def test_finished_jobs_outlive_the_process_until_their_ttl_then_answer_expired(r
     short = restartable(result_ttl_s=1)
     with short.client() as c:
         fresh = c.post("/v1/jobs", json={"prompt": "short-lived", **FAST}).json()["id"]
-        final(short.url, fresh)
+        final_status(short.url, fresh)
         wait_until(lambda: c.get(f"/v1/jobs/{fresh}").status_code == 404, 30, "the job to expire")
         gone = c.get(f"/v1/jobs/{fresh}")
         assert gone.json()["error"]["code"] == "job_expired"  # not "unknown": it existed
@@ -120,7 +109,7 @@ def test_a_memory_store_keeps_no_job_on_disk(restartable, tmp_path):
     live = restartable(store="memory")
     with live.client() as c:
         job_id = c.post("/v1/jobs", json={"prompt": "ephemeral", **FAST}).json()["id"]
-        assert final(live.url, job_id)["status"] == "succeeded"
+        assert final_status(live.url, job_id)["status"] == "succeeded"
     data = tmp_path / "data"
     assert not (data / "jobs.sqlite3").exists() and not (data / "results").exists()
 
@@ -141,5 +130,5 @@ def test_a_job_the_data_folder_cannot_keep_is_refused_with_507_and_not_queued(re
         assert "QWEN_IMAGE_DATA_DIR" in error["message"]
         assert live.scheduler()["queue_length"] == 0 and live.scheduler()["processed"] == 0
         # Jobs without uploads, and requests that wait for their image, are still served.
-        assert final(live.url, c.post("/v1/jobs", json={"prompt": "still served", **FAST}).json()["id"])[
+        assert final_status(live.url, c.post("/v1/jobs", json={"prompt": "still served", **FAST}).json()["id"])[
             "status"] == "succeeded"

@@ -26,6 +26,7 @@ from tests.conftest import (
     ROOT,
     LiveServer,
     ServerProcess,
+    final_status,
     free_port,
     run_cli,
     start_process,
@@ -100,17 +101,6 @@ def receiver() -> Iterator[Receiver]:
     r.close()
 
 
-def final(url: str, job_id: str, timeout: float = 180) -> dict:
-    status: dict = {}
-
-    def ended() -> bool:
-        status.update(httpx.get(f"{url}/v1/jobs/{job_id}", timeout=30).json())
-        return status.get("status") in ("succeeded", "failed", "cancelled")
-
-    wait_until(ended, timeout, f"job {job_id} to end")
-    return status
-
-
 def submit(url: str, prompt: str, **extra) -> str:
     r = httpx.post(f"{url}/v1/jobs", json={"prompt": prompt, **FAST, **extra}, timeout=30)
     assert r.status_code == 202, r.text
@@ -161,7 +151,7 @@ def test_any_server_reads_streams_and_cancels_a_job_another_runs(servers, redis_
 
     receiver.answers.extend([500, 500])  # two servers poll the shared outbox: still one try at a time
     done = submit(a.url, "made on a", webhook_url=receiver.url())
-    assert final(b.url, done)["status"] == "succeeded"  # B reads A's job from the store
+    assert final_status(b.url, done)["status"] == "succeeded"  # B reads A's job from the store
     image = httpx.get(f"{b.url}/v1/jobs/{done}/image")
     assert image.status_code == 200 and image.headers["content-type"] == "image/png"
     assert image.content == httpx.get(f"{a.url}/v1/jobs/{done}/image").content  # kept in Redis, shared
@@ -186,7 +176,7 @@ def test_any_server_reads_streams_and_cancels_a_job_another_runs(servers, redis_
     stream = EventStream(f"{b.url}/v1/jobs/{streamed}/events")  # through B, run by A
     assert stream.first.wait(30) and stream.names() == ["queued"]
     gate_a.unlink()
-    assert final(b.url, running)["status"] == "cancelled"
+    assert final_status(b.url, running)["status"] == "cancelled"
     stream.thread.join(120)
     names = stream.names()
     assert names[0] == "queued" and "started" in names and names.count("step") == 2, names
@@ -210,7 +200,7 @@ def test_a_live_server_adopts_the_jobs_of_a_killed_one_and_runs_each_once(server
 
     os.killpg(a.proc.pid, signal.SIGKILL)  # front and engines, with no chance to clean up
     a.proc.wait(30)
-    ends = [final(b.url, job_id) for job_id in ids]
+    ends = [final_status(b.url, job_id) for job_id in ids]
     assert [end["status"] for end in ends] == ["succeeded"] * 4
     assert [end["id"] for end in ends] == ids and [end["seed"] for end in ends] == list(range(4))
     for job_id in ids:
@@ -236,7 +226,7 @@ def test_a_full_redis_refuses_new_jobs_with_507_and_still_serves_waiting_request
             assert r.status_code == 200 and r.headers["content-type"] == "image/png"
         finally:
             admin.config_set("maxmemory", 0)
-        assert final(live.url, submit(live.url, "room again"))["status"] == "succeeded"
+        assert final_status(live.url, submit(live.url, "room again"))["status"] == "succeeded"
     finally:
         admin.close()
         live.stop()
@@ -259,7 +249,7 @@ def test_with_a_results_url_redis_keeps_the_records_and_the_storage_the_images(r
     admin = redis.Redis.from_url(url)
     try:
         job_id = submit(live.url, "kept in the shared folder")
-        assert final(live.url, job_id)["status"] == "succeeded"
+        assert final_status(live.url, job_id)["status"] == "succeeded"
         image = httpx.get(f"{live.url}/v1/jobs/{job_id}/image", timeout=30)
         assert image.status_code == 200
         assert (shared / "jobs" / job_id).read_bytes() == image.content
