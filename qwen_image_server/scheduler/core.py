@@ -39,8 +39,8 @@ Who does what: `queue.py` is the batching policy (which jobs run next, who may j
 too long), `watchdog.py` the batch deadlines, `dispatch.py` gives idle slots their batches and
 handles an engine that fails under one or hangs, `execute.py` runs one batch and ends its jobs,
 `slots.py` loads, feeds and restarts the engines, `jobs.py` keeps the books (how jobs end, who
-hears it). This module holds the one lock they all work under, the thread that watches the
-deadlines (queued jobs' and running batches'), and the public face: check_room, submit, cancel,
+hears it), `deadlines.py` the thread that watches the deadlines (queued jobs' and running
+batches'). This module holds the one lock they all work under and the public face: check_room, submit, cancel,
 listen, stats, drain and stop.
 """
 
@@ -55,9 +55,10 @@ from contextlib import contextmanager
 from dataclasses import dataclass
 
 from qwen_image_server import errors
-from qwen_image_server.engine.contract import Engine, facts_of
+from qwen_image_server.engine.contract import Engine
 from qwen_image_server.engine.types import GenerationSpec
 from qwen_image_server.job_state import JobEvent, JobState
+from qwen_image_server.scheduler.deadlines import DeadlineReaper
 from qwen_image_server.scheduler.dispatch import Dispatcher, RunState
 from qwen_image_server.scheduler.execute import BatchRunner
 from qwen_image_server.scheduler.jobs import (
@@ -134,7 +135,8 @@ class Scheduler:
         for slot in self._slots:
             name = "qwen-image-engine" if len(self._slots) == 1 else f"qwen-image-engine-{slot.index}"
             slot.thread = threading.Thread(target=self._supervisor.serve, args=(slot,), name=name, daemon=True)
-        self._reaper = threading.Thread(target=self._reap, name="qwen-image-deadlines", daemon=True)
+        self._reaper = DeadlineReaper(self._cond, self._queue, dispatcher, self._slots, self._state, self._book,
+                                      clock, config.queue_timeout_s, announce=self._announce_positions)
 
     # -- lifecycle --------------------------------------------------------------------------
 
@@ -254,7 +256,7 @@ class Scheduler:
         beforehand (`new_job_id`); `readmit` queues jobs accepted before a restart whatever the
         queue's room (they were admitted once already).
         """
-        with self._refusals_observed():
+        with refusals_observed(self._book):
             jobs = self._enqueue(specs, request_id, owner, ids, readmit)
         for job in jobs:
             self._book.emit(job, JobEvent.QUEUED)
@@ -266,18 +268,8 @@ class Scheduler:
         whole queue), counted as a rejection the same way. Reserves nothing: a request checks this
         before its costly preparation (decoding uploads, tokenizing), and `submit_many` still
         decides when it queues."""
-        with self._refusals_observed(), self._cond:
+        with refusals_observed(self._book), self._cond:
             self._admit_locked(count)
-
-    @contextmanager
-    def _refusals_observed(self) -> Iterator[None]:
-        """Tell the observer (metrics) about a QueueFull or ShuttingDown raised inside."""
-        try:
-            yield
-        except (errors.QueueFull, errors.ShuttingDown) as exc:
-            refusal = exc  # `exc` itself is unbound when the except block ends
-            self._book.observe(lambda o: o.rejected(refusal))
-            raise
 
     def _admit_locked(self, count: int, room: bool = True) -> None:
         """Raise unless `count` more jobs may be queued now (the lock held); `room`: whether the
@@ -364,16 +356,8 @@ class Scheduler:
                 batches=c["batches"],
                 mean_inference_time=self._book.mean_inference_time_locked(),
                 mean_job_time=self._book.mean_job_time_locked(),
-                engines=tuple(self._slot_stats_locked(slot) for slot in self._slots),
+                engines=tuple(slot.stats_locked() for slot in self._slots),
             )
-
-    def _slot_stats_locked(self, slot: EngineSlot) -> SlotStats:
-        facts = facts_of(slot.engine)
-        return SlotStats(index=slot.index, state=slot.state, gpu=facts.gpu, pid=facts.pid,
-                         running_batch_size=len(slot.running), batches=slot.batches,
-                         restarts=slot.restarts, memory=facts.memory, prompt_cache=facts.prompt_cache,
-                         ranks=facts.ranks, parallel=facts.parallel,
-                         batch_deadline_s=None if slot.watch is None else slot.watch.allowance_s)
 
     def retry_after(self) -> int:
         """Seconds until a slot is likely free, from recent job times and the work ahead."""
@@ -396,37 +380,19 @@ class Scheduler:
         if self._on_fatal is not None:
             self._on_fatal(exc)
 
-    # -- deadlines --------------------------------------------------------------------------
-
-    def _reap(self) -> None:
-        """The deadline thread: fail queued jobs that waited too long, and hand running batches
-        past their deadline to the watchdog (`Dispatcher.engine_hung`)."""
-        with self._cond:
-            while not self._state.stopping and self._state.dead is None:
-                now = self._clock()
-                expired = self._queue.expired(now)
-                hung = self._dispatcher.overdue_locked(self._slots, now)
-                if expired or hung:
-                    self._book.counts["timed_out"] += len(expired)
-                    self._cond.notify_all()
-                    self._cond.release()
-                    try:
-                        for job in expired:
-                            self._book.finish_error(job, errors.QueueTimeout(
-                                f"The job waited more than {self.config.queue_timeout_s:g} s in the queue."))
-                        if expired:
-                            self._announce_positions()
-                        for slot in hung:
-                            self._dispatcher.engine_hung(slot)
-                    finally:
-                        self._cond.acquire()
-                    continue
-                deadlines = [d for d in (self._queue.nearest_deadline(),
-                                         self._dispatcher.next_deadline_locked(self._slots)) if d is not None]
-                self._cond.wait(max(0.0, min(deadlines) - self._clock()) if deadlines else None)
-
     def _announce_positions(self) -> None:
         """Tell every waiting job's listeners that the queue moved ("queued" with a new position)."""
         with self._cond:
             waiting = self._queue.with_listeners()
         self._book.announce(waiting)
+
+
+@contextmanager
+def refusals_observed(book: JobBook) -> Iterator[None]:
+    """Tell the observer (metrics) about a QueueFull or ShuttingDown raised inside."""
+    try:
+        yield
+    except (errors.QueueFull, errors.ShuttingDown) as exc:
+        refusal = exc  # `exc` itself is unbound when the except block ends
+        book.observe(lambda o: o.rejected(refusal))
+        raise

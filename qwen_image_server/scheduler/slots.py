@@ -18,7 +18,7 @@ from dataclasses import dataclass, field
 from enum import Enum
 
 from qwen_image_server import errors
-from qwen_image_server.engine.contract import Engine, RankFacts, Supervised
+from qwen_image_server.engine.contract import Engine, RankFacts, Supervised, facts_of
 from qwen_image_server.engine.prompt_cache import PromptCacheStats
 from qwen_image_server.scheduler.jobs import Job
 from qwen_image_server.scheduler.watchdog import BatchWatch
@@ -86,6 +86,15 @@ class EngineSlot:
         if self.state is not SlotState.RESTARTING:
             return None
         return "a hung batch" if self.hung else "an engine crash"
+
+    def stats_locked(self) -> SlotStats:
+        """Its numbers for /info and /metrics (the scheduler's lock held)."""
+        facts = facts_of(self.engine)
+        return SlotStats(index=self.index, state=self.state, gpu=facts.gpu, pid=facts.pid,
+                         running_batch_size=len(self.running), batches=self.batches,
+                         restarts=self.restarts, memory=facts.memory, prompt_cache=facts.prompt_cache,
+                         ranks=facts.ranks, parallel=facts.parallel,
+                         batch_deadline_s=None if self.watch is None else self.watch.allowance_s)
 
 
 @dataclass(frozen=True, slots=True)
