@@ -415,7 +415,18 @@ def test_fp8_size_estimate_counts_what_fp8_really_quantizes():
 
 # -- 4: the OOM retry frees the failed batch's memory first -------------------------------------
 
-class AllocatingPipeline:
+class StandInEncoder:
+    """What the engine's prompt cache asks of a pipeline: its text encoder (no LoRA on it) and
+    one prompt's embeddings."""
+
+    text_encoder = None
+    _execution_device = "cpu"
+
+    def _get_qwen_prompt_embeds(self, prompts, device):
+        return torch.zeros(len(prompts), 3, 8), torch.ones(len(prompts), 3, dtype=torch.long)
+
+
+class AllocatingPipeline(StandInEncoder):
     """A pipeline whose calls hold activations (a tensor in the call's frame) and run out of
     memory for batches over one image: what the real engine's error path and the scheduler's
     retry get from a device that is full."""
@@ -429,9 +440,10 @@ class AllocatingPipeline:
     def set_progress_bar_config(self, **kwargs) -> None:
         pass
 
-    def __call__(self, prompt, width, height, **kwargs):
+    def __call__(self, prompt_embeds, width, height, **kwargs):
         from PIL import Image
 
+        prompt = list(prompt_embeds)  # one row per image
         self.earlier_alive.append(any(ref() is not None for ref in self.activations))
         self.batches.append(len(prompt))
         activations = torch.empty(1_000_000)  # the call's device tensors
@@ -460,7 +472,7 @@ def test_out_of_memory_retry_frees_the_failed_batch_before_retrying():
 
 # -- 10: cuBLAS errors that are not fatal -------------------------------------------------------
 
-class RaisingPipeline:
+class RaisingPipeline(StandInEncoder):
     def __init__(self, error: BaseException) -> None:
         self.error = error
         self.scheduler = type("Scheduler", (), {"config": {}})()
@@ -475,7 +487,7 @@ class RaisingPipeline:
 def pipeline_engine(pipeline: object) -> PipelineEngine:
     """The real PipelineEngine over a stand-in pipeline, as a GPU model."""
     model = type("Model", (), {"pipeline": pipeline, "max_prompt_tokens": 1024,
-                               "device": GPU, "task": "generate",
+                               "device": GPU, "task": "generate", "controlnet": None,
                                "options": type("Options", (), {"cache": "none", "offload": "none",
                                                                "attention": "native"})()})()
     return PipelineEngine(model)  # type: ignore[arg-type]
