@@ -15,6 +15,7 @@ Without a GPU (or with --smoke) it runs the embedded tiny model on the CPU, so C
     .venv/bin/python bench/gpu.py --append               # continue a run the time budget cut short
     .venv/bin/python bench/gpu.py --configs baseline,compile+fp8 --sizes 1024x1024 --measure-steps 50
     .venv/bin/python bench/gpu.py --smoke                # CPU, tiny models, about half a minute
+    .venv/bin/python bench/gpu.py --plan speed-table     # the speed table and its goals (docs/benchmarks.md)
 
 Sections: speed (per-step and end-to-end time per configuration and size), batch (throughput
 of batches on the first configuration), memory (peak GPU memory of offload and quantization
@@ -23,7 +24,14 @@ the raw engine call), edit (Qwen-Image-Edit-2509 / -2511 on the first configurat
 random components in a QwenImageEditPlusPipeline, one and three input images, 1024x1024, 40 and
 50 steps; with --smoke the embedded tiny edit model). It prints one markdown table and writes
 the rows as JSON. preview (on the first configuration, 1024x1024): what a latent and a full preview
-at every step cost, each against a step.
+at every step cost, each against a step. attention (on the first configuration): every diffusers
+attention backend of --attention-backends, or a row saying why it cannot run here.
+
+--plan speed-table runs the rows of docs/benchmarks.md's "The GPU speed table" (1024x1024, cfg 4,
+50 steps: baseline, compile, fp8, compile+fp8, compile+fp8+cache; the attention backends; the
+server against the raw engine with the prompt cache), prints that table with the goals met or
+missed and the two-GPU estimates, and writes it as Markdown beside the JSON. Every run prints the
+two-GPU estimate (CFG-parallel, Ulysses) from the measured step time.
 """
 
 from __future__ import annotations
@@ -172,7 +180,7 @@ NOT_CARRIED: dict[str, str] = {
     "_flash_3": "FlashAttention 3 has no PyPI wheel (built from flash-attention's hopper/ sources)",
     "_flash_varlen_3": "FlashAttention 3 has no PyPI wheel (built from flash-attention's hopper/ sources)",
     "sage": "diffusers needs sageattention>=2.1.1, which PyPI has as source only (its wheel is 1.0.6)",
-    "xformers": "carry xformers==0.0.35 (a 3 MB wheel for torch>=2.10) in .whl",
+    "xformers": "carry xformers==0.0.35 in .whl (a 3 MB wheel; its CUDA extension is built for torch 2.10)",
 }
 HUB_NOTE = "the kernels package downloads the kernel from the Hugging Face Hub at first use: no network, no kernel"
 
@@ -1704,7 +1712,9 @@ def parse_args(argv: Sequence[str] | None) -> argparse.Namespace:
                     "edit_warmup": True, "lora_size": (1024, 1024),
                     "preview_size": (1024, 1024), "preview_steps": 6, "preview_rounds": 2,
                     "attention_size": (1024, 1024)}
-    defaults |= {"sections": list(SECTIONS), "attention_backends": list(ATTENTION_BACKENDS)}
+    # The smoke run leaves the attention backends to --plan speed-table --smoke, which has them.
+    sections = [s for s in SECTIONS if not (args.smoke and s == "attention")]
+    defaults |= {"sections": sections, "attention_backends": list(ATTENTION_BACKENDS)}
     for name, value in defaults.items():
         if getattr(args, name) is None:
             setattr(args, name, value)
