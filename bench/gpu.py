@@ -1521,7 +1521,8 @@ def speed_table(doc: dict[str, Any]) -> tuple[str, dict[str, Any]]:
     if "http" in args["sections"]:
         http = next((r for r in rows if r["section"] == "http"), None)
         if http is not None and not http.get("error"):
-            lines.append(f"| http | {first}, prompt cache on | – | {_num(http['e2e_s'])} | | – | – | {http['note']} |")
+            lines.append(f"| http | {first}, prompt cache on, {http['steps']} steps | – | {_num(http['e2e_s'])} "
+                         f"| | – | – | {http['note']} |")
             facts["rows"].append({"row": "http", "config": first, "e2e_s": http["e2e_s"], "raw_s": http["raw_s"],
                                   "ratio": http["ratio"], "prompt_cache_saved_s": http.get("prompt_cache_saved_s")})
         else:
