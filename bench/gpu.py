@@ -15,6 +15,7 @@ Without a GPU (or with --smoke) it runs the embedded tiny model on the CPU, so C
     .venv/bin/python bench/gpu.py --append               # continue a run the time budget cut short
     .venv/bin/python bench/gpu.py --configs baseline,compile+fp8 --sizes 1024x1024 --measure-steps 50
     .venv/bin/python bench/gpu.py --smoke                # CPU, tiny models, about half a minute
+    .venv/bin/python bench/gpu.py --plan speed-table     # the speed table and its goals (docs/benchmarks.md)
 
 Sections: speed (per-step and end-to-end time per configuration and size), batch (throughput
 of batches on the first configuration), memory (peak GPU memory of offload and quantization
@@ -23,7 +24,14 @@ the raw engine call), edit (Qwen-Image-Edit-2509 / -2511 on the first configurat
 random components in a QwenImageEditPlusPipeline, one and three input images, 1024x1024, 40 and
 50 steps; with --smoke the embedded tiny edit model). It prints one markdown table and writes
 the rows as JSON. preview (on the first configuration, 1024x1024): what a latent and a full preview
-at every step cost, each against a step.
+at every step cost, each against a step. attention (on the first configuration): every diffusers
+attention backend of --attention-backends, or a row saying why it cannot run here.
+
+--plan speed-table runs the rows of docs/benchmarks.md's "The GPU speed table" (1024x1024, cfg 4,
+50 steps: baseline, compile, fp8, compile+fp8, compile+fp8+cache; the attention backends; the
+server against the raw engine with the prompt cache), prints that table with the goals met or
+missed and the two-GPU estimates, and writes it as Markdown beside the JSON. Every run prints the
+two-GPU estimate (CFG-parallel, Ulysses) from the measured step time.
 """
 
 from __future__ import annotations
@@ -156,7 +164,36 @@ DEFAULT_CONFIGS = ("baseline", "compile", "fp8", "compile+fp8", "compile+fp8+all
 DEFAULT_MEMORY_CONFIGS = ("int8", "fp8+qte", "offload-model", "offload-model+fp8",
                           "offload-model+fp8+all+qte", "offload-sequential")
 SMOKE_CONFIGS = ("baseline", "int8", "fp8", "cache")
-SECTIONS = ("speed", "batch", "memory", "http", "edit", "preview", "lora")
+SECTIONS = ("speed", "batch", "memory", "http", "edit", "preview", "lora", "attention")
+
+# diffusers 0.42.1 attention backends an NVIDIA GPU could run (the `attention` section, on the
+# first configuration). Those PyTorch provides (native = SDPA's own choice, the forced _native_*
+# kernels, flex) need nothing; the others need a package, and a machine without it gets a row
+# saying which and why (NOT_CARRIED).
+ATTENTION_BACKENDS = ("native", "_native_flash", "_native_cudnn", "_native_efficient", "xformers",
+                      "flex", "sage", "flash", "_flash_3", "_flash_3_hub", "flash_hub")
+# Why a backend's package cannot be carried to a GPU machine that reaches no network (wheels
+# travel with the run; docs/benchmarks.md, "The GPU speed table").
+NOT_CARRIED: dict[str, str] = {
+    "flash": "flash-attn has no wheel on PyPI (source only, an hour-long CUDA build)",
+    "flash_varlen": "flash-attn has no wheel on PyPI (source only, an hour-long CUDA build)",
+    "_flash_3": "FlashAttention 3 has no PyPI wheel (built from flash-attention's hopper/ sources)",
+    "_flash_varlen_3": "FlashAttention 3 has no PyPI wheel (built from flash-attention's hopper/ sources)",
+    "sage": "diffusers needs sageattention>=2.1.1, which PyPI has as source only (its wheel is 1.0.6)",
+    "xformers": "carry xformers==0.0.35 in .whl (a 3 MB wheel; its CUDA extension is built for torch 2.10)",
+}
+HUB_NOTE = "the kernels package downloads the kernel from the Hugging Face Hub at first use: no network, no kernel"
+
+# The speed table (--plan speed-table): its configurations in table order, and the order they
+# run in: the rows the goals are about first, so a run cut by its time limit has them.
+SPEED_TABLE_CONFIGS = ("baseline", "compile", "fp8", "compile+fp8", "compile+fp8+cache")
+SPEED_TABLE_RUN_ORDER = ("baseline", "compile+fp8", "compile+fp8+cache", "fp8", "compile")
+SPEED_TABLE_SECTIONS = ("speed", "attention", "http")
+# End-to-end seconds of one 1024x1024, 50-step, cfg 4 image on one GPU.
+SPEED_GOALS: dict[str, tuple[float, str]] = {
+    "compile+fp8": (8.0, "fp8 + compile, no step caching"),
+    "compile+fp8+cache": (4.5, "fp8 + compile + step caching"),
+}
 
 # Edits: Qwen-Image-Edit-2509 and -2511 have Qwen-Image's transformer, text encoder and VAE
 # (2511's zero_cond_t adds no parameters and no work), so the edit rows run the same random
@@ -549,18 +586,32 @@ class Benchmark:
         return self.args.budget_s is not None and self.elapsed() > self.args.budget_s
 
     def done_before(self, section: str, config: BenchConfig, width: int, height: int, batch: int) -> bool:
-        """With --append: a unit whose rows are already in the JSON, all without error, is not rerun."""
+        """With --append: a unit whose rows are already in the JSON, all without error, is not rerun.
+        The attention unit is done when every backend has a row that is not a budget cut (a
+        backend whose package is missing would only be refused again)."""
+        if section == "attention":
+            return all(self.previous_attention(config, width, height, backend) is not None
+                       for backend in self.args.attention_backends)
         key = {"section": section, "config": config.name, "size": size_label(width, height),
                **self.unit_count(section, batch)}
         rows = [r for r in self.previous if all(r.get(k) == v for k, v in key.items())]
         return bool(rows) and not any(r.get("error") for r in rows)
+
+    def previous_attention(self, config: BenchConfig, width: int, height: int, backend: str) -> dict[str, Any] | None:
+        """With --append: this backend's row from the earlier run, unless the budget cut it."""
+        for row in self.previous:
+            if (row["section"] == "attention" and row["config"] == config.name and row.get("backend") == backend
+                    and row["size"] == size_label(width, height)
+                    and not str(row.get("error", "")).startswith("not run")):
+                return row
+        return None
 
     def add(self, row: dict[str, Any]) -> None:
         self.rows.append(row)
         self.save()  # after every row: a run stopped by a time limit keeps what it measured
 
     def merged_rows(self) -> list[dict[str, Any]]:
-        keys = ("section", "config", "size", "batch", "images", "steps")
+        keys = ("section", "config", "size", "batch", "images", "steps", "backend")
         fresh = {tuple(r.get(k) for k in keys) for r in self.rows}
         return [r for r in self.previous if tuple(r.get(k) for k in keys) not in fresh] + self.rows
 
@@ -756,9 +807,11 @@ class Benchmark:
                     note.append(f"{run.cache_note} (random weights: not the real hit rate)")
                 if lightning:
                     note.append("Lightning emulated: its steps, no CFG; a fused LoRA adds no per-step cost")
+                server_warmup = self.configs_applied.get(config.name, {}).get(
+                    "server_warmup_s_by_size", {}).get(size_label(width, height))
                 self.add(self.row("speed", config, width, height, 1, steps, cfg,
                                   **self.values(run, steps, measured), warmup_s=round(warmup_s, 2),
-                                  note="; ".join(note)))
+                                  server_warmup_s=server_warmup, note="; ".join(note)))
 
     def edit(self, prepared: Prepared, config: BenchConfig, width: int, height: int, images: int) -> None:
         """Per-step and end-to-end time of one edit of `images` input images at each --edit-steps
@@ -907,35 +960,103 @@ class Benchmark:
 
     def http(self, engine: PipelineEngine, config: BenchConfig, width: int, height: int) -> None:
         """One request through the real app (uvicorn, scheduler thread, overlay/PNG, HTTP) vs the
-        same spec through the raw engine; medians of interleaved repeats after a warm-up."""
+        same spec through the raw engine, both with the server's prompt cache
+        (QWEN_IMAGE_PROMPT_CACHE_MB, as a server makes it: engine/models.py); and the raw engine
+        without the cache, which is what the cache saves (the text encoder's time). Medians of
+        interleaved repeats after a warm-up."""
         import httpx
 
+        from qwen_image_server.config.presets import DEFAULT_NEGATIVE_PROMPT
+        from qwen_image_server.engine.prompt_cache import PromptCache
+
+        cache_mb = Settings(_env_file=None, **self.settings_base).prompt_cache_mb
+        cached = PipelineEngine(engine.model, engine.adapters,
+                                PromptCache(int(cache_mb * 2**20), pinned=[DEFAULT_NEGATIVE_PROMPT]))
         steps = self.args.measure_steps
         body, route, spec = http_request(width, height, steps)
-        raws: list[float] = []
-        https: list[float] = []
-        with serve(engine, self.settings_base) as url, httpx.Client(base_url=url, timeout=3600) as client:
+        times: dict[str, list[float]] = {"raw": [], "uncached": [], "http": []}
+        with serve(cached, self.settings_base) as url, httpx.Client(base_url=url, timeout=3600) as client:
             def over_http() -> float:
                 begin = time.perf_counter()
                 client.post(route, json=body).raise_for_status()
                 return time.perf_counter() - begin
 
-            def raw() -> float:
+            def raw(through: PipelineEngine) -> float:
                 begin = time.perf_counter()
-                engine.run_batch([spec], lambda event: None)
+                through.run_batch([spec], lambda event: None)
                 _sync(self.device)
                 return time.perf_counter() - begin
 
-            over_http()  # warm-up: the first request through every layer
-            for _ in range(self.args.http_repeats):  # interleaved, so drift affects both alike
-                raws.append(raw())
-                https.append(over_http())
-        raw_s, http_s = statistics.median(raws), statistics.median(https)
+            over_http()  # warm-up: the first request through every layer; it fills the cache
+            for _ in range(self.args.http_repeats):  # interleaved, so drift affects all alike
+                times["raw"].append(raw(cached))
+                times["uncached"].append(raw(engine))
+                times["http"].append(over_http())
+        raw_s, uncached_s, http_s = (statistics.median(times[k]) for k in ("raw", "uncached", "http"))
+        stats = cached.prompts.stats()
         self.add(self.row("http", config, width, height, 1, steps, CFG_SCALE, e2e_s=round(http_s, 3),
                           e2e_measured=True, raw_s=round(raw_s, 3), overhead_s=round(http_s - raw_s, 4),
-                          ratio=round(http_s / raw_s, 4),
-                          note=f"POST {route} vs raw run_batch {raw_s:.3f} s: "
-                               f"+{1000 * (http_s - raw_s):.0f} ms, ratio {http_s / raw_s:.3f}"))
+                          ratio=round(http_s / raw_s, 4), raw_uncached_s=round(uncached_s, 3),
+                          prompt_cache_mb=cache_mb, prompt_cache_saved_s=round(uncached_s - raw_s, 3),
+                          prompt_cache_hits=stats.hits, prompt_cache_misses=stats.misses,
+                          note=f"POST {route} vs raw run_batch {raw_s:.3f} s, both with the prompt cache "
+                               f"({cache_mb:g} MiB; {stats.hits} hits, {stats.misses} misses): "
+                               f"+{1000 * (http_s - raw_s):.0f} ms, ratio {http_s / raw_s:.3f}; the cache "
+                               f"saves {1000 * (uncached_s - raw_s):.0f} ms per image (raw without it "
+                               f"{uncached_s:.3f} s)"))
+
+    def attention(self, engine: PipelineEngine, config: BenchConfig, width: int, height: int) -> None:
+        """One row per --attention-backends backend on this configuration's pipeline: the
+        server's own check of the backend (QWEN_IMAGE_ATTENTION; a missing package is a row saying
+        which and why), then a warm call and a timed --measure-steps run with the backend set,
+        the end-to-end time derived at the largest --steps value. The configuration's own
+        backend is put back afterwards."""
+        from qwen_image_server.engine.options import OptionUnavailable, check_options
+
+        transformer = engine.pipeline.transformer
+        own = config.settings_overrides["attention"]
+        measure, steps = self.args.measure_steps, max(self.args.steps)
+        try:
+            for backend in self.args.attention_backends:
+                if (previous := self.previous_attention(config, width, height, backend)) is not None:
+                    log.info("attention %s: kept from %s", backend, self.args.out)
+                    self.add(previous)
+                    continue
+                fields = {"backend": backend}
+                if self.out_of_budget():
+                    self.add(self.row("attention", config, width, height, 1, steps, CFG_SCALE, **fields,
+                                      error=f"not run: time budget ({self.args.budget_s:.0f} s) spent; "
+                                            "rerun with --append"))
+                    continue
+                try:
+                    check_options(settings_for(parse_config(f"{config.name}+attn-{backend}", self.args.cache_options),
+                                               self.settings_base), self.device)
+                except OptionUnavailable as exc:
+                    why = NOT_CARRIED.get(backend, HUB_NOTE if backend.endswith("_hub") else None)
+                    self.add(self.row("attention", config, width, height, 1, steps, CFG_SCALE, **fields,
+                                      skipped=True, error=f"{exc}" + (f" [{why}]" if why else "")))
+                    continue
+                try:
+                    transformer.set_attention_backend(backend)
+                    warmup_s = self.warm(engine, width, height, 1, CFG_SCALE)
+                    run = timed_run(engine, self.device, specs_for(width, height, measure, 1, CFG_SCALE))
+                except Exception as exc:  # noqa: BLE001 - a kernel that cannot run these shapes
+                    log.warning("attention %s failed: %s", backend, _first_line(exc))
+                    self.add(self.row("attention", config, width, height, 1, steps, CFG_SCALE, **fields,
+                                      error=_first_line(exc)))
+                    del exc
+                    self._collect_cuda()
+                    continue
+                self.add(self.row("attention", config, width, height, 1, steps, CFG_SCALE, **fields,
+                                  **self.values(run, steps, steps == measure), warmup_s=round(warmup_s, 2),
+                                  note=f"QWEN_IMAGE_ATTENTION={backend} on {config.name}"))
+        finally:
+            transformer.set_attention_backend(own)
+
+    def _collect_cuda(self) -> None:
+        if self.device.type == "cuda":
+            gc.collect()
+            torch.cuda.empty_cache()
 
     # -- driver ---------------------------------------------------------------------------------
 
@@ -963,6 +1084,8 @@ class Benchmark:
                 self.lora(engine, config, width, height)
             elif section == "preview":
                 self.preview(engine, config, width, height)
+            elif section == "attention":
+                self.attention(engine, config, width, height)
             else:
                 self.http(engine, config, width, height)
         except Exception as exc:  # noqa: BLE001 - one failing unit must not lose the others
@@ -999,17 +1122,22 @@ class Benchmark:
                 continue
             wanted[(width, height)] = max(wanted.get((width, height), 1), batch if section == "batch" else 1)
         start = time.perf_counter()
+        applied = self.configs_applied.setdefault(config.name, {})
+        by_size = applied.setdefault("server_warmup_s_by_size", {})
         for (width, height), batch in wanted.items():
             if prepared.warmed.get((width, height), 0) >= batch:
                 continue
+            size_start = time.perf_counter()
             try:
                 engine.warm_up_size(width, height, self.args.warmup_steps, max_batch_size=batch)
             except Exception as exc:  # noqa: BLE001 - the unit itself will fail and say why
                 log.warning("%s: warm-up of %dx%d failed: %s", config.name, width, height, _first_line(exc))
                 continue
+            # What a server with QWEN_IMAGE_COMPILE spends on this size before /ready turns 200.
+            by_size[size_label(width, height)] = round(time.perf_counter() - size_start, 1)
             prepared.warmed[(width, height)] = batch
         seconds = time.perf_counter() - start
-        self.configs_applied.setdefault(config.name, {})["server_warmup_s"] = round(seconds, 1)
+        applied["server_warmup_s"] = round(seconds, 1)
         log.info("%s: server warm-up of %d sizes in %.1fs", config.name, len(wanted), seconds)
 
     def plan(self) -> list[tuple[BenchConfig, list[tuple[str, int, int, int]]]]:
@@ -1028,6 +1156,8 @@ class Benchmark:
                     units += [("edit", *args.edit_size, n) for n in args.edit_images]
                 if "preview" in args.sections:
                     units.append(("preview", *args.preview_size, 1))
+                if "attention" in args.sections:  # every backend on this configuration's pipeline
+                    units.append(("attention", *args.attention_size, 1))
                 if "lora" in args.sections:  # last: the speed rows above run without adapters
                     units.append(("lora", *args.lora_size, 1))
             plan.append((config, units))
@@ -1250,11 +1380,195 @@ def edit_headline(rows: Sequence[dict[str, Any]], size: str) -> str | None:
     return line
 
 
+# -- two GPUs, estimated from one ---------------------------------------------------------------
+
+# Effective bandwidth of one collective between two GPUs, and the fixed cost of each call.
+# NVLink 4 (H100 / H200 SXM) is 450 GB/s each way; all-to-all and all-gather reach less.
+LINKS: dict[str, tuple[float, float]] = {"NVLink": (300e9, 15e-6), "PCIe Gen4": (25e9, 30e-6)}
+
+
+def parallel_estimates(step_s: float, fixed_s: float, width: int, height: int, steps: int, cfg: float,
+                       layers: int = QWEN_IMAGE_TRANSFORMER["num_layers"],
+                       inner_dim: int = QWEN_IMAGE_TRANSFORMER["num_attention_heads"]
+                       * QWEN_IMAGE_TRANSFORMER["attention_head_dim"]) -> list[dict[str, Any]]:
+    """One image on two GPUs, from one GPU's measured step (both CFG passes) and fixed time
+    (text encoder, VAE decode: not split), by the bytes each mode's collectives move per step.
+
+    CFG-parallel: each GPU runs one of the two passes; one all-gather of the noise prediction
+    per step (image tokens x 64 channels, bf16). Ulysses over 2: each GPU runs half the tokens of
+    every pass; each block exchanges query, key, value and output by all-to-all, each GPU sending
+    (U-1)/U^2 of each full tensor (tokens x inner_dim, bf16). Image tokens only (the prompt's ~100
+    tokens add ~2%). Not measured: docs/multi-gpu.md lists the published speed-ups to compare.
+    """
+    tokens = (width // 16) * (height // 16)  # VAE /8, then 2x2 patches
+    passes = 2 if cfg > 1 else 1
+    one_gpu = fixed_s + steps * step_s
+    estimates = []
+    for mode in ("cfg", "ulysses"):
+        if mode == "cfg" and passes == 1:
+            continue  # without CFG both GPUs compute the one pass: one-GPU speed
+        for link, (bandwidth, latency) in LINKS.items():
+            if mode == "cfg":
+                sent = tokens * 64 * 2
+                comm = sent / bandwidth + latency
+            else:
+                calls = layers * passes * 4
+                sent = calls * tokens * inner_dim * 2 * (2 - 1) // 2**2
+                comm = sent / bandwidth + calls * latency
+            step = step_s / 2 + comm
+            e2e = fixed_s + steps * step
+            estimates.append({"mode": mode, "gpus": 2, "link": link, "step_s": round(step, 4),
+                              "e2e_s": round(e2e, 3), "speedup": round(one_gpu / e2e, 2),
+                              "mib_per_step": round(sent / 2**20, 2), "comm_s_per_step": round(comm, 5)})
+    return estimates
+
+
+def parallel_lines(rows: Sequence[dict[str, Any]], size: str = "1024x1024", steps: int = 50) -> list[str]:
+    """'2 GPUs (estimate) from <config>: ...' for the baseline and the fastest near-lossless
+    configuration measured at `size` and `steps` (step caching does not combine with several
+    GPUs)."""
+    speed = [r for r in rows if r["section"] == "speed" and r["size"] == size and r["steps"] == steps
+             and r["cfg"] > 1.0 and not r.get("error") and r.get("step_s")
+             and "cache" not in r["config"].split("+")]
+    picks = [r for r in speed if r["config"] == "baseline"]
+    if speed:
+        best = min(speed, key=lambda r: r["e2e_s"])
+        if best not in picks:
+            picks.append(best)
+    lines = []
+    for row in picks:
+        width, height = parse_size(size)
+        parts = [f"{e['mode']} over {e['link']} {e['e2e_s']:.2f} s ({e['speedup']:.2f}x, "
+                 f"{e['mib_per_step']:g} MiB per step)"
+                 for e in parallel_estimates(row["step_s"], row["fixed_s"], width, height, steps, row["cfg"])]
+        lines.append(f"2 GPUs (estimate) from {row['config']}, one GPU {row['e2e_s']:.2f} s: " + "; ".join(parts))
+    return lines
+
+
+# -- the speed table (--plan speed-table) -----------------------------------------------------
+
+
+def _goal_verdict(value: float | None, goal: float) -> str:
+    if value is None:
+        return "not measured"
+    return "met" if value <= goal else "missed"
+
+
+def speed_table(doc: dict[str, Any]) -> tuple[str, dict[str, Any]]:
+    """The speed table of a --plan speed-table run (a JSON document, possibly cut short): every
+    planned row, measured or saying why not, then the goals met or missed. Returns the Markdown
+    and the same facts as a dict (the JSON's `speed_table`)."""
+    args, rows = doc["args"], doc["rows"]
+    steps = max(args["steps"])
+    size = size_label(*args["sizes"][0])
+    cut = "not measured: the run ended before this row (time limit); run the same command again (it appends)"
+    by_config = {r["config"]: r for r in rows if r["section"] == "speed" and r["size"] == size and r["steps"] == steps}
+    applied = doc.get("configs", {})
+    configs = [c for c in SPEED_TABLE_CONFIGS if c in args["configs"]] + [
+        c for c in args["configs"] if c not in SPEED_TABLE_CONFIGS]
+    baseline = by_config.get("baseline")
+    header = "| row | configuration | s/step | e2e s | vs baseline | warm-up s | recompiles after warm-up | note |"
+    lines = [f"Qwen-Image {size}, cfg {CFG_SCALE:g}, {steps} steps on {doc['device']} ({doc['model']}); "
+             f"torch {doc['torch']}, diffusers {doc['diffusers']}", "", header, "|" + "---|" * (header.count("|") - 1)]
+    facts: dict[str, Any] = {"size": size, "steps": steps, "rows": []}
+
+    def versus(row: dict[str, Any] | None) -> str:
+        if not row or not baseline or baseline.get("error") or row.get("error") or not row.get("e2e_s"):
+            return ""
+        return f"{baseline['e2e_s'] / row['e2e_s']:.2f}x"
+
+    def line(kind: str, name: str, row: dict[str, Any] | None, warmup: Any = None, note: str = "") -> None:
+        if row is None:
+            lines.append(f"| {kind} | {name} | – | – | | – | – | {cut} |")
+            facts["rows"].append({"row": kind, "config": name, "error": cut})
+            return
+        if row.get("error"):
+            lines.append(f"| {kind} | {name} | – | – | | – | – | {row['error']} |")
+            facts["rows"].append({"row": kind, "config": name, "error": row["error"]})
+            return
+        source = "" if row.get("e2e_measured") else f" (from a {row.get('timed_steps')}-step run)"
+        recompiles = row.get("recompiles")
+        lines.append(f"| {kind} | {name} | {_num(row.get('step_s'), 3)} | {_num(row.get('e2e_s'))}{source} | "
+                     f"{versus(row)} | {_num(warmup, 1) if warmup is not None else '–'} | "
+                     f"{'–' if recompiles is None else recompiles} | {note or row.get('note', '')} |")
+        facts["rows"].append({"row": kind, "config": name, "step_s": row.get("step_s"), "e2e_s": row.get("e2e_s"),
+                              "warmup_s": warmup, "recompiles": recompiles})
+
+    for config in configs:
+        row = by_config.get(config)
+        warmup = (row or {}).get("server_warmup_s")
+        if warmup is None:
+            warmup = applied.get(config, {}).get("server_warmup_s_by_size", {}).get(size)
+        line("speed", config, row, warmup, (row or {}).get("note", "") + (
+            f"; built in {applied[config]['build_s']:.0f} s" if row and applied.get(config, {}).get("build_s") else ""))
+
+    first = args["configs"][0]
+    attention = {r.get("backend"): r for r in rows if r["section"] == "attention"}
+    cut_unit = next((r for r in rows if r["section"] == "attention" and not r.get("backend")), None)
+    if "attention" in args["sections"]:
+        for backend in args["attention_backends"]:
+            row = attention.get(backend, cut_unit)
+            line("attention", f"{first}+attn-{backend}", row)
+    measured = {b: r for b, r in attention.items() if b and not r.get("error") and r.get("step_s")}
+    if measured:
+        fastest = min(measured, key=lambda b: measured[b]["step_s"])
+        facts["fastest_attention"] = fastest
+        native = measured.get("native")
+        ratio = f", {native['step_s'] / measured[fastest]['step_s']:.2f}x native's step" if native else ""
+        facts["fastest_attention_line"] = (f"fastest attention backend: {fastest} "
+                                           f"({measured[fastest]['step_s']:.3f} s/step{ratio})")
+
+    if "http" in args["sections"]:
+        http = next((r for r in rows if r["section"] == "http"), None)
+        if http is not None and not http.get("error"):
+            lines.append(f"| http | {first}, prompt cache on, {http['steps']} steps | – | {_num(http['e2e_s'])} "
+                         f"| | – | – | {http['note']} |")
+            facts["rows"].append({"row": "http", "config": first, "e2e_s": http["e2e_s"], "raw_s": http["raw_s"],
+                                  "ratio": http["ratio"], "prompt_cache_saved_s": http.get("prompt_cache_saved_s")})
+        else:
+            line("http", f"{first}, prompt cache on", http)
+
+    width, height = parse_size(size)
+    for config in ("baseline", "compile+fp8"):
+        row = by_config.get(config)
+        if row is None or row.get("error") or not row.get("step_s"):
+            continue
+        for estimate in parallel_estimates(row["step_s"], row["fixed_s"], width, height, steps, row["cfg"]):
+            name = f"{config}, 2 GPUs {estimate['mode']}, {estimate['link']}"
+            lines.append(f"| estimate | {name} | {_num(estimate['step_s'], 3)} | {_num(estimate['e2e_s'])} | "
+                         f"{versus(estimate)} | – | – | estimated from the row above, not measured: "
+                         f"{estimate['mib_per_step']:g} MiB exchanged per step; {estimate['speedup']:.2f}x "
+                         f"{config} on one GPU |")
+            facts["rows"].append({"row": "estimate", "config": name, **estimate})
+
+    goals = []
+    for config, (goal, what) in SPEED_GOALS.items():
+        row = by_config.get(config)
+        value = None if row is None or row.get("error") else row.get("e2e_s")
+        verdict = _goal_verdict(value, goal)
+        goals.append({"goal": f"{what}: <= {goal:g} s", "config": config, "e2e_s": value, "verdict": verdict})
+    compiled = [(c, by_config.get(c)) for c in configs if "compile" in c.split("+")]
+    counts = {c: r.get("recompiles") for c, r in compiled if r and not r.get("error")}
+    verdict = "not measured" if not counts else ("met" if all(v == 0 for v in counts.values()) else "missed")
+    goals.append({"goal": "recompilations after the server's warm-up: 0", "counts": counts, "verdict": verdict})
+    facts["goals"] = goals
+    lines.append("")
+    for goal in goals:
+        value = (f"{goal['e2e_s']:.2f} s ({goal['config']})" if goal.get("e2e_s") is not None
+                 else ", ".join(f"{c} {n}" for c, n in goal.get("counts", {}).items()) or goal.get("config", ""))
+        lines.append(f"- goal {goal['goal']}: **{goal['verdict']}** ({value})")
+    if "fastest_attention_line" in facts:
+        lines.append(f"- {facts['fastest_attention_line']}")
+    return "\n".join(lines), facts
+
+
 def render_table(rows: Sequence[dict[str, Any]], steps: Sequence[int]) -> str:
     header = ("| section | config | size | batch | steps | s/step | e2e s | e2e from | vs baseline "
               "| img/min | peak GiB | fits 24/48/80 GB | note |")
     lines = [header, "|" + "---|" * (header.count("|") - 1)]
     for row in rows:
+        if row.get("backend"):
+            row = {**row, "config": f"{row['config']}+attn-{row['backend']}"}
         if row.get("error"):
             lines.append(f"| {row['section']} | {row['config']} | {row['size']} | {row['batch']} | "
                          f"{row['steps']} | – | – | – | | – | – | – | {row['error']} |")
@@ -1285,6 +1599,15 @@ def parse_args(argv: Sequence[str] | None) -> argparse.Namespace:
                                      epilog="Configuration tokens, joined with '+': baseline, compile, fp8, "
                                             "int8, qte (text encoder quantized too), cache, lightning[N], "
                                             "offload-model, offload-sequential, attn-<diffusers backend>.")
+    parser.add_argument("--plan", choices=("speed-table",), default=None,
+                        help="speed-table: the table of docs/benchmarks.md's 'The GPU speed table' "
+                             f"({', '.join(SPEED_TABLE_CONFIGS)}, every attention backend, the server "
+                             "against the raw engine) at 1024x1024, 50 steps, within --budget-s; it "
+                             "appends to --out, prints the table and the goals met, and writes it as "
+                             "Markdown beside the JSON")
+    parser.add_argument("--report", action="store_true",
+                        help="with --plan: only print and write the table of the JSON at --out (after a "
+                             "run stopped by its time limit)")
     parser.add_argument("--smoke", action="store_true",
                         help="CPU, tiny models, 2 steps, CPU-capable configurations: a check that the "
                              "benchmark works (about half a minute on 2 cores)")
@@ -1333,8 +1656,16 @@ def parse_args(argv: Sequence[str] | None) -> argparse.Namespace:
                         help="steps of each preview run: enough gaps for a median step (default 6)")
     parser.add_argument("--preview-rounds", type=int, default=None,
                         help="rounds of interleaved plain/latent/full preview runs (default 2)")
-    parser.add_argument("--sections", type=_csv(str), default=list(SECTIONS),
-                        help=f"any of {','.join(SECTIONS)}")
+    parser.add_argument("--sections", type=_csv(str), default=None,
+                        help=f"any of {','.join(SECTIONS)} (default all; --plan speed-table: "
+                             f"{','.join(SPEED_TABLE_SECTIONS)})")
+    parser.add_argument("--attention-backends", type=_csv(str), default=None,
+                        help=f"the attention section's diffusers backends (default {','.join(ATTENTION_BACKENDS)})")
+    parser.add_argument("--attention-size", type=parse_size, default=None,
+                        help="image size of the attention rows (default 1024x1024)")
+    parser.add_argument("--compile-backend", default="inductor",
+                        help="torch.compile backend of compiled configurations (eager: the graphs and "
+                             "recompilations without inductor's code generation, for CPU checks)")
     parser.add_argument("--skip-http", action="store_true", help="leave out the http section")
     parser.add_argument("--cache-options", type=json.loads, default=None,
                         help='cache-dit DBCacheConfig knobs as JSON, e.g. \'{"residual_diff_threshold": 0.12}\' '
@@ -1352,13 +1683,27 @@ def parse_args(argv: Sequence[str] | None) -> argparse.Namespace:
     cuda = torch.cuda.is_available() and not args.smoke
     if args.model == "auto":
         args.model = "full" if cuda else "tiny"
+    if args.report and args.plan is None:
+        parser.error("--report prints a --plan's table: give the --plan")
+    if args.plan == "speed-table":
+        # The table's rows and nothing else; anything given on the command line still wins.
+        plan = {"sizes": [(1024, 1024)], "steps": [50], "measure_steps": 6, "configs": list(SPEED_TABLE_RUN_ORDER),
+                "sections": list(SPEED_TABLE_SECTIONS), "http_size": (1024, 1024), "attention_size": (1024, 1024)}
+        if args.smoke:  # the same plan on the tiny model: tiny images, a few steps
+            # (the OpenAI route's smallest size is 256x256)
+            plan |= {"sizes": [(128, 128)], "steps": [4], "measure_steps": 2, "http_size": (256, 256),
+                     "attention_size": (128, 128)}
+        for name, value in plan.items():
+            if getattr(args, name) is None:
+                setattr(args, name, value)
+        args.append = True  # a second try continues the first one's JSON
     if args.smoke:
         defaults = {"sizes": [(256, 256)], "steps": [2], "measure_steps": 2, "warmup_steps": 2, "http_repeats": 1,
                     "configs": list(SMOKE_CONFIGS), "memory_configs": [], "batches": [1, 2],
                     "batch_sizes": [(256, 256)], "http_size": (256, 256),
                     "edit_images": [2], "edit_steps": [2], "edit_size": (256, 256), "edit_warmup": False,
                     "lora_size": (256, 256), "preview_size": (256, 256), "preview_steps": 3,
-                    "preview_rounds": 1}
+                    "preview_rounds": 1, "attention_size": (256, 256)}
     else:
         defaults = {"sizes": [(512, 512), (1024, 1024), (1328, 1328), (1664, 928)], "steps": [20, 50],
                     "measure_steps": 6, "warmup_steps": 2, "configs": list(DEFAULT_CONFIGS),
@@ -1366,7 +1711,11 @@ def parse_args(argv: Sequence[str] | None) -> argparse.Namespace:
                     "batch_sizes": [(512, 512), (1024, 1024)], "http_size": (1024, 1024), "http_repeats": 2,
                     "edit_images": [1, 3], "edit_steps": [40, 50], "edit_size": (1024, 1024),
                     "edit_warmup": True, "lora_size": (1024, 1024),
-                    "preview_size": (1024, 1024), "preview_steps": 6, "preview_rounds": 2}
+                    "preview_size": (1024, 1024), "preview_steps": 6, "preview_rounds": 2,
+                    "attention_size": (1024, 1024)}
+    # The smoke run leaves the attention backends to --plan speed-table --smoke, which has them.
+    sections = [s for s in SECTIONS if not (args.smoke and s == "attention")]
+    defaults |= {"sections": sections, "attention_backends": list(ATTENTION_BACKENDS)}
     for name, value in defaults.items():
         if getattr(args, name) is None:
             setattr(args, name, value)
@@ -1374,7 +1723,10 @@ def parse_args(argv: Sequence[str] | None) -> argparse.Namespace:
         # The tiny transformer has 2 blocks, and cache-dit's default computes 8 before caching.
         args.cache_options = {"Fn_compute_blocks": 1, "max_warmup_steps": 1} if args.model == "tiny" else {}
     if args.budget_s is None and cuda:
-        args.budget_s = 420.0
+        # The speed table's first try must end inside one 10-minute device call with its table
+        # printed: no new unit after 390 s leaves the longest one (a compiled configuration's
+        # build and warm-up) time to finish.
+        args.budget_s = 390.0 if args.plan else 420.0
     if args.skip_http:
         args.sections = [s for s in args.sections if s != "http"]
     unknown = set(args.sections) - set(SECTIONS)
@@ -1395,7 +1747,8 @@ def parse_args(argv: Sequence[str] | None) -> argparse.Namespace:
             parse_config(name, args.cache_options)
         except argparse.ArgumentTypeError as exc:
             parser.error(str(exc))
-    for w, h in (*args.sizes, *args.batch_sizes, args.http_size, args.edit_size, args.preview_size):
+    for w, h in (*args.sizes, *args.batch_sizes, args.http_size, args.edit_size, args.preview_size,
+                 args.attention_size):
         if w % 16 or h % 16:
             parser.error(f"{w}x{h}: Qwen-Image needs sides that are multiples of 16")
     return args
@@ -1417,6 +1770,11 @@ def main(argv: Sequence[str] | None = None) -> int:
         suffix = "-smoke" if args.smoke else ""
         args.out = ROOT / "bench" / "results" / f"gpu-{device_slug(device)}{suffix}-{dt.date.today():%Y%m%d}.json"
 
+    if args.plan and args.report:
+        return report(args.out)
+    if args.compile_backend != "inductor":
+        use_compile_backend(args.compile_backend)
+
     bench = Benchmark(args, device)
     log.info("device %s, model: %s; writing %s", device.label, bench.model_label, args.out)
     bench.run()
@@ -1428,12 +1786,45 @@ def main(argv: Sequence[str] | None = None) -> int:
         print(f"\n{line}")
     if (line := edit_headline(rows, size_label(*args.edit_size))) is not None:
         print(f"\n{line}")
+    estimates = parallel_lines(rows, *((size_label(*args.sizes[0]), max(args.steps)) if args.plan else ()))
+    if estimates:
+        print("\n" + "\n".join(estimates))
     print(f"\nsteps: denoising steps, cfg {CFG_SCALE:g} = 2 transformer passes per step (Lightning: 1). "
           f"e2e: the whole run_batch call (text encoder, denoising, VAE decode, PIL); 'N-step run': "
           f"fixed + steps x s/step from a timed N-step run. edit: one edit of 1-3 input images "
           f"(VAE and vision encoding of the inputs included). peak: max GPU memory reserved; fits: "
           f"peak + {bench.context_gib:.2f} GiB CUDA context <= the card's memory. JSON: {args.out}")
+    if args.plan:
+        return report(args.out)
     return 0
+
+
+def report(out: Path) -> int:
+    """Print the speed table of the JSON at `out`, write it beside it as Markdown and into the
+    JSON (`speed_table`)."""
+    if not out.is_file():
+        print(f"no benchmark JSON at {out}: nothing measured yet", file=sys.stderr)
+        return 1
+    doc = json.loads(out.read_text())
+    markdown, facts = speed_table(doc)
+    doc["speed_table"] = facts
+    out.write_text(json.dumps(doc, indent=2))
+    out.with_suffix(".md").write_text(markdown + "\n")
+    print(f"\n== The GPU speed table ({out.with_suffix('.md')}) ==\n{markdown}")
+    return 0
+
+
+def use_compile_backend(backend: str) -> None:
+    """Compile the transformer blocks with `backend` instead of inductor (what
+    engine.compilation.compile_blocks asks diffusers for)."""
+    from diffusers import QwenImageTransformer2DModel
+
+    original = QwenImageTransformer2DModel.compile_repeated_blocks
+
+    def compile_repeated_blocks(self: Any, **kwargs: Any) -> Any:
+        return original(self, **{**kwargs, "backend": backend})
+
+    QwenImageTransformer2DModel.compile_repeated_blocks = compile_repeated_blocks  # type: ignore[method-assign]
 
 
 if __name__ == "__main__":

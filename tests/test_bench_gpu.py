@@ -157,3 +157,110 @@ def test_memory_plans_of_the_real_architecture() -> None:
     # before model offload fits (columns: 24/48/80 GB at headroom 6, then at headroom 2).
     assert rows["bf16"][5:8] == ["sequential", "model", "none"]
     assert rows["fp8, every layer"][5] == "sequential" and rows["fp8, every layer"][8] == "model"
+
+
+SPEED_TABLE = ("baseline", "compile", "fp8", "compile+fp8", "compile+fp8+cache")
+
+
+@pytest.mark.timeout(420)
+def test_speed_table_plan_has_every_row_measured_or_saying_why(tmp_path: Path) -> None:
+    """--plan speed-table on the tiny model: the table a GPU run prints, with every planned row
+    measured or giving its reason, the goals judged, and the Markdown written beside the JSON."""
+    gpu = _bench_gpu()
+    out = tmp_path / "speed-table.json"
+    proc = subprocess.run([sys.executable, str(ROOT / "bench" / "gpu.py"), "--plan", "speed-table", "--smoke",
+                           "--compile-backend", "eager", "--out", str(out)],
+                          cwd=tmp_path, capture_output=True, text=True, timeout=400)
+    assert proc.returncode == 0, proc.stderr[-4000:]
+    doc = json.loads(out.read_text())
+    table = doc["speed_table"]
+    rows = {(r["row"], r["config"]): r for r in table["rows"]}
+    assert table["size"] == "128x128" and table["steps"] == 4
+
+    for config in SPEED_TABLE:
+        row = rows[("speed", config)]
+        missing = [p for p in ("torchao", "cache_dit") if importlib.util.find_spec(p) is None
+                   and (p == "torchao" and "fp8" in config or p == "cache_dit" and "cache" in config)]
+        if missing:
+            assert row["error"], row  # the reason instead of a time
+            continue
+        assert not row.get("error"), row
+        assert row["e2e_s"] > 0 and row["step_s"] > 0, row
+        if "compile" in config.split("+"):
+            # The server's own warm-up for this size, timed; after it nothing compiles (goal 0).
+            assert row["warmup_s"] > 0 and row["recompiles"] == 0, row
+        else:
+            assert row["recompiles"] is None, row
+
+    # One row per attention backend: PyTorch's own run on the CPU; the rest say why not.
+    for backend in gpu.ATTENTION_BACKENDS:
+        row = rows[("attention", f"baseline+attn-{backend}")]
+        assert row.get("error") or row["step_s"] > 0, row
+    assert not rows[("attention", "baseline+attn-native")].get("error")
+    assert "NVIDIA GPUs only" in rows[("attention", "baseline+attn-flash")]["error"]
+    assert "no wheel on PyPI" in rows[("attention", "baseline+attn-flash")]["error"]
+    assert "Hugging Face Hub" in rows[("attention", "baseline+attn-_flash_3_hub")]["error"]
+    assert table["fastest_attention"] in gpu.ATTENTION_BACKENDS
+
+    # The server against the raw engine, both with the prompt cache, which served the prompts.
+    http = rows[("http", "baseline")]
+    assert http["e2e_s"] > 0 and http["raw_s"] > 0 and http["ratio"] > 0, http
+    (raw_http,) = [r for r in doc["rows"] if r["section"] == "http"]
+    assert raw_http["prompt_cache_hits"] > 0 and raw_http["prompt_cache_mb"] == 256, raw_http
+
+    # Two GPUs, estimated from the measured step: CFG-parallel and Ulysses over NVLink and PCIe.
+    estimates = [r for (kind, _), r in rows.items() if kind == "estimate" and r["config"].startswith("baseline,")]
+    assert {(r["mode"], r["link"]) for r in estimates} == {
+        ("cfg", "NVLink"), ("cfg", "PCIe Gen4"), ("ulysses", "NVLink"), ("ulysses", "PCIe Gen4")}
+    assert all(1.0 < r["speedup"] < 2.0 for r in estimates), estimates
+
+    goals = {g["goal"]: g["verdict"] for g in table["goals"]}
+    assert set(goals) == {"fp8 + compile, no step caching: <= 8 s", "fp8 + compile + step caching: <= 4.5 s",
+                          "recompilations after the server's warm-up: 0"}
+    assert set(goals.values()) <= {"met", "missed"}, goals
+
+    markdown = out.with_suffix(".md").read_text()
+    assert markdown.strip() in proc.stdout
+    assert markdown.count("\n| ") == len(table["rows"]) + 1  # the header, then one line per row
+    assert "- goal fp8 + compile, no step caching: <= 8 s: **" in markdown
+    assert "- fastest attention backend: " in markdown
+
+
+def test_speed_table_of_a_run_cut_short_names_the_rows_it_lacks(tmp_path: Path) -> None:
+    """A run stopped by its time limit keeps its JSON; --report prints the table with the rows it
+    did not reach marked, and a second run with the same command appends to it."""
+    gpu = _bench_gpu()
+    args = gpu.parse_args(["--plan", "speed-table", "--smoke", "--out", str(tmp_path / "t.json")])
+    assert args.append and args.configs[:3] == ["baseline", "compile+fp8", "compile+fp8+cache"]
+    row = {"section": "speed", "config": "baseline", "size": "128x128", "batch": 1, "steps": 4, "cfg": 4.0,
+           "step_s": 0.5, "e2e_s": 2.5, "e2e_measured": False, "timed_steps": 2, "fixed_s": 0.5}
+    doc = {"device": "NVIDIA H200", "model": "Qwen-Image", "torch": "2.11", "diffusers": "0.42.1",
+           "args": {k: (str(v) if isinstance(v, Path) else v) for k, v in vars(args).items()},
+           "configs": {}, "rows": [row]}
+    (tmp_path / "t.json").write_text(json.dumps(doc))
+    proc = subprocess.run([sys.executable, str(ROOT / "bench" / "gpu.py"), "--plan", "speed-table", "--smoke",
+                           "--report", "--out", str(tmp_path / "t.json")],
+                          capture_output=True, text=True, timeout=120)
+    assert proc.returncode == 0, proc.stderr[-4000:]
+    lines = [line for line in proc.stdout.splitlines() if line.startswith("| ")]
+    cut = [line for line in lines if "the run ended before this row" in line]
+    # 4 speed rows, every attention backend and the HTTP row were not reached.
+    assert len(cut) == 4 + len(gpu.ATTENTION_BACKENDS) + 1, proc.stdout
+    assert "| speed | baseline | 0.500 | 2.50 (from a 2-step run) | 1.00x |" in proc.stdout
+    assert "goal fp8 + compile, no step caching: <= 8 s: **not measured**" in proc.stdout
+
+
+def test_two_gpu_estimate_of_the_real_model_at_1024() -> None:
+    """The bytes behind docs/multi-gpu.md's estimate: CFG-parallel gathers 0.5 MiB of noise
+    prediction per step; Ulysses over two GPUs sends 24 MiB per block and pass from each GPU."""
+    gpu = _bench_gpu()
+    # The H200's measured baseline: 0.347 s per step, 17.5 s for 50 steps.
+    estimates = {(e["mode"], e["link"]): e for e in
+                 gpu.parallel_estimates(0.347, 17.5 - 50 * 0.347, 1024, 1024, 50, 4.0)}
+    assert estimates[("cfg", "NVLink")]["mib_per_step"] == 0.5
+    assert estimates[("ulysses", "NVLink")]["mib_per_step"] == 60 * 2 * 24
+    assert 1.8 < estimates[("cfg", "NVLink")]["speedup"] < 2.0
+    # Ulysses pays for its all-to-all: much more over PCIe than over NVLink.
+    assert estimates[("ulysses", "PCIe Gen4")]["speedup"] < estimates[("ulysses", "NVLink")]["speedup"] < 2.0
+    # Without CFG there is one pass per step: CFG-parallel has nothing to split.
+    assert {e["mode"] for e in gpu.parallel_estimates(0.17, 1.0, 1024, 1024, 8, 1.0)} == {"ulysses"}
