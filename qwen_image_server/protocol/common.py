@@ -269,13 +269,19 @@ class ControlFields(BaseModel):
 
     @field_validator("controlnet_conditioning_scale", mode="before")
     @classmethod
-    def _scales(cls, value: object) -> object:
+    def _scales(cls, value: object, info: ValidationInfo) -> object:
+        problem = (f"must be a number from 0 to {MAX_CONTROLNET_SCALE:g}, or a non-empty list of them (one "
+                   "per ControlNet)")
         scales = value if isinstance(value, list) else [value]
+        if info.context and info.context.get("form"):  # a multipart form's fields are text
+            try:
+                scales = [float(item) if isinstance(item, str) else item for item in scales]
+            except ValueError:
+                raise ValueError(problem) from None
         if not scales or not all(isinstance(item, int | float) and not isinstance(item, bool)
                                  and 0.0 <= item <= MAX_CONTROLNET_SCALE for item in scales):
-            raise ValueError(f"must be a number from 0 to {MAX_CONTROLNET_SCALE:g}, or a non-empty list of "
-                             "them (one per ControlNet)")
-        return value
+            raise ValueError(problem)
+        return scales if isinstance(value, list) else scales[0]
 
     @field_validator("control_guidance_end")
     @classmethod
