@@ -75,10 +75,10 @@ def local_folder_problem(folder: Path) -> str | None:
 
 def parse_controlnets(value: str, models: list[ModelRef]) -> dict[str, tuple[str, ...]]:
     """`QWEN_IMAGE_CONTROLNETS`: comma-separated ControlNets, each `source` (for the first model)
-    or `model=source` (for the model of that public name); several for one model are run
-    together (QwenImageMultiControlNetModel). '' serves the embedded ControlNet with the embedded
-    generation model (when it is served) and nothing else; 'none' serves none. Whether one
-    inpaints is read from its config when it loads (see engine/loader.with_controlnets).
+    or `model=source` (for the model of that public name): at most one that follows control
+    images and one that inpaints per model (which one inpaints is read from its config when it
+    loads: see engine/loader.with_controlnets). '' serves the embedded ControlNets (both kinds)
+    with the embedded generation model (when it is served) and nothing else; 'none' serves none.
 
     ValueError (one sentence) for an empty entry or a model name not in `models`."""
     value = value.strip()

@@ -6,8 +6,10 @@ the very same modules, image-to-image, inpainting, or ControlNet (the runner mak
   The latents outside the mask stay the picture's; the server pastes the picture back outside
   the mask when rendering (the VAE decoder spreads a change a few pixels past it).
 - QwenImageControlNetPipeline: the model's ControlNet (its own small network beside the shared
-  transformer), a control image per prompt (or, for several ControlNets, one per ControlNet per
-  prompt), one conditioning scale (or one per ControlNet) and guidance window.
+  transformer), a control image per prompt, one conditioning scale and guidance window. Several
+  control images (a union ControlNet's conditions: edges and depth, ...) run through the same
+  ControlNet wrapped in a QwenImageMultiControlNetModel, one scale each; diffusers 0.42 runs one
+  ControlNet per call (its multi-ControlNet model refuses several).
 - QwenImageControlNetInpaintPipeline: the model's inpainting ControlNet; the picture
   (`control_image`) and mask (`control_mask`, white = change) per prompt. It starts from pure
   noise: the ControlNet alone says what to keep, so the server pastes the picture back outside
@@ -32,6 +34,7 @@ _PIPELINES = {
     "img2img": "QwenImageImg2ImgPipeline",
     "inpaint": "QwenImageInpaintPipeline",
     "control": "QwenImageControlNetPipeline",
+    "control_multi": "QwenImageControlNetPipeline",
     "control_inpaint": "QwenImageControlNetInpaintPipeline",
 }
 
@@ -51,10 +54,13 @@ class GenerationCalls:
         if made is None:
             import diffusers
 
-            net = {"control": self.controlnet, "control_inpaint": self.inpaint_controlnet}.get(kind)
-            if kind in ("control", "control_inpaint") and net is None:
+            net = {"control": self.controlnet, "control_multi": self.controlnet,
+                   "control_inpaint": self.inpaint_controlnet}.get(kind)
+            if kind in ("control", "control_multi", "control_inpaint") and net is None:
                 raise ValueError(f"this model is served without a{'n inpainting' if kind == 'control_inpaint' else ''} "
                                  "ControlNet")
+            if kind == "control_multi":  # the same ControlNet, called once per control image
+                net = diffusers.QwenImageMultiControlNetModel([net])
             extra = {"controlnet": net} if net is not None else {}
             made = over_same_modules(getattr(diffusers, _PIPELINES[kind]), self.pipeline, **extra)
             made.set_progress_bar_config(disable=True)
@@ -73,7 +79,7 @@ class GenerationCalls:
             width=first.width,
             height=first.height,
         )
-        kind = first.kind
+        kind: str = first.kind
         if kind == "text":
             return self.pipeline, inputs
         if kind == "img2img":
@@ -86,15 +92,15 @@ class GenerationCalls:
                           controlnet_conditioning_scale=first.control_scales[0],
                           control_guidance_start=first.control_start, control_guidance_end=first.control_end)
         else:
-            nets = getattr(self.controlnet, "nets", None)
+            count = len(first.control_images)
             images: Any = [s.control_images[0] for s in specs]
             scale: Any = first.control_scales[0]
-            if nets is not None:
-                # Several ControlNets: a list of control images per ControlNet (each the batch's,
-                # one per prompt) and a scale each; one control image or scale is every one's.
-                count = len(nets)
-                images = [[s.control_images[i if len(s.control_images) == count else 0] for s in specs]
-                          for i in range(count)]
+            if count > 1:
+                # Several control images (e.g. edges and depth) through the one ControlNet (a
+                # union ControlNet takes each as a condition): a list of the batch's images per
+                # condition, and a scale each (one scale is every condition's).
+                kind = "control_multi"
+                images = [[s.control_images[i] for s in specs] for i in range(count)]
                 scales = first.control_scales
                 scale = list(scales) if len(scales) == count else [scales[0]] * count
             inputs.update(control_image=images, controlnet_conditioning_scale=scale,

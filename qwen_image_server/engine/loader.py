@@ -233,17 +233,19 @@ def finish_model(settings: Settings, loading: LoadingModel, device: DeviceInfo, 
 def with_controlnets(settings: Settings, model: LoadedModel) -> LoadedModel:
     """`model` with the ControlNets QWEN_IMAGE_CONTROLNETS declares for it, loaded onto the device
     its pipeline runs on. A ControlNet is its own small network next to the model's transformer,
-    which it shares (the ControlNet pipeline is made over the model's modules); several run as
-    one QwenImageMultiControlNetModel. A ControlNet whose config takes extra condition channels
-    (InstantX's Qwen-Image-ControlNet-Inpainting: the mask's) is the model's inpainting ControlNet
-    instead (QwenImageControlNetInpaintPipeline, which runs one alone)."""
+    which it shares (the ControlNet pipeline is made over the model's modules). A ControlNet whose
+    config takes extra condition channels (InstantX's Qwen-Image-ControlNet-Inpainting: the
+    mask's) is the model's inpainting ControlNet (QwenImageControlNetInpaintPipeline); the other
+    follows control images (QwenImageControlNetPipeline). A model has at most one of each:
+    diffusers calls one ControlNet per pipeline call (several control images go through one
+    union ControlNet)."""
     sources = settings.controlnet_sources.get(model.name, ())
     if not sources:
         return model
     if model.task != "generate":
         raise ModelLoadError(f"QWEN_IMAGE_CONTROLNETS gives the model {model.name!r} a ControlNet, but it is a "
                              f"{model.pipeline_class}: ControlNets steer generation models (Qwen-Image, -2512).")
-    from diffusers import QwenImageControlNetModel, QwenImageMultiControlNetModel
+    from diffusers import QwenImageControlNetModel
 
     nets: list[tuple[str, Any]] = []
     inpainting: list[tuple[str, Any]] = []
@@ -271,14 +273,14 @@ def with_controlnets(settings: Settings, model: LoadedModel) -> LoadedModel:
                 "to 'none'.") from exc
         net = net.eval().requires_grad_(False).to(model.pipeline._execution_device)
         (inpainting if net.config.extra_condition_channels else nets).append((source, net))
-    if len(inpainting) > 1:
-        raise ModelLoadError(
-            f"QWEN_IMAGE_CONTROLNETS gives the model {model.name!r} {len(inpainting)} inpainting ControlNets "
-            f"({', '.join(source for source, _ in inpainting)}); an inpainting ControlNet runs alone, so "
-            "declare one.")
-    module = None
-    if nets:
-        module = nets[0][1] if len(nets) == 1 else QwenImageMultiControlNetModel([net for _, net in nets])
+    for found, what in ((nets, "ControlNets that follow control images"), (inpainting, "inpainting ControlNets")):
+        if len(found) > 1:
+            raise ModelLoadError(
+                f"QWEN_IMAGE_CONTROLNETS gives the model {model.name!r} {len(found)} {what} "
+                f"({', '.join(source for source, _ in found)}); diffusers runs one per call, so declare one "
+                "(a union ControlNet, such as InstantX/Qwen-Image-ControlNet-Union, takes several control "
+                "images at once).")
+    module = nets[0][1] if nets else None
     log.info("ControlNets served with %s: %s", model.name,
              ", ".join([*(source for source, _ in nets), *(f"{source} (inpainting)" for source, _ in inpainting)]))
     return replace(model, controlnets=tuple(source for source, _ in nets), controlnet=module,

@@ -94,9 +94,9 @@ class GenerationSpec:
     image: Image.Image | None = field(default=None, compare=False)
     mask: Image.Image | None = field(default=None, compare=False)
     strength: float = 1.0  # how far from `image` (or an edit's masked area) the result may move
-    # ControlNet: the control images (RGB, at width x height): one that every ControlNet gets, or
-    # one per ControlNet; with `mask`, the picture the inpainting ControlNet repaints. One scale
-    # for them all, or one per ControlNet.
+    # ControlNet: the control images (RGB, at width x height): one, or several conditions for the
+    # one ControlNet (a union ControlNet's edges and depth, ...); with `mask`, the picture the
+    # inpainting ControlNet repaints. One scale for them all, or one per control image.
     control_images: tuple[Image.Image, ...] = field(default=(), compare=False)
     control_scales: tuple[float, ...] = (1.0,)
     control_start: float = 0.0  # fraction of the steps where the ControlNet starts / stops

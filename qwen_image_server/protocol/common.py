@@ -236,21 +236,21 @@ class StartImageFields(BaseModel):
 
 
 MAX_CONTROLNET_SCALE = 5.0
+MAX_CONTROL_IMAGES = 4  # conditions of one request (a union ControlNet's edges, depth, pose, ...)
 
 
 class ControlFields(BaseModel):
-    """ControlNet: a control image (edges, depth, pose, ...) that steers a generation, one per
-    ControlNet when a model has several; or, with `mask`, the picture an inpainting ControlNet
-    repaints."""
+    """ControlNet: a control image (edges, depth, pose, ...) that steers a generation, or several
+    at once; or, with `mask`, the picture an inpainting ControlNet repaints."""
 
     control_image: str | list[str] | None = Field(None, description=(
         "A control image (e.g. a canny edge map, depth map or pose), base64, exactly the output's "
-        "size; needs a model served with a ControlNet (see /v1/models' tasks). A list gives one per "
-        "ControlNet, in the order QWEN_IMAGE_CONTROLNETS declares them; one image steers them all. "
-        "With `mask` (and no `image`): the picture the inpainting ControlNet repaints."))
+        "size; needs a model served with a ControlNet (see /v1/models' tasks). A list (at most 4) "
+        "steers with several at once, e.g. edges and depth through a union ControlNet. With `mask` "
+        "(and no `image`): the picture the inpainting ControlNet repaints."))
     controlnet_conditioning_scale: float | list[float] = Field(1.0, description=(
         "How strongly the control image steers, 0-5 (0: not at all; the ControlNet is then not "
-        "run); a list gives one per ControlNet."))
+        "run); a list gives one per control image."))
     control_guidance_start: float = Field(0.0, ge=0.0, le=1.0, description=(
         "Fraction of the steps after which the ControlNet starts to steer."))
     control_guidance_end: float = Field(1.0, ge=0.0, le=1.0, description=(
@@ -265,13 +265,13 @@ class ControlFields(BaseModel):
             return value
         if isinstance(value, list) and value and all(isinstance(item, str) for item in value):
             return value
-        raise ValueError("must be a base64 image, or a non-empty list of them (one per ControlNet)")
+        raise ValueError("must be a base64 image, or a non-empty list of them")
 
     @field_validator("controlnet_conditioning_scale", mode="before")
     @classmethod
     def _scales(cls, value: object, info: ValidationInfo) -> object:
         problem = (f"must be a number from 0 to {MAX_CONTROLNET_SCALE:g}, or a non-empty list of them (one "
-                   "per ControlNet)")
+                   "per control image)")
         scales = value if isinstance(value, list) else [value]
         if info.context and info.context.get("form"):  # a multipart form's fields are text
             try:
@@ -299,7 +299,7 @@ class ControlFields(BaseModel):
 
     @property
     def control_scales(self) -> tuple[float, ...]:
-        """The scale, or one per ControlNet, as a tuple."""
+        """The scale, or one per control image, as a tuple."""
         value = self.controlnet_conditioning_scale
         return tuple(float(item) for item in value) if isinstance(value, list) else (float(value),)
 

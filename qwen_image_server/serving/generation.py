@@ -44,6 +44,7 @@ from qwen_image_server.engine.types import (
     normalise_loras,
 )
 from qwen_image_server.protocol.common import (
+    MAX_CONTROL_IMAGES,
     ControlFields,
     ErrorDetail,
     LoraChoice,
@@ -530,23 +531,23 @@ def _check_controlnet_inpainting(control: ControlFields, model: ModelChoice) -> 
 
 
 def _check_control_images(control: ControlFields, model: ModelChoice) -> None:
-    """Control images steer the model's ControlNets: one image (or scale) for them all, or one
-    per ControlNet (not checked while the models load: the engine knows them then)."""
+    """Control images steer the model's ControlNet: one, or several (a union ControlNet's
+    conditions) with one scale for them all or one each."""
     if not model.controlnet:
         raise errors.InvalidRequest(
             f"The model '{model.name}' is served without a ControlNet that follows control images, so it "
             "takes none; declare one with QWEN_IMAGE_CONTROLNETS (see /v1/models' tasks).",
             param="control_image", code="no_controlnet")
-    count = model.control_nets
-    if count is None:
-        return
-    for param, given in (("control_image", len(control.control_images)),
-                         ("controlnet_conditioning_scale", len(control.control_scales))):
-        if given not in (1, count):
-            raise errors.InvalidRequest(
-                f"{given} values of '{param}' were sent; the model '{model.name}' is served with {count} "
-                f"ControlNet{'s' if count > 1 else ''}: send one for them all, or one per ControlNet.",
-                param=param, code="controlnet_count_mismatch")
+    images, scales = len(control.control_images), len(control.control_scales)
+    if images > MAX_CONTROL_IMAGES:
+        raise errors.InvalidRequest(
+            f"{images} control images were sent; a request takes at most {MAX_CONTROL_IMAGES} (each costs a "
+            "ControlNet pass per step).", param="control_image", code="too_many_control_images")
+    if scales not in (1, images):
+        raise errors.InvalidRequest(
+            f"{scales} values of 'controlnet_conditioning_scale' were sent with {images} control image"
+            f"{'s' if images > 1 else ''}: send one for them all, or one per control image.",
+            param="controlnet_conditioning_scale", code="controlnet_scale_count_mismatch")
 
 
 def _lora_listing(known: Mapping[str, object]) -> str:

@@ -41,7 +41,6 @@ class ModelChoice:
     max_images: int  # input images it takes (edits)
     one_prompt_per_call: bool  # QwenImageEditPlusPipeline: batches only one prompt's seeds
     controlnet: bool = True  # served with a ControlNet (True while unknown: the engine decides)
-    control_nets: int | None = None  # how many follow control images (None while unknown)
     inpaint_controlnet: bool = True  # served with an inpainting ControlNet (True while unknown)
 
 
@@ -114,9 +113,9 @@ class ModelRegistry:
         loaded = {model.name: model for model in self.models}.get(requested)
         if loaded is None:  # loading: the settings say whether it will have a ControlNet
             declared = requested in self.settings.controlnet_sources
-            return ModelChoice(requested, 3, True, declared, None, declared)
+            return ModelChoice(requested, 3, True, declared, declared)
         return ModelChoice(requested, loaded.max_images, loaded.pipeline_class == "QwenImageEditPlusPipeline",
-                           bool(loaded.controlnets), len(loaded.controlnets), bool(loaded.inpaint_controlnets))
+                           bool(loaded.controlnets), bool(loaded.inpaint_controlnets))
 
     def task_of(self, name: str | None) -> Task | None:
         """The task of the model `name` names (None: no such model, none named, or still loading)."""
