@@ -104,16 +104,22 @@ def test_a_model_without_an_inpainting_controlnet_refuses_a_mask_with_a_control_
 
 
 # -- several control images ------------------------------------------------------------------
+# (without CFG from here on: half the work, and nothing below is about guidance)
 
 def test_several_control_images_steer_together_each_at_its_scale(nets):
+    def steer(client: httpx.Client, **fields) -> httpx.Response:
+        if "scale" in fields:
+            fields["controlnet_conditioning_scale"] = fields.pop("scale")
+        return generate(client, true_cfg_scale=1.0, **fields)
+
     first, second, third = b64(edges(21)), b64(edges(22)), b64(edges(23))
     with nets.client() as client:
-        one = ok(generate(client, control_image=first))
-        two = ok(generate(client, control_image=[first, second]))
-        again = ok(generate(client, control_image=[first, second]))
-        scaled = ok(generate(client, control_image=[first, second], controlnet_conditioning_scale=[1.0, 0.5]))
-        off = ok(generate(client, control_image=[first, second], controlnet_conditioning_scale=[1.0, 0.0]))
-        off_other = ok(generate(client, control_image=[first, third], controlnet_conditioning_scale=[1.0, 0.0]))
+        one = ok(steer(client, control_image=first))
+        two = ok(steer(client, control_image=[first, second]))
+        again = ok(steer(client, control_image=[first, second]))
+        scaled = ok(steer(client, control_image=[first, second], scale=[1.0, 0.5]))
+        off = ok(steer(client, control_image=[first, second], scale=[1.0, 0.0]))
+        off_other = ok(steer(client, control_image=[first, third], scale=[1.0, 0.0]))
     assert two == again and two != one and scaled not in (one, two)
     # A control image at scale 0 adds exact zeros: which image it is makes no difference.
     assert off == off_other and off != two
@@ -132,19 +138,19 @@ def test_two_controlnets_of_one_kind_stop_the_server_with_the_reason(tmp_path):
 # -- multipart --------------------------------------------------------------------------------
 
 FORM_FIELDS = {"prompt": "a lighthouse at dusk", "aspect_ratio": "s1:1", "num_inference_steps": "2",
-               "add_overlay": "false", "seed": "3"}
+               "add_overlay": "false", "seed": "3", "true_cfg_scale": "1"}
 
 
 def test_multipart_control_images_and_mask_equal_the_base64_json_ones_byte_for_byte(nets):
     first, second, start = edges(31), edges(32), picture(33)
     mask = hole()[0]
     with nets.client() as client:
-        json_two = ok(generate(client, control_image=[b64(first), b64(second)],
+        json_two = ok(generate(client, true_cfg_scale=1.0, control_image=[b64(first), b64(second)],
                                controlnet_conditioning_scale=[1, 0.5]))
         form_two = ok(client.post("/generate", data={**FORM_FIELDS, "controlnet_conditioning_scale": ["1", "0.5"]},
                                   files=[("control_image", ("a.png", first, "image/png")),
                                          ("control_image", ("b.png", second, "image/png"))]))
-        json_inpaint = ok(generate(client, control_image=b64(start), mask=b64(mask),
+        json_inpaint = ok(generate(client, true_cfg_scale=1.0, control_image=b64(start), mask=b64(mask),
                                    controlnet_conditioning_scale=0.8))
         form_inpaint = ok(client.post("/generate", data={**FORM_FIELDS, "controlnet_conditioning_scale": "0.8"},
                                       files={"control_image": ("start.png", start, "image/png"),
@@ -159,7 +165,7 @@ def test_multipart_control_images_and_mask_equal_the_base64_json_ones_byte_for_b
 def test_a_multipart_job_with_a_control_image_makes_the_json_requests_image(nets):
     control = edges(41)
     with nets.client() as client:
-        direct = ok(generate(client, control_image=b64(control), control_guidance_end=0.5))
+        direct = ok(generate(client, true_cfg_scale=1.0, control_image=b64(control), control_guidance_end=0.5))
         created = client.post("/v1/jobs", data={**FORM_FIELDS, "control_guidance_end": "0.5", "loras": "[]"},
                               files={"control_image": ("edges.png", control, "image/png")})
         assert created.status_code == 202, created.text
