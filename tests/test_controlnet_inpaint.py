@@ -4,10 +4,12 @@ one inpaints), over real HTTP at /generate's smallest preset, 2 steps."""
 
 from __future__ import annotations
 
+import base64
 import json
 
 import httpx
 import numpy as np
+import openai
 import pytest
 
 from tests.conftest import LiveServer, tiny_settings
@@ -58,6 +60,24 @@ def test_controlnet_inpainting_repaints_the_masked_area_steered_by_the_picture(n
     assert (pixels(zero)[~inside] == original[~inside]).all()
     assert float(np.abs(pixels(result)[inside] - pixels(zero)[inside]).mean()) > 1
     assert inpainted != zero
+
+
+def test_openai_client_inpaints_with_the_controlnet_both_images_of_n_in_one_call(nets):
+    size = (256, 256)
+    start = picture(13, size)
+    alpha = np.full(size, 255)
+    alpha[64:192, 96:160] = 0
+    inside = alpha == 0
+    oai = openai.OpenAI(base_url=f"{nets.url}/v1", api_key="unused", max_retries=0)
+    batches = nets.scheduler()["batches"]
+    answer = oai.images.generate(prompt="a red door", size="256x256", n=2, extra_body={
+        "num_inference_steps": 2, "seed": 5, "control_image": b64(start),
+        "mask": b64(png(np.dstack([pixels(start), alpha]), "RGBA"))})
+    assert nets.scheduler()["batches"] == batches + 1  # both seeds in one pipeline call
+    made = [pixels(base64.b64decode(item.b64_json)) for item in answer.data]
+    for image in made:
+        assert (image[~inside] == pixels(start)[~inside]).all()
+    assert (made[0][inside] != made[1][inside]).any()  # two seeds, two repaintings
 
 
 @pytest.mark.parametrize(("fields", "param"), [
