@@ -200,7 +200,8 @@ class GenerateCommand(OneImageCommand):
     aspect_ratio: AspectRatio = DEFAULT_ASPECT_RATIO
     image: Path | None = Field(None, description="Image-to-image: a picture to start from (a file).")
     mask: Path | None = Field(None, description="Inpainting: a PNG the size of --image whose transparent "
-                              "pixels are the area to change.")
+                              "pixels are the area to change (with --control-image instead of --image: "
+                              "ControlNet inpainting of that picture).")
     strength: float | None = Field(None, description=_START["strength"].description)
     control_image: Path | None = Field(None, description="ControlNet: a control image file (edges, depth, "
                                        "pose, ...) of the output's size.")

@@ -183,10 +183,10 @@ def test_the_embedded_model_lists_its_tasks_and_pipelines(family):
     with family.client() as client:
         models = {card["id"]: card for card in client.get("/v1/models").json()["data"]}
     tiny = models["tiny"]
-    assert tiny["tasks"] == ["generate", "image-to-image", "inpaint", "controlnet"]
+    assert tiny["tasks"] == ["generate", "image-to-image", "inpaint", "controlnet", "controlnet-inpaint"]
     assert tiny["pipelines"] == ["QwenImagePipeline", "QwenImageImg2ImgPipeline", "QwenImageInpaintPipeline",
-                                 "QwenImageControlNetPipeline"]
-    assert tiny["controlnets"] == ["tiny-controlnet"] and tiny["checkpoint"] == "tiny"
+                                 "QwenImageControlNetPipeline", "QwenImageControlNetInpaintPipeline"]
+    assert tiny["controlnets"] == ["tiny-controlnet", "tiny-controlnet-inpaint"] and tiny["checkpoint"] == "tiny"
     assert models["tiny-edit"]["tasks"] == ["edit"]
 
 
@@ -277,7 +277,7 @@ def test_controlnets_are_declared_per_model_and_a_wrong_name_stops_the_server(tm
     from pydantic import ValidationError
 
     two = {"model": "Qwen/Qwen-Image-2512,edit=Qwen/Qwen-Image-Edit-2509"}
-    assert tiny_settings(tmp_path).controlnet_sources == {"tiny": ("tiny-controlnet",)}
+    assert tiny_settings(tmp_path).controlnet_sources == {"tiny": ("tiny-controlnet", "tiny-controlnet-inpaint")}
     assert tiny_settings(tmp_path, controlnets="none").controlnet_sources == {}
     assert tiny_settings(tmp_path, controlnets="InstantX/Qwen-Image-ControlNet-Union", **two).controlnet_sources == {
         "Qwen/Qwen-Image-2512": ("InstantX/Qwen-Image-ControlNet-Union",)}
@@ -298,9 +298,13 @@ def test_batch_keys_keep_kinds_strengths_and_controlnet_settings_apart():
         "img2img": img2img.batch_key,
         "img2img other strength": GenerationSpec(seed=1, image=red, strength=0.5, **base).batch_key,
         "inpaint": GenerationSpec(seed=1, image=red, mask=mask, strength=0.6, **base).batch_key,
-        "control": GenerationSpec(seed=1, control_image=red, **base).batch_key,
-        "control other scale": GenerationSpec(seed=1, control_image=red, control_scale=0.5, **base).batch_key,
-        "control other window": GenerationSpec(seed=1, control_image=red, control_end=0.5, **base).batch_key,
+        "control": GenerationSpec(seed=1, control_images=(red,), **base).batch_key,
+        "control other scale": GenerationSpec(seed=1, control_images=(red,), control_scales=(0.5,), **base).batch_key,
+        "control other window": GenerationSpec(seed=1, control_images=(red,), control_end=0.5, **base).batch_key,
+        "control, one per ControlNet": GenerationSpec(seed=1, control_images=(red, blue), **base).batch_key,
+        "control, a scale each": GenerationSpec(seed=1, control_images=(red,), control_scales=(1.0, 0.5),
+                                                **base).batch_key,
+        "ControlNet inpainting": GenerationSpec(seed=1, control_images=(red,), mask=mask, **base).batch_key,
     }
     assert len(set(keys.values())) == len(keys)
     # Different pictures (and seeds, prompts) of one size and kind share a call.

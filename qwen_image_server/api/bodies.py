@@ -6,14 +6,16 @@ decodes and checks them on the CPU pool.
 
 from __future__ import annotations
 
+import base64
 from typing import Any, TypeVar
 
 from fastapi import Request
 from fastapi.exceptions import RequestValidationError
 from pydantic import BaseModel, ValidationError
+from starlette.datastructures import UploadFile as StarletteUpload
 
 from qwen_image_server import errors
-from qwen_image_server.protocol.common import UploadFields
+from qwen_image_server.protocol.common import ControlFields, UploadFields, json_list
 from qwen_image_server.protocol.native import (
     EditForm,
     EditJobForm,
@@ -94,6 +96,51 @@ async def _read_edit(request: Request, form_model: type[EditForm], json_model: t
     raise errors.InvalidRequest(
         f"Send the edit as {FORM} (image files) or {JSON} (base64 images); it came as "
         f"{media_type or 'no Content-Type'}.", param="body", code="unsupported_media_type")
+
+
+# A generation's pictures, sent as multipart file parts: each is its base64 field of the JSON body.
+GENERATION_FILE_PARTS = ("image", "mask", "control_image")
+G = TypeVar("G", bound=ControlFields)
+
+
+async def read_generation(request: Request, model: type[G]) -> G:
+    """/generate's or /v1/jobs' body: JSON, or multipart/form-data. A form is the same body in
+    another encoding: its file parts `image`, `mask` and `control_image` (repeated: one per
+    ControlNet) stand for the base64 fields, its text parts for the others (a repeated one is a
+    list; `loras` is JSON text), read as text (`"20"` steps) where JSON is strict."""
+    media_type = request.headers.get("content-type", "").split(";")[0].strip().lower()
+    if media_type == FORM:
+        form = await request.form()
+        data: dict[str, Any] = {}
+        try:
+            for key in dict.fromkeys(form.keys()):
+                values = [base64.b64encode(await value.read()).decode() if isinstance(value, StarletteUpload)
+                          else value for value in form.getlist(key)]
+                data[key] = values[0] if len(values) == 1 else values
+        finally:
+            await form.close()
+        if "loras" in data:
+            data["loras"] = json_list(data["loras"])
+        try:
+            return model.model_validate(data, strict=False, context={"form": True})
+        except ValidationError as exc:
+            raise RequestValidationError(
+                [{**e, "loc": ("body", *e["loc"])} for e in exc.errors(include_url=False)]) from exc
+    raw = await request.body()
+    if not raw.strip():
+        raise RequestValidationError([{"type": "missing", "loc": ("body",), "msg": "Field required"}])
+    if media_type and media_type != JSON and not media_type.endswith("+json"):
+        # What FastAPI answers a JSON route sent another type (e.g. curl -d's form type).
+        raise RequestValidationError([{"type": "model_attributes_type", "loc": ("body",),
+                                       "msg": "Input should be a valid dictionary or object"}])
+    return validated(model, raw)
+
+
+def generation_body(model: type[BaseModel]) -> dict[str, Any]:
+    """The request body a generation route documents: JSON, or the same fields as a multipart
+    form with `image`, `mask` and `control_image` as file parts."""
+    schema = model.model_json_schema()
+    return {"requestBody": {"required": True, "content": {JSON: {"schema": schema}, FORM: {"schema": schema}}}}
 
 
 def edit_body(form_model: type[EditForm], json_model: type[EditRequest]) -> dict[str, Any]:

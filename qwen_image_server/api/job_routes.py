@@ -17,7 +17,7 @@ from pydantic import HttpUrl
 from starlette.applications import Starlette
 from starlette.datastructures import URL
 
-from qwen_image_server.api.bodies import EDIT_JOB_BODY, read_edit_job
+from qwen_image_server.api.bodies import EDIT_JOB_BODY, generation_body, read_edit_job, read_generation
 from qwen_image_server.api.context import Ctx, ServerContext, Who
 from qwen_image_server.api.error_mapping import SAVE_ERROR_RESPONSES
 from qwen_image_server.api.file_routes import file_url_at
@@ -75,11 +75,18 @@ def announce_end(app: Starlette) -> Callable[[JobRecord], Awaitable[None]]:
     return ended
 
 
-@router.post("", status_code=202, response_model=JobStatus,
+async def job_body(request: Request) -> JobRequest:
+    """Dependency: /v1/jobs' body, JSON or a multipart form (pictures as file parts)."""
+    return await read_generation(request, JobRequest)
+
+
+@router.post("", status_code=202, response_model=JobStatus, openapi_extra=generation_body(JobRequest),
              responses={**{s: {"model": ErrorResponse} for s in (400, 429, 503)}, **SAVE_ERROR_RESPONSES})
-async def create_job(body: JobRequest, request: Request, ctx: Ctx, caller: Who) -> JSONResponse:
-    """Queue a generation (/generate's body, plus `preview` and `webhook_url`) and return at
-    once with its id."""
+async def create_job(body: Annotated[JobRequest, Depends(job_body)], request: Request, ctx: Ctx,
+                     caller: Who) -> JSONResponse:
+    """Queue a generation (/generate's body, plus `preview` and `webhook_url`; JSON, or a
+    multipart form with `image`, `mask` and `control_image` as file parts) and return at once
+    with its id."""
     webhook = await ctx.webhooks.url_for(_text(body.webhook_url))
     prepared = await ctx.generation.prepare(body, "generate", preview=body.preview_plan(), caller=caller)
     return _accepted(ctx, request, await ctx.jobs.start(prepared, str(request.base_url), webhook))

@@ -3,12 +3,13 @@
 from __future__ import annotations
 
 import logging
+from typing import Annotated
 
 import anyio
-from fastapi import APIRouter, Request, Response
+from fastapi import APIRouter, Depends, Request, Response
 from fastapi.responses import JSONResponse
 
-from qwen_image_server.api.bodies import NATIVE_EDIT_BODY, read_native_edit
+from qwen_image_server.api.bodies import NATIVE_EDIT_BODY, generation_body, read_generation, read_native_edit
 from qwen_image_server.api.context import Ctx, ServerContext, Who, client_gone
 from qwen_image_server.api.error_mapping import ERROR_RESPONSES, SAVE_ERROR_RESPONSES
 from qwen_image_server.api.file_routes import file_url
@@ -81,13 +82,22 @@ async def info(ctx: Ctx) -> InfoResponse:
     return server_info(ctx.generation, ctx.replica)
 
 
+async def generate_body(request: Request) -> GenerateRequest:
+    """Dependency: /generate's body, JSON or a multipart form (pictures as file parts)."""
+    return await read_generation(request, GenerateRequest)
+
+
 @router.post(
     "/generate",
     tags=["generate"],
+    openapi_extra=generation_body(GenerateRequest),
     responses={200: IMAGE_OR_FILE, **ERROR_RESPONSES, **SAVE_ERROR_RESPONSES},
 )
-async def generate(body: GenerateRequest, request: Request, ctx: Ctx, caller: Who) -> Response:
-    """Generate one image: PNG bytes, or (save_to_file) JSON naming the saved file."""
+async def generate(body: Annotated[GenerateRequest, Depends(generate_body)], request: Request, ctx: Ctx,
+                   caller: Who) -> Response:
+    """Generate one image: PNG bytes, or (save_to_file) JSON naming the saved file. The body is
+    JSON, or the same fields as multipart/form-data with `image`, `mask` and `control_image` as
+    file parts."""
     prepared = await ctx.generation.prepare(body, "generate", caller=caller)
     spec = prepared.specs[0]
     log.info("request %d received: %dx%d, %d steps, cfg %g, seed %d, save_to_file=%s",

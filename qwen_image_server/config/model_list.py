@@ -17,6 +17,8 @@ TINY_LAYERED_MODEL_NAME = "tiny-layered"
 EMBEDDED = (TINY_MODEL_NAME, TINY_EDIT_MODEL_NAME, TINY_LAYERED_MODEL_NAME)
 # The embedded ControlNet, served with the embedded generation model unless QWEN_IMAGE_CONTROLNETS says otherwise.
 TINY_CONTROLNET_NAME = "tiny-controlnet"
+# The embedded inpainting ControlNet (InstantX's ControlNet-Inpainting layout), served beside it.
+TINY_INPAINT_CONTROLNET_NAME = "tiny-controlnet-inpaint"
 
 LOCAL_FOLDER_ADVICE = (
     "Point QWEN_IMAGE_MODEL at a folder made by `save_pretrained` or downloaded from "
@@ -73,16 +75,18 @@ def local_folder_problem(folder: Path) -> str | None:
 
 def parse_controlnets(value: str, models: list[ModelRef]) -> dict[str, tuple[str, ...]]:
     """`QWEN_IMAGE_CONTROLNETS`: comma-separated ControlNets, each `source` (for the first model)
-    or `model=source` (for the model of that public name); several for one model are run
-    together (QwenImageMultiControlNetModel). '' serves the embedded ControlNet with the embedded
-    generation model (when it is served) and nothing else; 'none' serves none.
+    or `model=source` (for the model of that public name): at most one that follows control
+    images and one that inpaints per model (which one inpaints is read from its config when it
+    loads: see engine/loader.with_controlnets). '' serves the embedded ControlNets (both kinds)
+    with the embedded generation model (when it is served) and nothing else; 'none' serves none.
 
     ValueError (one sentence) for an empty entry or a model name not in `models`."""
     value = value.strip()
     if value.lower() == "none":
         return {}
     if not value:
-        return {ref.name: (TINY_CONTROLNET_NAME,) for ref in models if ref.source == TINY_MODEL_NAME}
+        return {ref.name: (TINY_CONTROLNET_NAME, TINY_INPAINT_CONTROLNET_NAME)
+                for ref in models if ref.source == TINY_MODEL_NAME}
     names = [ref.name for ref in models]
     found: dict[str, tuple[str, ...]] = {}
     for entry in (part.strip() for part in value.split(",")):

@@ -106,8 +106,9 @@ class Settings(BaseSettings):
         "",
         description="ControlNets served with the generation models: comma-separated, each a hub id or folder "
         "of a QwenImageControlNetModel (InstantX/Qwen-Image-ControlNet-Union, ...) for the first model, or "
-        "'model=source' for a model by its public name; several for one model run together. Empty: the "
-        "embedded test ControlNet with the embedded 'tiny' model; 'none': no ControlNet.",
+        "'model=source' for a model by its public name. A model takes one that follows control images and "
+        "one that inpaints (InstantX/Qwen-Image-ControlNet-Inpainting; told apart by their configs). Empty: "
+        "the embedded test ControlNets with the embedded 'tiny' model; 'none': no ControlNet.",
     )
     model_source: ModelSource = Field(
         "huggingface", description="Where a hub id is fetched from: huggingface or modelscope."

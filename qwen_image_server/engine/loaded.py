@@ -41,6 +41,10 @@ class LoadedModel:
     # the front of a server whose engines are processes).
     controlnets: tuple[str, ...] = ()
     controlnet: Any = None
+    # Its inpainting ControlNet (one whose config takes the mask's extra channels), if any: its
+    # source, and the QwenImageControlNetModel (None in such a front).
+    inpaint_controlnets: tuple[str, ...] = ()
+    inpaint_controlnet: Any = None
 
     @property
     def max_prompt_tokens(self) -> int:
@@ -57,7 +61,8 @@ class LoadedModel:
         from a picture (image-to-image), inpaints, and with a ControlNet follows a control image."""
         if self.task != "generate":
             return [self.task]
-        return ["generate", "image-to-image", "inpaint", *(["controlnet"] if self.controlnets else [])]
+        return ["generate", "image-to-image", "inpaint", *(["controlnet"] if self.controlnets else []),
+                *(["controlnet-inpaint"] if self.inpaint_controlnets else [])]
 
     @property
     def pipelines(self) -> list[str]:
@@ -68,7 +73,8 @@ class LoadedModel:
             extra = ["QwenImageEditInpaintPipeline"]
         else:
             extra = ["QwenImageImg2ImgPipeline", "QwenImageInpaintPipeline",
-                     *(["QwenImageControlNetPipeline"] if self.controlnets else [])]
+                     *(["QwenImageControlNetPipeline"] if self.controlnets else []),
+                     *(["QwenImageControlNetInpaintPipeline"] if self.inpaint_controlnets else [])]
         return [self.pipeline_class, *extra]
 
     @property

@@ -26,6 +26,7 @@ from qwen_image_server.config.model_list import (
     LOCAL_FOLDER_ADVICE,
     TINY_CONTROLNET_NAME,
     TINY_EDIT_MODEL_NAME,
+    TINY_INPAINT_CONTROLNET_NAME,
     TINY_LAYERED_MODEL_NAME,
     TINY_MODEL_NAME,
     ModelRef,
@@ -43,6 +44,7 @@ from qwen_image_server.engine.quantize import tensor_bytes
 from qwen_image_server.engine.tiny import (
     ensure_tiny_controlnet,
     ensure_tiny_edit_model,
+    ensure_tiny_inpaint_controlnet,
     ensure_tiny_layered_model,
     ensure_tiny_model,
 )
@@ -231,22 +233,29 @@ def finish_model(settings: Settings, loading: LoadingModel, device: DeviceInfo, 
 def with_controlnets(settings: Settings, model: LoadedModel) -> LoadedModel:
     """`model` with the ControlNets QWEN_IMAGE_CONTROLNETS declares for it, loaded onto the device
     its pipeline runs on. A ControlNet is its own small network next to the model's transformer,
-    which it shares (the ControlNet pipeline is made over the model's modules); several run as
-    one QwenImageMultiControlNetModel."""
+    which it shares (the ControlNet pipeline is made over the model's modules). A ControlNet whose
+    config takes extra condition channels (InstantX's Qwen-Image-ControlNet-Inpainting: the
+    mask's) is the model's inpainting ControlNet (QwenImageControlNetInpaintPipeline); the other
+    follows control images (QwenImageControlNetPipeline). A model has at most one of each:
+    diffusers calls one ControlNet per pipeline call (several control images go through one
+    union ControlNet)."""
     sources = settings.controlnet_sources.get(model.name, ())
     if not sources:
         return model
     if model.task != "generate":
         raise ModelLoadError(f"QWEN_IMAGE_CONTROLNETS gives the model {model.name!r} a ControlNet, but it is a "
                              f"{model.pipeline_class}: ControlNets steer generation models (Qwen-Image, -2512).")
-    from diffusers import QwenImageControlNetModel, QwenImageMultiControlNetModel
+    from diffusers import QwenImageControlNetModel
 
-    nets = []
+    nets: list[tuple[str, Any]] = []
+    inpainting: list[tuple[str, Any]] = []
     for source in sources:
         where = f"QwenImageControlNetModel.from_pretrained({source!r}, dtype={model.dtype})"
         try:
             if source == TINY_CONTROLNET_NAME:
                 location: str | Path = ensure_tiny_controlnet(settings.cache_dir)
+            elif source == TINY_INPAINT_CONTROLNET_NAME:
+                location = ensure_tiny_inpaint_controlnet(settings.cache_dir)
             elif looks_local(source):
                 location = Path(source).expanduser()
             elif settings.model_source == "modelscope":
@@ -262,11 +271,21 @@ def with_controlnets(settings: Settings, model: LoadedModel) -> LoadedModel:
                 f"failed with: {_first_line(exc).rstrip('. ')}. Check QWEN_IMAGE_CONTROLNETS (a hub id or "
                 "folder of a QwenImageControlNetModel, e.g. InstantX/Qwen-Image-ControlNet-Union), or set it "
                 "to 'none'.") from exc
-        nets.append(net.eval().requires_grad_(False))
-    module = nets[0] if len(nets) == 1 else QwenImageMultiControlNetModel(nets)
-    module.to(model.pipeline._execution_device)
-    log.info("ControlNet%s %s served with %s", "s" if len(nets) > 1 else "", ", ".join(sources), model.name)
-    return replace(model, controlnets=tuple(sources), controlnet=module)
+        net = net.eval().requires_grad_(False).to(model.pipeline._execution_device)
+        (inpainting if net.config.extra_condition_channels else nets).append((source, net))
+    for found, what in ((nets, "ControlNets that follow control images"), (inpainting, "inpainting ControlNets")):
+        if len(found) > 1:
+            raise ModelLoadError(
+                f"QWEN_IMAGE_CONTROLNETS gives the model {model.name!r} {len(found)} {what} "
+                f"({', '.join(source for source, _ in found)}); diffusers runs one per call, so declare one "
+                "(a union ControlNet, such as InstantX/Qwen-Image-ControlNet-Union, takes several control "
+                "images at once).")
+    module = nets[0][1] if nets else None
+    log.info("ControlNets served with %s: %s", model.name,
+             ", ".join([*(source for source, _ in nets), *(f"{source} (inpainting)" for source, _ in inpainting)]))
+    return replace(model, controlnets=tuple(source for source, _ in nets), controlnet=module,
+                   inpaint_controlnets=tuple(source for source, _ in inpainting),
+                   inpaint_controlnet=inpainting[0][1] if inpainting else None)
 
 
 def _load_error(settings: Settings, ref: ModelRef, where: str, source: str, exc: BaseException) -> ModelLoadError:

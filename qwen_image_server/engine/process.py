@@ -132,7 +132,7 @@ class PipelineFacts:
 def _facts(model: LoadedModel) -> LoadedModel:
     pipeline = model.pipeline
     tokenizer = getattr(pipeline, "tokenizer", None)
-    return replace(model, controlnet=None, pipeline=PipelineFacts(
+    return replace(model, controlnet=None, inpaint_controlnet=None, pipeline=PipelineFacts(
         type(pipeline).__name__, getattr(tokenizer, "backend_tokenizer", tokenizer),
         int(getattr(pipeline, "tokenizer_max_length", 1024))))
 

@@ -89,7 +89,8 @@ class PipelineEngine:
         # need no mask. Otherwise such a batch would fail, or attend to the padding.
         self.equal_lengths_only = not takes_padding_mask(model.options.attention)
         self.edits = EditCalls(self.pipeline) if model.task == "edit" else None
-        self.generations = GenerationCalls(self.pipeline, model.controlnet) if model.task == "generate" else None
+        self.generations = (GenerationCalls(self.pipeline, model.controlnet, model.inpaint_controlnet)
+                            if model.task == "generate" else None)
         # Prompt embeddings computed once (generation models; an edit's prompt is encoded with
         # its images, so edits run as before). Without one, no prompt is kept between batches.
         self.prompts = prompts if prompts is not None else PromptCache(0)

@@ -32,6 +32,9 @@ TINY_EDIT_MODEL_VERSION = 2
 # The embedded ControlNet (QwenImageControlNetModel) for the tiny model: built from the tiny
 # transformer's config like InstantX's are from Qwen-Image's, one block deep.
 TINY_CONTROLNET_VERSION = 1
+# The embedded inpainting ControlNet (InstantX's Qwen-Image-ControlNet-Inpainting's layout): the
+# same, with the mask's extra conditioning channels.
+TINY_INPAINT_CONTROLNET_VERSION = 1
 
 # The embedded image -> RGBA layers model (QwenImageLayeredPipeline): the tiny model's text encoder
 # and tokenizer, its own transformer (with the layer and RGB/RGBA conditioning Qwen-Image-Layered
@@ -119,6 +122,19 @@ def ensure_tiny_controlnet(cache_dir: Path) -> Path:
     source = ensure_tiny_model(cache_dir)
     return _ensure_built(tiny_controlnet_dir(cache_dir), lambda target: build_tiny_controlnet(source, target),
                          "tiny Qwen-Image ControlNet", marker="config.json")
+
+
+def tiny_inpaint_controlnet_dir(cache_dir: Path) -> Path:
+    """The folder the tiny inpainting ControlNet of this recipe version lives in under `cache_dir`."""
+    return Path(cache_dir) / f"tiny-qwen-image-controlnet-inpaint-v{TINY_INPAINT_CONTROLNET_VERSION}"
+
+
+def ensure_tiny_inpaint_controlnet(cache_dir: Path) -> Path:
+    """Return the tiny inpainting ControlNet folder, building it (and the tiny model) if missing."""
+    source = ensure_tiny_model(cache_dir)
+    return _ensure_built(tiny_inpaint_controlnet_dir(cache_dir),
+                         lambda target: build_tiny_controlnet(source, target, inpaint=True),
+                         "tiny Qwen-Image inpainting ControlNet", marker="config.json")
 
 
 def tiny_layered_model_dir(cache_dir: Path) -> Path:
@@ -287,21 +303,26 @@ def build_tiny_layered_model(source: Path, target: Path) -> None:
         save_as_vocab_and_merges(target / folder)
 
 
-def build_tiny_controlnet(source: Path, target: Path) -> None:
+def build_tiny_controlnet(source: Path, target: Path, inpaint: bool = False) -> None:
     """The tiny ControlNet: `QwenImageControlNetModel.from_transformer` of the tiny transformer
     (its embeddings and first block copied, as InstantX's are started from Qwen-Image), then
     the control input and output projections, which diffusers starts at zero (a ControlNet that
-    changes nothing until trained), given seeded random weights so a control image steers."""
+    changes nothing until trained), given seeded random weights so a control image steers.
+
+    `inpaint`: an inpainting ControlNet, whose condition is the masked picture's latents plus the
+    mask, one channel packed 2x2 like the latents: `extra_condition_channels` = patch_size**2 (4,
+    as in InstantX's Qwen-Image-ControlNet-Inpainting)."""
     import torch
     from diffusers import QwenImageControlNetModel, QwenImageTransformer2DModel
 
     transformer = QwenImageTransformer2DModel.from_pretrained(source / "transformer")
     config = transformer.config
     with torch.random.fork_rng(devices=[]):
-        torch.manual_seed(_SEED + 5)
+        torch.manual_seed(_SEED + (8 if inpaint else 5))
         controlnet = QwenImageControlNetModel.from_transformer(
             transformer, num_layers=1, attention_head_dim=config.attention_head_dim,
-            num_attention_heads=config.num_attention_heads)
+            num_attention_heads=config.num_attention_heads,
+            extra_condition_channels=config.patch_size**2 if inpaint else 0)
         with torch.no_grad():
             for module in (controlnet.controlnet_x_embedder, *controlnet.controlnet_blocks):
                 torch.nn.init.normal_(module.weight, std=0.2)

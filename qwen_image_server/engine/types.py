@@ -13,7 +13,7 @@ if TYPE_CHECKING:
 
 Task = Literal["generate", "edit", "layered"]
 # What a generation model's call does with its inputs (see GenerationSpec.kind).
-GenerationKind = Literal["text", "img2img", "inpaint", "control"]
+GenerationKind = Literal["text", "img2img", "inpaint", "control", "control_inpaint"]
 PreviewMode = Literal["latent", "full"]
 
 
@@ -94,9 +94,11 @@ class GenerationSpec:
     image: Image.Image | None = field(default=None, compare=False)
     mask: Image.Image | None = field(default=None, compare=False)
     strength: float = 1.0  # how far from `image` (or an edit's masked area) the result may move
-    # ControlNet: the control image (RGB, at width x height) and how it steers the steps.
-    control_image: Image.Image | None = field(default=None, compare=False)
-    control_scale: float = 1.0
+    # ControlNet: the control images (RGB, at width x height): one, or several conditions for the
+    # one ControlNet (a union ControlNet's edges and depth, ...); with `mask`, the picture the
+    # inpainting ControlNet repaints. One scale for them all, or one per control image.
+    control_images: tuple[Image.Image, ...] = field(default=(), compare=False)
+    control_scales: tuple[float, ...] = (1.0,)
     control_start: float = 0.0  # fraction of the steps where the ControlNet starts / stops
     control_end: float = 1.0
 
@@ -104,13 +106,14 @@ class GenerationSpec:
 
     @property
     def kind(self) -> GenerationKind:
-        """Which pipeline of a generation model makes it: plain, image-to-image, inpaint, ControlNet."""
+        """Which pipeline of a generation model makes it: plain, image-to-image, inpaint, ControlNet,
+        ControlNet inpainting (a control image and a mask)."""
+        if self.control_images:
+            return "control_inpaint" if self.mask is not None else "control"
         if self.mask is not None:
             return "inpaint"
         if self.image is not None:
             return "img2img"
-        if self.control_image is not None:
-            return "control"
         return "text"
 
     @property
@@ -121,20 +124,22 @@ class GenerationSpec:
         extra: tuple[object, ...] = ()
         if kind in ("img2img", "inpaint"):
             extra = (self.strength,)
-        elif kind == "control":
-            extra = (self.control_scale, self.control_start, self.control_end)
+        elif kind in ("control", "control_inpaint"):
+            extra = (len(self.control_images), self.control_scales, self.control_start, self.control_end)
         return (self.task, self.model, self.width, self.height, self.num_inference_steps,
                 self.true_cfg_scale, self.loras, kind, *extra)
 
     def kept(self) -> tuple[Image.Image, Image.Image] | None:
-        """An inpainting's (original, mask): outside the mask the original is kept when rendering."""
-        if self.mask is None or self.image is None:
+        """An inpainting's (original, mask): outside the mask the original is kept when rendering.
+        A ControlNet inpainting's original is its control image."""
+        original = self.image if self.image is not None else next(iter(self.control_images), None)
+        if self.mask is None or original is None:
             return None
-        return self.image, self.mask
+        return original, self.mask
 
     def without_pixels(self) -> GenerationSpec:
         """This spec without its input pictures (what a finished job's record keeps)."""
-        return dataclasses.replace(self, image=None, mask=None, control_image=None)
+        return dataclasses.replace(self, image=None, mask=None, control_images=())
 
     @property
     def pixels(self) -> int:

@@ -235,18 +235,53 @@ class StartImageFields(BaseModel):
         "with a mask."))
 
 
-class ControlFields(BaseModel):
-    """ControlNet: a control image (edges, depth, pose, ...) that steers a generation."""
+MAX_CONTROLNET_SCALE = 5.0
+MAX_CONTROL_IMAGES = 4  # conditions of one request (a union ControlNet's edges, depth, pose, ...)
 
-    control_image: str | None = Field(None, description=(
+
+class ControlFields(BaseModel):
+    """ControlNet: a control image (edges, depth, pose, ...) that steers a generation, or several
+    at once; or, with `mask`, the picture an inpainting ControlNet repaints."""
+
+    control_image: str | list[str] | None = Field(None, description=(
         "A control image (e.g. a canny edge map, depth map or pose), base64, exactly the output's "
-        "size; needs a model served with a ControlNet (see /v1/models' tasks)."))
-    controlnet_conditioning_scale: float = Field(1.0, ge=0.0, le=5.0, description=(
-        "How strongly the control image steers (0: not at all; the ControlNet is then not run)."))
+        "size; needs a model served with a ControlNet (see /v1/models' tasks). A list (at most 4) "
+        "steers with several at once, e.g. edges and depth through a union ControlNet. With `mask` "
+        "(and no `image`): the picture the inpainting ControlNet repaints."))
+    controlnet_conditioning_scale: float | list[float] = Field(1.0, description=(
+        "How strongly the control image steers, 0-5 (0: not at all; the ControlNet is then not "
+        "run); a list gives one per control image."))
     control_guidance_start: float = Field(0.0, ge=0.0, le=1.0, description=(
         "Fraction of the steps after which the ControlNet starts to steer."))
     control_guidance_end: float = Field(1.0, ge=0.0, le=1.0, description=(
         "Fraction of the steps after which it stops; above control_guidance_start."))
+
+    # The forms are checked before pydantic tries each side of the union, so that a wrong value
+    # is one error naming the field (a union's own errors name each of its sides).
+    @field_validator("control_image", mode="before")
+    @classmethod
+    def _images(cls, value: object) -> object:
+        if value is None or isinstance(value, str):
+            return value
+        if isinstance(value, list) and value and all(isinstance(item, str) for item in value):
+            return value
+        raise ValueError("must be a base64 image, or a non-empty list of them")
+
+    @field_validator("controlnet_conditioning_scale", mode="before")
+    @classmethod
+    def _scales(cls, value: object, info: ValidationInfo) -> object:
+        problem = (f"must be a number from 0 to {MAX_CONTROLNET_SCALE:g}, or a non-empty list of them (one "
+                   "per control image)")
+        scales = value if isinstance(value, list) else [value]
+        if info.context and info.context.get("form"):  # a multipart form's fields are text
+            try:
+                scales = [float(item) if isinstance(item, str) else item for item in scales]
+            except ValueError:
+                raise ValueError(problem) from None
+        if not scales or not all(isinstance(item, int | float) and not isinstance(item, bool)
+                                 and 0.0 <= item <= MAX_CONTROLNET_SCALE for item in scales):
+            raise ValueError(problem)
+        return scales if isinstance(value, list) else scales[0]
 
     @field_validator("control_guidance_end")
     @classmethod
@@ -255,6 +290,18 @@ class ControlFields(BaseModel):
         if start is not None and value <= start:
             raise ValueError(f"control_guidance_end ({value:g}) must be above control_guidance_start ({start:g})")
         return value
+
+    @property
+    def control_images(self) -> list[str]:
+        """The control images sent, as a list (empty: none)."""
+        value = self.control_image
+        return [] if value is None else [value] if isinstance(value, str) else list(value)
+
+    @property
+    def control_scales(self) -> tuple[float, ...]:
+        """The scale, or one per control image, as a tuple."""
+        value = self.controlnet_conditioning_scale
+        return tuple(float(item) for item in value) if isinstance(value, list) else (float(value),)
 
     @property
     def control_settings_given(self) -> list[str]:

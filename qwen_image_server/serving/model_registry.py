@@ -41,6 +41,7 @@ class ModelChoice:
     max_images: int  # input images it takes (edits)
     one_prompt_per_call: bool  # QwenImageEditPlusPipeline: batches only one prompt's seeds
     controlnet: bool = True  # served with a ControlNet (True while unknown: the engine decides)
+    inpaint_controlnet: bool = True  # served with an inpainting ControlNet (True while unknown)
 
 
 # The first model for the request's task, whichever it is: what a request gets while the models
@@ -111,9 +112,10 @@ class ModelRegistry:
                 param="model", code="model_cannot_do_task")
         loaded = {model.name: model for model in self.models}.get(requested)
         if loaded is None:  # loading: the settings say whether it will have a ControlNet
-            return ModelChoice(requested, 3, True, requested in self.settings.controlnet_sources)
-        return ModelChoice(requested, loaded.max_images,
-                           loaded.pipeline_class == "QwenImageEditPlusPipeline", bool(loaded.controlnets))
+            declared = requested in self.settings.controlnet_sources
+            return ModelChoice(requested, 3, True, declared, declared)
+        return ModelChoice(requested, loaded.max_images, loaded.pipeline_class == "QwenImageEditPlusPipeline",
+                           bool(loaded.controlnets), bool(loaded.inpaint_controlnets))
 
     def task_of(self, name: str | None) -> Task | None:
         """The task of the model `name` names (None: no such model, none named, or still loading)."""
@@ -131,7 +133,7 @@ class ModelRegistry:
                                    max_input_images=model.max_images if model else 0,
                                    pipeline=model.pipeline_class if model else None,
                                    pipelines=model.pipelines if model else [],
-                                   controlnets=list(model.controlnets) if model else [],
+                                   controlnets=[*model.controlnets, *model.inpaint_controlnets] if model else [],
                                    checkpoint=checkpoint_name(sources.get(name, name))))
         return cards
 

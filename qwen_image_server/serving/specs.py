@@ -58,20 +58,24 @@ def build_specs(body: PromptFields, *, model: ModelChoice, loras: LoraSet, seeds
 
 
 def _guided(body: PromptFields, pictures: GenerationPictures) -> dict[str, Any]:
-    """A generation's picture to start from, or its control image, as spec fields."""
+    """A generation's picture to start from, or its control images (and a ControlNet
+    inpainting's mask), as spec fields."""
     if pictures.image is not None:
         assert isinstance(body, StartImageFields)
         strength = body.strength
         if strength is None:
             strength = DEFAULT_MASKED_STRENGTH if pictures.mask is not None else DEFAULT_STRENGTH
         return dict(image=pictures.image, mask=pictures.mask, strength=strength)
-    assert isinstance(body, ControlFields) and pictures.control_image is not None
-    if body.controlnet_conditioning_scale == 0:
+    assert isinstance(body, ControlFields) and pictures.control_images
+    scales = body.control_scales
+    if pictures.mask is None and not any(scales):
         # A ControlNet at scale 0 adds exact zeros, but its pipeline draws the control image's VAE
         # sample from the image's own generator first, which would change the starting noise: a
-        # scale of 0 is run as no ControlNet at all (the same image, and no ControlNet cost).
+        # scale of 0 is run as no ControlNet at all (the same image, and no ControlNet cost). The
+        # inpainting ControlNet is what inpaints, so it runs at any scale (at 0 its image is the
+        # text-to-image one with the picture pasted back outside the mask).
         return {}
-    return dict(control_image=pictures.control_image, control_scale=body.controlnet_conditioning_scale,
+    return dict(control_images=pictures.control_images, mask=pictures.mask, control_scales=scales,
                 control_start=body.control_guidance_start, control_end=body.control_guidance_end)
 
 

@@ -88,20 +88,22 @@ def read_edit_inputs(images: Sequence[Upload], mask: Upload | None, max_pixels: 
 
 @dataclass(frozen=True, slots=True)
 class GenerationPictures:
-    """The decoded pictures of a generation request: a picture to start from (and a mask), or a
-    control image; each at the output's size."""
+    """The decoded pictures of a generation request: a picture to start from (and a mask), or
+    control images (one, or one per ControlNet; with a mask, the picture a ControlNet inpaints);
+    each at the output's size."""
 
     image: Image.Image | None = None  # RGB
     mask: Image.Image | None = None  # "L", 255 = change
-    control_image: Image.Image | None = None  # RGB
+    control_images: tuple[Image.Image, ...] = ()  # RGB
 
 
-def read_generation_pictures(image: Upload | None, mask: Upload | None, control: Upload | None,
+def read_generation_pictures(image: Upload | None, mask: Upload | None, controls: Sequence[Upload],
                              size: tuple[int, int], max_pixels: int) -> GenerationPictures:
     """Decode and check a generation's pictures: `image` is cropped (centred) to the output's
     aspect ratio and scaled to `size`, its mask (the size of `image`) with it; a control image
     must be `size` already (a ControlNet's map is drawn for one picture: cropping it would move
-    its edges). errors.InvalidRequest naming the field otherwise."""
+    its edges), and so must a mask sent with one (ControlNet inpainting). errors.InvalidRequest
+    naming the field otherwise."""
     start = change = None
     if image is not None:
         picture = _to_rgb(_open(image, max_pixels))
@@ -109,15 +111,17 @@ def read_generation_pictures(image: Upload | None, mask: Upload | None, control:
             change = ImageOps.fit(_mask(_open(mask, max_pixels), mask.field, picture.size, picture.size),
                                   size, Image.Resampling.BILINEAR)
         start = ImageOps.fit(picture, size, Image.Resampling.LANCZOS)
-    steer = None
-    if control is not None:
+    steer = []
+    for control in controls:
         picture = _open(control, max_pixels)
         if picture.size != size:
             raise errors.InvalidRequest(
                 f"'{control.field}' is {picture.size[0]}x{picture.size[1]}; a control image must be the "
                 f"output's size, {size[0]}x{size[1]}.", param=control.field, code="control_image_size_mismatch")
-        steer = _to_rgb(picture)
-    return GenerationPictures(start, change, steer)
+        steer.append(_to_rgb(picture))
+    if image is None and mask is not None and controls:
+        change = _mask(_open(mask, max_pixels), mask.field, size, size, of=f"'{controls[0].field}'")
+    return GenerationPictures(start, change, tuple(steer))
 
 
 def read_layered_input(images: Sequence[Upload], max_pixels: int) -> Image.Image:
@@ -214,11 +218,11 @@ def _working_size(image: Image.Image) -> Image.Image:
 
 
 def _mask(image: Image.Image, field: str, first_size: tuple[int, int],
-          working_size: tuple[int, int]) -> Image.Image:
+          working_size: tuple[int, int], of: str = "the first image") -> Image.Image:
     """OpenAI's mask (transparent = change) as diffusers' (white = change), at the working size."""
     if image.size != first_size:
         raise errors.InvalidRequest(
-            f"'{field}' is {image.size[0]}x{image.size[1]}; it must be the size of the first image, "
+            f"'{field}' is {image.size[0]}x{image.size[1]}; it must be the size of {of}, "
             f"{first_size[0]}x{first_size[1]}.", param=field, code="mask_size_mismatch")
     has_alpha = image.mode in ("RGBA", "LA", "PA", "La", "RGBa") or (
         image.mode == "P" and "transparency" in image.info)
