@@ -18,7 +18,7 @@ import pytest
 from PIL import Image
 from playwright.sync_api import Page, expect
 
-from tests.conftest import LiveServer, tiny_settings
+from tests.conftest import LiveServer, hold_engine, tiny_settings
 from tests.fakes import FakeEngine
 from tests.test_web import SLOW, Watched, screenshot, wait_for_image
 
@@ -249,6 +249,18 @@ def test_layers_side_by_side_and_stacked_each_an_rgba_png(browser, live):
     assert {position for _, position, *_ in stacked} == {"absolute"}
     assert len({tuple(item[2:]) for item in stacked}) == 1
     screenshot(page, "web-family-layers.png")
+
+    # Cancel: no job on this route, so the page drops the request and the server cancels it.
+    cancelled = live.scheduler()["cancelled"]
+    with hold_engine(live):
+        page.click("#generate")
+        live.wait_running(what="the split to run")
+        page.click("#cancel")
+        expect(page.locator("#status")).to_have_text("Cancelled: the picture was not split.")
+        expect(page.locator("#generate")).to_have_text("Split into layers")
+    live.wait_scheduler("the split to be cancelled", cancelled=cancelled + 1, running_batch_size=0)
+    expect(page.locator("#layers-list li")).to_have_count(3)  # the last layers stay on show
+    expect(page.locator("#layers-figure")).to_be_visible()
     watched.close()
 
 
