@@ -154,10 +154,21 @@ def test_image_to_image_and_inpainting_from_an_uploaded_picture(browser, live):
     assert np.abs(inpainted[~kept] - original[~kept]).mean() > 1, "the masked area was not repainted"
     screenshot(page, "web-family-inpaint.png")
 
+    # An uploaded mask replaces the painted one: here the picture's top half is repainted.
+    upload = np.full((SIZE, SIZE, 4), 255, dtype=np.uint8)
+    upload[: SIZE // 2, :, 3] = 0
+    buf = io.BytesIO()
+    Image.fromarray(upload, "RGBA").save(buf, "PNG")
+    page.set_input_files("#start_mask", files=[file("mask.png", buf.getvalue())])
+    generate(page, 4)
+    assert base64.b64decode(last_job(page)["mask"]) == buf.getvalue()
+    bottom = result(page)[SIZE // 2:]
+    assert (bottom == original[SIZE // 2:]).all(), "outside the uploaded mask the picture must stay as it was"
+
     # The picture removed: a plain text-to-image request again.
     page.click("#start-remove")
     expect(page.locator("#start-picked")).to_be_hidden()
-    generate(page, 4)
+    generate(page, 5)
     assert "image" not in last_job(page) and "strength" not in last_job(page)
     watched.close()
 
