@@ -1,9 +1,11 @@
 /* Qwen-Image playground: plain JavaScript, no build step, no third-party code.
  *
- * Talks to the public API only: GET /info (aspect ratios, models), POST /v1/jobs (or, in Edit
- * mode, /v1/jobs/edit with the images and the painted mask as multipart files), the job's SSE
- * stream (read with fetch + a stream parser, so an Authorization header can be sent), its image,
- * DELETE to cancel. Results are kept in this browser's IndexedDB (the server forgets job images
+ * Talks to the public API only: GET /info (aspect ratios, models and their tasks), POST /v1/jobs
+ * (with a start picture, mask or control image as base64 fields when given; in Edit mode,
+ * /v1/jobs/edit with the images and the painted mask as multipart files), the job's SSE stream
+ * (read with fetch + a stream parser, so an Authorization header can be sent), its image, DELETE
+ * to cancel; in Layers mode, POST /v1/images/edits with the layered model (one RGBA PNG a layer,
+ * no job and no step events there). Results are kept in this browser's IndexedDB (the server forgets job images
  * after its result TTL). URLs are relative, so the page also works behind a path prefix.
  */
 "use strict";
@@ -32,6 +34,17 @@
     num_inference_steps: "Steps", true_cfg_scale: "CFG scale", seed: "Seed",
     language: "Language", add_overlay: "Info strip", save_to_file: "Save on the server",
     image: "Images", mask: "Mask", loras: "LoRA", lora_scale: "LoRA scale",
+    start_image: "Picture", start_mask: "Mask", strength: "Strength", control_image: "Control image",
+    controlnet_conditioning_scale: "ControlNet scale", control_guidance_start: "ControlNet from",
+    control_guidance_end: "ControlNet until", layered_image: "Picture", layers: "Layers",
+    resolution: "Resolution",
+  };
+  // The API names a request's pictures `image` and `mask`: which field of the page that is
+  // depends on the mode.
+  const PARAM_FIELDS = {
+    generate: { image: "start_image", mask: "start_mask" },
+    edit: {},
+    layered: { image: "layered_image" },
   };
   const FIELDS = Object.keys(LABELS);
   // A job's final states, as the server names them (/info "job_states"); until /info answers,
@@ -232,6 +245,15 @@
         const loading = info.models.some((m) => !(m.tasks || []).length);
         $("mode-edit").disabled = !canEdit && !loading;
         $("mode-help").hidden = canEdit || loading;
+        // Requests without a model go to the first one: it is the one the Generate mode uses.
+        const first = info.models[0];
+        $("control-fields").hidden = !(first && (first.tasks || []).includes("controlnet"));
+        const layered = info.models.find((m) => (m.tasks || []).includes("layered"));
+        layeredModel = layered ? layered.name : null;
+        $("mode-layered").disabled = !layered && !loading;
+        $("layered-help").hidden = Boolean(layered) || loading;
+        if ($("control-fields").hidden && controlFile) removeControl();
+        if (first && (first.tasks || []).includes("controlnet")) loadControlnets(first.name);
       }
       const where = info.gpu ? `${info.device} (${info.gpu})` : info.device;
       const state = info.model_loaded ? "" : " · model loading, jobs wait until it is ready";
@@ -275,6 +297,14 @@
     $("true_cfg_scale").value = "1";
   });
 
+  // The ControlNets the Generate mode's model is served with (GET /v1/models), named in the section.
+  async function loadControlnets(model) {
+    try {
+      const card = await (await request(`v1/models/${encodeURIComponent(model)}`)).json();
+      $("controlnet-names").textContent = (card.controlnets || []).length ? `(${card.controlnets.join(", ")})` : "";
+    } catch { /* only a label */ }
+  }
+
   function showBanner(text) { $("banner").textContent = text; $("banner").hidden = false; }
   function hideBanner() { $("banner").hidden = true; }
 
@@ -302,10 +332,23 @@
     body.language = $("language").value;
     body.add_overlay = $("add_overlay").checked;
     body.save_to_file = $("save_to_file").checked;
-    if ($("loras").value) {
+    if ($("loras").value && !layering()) {
       const { value, error } = numberOf("lora_scale", false);
       if (error) errors.lora_scale = error;
       else body.loras = [{ name: $("loras").value, scale: value }];
+    }
+    // The pictures themselves are added when the request is sent (they are not settings to keep).
+    if (generating() && startFile) body.strength = Number($("strength").value);
+    if (generating() && controlFile) {
+      for (const id of ["controlnet_conditioning_scale", "control_guidance_start", "control_guidance_end"]) {
+        const { value, error } = numberOf(id, false);
+        if (error) errors[id] = error; else body[id] = value;
+      }
+    }
+    if (layering()) {
+      const { value, error } = numberOf("layers", true);
+      if (error) errors.layers = error; else body.layers = value;
+      body.resolution = Number($("resolution").value);
     }
     return { body, errors };
   }
@@ -323,6 +366,11 @@
     if (settings.language) $("language").value = settings.language;
     if (typeof settings.add_overlay === "boolean") $("add_overlay").checked = settings.add_overlay;
     if (typeof settings.save_to_file === "boolean") $("save_to_file").checked = settings.save_to_file;
+    if (typeof settings.strength === "number") { $("strength").value = String(settings.strength); showStrength(); }
+    for (const id of ["controlnet_conditioning_scale", "control_guidance_start", "control_guidance_end", "layers"]) {
+      if (typeof settings[id] === "number") $(id).value = String(settings[id]);
+    }
+    if (settings.resolution) $("resolution").value = String(settings.resolution);
     const lora = Array.isArray(settings.loras) ? settings.loras[0] : null;
     if (lora && [...$("loras").options].some((o) => o.value === lora.name)) {
       $("loras").value = lora.name;
@@ -333,10 +381,16 @@
     clearFieldErrors();
   }
 
-  function fieldError(param, message) {
+  /** The page's field for a parameter the API names, in the current mode (null: none). */
+  function fieldOf(param) {
     param = (param || "").replace(/^loras\[\d+\]\.scale$/, "lora_scale").replace(/^loras\[\d+\]\.name$/, "loras")
       .replace(/\[\d+\]$/, ""); // image[1] -> image
-    const id = FIELDS.includes(param) ? param : null;
+    param = PARAM_FIELDS[mode()][param] || param;
+    return FIELDS.includes(param) ? param : null;
+  }
+
+  function fieldError(param, message) {
+    const id = fieldOf(param);
     if (!id) return false;
     const note = $(`${id}-error`);
     note.textContent = message;
@@ -387,7 +441,7 @@
 
   // -- plain-words errors --------------------------------------------------------------
   function plainFieldMessage(err) {
-    const label = LABELS[err.param] || err.param;
+    const label = LABELS[fieldOf(err.param)] || err.param;
     let text = err.message.replace(/^Invalid value for '[^']*':\s*/, "").replace(/\.$/, "");
     if (err.param === "prompt" && /prompt|short|least/i.test(text)) return "Please write a prompt: describe the image you want.";
     text = text.replace(/^Value error,\s*/, "");
@@ -491,13 +545,16 @@
   // -- jobs -----------------------------------------------------------------------------
   let current = null; // {id, body, controller}
 
+  const VERBS = { generate: ["Generate", "Generating"], edit: ["Edit", "Editing"], layered: ["Split into layers", "Splitting"] };
+
   function setBusy(busy) {
     $("generate").disabled = busy;
-    const verb = editing() ? "Edit" : "Generate";
-    $("generate").textContent = busy ? `${verb === "Edit" ? "Editing" : "Generating"}…` : verb;
+    const [verb, doing] = VERBS[mode()];
+    $("generate").textContent = busy ? `${doing}…` : verb;
     $("cancel").hidden = !busy;
     $("cancel").disabled = false;
-    $("result-figure").classList.toggle("stale", busy); // the last image, dimmed while a new one is made
+    // The last result, dimmed while a new one is made.
+    for (const id of ["result-figure", "layers-figure"]) $(id).classList.toggle("stale", busy);
   }
 
   /** Follow the job's SSE stream to its end; reconnects (the first event is the current state,
@@ -539,6 +596,7 @@
     $("preview-caption").textContent = `Preview after step ${preview.step} of ${preview.total}`;
     $("preview-figure").hidden = false;
     $("result-figure").hidden = true;
+    $("layers-figure").hidden = true;
     $("result-empty").hidden = true;
   }
 
@@ -547,8 +605,16 @@
     $("preview-figure").hidden = true;
     $("preview-image").removeAttribute("src");
     // No new image (cancelled, failed): the panel shows what it showed before.
-    $("result-figure").hidden = !shown;
-    $("result-empty").hidden = Boolean(shown);
+    showPanel(lastPanel);
+  }
+
+  let lastPanel = "empty"; // what the result panel shows when no job runs: empty, result or layers
+
+  function showPanel(which) {
+    lastPanel = which;
+    $("result-figure").hidden = which !== "result";
+    $("layers-figure").hidden = which !== "layers";
+    $("result-empty").hidden = which !== "empty";
   }
 
   async function runJob(id, body) {
@@ -589,7 +655,17 @@
       $("image").focus();
       return;
     }
+    if (layering() && !layeredFile) {
+      fieldError("layered_image", "Choose the picture to split into layers first.");
+      setStatus("Choose the picture to split first.", "error");
+      $("layered_image").focus();
+      return;
+    }
     local.set(SETTINGS_ITEM, JSON.stringify(body));
+    if (layering()) {
+      await splitLayers(body);
+      return;
+    }
     setBusy(true);
     setStatus("Sending the request…");
     setProgress(0, "", "indeterminate");
@@ -601,10 +677,11 @@
           method: "POST",
           headers: { "Content-Type": "application/json" },
           // Latent previews cost next to nothing: the image fills in at every step.
-          body: JSON.stringify({ ...body, preview: "latent" }),
+          body: JSON.stringify({ ...body, ...(await pictureFields()), preview: "latent" }),
         });
       job = await response.json();
       if (editing()) body.mode = "edit";
+      else body.task = task();
     } catch (err) {
       setBusy(false);
       showError(err);
@@ -619,13 +696,25 @@
   let editImages = []; // File objects, in order; the first sets the size and takes the mask
   let maskPainted = false;
   const editing = () => $("mode-edit").checked;
+  const layering = () => $("mode-layered").checked;
+  const generating = () => !editing() && !layering();
+  const mode = () => (editing() ? "edit" : layering() ? "layered" : "generate");
 
   function setMode() {
     const edit = editing();
+    const layered = layering();
     $("edit-fields").hidden = !edit;
-    $("ratio-row").querySelector("#aspect_ratio").closest(".field").hidden = edit; // the first image sets the size
-    if (!current) $("generate").textContent = edit ? "Edit" : "Generate";
-    $("result-empty").querySelector("p").textContent = edit ? "Your edited image appears here." : "Your image appears here.";
+    $("layered-fields").hidden = !layered;
+    $("start-fields").hidden = edit || layered;
+    $("control-fields").classList.toggle("off-mode", edit || layered);
+    // The first image (edit) or the picture (layers) sets the size.
+    $("ratio-row").querySelector("#aspect_ratio").closest(".field").hidden = edit || layered;
+    // Layers come from the OpenAI edits route: no info strip, no file on the server, no LoRA.
+    for (const id of ["add_overlay", "save_to_file"]) $(id).closest(".field").hidden = layered;
+    $("lora-row").classList.toggle("off-mode", layered);
+    if (!current) $("generate").textContent = VERBS[mode()][0];
+    $("result-empty").querySelector("p").textContent = edit ? "Your edited image appears here."
+      : layered ? "The layers appear here." : "Your image appears here.";
     clearFieldErrors();
   }
   for (const radio of document.querySelectorAll('input[name="mode"]')) radio.addEventListener("change", setMode);
@@ -696,37 +785,39 @@
     $("image").value = ""; // choosing the same file again adds it again
   });
 
-  // The mask canvas has the first image's own pixel size; strokes are opaque, shown at half
-  // opacity by CSS. Painted = the area to change.
-  let painting = false;
-  function paintAt(event) {
-    const canvas = $("mask");
-    const box = canvas.getBoundingClientRect();
-    const scale = canvas.width / box.width;
-    const ctx = canvas.getContext("2d");
-    ctx.fillStyle = "#ff2d55";
-    ctx.beginPath();
-    ctx.arc((event.clientX - box.left) * scale, (event.clientY - box.top) * scale,
-      (Number($("brush").value) / 2) * scale, 0, 2 * Math.PI);
-    ctx.fill();
-    maskPainted = true;
+  // A mask canvas has its picture's own pixel size; strokes are opaque, shown at half opacity by
+  // CSS. Painted = the area to change. (The edit mask and the inpainting mask work alike.)
+  function painter(canvas, brush, onPaint) {
+    let painting = false;
+    function paintAt(event) {
+      const box = canvas.getBoundingClientRect();
+      const scale = canvas.width / box.width;
+      const ctx = canvas.getContext("2d");
+      ctx.fillStyle = "#ff2d55";
+      ctx.beginPath();
+      ctx.arc((event.clientX - box.left) * scale, (event.clientY - box.top) * scale,
+        (Number(brush.value) / 2) * scale, 0, 2 * Math.PI);
+      ctx.fill();
+      onPaint();
+    }
+    canvas.addEventListener("pointerdown", (event) => {
+      painting = true;
+      canvas.setPointerCapture(event.pointerId);
+      paintAt(event);
+    });
+    canvas.addEventListener("pointermove", (event) => { if (painting) paintAt(event); });
+    for (const end of ["pointerup", "pointercancel"]) canvas.addEventListener(end, () => { painting = false; });
   }
-  $("mask").addEventListener("pointerdown", (event) => {
-    painting = true;
-    $("mask").setPointerCapture(event.pointerId);
-    paintAt(event);
-  });
-  $("mask").addEventListener("pointermove", (event) => { if (painting) paintAt(event); });
-  for (const end of ["pointerup", "pointercancel"]) $("mask").addEventListener(end, () => { painting = false; });
+  const clearCanvas = (canvas) => canvas.getContext("2d").clearRect(0, 0, canvas.width, canvas.height);
+
+  painter($("mask"), $("brush"), () => { maskPainted = true; });
   $("mask-clear").addEventListener("click", () => {
-    const canvas = $("mask");
-    canvas.getContext("2d").clearRect(0, 0, canvas.width, canvas.height);
+    clearCanvas($("mask"));
     maskPainted = false;
   });
 
   /** OpenAI's mask: opaque everywhere, transparent where painted (the area to change). */
-  function maskBlob() {
-    const painted = $("mask");
+  function maskBlob(painted = $("mask")) {
     const out = document.createElement("canvas");
     out.width = painted.width;
     out.height = painted.height;
@@ -750,6 +841,216 @@
     return data;
   }
 
+  // -- Generate mode: a picture to start from (image-to-image; with a mask, inpainting) -------
+  let startFile = null;
+  let startMaskFile = null; // an uploaded mask: it replaces the painted one
+  let startPainted = false;
+  let strengthTouched = false; // until the slider is moved, it shows the API's default
+
+  function showStrength() { $("strength-value").textContent = Number($("strength").value).toFixed(2); }
+  $("strength").addEventListener("input", () => { strengthTouched = true; showStrength(); });
+
+  const startMasked = () => Boolean(startMaskFile || startPainted);
+
+  /** What a Generate request does, as the gallery names it. */
+  function task() {
+    if (controlFile) return "controlnet";
+    if (startFile) return startMasked() ? "inpaint" : "image-to-image";
+    return "text";
+  }
+
+  // The API's default strength is 0.6, or 1 with a mask (repaint the area): the slider follows.
+  function maskChanged() {
+    if (strengthTouched) return;
+    $("strength").value = startMasked() ? "1" : "0.6";
+    showStrength();
+  }
+
+  function showPicked(image, file, onLoad) {
+    if (image.src) URL.revokeObjectURL(image.src);
+    if (!file) { image.removeAttribute("src"); return; }
+    image.onload = () => onLoad && onLoad(image);
+    image.src = URL.createObjectURL(file);
+  }
+
+  $("start_image").addEventListener("change", () => {
+    const file = $("start_image").files[0];
+    if (!file) return;
+    startFile = file;
+    startMaskFile = null;
+    $("start_mask").value = "";
+    startPainted = false;
+    showPicked($("start-preview"), file, (image) => {
+      const canvas = $("start-mask");
+      canvas.width = image.naturalWidth;
+      canvas.height = image.naturalHeight;
+      clearCanvas(canvas);
+    });
+    $("start-picked").hidden = false;
+    maskChanged();
+  });
+  $("start-remove").addEventListener("click", () => {
+    startFile = null;
+    startMaskFile = null;
+    startPainted = false;
+    $("start_image").value = "";
+    $("start_mask").value = "";
+    showPicked($("start-preview"), null);
+    $("start-picked").hidden = true;
+    maskChanged();
+    $("start_image").focus();
+  });
+  $("start_mask").addEventListener("change", () => {
+    startMaskFile = $("start_mask").files[0] || null;
+    maskChanged();
+  });
+  painter($("start-mask"), $("start-brush"), () => {
+    if (startPainted) return;
+    startPainted = true;
+    maskChanged();
+  });
+  $("start-mask-clear").addEventListener("click", () => {
+    clearCanvas($("start-mask"));
+    startPainted = false;
+    maskChanged();
+  });
+
+  // -- Generate mode: a ControlNet's control image (shown when the model has a ControlNet) ----
+  let controlFile = null;
+  const CONTROL_HELP = $("control_image-help").textContent;
+
+  /** The control image must have the output's exact size: choose the aspect ratio of that size. */
+  function matchRatio(width, height) {
+    const select = $("aspect_ratio");
+    const name = [...select.options].map((o) => o.value)
+      .find((n) => ratios[n] && ratios[n][0] === width && ratios[n][1] === height);
+    if (name) select.value = name;
+    $("control_image-help").textContent = name
+      ? `${width} × ${height}: the aspect ratio ${name} makes images of this size.`
+      : `${width} × ${height}: no aspect ratio makes images of this size (the control image must have the image's exact size).`;
+  }
+
+  $("control_image").addEventListener("change", () => {
+    const file = $("control_image").files[0];
+    if (!file) return;
+    controlFile = file;
+    showPicked($("control-preview"), file, (image) => matchRatio(image.naturalWidth, image.naturalHeight));
+    $("control-picked").hidden = false;
+  });
+
+  function removeControl() {
+    controlFile = null;
+    $("control_image").value = "";
+    showPicked($("control-preview"), null);
+    $("control-picked").hidden = true;
+    $("control_image-help").textContent = CONTROL_HELP;
+  }
+  $("control-remove").addEventListener("click", () => { removeControl(); $("control_image").focus(); });
+
+  function base64Of(blob) {
+    return new Promise((resolve, reject) => {
+      const reader = new FileReader();
+      reader.onload = () => resolve(String(reader.result).slice(String(reader.result).indexOf(",") + 1));
+      reader.onerror = () => reject(reader.error);
+      reader.readAsDataURL(blob);
+    });
+  }
+
+  /** The pictures of a Generate request, as the API's base64 fields. */
+  async function pictureFields() {
+    const fields = {};
+    if (startFile) {
+      fields.image = await base64Of(startFile);
+      if (startMaskFile) fields.mask = await base64Of(startMaskFile);
+      else if (startPainted) fields.mask = await base64Of(await maskBlob($("start-mask")));
+    }
+    if (controlFile) fields.control_image = await base64Of(controlFile);
+    return fields;
+  }
+
+  // -- Layers mode: one picture into RGBA layers (the layered model, on the OpenAI edits route) --
+  let layeredFile = null;
+  let layeredModel = null; // its name, from /info
+  const layerUrls = [];
+
+  $("layered_image").addEventListener("change", () => {
+    layeredFile = $("layered_image").files[0] || null;
+    showPicked($("layered-preview"), layeredFile);
+    $("layered-preview").hidden = !layeredFile;
+  });
+
+  async function splitLayers(body) {
+    const data = new FormData();
+    data.append("model", layeredModel || "layered");
+    for (const name of ["prompt", "negative_prompt", "num_inference_steps", "true_cfg_scale", "seed",
+      "language", "layers"]) data.append(name, String(body[name]));
+    // The default bucket is not sent: the server reads a form's `resolution` as text, which its
+    // 640-or-1024 check refuses (a 400 naming `resolution`) until it converts form text to a number.
+    if (body.resolution !== 640) data.append("resolution", String(body.resolution));
+    data.append("image", layeredFile, layeredFile.name || "picture.png");
+    current = { id: null, body, layered: true, controller: new AbortController() };
+    setBusy(true);
+    // This route has no job, so no step events: the bar only says that it works.
+    setStatus(`Splitting the picture into ${body.layers} layers…`);
+    setProgress(0, "Working…", "indeterminate");
+    const started = performance.now();
+    try {
+      const response = await request("v1/images/edits", { method: "POST", body: data, signal: current.controller.signal });
+      showLayers(await response.json(), body, (performance.now() - started) / 1000);
+    } catch (err) {
+      if (err.name !== "AbortError") showError(err);
+      else { // the server cancels a request whose client goes away
+        setProgress(0, "");
+        setStatus("Cancelled: the picture was not split.");
+      }
+    } finally {
+      current = null;
+      setBusy(false);
+    }
+  }
+
+  function blobOf(b64, type) {
+    return new Blob([Uint8Array.from(atob(b64), (c) => c.charCodeAt(0))], { type });
+  }
+
+  /** The layers side by side (each with its download link) and stacked, the first at the bottom. */
+  function showLayers(answer, body, seconds) {
+    for (const url of layerUrls.splice(0)) URL.revokeObjectURL(url);
+    const list = $("layers-list");
+    const stack = $("layers-stack");
+    list.replaceChildren();
+    stack.replaceChildren();
+    const count = answer.data.length;
+    answer.data.forEach((item, index) => {
+      const url = URL.createObjectURL(blobOf(item.b64_json, "image/png"));
+      layerUrls.push(url);
+      const li = document.createElement("li");
+      const img = document.createElement("img");
+      img.src = url;
+      img.alt = `Layer ${index + 1} of ${count}`;
+      img.className = "checker";
+      const link = document.createElement("a");
+      link.href = url;
+      link.download = `qwen-image-layer-${body.seed}-${index + 1}.png`;
+      link.className = "button secondary";
+      link.textContent = `Download layer ${index + 1}`;
+      li.append(img, link);
+      list.append(li);
+      const layer = document.createElement("img"); // stacked: later layers over earlier ones
+      layer.src = url;
+      layer.alt = "";
+      stack.append(layer);
+    });
+    const [width, height] = String(answer.size || "").split("x").map(Number);
+    if (width && height) stack.style.aspectRatio = `${width} / ${height}`;
+    $("layers-meta").textContent = [`${count} layers`, width && height ? `${width} × ${height}` : null,
+      `seed ${body.seed}`, `${body.num_inference_steps} steps`, `${seconds.toFixed(2)} s`].filter(Boolean).join(" · ");
+    $("layers-prompt").textContent = body.prompt;
+    showPanel("layers");
+    setProgress(100, "Done", "done");
+    setStatus(`Done: ${count} layers in ${seconds.toFixed(2)} s.`, "ok");
+  }
+
   form.addEventListener("submit", (event) => {
     event.preventDefault();
     generate();
@@ -757,6 +1058,10 @@
 
   $("cancel").addEventListener("click", async () => {
     if (!current) return;
+    if (current.layered) { // no job: the server cancels the request when its client goes away
+      current.controller.abort();
+      return;
+    }
     const { id } = current;
     $("cancel").disabled = true;
     setStatus("Cancelling…");
@@ -841,9 +1146,12 @@
     return urls.get(item.id);
   }
 
+  const TASK_NAMES = { "image-to-image": "Image-to-image", inpaint: "Inpainting", controlnet: "ControlNet" };
+
   function describe(item) {
     const parts = [`${item.width} × ${item.height}`, `seed ${item.seed}`];
     if (item.body?.mode === "edit") parts.unshift("Edit");
+    if (TASK_NAMES[item.body?.task]) parts.unshift(TASK_NAMES[item.body.task]);
     if (item.body?.num_inference_steps) parts.push(`${item.body.num_inference_steps} steps`);
     if (typeof item.inference_time === "number") parts.push(`${item.inference_time.toFixed(2)} s`);
     if (typeof item.queue_time === "number" && item.queue_time >= 0.5) parts.push(`${item.queue_time.toFixed(1)} s in queue`);
@@ -873,8 +1181,7 @@
     $("result-prompt").textContent = body.prompt + (item.file_path ? ` (saved on the server as ${item.file_path})` : "");
     $("result-download").href = url;
     $("result-download").download = fileName(item);
-    $("result-figure").hidden = false;
-    $("result-empty").hidden = true;
+    showPanel("result");
     setStatus(`Done in ${typeof item.inference_time === "number" ? item.inference_time.toFixed(2) + " s" : "a moment"}.`, "ok");
     await galleryPut(item);
     await renderGallery();
