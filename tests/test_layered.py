@@ -80,6 +80,16 @@ def test_layers_out_of_range_or_a_stream_is_a_400_naming_the_field(layered):
             assert response.json()["error"]["param"] == param, response.text
 
 
+def test_the_resolution_bucket_goes_through_the_official_client_as_a_form_field(oai, layered):
+    answer = oai.images.edit(image=("photo.png", picture(1), "image/png"), prompt="a cat", model="tiny-layered",
+                             extra_body={"layers": 2, "resolution": 1024, "num_inference_steps": STEPS})
+    assert len(answer.data) == 2
+    with pytest.raises(openai.BadRequestError) as refused:
+        oai.images.edit(image=("photo.png", picture(1), "image/png"), prompt="a cat", model="tiny-layered",
+                        extra_body={"layers": 2, "resolution": 800})
+    assert refused.value.body["param"] == "resolution"
+
+
 def test_v1_models_lists_the_layered_model(layered):
     with layered.client() as client:
         [card] = client.get("/v1/models").json()["data"]

@@ -176,6 +176,12 @@ class ImageEditForm(UploadFields, OpenAIImageFields, EditFields, PromptFields):
 
     _loras_as_json = field_validator("loras", mode="before")(json_list)
 
+    @field_validator("resolution", mode="before")
+    @classmethod
+    def _form_number(cls, value: object) -> object:
+        """A form sends every field as text; a Literal of ints would refuse "640"."""
+        return int(value) if isinstance(value, str) and value.strip().isdigit() else value
+
     @model_validator(mode="after")
     def _flattened_loras(self) -> ImageEditForm:
         if not self.lora_names:
