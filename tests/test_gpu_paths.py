@@ -487,7 +487,7 @@ class RaisingPipeline(StandInEncoder):
 def pipeline_engine(pipeline: object) -> PipelineEngine:
     """The real PipelineEngine over a stand-in pipeline, as a GPU model."""
     model = type("Model", (), {"pipeline": pipeline, "max_prompt_tokens": 1024,
-                               "device": GPU, "task": "generate", "controlnet": None,
+                               "device": GPU, "task": "generate", "controlnet": None, "inpaint_controlnet": None,
                                "options": type("Options", (), {"cache": "none", "offload": "none",
                                                                "attention": "native"})()})()
     return PipelineEngine(model)  # type: ignore[arg-type]

@@ -177,7 +177,7 @@ def test_controlnet_controls_steer_the_image_and_its_errors_show_on_their_fields
     watched = open_page(browser, live)
     page = watched.page
     expect(page.locator("#control-fields")).to_be_visible()  # the tiny model has a ControlNet
-    expect(page.locator("#controlnet-names")).to_have_text("(tiny-controlnet)")
+    expect(page.locator("#controlnet-names")).to_have_text("(tiny-controlnet, tiny-controlnet-inpaint)")
     generate(page, 1)
     plain = result(page)
 
