@@ -214,3 +214,34 @@ def test_the_cli_writes_each_layer_and_the_stacked_picture(layered, tmp_path):
         events(http, job["id"])
         members = dict(zip_layers(http.get(f"/v1/jobs/{job['id']}/layers.zip").content))
     assert {name: (out / name).read_bytes() for name in members} == members
+
+
+def test_a_layered_job_stored_before_a_restart_runs_after_it(layered, tmp_path):
+    """A queued layered job the job store kept (as a server killed before running it leaves it)
+    is prepared again from its stored parameters and picture, and runs, prompt-less, on start."""
+    import time
+    import uuid
+
+    from qwen_image_server.job_state import JobState
+    from qwen_image_server.protocol.native import LayeredJobParameters
+    from qwen_image_server.serving.job_store import SqliteJobStore, StoredJob
+    from qwen_image_server.serving.uploads import Upload
+    from tests.conftest import final_status
+
+    settings = tiny_settings(tmp_path)
+    body = LayeredJobParameters.model_validate({"layers": "2", "num_inference_steps": STEPS, "seed": 5,
+                                                "model": "tiny-layered"})
+    job_id = uuid.uuid4().hex
+    SqliteJobStore(settings.data_dir).add(
+        StoredJob(id=job_id, owner=None, task="layered", body=body.model_dump_json(exclude_unset=True),
+                  request_id=1, created_at=time.time(), state=JobState.QUEUED, runs=0),
+        [Upload("image", picture(1))], None)
+    live = LiveServer(settings).start()
+    try:
+        status = final_status(live.url, job_id)
+        assert status["status"] == "succeeded" and status["seed"] == 5, status
+        with live.client() as http:
+            members = zip_layers(http.get(f"/v1/jobs/{job_id}/layers.zip").content)
+        assert [name for name, _ in members] == ["layer-0.png", "layer-1.png"]
+    finally:
+        live.stop()
