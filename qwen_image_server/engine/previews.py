@@ -18,6 +18,7 @@ from __future__ import annotations
 
 import math
 import time
+import weakref
 from collections.abc import Callable, Iterator, Sequence
 from contextlib import contextmanager
 from dataclasses import dataclass
@@ -164,6 +165,10 @@ class StepRecorder:
         return sample - self.sigma * velocity
 
 
+# VAE module -> its fitted projection (a fit decodes a few latents: about a second on a CPU).
+_FITTED: weakref.WeakKeyDictionary[Any, LatentProjection] = weakref.WeakKeyDictionary()
+
+
 class Previewer:
     """Makes the previews of one model: its VAE, and the projection fitted to it."""
 
@@ -173,7 +178,13 @@ class Previewer:
 
     @classmethod
     def for_pipeline(cls, pipeline: Any, device: torch.device) -> Previewer:
-        return cls(pipeline.vae, fit_projection(pipeline.vae, device))
+        """The previewer of `pipeline`'s VAE, fitted once per VAE: models that share theirs (the
+        generation and edit models of a family) share its projection."""
+        projection = _FITTED.get(pipeline.vae)
+        if projection is None:
+            projection = _FITTED[pipeline.vae] = fit_projection(pipeline.vae, device)
+        return cls(pipeline.vae, projection)
+
 
     def make(self, recorder: StepRecorder, wanted: dict[int, PreviewMode], step: int, total: int,
              width: int, height: int,
