@@ -1,5 +1,5 @@
-"""`qwen-image serve`, `qwen-image generate` and `qwen-image edit`: every setting is also a flag
-(--max-queue ...)."""
+"""`qwen-image serve`, `qwen-image generate`, `qwen-image edit` and `qwen-image layers`: every
+setting is also a flag (--max-queue ...)."""
 
 from __future__ import annotations
 
@@ -12,7 +12,7 @@ import os
 import socket
 import sys
 from pathlib import Path
-from typing import TYPE_CHECKING, Annotated, Any, ClassVar, TypeVar
+from typing import TYPE_CHECKING, Annotated, Any, ClassVar, Literal, TypeVar
 
 from pydantic import AliasChoices, Field, ValidationError, field_validator
 from pydantic_settings import (
@@ -43,12 +43,14 @@ from qwen_image_server.protocol.common import (
     PromptFields,
     StartImageFields,
 )
-from qwen_image_server.protocol.native import EditParameters, GenerateRequest
+from qwen_image_server.protocol.native import EditParameters, GenerateRequest, LayeredJobParameters
 from qwen_image_server.serving.object_store import open_object_store
 from qwen_image_server.serving.store_choice import check_store
 from qwen_image_server.serving.uploads import Upload, field_names
 
 if TYPE_CHECKING:
+    import httpx
+
     from qwen_image_server.engine.models import ModelSet
     from qwen_image_server.serving.generation import Generation, Prepared
 
@@ -185,6 +187,16 @@ class OneImageCommand(Settings):
             raise ModelLoadError(f"only one LoRA can be fused at load; got {', '.join(fused)}")
         return fused[0] if fused else None
 
+    def save_remote(self, client: httpx.Client, job_id: str, final: dict[str, Any]) -> str:
+        """Fetch a finished job's image from the server and write it to --out; what was saved."""
+        from qwen_image_server.serving.render import save_atomically
+
+        image = client.get(f"/v1/jobs/{job_id}/image")
+        out: Path = getattr(self, "out")  # noqa: B009 - each command declares its own --out
+        out = out.expanduser()
+        save_atomically(image.content, out.parent, out.name, overwrite=True)
+        return f"saved {out} ({final['width']}x{final['height']}"
+
     def engine_settings(self) -> Settings:
         """The server settings of this command, with the fused LoRA (if any) as QWEN_IMAGE_LORA."""
         values = {name: getattr(self, name) for name in Settings.model_fields}
@@ -285,14 +297,64 @@ class EditCommand(OneImageCommand):
         return run_remote_job(self, "/v1/jobs/edit", {"data": data, "files": files})
 
 
+_LAYERED = LayeredJobParameters.model_fields
+
+
+class LayersCommand(OneImageCommand):
+    """Split a picture into RGBA layers on a running server (--url; a layered model such as
+    QWEN_IMAGE_MODEL=tiny's tiny-layered), writing layer-0.png (the bottom) upwards and stacked.png
+    (the layers composited) into --out."""
+
+    image: CliPositionalArg[Path] = Field(description="The picture to split (PNG keeps its transparency).")
+    prompt: str = Field("", description=_LAYERED["prompt"].description)
+    layers: int = Field(4, description=_LAYERED["layers"].description)
+    resolution: Literal[640, 1024] = Field(640, description=_LAYERED["resolution"].description)
+    layered_model: str | None = Field(None, description="The layered model to use (default: the first one).")
+    out: Path = Field(Path("layers"), description="The folder to write the layers into.")
+
+    doing: ClassVar[str] = "splitting"
+
+    def cli_cmd(self) -> None:
+        if not self.image.expanduser().is_file():
+            print(f"error: no such file: {self.image}", file=sys.stderr)
+            raise SystemExit(1)
+        if not self.url:
+            print("error: layers runs on a server: give --url http://host:port (QWEN_IMAGE_MODEL=tiny serves "
+                  "the embedded layered model)", file=sys.stderr)
+            raise SystemExit(2)
+        body = self.body(LayeredJobParameters, prompt=self.prompt, layers=self.layers, resolution=self.resolution,
+                         model=self.layered_model)
+        data = {name: json.dumps(value) if name == "loras" else str(value).lower() if isinstance(value, bool)
+                else str(value) for name, value in body.model_dump(exclude_unset=True, exclude_none=True).items()}
+        files = [("image", (self.image.name, self.image.expanduser().read_bytes()))]
+        raise SystemExit(run_remote_job(self, "/v1/jobs/layers", {"data": data, "files": files}))
+
+    def save_remote(self, client: httpx.Client, job_id: str, final: dict[str, Any]) -> str:
+        """Write the job's layers (from its ZIP) and its stacked image into --out."""
+        import io
+        import zipfile
+
+        from qwen_image_server.serving.render import save_atomically
+
+        folder = self.out.expanduser()
+        archive = client.get(f"/v1/jobs/{job_id}/layers.zip")
+        archive.raise_for_status()
+        with zipfile.ZipFile(io.BytesIO(archive.content)) as layers:
+            names = layers.namelist()
+            for name in names:
+                save_atomically(layers.read(name), folder, Path(name).name, overwrite=True)
+        save_atomically(client.get(f"/v1/jobs/{job_id}/image").content, folder, "stacked.png", overwrite=True)
+        return f"saved {len(names)} layers and stacked.png in {folder} ({final['width']}x{final['height']}"
+
+
 def generate_remote(cmd: GenerateCommand) -> int:
     """Generate on a running server through the jobs API, with a progress bar from its events."""
     body = cmd.request().model_dump(exclude_unset=True)
     return run_remote_job(cmd, "/v1/jobs", {"json": body})
 
 
-def run_remote_job(cmd: GenerateCommand | EditCommand, path: str, request: dict[str, Any]) -> int:
-    """POST a job to `path` on cmd.url, follow its events with a progress bar, save its image."""
+def run_remote_job(cmd: OneImageCommand, path: str, request: dict[str, Any]) -> int:
+    """POST a job to `path` on cmd.url, follow its events with a progress bar, save its result."""
     import httpx
     from httpx_sse import connect_sse
     from tqdm import tqdm
@@ -316,18 +378,16 @@ def run_remote_job(cmd: GenerateCommand | EditCommand, path: str, request: dict[
                 final = json.loads(event.data)
                 if event.event == "queued":
                     bar.set_description(f"queued (position {final['queue_position']})")
+                elif final.get("progress", {}).get("phase") == "captioning":
+                    bar.set_description("captioning")
                 else:
                     bar.set_description(cmd.doing)
                     bar.update(final["progress"]["step"] - bar.n)
         if final["status"] != "succeeded":
             print(f"error: job {final['status']}: {final['error']['message']}", file=sys.stderr)
             return 1
-        image = client.get(f"/v1/jobs/{job['id']}/image")
-    from qwen_image_server.serving.render import save_atomically
-
-    out = cmd.out.expanduser()
-    save_atomically(image.content, out.parent, out.name, overwrite=True)
-    print(f"saved {out} ({final['width']}x{final['height']}, {final['inference_time']:.2f}s on {cmd.url})")
+        saved = cmd.save_remote(client, job["id"], final)
+    print(f"{saved}, {final['inference_time']:.2f}s on {cmd.url})")
     return 0
 
 
@@ -391,6 +451,7 @@ class QwenImageCli(BaseSettings, cli_prog_name="qwen-image", cli_kebab_case=True
     serve: CliSubCommand[ServeCommand]
     generate: CliSubCommand[GenerateCommand]
     edit: CliSubCommand[EditCommand]
+    layers: CliSubCommand[LayersCommand]
 
     def cli_cmd(self) -> None:
         CliApp.run_subcommand(self)

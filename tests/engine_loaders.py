@@ -131,3 +131,21 @@ def count_block_passes(rank: int, world: int, mode: str, address: str, out: Path
     engine.run_batch([spec], lambda event: None)
     (out / f"rank-{rank}").write_text(str(len(passes)))
     group.close()
+
+
+@dataclass(frozen=True)
+class SmallLayersLoader:
+    """The real engine, with QwenImageLayeredPipeline sizing its layers for a `side` x `side`
+    bucket whatever the request's resolution (the front's `specs.layered_size` is shrunk the same
+    way by the test): the layered model's path, at a test's size."""
+
+    side: int = 128
+
+    def __call__(self, settings: Settings):
+        import diffusers.pipelines.qwenimage.pipeline_qwenimage_layered as pipeline_module
+
+        from qwen_image_server.engine.process import load_server_engine
+
+        real, side = pipeline_module.calculate_dimensions, self.side
+        pipeline_module.calculate_dimensions = lambda area, ratio: real(side * side, ratio)
+        return load_server_engine(settings)

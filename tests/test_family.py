@@ -188,6 +188,8 @@ def test_the_embedded_model_lists_its_tasks_and_pipelines(family):
                                  "QwenImageControlNetPipeline", "QwenImageControlNetInpaintPipeline"]
     assert tiny["controlnets"] == ["tiny-controlnet", "tiny-controlnet-inpaint"] and tiny["checkpoint"] == "tiny"
     assert models["tiny-edit"]["tasks"] == ["edit"]
+    assert models["tiny-layered"]["tasks"] == ["layered"]
+    assert models["tiny-layered"]["pipeline"] == "QwenImageLayeredPipeline"
 
 
 def test_control_image_steers_and_scale_zero_is_no_controlnet_byte_for_byte(family):

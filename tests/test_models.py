@@ -26,7 +26,9 @@ GiB = 2**30
 
 
 def test_model_lists_name_models_and_tiny_stands_for_both_embedded_models():
-    assert parse_model_list("tiny") == [ModelRef("tiny", "tiny"), ModelRef("tiny-edit", "tiny-edit")]
+    embedded = [ModelRef("tiny", "tiny"), ModelRef("tiny-edit", "tiny-edit"), ModelRef("tiny-layered", "tiny-layered")]
+    assert parse_model_list("tiny") == embedded
+    assert parse_model_list("tiny,tiny-layered") == embedded  # as written when `tiny` brought two
     assert parse_model_list("Qwen/Qwen-Image, edit=./Qwen-Image-Edit-2509") == [
         ModelRef("Qwen/Qwen-Image", "Qwen/Qwen-Image"), ModelRef("edit", "./Qwen-Image-Edit-2509")]
     assert parse_model_list("painter=tiny") == [ModelRef("painter", "tiny")]

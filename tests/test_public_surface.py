@@ -18,7 +18,7 @@ from typing import Any
 import pytest
 
 GOLDEN = Path(__file__).resolve().parent / "golden"
-COMMANDS = ("serve", "generate", "edit")
+COMMANDS = ("serve", "generate", "edit", "layers")
 
 
 def without_prose(doc: Any) -> Any:

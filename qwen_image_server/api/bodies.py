@@ -23,6 +23,8 @@ from qwen_image_server.protocol.native import (
     EditJobRequest,
     EditParameters,
     EditRequest,
+    LayeredJobForm,
+    LayeredJobParameters,
 )
 from qwen_image_server.serving.uploads import Upload, field_names
 
@@ -143,6 +145,25 @@ def generation_body(model: type[BaseModel]) -> dict[str, Any]:
     return {"requestBody": {"required": True, "content": {JSON: {"schema": schema}, FORM: {"schema": schema}}}}
 
 
+async def read_layered_job(request: Request) -> tuple[LayeredJobParameters, list[Upload]]:
+    """/v1/jobs/layers' body (multipart/form-data): the parameters and the picture's bytes."""
+    media_type = request.headers.get("content-type", "").split(";")[0].strip().lower()
+    if media_type != FORM:
+        raise errors.InvalidRequest(
+            f"Send the picture to split as {FORM} (the file `image`); it came as "
+            f"{media_type or 'no Content-Type'}.", param="body", code="unsupported_media_type")
+    form = await request.form()
+    try:
+        data: dict[str, Any] = {key: value for key, value in form.multi_items() if key not in ("image", "image[]")}
+        data["image"] = form.getlist("image")
+        data["image[]"] = form.getlist("image[]")
+        body = validated(LayeredJobForm, data)
+        images, _ = await read_uploads(body)
+    finally:
+        await form.close()
+    return body.parameters(), images
+
+
 def edit_body(form_model: type[EditForm], json_model: type[EditRequest]) -> dict[str, Any]:
     """The request body an edit route documents (it reads it itself, to take both kinds)."""
     return {
@@ -158,3 +179,5 @@ def edit_body(form_model: type[EditForm], json_model: type[EditRequest]) -> dict
 
 NATIVE_EDIT_BODY = edit_body(EditForm, EditRequest)
 EDIT_JOB_BODY = edit_body(EditJobForm, EditJobRequest)
+LAYERED_JOB_BODY = {"requestBody": {"required": True, "content": {
+    FORM: {"schema": LayeredJobForm.model_json_schema(by_alias=True)}}}}

@@ -17,7 +17,14 @@ from pydantic import HttpUrl
 from starlette.applications import Starlette
 from starlette.datastructures import URL
 
-from qwen_image_server.api.bodies import EDIT_JOB_BODY, generation_body, read_edit_job, read_generation
+from qwen_image_server.api.bodies import (
+    EDIT_JOB_BODY,
+    LAYERED_JOB_BODY,
+    generation_body,
+    read_edit_job,
+    read_generation,
+    read_layered_job,
+)
 from qwen_image_server.api.context import Ctx, ServerContext, Who
 from qwen_image_server.api.error_mapping import SAVE_ERROR_RESPONSES
 from qwen_image_server.api.file_routes import file_url_at
@@ -105,6 +112,20 @@ async def create_edit_job(request: Request, ctx: Ctx, caller: Who) -> JSONRespon
     return _accepted(ctx, request, await ctx.jobs.start(prepared, str(request.base_url), webhook))
 
 
+@router.post("/layers", status_code=202, response_model=JobStatus, openapi_extra=LAYERED_JOB_BODY,
+             responses={s: {"model": ErrorResponse} for s in (400, 404, 413, 429, 503)})
+async def create_layered_job(request: Request, ctx: Ctx, caller: Who) -> JSONResponse:
+    """Queue a layered split (multipart: the picture as `image`, `layers`, `resolution`, an
+    optional prompt, `preview=latent`, `webhook_url`) and return at once with its id. Its image
+    is the layers stacked (alpha-composited); `GET /v1/jobs/{id}/layers.zip` has each layer."""
+    body, images = await read_layered_job(request)
+    webhook = await ctx.webhooks.url_for(_text(body.webhook_url))
+    prepared = await ctx.generation.prepare(body, "layered", model=body.model, images=images,
+                                            preview=body.preview_plan(), caller=caller, layers=body.layers,
+                                            resolution=body.resolution)
+    return _accepted(ctx, request, await ctx.jobs.start(prepared, str(request.base_url), webhook))
+
+
 def _text(url: HttpUrl | None) -> str | None:
     return str(url) if url is not None else None
 
@@ -131,6 +152,18 @@ async def job_image(record: Record, ctx: Ctx) -> Response:
     stored = await ctx.jobs.image(record)
     return Response(stored.data, media_type=stored.media_type,
                     headers={"X-Request-ID": str(record.job.request_id)})
+
+
+@router.get("/{job_id}/layers.zip", name="job_layers",
+            responses={200: {"content": {"application/zip": {}}}, 404: {"model": ErrorResponse},
+                       409: {"model": ErrorResponse}})
+async def job_layers(record: Record, ctx: Ctx) -> Response:
+    """A succeeded layered job's layers: a ZIP of RGBA PNGs, layer-0.png (the bottom) upwards
+    (409 while it is not done; 404 for a job of another task, or once no longer kept)."""
+    stored = await ctx.jobs.layers(record)
+    return Response(stored.data, media_type=stored.media_type,
+                    headers={"X-Request-ID": str(record.job.request_id),
+                             "Content-Disposition": f'attachment; filename="{record.job.id}-layers.zip"'})
 
 
 @router.delete("/{job_id}", response_model=JobStatus, responses={404: {"model": ErrorResponse}})

@@ -93,6 +93,9 @@ async def edit_images(
     images, mask = await read_uploads(body)
     if ctx.generation.models.task_of(body.model) == "layered":
         return await _layers(body, images, mask, request, ctx, caller)
+    if not body.prompt:  # only a layered model captions a picture itself
+        raise errors.InvalidRequest("prompt must contain some text (only a layered model can do without one).",
+                                    param="prompt", code="missing_prompt")
     prepared = await ctx.generation.prepare(body, "edit", model=body.model, images=images, mask=mask, n=body.n,
                                             preview=body.preview_plan(), caller=caller)
     body, spec, inputs = prepared.body, prepared.specs[0], prepared.inputs
@@ -126,9 +129,10 @@ async def _layers(body: ImageEditForm, images: list[Upload], mask: Upload | None
               for layer in await generation.render_layers(job, result)]
     if body.response_format == "url":
         urls = await asyncio.gather(*(_store(ctx, request, layer, jobs[0].owner) for layer in layers))
-        data = [ImageData(url=url, revised_prompt=body.model_prompt) for url in urls]
+        data = [ImageData(url=url, revised_prompt=body.model_prompt if body.prompt else None) for url in urls]
     else:
-        data = [ImageData(b64_json=b64(layer.data), revised_prompt=body.model_prompt) for layer in layers]
+        data = [ImageData(b64_json=b64(layer.data), revised_prompt=body.model_prompt if body.prompt else None)
+                for layer in layers]
     width, height = layers[0].width, layers[0].height
     source = prepared.specs[0].source if isinstance(prepared.specs[0], LayeredSpec) else None
     text_tokens = await generation.count_tokens(body.model_prompt)

@@ -1,7 +1,8 @@
 """`QWEN_IMAGE_MODEL`: one or more models, comma-separated, each `source` or `name=source`.
 
-`tiny` stands for the two embedded test models, `tiny` (generation) and `tiny-edit`
-(multi-image editing), which share their text encoder and VAE like the real ones do.
+`tiny` stands for the three embedded test models, `tiny` (generation), `tiny-edit` (multi-image
+editing) and `tiny-layered` (one picture into RGBA layers), which share their text encoder (and the
+first two their VAE) like the real ones do.
 """
 
 from __future__ import annotations
@@ -12,7 +13,7 @@ from pathlib import Path
 # The embedded test models' names, as QWEN_IMAGE_MODEL gives them (built by engine/tiny.py).
 TINY_MODEL_NAME = "tiny"
 TINY_EDIT_MODEL_NAME = "tiny-edit"
-# The embedded image -> RGBA layers model; served when named (QWEN_IMAGE_MODEL=tiny,tiny-layered).
+# The embedded image -> RGBA layers model (QwenImageLayeredPipeline).
 TINY_LAYERED_MODEL_NAME = "tiny-layered"
 EMBEDDED = (TINY_MODEL_NAME, TINY_EDIT_MODEL_NAME, TINY_LAYERED_MODEL_NAME)
 # The embedded ControlNet, served with the embedded generation model unless QWEN_IMAGE_CONTROLNETS says otherwise.
@@ -48,8 +49,9 @@ def parse_model_list(value: str) -> list[ModelRef]:
         if not name or not source:
             raise ValueError(f"'{entry}' needs a name and a source, as in 'edit=Qwen/Qwen-Image-Edit'")
         if source == TINY_MODEL_NAME and not sep:
-            refs += [ModelRef(TINY_MODEL_NAME, TINY_MODEL_NAME),
-                     ModelRef(TINY_EDIT_MODEL_NAME, TINY_EDIT_MODEL_NAME)]
+            refs += [ModelRef(embedded, embedded) for embedded in EMBEDDED]
+        elif source in EMBEDDED and not sep and ModelRef(source, source) in refs:
+            continue  # `tiny,tiny-layered`, as written before `tiny` brought all three
         else:
             refs.append(ModelRef(name, source))
     names = [ref.name for ref in refs]

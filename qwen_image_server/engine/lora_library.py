@@ -89,6 +89,8 @@ def _family_of(value: str) -> str:
     text = value.lower().replace("_", "-").replace(" ", "-")
     if "qwen" in text and "edit" in text:
         return FAMILY["edit"]
+    if "qwen" in text and "layered" in text:
+        return FAMILY["layered"]
     if "qwen" in text and "image" in text:
         return FAMILY["generate"]
     return value

@@ -228,8 +228,7 @@ def load_engine(settings: Settings) -> ModelSet:
     engine = ModelSet([PipelineEngine(model, adapters(model), prompts()) for model in models],
                       library if library.configured else None)
     for each in engine.engines.values():
-        if each.model.task != "layered":  # no previews of layers (an RGBA VAE, several frames)
-            each.previewer  # noqa: B018 - fit the latent preview projection now, not in a request
+        each.previewer  # noqa: B018 - fit the latent preview projection now, not in a request
     if engine.model.options.warmup:
         engine.warm_up(settings.warmup_aspect_ratios)
     return engine

@@ -18,7 +18,8 @@ from __future__ import annotations
 
 import math
 import time
-from collections.abc import Iterator, Sequence
+import weakref
+from collections.abc import Callable, Iterator, Sequence
 from contextlib import contextmanager
 from dataclasses import dataclass
 from typing import Any
@@ -81,7 +82,8 @@ def fit_projection(vae: Any, device: torch.device, seed: int = 0) -> LatentProje
     detail = torch.randn(FIT_SAMPLES, channels, FIT_SIDE, FIT_SIDE, generator=generator)
     latents = (smooth + 0.25 * detail).to(device)
     with torch.inference_mode():
-        images = decode(vae, latents).float().cpu()
+        # An RGBA VAE (Qwen-Image-Layered's) decodes a fourth channel, alpha: the colours are fitted.
+        images = decode(vae, latents)[:, :3].float().cpu()
     target = torch.nn.functional.avg_pool2d(images, VAE_SCALE)  # (N, 3, side, side)
     x = latents.float().cpu().permute(0, 2, 3, 1).reshape(-1, channels)
     y = target.permute(0, 2, 3, 1).reshape(-1, 3)
@@ -163,6 +165,10 @@ class StepRecorder:
         return sample - self.sigma * velocity
 
 
+# VAE module -> its fitted projection (a fit decodes a few latents: about a second on a CPU).
+_FITTED: weakref.WeakKeyDictionary[Any, LatentProjection] = weakref.WeakKeyDictionary()
+
+
 class Previewer:
     """Makes the previews of one model: its VAE, and the projection fitted to it."""
 
@@ -172,11 +178,20 @@ class Previewer:
 
     @classmethod
     def for_pipeline(cls, pipeline: Any, device: torch.device) -> Previewer:
-        return cls(pipeline.vae, fit_projection(pipeline.vae, device))
+        """The previewer of `pipeline`'s VAE, fitted once per VAE: models that share theirs (the
+        generation and edit models of a family) share its projection."""
+        projection = _FITTED.get(pipeline.vae)
+        if projection is None:
+            projection = _FITTED[pipeline.vae] = fit_projection(pipeline.vae, device)
+        return cls(pipeline.vae, projection)
+
 
     def make(self, recorder: StepRecorder, wanted: dict[int, PreviewMode], step: int, total: int,
-             width: int, height: int) -> dict[int, Preview]:
-        """The previews of the rows in `wanted` (batch row -> mode) at this step."""
+             width: int, height: int,
+             arrange: Callable[[torch.Tensor], torch.Tensor] | None = None) -> dict[int, Preview]:
+        """The previews of the rows in `wanted` (batch row -> mode) at this step; `arrange` turns
+        the recorded packed latents into those of one `width` x `height` picture (layers side by
+        side) where the call's latents are not already that."""
         previews: dict[int, Preview] = {}
         # The step's kernels may still be running: wait for them first, so a preview's time is
         # its own work (the copy to the CPU would wait for them anyway).
@@ -184,20 +199,23 @@ class Previewer:
         latent_rows = [row for row, mode in wanted.items() if mode == "latent"]
         if latent_rows:
             start = time.perf_counter()
-            images = to_pil(self.projection.apply(self._unpacked(recorder, latent_rows, width, height)))
+            images = to_pil(self.projection.apply(self._unpacked(recorder, latent_rows, width, height, arrange)))
             share = (time.perf_counter() - start) / len(latent_rows)
             for row, image in zip(latent_rows, images, strict=True):
                 previews[row] = Preview(step, total, "latent", image, share)
         for row in (row for row, mode in wanted.items() if mode == "full"):
             # One decode per row: each job pays for its own preview and no other.
             start = time.perf_counter()
-            [image] = to_pil(decode(self.vae, self._unpacked(recorder, [row], width, height)))
+            [image] = to_pil(decode(self.vae, self._unpacked(recorder, [row], width, height, arrange))[:, :3])
             previews[row] = Preview(step, total, "full", image, time.perf_counter() - start)
         return previews
 
     @staticmethod
-    def _unpacked(recorder: StepRecorder, rows: Sequence[int], width: int, height: int) -> torch.Tensor:
+    def _unpacked(recorder: StepRecorder, rows: Sequence[int], width: int, height: int,
+                  arrange: Callable[[torch.Tensor], torch.Tensor] | None = None) -> torch.Tensor:
         x0 = recorder.clean_estimate(rows)
+        if arrange is not None:
+            x0 = arrange(x0)
         grid = latent_grid(x0.shape[1], width, height)
         return unpack(x0, *grid)
 

@@ -5,9 +5,9 @@ from __future__ import annotations
 import gc
 import logging
 import time
-from collections.abc import Sequence
+from collections.abc import Callable, Sequence
 from contextlib import AbstractContextManager, nullcontext
-from functools import cached_property
+from functools import cached_property, partial
 from typing import Any
 
 import torch
@@ -18,6 +18,7 @@ from qwen_image_server.engine.adapters import ResidentAdapters
 from qwen_image_server.engine.compilation import WARMUP_PROMPT, warmup_prompt_batches
 from qwen_image_server.engine.edit import EditCalls
 from qwen_image_server.engine.guided import GenerationCalls, layered_inputs, side_by_side
+from qwen_image_server.engine.layered import captioned_prompts, layers_side_by_side
 from qwen_image_server.engine.loaded import LoadedModel
 from qwen_image_server.engine.options import AppliedOptions, takes_padding_mask
 from qwen_image_server.engine.parallel import CfgSplit
@@ -29,6 +30,7 @@ from qwen_image_server.engine.types import (
     DeviceFailure,
     DeviceOutOfMemory,
     GenerationSpec,
+    LayeredSpec,
     Preview,
     PreviewMode,
     StepCallback,
@@ -184,6 +186,9 @@ class PipelineEngine:
         # Only a batch with a previewing image records the scheduler's inputs; the others run
         # exactly as they would without previews anywhere.
         recorder = StepRecorder() if any(s.preview is not None for s in specs) else None
+        arrange: Callable[[torch.Tensor], torch.Tensor] | None = None
+        if isinstance(first, LayeredSpec):  # a latent preview shows the layers side by side
+            arrange = partial(layers_side_by_side, layers=first.layers, width=first.width, height=first.height)
 
         def step_end(pipe: Any, step: int, timestep: Any, tensors: dict[str, Any]) -> dict[str, Any]:
             done, total = step + 1, pipe.num_timesteps
@@ -192,7 +197,8 @@ class PipelineEngine:
                 wanted: dict[int, PreviewMode] = {row: s.preview.mode for row, s in enumerate(specs)
                                                   if s.preview is not None and s.preview.due(done, total)}
                 if wanted:
-                    previews = self.previewer.make(recorder, wanted, done, total, first.width, first.height)
+                    previews = self.previewer.make(recorder, wanted, done, total, first.width, first.height,
+                                                   arrange)
             on_step(StepEvent(done, total, previews))  # may raise BatchAborted: stops before the decode
             return {}
 
@@ -220,6 +226,8 @@ class PipelineEngine:
                     # encoded with its picture, so those run on their prompts.
                     del inputs["prompt"], inputs["negative_prompt"]
                     inputs.update(self._embeddings(specs, use_cfg))
+                elif self.model.task == "layered":  # pictures sent without a prompt are captioned first
+                    inputs["prompt"] = captioned_prompts(pipeline, specs)  # type: ignore[arg-type]
                 with self.split.batch(use_cfg) if self.split is not None else nullcontext():
                     out = pipeline(
                         **inputs,

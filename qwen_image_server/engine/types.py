@@ -191,6 +191,9 @@ class LayeredSpec(GenerationSpec):
     source: Image.Image | None = field(default=None, compare=False)  # RGBA
     layers: int = 4
     resolution: int = 640  # the pipeline's bucket: 640 or 1024
+    # With an empty `prompt` the engine has the model caption the picture first, in this language
+    # ("en" or "zh": the pipeline's two captioning instructions).
+    caption_language: str = "en"
 
     task: ClassVar[Task] = "layered"
 

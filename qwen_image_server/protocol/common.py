@@ -39,6 +39,16 @@ def not_blank(value: str) -> str:
     return value
 
 
+def blank_is_empty(value: str) -> str:
+    """Validator of a prompt that may be left out (a layered model's): only whitespace is none."""
+    return value if value.strip() else ""
+
+
+LAYERED_PROMPT_DESCRIPTION = (
+    "What the picture shows. With a layered model it may be left out: the model then captions the "
+    "picture itself with its text encoder first (a job's `captioning` phase).")
+
+
 class LoraChoice(BaseModel):
     """One LoRA a request applies: a name from GET /v1/loras and its strength."""
 

@@ -12,7 +12,9 @@ from qwen_image_server.config.webhooks import without_credentials
 from qwen_image_server.engine.types import PreviewMode, PreviewPlan
 from qwen_image_server.job_state import FINAL_STATES, JobState
 from qwen_image_server.protocol.common import (
+    LAYERED_PROMPT_DESCRIPTION,
     MASK_DESCRIPTION,
+    MAX_PROMPT_CHARS,
     ControlFields,
     EditFields,
     ErrorDetail,
@@ -20,6 +22,7 @@ from qwen_image_server.protocol.common import (
     PromptFields,
     StartImageFields,
     UploadFields,
+    blank_is_empty,
     json_list,
 )
 
@@ -270,9 +273,15 @@ class LoraList(BaseModel):
     max_resident: int
 
 
+JobPhase = Literal["captioning", "denoising"]
+
+
 class JobProgress(BaseModel):
     step: int
     total: int
+    phase: JobPhase | None = Field(None, description=(
+        "While the job runs: 'captioning' while a layered model writes the caption of a picture sent "
+        "without a prompt (before step 1), else 'denoising'; null while queued and once ended."))
 
 
 class JobStatus(BaseModel):
@@ -357,3 +366,39 @@ class EditJobRequest(EditRequest, EditJobParameters):
 
 class EditJobForm(EditForm, EditJobParameters):
     """multipart/form-data body of POST /v1/jobs/edit: /edit's, plus a webhook."""
+
+
+# -- layered (/v1/jobs/layers) -------------------------------------------------------------
+
+class LayeredJobParameters(PreviewOptions, NativeImageFields, PromptFields, WebhookOptions):
+    """/v1/jobs/layers' parameters besides the picture: a layered model splits it into `layers`
+    RGBA layers (the prompt may be left out), with latent previews and a webhook."""
+
+    prompt: str = Field("", max_length=MAX_PROMPT_CHARS, description=LAYERED_PROMPT_DESCRIPTION)
+    model: str | None = Field(None, description="The layered model (see /v1/models); default: the first one.")
+    layers: int = Field(4, ge=2, le=10, description="How many RGBA layers to split the picture into.")
+    resolution: Literal[640, 1024] = Field(640, description=(
+        "The model's resolution bucket: each layer is about resolution x resolution pixels at the "
+        "picture's aspect ratio."))
+    add_overlay: bool = Field(False, description="Ignored: layers get no info strip.")
+    save_to_file: Literal[False] = Field(False, description=(
+        "Not available: a layered job's results are its stacked PNG and its layers' ZIP."))
+
+    _not_blank = field_validator("prompt")(blank_is_empty)
+    _loras_as_json = field_validator("loras", mode="before")(json_list)
+
+    @field_validator("resolution", mode="before")
+    @classmethod
+    def _form_number(cls, value: object) -> object:
+        """A form sends the bucket as text; a literal of numbers takes only numbers."""
+        return int(value) if isinstance(value, str) and value.strip().isdigit() else value
+
+    def parameters(self) -> LayeredJobParameters:
+        """These parameters alone, as the client set them (without the form's files)."""
+        return _only(LayeredJobParameters, self)
+
+
+class LayeredJobForm(UploadFields, LayeredJobParameters):
+    """multipart/form-data body of POST /v1/jobs/layers: the picture as the file `image`."""
+
+    model_config = ConfigDict(extra="ignore")

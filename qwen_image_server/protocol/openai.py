@@ -14,6 +14,8 @@ from pydantic import BaseModel, ConfigDict, Field, field_validator, model_valida
 
 from qwen_image_server.config.presets import ASPECT_RATIOS, AspectRatio
 from qwen_image_server.protocol.common import (
+    LAYERED_PROMPT_DESCRIPTION,
+    MAX_PROMPT_CHARS,
     SIDE_MULTIPLE,
     ControlFields,
     EditFields,
@@ -23,6 +25,7 @@ from qwen_image_server.protocol.common import (
     PromptFields,
     StartImageFields,
     UploadFields,
+    blank_is_empty,
     json_list,
     null_means_default,
     parse_size,
@@ -160,6 +163,9 @@ class ImageEditForm(UploadFields, OpenAIImageFields, EditFields, PromptFields):
 
     model_config = ConfigDict(extra="ignore")
 
+    # Optional here: a layered model captions a picture sent without one (the route requires a
+    # prompt of every other model, as OpenAI's does).
+    prompt: str = Field("", max_length=MAX_PROMPT_CHARS, description=LAYERED_PROMPT_DESCRIPTION)
     input_fidelity: str | None = None  # accepted and ignored, as quality and background are
     layers: int = Field(4, ge=2, le=10, description=(
         "With a layered model (Qwen-Image-Layered) as `model`: how many RGBA layers to split the "
@@ -175,6 +181,7 @@ class ImageEditForm(UploadFields, OpenAIImageFields, EditFields, PromptFields):
     lora_scales: list[float] = Field(default_factory=list, alias="loras[][scale]", exclude=True)
 
     _loras_as_json = field_validator("loras", mode="before")(json_list)
+    _not_blank = field_validator("prompt")(blank_is_empty)
 
     @field_validator("resolution", mode="before")
     @classmethod

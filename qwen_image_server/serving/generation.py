@@ -57,6 +57,7 @@ from qwen_image_server.protocol.common import (
 )
 from qwen_image_server.scheduler import Job, JobResult, Scheduler
 from qwen_image_server.serving.defaults import GenerationDefaults
+from qwen_image_server.serving.layers import encode_layered, layers_zip
 from qwen_image_server.serving.model_registry import ModelChoice, ModelRegistry
 from qwen_image_server.serving.object_store import ObjectStore, file_key
 from qwen_image_server.serving.output_folder import OutputFolder
@@ -171,13 +172,16 @@ class Generation:
         choice = self.models.pick(model, task)
         loras = await self.check_loras(body.loras, choice)
         base = body.seed if body.seed is not None else random_seed()
-        if task == "layered":  # one picture in, `layers` RGBA layers out (no previews)
+        if task == "layered":  # one picture in, `layers` RGBA layers out
             if mask is not None:
                 raise errors.InvalidRequest("A layered model splits a whole image: it takes no mask.",
                                             param="mask", code="mask_not_supported")
+            if preview is not None and preview.mode != "latent":
+                raise errors.InvalidRequest("A layered job's previews are latent previews (preview=latent): the "
+                                            "layers side by side.", param="preview", code="preview_not_supported")
             picture = await self.in_pool(read_layered_input, images, self.settings.max_input_pixels)
             layered = build_layered_specs(body, model=choice, loras=loras, seeds=seeds(base, n), picture=picture,
-                                          layers=layers, resolution=resolution)
+                                          layers=layers, resolution=resolution, preview=preview)
             return Prepared(request_id, body, choice, layered, None, caller, tuple(images), mask)
         inputs = await self.read_edit_inputs(images, mask, choice) if task == "edit" else None
         pictures = await self.read_generation_pictures(body, choice) if task == "generate" else None
@@ -495,6 +499,16 @@ class Generation:
 
         return [Rendered(data, MEDIA_TYPES["png"], width, strip.height, round(result.inference_time, 3), None)
                 for data in await self.in_pool(encode)]
+
+    async def render_stacked(self, job: Job, result: JobResult) -> tuple[Rendered, bytes]:
+        """A layered job's results: its layers stacked into one PNG (layer 0 at the bottom), and
+        the ZIP of its layers (RGBA PNGs equal to `render_layers`')."""
+        spec = job.spec
+        assert isinstance(spec, LayeredSpec)
+        picture, layers = await self.in_pool(encode_layered, result.image, spec.layers)
+        archive = await self.in_pool(layers_zip, layers)
+        return Rendered(picture, MEDIA_TYPES["png"], spec.layer_width, spec.height,
+                        round(result.inference_time, 3), None), archive
 
     async def render_preview(self, job: Job, preview: Preview, *, output_format: OutputFormat = PREVIEW_FORMAT,
                              compression: int | None = PREVIEW_QUALITY, full_size: bool = False) -> Rendered:

@@ -38,15 +38,24 @@ from typing import Any
 
 from qwen_image_server import errors
 from qwen_image_server.config.api_keys import ANONYMOUS, Caller
-from qwen_image_server.engine.types import GenerationSpec, Preview
+from qwen_image_server.engine.types import GenerationSpec, LayeredSpec, Preview
 from qwen_image_server.job_state import JobEvent, JobState
 from qwen_image_server.protocol.common import ErrorDetail, NativeImageFields
-from qwen_image_server.protocol.native import EditJobParameters, JobPreview, JobProgress, JobRequest, JobStatus
+from qwen_image_server.protocol.native import (
+    EditJobParameters,
+    JobPhase,
+    JobPreview,
+    JobProgress,
+    JobRequest,
+    JobStatus,
+    LayeredJobParameters,
+)
 from qwen_image_server.scheduler import Job, JobResult
 from qwen_image_server.scheduler.jobs import final_state
 from qwen_image_server.serving.generation import Generation, Prepared
 from qwen_image_server.serving.job_exchange import JobExchange
-from qwen_image_server.serving.job_store import AsyncJobStore, StoredJob
+from qwen_image_server.serving.job_store import AsyncJobStore, StoredJob, StoredTask
+from qwen_image_server.serving.layers import ZIP_MEDIA_TYPE
 from qwen_image_server.serving.preview_mailbox import LatestPreviews
 from qwen_image_server.serving.render import b64
 from qwen_image_server.serving.results import ResultStore, StoredImage
@@ -236,7 +245,10 @@ class JobRecord:
                 now = status()
                 if event is JobEvent.STEP:
                     now.progress.step = step  # the step this notice was for, not the latest
+                    now.progress.phase = phase_of(self.job.spec, now.status, step)
                     sent_step = step
+                elif event is JobEvent.STARTED and now.status is JobState.RUNNING:
+                    now.progress.phase = phase_of(self.job.spec, now.status, step)  # as it started
                 elif event is JobEvent.QUEUED:
                     if now.queue_position is None or now.queue_position == position:
                         continue  # the queue moved but this job's place did not
@@ -286,7 +298,10 @@ class JobRegistry:
         created_at = time.time()
         # Only what the client sent: a recovered job is validated again, and defaults written out would read as
         # choices (a ControlNet scale without a control image).
-        stored = StoredJob(id=job_id, owner=prepared.caller.id, task="edit" if prepared.inputs else "generate",
+        task: StoredTask = "edit" if prepared.inputs else "generate"
+        if isinstance(prepared.specs[0], LayeredSpec):
+            task = "layered"
+        stored = StoredJob(id=job_id, owner=prepared.caller.id, task=task,
                            body=body.model_dump_json(exclude_unset=True), request_id=prepared.request_id,
                            created_at=created_at, state=JobState.QUEUED, runs=0, base_url=base_url,
                            webhook_url=webhook_url)
@@ -414,6 +429,13 @@ class JobRegistry:
             images, mask = await self.store.call(self.store.store.uploads, stored.id)
             return await self.generation.prepare(edit, "edit", model=edit.model, images=images, mask=mask,
                                                  preview=edit.preview_plan(), caller=caller, readmit=True)
+        if stored.task == "layered":
+            layered = LayeredJobParameters.model_validate_json(stored.body)
+            assert self.store is not None
+            images, _ = await self.store.call(self.store.store.uploads, stored.id)
+            return await self.generation.prepare(layered, "layered", model=layered.model, images=images,
+                                                 preview=layered.preview_plan(), caller=caller, readmit=True,
+                                                 layers=layered.layers, resolution=layered.resolution)
         body = JobRequest.model_validate_json(stored.body)
         return await self.generation.prepare(body, "generate", preview=body.preview_plan(), caller=caller,
                                              readmit=True)
@@ -440,7 +462,7 @@ class JobRegistry:
             id=job.id,
             status=status,
             queue_position=self.generation.scheduler.queue_position(job),
-            progress=JobProgress(step=job.step, total=job.total_steps),
+            progress=JobProgress(step=job.step, total=job.total_steps, phase=phase_of(job.spec, status, job.step)),
             request_id=job.request_id,
             created_at=record.created_at,
             started_at=record.created_at + (started - job.submitted_at) if started else None,
@@ -449,7 +471,7 @@ class JobRegistry:
             queue_time=round(started - job.submitted_at, 3) if started else None,
             inference_time=record.inference_time,
             preview_time=round(job.preview_time, 3) if job.spec.preview is not None else None,
-            width=job.spec.width,
+            width=job.spec.layer_width if isinstance(job.spec, LayeredSpec) else job.spec.width,
             height=job.spec.height,
             seed=job.spec.seed,
             engine=job.engine,
@@ -521,6 +543,19 @@ class JobRegistry:
             raise errors.NotFound(f"The image of job {job_id} is no longer kept.", param="id", code="job_expired")
         return stored
 
+    async def layers(self, record: JobRecord) -> StoredImage:
+        """The ZIP of a succeeded layered job's layers (409 while it is not done, or if it
+        failed; 404 for a job of another task, or once no longer kept)."""
+        job_id = record.job.id
+        if record.image_id is None:
+            raise errors.JobNotReady(f"Job {job_id} is {record.status}; it has no layers.", param="id")
+        stored = self.results.get(layers_id(job_id), record.owner)
+        if stored is None:
+            raise errors.NotFound(f"Job {job_id} has no layers: it is not a layered job, or its layers are no "
+                                  "longer kept (they are kept in memory, for the job's lifetime, until a "
+                                  "restart).", param="id", code="job_layers_not_found")
+        return stored
+
     async def get(self, job_id: str, owner: str | None = None) -> JobRecord:
         """The job `owner` (an API key's id) created: from memory, else from the job store.
         NotFound for an unknown id and another key's job alike (code `job_not_found`), and for
@@ -576,8 +611,12 @@ class JobRegistry:
         generation = self.generation
         try:
             result = await generation.wait(job)
-            rendered = await generation.render(job, result, overlay=record.add_overlay,
-                                               save_to_file=record.save_to_file)
+            if isinstance(job.spec, LayeredSpec):
+                rendered, archive = await generation.render_stacked(job, result)
+                self.results.put(archive, ZIP_MEDIA_TYPE, id=layers_id(job.id), owner=record.owner)
+            else:
+                rendered = await generation.render(job, result, overlay=record.add_overlay,
+                                                   save_to_file=record.save_to_file)
             record.file_path = rendered.file_path
             record.save_error = rendered.save_error  # the job still succeeds: its image is stored
             record.inference_time = rendered.inference_time
@@ -644,6 +683,20 @@ class JobRegistry:
             oldest = next(r for r in finished if r.owner == heaviest and r.job.id in self._records)
             del self._records[oldest.job.id]
             held[heaviest] -= 1
+
+
+def layers_id(job_id: str) -> str:
+    """Where a layered job's ZIP is in the result store (beside its image, `job-<id>`)."""
+    return f"job-{job_id}-layers"
+
+
+def phase_of(spec: GenerationSpec, state: JobState, step: int) -> JobPhase | None:
+    """What a job does now: a layered job without a prompt is captioned before its first step."""
+    if state is not JobState.RUNNING:
+        return None
+    if step == 0 and isinstance(spec, LayeredSpec) and not spec.prompt:
+        return "captioning"
+    return "denoising"
 
 
 def _interrupted(record: JobRecord) -> bool:

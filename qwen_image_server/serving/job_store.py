@@ -39,7 +39,7 @@ from qwen_image_server.serving.uploads import Upload, field_names
 log = logging.getLogger(__name__)
 T = TypeVar("T")
 
-StoredTask = Literal["generate", "edit"]
+StoredTask = Literal["generate", "edit", "layered"]
 TOMBSTONE_S = 7 * 24 * 3600.0  # how long an expired job's id still answers "expired"
 
 

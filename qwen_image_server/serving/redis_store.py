@@ -39,7 +39,7 @@ from qwen_image_server import errors
 from qwen_image_server.job_state import JobEvent, JobState
 from qwen_image_server.protocol.native import JobPreview, JobStatus
 from qwen_image_server.serving.job_exchange import Relayed
-from qwen_image_server.serving.job_store import TOMBSTONE_S, StoredJob, unwritable
+from qwen_image_server.serving.job_store import TOMBSTONE_S, StoredJob, StoredTask, unwritable
 from qwen_image_server.serving.object_store import ObjectStore, job_image_key
 from qwen_image_server.serving.uploads import Upload
 from qwen_image_server.serving.webhook_outbox import Delivery
@@ -227,11 +227,16 @@ class RedisJobStore:
         self._redis.close()
 
 
+def _task(value: str | None) -> StoredTask:
+    """A stored job's task as written (an unknown one reads as a generation, as before)."""
+    return "edit" if value == "edit" else "layered" if value == "layered" else "generate"
+
+
 def _job(job_id: str, raw: dict[str, bytes | None]) -> StoredJob:
     values = {name: _text(value) for name, value in raw.items()}
     expires_at = values["expires_at"]
     return StoredJob(
-        id=job_id, owner=values["owner"] or None, task="edit" if values["task"] == "edit" else "generate",
+        id=job_id, owner=values["owner"] or None, task=_task(values["task"]),
         body=values["body"] or "{}", request_id=int(values["request_id"] or 0),
         created_at=float(values["created_at"] or 0), state=JobState(values["state"]), runs=int(values["runs"] or 0),
         status=values["status"], media_type=values["media_type"] or None,

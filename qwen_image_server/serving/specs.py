@@ -89,11 +89,16 @@ def layered_size(size: tuple[int, int], resolution: int) -> tuple[int, int]:
 
 
 def build_layered_specs(body: PromptFields, *, model: ModelChoice, loras: LoraSet, seeds: Sequence[int],
-                        picture: Image.Image, layers: int, resolution: int) -> list[GenerationSpec]:
-    """One LayeredSpec per seed: `picture` (RGBA) split into `layers` layers."""
+                        picture: Image.Image, layers: int, resolution: int,
+                        preview: PreviewPlan | None = None) -> list[GenerationSpec]:
+    """One LayeredSpec per seed: `picture` (RGBA) split into `layers` layers. Without a prompt
+    the spec's prompt is empty (no language suffix): the engine has the model caption the picture,
+    in the body's language."""
     width, height = layered_size(picture.size, resolution)
-    return [LayeredSpec(prompt=body.model_prompt, negative_prompt=body.negative_prompt, width=width * layers,
+    prompt = body.model_prompt if body.prompt.strip() else ""
+    return [LayeredSpec(prompt=prompt, negative_prompt=body.negative_prompt, width=width * layers,
                         height=height, num_inference_steps=body.num_inference_steps,
                         true_cfg_scale=body.true_cfg_scale, seed=seed, model=model.name, loras=loras,
-                        source=picture, layers=layers, resolution=resolution)
+                        preview=preview, source=picture, layers=layers, resolution=resolution,
+                        caption_language=body.language)
             for seed in seeds]
