@@ -42,14 +42,14 @@ def test_job_lifecycle_with_every_step_streamed_to_a_late_subscriber(tiny_server
         with event_stream(url, created["id"]) as stream:
             first_name, first = next(stream)
             assert first_name == "started" and first["status"] == "running"
-            assert first["progress"] == {"step": 0, "total": 4}
+            assert first["progress"] == {"step": 0, "total": 4, "phase": "denoising"}
             tiny_hook.release()
             events = list(stream)
     # ...then every step, then the end.
     assert [name for name, _ in events] == ["step"] * 4 + ["succeeded"]
     assert [data["progress"]["step"] for name, data in events if name == "step"] == [1, 2, 3, 4]
     final = events[-1][1]
-    assert final["progress"] == {"step": 4, "total": 4}
+    assert final["progress"] == {"step": 4, "total": 4, "phase": None}
     assert final["inference_time"] > 0 and final["queue_time"] >= 0
     image = httpx.get(final["image_url"])
     assert image.headers["content-type"] == "image/png"
