@@ -440,7 +440,7 @@ class JobRegistry:
 
     def _encoder(self, record: JobRecord) -> Callable[[Preview], Awaitable[JobPreview]]:
         async def encode(preview: Preview) -> JobPreview:
-            rendered = await self.generation.render_preview(record.job, preview)
+            rendered = await self.generation.renderer.render_preview(record.job, preview)
             return JobPreview(id=record.job.id, step=preview.step, total=preview.total, mode=preview.mode,
                               width=rendered.width, height=rendered.height, media_type=rendered.media_type,
                               b64_json=b64(rendered.data))
@@ -542,10 +542,10 @@ class JobRegistry:
         try:
             result = await generation.wait(job)
             if isinstance(job.spec, LayeredSpec):
-                rendered, archive = await generation.render_stacked(job, result)
+                rendered, archive = await generation.renderer.render_stacked(job, result)
                 self.results.put(archive, ZIP_MEDIA_TYPE, id=layers_id(job.id), owner=record.owner)
             else:
-                rendered = await generation.render(job, result, overlay=record.add_overlay,
+                rendered = await generation.renderer.render(job, result, overlay=record.add_overlay,
                                                    save_to_file=record.save_to_file)
             record.file_path = rendered.file_path
             record.save_error = rendered.save_error  # the job still succeeds: its image is stored
