@@ -433,7 +433,7 @@ async def _generate_locally(cmd: GenerateCommand | EditCommand, settings: Settin
                 [job] = await generation.submit(prepared)
                 scheduler.add_listener(job, on_event)
                 result = await generation.wait(job)
-            rendered = await generation.render(job, result, overlay=prepared.body.add_overlay)
+            rendered = await generation.renderer.render(job, result, overlay=prepared.body.add_overlay)
         except ServerError as exc:
             print(f"error: {exc.message}", file=sys.stderr)
             return 1

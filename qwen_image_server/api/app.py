@@ -152,9 +152,10 @@ def create_app(
         shared_expiry: asyncio.Task[None] | None = None
         try:
             # Jobs accepted before a restart run again, ahead of any new request.
-            await jobs.recover()
-            await jobs.share()  # with a shared store: the lease, the relay, cancels from other servers
-            expiry = asyncio.create_task(jobs.expire_periodically(STORE_SWEEP_INTERVAL_S))
+            await jobs.recovery.recover()
+            await jobs.recovery.share()  # with a shared store: the lease, the relay, cancels from other servers
+            if jobs.store is not None:
+                expiry = asyncio.create_task(jobs.store.sweep_periodically(STORE_SWEEP_INTERVAL_S))
             if objects is not None:
                 shared_expiry = asyncio.create_task(expire_periodically(objects, STORE_SWEEP_INTERVAL_S))
             # The output folder's upkeep, while the model loads: once before serving (what a crash
@@ -173,7 +174,7 @@ def create_app(
             # By now the server has answered every in-flight request (or the drain timed out).
             await anyio.to_thread.run_sync(scheduler.shutdown, settings.drain_timeout_s)
             await jobs.settled()  # every job's end is stored and announced before these close
-            await jobs.unshare()  # what is left unfinished is another server's to run now
+            await jobs.recovery.unshare()  # what is left unfinished is another server's to run now
             await webhooks.stop()
             if store is not None:
                 await anyio.to_thread.run_sync(store.close)

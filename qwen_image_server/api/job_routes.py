@@ -50,7 +50,7 @@ Record = Annotated[JobRecord, Depends(job_record)]
 
 def followed_record(record: Record, ctx: Ctx) -> JobRecord:
     """Dependency: the job, if it may take one more events client (429 before the stream starts)."""
-    ctx.jobs.check_subscribers(record)
+    record.check_subscribers(ctx.jobs.max_subscribers)
     return record
 
 

@@ -134,7 +134,7 @@ async def _answer(ctx: ServerContext, request: Request,
     request_id, body = prepared.request_id, prepared.body
     [job] = await generation.submit(prepared)
     result = await generation.wait(job, client_gone(request))
-    rendered = await generation.render(job, result, overlay=body.add_overlay, save_to_file=body.save_to_file)
+    rendered = await generation.renderer.render(job, result, overlay=body.add_overlay, save_to_file=body.save_to_file)
     headers = {
         "X-Request-ID": str(request_id),
         "X-Inference-Time": f"{rendered.inference_time}",

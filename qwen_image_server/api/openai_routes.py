@@ -38,8 +38,8 @@ from qwen_image_server.protocol.openai import (
     ModelList,
 )
 from qwen_image_server.scheduler import Job, JobResult
-from qwen_image_server.serving.generation import Rendered
 from qwen_image_server.serving.render import MEDIA_TYPES, b64
+from qwen_image_server.serving.rendering import Rendered
 from qwen_image_server.serving.uploads import Upload
 from qwen_image_server.serving.url_images import JOB_IMAGE_PREFIX
 
@@ -126,7 +126,7 @@ async def _layers(body: ImageEditForm, images: list[Upload], mask: Upload | None
     jobs = await generation.submit(prepared)
     results = await generation.wait_all(jobs, client_gone(request))
     layers = [layer for job, result in zip(jobs, results, strict=True)
-              for layer in await generation.render_layers(job, result)]
+              for layer in await generation.renderer.render_layers(job, result)]
     if body.response_format == "url":
         urls = await asyncio.gather(*(_store(ctx, request, layer, jobs[0].owner) for layer in layers))
         data = [ImageData(url=url, revised_prompt=body.model_prompt if body.prompt else None) for url in urls]
@@ -190,7 +190,7 @@ class _Answer:
         return ImageUsage.of(text_tokens, width, height, images=images, inputs=self.inputs)
 
     async def _render(self, job: Job, result: JobResult) -> Rendered:
-        return await self.ctx.generation.render(job, result, output_format=self.body.output_format,
+        return await self.ctx.generation.renderer.render(job, result, output_format=self.body.output_format,
                                                 compression=self.body.output_compression)
 
     async def _events(self, jobs: list[Job]) -> AsyncIterator[bytes]:
@@ -240,7 +240,7 @@ class _Answer:
 
     async def _partial(self, job: Job, preview: Preview, number: int) -> bytes:
         """A partial-image event: the preview at the image's size, in the asked format."""
-        rendered = await self.ctx.generation.render_preview(
+        rendered = await self.ctx.generation.renderer.render_preview(
             job, preview, output_format=self.body.output_format, compression=self.body.output_compression,
             full_size=True)
         event = self.partial_event(**self._image_fields(rendered.data, rendered.width, rendered.height),

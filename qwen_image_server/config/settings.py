@@ -60,17 +60,8 @@ def _default_cache_dir() -> Path:
     return Path(base) / "qwen-image-server"
 
 
-class Settings(BaseSettings):
-    """Server, model and scheduler settings; built once per process and passed down."""
-
-    model_config = SettingsConfigDict(
-        env_prefix="QWEN_IMAGE_",
-        env_file=".env",
-        extra="ignore",
-        cli_kebab_case=True,
-        cli_implicit_flags=True,
-        populate_by_name=True,
-    )
+class ServingSettings(BaseSettings):
+    """Address, port, engines and threads."""
 
     # -- serving (the seed's names) ---------------------------------------------------------
     host: str = Field("0.0.0.0", validation_alias=_bare("HOST"), description="Address to bind.")
@@ -94,6 +85,18 @@ class Settings(BaseSettings):
         description="Threads of the front for CPU work: overlay, PNG encoding, file writes.",
     )
     log_level: Literal["debug", "info", "warning", "error"] = Field("info", description="How much the server logs.")
+
+    @field_validator("workers", mode="wrap")
+    @classmethod
+    def _engine_count(cls, value: object, handler: ValidatorFunctionWrapHandler) -> object:
+        try:
+            return handler(value)
+        except ValidationError:  # one message for the union's two failures
+            raise ValueError("must be a number of engines (1 or more) or 'auto'") from None
+
+
+class ModelSettings(BaseSettings):
+    """Which models, LoRAs and ControlNets are served, and how fast (memory plans, compile, caches)."""
 
     # -- model ------------------------------------------------------------------------------
     model: str = Field(
@@ -180,6 +183,37 @@ class Settings(BaseSettings):
         None, ge=0, le=50, description="true_cfg_scale when a request leaves it out (default 4.0, or the LoRA's).",
     )
 
+    @field_validator("model")
+    @classmethod
+    def _model_list(cls, value: str) -> str:
+        parse_model_list(value)  # ValueError -> one line naming QWEN_IMAGE_MODEL
+        return value.strip()
+
+    @field_validator("loras")
+    @classmethod
+    def _lora_list(cls, value: str) -> str:
+        parse_hub_loras(value)  # ValueError -> one line naming QWEN_IMAGE_LORAS
+        return value.strip()
+
+    @property
+    def models(self) -> list[ModelRef]:
+        """The models to serve, in order (the first answers requests that name none)."""
+        return parse_model_list(self.model)
+
+    @property
+    def controlnet_sources(self) -> dict[str, tuple[str, ...]]:
+        """Model public name -> the ControlNets served with it."""
+        return parse_controlnets(self.controlnets, self.models)
+
+    @model_validator(mode="after")
+    def _controlnet_list(self) -> ModelSettings:
+        parse_controlnets(self.controlnets, self.models)  # ValueError -> one line naming QWEN_IMAGE_CONTROLNETS
+        return self
+
+
+class OutputSettings(BaseSettings):
+    """Where images and jobs are kept: the output folder and the job store."""
+
     # -- output -----------------------------------------------------------------------------
     output_dir: Path = Field(Path("tmp"), description="Folder for save_to_file images, relative to the cwd.")
     data_dir: Path = Field(
@@ -210,6 +244,10 @@ class Settings(BaseSettings):
         60.0, gt=0, description="How often the output folder is swept: images past the retention limits, "
         "and temp files a crashed save left.",
     )
+
+
+class SchedulerSettings(BaseSettings):
+    """The queue, batching, deadlines and engine restarts."""
 
     # -- scheduler --------------------------------------------------------------------------
     max_queue: int = Field(32, ge=1, description="Jobs allowed to wait; beyond it requests get 429.")
@@ -242,6 +280,10 @@ class Settings(BaseSettings):
         "Unset: from the batch's steps and size and the slowest step timed (at least 60 s, 300 s with "
         "COMPILE, 10 min for the first batch, +10 min for a LoRA's first use). 0: no watchdog.",
     )
+
+
+class AccessSettings(BaseSettings):
+    """Results, limits per key, API keys, origins, hosts and request sizes."""
 
     # -- results, limits and access ---------------------------------------------------------
     result_ttl_s: float = Field(
@@ -327,6 +369,56 @@ class Settings(BaseSettings):
         "at start), at most 10000, so that engines and files keep descriptors.",
     )
 
+    @field_validator("api_keys", mode="before")
+    @classmethod
+    def _split_keys(cls, value: object) -> object:
+        if isinstance(value, str):
+            return [key.strip() for key in value.split(",") if key.strip()]
+        if isinstance(value, list):  # repeated --api-key flags, each possibly comma-separated
+            return [part for item in value for part in (
+                [item] if isinstance(item, SecretStr) else [k.strip() for k in str(item).split(",") if k.strip()])]
+        return value
+
+    @field_validator("metrics_key", mode="before")
+    @classmethod
+    def _no_empty_key(cls, value: object) -> object:
+        if isinstance(value, str):  # as a header carries it: no surrounding spaces; an empty variable: unset
+            return value.strip() or None
+        return value
+
+    @field_validator("allowed_origins")
+    @classmethod
+    def _origins(cls, value: list[str]) -> list[str]:
+        origins = []
+        for entry in value:
+            origin = "*" if entry.strip() == "*" else canonical_origin(entry)
+            if origin is None:
+                raise ValueError(f"{entry!r} is not an origin: write 'https://host' or 'http://host:port', or '*'")
+            origins.append(origin)
+        return origins
+
+    @field_validator("allowed_hosts")
+    @classmethod
+    def _hosts(cls, value: list[str]) -> list[str]:
+        return [check_host_pattern(entry) for entry in value]
+
+    @field_validator("results_url")
+    @classmethod
+    def _results_location(cls, value: AnyUrl | None) -> AnyUrl | None:
+        if value is None:
+            return None
+        if value.username or value.password:
+            raise ValueError("credentials never go in the URL: boto3 reads them (AWS_ACCESS_KEY_ID, ...)")
+        if value.scheme == "s3" and not value.host:
+            raise ValueError("an s3:// URL names its bucket: s3://bucket/prefix")
+        if value.scheme == "file" and value.host not in (None, "", "localhost"):
+            raise ValueError("a file:// URL names a folder of this machine: file:///shared/folder")
+        return value
+
+
+class WebhookSettings(BaseSettings):
+    """Webhooks: where a job's end is POSTed, and how."""
+
     # -- webhooks (docs/webhooks.md) ---------------------------------------------------------
     webhook_url: HttpUrl | None = Field(
         None, description="Where a job's end (succeeded, failed, cancelled) is POSTed when its request names "
@@ -350,6 +442,31 @@ class Settings(BaseSettings):
     webhook_retry_s: float = Field(
         86400.0, gt=0, description="How long a delivery is retried before it is given up.",
     )
+
+    @field_validator("webhook_allowed_hosts")
+    @classmethod
+    def _webhook_hosts(cls, value: list[str]) -> list[str]:
+        return [check_allowed_host(entry) for entry in value]
+
+    _webhook_url = field_validator("webhook_url")(without_credentials)
+
+    @field_validator("webhook_secret", mode="before")
+    @classmethod
+    def _no_empty_secret(cls, value: object) -> object:
+        if isinstance(value, str):  # an empty variable: unset
+            return value.strip() or None
+        return value
+
+    @field_validator("webhook_secret")
+    @classmethod
+    def _webhook_secret(cls, value: SecretStr | None) -> SecretStr | None:
+        if value is not None:
+            check_webhook_secret(value.get_secret_value())
+        return value
+
+
+class RaySettings(BaseSettings):
+    """Ray Serve (`serve --ray`, serve_config.yaml)."""
 
     # -- Ray Serve: `serve --ray`, serve_config.yaml (pip install .[ray]; docs/ray.md) -------
     ray_address: str | None = Field(
@@ -378,83 +495,6 @@ class Settings(BaseSettings):
         5.0, ge=0, description="Retry-After of the Ray proxy's 429 when ray_max_queued_requests is reached.",
     )
 
-    @property
-    def accepted_keys(self) -> list[ApiKey]:
-        """Every API key the server accepts, with its owner id and limits (empty: no keys)."""
-        file = read_key_file(self.api_keys_file) if self.api_keys_file is not None else None
-        default_jobs = self.key_max_jobs if self.key_max_jobs is not None else max(1, self.max_queue // 2)
-        return build_keys(self.api_keys, file, KeyLimits(default_jobs, self.key_requests_per_minute))
-
-    @field_validator("api_keys", mode="before")
-    @classmethod
-    def _split_keys(cls, value: object) -> object:
-        if isinstance(value, str):
-            return [key.strip() for key in value.split(",") if key.strip()]
-        if isinstance(value, list):  # repeated --api-key flags, each possibly comma-separated
-            return [part for item in value for part in (
-                [item] if isinstance(item, SecretStr) else [k.strip() for k in str(item).split(",") if k.strip()])]
-        return value
-
-    @field_validator("warmup_aspect_ratios", "quantize_skip", "allowed_origins", "allowed_hosts",
-                     "webhook_allowed_hosts", mode="before")
-    @classmethod
-    def _split_lists(cls, value: object) -> object:
-        if isinstance(value, str):
-            return [part.strip() for part in value.split(",") if part.strip()]
-        return value
-
-    @field_validator("webhook_allowed_hosts")
-    @classmethod
-    def _webhook_hosts(cls, value: list[str]) -> list[str]:
-        return [check_allowed_host(entry) for entry in value]
-
-    _webhook_url = field_validator("webhook_url")(without_credentials)
-
-    @field_validator("webhook_secret", mode="before")
-    @classmethod
-    def _no_empty_secret(cls, value: object) -> object:
-        if isinstance(value, str):  # an empty variable: unset
-            return value.strip() or None
-        return value
-
-    @field_validator("webhook_secret")
-    @classmethod
-    def _webhook_secret(cls, value: SecretStr | None) -> SecretStr | None:
-        if value is not None:
-            check_webhook_secret(value.get_secret_value())
-        return value
-
-    @field_validator("metrics_key", mode="before")
-    @classmethod
-    def _no_empty_key(cls, value: object) -> object:
-        if isinstance(value, str):  # as a header carries it: no surrounding spaces; an empty variable: unset
-            return value.strip() or None
-        return value
-
-    @field_validator("allowed_origins")
-    @classmethod
-    def _origins(cls, value: list[str]) -> list[str]:
-        origins = []
-        for entry in value:
-            origin = "*" if entry.strip() == "*" else canonical_origin(entry)
-            if origin is None:
-                raise ValueError(f"{entry!r} is not an origin: write 'https://host' or 'http://host:port', or '*'")
-            origins.append(origin)
-        return origins
-
-    @field_validator("allowed_hosts")
-    @classmethod
-    def _hosts(cls, value: list[str]) -> list[str]:
-        return [check_host_pattern(entry) for entry in value]
-
-    @field_validator("workers", mode="wrap")
-    @classmethod
-    def _engine_count(cls, value: object, handler: ValidatorFunctionWrapHandler) -> object:
-        try:
-            return handler(value)
-        except ValidationError:  # one message for the union's two failures
-            raise ValueError("must be a number of engines (1 or more) or 'auto'") from None
-
     @field_validator("ray_max_queued_requests")
     @classmethod
     def _queue_limit(cls, value: int | None) -> int | None:
@@ -462,38 +502,35 @@ class Settings(BaseSettings):
             raise ValueError("must be -1 (no limit) or at least 1")
         return value
 
-    @field_validator("model")
-    @classmethod
-    def _model_list(cls, value: str) -> str:
-        parse_model_list(value)  # ValueError -> one line naming QWEN_IMAGE_MODEL
-        return value.strip()
-
-    @field_validator("loras")
-    @classmethod
-    def _lora_list(cls, value: str) -> str:
-        parse_hub_loras(value)  # ValueError -> one line naming QWEN_IMAGE_LORAS
-        return value.strip()
-
-    @property
-    def models(self) -> list[ModelRef]:
-        """The models to serve, in order (the first answers requests that name none)."""
-        return parse_model_list(self.model)
-
-    @property
-    def controlnet_sources(self) -> dict[str, tuple[str, ...]]:
-        """Model public name -> the ControlNets served with it."""
-        return parse_controlnets(self.controlnets, self.models)
-
     @model_validator(mode="after")
-    def _controlnet_list(self) -> Settings:
-        parse_controlnets(self.controlnets, self.models)  # ValueError -> one line naming QWEN_IMAGE_CONTROLNETS
-        return self
-
-    @model_validator(mode="after")
-    def _one_replica_count(self) -> Settings:
+    def _one_replica_count(self) -> RaySettings:
         if self.ray_replicas is not None and self.ray_autoscaling is not None:
             raise ValueError("set ray_replicas (a fixed count) or ray_autoscaling, not both")
         return self
+
+
+class Settings(RaySettings, WebhookSettings, AccessSettings, SchedulerSettings, OutputSettings, ModelSettings,
+               ServingSettings):
+    """Server, model and scheduler settings; built once per process and passed down.
+
+    One object, its fields grouped by topic in the classes above (fields are listed bases last
+    first, so in the order serving, model, output, scheduler, access, webhooks, Ray)."""
+
+    model_config = SettingsConfigDict(
+        env_prefix="QWEN_IMAGE_",
+        env_file=".env",
+        extra="ignore",
+        cli_kebab_case=True,
+        cli_implicit_flags=True,
+        populate_by_name=True,
+    )
+
+    @property
+    def accepted_keys(self) -> list[ApiKey]:
+        """Every API key the server accepts, with its owner id and limits (empty: no keys)."""
+        file = read_key_file(self.api_keys_file) if self.api_keys_file is not None else None
+        default_jobs = self.key_max_jobs if self.key_max_jobs is not None else max(1, self.max_queue // 2)
+        return build_keys(self.api_keys, file, KeyLimits(default_jobs, self.key_requests_per_minute))
 
     @model_validator(mode="after")
     def _readable_keys_file(self) -> Settings:
@@ -501,17 +538,12 @@ class Settings(BaseSettings):
             _ = self.accepted_keys  # ValueError (one line naming the file) at start, not at the first request
         return self
 
-    @field_validator("results_url")
+    @field_validator("warmup_aspect_ratios", "quantize_skip", "allowed_origins", "allowed_hosts",
+                     "webhook_allowed_hosts", mode="before")
     @classmethod
-    def _results_location(cls, value: AnyUrl | None) -> AnyUrl | None:
-        if value is None:
-            return None
-        if value.username or value.password:
-            raise ValueError("credentials never go in the URL: boto3 reads them (AWS_ACCESS_KEY_ID, ...)")
-        if value.scheme == "s3" and not value.host:
-            raise ValueError("an s3:// URL names its bucket: s3://bucket/prefix")
-        if value.scheme == "file" and value.host not in (None, "", "localhost"):
-            raise ValueError("a file:// URL names a folder of this machine: file:///shared/folder")
+    def _split_lists(cls, value: object) -> object:
+        if isinstance(value, str):
+            return [part.strip() for part in value.split(",") if part.strip()]
         return value
 
     # A validator of the values, not an assignment after validation: an assignment would count

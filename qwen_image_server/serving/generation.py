@@ -4,29 +4,22 @@
 their request, then `prepare` it (the server's defaults fill what the client left out, the model
 is picked by name or task, LoRAs and uploads are checked on the CPU pool, one spec per image),
 `submit` it (prompts longer than the model reads are refused; the specs are queued together, or
-not at all), `wait` for its results (cancelling them when the client leaves) and `render` them on
-the CPU pool. Nothing here knows about HTTP: a caller that can notice its client leaving passes
-`gone`.
+not at all), `wait` for its results (cancelling them when the client leaves) and render them on
+the CPU pool (`renderer`, serving/rendering.py). Nothing here knows about HTTP: a caller that
+can notice its client leaving passes `gone`.
 """
 
 from __future__ import annotations
 
 import asyncio
-import errno
 import functools
 import itertools
 import logging
-import time
 from collections.abc import AsyncGenerator, Awaitable, Callable, Mapping, Sequence
 from concurrent.futures import ThreadPoolExecutor
 from contextlib import aclosing
 from dataclasses import dataclass
-from datetime import datetime
-from pathlib import Path
 from typing import Any, Generic, TypeVar
-
-import anyio
-from PIL import Image
 
 from qwen_image_server import errors
 from qwen_image_server.config.api_keys import ANONYMOUS, Caller
@@ -36,31 +29,24 @@ from qwen_image_server.engine.loaded import LoadedModel
 from qwen_image_server.engine.lora_library import LoraLibrary
 from qwen_image_server.engine.types import (
     GenerationSpec,
-    LayeredSpec,
     LoraSet,
-    Preview,
     PreviewPlan,
     Task,
     normalise_loras,
 )
 from qwen_image_server.protocol.common import (
-    MAX_CONTROL_IMAGES,
-    ControlFields,
-    ErrorDetail,
     LoraChoice,
     NativeImageFields,
-    OutputFormat,
     PromptFields,
-    StartImageFields,
     random_seed,
     seeds,
 )
 from qwen_image_server.scheduler import Job, JobResult, Scheduler
 from qwen_image_server.serving.defaults import GenerationDefaults
-from qwen_image_server.serving.layers import encode_layered, layers_zip
 from qwen_image_server.serving.model_registry import ModelChoice, ModelRegistry
-from qwen_image_server.serving.object_store import ObjectStore, file_key
+from qwen_image_server.serving.object_store import ObjectStore
 from qwen_image_server.serving.output_folder import OutputFolder
+from qwen_image_server.serving.picture_checks import pictures_sent
 from qwen_image_server.serving.preview_mailbox import LatestPreviews, PreviewWatch
 from qwen_image_server.serving.prompt_tokens import (
     check_prompt_tokens,
@@ -68,18 +54,7 @@ from qwen_image_server.serving.prompt_tokens import (
     token_counter,
 )
 from qwen_image_server.serving.quotas import KeyQuotas
-from qwen_image_server.serving.render import (
-    MEDIA_TYPES,
-    PREVIEW_FORMAT,
-    PREVIEW_QUALITY,
-    OverlayInfo,
-    encode_png,
-    output_filename,
-    preview_size,
-    render,
-    render_preview,
-    save_atomically,
-)
+from qwen_image_server.serving.rendering import Renderer
 from qwen_image_server.serving.specs import build_layered_specs, build_specs
 from qwen_image_server.serving.uploads import (
     EditInputs,
@@ -115,19 +90,6 @@ class Prepared(Generic[B]):
     mask_upload: Upload | None = None
 
 
-@dataclass(frozen=True, slots=True)
-class Rendered:
-    """A finished image as the client gets it."""
-
-    data: bytes
-    media_type: str
-    width: int
-    height: int
-    inference_time: float  # seconds, rounded for the wire
-    file_path: str | None  # set when the request asked for save_to_file and the file was saved
-    save_error: ErrorDetail | None = None  # why a save_to_file request's file could not be saved
-
-
 class Generation:
     """Shared by every route of one app (and by the CLI): owns no state but the request counter."""
 
@@ -142,6 +104,7 @@ class Generation:
         self.models = ModelRegistry(settings, scheduler)
         self.quotas = KeyQuotas()
         self.output = OutputFolder.from_settings(settings)
+        self.renderer = Renderer(settings, device, objects, self.in_pool)
         self._request_ids = itertools.count(1)
 
     @property
@@ -222,36 +185,10 @@ class Generation:
 
     async def read_generation_pictures(self, body: PromptFields, model: ModelChoice) -> GenerationPictures | None:
         """A generation's picture to start from (and mask) or control images (and, for ControlNet
-        inpainting, a mask), checked against each other and the model, then decoded on the CPU
-        pool (400 naming the field otherwise); None for a plain text-to-image request."""
-        start = body if isinstance(body, StartImageFields) else None
-        control = body if isinstance(body, ControlFields) else None
-        image = start.image if start is not None else None
-        mask = start.mask if start is not None else None
-        controls: list[str] = control.control_images if control is not None else []
-        if start is not None and image is None:
-            if mask is not None and not controls:
-                raise errors.InvalidRequest(
-                    "A mask says which part of a picture to change: send the picture too, as 'image' "
-                    "(inpainting) or as 'control_image' (ControlNet inpainting).",
-                    param="mask", code="mask_without_image")
-            if start.strength is not None:
-                raise errors.InvalidRequest("'strength' says how far to move from 'image'; send the image too.",
-                                            param="strength", code="strength_without_image")
-        if control is not None and not controls and control.control_settings_given:
-            raise errors.InvalidRequest(
-                f"{', '.join(control.control_settings_given)} steer a ControlNet, which needs a control image "
-                "('control_image').", param="control_image", code="missing_control_image")
-        if control is not None and controls:
-            if image is not None:
-                raise errors.InvalidRequest(
-                    "A request either starts from a picture ('image') or is steered by a control image "
-                    "('control_image'), not both (with 'mask', 'control_image' is the picture a ControlNet "
-                    "inpaints).", param="control_image", code="control_with_image")
-            if mask is not None:
-                _check_controlnet_inpainting(control, model)
-            else:
-                _check_control_images(control, model)
+        inpainting, a mask), checked against each other and the model (`pictures_sent`), then
+        decoded on the CPU pool (400 naming the field otherwise); None for a plain text-to-image
+        request."""
+        image, mask, controls = pictures_sent(body, model)
         if image is None and not controls:
             return None
         fields = field_names(len(controls), "control_image")
@@ -433,135 +370,9 @@ class Generation:
                 results[item[0]] = item[1]
         return [results[i] for i in range(len(jobs))]
 
-    # -- rendering --------------------------------------------------------------------------
-
-    async def render(self, job: Job, result: JobResult, *, overlay: bool = False,
-                     save_to_file: bool = False, output_format: OutputFormat = "png",
-                     compression: int | None = None) -> Rendered:
-        """Overlay (if asked), encode and (for save_to_file) save atomically, on the CPU pool;
-        with a bucket (QWEN_IMAGE_RESULTS_URL=s3://...) the saved file is uploaded too, for its link.
-
-        A save that fails (disk full, folder unwritable, the upload refused, ...) loses nothing
-        but the file: the image made with GPU time is still delivered, with `save_error` saying
-        why there is no file, and the failure is logged."""
-        info = OverlayInfo(
-            device=self.device.label,
-            inference_time=result.inference_time,
-            steps=job.spec.num_inference_steps,
-            seed=job.spec.seed,
-            width=job.spec.width,
-            height=job.spec.height,
-            request_id=job.request_id,
-        ) if overlay else None
-        size = (job.spec.width, job.spec.height)
-        data = await self.in_pool(render, result.image, info, output_format, compression, size, _kept(job))
-        file_path = save_error = None
-        if save_to_file:
-            name = output_filename(job.request_id, datetime.now())
-            try:
-                path = await self.in_pool(save_atomically, data, self.settings.output_dir, name)
-            except OSError as exc:
-                save_error = _save_failed(job, exc)
-            else:
-                save_error = await self._upload_saved(job, path.name, data)
-                file_path = display_path(path) if save_error is None else None
-        return Rendered(data, MEDIA_TYPES[output_format], size[0], size[1],
-                        round(result.inference_time, 3), file_path, save_error)
-
-    async def _upload_saved(self, job: Job, name: str, data: bytes) -> ErrorDetail | None:
-        """Copy a saved file to the bucket, where its link (`file_url`) points; why not, if it failed."""
-        objects = self.objects
-        if objects is None or not objects.links:
-            return None  # a folder's or this server's files are served by /files links
-        try:
-            await anyio.to_thread.run_sync(functools.partial(
-                objects.put, file_key(job.id, name), data, "image/png", owner=job.owner,
-                expires_at=time.time() + self.settings.file_link_ttl_s))
-        except objects.failures as exc:  # any storage failure: the client still gets its image
-            log.error("request %d: uploading its saved image to %s failed (%s: %s); it is delivered without "
-                      "a file", job.request_id, objects.location, type(exc).__name__, exc)
-            return ErrorDetail.of(errors.SaveFailed(
-                "The image was made and saved on the server, but copying it to the shared storage failed, so "
-                "there is no link to it; the image itself is delivered all the same (in b64_json, or at a "
-                "job's image_url).", code="upload_failed"))
-        return None
-
-    async def render_layers(self, job: Job, result: JobResult) -> list[Rendered]:
-        """A layered job's layers, one RGBA PNG each, in order (the engine gives them side by side)."""
-        spec = job.spec
-        assert isinstance(spec, LayeredSpec)
-        strip = result.image
-        width = strip.width // spec.layers
-
-        def encode() -> list[bytes]:
-            return [encode_png(strip.crop((i * width, 0, (i + 1) * width, strip.height)))
-                    for i in range(spec.layers)]
-
-        return [Rendered(data, MEDIA_TYPES["png"], width, strip.height, round(result.inference_time, 3), None)
-                for data in await self.in_pool(encode)]
-
-    async def render_stacked(self, job: Job, result: JobResult) -> tuple[Rendered, bytes]:
-        """A layered job's results: its layers stacked into one PNG (layer 0 at the bottom), and
-        the ZIP of its layers (RGBA PNGs equal to `render_layers`')."""
-        spec = job.spec
-        assert isinstance(spec, LayeredSpec)
-        picture, layers = await self.in_pool(encode_layered, result.image, spec.layers)
-        archive = await self.in_pool(layers_zip, layers)
-        return Rendered(picture, MEDIA_TYPES["png"], spec.layer_width, spec.height,
-                        round(result.inference_time, 3), None), archive
-
-    async def render_preview(self, job: Job, preview: Preview, *, output_format: OutputFormat = PREVIEW_FORMAT,
-                             compression: int | None = PREVIEW_QUALITY, full_size: bool = False) -> Rendered:
-        """Encode a preview on the CPU pool: at the image's size when `full_size`, else small
-        (see `render.preview_size`); `inference_time` is the engine's time making it."""
-        size = (job.spec.width, job.spec.height)
-        if not full_size:
-            size = preview_size(preview.image, size)
-        data = await self.in_pool(render_preview, preview.image, size, output_format, compression, _kept(job))
-        return Rendered(data, MEDIA_TYPES[output_format], size[0], size[1], round(preview.seconds, 3), None)
-
     def watch_previews(self, jobs: Sequence[Job]) -> PreviewWatch:
         """The previews of `jobs` as they come, newest only (close it when done)."""
         return PreviewWatch(self.scheduler, jobs, LatestPreviews(asyncio.get_running_loop()))
-
-
-def _check_controlnet_inpainting(control: ControlFields, model: ModelChoice) -> None:
-    """A control image with a mask asks the model's inpainting ControlNet to repaint that
-    picture: one picture, one scale (it runs alone)."""
-    if not model.inpaint_controlnet:
-        raise errors.InvalidRequest(
-            f"A mask with a control image asks for ControlNet inpainting, and the model '{model.name}' is "
-            "served without an inpainting ControlNet; declare one (e.g. InstantX/Qwen-Image-ControlNet-"
-            "Inpainting) with QWEN_IMAGE_CONTROLNETS, or send the picture as 'image' to inpaint without one.",
-            param="mask", code="no_inpaint_controlnet")
-    if len(control.control_images) > 1:
-        raise errors.InvalidRequest(
-            f"ControlNet inpainting repaints one picture; {len(control.control_images)} control images were sent.",
-            param="control_image", code="too_many_control_images")
-    if len(control.control_scales) > 1:
-        raise errors.InvalidRequest(
-            "ControlNet inpainting runs one ControlNet: give 'controlnet_conditioning_scale' one value.",
-            param="controlnet_conditioning_scale", code="too_many_controlnet_scales")
-
-
-def _check_control_images(control: ControlFields, model: ModelChoice) -> None:
-    """Control images steer the model's ControlNet: one, or several (a union ControlNet's
-    conditions) with one scale for them all or one each."""
-    if not model.controlnet:
-        raise errors.InvalidRequest(
-            f"The model '{model.name}' is served without a ControlNet that follows control images, so it "
-            "takes none; declare one with QWEN_IMAGE_CONTROLNETS (see /v1/models' tasks).",
-            param="control_image", code="no_controlnet")
-    images, scales = len(control.control_images), len(control.control_scales)
-    if images > MAX_CONTROL_IMAGES:
-        raise errors.InvalidRequest(
-            f"{images} control images were sent; a request takes at most {MAX_CONTROL_IMAGES} (each costs a "
-            "ControlNet pass per step).", param="control_image", code="too_many_control_images")
-    if scales not in (1, images):
-        raise errors.InvalidRequest(
-            f"{scales} values of 'controlnet_conditioning_scale' were sent with {images} control image"
-            f"{'s' if images > 1 else ''}: send one for them all, or one per control image.",
-            param="controlnet_conditioning_scale", code="controlnet_scale_count_mismatch")
 
 
 def _lora_listing(known: Mapping[str, object]) -> str:
@@ -572,31 +383,7 @@ def _lora_listing(known: Mapping[str, object]) -> str:
     return f"available: {', '.join(names[:8])}{more}"
 
 
-def _save_failed(job: Job, exc: OSError) -> ErrorDetail:
-    """Log a failed save once, with its cause, and say it to the client without server paths."""
-    log.error("request %d: saving its image failed (%s); it is delivered without a file", job.request_id, exc)
-    reason = exc.strerror or type(exc).__name__
-    return ErrorDetail.of(errors.SaveFailed(
-        f"The image was made, but saving it on the server failed ({reason}), so there is no file; the "
-        "image itself is delivered all the same (in b64_json, or at a job's image_url).",
-        code=errno.errorcode.get(exc.errno or 0)))
-
-
-def _kept(job: Job) -> tuple[Image.Image, Image.Image] | None:
-    """A masked edit's or inpainting's (original, mask): outside the mask the original is kept
-    (see `render`)."""
-    return job.spec.kept()
-
-
 def _mark_read(task: asyncio.Future[JobResult]) -> None:
     # Once one job failed nobody reads the others' outcomes; don't let asyncio warn about them.
     if not task.cancelled():
         task.exception()
-
-
-def display_path(path: Path) -> str:
-    """The path as the seed shows it: relative to the server's cwd when under it, with '/'."""
-    try:
-        return path.resolve().relative_to(Path.cwd().resolve()).as_posix()
-    except ValueError:
-        return path.as_posix()

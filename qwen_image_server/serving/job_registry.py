@@ -14,8 +14,8 @@ A job belongs to the API key that created it: any other key is told it does not 
 
 With a job store (`serving/job_store.py`, SQLite by default) every job is written there before
 its client hears "accepted", and its end (status and image) when it ends: memory is then a cache.
-A job no longer in memory is read back from the store; after a restart, `recover` queues again the
-jobs that had not ended.
+A job no longer in memory is read back from the store; after a restart, `JobRecovery`
+(`serving/job_recovery.py`) queues again the jobs that had not ended.
 
 With a store shared by several servers (Redis) a `JobExchange` (`serving/job_exchange.py`) links
 them: this server relays the events of the jobs it runs, follows (and cancels) those another one
@@ -37,23 +37,20 @@ from dataclasses import dataclass, field
 from typing import Any
 
 from qwen_image_server import errors
-from qwen_image_server.config.api_keys import ANONYMOUS, Caller
 from qwen_image_server.engine.types import GenerationSpec, LayeredSpec, Preview
 from qwen_image_server.job_state import JobEvent, JobState
 from qwen_image_server.protocol.common import ErrorDetail, NativeImageFields
 from qwen_image_server.protocol.native import (
-    EditJobParameters,
     JobPhase,
     JobPreview,
     JobProgress,
-    JobRequest,
     JobStatus,
-    LayeredJobParameters,
 )
 from qwen_image_server.scheduler import Job, JobResult
 from qwen_image_server.scheduler.jobs import final_state
 from qwen_image_server.serving.generation import Generation, Prepared
 from qwen_image_server.serving.job_exchange import JobExchange
+from qwen_image_server.serving.job_recovery import JobRecovery
 from qwen_image_server.serving.job_store import AsyncJobStore, StoredJob, StoredTask
 from qwen_image_server.serving.layers import ZIP_MEDIA_TYPE
 from qwen_image_server.serving.preview_mailbox import LatestPreviews
@@ -191,6 +188,50 @@ class JobRecord:
         """The newest preview, once the engine made one."""
         return self.previews.newest()
 
+    def snapshot(self, image_url: str, queue_position: int | None, loading_lora: str | None) -> JobStatus:
+        """Its status as its clients see it now (`image_url`: where its image will be; the
+        scheduler's `queue_position` and the LoRA its engine `loading_lora` for it, if any)."""
+        if self.final is not None:
+            return self.final.model_copy(update={"image_url": image_url if self.image_id else None})
+        if self.relayed is not None:
+            done = self.relayed.status is JobState.SUCCEEDED
+            return self.relayed.model_copy(update={"image_url": image_url if done else None})
+        job = self.job
+        started = job.started_at
+        status = self.status
+        return JobStatus(
+            id=job.id,
+            status=status,
+            queue_position=queue_position,
+            progress=JobProgress(step=job.step, total=job.total_steps, phase=phase_of(job.spec, status, job.step)),
+            request_id=job.request_id,
+            created_at=self.created_at,
+            started_at=self.created_at + (started - job.submitted_at) if started else None,
+            finished_at=(self.created_at + (job.finished_at - job.submitted_at)
+                         if job.finished_at and status.final else None),
+            queue_time=round(started - job.submitted_at, 3) if started else None,
+            inference_time=self.inference_time,
+            preview_time=round(job.preview_time, 3) if job.spec.preview is not None else None,
+            width=job.spec.layer_width if isinstance(job.spec, LayeredSpec) else job.spec.width,
+            height=job.spec.height,
+            seed=job.spec.seed,
+            engine=job.engine,
+            image_url=image_url if self.image_id else None,
+            file_path=self.file_path,
+            save_error=self.save_error,
+            error=self.error,
+            loading_lora=loading_lora,
+        )
+
+    def check_subscribers(self, most: int) -> None:
+        """429 when the job already has as many subscribers as one job may (each costs a status
+        and a send at every step)."""
+        if len(self.subscribers) >= most:
+            raise errors.RateLimited(
+                f"Job {self.job.id} already has {len(self.subscribers)} clients following its events, "
+                f"the most one job may have; follow it from one, or poll its status.",
+                code="too_many_subscribers", retry_after=5)
+
     def publish(self, event: JobEvent, step: int) -> None:
         """Wake every subscriber (on the event loop)."""
         for subscriber in self.subscribers:
@@ -282,6 +323,8 @@ class JobRegistry:
         self.max_subscribers = max_subscribers
         self._records: OrderedDict[str, JobRecord] = OrderedDict()
         self._tasks: set[asyncio.Task[None]] = set()
+        # Jobs the store kept that no server runs: after a restart, and those of lapsed servers.
+        self.recovery = JobRecovery(self)
 
     async def start(self, prepared: Prepared[Any], base_url: str | None = None,
                     webhook_url: str | None = None) -> JobRecord:
@@ -294,7 +337,7 @@ class JobRegistry:
         job_id = self.generation.scheduler.new_job_id()
         if self.store is None:
             [job] = await self.generation.submit(prepared, ids=[job_id])
-            return self._follow(job, body, time.time(), prepared.request_id, base_url, webhook_url)
+            return self.follow(job, body, time.time(), prepared.request_id, base_url, webhook_url)
         created_at = time.time()
         # Only what the client sent: a recovered job is validated again, and defaults written out would read as
         # choices (a ControlNet scale without a control image).
@@ -311,9 +354,9 @@ class JobRegistry:
         except BaseException:
             await self.store.call(self.store.store.remove, job_id)
             raise
-        return self._follow(job, body, created_at, prepared.request_id, base_url, webhook_url)
+        return self.follow(job, body, created_at, prepared.request_id, base_url, webhook_url)
 
-    def _follow(self, job: Job, body: NativeImageFields, created_at: float, request_id: int,
+    def follow(self, job: Job, body: NativeImageFields, created_at: float, request_id: int,
                 base_url: str | None, webhook_url: str | None) -> JobRecord:
         """Keep the record of a job just queued, and follow it to its end."""
         loop = asyncio.get_running_loop()
@@ -371,125 +414,12 @@ class JobRegistry:
             status.progress.step = step
         self.exchange.publish(record.job.id, event, status)
 
-    async def recover(self) -> int:
-        """After a restart: queue again every job the store kept that had not ended (a job that
-        was running starts from the beginning; one that already started twice fails instead),
-        oldest first. Returns how many were queued."""
-        if self.store is None:
-            return 0
-        self.generation.continue_request_ids(await self.store.call(self.store.store.last_request_id))
-        return await self.adopt()
-
-    async def share(self) -> None:
-        """With a shared store: start the exchange (lease, relay, remote cancels); it adopts the
-        jobs of servers whose lease lapsed, now and at every renewal."""
-        if self.exchange is not None:
-            await self.exchange.start(self.adopt, self.cancel_here)
-
-    async def unshare(self) -> None:
-        if self.exchange is not None:
-            await self.exchange.stop()
-
-    async def adopt(self) -> int:
-        """Queue the unfinished jobs the store hands this server (after a restart, every one it
-        kept; with a shared store, those of servers whose lease lapsed). Returns how many."""
-        if self.store is None:
-            return 0
-        store = self.store
-        queued = 0
-        for stored in await store.call(store.store.unfinished):
-            try:
-                prepared = await self._prepare_again(stored)
-            except errors.ServerError as exc:  # it cannot run here any more (a LoRA or model gone)
-                log.warning("job %s from before the restart cannot run again: %s", stored.id, exc.message)
-                await store.call(store.store.finished, stored.id, JobState.FAILED,
-                                 _lost_status(stored, ErrorDetail.of(exc)), time.time() + self.ttl_s, None, None)
-                continue
-            body = prepared.body
-            if stored.cancelled:  # its client cancelled it while no server ran it
-                self._fail_again(stored, prepared, errors.JobCancelled("The job was cancelled."))
-                continue
-            if stored.runs >= 2:  # it was running at two restarts: do not try a third time
-                self._fail_again(stored, prepared, errors.InferenceFailed(
-                    "The server restarted twice while this job was running; it is not run again."))
-                continue
-            [job] = await self.generation.submit(prepared, ids=[stored.id], readmit=True)
-            self._follow(job, body, stored.created_at, stored.request_id, stored.base_url, stored.webhook_url)
-            queued += 1
-        if queued:
-            log.info("%d job%s from before the restart queued again", queued, "" if queued == 1 else "s")
-        return queued
-
-    async def _prepare_again(self, stored: StoredJob) -> Prepared[Any]:
-        """A stored job's request, prepared as it was (same parameters, seed, uploads, owner)."""
-        caller = Caller(stored.owner) if stored.owner else ANONYMOUS
-        if stored.task == "edit":
-            edit = EditJobParameters.model_validate_json(stored.body)
-            assert self.store is not None
-            images, mask = await self.store.call(self.store.store.uploads, stored.id)
-            return await self.generation.prepare(edit, "edit", model=edit.model, images=images, mask=mask,
-                                                 preview=edit.preview_plan(), caller=caller, readmit=True)
-        if stored.task == "layered":
-            layered = LayeredJobParameters.model_validate_json(stored.body)
-            assert self.store is not None
-            images, _ = await self.store.call(self.store.store.uploads, stored.id)
-            return await self.generation.prepare(layered, "layered", model=layered.model, images=images,
-                                                 preview=layered.preview_plan(), caller=caller, readmit=True,
-                                                 layers=layered.layers, resolution=layered.resolution)
-        body = JobRequest.model_validate_json(stored.body)
-        return await self.generation.prepare(body, "generate", preview=body.preview_plan(), caller=caller,
-                                             readmit=True)
-
-    def _fail_again(self, stored: StoredJob, prepared: Prepared[Any], error: errors.ServerError) -> None:
-        """End a stored job with `error` through the usual path (its status and the store say it)."""
-        job = Job(spec=prepared.specs[0], request_id=stored.request_id, submitted_at=0.0, deadline=0.0,
-                  id=stored.id, owner=stored.owner, state=JobState.FAILED,
-                  total_steps=prepared.specs[0].num_inference_steps)
-        job.future.set_exception(error)
-        self._follow(job, prepared.body, stored.created_at, stored.request_id, stored.base_url, stored.webhook_url)
-
     def status(self, record: JobRecord, image_url: str) -> JobStatus:
         """The job's status as its clients see it now (`image_url`: where its image will be)."""
-        if record.final is not None:
-            return record.final.model_copy(update={"image_url": image_url if record.image_id else None})
-        if record.relayed is not None:
-            done = record.relayed.status is JobState.SUCCEEDED
-            return record.relayed.model_copy(update={"image_url": image_url if done else None})
         job = record.job
-        started = job.started_at
-        status = record.status
-        return JobStatus(
-            id=job.id,
-            status=status,
-            queue_position=self.generation.scheduler.queue_position(job),
-            progress=JobProgress(step=job.step, total=job.total_steps, phase=phase_of(job.spec, status, job.step)),
-            request_id=job.request_id,
-            created_at=record.created_at,
-            started_at=record.created_at + (started - job.submitted_at) if started else None,
-            finished_at=(record.created_at + (job.finished_at - job.submitted_at)
-                         if job.finished_at and status.final else None),
-            queue_time=round(started - job.submitted_at, 3) if started else None,
-            inference_time=record.inference_time,
-            preview_time=round(job.preview_time, 3) if job.spec.preview is not None else None,
-            width=job.spec.layer_width if isinstance(job.spec, LayeredSpec) else job.spec.width,
-            height=job.spec.height,
-            seed=job.spec.seed,
-            engine=job.engine,
-            image_url=image_url if record.image_id else None,
-            file_path=record.file_path,
-            save_error=record.save_error,
-            error=record.error,
-            loading_lora=self.generation.models.loading_lora(job) if status is JobState.RUNNING else None,
-        )
-
-    def check_subscribers(self, record: JobRecord) -> None:
-        """429 when the job already has as many subscribers as one job may (each costs a status
-        and a send at every step)."""
-        if len(record.subscribers) >= self.max_subscribers:
-            raise errors.RateLimited(
-                f"Job {record.job.id} already has {len(record.subscribers)} clients following its events, "
-                f"the most one job may have; follow it from one, or poll its status.",
-                code="too_many_subscribers", retry_after=5)
+        running = record.final is None and record.relayed is None and record.status is JobState.RUNNING
+        return record.snapshot(image_url, self.generation.scheduler.queue_position(job),
+                               self.generation.models.loading_lora(job) if running else None)
 
     async def events(self, record: JobRecord, image_url: str) -> AsyncIterator[tuple[JobEvent, JobStatus | JobPreview]]:
         """What one subscriber of the job hears (see JobRecord.events), previews as sent; for a
@@ -510,7 +440,7 @@ class JobRegistry:
 
     def _encoder(self, record: JobRecord) -> Callable[[Preview], Awaitable[JobPreview]]:
         async def encode(preview: Preview) -> JobPreview:
-            rendered = await self.generation.render_preview(record.job, preview)
+            rendered = await self.generation.renderer.render_preview(record.job, preview)
             return JobPreview(id=record.job.id, step=preview.step, total=preview.total, mode=preview.mode,
                               width=rendered.width, height=rendered.height, media_type=rendered.media_type,
                               b64_json=b64(rendered.data))
@@ -612,10 +542,10 @@ class JobRegistry:
         try:
             result = await generation.wait(job)
             if isinstance(job.spec, LayeredSpec):
-                rendered, archive = await generation.render_stacked(job, result)
+                rendered, archive = await generation.renderer.render_stacked(job, result)
                 self.results.put(archive, ZIP_MEDIA_TYPE, id=layers_id(job.id), owner=record.owner)
             else:
-                rendered = await generation.render(job, result, overlay=record.add_overlay,
+                rendered = await generation.renderer.render(job, result, overlay=record.add_overlay,
                                                    save_to_file=record.save_to_file)
             record.file_path = rendered.file_path
             record.save_error = rendered.save_error  # the job still succeeds: its image is stored
@@ -653,17 +583,6 @@ class JobRegistry:
         """Wait until every job followed here has ended and its end was stored (at shutdown)."""
         if self._tasks:
             await asyncio.gather(*self._tasks, return_exceptions=True)
-
-    async def expire_periodically(self, interval_s: float) -> None:
-        """Drop jobs past their TTL from the job store, now and every `interval_s`."""
-        if self.store is None:
-            return
-        while True:
-            try:
-                await self.store.call(self.store.store.sweep, time.time())
-            except Exception:  # the next sweep tries again; serving goes on
-                log.exception("sweeping the job store failed")
-            await asyncio.sleep(interval_s)
 
     def _prune(self) -> None:
         """Forget finished jobs past the TTL, then past `max_finished`: the owner with the most
@@ -710,10 +629,3 @@ def _queued_status(stored: StoredJob) -> JobStatus:
     """The status of a job another server accepted, before it told anything more."""
     return JobStatus(id=stored.id, status=JobState.QUEUED, queue_position=None, progress=JobProgress(step=0, total=0),
                      request_id=stored.request_id, created_at=stored.created_at, width=0, height=0, seed=0)
-
-
-def _lost_status(stored: StoredJob, error: ErrorDetail) -> str:
-    """The final status of a stored job that could not even be prepared again."""
-    return JobStatus(id=stored.id, status=JobState.FAILED, queue_position=None, progress=JobProgress(step=0, total=0),
-                     request_id=stored.request_id, created_at=stored.created_at, finished_at=time.time(),
-                     width=0, height=0, seed=0, error=error).model_dump_json()

@@ -259,6 +259,15 @@ class AsyncJobStore:
         """Run `fn(*args)` on the store's thread; submitted now (calls run in the order made)."""
         return asyncio.get_running_loop().run_in_executor(self._thread, functools.partial(fn, *args))
 
+    async def sweep_periodically(self, interval_s: float) -> None:
+        """Drop jobs past their TTL from the store, now and every `interval_s`."""
+        while True:
+            try:
+                await self.call(self.store.sweep, time.time())
+            except Exception:  # the next sweep tries again; serving goes on
+                log.exception("sweeping the job store failed")
+            await asyncio.sleep(interval_s)
+
     def close(self) -> None:
         self._thread.shutdown(wait=True)
         self.store.close()
