@@ -13,7 +13,7 @@ oldest), each without its pixels once its image is stored, so memory stays bound
 A job belongs to the API key that created it: any other key is told it does not exist.
 
 With a job store (`serving/job_store.py`, SQLite by default) every job is written there before
-its client hears "accepted", and its end (status and image) when it ends: memory is then a cache.
+its client hears "accepted", and its end (status, image, a layered job's ZIP) when it ends: memory is then a cache.
 A job no longer in memory is read back from the store; after a restart, `JobRecovery`
 (`serving/job_recovery.py`) queues again the jobs that had not ended.
 
@@ -480,10 +480,14 @@ class JobRegistry:
         if record.image_id is None:
             raise errors.JobNotReady(f"Job {job_id} is {record.status}; it has no layers.", param="id")
         stored = self.results.get(layers_id(job_id), record.owner)
+        if stored is None and self.store is not None:
+            data = await self.store.call(self.store.store.layers, job_id)
+            if data is not None:
+                stored = StoredImage(layers_id(job_id), data, ZIP_MEDIA_TYPE, created=record.created_at,
+                                     expires_at=float("inf"), owner=record.owner)
         if stored is None:
             raise errors.NotFound(f"Job {job_id} has no layers: it is not a layered job, or its layers are no "
-                                  "longer kept (they are kept in memory, for the job's lifetime, until a "
-                                  "restart).", param="id", code="job_layers_not_found")
+                                  "longer kept.", param="id", code="job_layers_not_found")
         return stored
 
     async def get(self, job_id: str, owner: str | None = None) -> JobRecord:
@@ -561,11 +565,13 @@ class JobRegistry:
         record.finished_monotonic = time.monotonic()
         if self.store is not None and not _interrupted(record):
             stored_image = self.results.get(record.image_id, record.owner) if record.image_id else None
+            stored_layers = self.results.get(layers_id(job.id), record.owner) if record.image_id else None
             try:
                 await self.store.call(
                     self.store.store.finished, job.id, record.status,
                     self.status(record, "").model_dump_json(), time.time() + self.ttl_s,
-                    stored_image.data if stored_image else None, stored_image.media_type if stored_image else None)
+                    stored_image.data if stored_image else None, stored_image.media_type if stored_image else None,
+                    stored_layers.data if stored_layers else None)
             except Exception:  # the client still hears the end; only a restart would not know it
                 log.exception("job %s: writing its end to the job store failed", job.id)
         record.settle()

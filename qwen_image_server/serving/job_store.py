@@ -3,7 +3,8 @@ nothing a client was promised dies with the process.
 
 What is kept per job: what it asked (its parameters, with the seed resolved, and an edit's
 uploaded files, as sent), its owner (an API key's id, never the key), its state and how many
-times it started, and once it ended its final status and its image (a file). After a restart the
+times it started, and once it ended its final status and its image (a file), and a layered job's
+ZIP of layers (a file beside it). After a restart the
 server runs the jobs that had not ended again (a job that was running starts from the beginning,
 at most once more), and serves the finished ones until their TTL. An expired job leaves a small
 tombstone for a week, so that its id answers "expired", not "unknown".
@@ -11,7 +12,8 @@ tombstone for a week, so that its id answers "expired", not "unknown".
 `SqliteJobStore` is the embedded default: one SQLite file in WAL mode plus two folders of files
 (`results/`, `inputs/`) under `QWEN_IMAGE_DATA_DIR`. Images go through an object store
 (`serving/object_store.py`): that `results/` folder, or the storage `QWEN_IMAGE_RESULTS_URL`
-names, where any server sharing it reads them. Its methods block (disk I/O); the job
+names, where any server sharing it reads them; a layered job's ZIP goes there too (no column of
+its own: a job has one when its task is `layered` and it succeeded). Its methods block (disk I/O); the job
 registry calls them through `AsyncJobStore`, on one thread of their own, so the event loop never
 waits on the disk and writes are never concurrent.
 """
@@ -32,7 +34,8 @@ from typing import Any, Literal, Protocol, TypeVar
 
 from qwen_image_server import errors
 from qwen_image_server.job_state import JobState
-from qwen_image_server.serving.object_store import FolderObjectStore, ObjectStore, job_image_key
+from qwen_image_server.serving.layers import ZIP_MEDIA_TYPE
+from qwen_image_server.serving.object_store import FolderObjectStore, ObjectStore, job_image_key, job_layers_key
 from qwen_image_server.serving.render import save_atomically
 from qwen_image_server.serving.uploads import Upload, field_names
 
@@ -70,9 +73,10 @@ class JobStore(Protocol):
     def remove(self, job_id: str) -> None: ...
     def started(self, job_id: str) -> None: ...
     def finished(self, job_id: str, state: JobState, status: str, expires_at: float,
-                 image: bytes | None, media_type: str | None) -> None: ...
+                 image: bytes | None, media_type: str | None, layers: bytes | None = None) -> None: ...
     def get(self, job_id: str) -> StoredJob | None: ...
     def image(self, job_id: str) -> bytes | None: ...
+    def layers(self, job_id: str) -> bytes | None: ...
     def uploads(self, job_id: str) -> tuple[list[Upload], Upload | None]: ...
     def unfinished(self) -> list[StoredJob]: ...
     def last_request_id(self) -> int: ...
@@ -158,13 +162,17 @@ class SqliteJobStore:
                          "WHERE id = ? AND state IN ('queued', 'running')", (job_id,))
 
     def finished(self, job_id: str, state: JobState, status: str, expires_at: float,
-                 image: bytes | None, media_type: str | None) -> None:
-        """The job ended: its image (written first), its final status, when it expires. Its
-        uploads are not needed any more."""
-        if image is not None:
+                 image: bytes | None, media_type: str | None, layers: bytes | None = None) -> None:
+        """The job ended: its image and a layered job's ZIP of `layers` (written first), its
+        final status, when it expires. Its uploads are not needed any more."""
+        if image is not None or layers is not None:
             row = self._db.execute("SELECT owner FROM jobs WHERE id = ?", (job_id,)).fetchone()
-            self.images.put(job_image_key(job_id), image, media_type or "image/png",
-                            owner=row[0] if row is not None else None, expires_at=expires_at)
+            owner = row[0] if row is not None else None
+            if layers is not None:
+                self.images.put(job_layers_key(job_id), layers, ZIP_MEDIA_TYPE, owner=owner, expires_at=expires_at)
+            if image is not None:
+                self.images.put(job_image_key(job_id), image, media_type or "image/png", owner=owner,
+                                expires_at=expires_at)
         self._db.execute("UPDATE jobs SET state = ?, status = ?, media_type = ?, expires_at = ? WHERE id = ?",
                          (state.value, status, media_type, expires_at, job_id))
         shutil.rmtree(self.inputs / job_id, ignore_errors=True)
@@ -175,6 +183,10 @@ class SqliteJobStore:
 
     def image(self, job_id: str) -> bytes | None:
         stored = self.images.get(job_image_key(job_id), time.time())
+        return stored.data if stored is not None else None
+
+    def layers(self, job_id: str) -> bytes | None:
+        stored = self.images.get(job_layers_key(job_id), time.time())
         return stored.data if stored is not None else None
 
     def uploads(self, job_id: str) -> tuple[list[Upload], Upload | None]:
@@ -205,6 +217,7 @@ class SqliteJobStore:
             "SELECT id FROM jobs WHERE expired = 0 AND expires_at IS NOT NULL AND expires_at <= ?", (now,))]
         for job_id in expired:
             self.images.delete(job_image_key(job_id))
+            self.images.delete(job_layers_key(job_id))
         if expired:
             self._db.executemany("UPDATE jobs SET expired = 1, status = NULL WHERE id = ?",
                                  [(job_id,) for job_id in expired])

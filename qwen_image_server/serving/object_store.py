@@ -7,7 +7,8 @@ Every object carries its media type, its owner (an API key's id, never the key) 
 expires: a server that did not make an image still answers only its owner, and never past its
 expiry. The methods block (disk or network I/O): call them off the event loop.
 
-Keys are paths of names this server makes (`images/<id>`, `jobs/<job id>`, `files/<job id>/<name>`):
+Keys are paths of names this server makes (`images/<id>`, `jobs/<job id>`, `layers/<job id>`,
+`files/<job id>/<name>`):
 letters, digits, `_`, `-` and `.`, never starting with a dot. A key built from a client's id that
 does not fit is simply not there.
 
@@ -56,6 +57,11 @@ def image_key(image_id: str) -> str:
 def job_image_key(job_id: str) -> str:
     """The key of a finished job's image."""
     return f"jobs/{job_id}"
+
+
+def job_layers_key(job_id: str) -> str:
+    """The key of a finished layered job's ZIP of layers (beside its image, the layers stacked)."""
+    return f"layers/{job_id}"
 
 
 def file_key(job_id: str, name: str) -> str:

@@ -10,6 +10,8 @@ scripts below touch keys they compute):
 - `job:<id>:inputs`: an unfinished edit's uploads, deleted when it ends.
 - `image:<id>`: a finished job's image, when no `QWEN_IMAGE_RESULTS_URL` is set; it expires
   with its TTL. Redis holds it in memory: about 1-2 MB per 1024x1024 PNG, for the TTL.
+- `layers:<id>`: a finished layered job's ZIP of layers, kept like its image (its TTL; in the
+  results storage instead when `QWEN_IMAGE_RESULTS_URL` is set).
 - `runners`: the servers that hold (or held) a lease; `lease:<runner>`: the lease, renewed every
   third of `QWEN_IMAGE_STORE_LEASE_S`; `runner:<runner>:jobs`: the unfinished jobs it runs.
 - `events:<id>` (pub/sub): the job's events, published by its runner; `cancel` (pub/sub): job
@@ -40,7 +42,8 @@ from qwen_image_server.job_state import JobEvent, JobState
 from qwen_image_server.protocol.native import JobPreview, JobStatus
 from qwen_image_server.serving.job_exchange import Relayed
 from qwen_image_server.serving.job_store import TOMBSTONE_S, StoredJob, StoredTask, unwritable
-from qwen_image_server.serving.object_store import ObjectStore, job_image_key
+from qwen_image_server.serving.layers import ZIP_MEDIA_TYPE
+from qwen_image_server.serving.object_store import ObjectStore, job_image_key, job_layers_key
 from qwen_image_server.serving.uploads import Upload
 from qwen_image_server.serving.webhook_outbox import Delivery
 
@@ -167,9 +170,15 @@ class RedisJobStore:
         self._started(keys=[f"{PREFIX}job:{job_id}"])
 
     def finished(self, job_id: str, state: JobState, status: str, expires_at: float,
-                 image: bytes | None, media_type: str | None) -> None:
+                 image: bytes | None, media_type: str | None, layers: bytes | None = None) -> None:
         key = f"{PREFIX}job:{job_id}"
         owner, runner = cast(list[bytes | None], self._redis.hmget(key, ["owner", "runner"]))
+        if layers is not None:  # before the image: a job whose image is there has its layers too
+            if self.images is not None:
+                self.images.put(job_layers_key(job_id), layers, ZIP_MEDIA_TYPE, owner=_text(owner) or None,
+                                expires_at=expires_at)
+            else:
+                self._redis.set(f"{PREFIX}layers:{job_id}", layers, pxat=int(expires_at * 1000))
         if image is not None:
             if self.images is not None:
                 self.images.put(job_image_key(job_id), image, media_type or "image/png",
@@ -196,6 +205,12 @@ class RedisJobStore:
             stored = self.images.get(job_image_key(job_id), time.time())
             return stored.data if stored is not None else None
         return cast(bytes | None, self._redis.get(f"{PREFIX}image:{job_id}"))
+
+    def layers(self, job_id: str) -> bytes | None:
+        if self.images is not None:
+            stored = self.images.get(job_layers_key(job_id), time.time())
+            return stored.data if stored is not None else None
+        return cast(bytes | None, self._redis.get(f"{PREFIX}layers:{job_id}"))
 
     def uploads(self, job_id: str) -> tuple[list[Upload], Upload | None]:
         inputs = cast(dict[bytes, bytes], self._redis.hgetall(f"{PREFIX}job:{job_id}:inputs"))
