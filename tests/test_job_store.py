@@ -16,6 +16,7 @@ import pytest
 from PIL import Image
 
 from tests.conftest import ROOT, LiveServer, final_status, tiny_settings, wait_until
+from tests.test_layered import KEY, OTHER_KEY, client, events, small_layers, start_job
 
 FAST = {"num_inference_steps": 2, "add_overlay": False}
 
@@ -103,6 +104,26 @@ def test_finished_jobs_outlive_the_process_until_their_ttl_then_answer_expired(r
         gone = c.get(f"/v1/jobs/{fresh}")
         assert gone.json()["error"]["code"] == "job_expired"  # not "unknown": it existed
         assert c.get(f"/v1/jobs/{fresh}/image").json()["error"]["code"] == "job_expired"
+
+
+def test_a_layered_jobs_zip_outlives_the_process_for_its_owner_only(restartable, tmp_path):
+    with small_layers():
+        live = restartable(api_keys=[KEY, OTHER_KEY])
+        with client(live) as http:
+            job_id = start_job(http, seed=5, layers=2)["id"]
+            assert events(http, job_id)[-1][0] == "succeeded"
+            archive = http.get(f"/v1/jobs/{job_id}/layers.zip").content
+        live.stop()
+
+        again = restartable(api_keys=[KEY, OTHER_KEY])
+        with client(again) as http:
+            kept = http.get(f"/v1/jobs/{job_id}/layers.zip")
+            assert kept.status_code == 200 and kept.headers["content-type"] == "application/zip"
+            assert kept.content == archive  # byte for byte, read back from the data folder
+        with client(again, OTHER_KEY) as other:
+            r = other.get(f"/v1/jobs/{job_id}/layers.zip")
+            assert r.status_code == 404 and r.json()["error"]["code"] == "job_not_found"
+    assert (tmp_path / "data" / "results" / "layers" / job_id).read_bytes() == archive
 
 
 def test_a_memory_store_keeps_no_job_on_disk(restartable, tmp_path):

@@ -10,9 +10,11 @@ edit tests shrink the edit pipelines' working size: the server's path is the sam
 from __future__ import annotations
 
 import base64
+import contextlib
 import io
 import json
 import zipfile
+from collections.abc import Iterator
 
 import httpx
 import numpy as np
@@ -28,8 +30,9 @@ STEPS = 2
 KEY, OTHER_KEY = "layered-owner-key-3f9a1c", "layered-other-key-8d2e7b"
 
 
-@pytest.fixture(scope="module")
-def layered(tmp_path_factory):
+@contextlib.contextmanager
+def small_layers() -> Iterator[None]:
+    """Layers of 128x128 pixels (not the pipeline's 640 or 1024) for in-process servers, meanwhile."""
     import diffusers.pipelines.qwenimage.pipeline_qwenimage_layered as pipeline_module
 
     from qwen_image_server.serving import specs
@@ -38,6 +41,12 @@ def layered(tmp_path_factory):
     with pytest.MonkeyPatch.context() as patch:
         patch.setattr(pipeline_module, "calculate_dimensions", lambda area, ratio: real_pipeline(128 * 128, ratio))
         patch.setattr(specs, "layered_size", lambda size, resolution: real_server(size, 128))
+        yield
+
+
+@pytest.fixture(scope="module")
+def layered(tmp_path_factory):
+    with small_layers():
         live = LiveServer(tiny_settings(tmp_path_factory.mktemp("layered"), api_keys=[KEY, OTHER_KEY])).start()
         live.headers = {"Authorization": f"Bearer {KEY}"}
         yield live
