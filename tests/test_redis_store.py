@@ -34,6 +34,7 @@ from tests.conftest import (
     wait_until,
 )
 from tests.fakes import FakeEngine
+from tests.test_layered import KEY, OTHER_KEY, client, events, small_layers, start_job
 from tests.test_webhooks import Receiver
 
 FAST = {"num_inference_steps": 2, "add_overlay": False}
@@ -257,3 +258,27 @@ def test_with_a_results_url_redis_keeps_the_records_and_the_storage_the_images(r
     finally:
         admin.close()
         live.stop()
+
+
+def test_a_layered_jobs_zip_is_kept_in_redis_and_read_by_another_server(redis_url, tmp_path):
+    url = redis_url.rsplit("/", 1)[0] + "/3"
+    admin = redis.Redis.from_url(url)
+    with small_layers():
+        a = LiveServer(tiny_settings(tmp_path / "a", store=url, api_keys=[KEY, OTHER_KEY])).start()
+        b = LiveServer(tiny_settings(tmp_path / "b", store=url, api_keys=[KEY, OTHER_KEY])).start()
+        try:
+            with client(a) as http:
+                job_id = start_job(http, seed=5, layers=2)["id"]
+                assert events(http, job_id)[-1][0] == "succeeded"
+                archive = http.get(f"/v1/jobs/{job_id}/layers.zip").content
+            with client(b) as http:  # B never ran it: the ZIP comes from Redis
+                r = http.get(f"/v1/jobs/{job_id}/layers.zip")
+                assert r.status_code == 200 and r.headers["content-type"] == "application/zip"
+                assert r.content == archive
+            with client(b, OTHER_KEY) as other:
+                assert other.get(f"/v1/jobs/{job_id}/layers.zip").json()["error"]["code"] == "job_not_found"
+            assert 0 < admin.pttl(f"qwen-image:layers:{job_id}") <= a.settings.result_ttl_s * 1000  # the job's TTL
+        finally:
+            admin.close()
+            a.stop()
+            b.stop()
