@@ -1,7 +1,8 @@
 /* Qwen-Image playground: plain JavaScript, no build step, no third-party code.
  *
  * Talks to the public API only: GET /info (aspect ratios, models and their tasks), POST /v1/jobs
- * (with a start picture, mask or control image as base64 fields when given; in Edit mode,
+ * (with a start picture, mask or control image as base64 fields when given; a mask with the
+ * control image and no start picture is ControlNet inpainting; in Edit mode,
  * /v1/jobs/edit with the images and the painted mask as multipart files), the job's SSE stream
  * (read with fetch + a stream parser, so an Authorization header can be sent), its image, DELETE
  * to cancel; in Layers mode, POST /v1/images/edits with the layered model (one RGBA PNG a layer,
