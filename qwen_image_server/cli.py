@@ -52,6 +52,7 @@ if TYPE_CHECKING:
     import httpx
 
     from qwen_image_server.engine.models import ModelSet
+    from qwen_image_server.scheduler import Job, JobResult
     from qwen_image_server.serving.generation import Generation, Prepared
 
 log = logging.getLogger("qwen_image_server.cli")
@@ -197,6 +198,17 @@ class OneImageCommand(Settings):
         save_atomically(image.content, out.parent, out.name, overwrite=True)
         return f"saved {out} ({final['width']}x{final['height']}"
 
+    async def save_local(self, generation: Generation, job: Job, result: JobResult,
+                         prepared: Prepared[Any]) -> str:
+        """Render an image made here and write it to --out; what was saved."""
+        from qwen_image_server.serving.render import save_atomically
+
+        rendered = await generation.renderer.render(job, result, overlay=prepared.body.add_overlay)
+        out: Path = getattr(self, "out")  # noqa: B009 - each command declares its own --out
+        out = out.expanduser()
+        save_atomically(rendered.data, out.parent, out.name, overwrite=True)
+        return f"saved {out} ({rendered.width}x{rendered.height}, {rendered.inference_time:.2f}s"
+
     def engine_settings(self) -> Settings:
         """The server settings of this command, with the fused LoRA (if any) as QWEN_IMAGE_LORA."""
         values = {name: getattr(self, name) for name in Settings.model_fields}
@@ -301,8 +313,8 @@ _LAYERED = LayeredJobParameters.model_fields
 
 
 class LayersCommand(OneImageCommand):
-    """Split a picture into RGBA layers on a running server (--url; a layered model such as
-    QWEN_IMAGE_MODEL=tiny's tiny-layered), writing layer-0.png (the bottom) upwards and stacked.png
+    """Split a picture into RGBA layers with a layered model (QWEN_IMAGE_MODEL=tiny's tiny-layered),
+    here or on a running server (--url), writing layer-0.png (the bottom) upwards and stacked.png
     (the layers composited) into --out."""
 
     image: CliPositionalArg[Path] = Field(description="The picture to split (PNG keeps its transparency).")
@@ -319,15 +331,39 @@ class LayersCommand(OneImageCommand):
             print(f"error: no such file: {self.image}", file=sys.stderr)
             raise SystemExit(1)
         if not self.url:
-            print("error: layers runs on a server: give --url http://host:port (QWEN_IMAGE_MODEL=tiny serves "
-                  "the embedded layered model)", file=sys.stderr)
-            raise SystemExit(2)
-        body = self.body(LayeredJobParameters, prompt=self.prompt, layers=self.layers, resolution=self.resolution,
-                         model=self.layered_model)
+            raise SystemExit(generate_one(self))
         data = {name: json.dumps(value) if name == "loras" else str(value).lower() if isinstance(value, bool)
-                else str(value) for name, value in body.model_dump(exclude_unset=True, exclude_none=True).items()}
+                else str(value) for name, value in self.request().model_dump(exclude_unset=True,
+                                                                              exclude_none=True).items()}
         files = [("image", (self.image.name, self.image.expanduser().read_bytes()))]
         raise SystemExit(run_remote_job(self, "/v1/jobs/layers", {"data": data, "files": files}))
+
+    def request(self) -> LayeredJobParameters:
+        """The split's parameters, validated like /v1/jobs/layers' form fields."""
+        return self.body(LayeredJobParameters, prompt=self.prompt, layers=self.layers, resolution=self.resolution,
+                         model=self.layered_model)
+
+    async def prepare(self, generation: Generation) -> Prepared[LayeredJobParameters]:
+        body = self.request()
+        image = Upload("image", self.image.expanduser().read_bytes())
+        return await generation.prepare(body, "layered", model=body.model, images=[image], layers=body.layers,
+                                        resolution=body.resolution)
+
+    async def save_local(self, generation: Generation, job: Job, result: JobResult,
+                         prepared: Prepared[Any]) -> str:
+        """Write the layers and the stacked picture into --out: the bytes a server's ZIP and
+        image would have (the same renderer makes both)."""
+        from qwen_image_server.serving.layers import encode_layered, layer_name
+        from qwen_image_server.serving.render import save_atomically
+
+        picture, layers = await generation.in_pool(encode_layered, result.image, self.layers)
+        folder = self.out.expanduser()
+        for index, data in enumerate(layers):
+            save_atomically(data, folder, layer_name(index), overwrite=True)
+        save_atomically(picture, folder, "stacked.png", overwrite=True)
+        width, height = result.image.width // self.layers, result.image.height
+        return f"saved {len(layers)} layers and stacked.png in {folder} ({width}x{height}, " \
+               f"{result.inference_time:.2f}s"
 
     def save_remote(self, client: httpx.Client, job_id: str, final: dict[str, Any]) -> str:
         """Write the job's layers (from its ZIP) and its stacked image into --out."""
@@ -391,7 +427,7 @@ def run_remote_job(cmd: OneImageCommand, path: str, request: dict[str, Any]) -> 
     return 0
 
 
-def generate_one(cmd: GenerateCommand | EditCommand) -> int:
+def generate_one(cmd: GenerateCommand | EditCommand | LayersCommand) -> int:
     """Load the model(s), make one image through the server's own request path, save it
     atomically; return the exit code."""
     from qwen_image_server.engine.models import load_engine
@@ -406,16 +442,16 @@ def generate_one(cmd: GenerateCommand | EditCommand) -> int:
     return asyncio.run(_generate_locally(cmd, settings, engine))
 
 
-async def _generate_locally(cmd: GenerateCommand | EditCommand, settings: Settings, engine: ModelSet) -> int:
+async def _generate_locally(cmd: GenerateCommand | EditCommand | LayersCommand, settings: Settings,
+                            engine: ModelSet) -> int:
     from concurrent.futures import ThreadPoolExecutor
 
     from tqdm import tqdm
 
     from qwen_image_server.errors import ServerError
     from qwen_image_server.job_state import JobEvent
-    from qwen_image_server.scheduler import Job, Scheduler, SchedulerConfig
+    from qwen_image_server.scheduler import Scheduler, SchedulerConfig
     from qwen_image_server.serving.generation import Generation
-    from qwen_image_server.serving.render import save_atomically
 
     scheduler = Scheduler(lambda: engine, SchedulerConfig(max_queue=1, max_batch_size=1))
     device = engine.model.device
@@ -433,15 +469,13 @@ async def _generate_locally(cmd: GenerateCommand | EditCommand, settings: Settin
                 [job] = await generation.submit(prepared)
                 scheduler.add_listener(job, on_event)
                 result = await generation.wait(job)
-            rendered = await generation.renderer.render(job, result, overlay=prepared.body.add_overlay)
+            saved = await cmd.save_local(generation, job, result, prepared)
         except ServerError as exc:
             print(f"error: {exc.message}", file=sys.stderr)
             return 1
         finally:
             scheduler.shutdown(timeout=5)
-    out = cmd.out.expanduser()
-    save_atomically(rendered.data, out.parent, out.name, overwrite=True)
-    print(f"saved {out} ({rendered.width}x{rendered.height}, {rendered.inference_time:.2f}s on {device.label})")
+    print(f"{saved} on {device.label})")
     return 0
 
 

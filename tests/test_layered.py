@@ -24,7 +24,7 @@ from httpx_sse import connect_sse
 from PIL import Image
 
 from qwen_image_server.cli import main
-from tests.conftest import LiveServer, hold_engine, tiny_settings
+from tests.conftest import LiveServer, hold_engine, run_cli, tiny_settings
 
 STEPS = 2
 KEY, OTHER_KEY = "layered-owner-key-3f9a1c", "layered-other-key-8d2e7b"
@@ -233,6 +233,28 @@ def test_the_cli_writes_each_layer_and_the_stacked_picture(layered, tmp_path):
         events(http, job["id"])
         members = dict(zip_layers(http.get(f"/v1/jobs/{job['id']}/layers.zip").content))
     assert {name: (out / name).read_bytes() for name in members} == members
+
+
+def test_the_cli_splits_here_without_a_server_into_the_same_files(layered, tmp_path, capsys):
+    """Without --url the command loads the layered model itself (QWEN_IMAGE_MODEL=tiny's
+    tiny-layered): the same model, seed and picture give the files a server gives, byte for byte."""
+    source = tmp_path / "photo.png"
+    source.write_bytes(picture(1))
+    local, remote = tmp_path / "local", tmp_path / "remote"
+    common = ["layers", str(source), "--layers", "2", "--num-inference-steps", str(STEPS), "--seed", "11",
+              "--prompt", "a cat on a sofa"]
+    assert run_cli(*common, "--out", str(local), "--threads", "1") == 0
+    assert "saved 2 layers and stacked.png" in capsys.readouterr().out
+    assert run_cli(*common, "--out", str(remote), "--url", layered.url, "--api-keys", KEY) == 0
+    names = ["layer-0.png", "layer-1.png", "stacked.png"]
+    assert sorted(path.name for path in local.iterdir()) == names
+    assert {name: (local / name).read_bytes() for name in names} == {name: (remote / name).read_bytes()
+                                                                      for name in names}
+    assert Image.open(local / "layer-1.png").mode == "RGBA"
+
+    assert run_cli("layers", str(source), "--model", "tiny-edit", "--out", str(tmp_path / "no")) == 1
+    assert "layered" in capsys.readouterr().err  # no layered model loaded: says so, writes nothing
+    assert not (tmp_path / "no").exists()
 
 
 def test_a_layered_job_stored_before_a_restart_runs_after_it(layered, tmp_path):

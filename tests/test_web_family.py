@@ -214,6 +214,45 @@ def test_controlnet_controls_steer_the_image_and_its_errors_show_on_their_fields
     watched.close()
 
 
+def test_controlnet_inpainting_repaints_the_painted_area_of_the_control_image(browser, live):
+    """With the model's inpainting ControlNet (/info's task controlnet-inpaint), a mask painted on
+    the control image and no picture to start from: the masked area is repainted, the rest of the
+    control image kept exactly; a mask of the wrong size shows the API's 400 on the mask field."""
+    watched = open_page(browser, live)
+    page = watched.page
+    picture = png(3)
+    page.click("#control-fields summary")
+    expect(page.locator("#control-inpaint")).to_be_hidden()  # until there is a control image
+    page.set_input_files("#control_image", files=[file("house.png", picture)])
+    expect(page.locator("#control-inpaint")).to_be_visible()
+    page.wait_for_function(f"() => document.getElementById('control-mask').width === {SIZE}")
+    box = page.locator("#control-mask").bounding_box()
+    page.mouse.move(box["x"] + box["width"] * 0.5, box["y"] + box["height"] * 0.2)
+    page.mouse.down()
+    page.mouse.move(box["x"] + box["width"] * 0.5, box["y"] + box["height"] * 0.8, steps=8)
+    page.mouse.up()
+    generate(page, 1)
+    sent = last_job(page)
+    assert "image" not in sent and base64.b64decode(sent["control_image"]) == picture
+    alpha = np.asarray(Image.open(io.BytesIO(base64.b64decode(sent["mask"]))).getchannel("A"))
+    assert alpha.shape == (SIZE, SIZE) and alpha[SIZE // 2, SIZE // 2] == 0 and alpha[10, 10] == 255
+    expect(page.locator("#result-meta")).to_contain_text("ControlNet inpainting · 512 × 512")
+    inpainted = result(page)
+    original = np.asarray(Image.open(io.BytesIO(picture)).convert("RGB")).astype(int)
+    kept = alpha == 255
+    assert (inpainted[kept] == original[kept]).all(), "outside the mask the control image must stay as it was"
+    assert np.abs(inpainted[~kept] - original[~kept]).mean() > 1, "the masked area was not repainted"
+    screenshot(page, "web-family-controlnet-inpaint.png")
+
+    # An uploaded mask replaces the painted one; one of another size is the API's 400, on its field.
+    page.set_input_files("#control_mask", files=[file("small.png", png(4, (96, 64), "RGBA"))])
+    page.click("#generate")
+    expect(page.locator("#control_mask-error")).to_be_visible()
+    expect(page.locator("#control_mask-error")).to_contain_text("Mask")
+    assert base64.b64decode(last_job(page)["mask"]) == png(4, (96, 64), "RGBA")
+    watched.close()
+
+
 def test_layers_side_by_side_and_stacked_each_an_rgba_png(browser, live):
     watched = open_page(browser, live)
     page = watched.page

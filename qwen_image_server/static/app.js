@@ -1,7 +1,8 @@
 /* Qwen-Image playground: plain JavaScript, no build step, no third-party code.
  *
  * Talks to the public API only: GET /info (aspect ratios, models and their tasks), POST /v1/jobs
- * (with a start picture, mask or control image as base64 fields when given; in Edit mode,
+ * (with a start picture, mask or control image as base64 fields when given; a mask with the
+ * control image and no start picture is ControlNet inpainting; in Edit mode,
  * /v1/jobs/edit with the images and the painted mask as multipart files), the job's SSE stream
  * (read with fetch + a stream parser, so an Authorization header can be sent), its image, DELETE
  * to cancel; in Layers mode, POST /v1/images/edits with the layered model (one RGBA PNG a layer,
@@ -34,7 +35,7 @@
     num_inference_steps: "Steps", true_cfg_scale: "CFG scale", seed: "Seed",
     language: "Language", add_overlay: "Info strip", save_to_file: "Save on the server",
     image: "Images", mask: "Mask", loras: "LoRA", lora_scale: "LoRA scale",
-    start_image: "Picture", start_mask: "Mask", strength: "Strength", control_image: "Control image",
+    start_image: "Picture", start_mask: "Mask", strength: "Strength", control_image: "Control image", control_mask: "Mask",
     controlnet_conditioning_scale: "ControlNet scale", control_guidance_start: "ControlNet from",
     control_guidance_end: "ControlNet until", layered_image: "Picture", layers: "Layers",
     resolution: "Resolution",
@@ -248,6 +249,8 @@
         // Requests without a model go to the first one: it is the one the Generate mode uses.
         const first = info.models[0];
         $("control-fields").hidden = !(first && (first.tasks || []).includes("controlnet"));
+        controlInpaint = Boolean(first && (first.tasks || []).includes("controlnet-inpaint"));
+        showControlInpaint();
         const layered = info.models.find((m) => (m.tasks || []).includes("layered"));
         layeredModel = layered ? layered.name : null;
         $("mode-layered").disabled = !layered && !loading;
@@ -385,6 +388,7 @@
   function fieldOf(param) {
     param = (param || "").replace(/^loras\[\d+\]\.scale$/, "lora_scale").replace(/^loras\[\d+\]\.name$/, "loras")
       .replace(/\[\d+\]$/, ""); // image[1] -> image
+    if (mode() === "generate" && param === "mask" && task() === "controlnet-inpaint") param = "control_mask";
     param = PARAM_FIELDS[mode()][param] || param;
     return FIELDS.includes(param) ? param : null;
   }
@@ -854,7 +858,7 @@
 
   /** What a Generate request does, as the gallery names it. */
   function task() {
-    if (controlFile) return "controlnet";
+    if (controlFile) return !startFile && controlMasked() ? "controlnet-inpaint" : "controlnet";
     if (startFile) return startMasked() ? "inpaint" : "image-to-image";
     return "text";
   }
@@ -930,21 +934,57 @@
       : `${width} × ${height}: no aspect ratio makes images of this size (the control image must have the image's exact size).`;
   }
 
+  // ControlNet inpainting (when the model has an inpainting ControlNet: /info's task
+  // "controlnet-inpaint"): a mask painted on the control image, or uploaded, and no picture to
+  // start from; the API then repaints the masked area of the control image.
+  let controlInpaint = false;
+  let controlMaskFile = null; // an uploaded mask: it replaces the painted one
+  let controlPainted = false;
+  const controlMasked = () => controlInpaint && Boolean(controlMaskFile || controlPainted);
+
+  function showControlInpaint() {
+    $("control-inpaint").hidden = !(controlInpaint && controlFile);
+  }
+
+  function resetControlMask() {
+    controlMaskFile = null;
+    controlPainted = false;
+    $("control_mask").value = "";
+    clearCanvas($("control-mask"));
+  }
+
   $("control_image").addEventListener("change", () => {
     const file = $("control_image").files[0];
     if (!file) return;
     controlFile = file;
+    resetControlMask();
     showPicked($("control-preview"), file, (image) => matchRatio(image.naturalWidth, image.naturalHeight));
+    showPicked($("control-mask-preview"), file, (image) => {
+      const canvas = $("control-mask");
+      canvas.width = image.naturalWidth;
+      canvas.height = image.naturalHeight;
+      clearCanvas(canvas);
+    });
     $("control-picked").hidden = false;
+    showControlInpaint();
   });
 
   function removeControl() {
     controlFile = null;
     $("control_image").value = "";
     showPicked($("control-preview"), null);
+    showPicked($("control-mask-preview"), null);
+    resetControlMask();
     $("control-picked").hidden = true;
+    showControlInpaint();
     $("control_image-help").textContent = CONTROL_HELP;
   }
+  $("control_mask").addEventListener("change", () => { controlMaskFile = $("control_mask").files[0] || null; });
+  painter($("control-mask"), $("control-brush"), () => { controlPainted = true; });
+  $("control-mask-clear").addEventListener("click", () => {
+    clearCanvas($("control-mask"));
+    controlPainted = false;
+  });
   $("control-remove").addEventListener("click", () => { removeControl(); $("control_image").focus(); });
 
   function base64Of(blob) {
@@ -965,6 +1005,9 @@
       else if (startPainted) fields.mask = await base64Of(await maskBlob($("start-mask")));
     }
     if (controlFile) fields.control_image = await base64Of(controlFile);
+    if (task() === "controlnet-inpaint") {
+      fields.mask = await base64Of(controlMaskFile || await maskBlob($("control-mask")));
+    }
     return fields;
   }
 
@@ -1146,7 +1189,8 @@
     return urls.get(item.id);
   }
 
-  const TASK_NAMES = { "image-to-image": "Image-to-image", inpaint: "Inpainting", controlnet: "ControlNet" };
+  const TASK_NAMES = { "image-to-image": "Image-to-image", inpaint: "Inpainting", controlnet: "ControlNet",
+    "controlnet-inpaint": "ControlNet inpainting" };
 
   function describe(item) {
     const parts = [`${item.width} × ${item.height}`, `seed ${item.seed}`];
