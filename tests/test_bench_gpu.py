@@ -212,7 +212,8 @@ def test_speed_table_plan_has_every_row_measured_or_saying_why(tmp_path: Path) -
     estimates = [r for (kind, _), r in rows.items() if kind == "estimate" and r["config"].startswith("baseline,")]
     assert {(r["mode"], r["link"]) for r in estimates} == {
         ("cfg", "NVLink"), ("cfg", "PCIe Gen4"), ("ulysses", "NVLink"), ("ulysses", "PCIe Gen4")}
-    assert all(1.0 < r["speedup"] < 2.0 for r in estimates), estimates
+    # Two GPUs at best halve the steps (each does half of every step, plus its exchanges).
+    assert all(0 < r["speedup"] <= 2.0 for r in estimates), estimates
 
     goals = {g["goal"]: g["verdict"] for g in table["goals"]}
     assert set(goals) == {"fp8 + compile, no step caching: <= 8 s", "fp8 + compile + step caching: <= 4.5 s",

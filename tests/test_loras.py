@@ -193,7 +193,7 @@ def test_a_hub_lora_that_cannot_be_fetched_is_503_while_the_hub_is_down_400_when
     ([{"name": "../style"}], "loras[0].name", "never by a path"),
     ([{"name": "loras/style"}], "loras[0].name", "never by a path"),
     ([{"name": "style", "weight": 1}], "loras[0].weight", "Extra inputs"),
-    ("style", "loras", "valid list"),
+    ("style", "loras", "should be a valid"),  # a list (form, python) or an array (JSON)
     ([{"name": "edit-style"}], "loras[0].name", "is for Qwen-Image-Edit; the model 'tiny' is Qwen-Image"),
     ([{"name": "foreign"}], "loras[0].name", "for another model"),
     ([{"name": "notalora"}], "loras[0].name", "not a readable safetensors file"),
