@@ -59,6 +59,25 @@ def validated(model: type[M], data: dict[str, Any] | bytes) -> M:
             [{**e, "loc": ("body", *e["loc"])} for e in exc.errors(include_url=False)]) from exc
 
 
+F = TypeVar("F", bound=UploadFields)
+
+
+async def _read_upload_form(request: Request, form_model: type[F]) -> tuple[F, list[Upload], Upload | None]:
+    """A multipart body: its fields validated as `form_model`, its images' and mask's bytes.
+    Every file part (those of unknown fields too) is closed before the request goes on: nothing
+    that outlives it (a job's record) may hold a temporary file open."""
+    form = await request.form()
+    try:
+        data: dict[str, Any] = {key: value for key, value in form.multi_items() if key not in ("image", "image[]")}
+        data["image"] = form.getlist("image")
+        data["image[]"] = form.getlist("image[]")
+        body = validated(form_model, data)
+        images, mask = await read_uploads(body)
+    finally:
+        await form.close()
+    return body, images, mask
+
+
 async def read_native_edit(request: Request) -> tuple[EditParameters, list[Upload], Upload | None]:
     """/edit's body, whichever way it came: the parameters (without the images), the images'
     bytes and the mask's."""
@@ -76,18 +95,7 @@ async def _read_edit(request: Request, form_model: type[EditForm], json_model: t
                      ) -> tuple[EditParameters, list[Upload], Upload | None]:
     media_type = request.headers.get("content-type", "").split(";")[0].strip().lower()
     if media_type == FORM:
-        # Every file part (those of unknown fields too) is closed before the request goes on:
-        # nothing that outlives it (a job's record) may hold a temporary file open.
-        form = await request.form()
-        try:
-            data: dict[str, Any] = {key: value for key, value in form.multi_items()
-                                    if key not in ("image", "image[]")}
-            data["image"] = form.getlist("image")
-            data["image[]"] = form.getlist("image[]")
-            form_body = validated(form_model, data)
-            images, mask = await read_uploads(form_body)
-        finally:
-            await form.close()
+        form_body, images, mask = await _read_upload_form(request, form_model)
         return form_body.parameters(), images, mask
     if media_type == JSON or media_type.endswith("+json"):
         json_body = validated(json_model, await request.body())
@@ -152,15 +160,7 @@ async def read_layered_job(request: Request) -> tuple[LayeredJobParameters, list
         raise errors.InvalidRequest(
             f"Send the picture to split as {FORM} (the file `image`); it came as "
             f"{media_type or 'no Content-Type'}.", param="body", code="unsupported_media_type")
-    form = await request.form()
-    try:
-        data: dict[str, Any] = {key: value for key, value in form.multi_items() if key not in ("image", "image[]")}
-        data["image"] = form.getlist("image")
-        data["image[]"] = form.getlist("image[]")
-        body = validated(LayeredJobForm, data)
-        images, _ = await read_uploads(body)
-    finally:
-        await form.close()
+    body, images, _ = await _read_upload_form(request, LayeredJobForm)
     return body.parameters(), images
 
 
