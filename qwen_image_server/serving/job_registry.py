@@ -363,7 +363,7 @@ class JobRegistry:
         record = JobRecord.create(job, body, loop)
         record.created_at = created_at
         record.base_url, record.webhook_url = base_url, webhook_url
-        self._prune()
+        _prune(self._records, self.ttl_s, self.max_finished)
         self._records[job.id] = record
         exchange = self.exchange
         if exchange is not None:
@@ -459,42 +459,43 @@ class JobRegistry:
     async def image(self, record: JobRecord) -> StoredImage:
         """The image of a succeeded job (409 while it is not done, or if it failed; 404 once it
         is no longer kept)."""
-        job_id = record.job.id
-        if record.image_id is None:
-            raise errors.JobNotReady(f"Job {job_id} is {record.status}; it has no image.", param="id")
-        stored = self.results.get(record.image_id, record.owner)
-        if stored is None and self.store is not None:
-            data = await self.store.call(self.store.store.image, job_id)
-            if data is not None:
-                media_type = record.final_media_type or "image/png"
-                stored = StoredImage(record.image_id, data, media_type, created=record.created_at,
-                                     expires_at=float("inf"), owner=record.owner)
+        stored = await self._result(record, layers=False)
         if stored is None:
-            raise errors.NotFound(f"The image of job {job_id} is no longer kept.", param="id", code="job_expired")
+            raise errors.NotFound(f"The image of job {record.job.id} is no longer kept.", param="id",
+                                  code="job_expired")
         return stored
 
     async def layers(self, record: JobRecord) -> StoredImage:
         """The ZIP of a succeeded layered job's layers (409 while it is not done, or if it
         failed; 404 for a job of another task, or once no longer kept)."""
+        stored = await self._result(record, layers=True)
+        if stored is None:
+            raise errors.NotFound(f"Job {record.job.id} has no layers: it is not a layered job, or its layers "
+                                  "are no longer kept.", param="id", code="job_layers_not_found")
+        return stored
+
+    async def _result(self, record: JobRecord, *, layers: bool) -> StoredImage | None:
+        """A succeeded job's image, or its layers' ZIP: from memory, else from the job store
+        (409 while the job has not succeeded); None when neither keeps it."""
         job_id = record.job.id
         if record.image_id is None:
-            raise errors.JobNotReady(f"Job {job_id} is {record.status}; it has no layers.", param="id")
-        stored = self.results.get(layers_id(job_id), record.owner)
+            what = "layers" if layers else "image"
+            raise errors.JobNotReady(f"Job {job_id} is {record.status}; it has no {what}.", param="id")
+        result_id = layers_id(job_id) if layers else record.image_id
+        stored = self.results.get(result_id, record.owner)
         if stored is None and self.store is not None:
-            data = await self.store.call(self.store.store.layers, job_id)
+            data = await self.store.call(self.store.store.layers if layers else self.store.store.image, job_id)
             if data is not None:
-                stored = StoredImage(layers_id(job_id), data, ZIP_MEDIA_TYPE, created=record.created_at,
+                media_type = ZIP_MEDIA_TYPE if layers else record.final_media_type or "image/png"
+                stored = StoredImage(result_id, data, media_type, created=record.created_at,
                                      expires_at=float("inf"), owner=record.owner)
-        if stored is None:
-            raise errors.NotFound(f"Job {job_id} has no layers: it is not a layered job, or its layers are no "
-                                  "longer kept.", param="id", code="job_layers_not_found")
         return stored
 
     async def get(self, job_id: str, owner: str | None = None) -> JobRecord:
         """The job `owner` (an API key's id) created: from memory, else from the job store.
         NotFound for an unknown id and another key's job alike (code `job_not_found`), and for
         a job past its TTL (code `job_expired`)."""
-        self._prune()
+        _prune(self._records, self.ttl_s, self.max_finished)
         record = self._records.get(job_id)
         if record is None and self.store is not None:
             stored = await self.store.call(self.store.store.get, job_id)
@@ -590,24 +591,6 @@ class JobRegistry:
         if self._tasks:
             await asyncio.gather(*self._tasks, return_exceptions=True)
 
-    def _prune(self) -> None:
-        """Forget finished jobs past the TTL, then past `max_finished`: the owner with the most
-        finished jobs loses its oldest first (a flood of one key's jobs evicts its own)."""
-        now = time.monotonic()
-        finished = [r for r in self._records.values() if r.finished_monotonic is not None]
-        for record in finished:
-            if now - record.finished_monotonic >= self.ttl_s:  # type: ignore[operator]
-                del self._records[record.job.id]
-        finished = [r for r in finished if r.job.id in self._records]
-        excess = len(finished) - self.max_finished
-        if excess <= 0:
-            return
-        held = Counter(record.owner for record in finished)
-        for _ in range(excess):
-            heaviest = max(held, key=held.__getitem__)
-            oldest = next(r for r in finished if r.owner == heaviest and r.job.id in self._records)
-            del self._records[oldest.job.id]
-            held[heaviest] -= 1
 
 
 def layers_id(job_id: str) -> str:
@@ -635,3 +618,23 @@ def _queued_status(stored: StoredJob) -> JobStatus:
     """The status of a job another server accepted, before it told anything more."""
     return JobStatus(id=stored.id, status=JobState.QUEUED, queue_position=None, progress=JobProgress(step=0, total=0),
                      request_id=stored.request_id, created_at=stored.created_at, width=0, height=0, seed=0)
+
+
+def _prune(records: OrderedDict[str, JobRecord], ttl_s: float, max_finished: int) -> None:
+    """Forget finished jobs past `ttl_s`, then past `max_finished`: the owner with the most
+    finished jobs loses its oldest first (a flood of one key's jobs evicts its own)."""
+    now = time.monotonic()
+    finished = [r for r in records.values() if r.finished_monotonic is not None]
+    for record in finished:
+        if now - record.finished_monotonic >= ttl_s:  # type: ignore[operator]
+            del records[record.job.id]
+    finished = [r for r in finished if r.job.id in records]
+    excess = len(finished) - max_finished
+    if excess <= 0:
+        return
+    held = Counter(record.owner for record in finished)
+    for _ in range(excess):
+        heaviest = max(held, key=held.__getitem__)
+        oldest = next(r for r in finished if r.owner == heaviest and r.job.id in records)
+        del records[oldest.job.id]
+        held[heaviest] -= 1
