@@ -112,6 +112,20 @@ def open_page(browser, live) -> Watched:
     return watched
 
 
+def assert_repainted_inside_the_mask(page, sent: dict, picture: bytes, label: str, what: str) -> np.ndarray:
+    """The painted mask went out (transparent where painted), and the result kept `picture` pixel
+    for pixel outside it and changed inside it; returns the picture's pixels."""
+    alpha = np.asarray(Image.open(io.BytesIO(base64.b64decode(sent["mask"]))).getchannel("A"))
+    assert alpha.shape == (SIZE, SIZE) and alpha[SIZE // 2, SIZE // 2] == 0 and alpha[10, 10] == 255
+    expect(page.locator("#result-meta")).to_contain_text(label)
+    inpainted = result(page)
+    original = np.asarray(Image.open(io.BytesIO(picture)).convert("RGB")).astype(int)
+    kept = alpha == 255
+    assert (inpainted[kept] == original[kept]).all(), f"outside the mask the {what} must stay as it was"
+    assert np.abs(inpainted[~kept] - original[~kept]).mean() > 1, "the masked area was not repainted"
+    return original
+
+
 def test_image_to_image_and_inpainting_from_an_uploaded_picture(browser, live):
     watched = open_page(browser, live)
     page = watched.page
@@ -144,14 +158,7 @@ def test_image_to_image_and_inpainting_from_an_uploaded_picture(browser, live):
     page.mouse.up()
     generate(page, 3)
     sent = last_job(page)
-    alpha = np.asarray(Image.open(io.BytesIO(base64.b64decode(sent["mask"]))).getchannel("A"))
-    assert alpha.shape == (SIZE, SIZE) and alpha[SIZE // 2, SIZE // 2] == 0 and alpha[10, 10] == 255
-    expect(page.locator("#result-meta")).to_contain_text("Inpainting")
-    inpainted = result(page)
-    original = np.asarray(Image.open(io.BytesIO(picture)).convert("RGB")).astype(int)
-    kept = alpha == 255
-    assert (inpainted[kept] == original[kept]).all(), "outside the mask the picture must stay as it was"
-    assert np.abs(inpainted[~kept] - original[~kept]).mean() > 1, "the masked area was not repainted"
+    original = assert_repainted_inside_the_mask(page, sent, picture, "Inpainting", "picture")
     screenshot(page, "web-family-inpaint.png")
 
     # An uploaded mask replaces the painted one: here the picture's top half is repainted.
@@ -234,14 +241,7 @@ def test_controlnet_inpainting_repaints_the_painted_area_of_the_control_image(br
     generate(page, 1)
     sent = last_job(page)
     assert "image" not in sent and base64.b64decode(sent["control_image"]) == picture
-    alpha = np.asarray(Image.open(io.BytesIO(base64.b64decode(sent["mask"]))).getchannel("A"))
-    assert alpha.shape == (SIZE, SIZE) and alpha[SIZE // 2, SIZE // 2] == 0 and alpha[10, 10] == 255
-    expect(page.locator("#result-meta")).to_contain_text("ControlNet inpainting · 512 × 512")
-    inpainted = result(page)
-    original = np.asarray(Image.open(io.BytesIO(picture)).convert("RGB")).astype(int)
-    kept = alpha == 255
-    assert (inpainted[kept] == original[kept]).all(), "outside the mask the control image must stay as it was"
-    assert np.abs(inpainted[~kept] - original[~kept]).mean() > 1, "the masked area was not repainted"
+    assert_repainted_inside_the_mask(page, sent, picture, "ControlNet inpainting · 512 × 512", "control image")
     screenshot(page, "web-family-controlnet-inpaint.png")
 
     # An uploaded mask replaces the painted one; one of another size is the API's 400, on its field.
